@@ -1,0 +1,1 @@
+"""The shared (api key id, model) → provider binding store, behind one small Protocol."""

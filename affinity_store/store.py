@@ -1,0 +1,111 @@
+"""The affinity store's contract: value types, exceptions and the `AffinityStore` Protocol."""
+
+# The store contract takes a per-call `timeout` (DESIGN §5.5), enforced with asyncio.timeout.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A provider the gateway may bind to, listed in the gateway's preference order."""
+
+    provider: str
+    routing_identity: str
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A live `(api_key_id, model) → provider` binding as the database saw it when read."""
+
+    api_key_id: str
+    model: str
+    provider: str
+    routing_identity: str
+    expires_at: datetime
+    ttl_remaining: float
+
+
+class StoreError(Exception):
+    """Any failure of the affinity store; driver errors become this (or a subclass)."""
+
+
+class StoreUnavailable(StoreError):  # noqa: N818  (name fixed by the store contract)
+    """The database cannot be reached, the connection was lost, or it is shutting down."""
+
+
+class StoreTimeout(StoreError):  # noqa: N818  (name fixed by the store contract)
+    """A call's client-side deadline, lock timeout or statement timeout was hit."""
+
+
+class AffinityStore(Protocol):
+    """Shared bindings of `(api_key_id, model)` to a provider, with sliding expiry.
+
+    Every call takes a `timeout` in seconds that bounds it end to end and raises
+    `StoreError` (usually `StoreUnavailable` or `StoreTimeout`) instead of driver errors.
+    """
+
+    async def lookup(self, api_key_id: str, model: str, *, timeout: float) -> Binding | None:
+        """Return the live binding without taking any lock, or None."""
+        ...
+
+    async def claim(
+        self,
+        api_key_id: str,
+        model: str,
+        *,
+        acceptable: Collection[str],
+        preferred: Sequence[Candidate],
+        ttl_seconds: float,
+        timeout: float,
+    ) -> Binding:
+        """Return the live binding if its provider is acceptable, else bind the least-bound
+        preferred candidate under the key's lock; raise ValueError when `preferred` is empty."""
+        ...
+
+    async def renew(
+        self, api_key_id: str, model: str, *, provider: str, ttl_seconds: float, timeout: float
+    ) -> bool:
+        """Extend the binding to now + ttl only if it still names `provider`; True if it did."""
+        ...
+
+    async def rebind(
+        self,
+        api_key_id: str,
+        model: str,
+        *,
+        old_provider: str,
+        new: Candidate,
+        ttl_seconds: float,
+        timeout: float,
+    ) -> bool:
+        """Move the binding from `old_provider` to `new` (or create it when absent); True if
+        it took effect, False when the binding names some other provider."""
+        ...
+
+    async def count_live(
+        self, routing_identities: Collection[str], *, timeout: float
+    ) -> dict[str, int]:
+        """Count live bindings per routing identity, with 0 for identities that have none."""
+        ...
+
+    async def purge_expired(self, *, grace_seconds: float, batch_size: int, timeout: float) -> int:
+        """Delete bindings expired longer than the grace period, one worker at a time, in
+        batches; return how many rows this call deleted."""
+        ...
+
+    async def list_bindings(
+        self,
+        *,
+        api_key_id: str | None = None,
+        model: str | None = None,
+        limit: int = 1000,
+        timeout: float,
+    ) -> list[Binding]:
+        """List live bindings, optionally filtered, ordered by key id then model."""
+        ...

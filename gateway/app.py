@@ -1,0 +1,148 @@
+"""`create_app(settings)`: routes, middlewares, and one cleanup context per resource."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.catalog import Catalog
+from gateway.config import Settings
+from gateway.dispatch import Dispatcher
+from gateway.errors import GatewayError, error_response
+from gateway.observability import Metrics
+from gateway.proxy import Proxy
+from gateway.requestid import request_id_of
+from gateway.upstream import create_client_session
+
+logger = structlog.get_logger("gateway.app")
+
+SETTINGS = web.AppKey("settings", Settings)
+CATALOG = web.AppKey("catalog", Catalog)
+METRICS = web.AppKey("metrics", Metrics)
+CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
+PROXY = web.AppKey("proxy", Proxy)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
+    """The gateway application for one worker process."""
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=settings.server.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[CATALOG] = Catalog(settings)
+    app[METRICS] = metrics or Metrics()
+    app.cleanup_ctx.append(client_session_context)
+
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app
+
+
+async def client_session_context(app: web.Application) -> AsyncIterator[None]:
+    """The worker's one upstream client session, and the proxy built on it."""
+    settings = app[SETTINGS]
+    session = create_client_session(settings.routing)
+    app[CLIENT_SESSION] = session
+    dispatcher = Dispatcher(
+        session,
+        failover_budget=settings.routing.failover_budget,
+        first_byte_timeout=settings.routing.first_byte_timeout_seconds,
+        dropped_headers=frozenset({settings.routing.mode_header.lower()}),
+    )
+    app[PROXY] = Proxy(
+        app[CATALOG],
+        dispatcher,
+        app[METRICS],
+        max_body_bytes=settings.server.max_body_bytes,
+        mode_header=settings.routing.mode_header,
+    )
+    yield
+    await session.close()
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error becomes OpenAI-shaped JSON; every response carries `x-request-id`."""
+    request_id = request_id_of(request)
+    headers = {"x-request-id": request_id}
+    try:
+        response = await handler(request)
+    except GatewayError as error:
+        return error.to_response(headers)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return _http_error(error, headers)
+    except Exception:
+        logger.exception("unhandled_error", request_id=request_id, path=request.path)
+        return error_response(
+            500, "The gateway failed to handle this request.", "internal_error", headers=headers
+        )
+    if not response.prepared:
+        response.headers["x-request-id"] = request_id
+    return response
+
+
+def _http_error(error: web.HTTPException, headers: dict[str, str]) -> web.Response:
+    status = error.status
+    if status == 404:
+        return error_response(404, "Unknown path.", "not_found", headers=headers)
+    if status == 405:
+        allowed = error.headers.get("Allow", "")
+        return error_response(
+            405,
+            "Method not allowed on this path.",
+            "method_not_allowed",
+            headers={**headers, "Allow": allowed},
+        )
+    if status == 413:
+        return error_response(
+            413, "The request body is too large.", "body_too_large", headers=headers
+        )
+    return error_response(status, error.reason, f"http_{status}", headers=headers)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """Proxy a chat completion."""
+    return await request.app[PROXY].chat_completions(request)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """Proxy a legacy completion."""
+    return await request.app[PROXY].completions(request)
+
+
+async def models(request: web.Request) -> web.StreamResponse:
+    """List the models the caller's key may use."""
+    return await request.app[PROXY].models(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: config loaded and at least one provider configured to route to."""
+    if not request.app[CATALOG].providers:
+        return web.json_response({"status": "not ready", "reason": "no providers"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Prometheus text exposition of this app's registry."""
+    body = generate_latest(request.app[METRICS].registry)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response

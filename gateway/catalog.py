@@ -1,0 +1,158 @@
+"""The runtime view of the config: keys by digest, providers by model, each key's candidates."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gateway.config import KeySettings, ProviderSettings, Settings, hash_key
+from gateway.routing.automodel import AutoModelSpec
+
+Stickiness = Literal["shared", "session", "none"]
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One upstream endpoint as the proxy uses it."""
+
+    name: str
+    routing_identity: str
+    base_url: str
+    upstream_models: Mapping[str, str]
+    credential: str | None = field(repr=False)
+    group: str | None
+    max_concurrency: int | None
+    min_start_interval_seconds: float
+
+    @classmethod
+    def from_settings(cls, settings: ProviderSettings) -> Provider:
+        """Build from validated settings, unwrapping the upstream credential once."""
+        return cls(
+            name=settings.name,
+            routing_identity=settings.identity,
+            base_url=settings.base_url,
+            upstream_models=dict(settings.models),
+            credential=settings.api_key.get_secret_value() if settings.api_key else None,
+            group=settings.group,
+            max_concurrency=settings.max_concurrency,
+            min_start_interval_seconds=settings.min_start_interval_ms / 1000,
+        )
+
+
+@dataclass(frozen=True)
+class Key:
+    """A client key, by its stable id; the digest is kept only to authenticate."""
+
+    id: str
+    org: str | None
+    digest: str = field(repr=False)
+    models: frozenset[str] | None  # None: every model
+    route_strategy: Literal["auto", "group", "fixed"]
+    route_target: str | None
+    model_group_preferences: Mapping[str, str]
+    latency_routing: bool
+    max_concurrency: int | None
+    min_start_interval_seconds: float
+
+    @classmethod
+    def from_settings(cls, settings: KeySettings) -> Key:
+        """Build from validated settings; a plaintext key is reduced to its digest here."""
+        return cls(
+            id=settings.id,
+            org=settings.org,
+            digest=settings.digest,
+            models=None if "*" in settings.models else frozenset(settings.models),
+            route_strategy=settings.route.strategy,
+            route_target=settings.route.group or settings.route.fixed,
+            model_group_preferences=dict(settings.model_group_preferences),
+            latency_routing=settings.latency_routing,
+            max_concurrency=settings.max_concurrency,
+            min_start_interval_seconds=settings.min_start_interval_ms / 1000,
+        )
+
+    def allows(self, model: str) -> bool:
+        """Whether this key may use the model."""
+        return self.models is None or model in self.models
+
+
+class Catalog:
+    """Look-ups the request path needs, precomputed from the settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.providers: dict[str, Provider] = {
+            provider.name: Provider.from_settings(provider) for provider in settings.providers
+        }
+        self.groups: Mapping[str, frozenset[str]] = settings.group_members()
+        self._keys_by_digest: dict[str, Key] = {}
+        for key_settings in settings.keys:
+            key = Key.from_settings(key_settings)
+            self._keys_by_digest[key.digest] = key
+        self.keys: dict[str, Key] = {key.id: key for key in self._keys_by_digest.values()}
+        self._serving: dict[str, tuple[Provider, ...]] = {}
+        for provider in self.providers.values():
+            for model in provider.upstream_models:
+                self._serving[model] = (*self._serving.get(model, ()), provider)
+        self._stickiness: dict[str, Stickiness] = {
+            model.name: model.stickiness for model in settings.models
+        }
+        self._auto_models: dict[str, AutoModelSpec] = {}
+        for org in settings.orgs:
+            if org.auto_model is not None:
+                self._auto_models[org.name] = AutoModelSpec(
+                    enabled=org.auto_model.enabled,
+                    name=org.auto_model.name,
+                    fallback_model=org.auto_model.fallback_model or "",
+                    routes=dict(org.auto_model.routes),
+                    aliases=dict(org.auto_model.aliases),
+                )
+        self._candidates: dict[tuple[str, str], tuple[Provider, ...]] = {}
+
+    def authenticate(self, token: str) -> Key | None:
+        """The key whose digest matches the token's SHA-256, or None."""
+        digest = hash_key(token)
+        key = self._keys_by_digest.get(digest)
+        # The dict look-up is keyed by a digest the caller cannot steer byte by byte; the final
+        # comparison is constant-time so no early-exit timing is observable either way.
+        if key is None or not hmac.compare_digest(key.digest, digest):
+            return None
+        return key
+
+    def serves(self, model: str) -> bool:
+        """Whether any provider serves the public model name."""
+        return model in self._serving
+
+    def stickiness(self, model: str) -> Stickiness:
+        """The model's stickiness mode (shared unless configured otherwise)."""
+        return self._stickiness.get(model, "shared")
+
+    def auto_model(self, key: Key) -> AutoModelSpec | None:
+        """The auto-model spec of the key's org, enabled or not, or None when it has none."""
+        return self._auto_models.get(key.org) if key.org is not None else None
+
+    def candidates(self, key: Key, model: str) -> tuple[Provider, ...]:
+        """Providers serving the model, narrowed by the key's route; cached per (key, model)."""
+        cached = self._candidates.get((key.id, model))
+        if cached is not None:
+            return cached
+        serving = self._serving.get(model, ())
+        if key.route_strategy == "group":
+            members = self.groups.get(key.route_target or "", frozenset())
+            chosen = tuple(provider for provider in serving if provider.name in members)
+        elif key.route_strategy == "fixed":
+            chosen = tuple(provider for provider in serving if provider.name == key.route_target)
+        else:
+            chosen = serving
+        self._candidates[(key.id, model)] = chosen
+        return chosen
+
+    def models_for(self, key: Key) -> Sequence[str]:
+        """Public model names this key may use, including its org's enabled auto model."""
+        names = sorted(
+            model for model in self._serving if key.allows(model) and self.candidates(key, model)
+        )
+        spec = self.auto_model(key)
+        if spec is not None and spec.enabled and key.allows(spec.name):
+            names.append(spec.name)
+        return names

@@ -1,0 +1,111 @@
+"""The `gateway` command: serve, check-config, hash-key, simulate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from gateway.config import hash_key
+from gateway.config_loading import ConfigError, LoadedConfig, load_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run one command; returns the process exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # `simulate` owns its flags; hand them over untouched.
+    if arguments[:1] == ["simulate"]:
+        from gateway.simulator import main as simulate  # noqa: PLC0415 - keep start-up lean
+
+        return simulate(arguments[1:])
+    parser = _parser()
+    options = parser.parse_args(arguments)
+    command: str | None = options.command
+    if command == "serve":
+        return _serve(options)
+    if command == "check-config":
+        return _check_config(options.file)
+    if command == "hash-key":
+        return _hash_key()
+    if command == "demo":
+        from gateway.demo import run_demo  # noqa: PLC0415 - keep start-up lean
+
+        return run_demo(port=options.port, workers=options.workers)
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="An OpenAI-compatible LLM router with shared cache affinity."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, help="path to the YAML config")
+    serve.add_argument("--host", help="listen address (default: server.host)")
+    serve.add_argument("--port", type=int, help="listen port (default: server.port)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
+
+    check = commands.add_parser(
+        "check-config", help="validate a config file, listing every problem"
+    )
+    check.add_argument("file")
+
+    commands.add_parser("hash-key", help="read a client key on stdin and print its SHA-256")
+    commands.add_parser("simulate", help="run the bundled vLLM-like upstream simulator")
+
+    demo = commands.add_parser("demo", help="three simulated nodes and a gateway, ready for curl")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--workers", type=int, default=2)
+    return parser
+
+
+def _load_or_report(path: str) -> LoadedConfig | None:
+    try:
+        loaded = load_config(path)
+    except ConfigError as error:
+        print(f"{path}: {len(error.problems)} problem(s)", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  error: {problem}", file=sys.stderr)
+        return None
+    for warning in loaded.warnings:
+        print(f"  warning: {warning}", file=sys.stderr)
+    return loaded
+
+
+def _serve(options: argparse.Namespace) -> int:
+    from gateway.serve import serve  # noqa: PLC0415 - keep start-up lean
+
+    loaded = _load_or_report(options.config)
+    if loaded is None:
+        return 1
+    server = loaded.settings.server
+    workers = options.workers if options.workers is not None else server.workers
+    if workers < 1:
+        print("--workers must be at least 1", file=sys.stderr)
+        return 2
+    host = options.host or server.host
+    port = options.port if options.port is not None else server.port
+    return serve(loaded.settings, host, port, workers)
+
+
+def _check_config(path: str) -> int:
+    loaded = _load_or_report(path)
+    if loaded is None:
+        return 1
+    settings = loaded.settings
+    print(
+        f"{path}: OK ({len(settings.providers)} providers, {len(settings.keys)} keys, "
+        f"{len(loaded.warnings)} warning(s))"
+    )
+    return 0
+
+
+def _hash_key() -> int:
+    key = sys.stdin.read().rstrip("\r\n")
+    if not key:
+        print("hash-key: no key on standard input", file=sys.stderr)
+        return 2
+    print(hash_key(key))
+    return 0

@@ -1,0 +1,269 @@
+"""Validated, frozen settings: the shape of config.example.yaml, field for field."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Section(BaseModel):
+    """Base for every config section: frozen; unknown fields are errors, so typos never pass."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(Section):
+    """The HTTP listener and its limits."""
+
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    workers: Annotated[int, Field(ge=1, le=256)] = 2
+    max_body_bytes: PositiveInt = 10 * 1024 * 1024
+    admin_token: SecretStr | None = None
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    shutdown_timeout_seconds: PositiveFloat = 30.0
+
+    @field_validator("admin_token", mode="after")
+    @classmethod
+    def _empty_token_disables(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        return value
+
+
+class DatabaseSettings(Section):
+    """Where the shared affinity store lives; no URL means the embedded single-machine Postgres."""
+
+    url: SecretStr | None = None
+    embedded_data_dir: str = ".gateway/pgdata"
+    pool_min_size: Annotated[int, Field(ge=0)] = 2
+    pool_max_size: PositiveInt = 10
+    statement_cache_size: Annotated[int, Field(ge=0)] = 100
+    apply_migrations_on_start: bool = True
+
+    @field_validator("url", mode="after")
+    @classmethod
+    def _empty_url_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> DatabaseSettings:
+        if self.pool_min_size > self.pool_max_size:
+            raise ValueError("pool_min_size must not exceed pool_max_size")
+        return self
+
+
+class SpillSettings(Section):
+    """When a bound provider is loaded enough to skip it for one request."""
+
+    min_load: NonNegativeFloat = 32
+    ratio: Annotated[float, Field(ge=1)] = 1.5
+
+
+class AffinitySettings(Section):
+    """Shared (key, model) bindings: TTLs, deadlines, breaker and background work."""
+
+    ttl_seconds: PositiveFloat = 300
+    local_cache_seconds: NonNegativeFloat = 5
+    lookup_timeout_ms: PositiveFloat = 50
+    claim_timeout_ms: PositiveFloat = 500
+    breaker_cooloff_seconds: PositiveFloat = 10
+    renew_queue_size: PositiveInt = 10000
+    janitor_interval_seconds: PositiveFloat = 60
+    janitor_grace_seconds: NonNegativeFloat = 300
+    spill: SpillSettings = SpillSettings()
+
+
+class RoutingSettings(Section):
+    """Per-process routing: permits, failover, cooldowns, latency bands, sessions, timeouts."""
+
+    wait_timeout_seconds: NonNegativeFloat = 5
+    failover_budget: PositiveInt = 3
+    allowed_fails: PositiveInt = 3
+    cooldown_seconds: PositiveFloat = 5
+    cooldown_max_seconds: PositiveFloat = 300
+    latency_window_seconds: PositiveFloat = 900
+    latency_band_fraction: PositiveFloat = 0.15
+    latency_min_samples: Annotated[int, Field(ge=0)] = 20
+    session_ttl_seconds: PositiveFloat = 21600
+    session_capacity: PositiveInt = 4096
+    load_poll_interval_seconds: PositiveFloat = 1
+    connect_timeout_seconds: PositiveFloat = 5
+    first_byte_timeout_seconds: PositiveFloat = 120
+    mode_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,100}$")] = "x-gateway-mode"
+
+    @model_validator(mode="after")
+    def _cooldown_bounds(self) -> RoutingSettings:
+        if self.cooldown_seconds > self.cooldown_max_seconds:
+            raise ValueError("cooldown_seconds must not exceed cooldown_max_seconds")
+        return self
+
+
+class ProviderSettings(Section):
+    """One upstream endpoint: a vLLM/SGLang node or one hosted account."""
+
+    name: Name
+    url: AnyHttpUrl
+    group: Name | None = None
+    models: Annotated[dict[Name, Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    routing_identity: Name | None = None
+    api_key: SecretStr | None = None
+    max_concurrency: PositiveInt | None = None
+    min_start_interval_ms: NonNegativeFloat = 0
+
+    @property
+    def identity(self) -> str:
+        """The routing identity: aliases of one upstream account share it; defaults to the name."""
+        return self.routing_identity or self.name
+
+    @property
+    def base_url(self) -> str:
+        """The URL without a trailing slash, ready to have a path appended."""
+        return str(self.url).rstrip("/")
+
+
+class ModelSettings(Section):
+    """A public model name and how its requests stick to a provider."""
+
+    name: Name
+    stickiness: Literal["shared", "session", "none"] = "shared"
+
+
+class AutoModelSettings(Section):
+    """An org's virtual model that picks a concrete model from the request's mode."""
+
+    enabled: bool = False
+    name: Name = "auto"
+    fallback_model: Name | None = None
+    routes: dict[str, str] = Field(default_factory=dict)
+    aliases: dict[str, str] = Field(
+        default_factory=lambda: {"build": "code", "plan": "architect"},
+    )
+
+
+class OrgSettings(Section):
+    """An organisation owning keys."""
+
+    name: Name
+    auto_model: AutoModelSettings | None = None
+
+
+class RouteSettings(Section):
+    """How a key's candidates are narrowed: all of them, one group, or one fixed provider."""
+
+    strategy: Literal["auto", "group", "fixed"] = "auto"
+    group: Name | None = None
+    fixed: Name | None = None
+
+    @model_validator(mode="after")
+    def _target_matches_strategy(self) -> RouteSettings:
+        if self.strategy == "group" and self.group is None:
+            raise ValueError("strategy 'group' needs `group: NAME`")
+        if self.strategy == "fixed" and self.fixed is None:
+            raise ValueError("strategy 'fixed' needs `fixed: PROVIDER`")
+        if self.strategy == "auto" and (self.group is not None or self.fixed is not None):
+            raise ValueError("strategy 'auto' takes neither `group` nor `fixed`")
+        if self.strategy == "group" and self.fixed is not None:
+            raise ValueError("strategy 'group' takes no `fixed`")
+        if self.strategy == "fixed" and self.group is not None:
+            raise ValueError("strategy 'fixed' takes no `group`")
+        return self
+
+
+class KeySettings(Section):
+    """A client API key, held only as its SHA-256 digest."""
+
+    id: Name
+    org: Name | None = None
+    key_sha256: str | None = None
+    key: SecretStr | None = None
+    models: Annotated[list[str], Field(min_length=1)] = Field(default_factory=lambda: ["*"])
+    route: RouteSettings = RouteSettings()
+    model_group_preferences: dict[Name, Name] = Field(default_factory=dict)
+    latency_routing: bool = True
+    max_concurrency: PositiveInt | None = None
+    min_start_interval_ms: NonNegativeFloat = 0
+
+    @field_validator("key_sha256", mode="after")
+    @classmethod
+    def _digest_shape(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digest = value.strip().lower()
+        if not SHA256_HEX.match(digest):
+            raise ValueError("key_sha256 must be 64 hex characters (run `gateway hash-key`)")
+        return digest
+
+    @model_validator(mode="after")
+    def _exactly_one_secret(self) -> KeySettings:
+        has_key = self.key is not None and bool(self.key.get_secret_value())
+        if has_key == (self.key_sha256 is not None):
+            raise ValueError("give exactly one of `key_sha256` or `key`")
+        return self
+
+    @property
+    def digest(self) -> str:
+        """The SHA-256 hex digest of the key; a plaintext `key` is hashed here and never kept."""
+        if self.key_sha256 is not None:
+            return self.key_sha256
+        assert self.key is not None  # guaranteed by _exactly_one_secret
+        return hash_key(self.key.get_secret_value())
+
+    def allows(self, model: str) -> bool:
+        """Whether this key may use the public model name."""
+        return "*" in self.models or model in self.models
+
+
+class Settings(Section):
+    """The whole validated configuration."""
+
+    server: ServerSettings = ServerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    affinity: AffinitySettings = AffinitySettings()
+    routing: RoutingSettings = RoutingSettings()
+    providers: Annotated[list[ProviderSettings], Field(min_length=1)]
+    groups: dict[Name, list[Name]] = Field(default_factory=dict)
+    models: list[ModelSettings] = Field(default_factory=list)
+    orgs: list[OrgSettings] = Field(default_factory=list)
+    keys: list[KeySettings] = Field(default_factory=list)
+
+    def group_members(self) -> Mapping[str, frozenset[str]]:
+        """Every group: each provider's `group` plus the explicit `groups` section."""
+        members: dict[str, set[str]] = {}
+        for provider in self.providers:
+            if provider.group is not None:
+                members.setdefault(provider.group, set()).add(provider.name)
+        for group, names in self.groups.items():
+            members.setdefault(group, set()).update(names)
+        return {group: frozenset(names) for group, names in members.items()}
+
+    def served_models(self) -> frozenset[str]:
+        """Every public model name some provider serves."""
+        return frozenset(model for provider in self.providers for model in provider.models)
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest of a client key, as stored in `key_sha256`."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()

@@ -1,0 +1,265 @@
+"""Dispatch: walk the failover list, retry before the first byte reaches the client, then stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+
+from gateway.catalog import Provider
+from gateway.errors import GatewayError, sse_error_event
+from gateway.payload import Payload
+from gateway.upstream import downstream_headers, upstream_headers
+
+RETRYABLE_STATUSES = frozenset({408, 429})
+MAX_ERROR_BODY_BYTES = 64 * 1024
+
+
+class RetryableAttemptError(Exception):
+    """An attempt failed before anything reached the client; the next provider may be tried."""
+
+    def __init__(self, reason: str, *, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass
+class Attempt:
+    """One provider tried for a request and how it went."""
+
+    provider: str
+    outcome: str
+    status: int | None = None
+
+
+@dataclass
+class DispatchRecord:
+    """What happened to one request upstream, for its log line and metrics."""
+
+    attempts: list[Attempt] = field(default_factory=list)
+    provider: str | None = None
+    status: int | None = None
+    ttft_seconds: float | None = None
+    bytes_sent: int = 0
+    client_disconnected: bool = False
+
+
+@dataclass(frozen=True)
+class DispatchRequest:
+    """Everything dispatch needs for one client request."""
+
+    request_id: str
+    path: str
+    payload: Payload
+    model: str
+    client_headers: Mapping[str, str]
+    response_headers: Mapping[str, str]
+    started_at: float
+
+
+class Dispatcher:
+    """Sends a request to the providers of a failover list in order, within a budget."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        failover_budget: int,
+        first_byte_timeout: float,
+        dropped_headers: frozenset[str],
+    ) -> None:
+        self._session = session
+        self._failover_budget = failover_budget
+        self._first_byte_timeout = first_byte_timeout
+        self._dropped_headers = dropped_headers
+
+    async def dispatch(
+        self,
+        request: web.Request,
+        job: DispatchRequest,
+        providers: Sequence[Provider],
+        record: DispatchRecord,
+    ) -> web.StreamResponse:
+        """Answer the client from the first provider that works; raise GatewayError if none does."""
+        budget = min(self._failover_budget, len(providers))
+        if budget == 0:
+            raise GatewayError(503, "No provider can serve this model now.", "no_provider")
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(budget),
+            retry=retry_if_exception_type(RetryableAttemptError),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    provider = providers[attempt.retry_state.attempt_number - 1]
+                    return await self._attempt(request, job, provider, record)
+        except RetryableAttemptError:
+            pass
+        raise _exhausted(record)
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        job: DispatchRequest,
+        provider: Provider,
+        record: DispatchRecord,
+    ) -> web.StreamResponse:
+        upstream_model = provider.upstream_models[job.model]
+        body = job.payload.for_upstream(upstream_model)
+        headers = upstream_headers(
+            job.client_headers, provider, job.request_id, self._dropped_headers
+        )
+        deadline = asyncio.timeout(self._first_byte_timeout)
+        response: aiohttp.ClientResponse | None = None
+        try:
+            async with deadline:
+                response = await self._session.post(
+                    provider.base_url + job.path, data=body, headers=headers
+                )
+                if response.status >= 500 or response.status in RETRYABLE_STATUSES:
+                    raise RetryableAttemptError(f"http_{response.status}", status=response.status)
+                first_chunk = await response.content.readany()
+        except RetryableAttemptError as failure:
+            record.attempts.append(Attempt(provider.name, failure.reason, failure.status))
+            _close(response)
+            raise
+        except TimeoutError:
+            record.attempts.append(Attempt(provider.name, "timeout"))
+            _close(response)
+            raise RetryableAttemptError("timeout") from None
+        except aiohttp.ClientError as error:
+            reason = "connect_error" if response is None else "payload_error"
+            record.attempts.append(Attempt(provider.name, reason))
+            _close(response)
+            raise RetryableAttemptError(reason) from error
+        except BaseException:
+            _close(response)
+            raise
+
+        record.ttft_seconds = time.monotonic() - job.started_at
+        record.provider = provider.name
+        try:
+            if 200 <= response.status < 300 and _is_event_stream(response):
+                return await self._stream(
+                    request=request,
+                    job=job,
+                    provider=provider,
+                    response=response,
+                    first_chunk=first_chunk,
+                    record=record,
+                )
+            return await self._whole(job, provider, response, first_chunk, record)
+        finally:
+            _close(response)
+
+    async def _whole(
+        self,
+        job: DispatchRequest,
+        provider: Provider,
+        response: aiohttp.ClientResponse,
+        first_chunk: bytes,
+        record: DispatchRecord,
+    ) -> web.Response:
+        """A non-streamed answer: read it whole (still before the client sees a byte)."""
+        try:
+            rest = await response.content.read()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            record.attempts.append(Attempt(provider.name, "payload_error", response.status))
+            record.provider = None
+            raise RetryableAttemptError("payload_error") from error
+        body = first_chunk + rest
+        record.attempts.append(Attempt(provider.name, "ok", response.status))
+        record.status = response.status
+        record.bytes_sent = len(body)
+        headers = downstream_headers(response.headers)
+        headers.update(job.response_headers)
+        headers["x-gateway-provider"] = provider.name
+        return web.Response(status=response.status, body=body, headers=headers)
+
+    async def _stream(
+        self,
+        *,
+        request: web.Request,
+        job: DispatchRequest,
+        provider: Provider,
+        response: aiohttp.ClientResponse,
+        first_chunk: bytes,
+        record: DispatchRecord,
+    ) -> web.StreamResponse:
+        """Pass an SSE stream through chunk by chunk; after the first byte nothing is retried."""
+        headers = downstream_headers(response.headers)
+        headers.update(job.response_headers)
+        headers["x-gateway-provider"] = provider.name
+        downstream = web.StreamResponse(status=response.status, headers=headers)
+        downstream.enable_chunked_encoding()
+        record.status = response.status
+        await downstream.prepare(request)
+        last = b""
+        chunk = first_chunk
+        try:
+            while chunk:
+                await downstream.write(chunk)
+                record.bytes_sent += len(chunk)
+                last = chunk
+                chunk = await response.content.readany()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            # The client went away: stop reading upstream (the caller closes it); not its fault.
+            record.client_disconnected = True
+            record.attempts.append(Attempt(provider.name, "client_disconnected", response.status))
+            return downstream
+        except (aiohttp.ClientError, TimeoutError):
+            record.attempts.append(Attempt(provider.name, "dropped_mid_stream", response.status))
+            separator = b"" if last.endswith(b"\n\n") else b"\n\n"
+            message = "The upstream stream ended unexpectedly; the response is incomplete."
+            downstream.force_close()
+            await _write_quietly(
+                downstream, separator + sse_error_event(message, "upstream_dropped")
+            )
+            return downstream
+        record.attempts.append(Attempt(provider.name, "ok", response.status))
+        await downstream.write_eof()
+        return downstream
+
+
+def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.content_type == "text/event-stream"
+
+
+def _close(response: aiohttp.ClientResponse | None) -> None:
+    # An unfinished body must drop the connection (close), so an upstream that is still generating
+    # sees the cancellation at once; a finished one goes back to the keep-alive pool (release).
+    if response is None:
+        return
+    if response.content.is_eof():
+        response.release()
+    else:
+        response.close()
+
+
+async def _write_quietly(downstream: web.StreamResponse, data: bytes) -> None:
+    try:
+        await downstream.write(data)
+        await downstream.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        pass
+
+
+def _exhausted(record: DispatchRecord) -> GatewayError:
+    reasons = [attempt.outcome for attempt in record.attempts]
+    if reasons and all(reason == "timeout" for reason in reasons):
+        return GatewayError(
+            504, "The upstream did not answer in time.", "upstream_timeout", retry_after=1
+        )
+    return GatewayError(
+        502,
+        f"No upstream could answer ({len(reasons)} attempt(s): {', '.join(reasons)}).",
+        "upstream_unavailable",
+        retry_after=1,
+    )

@@ -1,0 +1,94 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "code"}}` on every error path."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+from aiohttp import web
+
+ERROR_TYPES: Mapping[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "upstream_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+class GatewayError(Exception):
+    """An error the gateway answers itself, with its status, message and machine-readable code."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        *,
+        retry_after: float | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.retry_after = retry_after
+        self.param = param
+
+    def to_response(self, headers: Mapping[str, str] | None = None) -> web.Response:
+        """The JSON response for this error, with `Retry-After` when known."""
+        return error_response(
+            self.status,
+            self.message,
+            self.code,
+            retry_after=self.retry_after,
+            param=self.param,
+            headers=headers,
+        )
+
+
+def error_body(status: int, message: str, code: str, param: str | None = None) -> bytes:
+    """The serialized OpenAI error object."""
+    error_type = ERROR_TYPES.get(
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
+    return orjson.dumps(
+        {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    )
+
+
+def error_response(
+    status: int,
+    message: str,
+    code: str,
+    *,
+    retry_after: float | None = None,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """An OpenAI-shaped JSON error response."""
+    response = web.Response(
+        status=status,
+        body=error_body(status, message, code, param),
+        content_type="application/json",
+        headers=headers,
+    )
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+    return response
+
+
+def sse_error_event(message: str, code: str) -> bytes:
+    """An OpenAI-style error event that ends a stream that already started."""
+    payload = orjson.dumps(
+        {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
+    )
+    return b"data: " + payload + b"\n\n"

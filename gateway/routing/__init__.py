@@ -1,0 +1,67 @@
+"""Per-process routing policy: pure functions and small classes over plain data, no I/O.
+
+`automodel` resolves an org's `auto` model, `preferences` a key's model-group preference,
+`sessions` session ids and per-process session bindings, `latency` TTFT bands, and
+`ordering` ranks a request's candidates into a failover list.
+"""
+
+from gateway.routing.automodel import (
+    AutoModelDisabled,
+    AutoModelError,
+    AutoModelSpec,
+    InvalidAutoRoute,
+    Resolution,
+    normalize_mode,
+    resolve,
+    validate_spec,
+)
+from gateway.routing.latency import LatencySnapshot, LatencyTracker, round_half_away_from_zero
+from gateway.routing.ordering import (
+    OrderingRequest,
+    ProviderState,
+    Ranked,
+    StartTracker,
+    order,
+    tiebreak_ranks,
+)
+from gateway.routing.preferences import (
+    MissingGroup,
+    MissingGroupReports,
+    PreferenceKind,
+    PreferredSet,
+    active_providers,
+    is_active,
+    missing_groups,
+    preferred_set,
+)
+from gateway.routing.sessions import SessionTable, session_id_from
+
+__all__ = [
+    "AutoModelDisabled",
+    "AutoModelError",
+    "AutoModelSpec",
+    "InvalidAutoRoute",
+    "LatencySnapshot",
+    "LatencyTracker",
+    "MissingGroup",
+    "MissingGroupReports",
+    "OrderingRequest",
+    "PreferenceKind",
+    "PreferredSet",
+    "ProviderState",
+    "Ranked",
+    "Resolution",
+    "SessionTable",
+    "StartTracker",
+    "active_providers",
+    "is_active",
+    "missing_groups",
+    "normalize_mode",
+    "order",
+    "preferred_set",
+    "resolve",
+    "round_half_away_from_zero",
+    "session_id_from",
+    "tiebreak_ranks",
+    "validate_spec",
+]

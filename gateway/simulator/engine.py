@@ -1,0 +1,166 @@
+"""The simulated inference engine: bounded running sequences, a FIFO queue, prefix caching, timing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+from gateway.simulator.options import Timing
+from gateway.simulator.prefix_cache import PrefixCache
+from gateway.simulator.prompts import Prompt
+
+
+class Sequence:
+    """One admitted request: its prompt accounting and when each output token is due."""
+
+    __slots__ = (
+        "_engine",
+        "_finished",
+        "_started_at",
+        "cached_tokens",
+        "output_tokens",
+        "produced_tokens",
+        "prompt_tokens",
+        "token_interval_seconds",
+        "ttft_seconds",
+    )
+
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_tokens: int,
+        cached_tokens: int,
+        output_tokens: int,
+        ttft_seconds: float,
+        token_interval_seconds: float,
+    ) -> None:
+        """Start the sequence's clock now."""
+        self._engine = engine
+        self._finished = False
+        self._started_at = time.monotonic()
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
+        self.output_tokens = output_tokens
+        self.produced_tokens = 0
+        self.ttft_seconds = ttft_seconds
+        self.token_interval_seconds = token_interval_seconds
+
+    def due_at(self, index: int) -> float:
+        """The `time.monotonic()` reading at which output token `index` (0-based) is due."""
+        return self._started_at + self.ttft_seconds + index * self.token_interval_seconds
+
+    def seconds_until_token(self, index: int) -> float:
+        """Seconds until output token `index` is due; zero or less means it is ready."""
+        offset = self.ttft_seconds + index * self.token_interval_seconds
+        if offset <= 0.0:
+            return 0.0
+        return self._started_at + offset - time.monotonic()
+
+    async def wait_for_token(self, index: int) -> None:
+        """Sleep until output token `index` is due; returns at once when it already is."""
+        remaining = self.seconds_until_token(index)
+        if remaining > 0.0:
+            await asyncio.sleep(remaining)
+
+    def finish(self, finish_reason: str) -> None:
+        """Free the sequence's slot and count its produced tokens; later calls do nothing."""
+        if self._finished:
+            return
+        self._finished = True
+        self._engine.release(self.produced_tokens, finish_reason)
+
+
+class Engine:
+    """Admits at most `max_num_seqs` sequences at once; the rest wait in arrival order."""
+
+    def __init__(self, timing: Timing, cache: PrefixCache) -> None:
+        """Start idle, with the given latency model and prefix cache."""
+        self.timing = timing
+        self.cache = cache
+        self.running = 0
+        self.peak_running = 0
+        self.peak_waiting = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.prefix_cache_queries_total = 0
+        self.prefix_cache_hits_total = 0
+        self.finished_total: dict[str, int] = {}
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+
+    @property
+    def waiting(self) -> int:
+        """Sequences queued for a slot."""
+        return len(self._waiters)
+
+    @property
+    def paused(self) -> bool:
+        """Whether admitted sequences are held before their first token."""
+        return not self._resumed.is_set()
+
+    def pause(self) -> None:
+        """Hold every admitted sequence before its first token until `resume`."""
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        """Let held sequences continue."""
+        self._resumed.set()
+
+    def reset_peaks(self) -> None:
+        """Restart the peak counters from the current load."""
+        self.peak_running = self.running
+        self.peak_waiting = self.waiting
+
+    async def start(self, prompt: Prompt, output_tokens: int, slow: float) -> Sequence:
+        """Wait for a slot, look the prompt up in the prefix cache, and return the sequence."""
+        await self._admit()
+        try:
+            if not self._resumed.is_set():
+                await self._resumed.wait()
+        except BaseException:
+            self.release(0, "abort")
+            raise
+        cached_tokens = 0
+        for chain in prompt.chains:
+            cached_tokens += self.cache.match_and_insert(chain)
+        self.prompt_tokens_total += prompt.tokens
+        self.prefix_cache_queries_total += prompt.tokens
+        self.prefix_cache_hits_total += cached_tokens
+        timing = self.timing
+        uncached_tokens = prompt.tokens - cached_tokens
+        ttft_seconds = (timing.base_ttft_ms + timing.per_token_ms * uncached_tokens) * slow / 1000.0
+        interval_seconds = slow / timing.tokens_per_second if timing.tokens_per_second > 0 else 0.0
+        return Sequence(self, prompt.tokens, cached_tokens, output_tokens, ttft_seconds, interval_seconds)
+
+    def release(self, produced_tokens: int, finish_reason: str) -> None:
+        """Count a finished sequence and hand its slot to the oldest waiter, if any."""
+        self.generation_tokens_total += produced_tokens
+        self.finished_total[finish_reason] = self.finished_total.get(finish_reason, 0) + 1
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                # The slot passes straight to the waiter, so `running` does not change.
+                waiter.set_result(None)
+                return
+        self.running -= 1
+
+    async def _admit(self) -> None:
+        if self.running < self.timing.max_num_seqs and not self._waiters:
+            self.running += 1
+            self.peak_running = max(self.peak_running, self.running)
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self.peak_waiting = max(self.peak_waiting, len(self._waiters))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                # The slot was handed over just before the cancellation: pass it on.
+                self.release(0, "abort")
+            else:
+                self._waiters.remove(waiter)
+            raise

@@ -1,0 +1,49 @@
+"""Everything one simulated node owns while it runs."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from gateway.simulator.engine import Engine
+from gateway.simulator.options import Faults, SimulatorOptions
+from gateway.simulator.prefix_cache import PrefixCache
+from gateway.simulator.stats import SimulatorStats
+
+
+class SimulatorState:
+    """The node's engine, stats, current faults and request numbering."""
+
+    def __init__(self, options: SimulatorOptions) -> None:
+        """Build a fresh node from its options, with the start-up faults applied."""
+        self.options = options
+        self.engine = Engine(options.timing, PrefixCache(options.cache_tokens))
+        self.stats = SimulatorStats(self.engine, options.recent_requests)
+        self.random = random.Random(options.name)
+        self.models_seen: dict[str, int] = {}
+        self.refuse: Callable[[float], None] | None = None
+        self.faults = Faults()
+        self.apply_faults(options.faults)
+        self._request_number = 0
+
+    @property
+    def metrics_model_name(self) -> str:
+        """The `model_name` label of the vLLM metrics: the first configured model, else "any"."""
+        return self.options.models[0] if self.options.models else "any"
+
+    def apply_faults(self, faults: Faults) -> None:
+        """Make `faults` current, pausing or resuming the engine for `hold`."""
+        self.faults = faults
+        if faults.hold:
+            self.engine.pause()
+        else:
+            self.engine.resume()
+
+    def serves(self, model: str) -> bool:
+        """Whether this node answers `model` (any model when none are configured)."""
+        return not self.options.models or model in self.options.models
+
+    def next_request_number(self) -> int:
+        """Number the next completion request, from 1."""
+        self._request_number += 1
+        return self._request_number
