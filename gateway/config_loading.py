@@ -83,7 +83,11 @@ def parse_config(text: str, environ: Mapping[str, str]) -> LoadedConfig:
     try:
         settings = Settings.model_validate(data)
     except ValidationError as error:
-        problems.extend(_problems_from(error, prefix=""))
+        # A missing variable already explains whatever its empty stand-in then fails.
+        unset = {problem.path for problem in problems}
+        problems.extend(
+            problem for problem in _problems_from(error, prefix="") if problem.path not in unset
+        )
 
     # Cross-references are checked over whatever items validated on their own, so a file with
     # both a malformed field and a dangling reference reports both in one run.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,10 +24,13 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 class RetryableAttemptError(Exception):
     """An attempt failed before anything reached the client; the next provider may be tried."""
 
-    def __init__(self, reason: str, *, status: int | None = None) -> None:
+    def __init__(
+        self, reason: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Attempt:
     provider: str
     outcome: str
     status: int | None = None
+    retry_after: float | None = None
 
 
 @dataclass
@@ -124,10 +129,16 @@ class Dispatcher:
                     provider.base_url + job.path, data=body, headers=headers
                 )
                 if response.status >= 500 or response.status in RETRYABLE_STATUSES:
-                    raise RetryableAttemptError(f"http_{response.status}", status=response.status)
+                    raise RetryableAttemptError(
+                        f"http_{response.status}",
+                        status=response.status,
+                        retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+                    )
                 first_chunk = await response.content.readany()
         except RetryableAttemptError as failure:
-            record.attempts.append(Attempt(provider.name, failure.reason, failure.status))
+            record.attempts.append(
+                Attempt(provider.name, failure.reason, failure.status, failure.retry_after)
+            )
             _close(response)
             raise
         except TimeoutError:
@@ -251,15 +262,37 @@ async def _write_quietly(downstream: web.StreamResponse, data: bytes) -> None:
         pass
 
 
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header given in seconds; None when absent or a date."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
 def _exhausted(record: DispatchRecord) -> GatewayError:
-    reasons = [attempt.outcome for attempt in record.attempts]
-    if reasons and all(reason == "timeout" for reason in reasons):
+    """The error for a request whose every attempt failed, by what the failures share."""
+    reasons = {attempt.outcome for attempt in record.attempts}
+    summary = ", ".join(f"{attempt.provider}: {attempt.outcome}" for attempt in record.attempts)
+    if reasons == {"timeout"}:
         return GatewayError(
-            504, "The upstream did not answer in time.", "upstream_timeout", retry_after=1
+            504, f"No upstream answered in time ({summary}).", "upstream_timeout", retry_after=1
+        )
+    if reasons == {"http_429"}:
+        waits = [attempt.retry_after for attempt in record.attempts if attempt.retry_after]
+        return GatewayError(
+            429,
+            f"Every upstream is rate limiting ({summary}).",
+            "upstream_rate_limited",
+            retry_after=min(waits) if waits else 1,
+        )
+    if reasons == {"connect_error"}:
+        return GatewayError(
+            503, f"No upstream could be reached ({summary}).", "upstream_unreachable", retry_after=1
         )
     return GatewayError(
-        502,
-        f"No upstream could answer ({len(reasons)} attempt(s): {', '.join(reasons)}).",
-        "upstream_unavailable",
-        retry_after=1,
+        502, f"No upstream gave a usable answer ({summary}).", "upstream_error", retry_after=1
     )

@@ -15,7 +15,13 @@ from gateway.routing.automodel import (
     resolve,
     validate_spec,
 )
-from gateway.routing.latency import LatencySnapshot, LatencyTracker, round_half_away_from_zero
+from gateway.routing.latency import (
+    LatencySnapshot,
+    LatencyTracker,
+    ProviderLatency,
+    round_half_away_from_zero,
+    score_band,
+)
 from gateway.routing.ordering import (
     OrderingRequest,
     ProviderState,
@@ -48,6 +54,7 @@ __all__ = [
     "OrderingRequest",
     "PreferenceKind",
     "PreferredSet",
+    "ProviderLatency",
     "ProviderState",
     "Ranked",
     "Resolution",
@@ -61,6 +68,7 @@ __all__ = [
     "preferred_set",
     "resolve",
     "round_half_away_from_zero",
+    "score_band",
     "session_id_from",
     "tiebreak_ranks",
     "validate_spec",

@@ -43,7 +43,7 @@ class AutoModelSpec:
     name: str = DEFAULT_AUTO_MODEL_NAME
     fallback_model: str = ""
     routes: Mapping[str, str] = field(default_factory=dict)
-    aliases: Mapping[str, str] = DEFAULT_ALIASES
+    aliases: Mapping[str, str] = field(default_factory=lambda: DEFAULT_ALIASES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +105,6 @@ def validate_spec(spec: AutoModelSpec, known_models: Collection[str]) -> list[tu
     problems: list[tuple[str, str]] = []
     if not spec.name:
         problems.append(("name", "the auto model needs a name"))
-    elif spec.name in known_models:
-        problems.append(("name", f"'{spec.name}' is already a configured model"))
     if len(spec.routes) > MAX_ROUTES:
         problems.append(("routes", f"at most {MAX_ROUTES} routes, got {len(spec.routes)}"))
     for mode, target in spec.routes.items():

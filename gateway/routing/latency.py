@@ -16,12 +16,17 @@ MAX_SAMPLES_PER_SERIES = 1024
 """Most samples kept per (provider, model): the oldest is dropped first, so memory is bounded and
 a very busy provider's mean covers its latest 1024 requests rather than the whole window."""
 
+MAX_SAMPLE_SECONDS = 86_400.0
+"""Longer durations are recorded as this; no first token takes a day, and it bounds the totals."""
+
 PRIOR_WEIGHT = 5
 """How many samples' worth of the global mean is blended into every provider's score."""
 
 MINIMUM_TOLERANCE_SECONDS = 0.001
 DEFAULT_BAND_FRACTION = 0.15
 DEFAULT_MIN_SAMPLES = 20
+
+_MICROSECONDS_PER_SECOND = 1_000_000
 
 
 def round_half_away_from_zero(value: float) -> int:
@@ -32,6 +37,20 @@ def round_half_away_from_zero(value: float) -> int:
     if magnitude - whole >= 0.5:
         whole += 1
     return -whole if value < 0 else whole
+
+
+def score_band(score: float, global_mean: float, band_fraction: float) -> int:
+    """Return the band of `score` around `global_mean` (0 within tolerance, or if not finite)."""
+    if not (math.isfinite(global_mean) and math.isfinite(score)):
+        return 0
+    return round_half_away_from_zero(
+        (score - global_mean) / (2 * _tolerance(global_mean, band_fraction))
+    )
+
+
+def _tolerance(global_mean: float, band_fraction: float) -> float:
+    """Return the half-width of band 0: a fraction of the global mean, at least 1 ms."""
+    return max(global_mean * band_fraction, MINIMUM_TOLERANCE_SECONDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,21 +77,37 @@ class LatencySnapshot:
 
 @dataclass(slots=True)
 class _Series:
-    """Samples of one (provider, model) in arrival order, with their running total."""
+    """Samples of one (provider, model) as (time, microseconds), oldest first, with their total."""
 
-    samples: deque[tuple[float, float]] = field(default_factory=deque)
-    total: float = 0.0
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+    total_microseconds: int = 0
+
+    def score(self, global_mean: float) -> float:
+        """Return the series mean blended with `PRIOR_WEIGHT` samples of the global mean."""
+        if not self.samples:
+            return global_mean
+        total = self.total_microseconds / _MICROSECONDS_PER_SECOND
+        return (total + global_mean * PRIOR_WEIGHT) / (len(self.samples) + PRIOR_WEIGHT)
 
 
 @dataclass(slots=True)
 class _ModelSamples:
-    """Every series of one model, with the model-wide running total and count."""
+    """Every series of one model, with the model-wide total and count.
+
+    Totals are integer microseconds, so adding and expiring samples never drifts.
+    """
 
     series: dict[str, _Series] = field(default_factory=dict)
-    total: float = 0.0
+    total_microseconds: int = 0
     count: int = 0
     oldest_at: float = math.inf
-    """A lower bound on the oldest sample time: nothing can expire before it passes the cutoff."""
+    """A lower bound on the oldest sample time: nothing expires before it passes the cutoff."""
+
+    def mean(self) -> float | None:
+        """Return the mean over every sample of the model, None without samples."""
+        if not self.count:
+            return None
+        return self.total_microseconds / self.count / _MICROSECONDS_PER_SECOND
 
 
 class LatencyTracker:
@@ -94,6 +129,7 @@ class LatencyTracker:
         """Add one TTFT sample taken at monotonic time `now`; ignore non-finite or negative ones."""
         if not math.isfinite(ttft_seconds) or ttft_seconds < 0:
             return
+        microseconds = round(min(ttft_seconds, MAX_SAMPLE_SECONDS) * _MICROSECONDS_PER_SECOND)
         model_samples = self._models.get(model)
         if model_samples is None:
             model_samples = self._models[model] = _ModelSamples()
@@ -103,10 +139,12 @@ class LatencyTracker:
             series = model_samples.series[provider] = _Series()
         if len(series.samples) >= self._max_samples_per_series:
             _, dropped = series.samples.popleft()
-            self._subtract(model_samples, series, dropped)
-        series.samples.append((now, ttft_seconds))
-        series.total += ttft_seconds
-        model_samples.total += ttft_seconds
+            series.total_microseconds -= dropped
+            model_samples.total_microseconds -= dropped
+            model_samples.count -= 1
+        series.samples.append((now, microseconds))
+        series.total_microseconds += microseconds
+        model_samples.total_microseconds += microseconds
         model_samples.count += 1
         model_samples.oldest_at = min(model_samples.oldest_at, now)
 
@@ -127,17 +165,19 @@ class LatencyTracker:
         model_samples = self._models.get(model)
         if model_samples is None:
             return bands
-        global_mean = self._global_mean(model_samples, now, min_samples)
+        global_mean = self._banding_mean(model_samples, now, min_samples)
         if global_mean is None:
             return bands
         band_width = 2 * _tolerance(global_mean, band_fraction)
+        prior = global_mean * PRIOR_WEIGHT
         series_by_provider = model_samples.series
+        # The score formula of `_Series.score`, inlined: this loop runs on every request.
         for provider in providers:
             series = series_by_provider.get(provider)
-            if series is None or not series.samples:
-                continue
-            score = _score(series, global_mean)
-            bands[provider] = round_half_away_from_zero((score - global_mean) / band_width)
+            if series is not None and series.samples:
+                total = series.total_microseconds / _MICROSECONDS_PER_SECOND
+                score = (total + prior) / (len(series.samples) + PRIOR_WEIGHT)
+                bands[provider] = round_half_away_from_zero((score - global_mean) / band_width)
         return bands
 
     def snapshot(
@@ -150,51 +190,38 @@ class LatencyTracker:
         min_samples: int = DEFAULT_MIN_SAMPLES,
     ) -> LatencySnapshot:
         """Summarise `model` for the status page: sampled providers plus those in `providers`."""
-        model_samples = self._models.get(model)
-        if model_samples is None:
-            model_samples = _ModelSamples()
-        global_mean = self._global_mean(model_samples, now, min_samples)
-        names = [name for name, series in model_samples.series.items() if series.samples]
-        names += [name for name in providers if name not in names]
-        bands = self.bands(
-            model,
-            names,
-            now,
-            band_fraction=band_fraction,
-            min_samples=min_samples,
-            enabled=True,
-        )
+        model_samples = self._models.get(model) or _ModelSamples()
+        global_mean = self._banding_mean(model_samples, now, min_samples)
+        names = {name for name, series in model_samples.series.items() if series.samples}
+        names.update(providers)
         entries = []
         for name in sorted(names):
-            series = model_samples.series.get(name)
-            count = len(series.samples) if series is not None else 0
-            mean = series.total / count if series is not None and count else None
+            series = model_samples.series.get(name) or _Series()
+            count = len(series.samples)
+            mean = series.total_microseconds / count / _MICROSECONDS_PER_SECOND if count else None
             if global_mean is None:
-                score = None
-            elif series is None or not count:
-                score = global_mean
+                score, band = None, 0
             else:
-                score = _score(series, global_mean)
-            entries.append(ProviderLatency(name, mean, count, score, bands[name]))
-        raw_mean = model_samples.total / model_samples.count if model_samples.count else None
+                score = series.score(global_mean)
+                band = score_band(score, global_mean, band_fraction)
+            entries.append(ProviderLatency(name, mean, count, score, band))
         return LatencySnapshot(
             model=model,
-            global_mean_seconds=raw_mean,
+            global_mean_seconds=model_samples.mean(),
             sample_count=model_samples.count,
             banding_active=global_mean is not None,
             providers=tuple(entries),
         )
 
-    def _global_mean(
+    def _banding_mean(
         self, model_samples: _ModelSamples, now: float, min_samples: int
     ) -> float | None:
-        """Expire old samples and return the model's mean, or None when banding must stay off."""
+        """Expire old samples; return the model's mean, or None when there are too few to band."""
         self._expire(model_samples, now)
-        count = model_samples.count
-        if count == 0 or count < min_samples:
+        if model_samples.count < min_samples:
             return None
-        global_mean = model_samples.total / count
-        return global_mean if math.isfinite(global_mean) else None
+        global_mean = model_samples.mean()
+        return global_mean if global_mean is not None and math.isfinite(global_mean) else None
 
     def _expire(self, model_samples: _ModelSamples, now: float) -> None:
         """Drop the model's samples that are `window_seconds` old or older."""
@@ -206,36 +233,9 @@ class LatencyTracker:
             samples = series.samples
             while samples and samples[0][0] <= cutoff:
                 _, dropped = samples.popleft()
-                self._subtract(model_samples, series, dropped)
+                series.total_microseconds -= dropped
+                model_samples.total_microseconds -= dropped
+                model_samples.count -= 1
             if samples:
                 oldest_at = min(oldest_at, samples[0][0])
         model_samples.oldest_at = oldest_at
-
-    @staticmethod
-    def _subtract(model_samples: _ModelSamples, series: _Series, dropped: float) -> None:
-        """Take one removed sample out of the running totals, without letting rounding drift."""
-        series.total -= dropped
-        model_samples.total -= dropped
-        model_samples.count -= 1
-        if not series.samples:
-            series.total = 0.0
-        elif not math.isfinite(series.total):
-            # Only reachable after an overflow; re-summing is rare and bounded by the cap.
-            series.total = math.fsum(value for _, value in series.samples)
-        if model_samples.count == 0:
-            model_samples.total = 0.0
-        elif not math.isfinite(model_samples.total):
-            for each in model_samples.series.values():
-                each.total = math.fsum(value for _, value in each.samples)
-            model_samples.total = math.fsum(each.total for each in model_samples.series.values())
-
-
-def _tolerance(global_mean: float, band_fraction: float) -> float:
-    """Return the half-width of band 0: a fraction of the global mean, at least one millisecond."""
-    return max(global_mean * band_fraction, MINIMUM_TOLERANCE_SECONDS)
-
-
-def _score(series: _Series, global_mean: float) -> float:
-    """Return the series mean blended with `PRIOR_WEIGHT` samples of the global mean."""
-    count = len(series.samples)
-    return (series.total + global_mean * PRIOR_WEIGHT) / (count + PRIOR_WEIGHT)

@@ -18,7 +18,7 @@ class Endpoint(enum.Enum):
     COMPLETION = "completion"
 
 
-class InvalidRequest(ValueError):
+class InvalidRequestError(ValueError):
     """The body cannot be served; the message says why (it never echoes prompt text)."""
 
 
@@ -35,22 +35,24 @@ class CompletionRequest:
     max_tokens_given: bool
 
 
-def parse_completion_request(body: bytes, endpoint: Endpoint, default_max_tokens: int) -> CompletionRequest:
-    """Parse `body`, raising InvalidRequest when it is not a usable request."""
+def parse_completion_request(
+    body: bytes, endpoint: Endpoint, default_max_tokens: int
+) -> CompletionRequest:
+    """Parse `body`, raising InvalidRequestError when it is not a usable request."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise InvalidRequest("the body is not valid JSON") from None
+        raise InvalidRequestError("the body is not valid JSON") from None
     if not isinstance(payload, dict):
-        raise InvalidRequest("the body must be a JSON object")
+        raise InvalidRequestError("the body must be a JSON object")
     model = payload.get("model")
     if not isinstance(model, str) or not model:
-        raise InvalidRequest("model is required")
+        raise InvalidRequestError("model is required")
     stream = payload.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
-        raise InvalidRequest("stream must be true or false")
+        raise InvalidRequestError("stream must be true or false")
     stream_options = payload.get("stream_options")
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
     max_tokens = _max_tokens(payload, endpoint)
@@ -60,7 +62,7 @@ def parse_completion_request(body: bytes, endpoint: Endpoint, default_max_tokens
         else:
             prompt = completion_prompt(model, payload.get("prompt"))
     except PromptError as error:
-        raise InvalidRequest(str(error)) from None
+        raise InvalidRequestError(str(error)) from None
     return CompletionRequest(
         endpoint=endpoint,
         model=model,
@@ -73,12 +75,14 @@ def parse_completion_request(body: bytes, endpoint: Endpoint, default_max_tokens
 
 
 def _max_tokens(payload: dict[str, Any], endpoint: Endpoint) -> int | None:
-    names = ("max_completion_tokens", "max_tokens") if endpoint is Endpoint.CHAT else ("max_tokens",)
+    names = (
+        ("max_completion_tokens", "max_tokens") if endpoint is Endpoint.CHAT else ("max_tokens",)
+    )
     for name in names:
         value = payload.get(name)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidRequest(f"{name} must be a positive integer")
+            raise InvalidRequestError(f"{name} must be a positive integer")
         return value
     return None

@@ -1,4 +1,4 @@
-"""The simulated inference engine: bounded running sequences, a FIFO queue, prefix caching, timing."""
+"""The simulated inference engine: bounded running sequences, a FIFO queue, caching, timing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from collections import deque
 
 from gateway.simulator.options import Timing
-from gateway.simulator.prefix_cache import PrefixCache
+from gateway.simulator.prefix_cache import Block, PrefixCache
 from gateway.simulator.prompts import Prompt
 
 
@@ -29,6 +29,7 @@ class Sequence:
     def __init__(
         self,
         engine: Engine,
+        *,
         prompt_tokens: int,
         cached_tokens: int,
         output_tokens: int,
@@ -132,7 +133,18 @@ class Engine:
         uncached_tokens = prompt.tokens - cached_tokens
         ttft_seconds = (timing.base_ttft_ms + timing.per_token_ms * uncached_tokens) * slow / 1000.0
         interval_seconds = slow / timing.tokens_per_second if timing.tokens_per_second > 0 else 0.0
-        return Sequence(self, prompt.tokens, cached_tokens, output_tokens, ttft_seconds, interval_seconds)
+        return Sequence(
+            self,
+            prompt_tokens=prompt.tokens,
+            cached_tokens=cached_tokens,
+            output_tokens=output_tokens,
+            ttft_seconds=ttft_seconds,
+            token_interval_seconds=interval_seconds,
+        )
+
+    def remember(self, chain: tuple[Block, ...]) -> None:
+        """Cache `chain` without counting a query, as vLLM caches a finished sequence's output."""
+        self.cache.match_and_insert(chain)
 
     def release(self, produced_tokens: int, finish_reason: str) -> None:
         """Count a finished sequence and hand its slot to the oldest waiter, if any."""

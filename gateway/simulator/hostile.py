@@ -16,26 +16,22 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
+from gateway.simulator.openai_shapes import JSON_CONTENT_TYPE, SSE_CONTENT_TYPE
 from gateway.simulator.options import Mode
 
-JSON_CONTENT_TYPE = "application/json"
-SSE_CONTENT_TYPE = "text/event-stream"
 ENDLESS_PIECE = b"garbage " * 8192
 
 
-async def respond_hostile(
-    request: web.Request, mode: Mode, stream: bool, headers: Mapping[str, str]
-) -> web.StreamResponse:
-    """Answer `request` the way `mode` breaks the protocol."""
-    if mode is Mode.NORMAL:
-        raise ValueError("the normal mode is not hostile")
-    expected_type = SSE_CONTENT_TYPE if stream else JSON_CONTENT_TYPE
+def fixed_hostile_response(
+    mode: Mode, stream: bool, headers: Mapping[str, str]
+) -> web.Response | None:
+    """The complete broken answer of `mode`, or None when the mode never finishes its body."""
     if mode is Mode.INVALID_JSON:
         if stream:
             body = b'data: {"id": "chatcmpl-broken", "choices": [\n\n' * 3 + b"data: [DONE]\n\n"
-        else:
-            body = b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": ['
-        return web.Response(body=body, content_type=expected_type, headers=headers)
+            return web.Response(body=body, content_type=SSE_CONTENT_TYPE, headers=headers)
+        body = b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": ['
+        return web.Response(body=body, content_type=JSON_CONTENT_TYPE, headers=headers)
     if mode is Mode.WRONG_CONTENT_TYPE:
         body = b"<html><body><h1>Welcome</h1><p>This is not an API.</p></body></html>"
         return web.Response(body=body, content_type="text/html", headers=headers)
@@ -47,13 +43,17 @@ async def respond_hostile(
             b"data:no-json-here\n"
         )
         return web.Response(body=body, content_type=SSE_CONTENT_TYPE, headers=headers)
-    response = web.StreamResponse(status=200, headers=headers)
-    response.content_type = expected_type
-    await response.prepare(request)
+    return None
+
+
+async def continue_hostile_body(response: web.StreamResponse, mode: Mode) -> None:
+    """After the headers of `response` went out, never finish: send garbage or nothing at all.
+
+    Returns only by raising: CancelledError or ConnectionError once the client goes away.
+    """
     if mode is Mode.ENDLESS_BODY:
         while True:
             await response.write(ENDLESS_PIECE)
             # Yield even when the reader keeps up, so the node keeps serving other requests.
             await asyncio.sleep(0)
     await asyncio.get_running_loop().create_future()
-    return response

@@ -7,6 +7,8 @@ from typing import Any, Protocol
 
 import orjson
 
+JSON_CONTENT_TYPE = "application/json"
+SSE_CONTENT_TYPE = "text/event-stream"
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
@@ -17,7 +19,9 @@ def sse_event(payload: dict[str, Any]) -> bytes:
 
 def error_body(message: str, error_type: str, code: str | None) -> bytes:
     """An OpenAI-shaped error body."""
-    return orjson.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}})
+    return orjson.dumps(
+        {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    )
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -67,7 +71,7 @@ class _Envelope:
         self._include_usage = include_usage
 
     def event(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
-        """One chunk as an SSE event; `usage` is present (null until the end) only when asked for."""
+        """One chunk as an SSE event; `usage` (null until the end) appears only when asked for."""
         payload: dict[str, Any] = {
             "id": self.completion_id,
             "object": self._chunk_object,
@@ -85,7 +89,9 @@ class ChatShape:
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
         """Bind the fields every chunk repeats."""
-        self._envelope = _Envelope(completion_id, created, model, "chat.completion.chunk", include_usage)
+        self._envelope = _Envelope(
+            completion_id, created, model, "chat.completion.chunk", include_usage
+        )
 
     def body(self, texts: Sequence[str], finish_reason: str, usage: dict[str, Any]) -> bytes:
         """The `chat.completion` object."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,10 @@ class Mode(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Timing:
-    """Latency model: TTFT = base + per-token cost of the uncached prompt, then a token rate."""
+    """Latency model: TTFT = base + per-token cost of the uncached prompt, then a token rate.
+
+    A `tokens_per_second` of zero means output is not paced at all.
+    """
 
     base_ttft_ms: float = 20.0
     per_token_ms: float = 0.05
@@ -39,7 +42,9 @@ class Timing:
     @classmethod
     def instant(cls, max_num_seqs: int = 256) -> Timing:
         """Timing that never sleeps: zero TTFT and an unlimited token rate."""
-        return cls(base_ttft_ms=0.0, per_token_ms=0.0, tokens_per_second=0.0, max_num_seqs=max_num_seqs)
+        return cls(
+            base_ttft_ms=0.0, per_token_ms=0.0, tokens_per_second=0.0, max_num_seqs=max_num_seqs
+        )
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class Faults:
     rate_limit_retry_after: int | None = None
     drop_after_chunks: int | None = None
     extra_waiting: int = 0
+    # While true, admitted sequences wait before their first token: tests use it to pin
+    # requests in flight without timing.
     hold: bool = False
     mode: Mode = Mode.NORMAL
 
@@ -68,7 +75,7 @@ class Faults:
             raise ValueError("extra_waiting must not be negative")
 
     def updated(self, changes: Mapping[str, Any]) -> Faults:
-        """Return these faults with the JSON-shaped partial update applied; ValueError if invalid."""
+        """These faults with a JSON-shaped partial update applied; ValueError if it is invalid."""
         values: dict[str, Any] = {}
         for name, value in changes.items():
             if name not in _FAULT_CHECKS:
@@ -113,7 +120,7 @@ def _mode(name: str, value: Any) -> Mode:
         raise ValueError(f"{name} must be one of {choices}") from None
 
 
-_FAULT_CHECKS = {
+_FAULT_CHECKS: Mapping[str, Callable[[str, Any], Any]] = {
     "slow": _number,
     "error_rate": _number,
     "rate_limit_retry_after": _optional_count,

@@ -1,11 +1,11 @@
-"""Turn a request's prompt into chained cache blocks and a token count.
+"""Prompts as chains of prefix-cache blocks, with the simulator's token-count approximation.
 
-Token counts are an approximation: a piece of text counts ceil(characters / 4) tokens (at
-least one per chat message), and a prompt given as token ids counts one token per id.
-Chat prompts form one block per message; text prompts one block per 64 characters (16
-tokens, vLLM's block size); token-id prompts one block per 16 ids. Each block's key hashes
-the previous block's key with the block's content, starting from the model name, so a key
-stands for the whole prefix up to and including its block.
+Token counts are approximate by design: text costs one token per four characters (rounded
+up), each chat message costs four more for its role framing, and a prompt given as token ids
+costs one token per id. A chat prompt is one block per message; a legacy prompt is one block
+per sixteen tokens, vLLM's default block size. Each block's key hashes the block together with
+the key before it (the first with the model), so one key stands for the whole prefix up to
+and including its block.
 """
 
 from __future__ import annotations
@@ -18,88 +18,124 @@ import orjson
 
 from gateway.simulator.prefix_cache import Block
 
-TEXT_BLOCK_CHARACTERS = 64
-TOKEN_BLOCK_SIZE = 16
+CHARACTERS_PER_TOKEN = 4
+MESSAGE_FRAMING_TOKENS = 4
+BLOCK_TOKENS = 16
 
 
 class PromptError(ValueError):
-    """The request's prompt is missing or has the wrong shape."""
+    """The prompt is not shaped as the endpoint expects; the message names the field only."""
 
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
-    """A request's prompt: one block chain per prompt (legacy completions may send several)."""
+    """One request's prompts (a legacy request may batch several), each a chain of blocks."""
 
     chains: tuple[tuple[Block, ...], ...]
     tokens: int
 
 
-def estimate_tokens(text: str) -> int:
-    """Approximate a text's token count as ceil(characters / 4)."""
-    return (len(text) + 3) // 4
+def text_tokens(text: str) -> int:
+    """The approximate token count of a piece of text."""
+    return -(-len(text) // CHARACTERS_PER_TOKEN)
 
 
 def chat_prompt(model: str, messages: Any) -> Prompt:
-    """Build the prompt of a chat request: one block per message."""
+    """The prompt of a chat request: one chain, one block per message."""
     if not isinstance(messages, list) or not messages:
         raise PromptError("messages must be a non-empty list")
     key = hash(model)
-    blocks: list[Block] = []
-    total = 0
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise PromptError("each message must be an object with a string role")
-        content = message.get("content")
-        if content is None:
-            text = ""
-        elif isinstance(content, str):
-            text = content
-        else:
-            text = orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode()
-        tokens = max(1, estimate_tokens(text))
-        key = hash((key, message["role"], text))
-        blocks.append(Block(key, tokens))
-        total += tokens
-    return Prompt((tuple(blocks),), total)
+    chain: list[Block] = []
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise PromptError(f"messages[{position}] must be an object")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise PromptError(f"messages[{position}].role must be a string")
+        text = _message_text(message, position)
+        key = hash((key, role, text))
+        chain.append(Block(key, _message_tokens(text)))
+    return Prompt((tuple(chain),), sum(block.tokens for block in chain))
+
+
+def reply_block(prompt: Prompt, text: str) -> Block:
+    """The block an assistant message with `text` adds after a chat prompt's last message.
+
+    vLLM keeps generated tokens in its prefix cache too, so the next turn of a conversation,
+    which repeats this reply, finds it cached.
+    """
+    return Block(hash((prompt.chains[0][-1].key, "assistant", text)), _message_tokens(text))
 
 
 def completion_prompt(model: str, prompt: Any) -> Prompt:
-    """Build the prompt of a legacy completion: a string, a list of strings, or token ids."""
+    """The prompt of a legacy completion: text, token ids, or a batch of either."""
+    chains: tuple[tuple[Block, ...], ...]
     if isinstance(prompt, str):
-        pieces: Sequence[str | list[int]] = [prompt]
-    elif isinstance(prompt, list) and prompt and all(_is_token(item) for item in prompt):
-        pieces = [prompt]
-    elif isinstance(prompt, list) and prompt and all(_is_piece(item) for item in prompt):
-        pieces = prompt
+        chains = (_text_chain(model, prompt),)
+    elif _is_token_ids(prompt):
+        chains = (_token_chain(model, prompt),)
+    elif isinstance(prompt, list) and prompt and all(isinstance(item, str) for item in prompt):
+        chains = tuple(_text_chain(model, item) for item in prompt)
+    elif isinstance(prompt, list) and prompt and all(_is_token_ids(item) for item in prompt):
+        chains = tuple(_token_chain(model, item) for item in prompt)
     else:
-        raise PromptError("prompt must be a string, a list of strings or a list of token ids")
-    chains = tuple(_text_chain(model, piece) if isinstance(piece, str) else _token_chain(model, piece) for piece in pieces)
+        raise PromptError(
+            "prompt must be a string, a list of strings, a list of token ids, or a list of those"
+        )
     return Prompt(chains, sum(block.tokens for chain in chains for block in chain))
 
 
-def _is_token(item: Any) -> bool:
-    return isinstance(item, int) and not isinstance(item, bool)
+def _message_tokens(text: str) -> int:
+    return MESSAGE_FRAMING_TOKENS + text_tokens(text)
 
 
-def _is_piece(item: Any) -> bool:
-    return isinstance(item, str) or (isinstance(item, list) and all(_is_token(token) for token in item))
+def _is_token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(item, int) and not isinstance(item, bool) for item in value)
+    )
 
 
 def _text_chain(model: str, text: str) -> tuple[Block, ...]:
+    step = BLOCK_TOKENS * CHARACTERS_PER_TOKEN
     key = hash(model)
-    blocks: list[Block] = []
-    for start in range(0, len(text), TEXT_BLOCK_CHARACTERS):
-        piece = text[start : start + TEXT_BLOCK_CHARACTERS]
+    chain: list[Block] = []
+    for start in range(0, len(text), step):
+        piece = text[start : start + step]
         key = hash((key, piece))
-        blocks.append(Block(key, estimate_tokens(piece)))
-    return tuple(blocks)
+        chain.append(Block(key, text_tokens(piece)))
+    return tuple(chain)
 
 
-def _token_chain(model: str, token_ids: list[int]) -> tuple[Block, ...]:
+def _token_chain(model: str, token_ids: Sequence[int]) -> tuple[Block, ...]:
     key = hash(model)
-    blocks: list[Block] = []
-    for start in range(0, len(token_ids), TOKEN_BLOCK_SIZE):
-        piece = tuple(token_ids[start : start + TOKEN_BLOCK_SIZE])
+    chain: list[Block] = []
+    for start in range(0, len(token_ids), BLOCK_TOKENS):
+        piece = tuple(token_ids[start : start + BLOCK_TOKENS])
         key = hash((key, piece))
-        blocks.append(Block(key, len(piece)))
-    return tuple(blocks)
+        chain.append(Block(key, len(piece)))
+    return tuple(chain)
+
+
+def _message_text(message: dict[str, Any], position: int) -> str:
+    content = message.get("content")
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        text = "".join(_part_text(part) for part in content)
+    else:
+        raise PromptError(f"messages[{position}].content must be a string or a list of parts")
+    tool_calls = message.get("tool_calls")
+    if tool_calls:
+        text += orjson.dumps(tool_calls, option=orjson.OPT_SORT_KEYS).decode()
+    return text
+
+
+def _part_text(part: Any) -> str:
+    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+        return str(part["text"])
+    # Non-text parts (images, audio) still belong to the prefix; their JSON stands in for them.
+    return orjson.dumps(part, option=orjson.OPT_SORT_KEYS).decode()

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
 
 from gateway.simulator.engine import Engine
 from gateway.simulator.options import Faults, SimulatorOptions
 from gateway.simulator.prefix_cache import PrefixCache
 from gateway.simulator.stats import SimulatorStats
+
+Refuse = Callable[[float, asyncio.BaseTransport | None], Awaitable[None]]
 
 
 class SimulatorState:
@@ -21,7 +26,8 @@ class SimulatorState:
         self.stats = SimulatorStats(self.engine, options.recent_requests)
         self.random = random.Random(options.name)
         self.models_seen: dict[str, int] = {}
-        self.refuse: Callable[[float], None] | None = None
+        # Set by the server that listens for this node: control calls use it to go "down".
+        self.refuse: Refuse | None = None
         self.faults = Faults()
         self.apply_faults(options.faults)
         self._request_number = 0
@@ -47,3 +53,6 @@ class SimulatorState:
         """Number the next completion request, from 1."""
         self._request_number += 1
         return self._request_number
+
+
+STATE_KEY = web.AppKey("simulator_state", SimulatorState)

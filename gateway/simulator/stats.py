@@ -74,7 +74,8 @@ class RequestRecord:
             "method": self.method,
             "path": self.path,
             "headers": [
-                [name.decode("latin-1"), value.decode("latin-1")] for name, value in self.raw_headers
+                [name.decode("latin-1"), value.decode("latin-1")]
+                for name, value in self.raw_headers
             ],
             "body_base64": base64.b64encode(self.body).decode("ascii"),
             "received_at": self.received_at,
@@ -156,7 +157,8 @@ class SimulatorStats:
             "waiting": engine.waiting,
             "peak_running": engine.peak_running,
             "peak_waiting": engine.peak_waiting,
-            "prefix_cache_queries": engine.prefix_cache_queries_total - self._prefix_queries_baseline,
+            "prefix_cache_queries": engine.prefix_cache_queries_total
+            - self._prefix_queries_baseline,
             "prefix_cache_hits": engine.prefix_cache_hits_total - self._prefix_hits_baseline,
             "prefix_cache_used_tokens": engine.cache.used_tokens,
             "last_cancelled_at": self.last_cancelled_at,

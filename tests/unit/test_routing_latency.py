@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.routing.latency import LatencyTracker, round_half_away_from_zero
+from gateway.routing.latency import (
+    MAX_SAMPLE_SECONDS,
+    LatencyTracker,
+    round_half_away_from_zero,
+    score_band,
+)
 
 MODEL = "llama"
 WINDOW = 900.0
-BAND_SETTINGS = {"band_fraction": 0.15, "min_samples": 20, "enabled": True}
+
+
+def bands_at(
+    tracker: LatencyTracker, providers: Sequence[str], now: float, *, model: str = MODEL
+) -> dict[str, int]:
+    """Return the bands with the default settings: 15 % tolerance, at least 20 samples."""
+    return tracker.bands(model, providers, now, band_fraction=0.15, min_samples=20, enabled=True)
 
 
 def record_many(
@@ -51,7 +63,9 @@ def tracker_with_average_of_half_a_second(fast_seconds: float) -> LatencyTracker
         (1.4999999999999998, 1),
     ],
 )
-def test_round_half_away_from_zero_rounds_halves_away_from_zero(value: float, expected: int) -> None:
+def test_round_half_away_from_zero_rounds_halves_away_from_zero(
+    value: float, expected: int
+) -> None:
     """Halves round away from zero (not banker's rounding); the rest round to nearest."""
     assert round_half_away_from_zero(value) == expected
 
@@ -71,7 +85,7 @@ def test_unsampled_provider_scores_the_global_mean_and_lands_in_band_zero() -> N
     assert unsampled.score_seconds == snapshot.global_mean_seconds
     assert unsampled.sample_count == 0
     assert unsampled.mean_seconds is None
-    assert tracker.bands(MODEL, ["b"], 1.0, **BAND_SETTINGS) == {"b": 0}
+    assert bands_at(tracker, ["b"], 1.0) == {"b": 0}
 
 
 def test_provider_within_fifteen_percent_ties_with_unsampled_provider_in_band_zero() -> None:
@@ -81,7 +95,7 @@ def test_provider_within_fifteen_percent_ties_with_unsampled_provider_in_band_ze
     assert snapshot.global_mean_seconds == pytest.approx(0.5)
     score_a = next(entry.score_seconds for entry in snapshot.providers if entry.provider == "a")
     assert score_a == pytest.approx(0.436)
-    assert tracker.bands(MODEL, ["a", "b", "c"], 1.0, **BAND_SETTINGS) == {"a": 0, "b": 0, "c": 1}
+    assert bands_at(tracker, ["a", "b", "c"], 1.0) == {"a": 0, "b": 0, "c": 1}
 
 
 def test_provider_twenty_percent_faster_than_average_lands_one_band_lower() -> None:
@@ -90,7 +104,7 @@ def test_provider_twenty_percent_faster_than_average_lands_one_band_lower() -> N
     snapshot = tracker.snapshot(MODEL, 1.0)
     score_a = next(entry.score_seconds for entry in snapshot.providers if entry.provider == "a")
     assert score_a == pytest.approx(0.4)
-    assert tracker.bands(MODEL, ["a", "b"], 1.0, **BAND_SETTINGS) == {"a": -1, "b": 0}
+    assert bands_at(tracker, ["a", "b"], 1.0) == {"a": -1, "b": 0}
 
 
 def test_bands_are_centred_on_the_global_mean_not_counted_from_zero() -> None:
@@ -98,25 +112,25 @@ def test_bands_are_centred_on_the_global_mean_not_counted_from_zero() -> None:
     tracker = LatencyTracker(WINDOW)
     record_many(tracker, "fast", 0.43, 40)
     record_many(tracker, "slow", 0.57, 40)
-    bands = tracker.bands(MODEL, ["fast", "slow", "unsampled"], 1.0, **BAND_SETTINGS)
+    bands = bands_at(tracker, ["fast", "slow", "unsampled"], 1.0)
     assert bands == {"fast": 0, "slow": 0, "unsampled": 0}
 
 
-def test_provider_forty_percent_slower_than_average_falls_into_a_worse_band() -> None:
-    """A provider whose smoothed score is about 40 % above the mean lands in band 1."""
+def test_provider_forty_percent_slower_than_its_peers_falls_into_a_worse_band() -> None:
+    """A provider 40 % slower than its peers smooths to 22 % above the mean: band 1."""
     tracker = LatencyTracker(WINDOW)
     for provider in ("b", "c", "d"):
         record_many(tracker, provider, 0.5, 20)
-    record_many(tracker, "a", 0.8, 40)
-    bands = tracker.bands(MODEL, ["a", "b", "c", "d"], 1.0, **BAND_SETTINGS)
+    record_many(tracker, "a", 0.7, 20)
+    bands = bands_at(tracker, ["a", "b", "c", "d"], 1.0)
     assert bands == {"a": 1, "b": 0, "c": 0, "d": 0}
 
 
 def test_bands_are_zero_when_latency_routing_is_off_for_the_key() -> None:
     """With latency routing disabled every band is 0, whatever the samples say."""
     tracker = tracker_with_average_of_half_a_second(0.2)
-    settings = {**BAND_SETTINGS, "enabled": False}
-    assert tracker.bands(MODEL, ["a", "c"], 1.0, **settings) == {"a": 0, "c": 0}
+    bands = tracker.bands(MODEL, ["a", "c"], 1.0, band_fraction=0.15, min_samples=20, enabled=False)
+    assert bands == {"a": 0, "c": 0}
 
 
 def test_bands_are_zero_below_the_minimum_sample_count() -> None:
@@ -124,34 +138,51 @@ def test_bands_are_zero_below_the_minimum_sample_count() -> None:
     tracker = LatencyTracker(WINDOW)
     record_many(tracker, "a", 0.1, 10)
     record_many(tracker, "b", 1.0, 9)
-    assert tracker.bands(MODEL, ["a", "b"], 1.0, **BAND_SETTINGS) == {"a": 0, "b": 0}
+    assert bands_at(tracker, ["a", "b"], 1.0) == {"a": 0, "b": 0}
     tracker.record("b", MODEL, 1.0, 1.0)
-    assert tracker.bands(MODEL, ["a", "b"], 1.0, **BAND_SETTINGS) == {"a": -1, "b": 1}
+    assert bands_at(tracker, ["a", "b"], 1.0) == {"a": -2, "b": 2}
 
 
-def test_bands_are_zero_when_the_global_mean_is_not_finite() -> None:
-    """Totals that overflow to infinity make the global mean non-finite: every band is 0."""
+@pytest.mark.parametrize("global_mean", [math.inf, -math.inf, math.nan])
+def test_band_is_zero_when_the_global_mean_is_not_finite(global_mean: float) -> None:
+    """A non-finite global mean turns banding off: every score lands in band 0."""
+    assert score_band(0.1, global_mean, 0.15) == 0
+    assert score_band(100.0, global_mean, 0.15) == 0
+
+
+def test_non_finite_samples_never_reach_the_global_mean() -> None:
+    """Infinite and NaN durations are dropped, so the mean and bands come from real samples."""
     tracker = LatencyTracker(WINDOW)
-    record_many(tracker, "a", 1e308, 10)
-    record_many(tracker, "b", 0.5, 20)
-    assert tracker.bands(MODEL, ["a", "b"], 1.0, **BAND_SETTINGS) == {"a": 0, "b": 0}
+    record_many(tracker, "a", math.inf, 30)
+    record_many(tracker, "a", math.nan, 30)
+    assert bands_at(tracker, ["a", "b"], 1.0) == {"a": 0, "b": 0}
+    record_many(tracker, "b", 0.4, 20)
+    record_many(tracker, "c", 0.6, 20)
+    snapshot = tracker.snapshot(MODEL, 1.0)
+    assert snapshot.global_mean_seconds == pytest.approx(0.5)
+    assert bands_at(tracker, ["a", "b", "c"], 1.0) == {"a": 0, "b": -1, "c": 1}
 
 
-def test_banding_recovers_once_overflowing_samples_leave_the_window() -> None:
-    """After the samples that overflowed expire, totals are exact again and bands return."""
+def test_samples_longer_than_a_day_count_as_a_day() -> None:
+    """An absurd duration is capped, so one bad measurement cannot swamp the totals."""
     tracker = LatencyTracker(WINDOW)
-    record_many(tracker, "a", 1e308, 2, now=0.0)
-    record_many(tracker, "b", 0.5, 20, now=100.0)
-    record_many(tracker, "c", 1.0, 20, now=100.0)
-    later = WINDOW + 1.0
-    assert tracker.snapshot(MODEL, later).global_mean_seconds == pytest.approx(0.75)
-    assert tracker.bands(MODEL, ["b", "c"], later, **BAND_SETTINGS) == {"b": -1, "c": 1}
+    tracker.record("a", MODEL, 1e308, 0.0)
+    assert tracker.snapshot(MODEL, 0.0).global_mean_seconds == pytest.approx(MAX_SAMPLE_SECONDS)
+
+
+def test_bands_return_to_zero_once_samples_age_out_of_the_window() -> None:
+    """When the window slides past the samples, too few remain and every band is 0 again."""
+    tracker = LatencyTracker(WINDOW)
+    record_many(tracker, "a", 0.1, 20, now=0.0)
+    record_many(tracker, "b", 1.0, 20, now=0.0)
+    assert bands_at(tracker, ["a", "b"], 1.0) != {"a": 0, "b": 0}
+    assert bands_at(tracker, ["a", "b"], WINDOW) == {"a": 0, "b": 0}
 
 
 def test_unknown_model_has_all_bands_zero() -> None:
     """A model never recorded gives band 0 to every provider asked about."""
     tracker = LatencyTracker(WINDOW)
-    assert tracker.bands("other", ["a", "b"], 1.0, **BAND_SETTINGS) == {"a": 0, "b": 0}
+    assert bands_at(tracker, ["a", "b"], 1.0, model="other") == {"a": 0, "b": 0}
 
 
 def test_samples_leave_the_window_once_they_are_window_seconds_old() -> None:
@@ -190,7 +221,7 @@ def test_tolerance_is_at_least_one_millisecond() -> None:
     tracker = LatencyTracker(WINDOW)
     record_many(tracker, "a", 0.0015, 30)
     record_many(tracker, "b", 0.0025, 30)
-    assert tracker.bands(MODEL, ["a", "b"], 1.0, **BAND_SETTINGS) == {"a": 0, "b": 0}
+    assert bands_at(tracker, ["a", "b"], 1.0) == {"a": 0, "b": 0}
 
 
 def test_snapshot_reports_mean_count_and_band_per_provider() -> None:
@@ -234,7 +265,7 @@ samples_strategy = st.lists(
 def test_running_totals_match_a_brute_force_recount(
     samples: list[tuple[str, float, float]],
 ) -> None:
-    """Means and counts kept incrementally equal a recount of the samples still in the window."""
+    """Incremental means and counts equal a recount of in-window samples, to the microsecond."""
     window, cap = 20.0, 4
     tracker = LatencyTracker(window, max_samples_per_series=cap)
     retained: dict[str, list[tuple[float, float]]] = {"a": [], "b": [], "c": []}
@@ -249,8 +280,26 @@ def test_running_totals_match_a_brute_force_recount(
     values = [ttft for series in retained.values() for _, ttft in series]
     assert snapshot.sample_count == len(values)
     if values:
-        assert snapshot.global_mean_seconds == pytest.approx(math.fsum(values) / len(values))
+        assert snapshot.global_mean_seconds == pytest.approx(
+            math.fsum(values) / len(values), abs=1e-6
+        )
     for entry in snapshot.providers:
         series_values = [ttft for _, ttft in retained[entry.provider]]
         assert entry.sample_count == len(series_values)
-        assert entry.mean_seconds == pytest.approx(math.fsum(series_values) / len(series_values))
+        assert entry.mean_seconds == pytest.approx(
+            math.fsum(series_values) / len(series_values), abs=1e-6
+        )
+
+
+@given(samples_strategy)
+def test_snapshot_bands_agree_with_routing_bands(samples: list[tuple[str, float, float]]) -> None:
+    """The status page shows exactly the bands that routing uses."""
+    tracker = LatencyTracker(20.0)
+    now = 0.0
+    for provider, ttft, step in samples:
+        now += step
+        tracker.record(provider, MODEL, ttft, now)
+    providers = ["a", "b", "c", "unsampled"]
+    snapshot = tracker.snapshot(MODEL, now, providers=providers, min_samples=3)
+    routing = tracker.bands(MODEL, providers, now, band_fraction=0.15, min_samples=3, enabled=True)
+    assert {entry.provider: entry.band for entry in snapshot.providers} == routing

@@ -1,0 +1,89 @@
+"""vLLM-style Prometheus metrics, read from the node's state at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from gateway.simulator.state import SimulatorState
+
+LABELS = ("model_name", "engine")
+
+
+class SimulatorCollector:
+    """Yields vLLM's engine metrics (labels `model_name` and `engine`, as vLLM v1 has them)."""
+
+    def __init__(self, state: SimulatorState) -> None:
+        """Read from `state` on every scrape."""
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        """The current values; `extra_waiting` is added to the waiting gauge to fake load."""
+        state = self._state
+        engine = state.engine
+        labels = [state.metrics_model_name, "0"]
+        running = GaugeMetricFamily(
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            labels=LABELS,
+        )
+        running.add_metric(labels, engine.running)
+        yield running
+        waiting = GaugeMetricFamily(
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            labels=LABELS,
+        )
+        waiting.add_metric(labels, engine.waiting + state.faults.extra_waiting)
+        yield waiting
+        usage = GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent.", labels=LABELS
+        )
+        capacity = engine.cache.capacity_tokens
+        usage.add_metric(labels, engine.cache.used_tokens / capacity if capacity else 0.0)
+        yield usage
+        counters = (
+            (
+                "vllm:prefix_cache_queries",
+                "Prefix-cache queries, in tokens.",
+                engine.prefix_cache_queries_total,
+            ),
+            (
+                "vllm:prefix_cache_hits",
+                "Prefix-cache hits, in tokens.",
+                engine.prefix_cache_hits_total,
+            ),
+            ("vllm:prompt_tokens", "Prefill tokens processed.", engine.prompt_tokens_total),
+            (
+                "vllm:generation_tokens",
+                "Generation tokens processed.",
+                engine.generation_tokens_total,
+            ),
+        )
+        for name, documentation, value in counters:
+            counter = CounterMetricFamily(name, documentation, labels=LABELS)
+            counter.add_metric(labels, value)
+            yield counter
+        finished = CounterMetricFamily(
+            "vllm:request_success",
+            "Finished requests by finish reason.",
+            labels=(*LABELS, "finished_reason"),
+        )
+        for reason, count in sorted(engine.finished_total.items()):
+            finished.add_metric([*labels, reason], count)
+        yield finished
+
+
+def metrics_registry(state: SimulatorState) -> CollectorRegistry:
+    """A registry of its own (never the global one) holding the node's collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SimulatorCollector(state))
+    return registry
+
+
+def render_metrics(registry: CollectorRegistry) -> bytes:
+    """The registry in the Prometheus text format."""
+    return generate_latest(registry)

@@ -1,0 +1,1 @@
+"""Test support: real servers, real processes, bounded waits."""

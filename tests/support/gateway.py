@@ -1,0 +1,138 @@
+"""Gateways for tests: settings built from upstream URLs, served in-process or as real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.config import Settings, hash_key
+
+TEST_KEY = "sk-test-key-0123456789"
+OTHER_KEY = "sk-other-key-9876543210"
+TEST_MODEL = "test-model"
+UPSTREAM_MODEL = "org/test-model-upstream"
+
+
+def settings_dict(
+    upstreams: Mapping[str, str],
+    *,
+    model: str = TEST_MODEL,
+    upstream_model: str = UPSTREAM_MODEL,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A config mapping: one provider per upstream URL serving `model`, and two keys."""
+    config: dict[str, Any] = {
+        "server": {"max_body_bytes": 64 * 1024, "shutdown_timeout_seconds": 10},
+        "routing": {"connect_timeout_seconds": 2, "first_byte_timeout_seconds": 10},
+        "providers": [
+            {"name": name, "url": url, "models": {model: upstream_model, "other-model": "other"}}
+            for name, url in upstreams.items()
+        ],
+        "keys": [
+            {"id": "team-a", "key_sha256": hash_key(TEST_KEY), "models": ["*"]},
+            {"id": "team-b", "key_sha256": hash_key(OTHER_KEY), "models": ["other-model"]},
+        ],
+    }
+    for section, values in (extra or {}).items():
+        if isinstance(values, dict) and isinstance(config.get(section), dict):
+            config[section] = {**config[section], **values}
+        else:
+            config[section] = values
+    return config
+
+
+def build_settings(upstreams: Mapping[str, str], **options: Any) -> Settings:
+    """Validated settings for `settings_dict`."""
+    return Settings.model_validate(settings_dict(upstreams, **options))
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class GatewayProcess:
+    """`gateway serve` as a real process tree, on a free loopback port."""
+
+    def __init__(self, config: Mapping[str, Any], directory: Path, *, workers: int = 1) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = directory / "gateway.yaml"
+        self.config_path.write_text(yaml.safe_dump(dict(config)), encoding="utf-8")
+        self.log_path = directory / "gateway.log"
+        self._workers = workers
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the process; readiness is for the caller to poll."""
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "gateway", "serve",
+                    "--config", str(self.config_path),
+                    "--host", "127.0.0.1", "--port", str(self.port),
+                    "--workers", str(self._workers),
+                ],  # fmt: skip
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+
+    def terminate(self) -> None:
+        """Send SIGTERM (graceful drain)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for exit; return the exit code."""
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        """Stop it for good, whatever state it is in."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+    def log(self) -> str:
+        """Everything the process printed so far."""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    """Block until something accepts TCP connections on loopback:port (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listened on port {port} within {timeout} s")
+
+
+def chat_body(content: str = "Hello there", **fields: Any) -> dict[str, Any]:
+    """A small chat-completions request body for TEST_MODEL."""
+    return {"model": TEST_MODEL, "messages": [{"role": "user", "content": content}], **fields}
+
+
+def provider_names(settings: Settings) -> Sequence[str]:
+    """The configured provider names, in order."""
+    return [provider.name for provider in settings.providers]

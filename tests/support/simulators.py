@@ -1,0 +1,292 @@
+"""Simulated upstream nodes for tests: in-process on port 0, or as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import re
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.simulator import Faults, SimulatorOptions, SimulatorServer, Timing
+from gateway.simulator.options import refuse_seconds_from
+
+LISTENING_LINE = re.compile(r"^simulator (\S+) listening on (http://\S+)$")
+START_TIMEOUT_SECONDS = 10.0
+STOP_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One completion request as the node received it, and when it answered it."""
+
+    request_id: str
+    method: str
+    path: str
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    received_at: float
+    first_token_at: float | None
+    generation_finished_at: float | None
+    finished_at: float | None
+    outcome: str | None
+    status: int | None
+    prompt_tokens: int | None
+    cached_tokens: int | None
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, Any]) -> RecordedRequest:
+        """Parse one entry of `recent_requests` from `/sim/stats`."""
+        headers: CIMultiDict[str] = CIMultiDict(
+            (str(name), str(value)) for name, value in payload["headers"]
+        )
+        return cls(
+            request_id=payload["request_id"],
+            method=payload["method"],
+            path=payload["path"],
+            headers=CIMultiDictProxy(headers),
+            body=base64.b64decode(payload["body_base64"]),
+            received_at=payload["received_at"],
+            first_token_at=payload["first_token_at"],
+            generation_finished_at=payload["generation_finished_at"],
+            finished_at=payload["finished_at"],
+            outcome=payload["outcome"],
+            status=payload["status"],
+            prompt_tokens=payload["prompt_tokens"],
+            cached_tokens=payload["cached_tokens"],
+        )
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    """What one node saw since its last reset (see `/sim/stats`)."""
+
+    monotonic_now: float
+    requests_received: int
+    requests_by_path: Mapping[str, int]
+    completed: int
+    cancelled: int
+    outcomes: Mapping[str, int]
+    in_flight: int
+    peak_in_flight: int
+    running: int
+    waiting: int
+    peak_running: int
+    peak_waiting: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_used_tokens: int
+    last_cancelled_at: float | None
+    recent_requests: tuple[RecordedRequest, ...] = field(default=())
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, Any]) -> NodeStats:
+        """Parse the body of `/sim/stats`."""
+        values = dict(payload)
+        values["recent_requests"] = tuple(
+            RecordedRequest.from_json(entry) for entry in payload["recent_requests"]
+        )
+        return cls(**values)
+
+    def last_request(self) -> RecordedRequest:
+        """The most recent completion request; AssertionError when there was none."""
+        assert self.recent_requests, "the node has not received a completion request"
+        return self.recent_requests[-1]
+
+
+class InProcessSimulator:
+    """A node served on 127.0.0.1:0 inside the test's own event loop."""
+
+    def __init__(
+        self,
+        name: str = "sim",
+        *,
+        timing: Timing | None = None,
+        faults: Faults | None = None,
+        models: Sequence[str] = (),
+        cache_tokens: int = 200_000,
+        default_max_tokens: int = 16,
+        recent_requests: int = 50,
+    ) -> None:
+        """Describe the node; it serves between `__aenter__` and `__aexit__`. Times default to 0."""
+        options = SimulatorOptions(
+            name=name,
+            models=tuple(models),
+            timing=timing or Timing.instant(),
+            cache_tokens=cache_tokens,
+            default_max_tokens=default_max_tokens,
+            recent_requests=recent_requests,
+            faults=faults or Faults(),
+        )
+        # A short graceful period: held or hanging requests must not slow test teardown.
+        self.server = SimulatorServer(options, shutdown_timeout=0.2)
+
+    @property
+    def name(self) -> str:
+        """The node's name, as sent in `x-simulator-node`."""
+        return self.server.name
+
+    @property
+    def url(self) -> str:
+        """The base URL, e.g. `http://127.0.0.1:41234`."""
+        return self.server.url
+
+    async def __aenter__(self) -> Self:
+        """Start listening."""
+        await self.server.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Stop listening and end the requests in flight."""
+        await self.server.stop()
+
+    async def stats(self) -> NodeStats:
+        """The node's stats, exactly as `/sim/stats` would report them."""
+        return NodeStats.from_json(self.server.state.stats.to_json())
+
+    async def set_faults(self, **changes: Any) -> Faults:
+        """Apply a partial fault update, as `POST /sim/faults` does; ValueError if invalid."""
+        refuse_seconds = changes.pop("refuse_seconds", None)
+        faults = self.server.state.faults.updated(changes)
+        self.server.state.apply_faults(faults)
+        if refuse_seconds is not None:
+            await self.server.refuse(refuse_seconds_from(refuse_seconds))
+        return faults
+
+    async def reset(self, *, clear_cache: bool = False) -> None:
+        """Zero the stats; optionally empty the prefix cache."""
+        if clear_cache:
+            self.server.state.engine.cache.clear()
+        self.server.state.stats.reset()
+
+
+class SimulatorProcess:
+    """A node run as `python -m gateway.simulator` in a real process; always cleaned up."""
+
+    def __init__(self, name: str = "sim", arguments: Sequence[str] = (), port: int = 0) -> None:
+        """Describe the process; `arguments` are extra command-line flags."""
+        self.name = name
+        self.arguments = tuple(arguments)
+        self.port = port
+        self.url = ""
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        """The running process's id."""
+        assert self._process is not None, "the simulator process is not running"
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the process ended, else None."""
+        return None if self._process is None else self._process.returncode
+
+    async def __aenter__(self) -> Self:
+        """Start the process and wait for it to listen."""
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Stop the process, killing it if it does not stop in time."""
+        await self.terminate()
+
+    async def start(self) -> None:
+        """Spawn the process and wait (bounded) for its listening line; remember its port."""
+        command = [
+            sys.executable,
+            "-m",
+            "gateway.simulator",
+            "--port",
+            str(self.port),
+            "--name",
+            self.name,
+            *self.arguments,
+        ]
+        process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+        self._process = process
+        try:
+            line = await asyncio.wait_for(self._listening_line(process), START_TIMEOUT_SECONDS)
+        except BaseException:
+            await self.kill()
+            raise
+        self.url = line
+        self.port = int(line.rsplit(":", 1)[1])
+
+    async def _listening_line(self, process: asyncio.subprocess.Process) -> str:
+        assert process.stdout is not None  # stdout=PIPE above
+        while True:
+            raw = await process.stdout.readline()
+            if not raw:
+                code = await process.wait()
+                raise RuntimeError(f"simulator {self.name} exited with {code} before listening")
+            match = LISTENING_LINE.match(raw.decode().strip())
+            if match:
+                return match.group(2)
+
+    async def terminate(self) -> None:
+        """Ask the process to stop (SIGTERM); kill it after a bounded wait."""
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_SECONDS)
+        except TimeoutError:
+            await self.kill()
+
+    async def kill(self) -> None:
+        """Kill the process at once (SIGKILL), as a crash would, and reap it."""
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+    async def restart(self) -> None:
+        """Stop the process if it runs, then start it again on the same port."""
+        await self.terminate()
+        await self.start()
+
+    async def stats(self) -> NodeStats:
+        """The node's `/sim/stats`."""
+        return NodeStats.from_json(await self._control("GET", "/sim/stats"))
+
+    async def set_faults(self, **changes: Any) -> dict[str, Any]:
+        """`POST /sim/faults` with a partial update; returns the faults now in force."""
+        return await self._control("POST", "/sim/faults", changes)
+
+    async def reset(self, *, clear_cache: bool = False) -> None:
+        """`POST /sim/reset`."""
+        await self._control("POST", "/sim/reset", {"clear_cache": clear_cache})
+
+    async def _control(
+        self, method: str, path: str, payload: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(method, self.url + path, json=payload) as response,
+        ):
+            response.raise_for_status()
+            body: dict[str, Any] = await response.json()
+            return body
