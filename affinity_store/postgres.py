@@ -59,6 +59,15 @@ async def store_boundary(seconds: float) -> AsyncIterator[None]:
         raise StoreError(f"database error: {error}") from error
 
 
+async def _skip_session_reset(connection: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Leave a released connection as it is: the store keeps no session state.
+
+    Every setting and lock the store takes is transaction-scoped, and asyncpg still rolls
+    back an open transaction before calling this, so the default reset query would only
+    add a round trip to every call.
+    """
+
+
 async def create_pool(
     url: str,
     *,
@@ -67,7 +76,8 @@ async def create_pool(
     statement_cache_size: int,
     connect_eagerly: bool = True,
 ) -> Pool:
-    """Open an asyncpg pool; `statement_cache_size=0` for PgBouncer transaction pooling.
+    """Open an asyncpg pool for the store; `statement_cache_size=0` behind PgBouncer in
+    transaction-pooling mode. Released connections skip asyncpg's session reset query.
 
     With `connect_eagerly=False` connections open only on demand (`min_size` is not kept),
     so a gateway can start while the database is down.
@@ -78,6 +88,7 @@ async def create_pool(
             min_size=min_size if connect_eagerly else 0,
             max_size=max_size,
             statement_cache_size=statement_cache_size,
+            reset=_skip_session_reset,
             server_settings={"application_name": "affinity-gateway"},
         )
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:

@@ -13,7 +13,7 @@ REQUEST_ID = web.RequestKey("request_id", str)
 
 def request_id_of(request: web.Request) -> str:
     """The request's id, decided once: the client's when well-formed, else a new random one."""
-    existing = request.get(REQUEST_ID)
+    existing: str | None = request.get(REQUEST_ID)
     if existing is not None:
         return existing
     incoming = request.headers.get("x-request-id", "")

@@ -232,7 +232,7 @@ class _Reply:
     async def stream(self, request: web.Request, headers: Mapping[str, str]) -> web.StreamResponse:
         """Send each event when its token is due; events due together leave in one write."""
         response = web.StreamResponse(status=200, headers=headers)
-        response.content_type = SSE_CONTENT_TYPE
+        response.headers["Content-Type"] = SSE_CONTENT_TYPE
         response.headers["Cache-Control"] = "no-cache"
         try:
             await response.prepare(request)
@@ -242,12 +242,23 @@ class _Reply:
         return response
 
     async def _write_events(self, request: web.Request, response: web.StreamResponse) -> None:
-        sequence, record, stats = self.sequence, self.record, self.state.stats
+        sequence, record = self.sequence, self.record
         last_index = len(self.tokens) - 1
         drop_after = self.state.faults.drop_after_chunks
+        events = self._events()
+        if sequence.seconds_until_token(last_index) <= 0.0:
+            # Every token is already due (zero latency): one write and no clock reads per event.
+            sequence.produced_tokens = len(self.tokens) * self.choices
+            record.first_token_at = record.generation_finished_at = time.monotonic()
+            if drop_after is not None and drop_after < len(events):
+                await self._drop(request, response, [event for _, event in events[:drop_after]])
+                return
+            await response.write(b"".join(event for _, event in events))
+            self._completed()
+            return
         pending: list[bytes] = []
         reached = -1
-        for written, (due, event) in enumerate(self._events()):
+        for written, (due, event) in enumerate(events):
             if due > reached:
                 if sequence.seconds_until_token(due) > 0.0:
                     # Flush what is ready before pausing, so the client sees each token on time.
@@ -263,15 +274,21 @@ class _Reply:
                 if due == last_index:
                     record.generation_finished_at = now
             if written == drop_after:
-                if pending:
-                    await response.write(b"".join(pending))
-                stats.completion_finished(record, Outcome.DROPPED, 200)
-                if request.transport is not None:
-                    request.transport.abort()
+                await self._drop(request, response, pending)
                 return
             pending.append(event)
         await response.write(b"".join(pending))
         self._completed()
+
+    async def _drop(
+        self, request: web.Request, response: web.StreamResponse, ready: list[bytes]
+    ) -> None:
+        """Send the events that are ready, then abort the connection mid-stream."""
+        if ready:
+            await response.write(b"".join(ready))
+        self.state.stats.completion_finished(self.record, Outcome.DROPPED, 200)
+        if request.transport is not None:
+            request.transport.abort()
 
     def _completed(self) -> None:
         self.state.stats.completion_finished(self.record, Outcome.COMPLETED, 200)

@@ -59,7 +59,7 @@ class ResponseShape(Protocol):
 
 
 class _Envelope:
-    """The fields every chunk of one response repeats."""
+    """The fields every chunk of one response repeats, serialized once per response."""
 
     def __init__(
         self, completion_id: str, created: int, model: str, chunk_object: str, include_usage: bool
@@ -67,21 +67,29 @@ class _Envelope:
         self.completion_id = completion_id
         self.created = created
         self.model = model
-        self._chunk_object = chunk_object
         self._include_usage = include_usage
+        # Chunks differ only in their choices, so every other field is serialized once here.
+        self._head = (
+            b'data: {"id":'
+            + orjson.dumps(completion_id)
+            + b',"object":'
+            + orjson.dumps(chunk_object)
+            + b',"created":'
+            + orjson.dumps(created)
+            + b',"model":'
+            + orjson.dumps(model)
+            + b',"choices":'
+        )
+        self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
 
     def event(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
         """One chunk as an SSE event; `usage` (null until the end) appears only when asked for."""
-        payload: dict[str, Any] = {
-            "id": self.completion_id,
-            "object": self._chunk_object,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-        if self._include_usage:
-            payload["usage"] = usage
-        return sse_event(payload)
+        tail = (b',"usage":' + orjson.dumps(usage) + b"}\n\n") if self._include_usage else b"}\n\n"
+        return self._head + orjson.dumps(choices) + tail
+
+    def serialized_event(self, choices: bytes) -> bytes:
+        """One chunk as an SSE event, from its choices already serialized as a JSON array."""
+        return self._head + choices + self._tail
 
 
 class ChatShape:
@@ -121,7 +129,10 @@ class ChatShape:
 
     def token_event(self, choice: int, text: str) -> bytes:
         """A content delta."""
-        return self._chunk(choice, {"content": text}, None)
+        return self._envelope.serialized_event(
+            b'[{"index":%d,"delta":{"content":%b},"logprobs":null,"finish_reason":null}]'
+            % (choice, orjson.dumps(text))
+        )
 
     def closing_event(self, choice: int, finish_reason: str) -> bytes:
         """An empty delta with the finish reason."""
@@ -167,7 +178,10 @@ class CompletionShape:
 
     def token_event(self, choice: int, text: str) -> bytes:
         """A text piece."""
-        return self._chunk(choice, text, None)
+        return self._envelope.serialized_event(
+            b'[{"index":%d,"text":%b,"logprobs":null,"finish_reason":null}]'
+            % (choice, orjson.dumps(text))
+        )
 
     def closing_event(self, choice: int, finish_reason: str) -> bytes:
         """An empty text piece with the finish reason."""

@@ -3,6 +3,8 @@
 from tests.support.postgres import (  # noqa: F401  (pytest finds fixtures by their name here)
     database_url,
     dedicated_postgres,
+    embedded_cluster_seed,
+    fresh_data_dir,
     pgbouncer,
     pgbouncer_database_url,
     postgres_for_tests,

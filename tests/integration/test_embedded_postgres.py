@@ -21,9 +21,9 @@ async def query(url: str, sql: str) -> object:
         await connection.close()
 
 
-async def test_start_and_stop_are_idempotent(tmp_path: Path) -> None:
+async def test_start_and_stop_are_idempotent(fresh_data_dir: Path) -> None:
     """Starting twice keeps one server on one port; stopping twice is harmless."""
-    server = EmbeddedPostgres(tmp_path / "pgdata", durable=False)
+    server = EmbeddedPostgres(fresh_data_dir, durable=False)
     server.start()
     try:
         url = server.url
@@ -36,9 +36,9 @@ async def test_start_and_stop_are_idempotent(tmp_path: Path) -> None:
     assert not server.is_running()
 
 
-async def test_test_settings_turn_durability_off(tmp_path: Path) -> None:
+async def test_test_settings_turn_durability_off(fresh_data_dir: Path) -> None:
     """`durable=False` runs with fsync, synchronous_commit and full-page writes off."""
-    with EmbeddedPostgres(tmp_path / "pgdata", durable=False) as server:
+    with EmbeddedPostgres(fresh_data_dir, durable=False) as server:
         settings = [
             await query(server.url, f"SHOW {name}")
             for name in ("fsync", "synchronous_commit", "full_page_writes")
@@ -46,9 +46,9 @@ async def test_test_settings_turn_durability_off(tmp_path: Path) -> None:
     assert settings == ["off", "off", "off"]
 
 
-async def test_restart_reuses_the_data_directory_on_the_same_port(tmp_path: Path) -> None:
+async def test_restart_reuses_the_data_directory_on_the_same_port(fresh_data_dir: Path) -> None:
     """Data written before a stop is there after a start, on the port chosen the first time."""
-    server = EmbeddedPostgres(tmp_path / "pgdata", durable=False)
+    server = EmbeddedPostgres(fresh_data_dir, durable=False)
     with server:
         port = server.port
         await query(server.url, "CREATE TABLE kept AS SELECT 42 AS answer")
@@ -57,22 +57,22 @@ async def test_restart_reuses_the_data_directory_on_the_same_port(tmp_path: Path
         assert await query(server.url, "SELECT answer FROM kept") == 42
 
 
-async def test_a_second_handle_adopts_the_running_server(tmp_path: Path) -> None:
+async def test_a_second_handle_adopts_the_running_server(fresh_data_dir: Path) -> None:
     """A new object on a data directory in use reports the running server's URL."""
-    with EmbeddedPostgres(tmp_path / "pgdata", durable=False) as first:
-        second = EmbeddedPostgres(tmp_path / "pgdata")
+    with EmbeddedPostgres(fresh_data_dir, durable=False) as first:
+        second = EmbeddedPostgres(fresh_data_dir)
         second.start()
         assert second.url == first.url
         assert second.is_running()
 
 
-async def test_a_stale_pid_file_does_not_block_start(tmp_path: Path) -> None:
+async def test_a_stale_pid_file_does_not_block_start(fresh_data_dir: Path) -> None:
     """A postmaster.pid left by a dead server is ignored and the server starts."""
-    server = EmbeddedPostgres(tmp_path / "pgdata", durable=False)
+    server = EmbeddedPostgres(fresh_data_dir, durable=False)
     server.start()
     server.stop("immediate")
-    pid_file = tmp_path / "pgdata" / "postmaster.pid"
-    stale_lines = ["999999", str(tmp_path / "pgdata"), "0", str(server.port), "", "127.0.0.1"]
+    pid_file = fresh_data_dir / "postmaster.pid"
+    stale_lines = ["999999", str(fresh_data_dir), "0", str(server.port), "", "127.0.0.1"]
     pid_file.write_text("\n".join([*stale_lines, "0 0", "ready", ""]))
     with server:
         assert await query(server.url, "SELECT 1") == 1
@@ -84,3 +84,10 @@ def test_a_foreign_non_empty_directory_is_refused(tmp_path: Path) -> None:
     (tmp_path / "pgdata" / "notes.txt").write_text("mine")
     with pytest.raises(EmbeddedPostgresError, match="neither empty nor"):
         EmbeddedPostgres(tmp_path / "pgdata").start()
+
+
+async def test_a_missing_data_directory_is_initialised(tmp_path: Path) -> None:
+    """Starting on a path that does not exist runs initdb there first."""
+    with EmbeddedPostgres(tmp_path / "new" / "pgdata", durable=False) as server:
+        assert await query(server.url, "SELECT 1") == 1
+    assert (tmp_path / "new" / "pgdata" / "PG_VERSION").exists()

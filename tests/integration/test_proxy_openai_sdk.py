@@ -23,7 +23,9 @@ def base_url(server: TestServer) -> str:
     return str(server.make_url("/v1"))
 
 
-async def test_async_client_completes_a_chat(one_node: tuple[InProcessSimulator, TestServer]) -> None:
+async def test_async_client_completes_a_chat(
+    one_node: tuple[InProcessSimulator, TestServer],
+) -> None:
     """An async chat completion comes back whole, naming the provider that served it."""
     node, server = one_node
     async with openai.AsyncOpenAI(base_url=base_url(server), api_key=TEST_KEY) as client:
@@ -32,7 +34,8 @@ async def test_async_client_completes_a_chat(one_node: tuple[InProcessSimulator,
         )
     completion = raw.parse()
     assert completion.choices[0].message.content
-    assert completion.usage is not None and completion.usage.completion_tokens > 0
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens > 0
     assert raw.headers["x-gateway-provider"] == "node-a"
     assert raw.headers["x-request-id"]
     assert (await node.stats()).completed == 1

@@ -80,11 +80,19 @@ class GatewayProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [
-                    sys.executable, "-m", "gateway", "serve",
-                    "--config", str(self.config_path),
-                    "--host", "127.0.0.1", "--port", str(self.port),
-                    "--workers", str(self._workers),
-                ],  # fmt: skip
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "serve",
+                    "--config",
+                    str(self.config_path),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    str(self._workers),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},

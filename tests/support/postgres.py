@@ -277,6 +277,19 @@ class PgBouncer:
         self._process = None
 
 
+def initialized_cluster(directory: Path) -> Path:
+    """Run initdb once into `directory/cluster` and return it, for copying (never started)."""
+    seed = directory / "cluster"
+    EmbeddedPostgres(seed, durable=False).initialize()
+    return seed
+
+
+def copy_cluster(seed: Path, data_dir: Path) -> Path:
+    """Copy an initialised cluster to `data_dir` (much faster than another initdb)."""
+    shutil.copytree(seed, data_dir)
+    return data_dir
+
+
 async def migrated_embedded_postgres(data_dir: Path) -> EmbeddedPostgres:
     """Start a dedicated embedded server on a fixed port with a migrated `postgres` database."""
     server = EmbeddedPostgres(data_dir, port=find_free_port(), durable=False)
@@ -329,9 +342,21 @@ def pgbouncer_database_url(pgbouncer: PgBouncer, database_url: str) -> str:
     return pgbouncer.url_for(urlsplit(database_url).path.lstrip("/"))
 
 
+@pytest.fixture(scope="session")
+def embedded_cluster_seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialised, never started cluster that tests copy instead of running initdb."""
+    return initialized_cluster(tmp_path_factory.mktemp("seed"))
+
+
 @pytest.fixture
-async def dedicated_postgres(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
+def fresh_data_dir(embedded_cluster_seed: Path, tmp_path: Path) -> Path:
+    """A data directory holding a new, never started cluster for this test."""
+    return copy_cluster(embedded_cluster_seed, tmp_path / "pgdata")
+
+
+@pytest.fixture
+async def dedicated_postgres(fresh_data_dir: Path) -> AsyncIterator[EmbeddedPostgres]:
     """An embedded server of this test's own, migrated, that the test may stop and start."""
-    server = await migrated_embedded_postgres(tmp_path / "pgdata")
+    server = await migrated_embedded_postgres(fresh_data_dir)
     yield server
     await asyncio.to_thread(server.stop, "immediate")
