@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from gateway.observability import configure_logging
 from gateway.simulator.options import Faults, Mode, SimulatorOptions, Timing
 from gateway.simulator.server import SimulatorServer
 
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         options = options_from_arguments(arguments)
     except ValueError as error:
         parser.error(str(error))
+    # Log lines go to stderr, so stdout carries only the listening line parents wait for.
+    configure_logging()
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(serve(options))

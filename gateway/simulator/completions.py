@@ -104,25 +104,26 @@ async def _answer(
         return await _send_error(
             request, state, record, outcome=Outcome.REJECTED, status=404, body=body, headers=headers
         )
-    state.models_seen.setdefault(parsed.model, int(time.time()))
+    state.remember_model(parsed.model)
     if faults.mode is not Mode.NORMAL:
         return await _hostile(
             request, state, record, mode=faults.mode, stream=parsed.stream, headers=headers
         )
+    tokens = completion_tokens(state.options.name, number, parsed.max_tokens)
     sequence = await state.engine.start(parsed.prompt, parsed.max_tokens, faults.slow)
-    reply = _Reply(
-        state=state,
-        parsed=parsed,
-        sequence=sequence,
-        record=record,
-        tokens=completion_tokens(state.options.name, number, parsed.max_tokens),
-    )
     try:
+        reply = _Reply(state=state, parsed=parsed, sequence=sequence, record=record, tokens=tokens)
         if parsed.stream:
             return await reply.stream(request, headers)
         return await reply.whole(request, headers)
     finally:
-        sequence.finish(reply.finish_reason if record.outcome == Outcome.COMPLETED else "abort")
+        completed = record.outcome == Outcome.COMPLETED
+        sequence.finish(_finish_reason(parsed) if completed else "abort")
+
+
+def _finish_reason(parsed: CompletionRequest) -> str:
+    """Output always runs to its length: "length" when the client set it, else "stop"."""
+    return "length" if parsed.max_tokens_given else "stop"
 
 
 async def _send_whole(request: web.Request, response: web.Response) -> bool:
@@ -197,7 +198,7 @@ class _Reply:
         self.record = record
         self.tokens = tokens
         self.choices = len(parsed.prompt.chains)
-        self.finish_reason = "length" if parsed.max_tokens_given else "stop"
+        self.finish_reason = _finish_reason(parsed)
         record.prompt_tokens = sequence.prompt_tokens
         record.cached_tokens = sequence.cached_tokens
         created = int(time.time())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -12,6 +13,9 @@ from gateway.simulator.engine import Engine
 from gateway.simulator.options import Faults, SimulatorOptions
 from gateway.simulator.prefix_cache import PrefixCache
 from gateway.simulator.stats import SimulatorStats
+
+# A node that answers any model must not grow without bound on clients' made-up model names.
+MODELS_SEEN_LIMIT = 100
 
 Refuse = Callable[[float, asyncio.BaseTransport | None], Awaitable[None]]
 
@@ -44,6 +48,11 @@ class SimulatorState:
             self.engine.pause()
         else:
             self.engine.resume()
+
+    def remember_model(self, model: str) -> None:
+        """Note a model asked for, for `/v1/models`; a bounded number, first come first kept."""
+        if model not in self.models_seen and len(self.models_seen) < MODELS_SEEN_LIMIT:
+            self.models_seen[model] = int(time.time())
 
     def serves(self, model: str) -> bool:
         """Whether this node answers `model` (any model when none are configured)."""

@@ -141,7 +141,11 @@ class InProcessSimulator:
 
     async def __aenter__(self) -> Self:
         """Start listening."""
-        await self.server.start()
+        try:
+            await self.server.start()
+        except BaseException:
+            await self.server.stop()
+            raise
         return self
 
     async def __aexit__(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import aiohttp
 import pytest
@@ -44,14 +46,22 @@ def test_port_is_required_and_bad_values_are_usage_errors() -> None:
     assert missing.value.code == negative.value.code == 2
 
 
-def test_a_port_in_use_is_reported_with_exit_code_one(capsys: pytest.CaptureFixture[str]) -> None:
-    """When the port is taken, the command says so and returns 1."""
+def test_a_port_in_use_is_reported_with_exit_code_one() -> None:
+    """When the port is taken, the command says so on stderr and exits 1."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert main(["--port", str(port), "--name", "late"]) == 1
-    assert "cannot listen" in capsys.readouterr().err
+        finished = subprocess.run(
+            [sys.executable, "-m", "gateway.simulator", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert finished.returncode == 1
+    assert "cannot listen" in finished.stderr
+    assert finished.stdout == ""
 
 
 async def test_a_process_announces_its_port_serves_and_stops_on_sigterm() -> None:

@@ -96,14 +96,6 @@ async def test_prefix_cache_counters_are_in_tokens() -> None:
     assert subject.prefix_cache_hits_total == PROMPT.tokens
 
 
-async def test_instant_timing_makes_every_token_due_at_once() -> None:
-    """With zero times no token is ever in the future, so nothing sleeps."""
-    sequence = await engine().start(PROMPT, 100, 1.0)
-    assert sequence.seconds_until_token(0) == 0.0
-    assert sequence.seconds_until_token(99) == 0.0
-    sequence.finish("stop")
-
-
 async def test_finish_is_idempotent() -> None:
     """Finishing a sequence twice frees its slot once."""
     subject = engine(max_num_seqs=1)
@@ -112,3 +104,17 @@ async def test_finish_is_idempotent() -> None:
     sequence.finish("stop")
     assert subject.running == 0
     assert subject.finished_total == {"stop": 1}
+
+
+async def test_instant_timing_never_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zero-latency fast path admits and produces every token without awaiting a sleep."""
+
+    async def forbidden_sleep(delay: float) -> None:
+        raise AssertionError(f"slept {delay} s on the zero-latency path")
+
+    subject = engine()
+    monkeypatch.setattr("gateway.simulator.engine.asyncio.sleep", forbidden_sleep)
+    sequence = await subject.start(PROMPT, 16, 1.0)
+    for index in range(16):
+        await sequence.wait_for_token(index)
+    sequence.finish("stop")

@@ -1,0 +1,205 @@
+"""Added latency of one gateway worker: direct to a simulator vs through the gateway, side by side.
+
+Run: `python -m bench.overhead [--rate 200] [--seconds 5] [--rounds 3]`.
+
+One simulator process (zero latency, so the gateway's share is what is measured) and one gateway
+worker process in front of it. An open-loop driver sends small non-streaming chat requests at a
+fixed rate, alternating direct and gateway rounds so machine noise hits both alike. Latency is
+measured from each request's scheduled send time (no coordinated omission). Prints a table and
+writes `bench/results/overhead.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from gateway.config import hash_key
+
+RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
+KEY = "sk-bench-overhead"
+MODEL = "bench-model"
+BODY = json.dumps(
+    {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+).encode()
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    import socket  # noqa: PLC0415 - only the launcher needs it
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def pinned(command: list[str], core: int, log: Path) -> subprocess.Popen[bytes]:
+    """Start a process pinned to one core (when the machine has it), output to a log file."""
+    process = subprocess.Popen(
+        command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ}
+    )
+    if core < (os.cpu_count() or 1):
+        os.sched_setaffinity(process.pid, {core})
+    return process
+
+
+async def wait_ready(url: str, limit_seconds: float = 30.0) -> None:
+    """Poll a URL until it answers (bounded)."""
+    deadline = time.monotonic() + limit_seconds
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url) as response:
+                    if response.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up within {limit_seconds} s")
+
+
+async def fixed_rate(url: str, headers: dict[str, str], rate: float, seconds: float) -> list[float]:
+    """Send requests at `rate` per second for `seconds`; return latencies in ms (NaN = failure)."""
+    connector = aiohttp.TCPConnector(limit=0)
+    latencies: list[float] = []
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(scheduled: float) -> None:
+            try:
+                async with session.post(url, data=BODY, headers=headers) as response:
+                    await response.read()
+                    ok = response.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            latencies.append((time.monotonic() - scheduled) * 1000 if ok else float("nan"))
+
+        start = time.monotonic() + 0.05
+        tasks = []
+        for index in range(int(rate * seconds)):
+            scheduled = start + index / rate
+            delay = scheduled - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(scheduled)))
+        await asyncio.gather(*tasks)
+    return latencies
+
+
+def summary(latencies: list[float]) -> dict[str, float]:
+    """Median and p99 of the successful requests, and how many failed."""
+    ok = sorted(value for value in latencies if not math.isnan(value))
+    p99 = ok[min(len(ok) - 1, int(len(ok) * 0.99))] if ok else float("nan")
+    return {
+        "requests": len(latencies),
+        "failed": len(latencies) - len(ok),
+        "median_ms": statistics.median(ok) if ok else float("nan"),
+        "p99_ms": p99,
+    }
+
+
+async def measure(rate: float, seconds: float, rounds: int, work: Path) -> dict[str, Any]:
+    """Start the simulator and the gateway, then alternate direct and gateway rounds."""
+    simulator_port, gateway_port = free_port(), free_port()
+    simulator_url = f"http://127.0.0.1:{simulator_port}"
+    config = {
+        "server": {"host": "127.0.0.1", "port": gateway_port, "workers": 1},
+        "providers": [{"name": "sim", "url": simulator_url, "models": {MODEL: MODEL}}],
+        "keys": [{"id": "bench", "key_sha256": hash_key(KEY)}],
+    }
+    config_path = work / "gateway.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    simulator = pinned(
+        [sys.executable, "-m", "gateway.simulator", "--port", str(simulator_port), "--name", "sim",
+         "--base-ttft-ms", "0", "--per-token-ms", "0", "--tokens-per-second", "0"],
+        core=1, log=work / "simulator.log",
+    )  # fmt: skip
+    gateway = pinned(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--workers", "1"],
+        core=0,
+        log=work / "gateway.log",
+    )
+    try:
+        await wait_ready(simulator_url + "/metrics")
+        await wait_ready(f"http://127.0.0.1:{gateway_port}/healthz")
+        targets = {
+            "direct": (f"{simulator_url}/v1/chat/completions", {}),
+            "gateway": (
+                f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+                {"Authorization": f"Bearer {KEY}"},
+            ),
+        }
+        for url, headers in targets.values():  # warm connections and code paths
+            await fixed_rate(url, headers | {"Content-Type": "application/json"}, rate, 1.0)
+        samples: dict[str, list[float]] = {name: [] for name in targets}
+        for _ in range(rounds):
+            for name, (url, headers) in targets.items():
+                samples[name] += await fixed_rate(
+                    url, headers | {"Content-Type": "application/json"}, rate, seconds
+                )
+    finally:
+        for process in (gateway, simulator):
+            process.terminate()
+            process.wait(timeout=30)
+    results = {name: summary(values) for name, values in samples.items()}
+    results["added"] = {
+        "median_ms": results["gateway"]["median_ms"] - results["direct"]["median_ms"],
+        "p99_ms": results["gateway"]["p99_ms"] - results["direct"]["p99_ms"],
+    }
+    return results
+
+
+def main() -> int:
+    """Run the benchmark, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of one round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per target")
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        results = asyncio.run(measure(options.rate, options.seconds, options.rounds, Path(work)))
+    rounds = f"{options.rounds} x {options.seconds:g} s"
+    print(f"overhead at {options.rate:g} req/s, {rounds} per target")
+    print(f"{'target':<10}{'requests':>10}{'failed':>8}{'median ms':>12}{'p99 ms':>10}")
+    for name in ("direct", "gateway"):
+        row = results[name]
+        print(
+            f"{name:<10}{row['requests']:>10}{row['failed']:>8}"
+            f"{row['median_ms']:>12.2f}{row['p99_ms']:>10.2f}"
+        )
+    added = results["added"]
+    print(f"{'added':<28}{added['median_ms']:>12.2f}{added['p99_ms']:>10.2f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "benchmark": "overhead",
+                "rate": options.rate,
+                "seconds_per_round": options.seconds,
+                "rounds": options.rounds,
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                "results": results,
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
