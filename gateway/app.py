@@ -10,13 +10,19 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from affinity_store.memory import MemoryAffinityStore
+from affinity_store.postgres import Pool, PostgresAffinityStore
+from affinity_store.store import AffinityStore
+from gateway.affinity import SharedAffinity
 from gateway.catalog import Catalog
 from gateway.config import Settings
+from gateway.database import open_pool
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError, error_response
 from gateway.observability import Metrics
 from gateway.proxy import Proxy
 from gateway.requestid import request_id_of
+from gateway.router import Router
 from gateway.upstream import create_client_session
 
 logger = structlog.get_logger("gateway.app")
@@ -26,12 +32,23 @@ CATALOG = web.AppKey("catalog", Catalog)
 METRICS = web.AppKey("metrics", Metrics)
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 PROXY = web.AppKey("proxy", Proxy)
+STORE = web.AppKey("store", AffinityStore)
+AFFINITY = web.AppKey("affinity", SharedAffinity)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
-    """The gateway application for one worker process."""
+def create_app(
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    store: AffinityStore | None = None,
+) -> web.Application:
+    """The gateway application for one worker process.
+
+    Bindings go to `store` when given, else to the Postgres at `database.url`; with neither,
+    they stay in this process (a warning says so).
+    """
     app = web.Application(
         middlewares=[error_middleware],
         client_max_size=settings.server.max_body_bytes,
@@ -39,6 +56,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[SETTINGS] = settings
     app[CATALOG] = Catalog(settings)
     app[METRICS] = metrics or Metrics()
+    if store is not None:
+        app[STORE] = store
+    app.cleanup_ctx.append(store_context)
     app.cleanup_ctx.append(client_session_context)
 
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -48,6 +68,26 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     return app
+
+
+async def store_context(app: web.Application) -> AsyncIterator[None]:
+    """The affinity store (a pool when it is Postgres) and the background work around it."""
+    settings = app[SETTINGS]
+    pool: Pool | None = None
+    if STORE not in app:
+        if settings.database.url is None:
+            logger.warning("no_database", detail="bindings are kept per process only")
+            app[STORE] = MemoryAffinityStore()
+        else:
+            pool = await open_pool(settings)
+            app[STORE] = PostgresAffinityStore(pool)
+    affinity = SharedAffinity(app[STORE], settings.affinity, app[METRICS])
+    app[AFFINITY] = affinity
+    await affinity.start()
+    yield
+    await affinity.stop()
+    if pool is not None:
+        await pool.close()
 
 
 async def client_session_context(app: web.Application) -> AsyncIterator[None]:
@@ -61,8 +101,10 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         first_byte_timeout=settings.routing.first_byte_timeout_seconds,
         dropped_headers=frozenset({settings.routing.mode_header.lower()}),
     )
+    router = Router(app[CATALOG], settings.routing, app[AFFINITY], app[METRICS])
     app[PROXY] = Proxy(
         app[CATALOG],
+        router,
         dispatcher,
         app[METRICS],
         max_body_bytes=settings.server.max_body_bytes,

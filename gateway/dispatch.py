@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -48,11 +48,21 @@ class DispatchRecord:
     """What happened to one request upstream, for its log line and metrics."""
 
     attempts: list[Attempt] = field(default_factory=list)
-    provider: str | None = None
+    served: Provider | None = None
     status: int | None = None
     ttft_seconds: float | None = None
     bytes_sent: int = 0
     client_disconnected: bool = False
+
+    @property
+    def succeeded(self) -> bool:
+        """The provider answered 2xx and, for a stream, finished it."""
+        return (
+            self.status is not None
+            and 200 <= self.status < 300
+            and bool(self.attempts)
+            and self.attempts[-1].outcome == "ok"
+        )
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,8 @@ class DispatchRequest:
     payload: Payload
     model: str
     client_headers: Mapping[str, str]
-    response_headers: Mapping[str, str]
+    response_headers: Callable[[Provider], Mapping[str, str]]
+    on_attempt: Callable[[Provider], None]
     started_at: float
 
 
@@ -121,6 +132,7 @@ class Dispatcher:
         headers = upstream_headers(
             job.client_headers, provider, job.request_id, self._dropped_headers
         )
+        job.on_attempt(provider)
         deadline = asyncio.timeout(self._first_byte_timeout)
         response: aiohttp.ClientResponse | None = None
         try:
@@ -155,7 +167,7 @@ class Dispatcher:
             raise
 
         record.ttft_seconds = time.monotonic() - job.started_at
-        record.provider = provider.name
+        record.served = provider
         try:
             if 200 <= response.status < 300 and _is_event_stream(response):
                 return await self._stream(
@@ -183,14 +195,14 @@ class Dispatcher:
             rest = await response.content.read()
         except (aiohttp.ClientError, TimeoutError) as error:
             record.attempts.append(Attempt(provider.name, "payload_error", response.status))
-            record.provider = None
+            record.served = None
             raise RetryableAttemptError("payload_error") from error
         body = first_chunk + rest
         record.attempts.append(Attempt(provider.name, "ok", response.status))
         record.status = response.status
         record.bytes_sent = len(body)
         headers = downstream_headers(response.headers)
-        headers.update(job.response_headers)
+        headers.update(job.response_headers(provider))
         headers["x-gateway-provider"] = provider.name
         return web.Response(status=response.status, body=body, headers=headers)
 
@@ -206,7 +218,7 @@ class Dispatcher:
     ) -> web.StreamResponse:
         """Pass an SSE stream through chunk by chunk; after the first byte nothing is retried."""
         headers = downstream_headers(response.headers)
-        headers.update(job.response_headers)
+        headers.update(job.response_headers(provider))
         headers["x-gateway-provider"] = provider.name
         downstream = web.StreamResponse(status=response.status, headers=headers)
         downstream.enable_chunked_encoding()

@@ -6,7 +6,10 @@ import logging
 import sys
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Store calls have deadlines of tens to hundreds of milliseconds.
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # TTFT and total duration of LLM calls range from milliseconds (cache hits) to minutes (long
 # generations), so the buckets span 10 ms to 120 s roughly geometrically.
@@ -66,5 +69,34 @@ class Metrics:
             "gateway_upstream_attempts",
             "Attempts sent to providers, by outcome (ok, or the reason it failed).",
             ["provider", "outcome"],
+            registry=self.registry,
+        )
+        self.affinity_results = Counter(
+            "gateway_affinity_results",
+            "Requests by how shared or session affinity decided their provider.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.store_latency = Histogram(
+            "gateway_store_call_duration_seconds",
+            "Affinity store calls by operation, circuit state when made, and outcome.",
+            ["operation", "circuit", "outcome"],
+            buckets=STORE_BUCKETS,
+            registry=self.registry,
+        )
+        self.store_up = Gauge(
+            "gateway_affinity_store_up",
+            "1 while the affinity store answers, 0 while this process routes on local state.",
+            registry=self.registry,
+        )
+        self.renew_queue_depth = Gauge(
+            "gateway_renew_queue_depth",
+            "Renewals and rebinds waiting to be written.",
+            registry=self.registry,
+        )
+        self.renew_drops = Counter(
+            "gateway_renew_drops",
+            "Renewals and rebinds dropped, by reason.",
+            ["reason"],
             registry=self.registry,
         )

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
 
-from gateway.catalog import Catalog, Key
+from gateway.catalog import Catalog, Key, Provider
 from gateway.dispatch import Dispatcher, DispatchRecord, DispatchRequest
 from gateway.errors import GatewayError
 from gateway.observability import Metrics
 from gateway.payload import Endpoint, Payload, parse_payload
 from gateway.requestid import request_id_of
+from gateway.router import RequestContext, Router, RoutingDecision
 from gateway.routing.automodel import (
     AutoModelDisabled,
     InvalidAutoRoute,
     normalize_mode,
     resolve,
 )
-from gateway.selection import RequestContext, SelectionState, failover_order
+from gateway.routing.sessions import session_id_from
 
 logger = structlog.get_logger("gateway.proxy")
 
@@ -49,6 +50,7 @@ class Proxy:
     def __init__(
         self,
         catalog: Catalog,
+        router: Router,
         dispatcher: Dispatcher,
         metrics: Metrics,
         *,
@@ -56,9 +58,9 @@ class Proxy:
         mode_header: str,
     ) -> None:
         self.catalog = catalog
+        self.router = router
         self.dispatcher = dispatcher
         self.metrics = metrics
-        self.selection = SelectionState()
         self._max_body_bytes = max_body_bytes
         self._mode_header = mode_header
 
@@ -94,6 +96,19 @@ class Proxy:
             for name in self.catalog.models_for(key)
         ]
         return web.json_response({"object": "list", "data": data})
+
+    def _response_headers(
+        self, decision: RoutingDecision, resolved: Resolved
+    ) -> Callable[[Provider], Mapping[str, str]]:
+        def headers(provider: Provider) -> Mapping[str, str]:
+            values: dict[str, str] = {
+                "x-gateway-affinity": self.router.affinity_header(decision, provider)
+            }
+            if resolved.via_auto:
+                values["x-gateway-resolved-model"] = resolved.model
+            return values
+
+        return headers
 
     async def _read_body(self, request: web.Request) -> bytes:
         if request.content_length is not None and request.content_length > self._max_body_bytes:
@@ -135,6 +150,8 @@ class Proxy:
         request_id = request_id_of(request)
         record = DispatchRecord()
         key: Key | None = None
+        affinity = "none"
+        route: list[str] = []
         payload: Payload | None = None
         resolved: Resolved | None = None
         status = 500
@@ -149,23 +166,39 @@ class Proxy:
                     f"No provider on this key's route serves `{resolved.model}`.",
                     "model_not_found",
                 )
-            context = RequestContext(
-                request_id=request_id, key=key, model=resolved.model, stream=payload.stream
+            session_id = (
+                session_id_from(request.headers, payload.data)
+                if self.catalog.stickiness(resolved.model) == "session"
+                else None
             )
-            providers = failover_order(context, candidates, self.selection)
-            response_headers = {"x-gateway-affinity": "none"}
-            if resolved.via_auto:
-                response_headers["x-gateway-resolved-model"] = resolved.model
+            context = RequestContext(
+                request_id=request_id,
+                key=key,
+                model=resolved.model,
+                stream=payload.stream,
+                session_id=session_id,
+            )
+            decision = await self.router.decide(context, candidates)
+            affinity = decision.affinity
+            route = [
+                f"{provider.name}:{reason}"
+                for provider, reason in zip(decision.failover, decision.reasons, strict=True)
+            ]
             job = DispatchRequest(
                 request_id=request_id,
                 path=ENDPOINT_PATHS[endpoint],
                 payload=payload,
                 model=resolved.model,
                 client_headers=request.headers,
-                response_headers=response_headers,
+                response_headers=self._response_headers(decision, resolved),
+                on_attempt=self.router.started,
                 started_at=started_at,
             )
-            response = await self.dispatcher.dispatch(request, job, providers, record)
+            response = await self.dispatcher.dispatch(request, job, decision.failover, record)
+            served = record.served
+            if served is not None and record.succeeded:
+                self.router.succeeded(context, decision, served, record.ttft_seconds)
+                affinity = self.router.affinity_header(decision, served)
             status = response.status
             return response
         except GatewayError as error:
@@ -178,6 +211,8 @@ class Proxy:
         finally:
             self._record(
                 request_id=request_id,
+                affinity=affinity,
+                route=route,
                 key=key,
                 payload=payload,
                 resolved=resolved,
@@ -190,6 +225,8 @@ class Proxy:
         self,
         *,
         request_id: str,
+        affinity: str,
+        route: list[str],
         key: Key | None,
         payload: Payload | None,
         resolved: Resolved | None,
@@ -200,11 +237,11 @@ class Proxy:
         duration = time.monotonic() - started_at
         model = resolved.model if resolved else None
         if model is not None:
-            provider = record.provider or "none"
+            provider = record.served.name if record.served else "none"
             self.metrics.requests.labels(model, provider, f"{status // 100}xx").inc()
             self.metrics.request_duration.labels(model).observe(duration)
-            if record.provider is not None and record.ttft_seconds is not None:
-                self.metrics.ttft.labels(model, record.provider).observe(record.ttft_seconds)
+            if record.served is not None and record.ttft_seconds is not None:
+                self.metrics.ttft.labels(model, record.served.name).observe(record.ttft_seconds)
             for attempt in record.attempts:
                 self.metrics.upstream_attempts.labels(attempt.provider, attempt.outcome).inc()
         logger.info(
@@ -214,8 +251,9 @@ class Proxy:
             org=key.org if key else None,
             requested_model=payload.model if payload and resolved else None,
             model=model,
-            provider=record.provider,
-            affinity="none",
+            provider=record.served.name if record.served else None,
+            affinity=affinity,
+            route=route,
             attempts=[f"{attempt.provider}:{attempt.outcome}" for attempt in record.attempts],
             status=status,
             client_disconnected=record.client_disconnected,

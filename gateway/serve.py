@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import Settings
+from gateway.database import provisioned
 from gateway.observability import configure_logging
 
 logger = structlog.get_logger("gateway.serve")
@@ -75,12 +76,16 @@ def run_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> No
 
 
 def serve(settings: Settings, host: str, port: int, workers: int) -> int:
-    """Run `workers` processes on one port; forward SIGTERM/SIGINT and restart crashed workers."""
-    if workers == 1:
-        run_worker(settings, host, port, reuse_port=False)
-        return 0
-    supervisor = Supervisor(settings, host, port, workers)
-    return supervisor.run()
+    """Run `workers` processes on one port; forward SIGTERM/SIGINT and restart crashed workers.
+
+    With no database configured, an embedded Postgres runs for as long as the workers do.
+    """
+    configure_logging()
+    with provisioned(settings) as ready:
+        if workers == 1:
+            run_worker(ready, host, port, reuse_port=False)
+            return 0
+        return Supervisor(ready, host, port, workers).run()
 
 
 class Supervisor:

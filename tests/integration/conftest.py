@@ -1,4 +1,4 @@
-"""Integration fixtures: a real Postgres (see tests/support/postgres.py) and store harnesses."""
+"""Integration fixtures: a real Postgres per test, pgbouncer, dedicated servers (tests/support)."""
 
 from tests.support.postgres import (  # noqa: F401  (pytest finds fixtures by their name here)
     database_url,
@@ -9,4 +9,6 @@ from tests.support.postgres import (  # noqa: F401  (pytest finds fixtures by th
     pgbouncer_database_url,
     postgres_for_tests,
     postgres_pool,
+    postgres_scratch,
+    scratch_dir,
 )

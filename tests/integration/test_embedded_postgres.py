@@ -78,16 +78,16 @@ async def test_a_stale_pid_file_does_not_block_start(fresh_data_dir: Path) -> No
         assert await query(server.url, "SELECT 1") == 1
 
 
-def test_a_foreign_non_empty_directory_is_refused(tmp_path: Path) -> None:
+def test_a_foreign_non_empty_directory_is_refused(scratch_dir: Path) -> None:
     """A directory holding other files is not turned into a data directory."""
-    (tmp_path / "pgdata").mkdir()
-    (tmp_path / "pgdata" / "notes.txt").write_text("mine")
+    (scratch_dir / "pgdata").mkdir()
+    (scratch_dir / "pgdata" / "notes.txt").write_text("mine")
     with pytest.raises(EmbeddedPostgresError, match="neither empty nor"):
-        EmbeddedPostgres(tmp_path / "pgdata").start()
+        EmbeddedPostgres(scratch_dir / "pgdata").start()
 
 
-async def test_a_missing_data_directory_is_initialised(tmp_path: Path) -> None:
+async def test_a_missing_data_directory_is_initialised(scratch_dir: Path) -> None:
     """Starting on a path that does not exist runs initdb there first."""
-    with EmbeddedPostgres(tmp_path / "new" / "pgdata", durable=False) as server:
+    with EmbeddedPostgres(scratch_dir / "new" / "pgdata", durable=False) as server:
         assert await query(server.url, "SELECT 1") == 1
-    assert (tmp_path / "new" / "pgdata" / "PG_VERSION").exists()
+    assert (scratch_dir / "new" / "pgdata" / "PG_VERSION").exists()

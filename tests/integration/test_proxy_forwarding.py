@@ -24,6 +24,7 @@ from tests.support.polling import wait_until
 from tests.support.simulators import InProcessSimulator
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
+NOT_STICKY = {"models": [{"name": TEST_MODEL, "stickiness": "none"}]}
 
 
 async def post_chat(
@@ -106,7 +107,9 @@ async def test_failing_node_is_skipped_for_the_next_one(
     broken = await start_simulator("node-a")
     healthy = await start_simulator("node-b")
     await broken.set_faults(error_rate=1.0)
-    server = await start_gateway(build_settings({"node-a": broken.url, "node-b": healthy.url}))
+    server = await start_gateway(
+        build_settings({"node-a": broken.url, "node-b": healthy.url}, extra=NOT_STICKY)
+    )
     for _ in range(4):
         status, headers, _ = await post_chat(server, orjson.dumps(chat_body()))
         assert status == 200
@@ -120,19 +123,23 @@ async def test_unreachable_node_is_skipped_for_the_next_one(
     """A connection refused moves the request to the next provider."""
     healthy = await start_simulator("node-b")
     dead_url = f"http://127.0.0.1:{free_port()}"
-    server = await start_gateway(build_settings({"node-a": dead_url, "node-b": healthy.url}))
+    server = await start_gateway(
+        build_settings({"node-a": dead_url, "node-b": healthy.url}, extra=NOT_STICKY)
+    )
     for _ in range(3):
         status, headers, _ = await post_chat(server, orjson.dumps(chat_body()))
         assert status == 200
         assert headers["x-gateway-provider"] == "node-b"
 
 
-async def test_round_robin_spreads_requests_over_candidates(
+async def test_requests_without_stickiness_take_turns_across_providers(
     start_simulator: SimulatorFactory, start_gateway: GatewayFactory
 ) -> None:
-    """Until the routing policy lands, successive requests take turns across providers."""
+    """With stickiness `none`, the least recently started provider goes first: round robin."""
     nodes = [await start_simulator(name) for name in ("node-a", "node-b", "node-c")]
-    server = await start_gateway(build_settings({node.name: node.url for node in nodes}))
+    server = await start_gateway(
+        build_settings({node.name: node.url for node in nodes}, extra=NOT_STICKY)
+    )
     for _ in range(6):
         status, _, _ = await post_chat(server, orjson.dumps(chat_body()))
         assert status == 200

@@ -16,6 +16,7 @@ import yaml
 
 from gateway.config import Settings, hash_key
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TEST_KEY = "sk-test-key-0123456789"
 OTHER_KEY = "sk-other-key-9876543210"
 TEST_MODEL = "test-model"
@@ -95,7 +96,8 @@ class GatewayProcess:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                cwd=self.config_path.parent,  # an embedded Postgres' data lands here, not in the repo
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROJECT_ROOT)},
             )
 
     def terminate(self) -> None:

@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -56,6 +57,18 @@ def with_database(url: str, database: str) -> str:
     """Return `url` pointing at `database` instead of its own database."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@contextlib.contextmanager
+def scratch_directory(prefix: str = "affinity-store-") -> Iterator[Path]:
+    """Yield a new directory under the system temp folder, removed afterwards."""
+    # Not under pytest's tmp_path: pytest re-restricts its root to 0700 whenever any
+    # session starts, which would lock the unprivileged Postgres user out of its data.
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _checked_name(name: str) -> str:
@@ -303,9 +316,16 @@ async def migrated_embedded_postgres(data_dir: Path) -> EmbeddedPostgres:
 
 
 @pytest.fixture(scope="session")
-def postgres_for_tests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresForTests]:
+def postgres_scratch() -> Iterator[Path]:
+    """The session's folder for data directories and pgbouncer files, removed at the end."""
+    with scratch_directory() as path:
+        yield path
+
+
+@pytest.fixture(scope="session")
+def postgres_for_tests(postgres_scratch: Path) -> Iterator[PostgresForTests]:
     """The session's Postgres server and migrated template."""
-    with provision_test_postgres(tmp_path_factory.mktemp("postgres")) as postgres:
+    with provision_test_postgres(postgres_scratch / "server") as postgres:
         yield postgres
 
 
@@ -326,11 +346,9 @@ async def postgres_pool(database_url: str) -> AsyncIterator[asyncpg.Pool[asyncpg
 
 
 @pytest.fixture(scope="session")
-def pgbouncer(
-    postgres_for_tests: PostgresForTests, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PgBouncer]:
+def pgbouncer(postgres_for_tests: PostgresForTests, postgres_scratch: Path) -> Iterator[PgBouncer]:
     """A transaction-pooling pgbouncer in front of the session's server."""
-    bouncer = PgBouncer(tmp_path_factory.mktemp("pgbouncer"), postgres_for_tests.admin_url)
+    bouncer = PgBouncer(postgres_scratch / "pgbouncer", postgres_for_tests.admin_url)
     bouncer.start()
     yield bouncer
     bouncer.stop()
@@ -343,15 +361,24 @@ def pgbouncer_database_url(pgbouncer: PgBouncer, database_url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def embedded_cluster_seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def embedded_cluster_seed(postgres_scratch: Path) -> Path:
     """An initialised, never started cluster that tests copy instead of running initdb."""
-    return initialized_cluster(tmp_path_factory.mktemp("seed"))
+    return initialized_cluster(postgres_scratch / "seed")
 
 
 @pytest.fixture
-def fresh_data_dir(embedded_cluster_seed: Path, tmp_path: Path) -> Path:
+def scratch_dir(postgres_scratch: Path) -> Iterator[Path]:
+    """An empty folder for this test that an unprivileged Postgres user can reach."""
+    path = postgres_scratch / f"test-{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_data_dir(embedded_cluster_seed: Path, scratch_dir: Path) -> Path:
     """A data directory holding a new, never started cluster for this test."""
-    return copy_cluster(embedded_cluster_seed, tmp_path / "pgdata")
+    return copy_cluster(embedded_cluster_seed, scratch_dir / "pgdata")
 
 
 @pytest.fixture

@@ -1,0 +1,354 @@
+"""The gateway's side of shared affinity: local cache, single-flight, breaker, renewals, janitor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import structlog
+
+from affinity_store.store import AffinityStore, Binding, Candidate, StoreError
+from gateway.config import AffinitySettings
+from gateway.observability import Metrics
+
+logger = structlog.get_logger("gateway.affinity")
+
+LOCAL_CACHE_CAPACITY = 100_000
+JANITOR_BATCH_SIZE = 1000
+JANITOR_TIMEOUT_SECONDS = 10.0
+
+BreakerState = Literal["closed", "open", "half_open"]
+T = TypeVar("T")
+
+
+@dataclass
+class CachedBinding:
+    """A binding as this process last saw it, with its expiry on this process's clock."""
+
+    provider: str
+    routing_identity: str
+    cached_at: float
+    expires_at: float
+    renewal_queued: bool = False
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """The outcome of asking for a binding: the binding, or none, or the store was skipped."""
+
+    binding: CachedBinding | None
+    degraded: bool = False
+
+
+class Breaker:
+    """Opens on a store failure; after the cool-off lets one probe through, closing on success."""
+
+    def __init__(self, cooloff_seconds: float, clock: Callable[[], float]) -> None:
+        self._cooloff = cooloff_seconds
+        self._clock = clock
+        self._open_until: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> BreakerState:
+        """closed (calls flow), open (calls skipped) or half_open (one probe allowed)."""
+        if self._open_until is None:
+            return "closed"
+        return "open" if self._clock() < self._open_until else "half_open"
+
+    def allow(self) -> bool:
+        """Whether a store call may be made now; in half-open state only one at a time."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "open" or self._probing:
+            return False
+        self._probing = True
+        return True
+
+    def succeeded(self) -> None:
+        """A call worked: close."""
+        self._open_until = None
+        self._probing = False
+
+    def abandoned(self) -> None:
+        """A call was cancelled before it finished: it proves nothing, so another may probe."""
+        self._probing = False
+
+    def failed(self) -> None:
+        """A call failed or missed its deadline: open for the cool-off."""
+        self._open_until = self._clock() + self._cooloff
+        self._probing = False
+
+
+@dataclass(frozen=True)
+class _Renewal:
+    api_key_id: str
+    model: str
+    provider: str
+
+
+@dataclass(frozen=True)
+class _Rebind:
+    api_key_id: str
+    model: str
+    old_provider: str
+    new: Candidate
+
+
+class SharedAffinity:
+    """Bindings shared through the store, never on the critical path when the store is sick."""
+
+    def __init__(
+        self,
+        store: AffinityStore,
+        settings: AffinitySettings,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.breaker = Breaker(settings.breaker_cooloff_seconds, clock)
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._cache: OrderedDict[tuple[str, str], CachedBinding] = OrderedDict()
+        self._claims: dict[tuple[str, str], asyncio.Future[Lookup]] = {}
+        self._queue: asyncio.Queue[_Renewal | _Rebind] = asyncio.Queue(settings.renew_queue_size)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._metrics.store_up.set(1)
+
+    async def start(self) -> None:
+        """Start the renewal worker and the janitor."""
+        self._tasks = [
+            asyncio.create_task(self._renew_worker(), name="affinity-renewals"),
+            asyncio.create_task(self._janitor(), name="affinity-janitor"),
+        ]
+
+    async def stop(self) -> None:
+        """Cancel the background tasks and wait for them."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    def cached(self, api_key_id: str, model: str) -> CachedBinding | None:
+        """A fresh local copy of the binding, if any (no I/O)."""
+        entry = self._cache.get((api_key_id, model))
+        if entry is None:
+            return None
+        now = self._clock()
+        if now - entry.cached_at > self._settings.local_cache_seconds or now >= entry.expires_at:
+            del self._cache[(api_key_id, model)]
+            return None
+        return entry
+
+    async def lookup(self, api_key_id: str, model: str) -> Lookup:
+        """The live binding: from the local cache, else one lock-free read under its deadline."""
+        entry = self.cached(api_key_id, model)
+        if entry is not None:
+            return Lookup(entry)
+        if not self.breaker.allow():
+            return Lookup(None, degraded=True)
+        try:
+            binding = await self._call(
+                "lookup",
+                self.store.lookup(
+                    api_key_id, model, timeout=self._settings.lookup_timeout_ms / 1000
+                ),
+            )
+        except StoreError:
+            return Lookup(None, degraded=True)
+        return Lookup(self._remember(binding) if binding else None)
+
+    async def claim(
+        self,
+        api_key_id: str,
+        model: str,
+        *,
+        preferred: Sequence[Candidate],
+        acceptable: Collection[str],
+    ) -> Lookup:
+        """Bind on a miss; concurrent misses for one (key, model) here share one claim."""
+        key = (api_key_id, model)
+        pending = self._claims.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
+        self._claims[key] = future
+        try:
+            result = await self._claim(api_key_id, model, preferred, acceptable)
+            future.set_result(result)
+            return result
+        except BaseException as error:
+            future.set_exception(error)
+            # Waiters see the error; nobody else may await this future, so mark it retrieved.
+            future.exception()
+            raise
+        finally:
+            del self._claims[key]
+
+    async def _claim(
+        self,
+        api_key_id: str,
+        model: str,
+        preferred: Sequence[Candidate],
+        acceptable: Collection[str],
+    ) -> Lookup:
+        if not self.breaker.allow():
+            return Lookup(None, degraded=True)
+        try:
+            binding = await self._call(
+                "claim",
+                self.store.claim(
+                    api_key_id,
+                    model,
+                    acceptable=acceptable,
+                    preferred=preferred,
+                    ttl_seconds=self._settings.ttl_seconds,
+                    timeout=self._settings.claim_timeout_ms / 1000,
+                ),
+            )
+        except StoreError:
+            return Lookup(None, degraded=True)
+        return Lookup(self._remember(binding))
+
+    def served(
+        self,
+        api_key_id: str,
+        model: str,
+        *,
+        bound: CachedBinding | None,
+        served: Candidate,
+    ) -> bool:
+        """Queue the renewal or rebind a success calls for; True when it was a rebind."""
+        if bound is None:
+            return False
+        if served.provider == bound.provider:
+            remaining = bound.expires_at - self._clock()
+            if remaining < self._settings.ttl_seconds / 2 and not bound.renewal_queued:
+                bound.renewal_queued = self._enqueue(_Renewal(api_key_id, model, served.provider))
+            return False
+        # Until the rebind lands, this process already follows the provider that served.
+        now = self._clock()
+        self._cache[(api_key_id, model)] = CachedBinding(
+            served.provider, served.routing_identity, now, now + self._settings.ttl_seconds
+        )
+        self._enqueue(_Rebind(api_key_id, model, bound.provider, served))
+        return True
+
+    def _remember(self, binding: Binding) -> CachedBinding:
+        now = self._clock()
+        entry = CachedBinding(
+            binding.provider, binding.routing_identity, now, now + binding.ttl_remaining
+        )
+        key = (binding.api_key_id, binding.model)
+        self._cache[key] = entry
+        self._cache.move_to_end(key)
+        while len(self._cache) > LOCAL_CACHE_CAPACITY:
+            self._cache.popitem(last=False)
+        return entry
+
+    def _enqueue(self, item: _Renewal | _Rebind) -> bool:
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self._metrics.renew_drops.labels("queue_full").inc()
+            return False
+        self._metrics.renew_queue_depth.set(self._queue.qsize())
+        return True
+
+    async def _call(self, operation: str, call: Awaitable[T]) -> T:
+        """Await one store call: time it, and feed its outcome to the breaker."""
+        state = self.breaker.state
+        started = time.perf_counter()
+        try:
+            result = await call
+        except StoreError as error:
+            self._observe(operation, state, started, type(error).__name__)
+            if self.breaker.state == "closed" or state == "half_open":
+                logger.warning(
+                    "affinity_store_down",
+                    operation=operation,
+                    error=type(error).__name__,
+                    cooloff_seconds=self._settings.breaker_cooloff_seconds,
+                )
+            self.breaker.failed()
+            self._metrics.store_up.set(0)
+            raise
+        except BaseException:
+            self.breaker.abandoned()
+            raise
+        self._observe(operation, state, started, "ok")
+        if state != "closed":
+            logger.info("affinity_store_recovered", operation=operation)
+        self.breaker.succeeded()
+        self._metrics.store_up.set(1)
+        return result
+
+    def _observe(self, operation: str, state: BreakerState, started: float, outcome: str) -> None:
+        self._metrics.store_latency.labels(operation, state, outcome).observe(
+            time.perf_counter() - started
+        )
+
+    async def _renew_worker(self) -> None:
+        while True:
+            item = await self._queue.get()
+            self._metrics.renew_queue_depth.set(self._queue.qsize())
+            if not self.breaker.allow():
+                self._metrics.renew_drops.labels("store_down").inc()
+                continue
+            timeout = self._settings.claim_timeout_ms / 1000
+            ttl = self._settings.ttl_seconds
+            with contextlib.suppress(StoreError):
+                if isinstance(item, _Renewal):
+                    renewed = await self._call(
+                        "renew",
+                        self.store.renew(
+                            item.api_key_id,
+                            item.model,
+                            provider=item.provider,
+                            ttl_seconds=ttl,
+                            timeout=timeout,
+                        ),
+                    )
+                    entry = self._cache.get((item.api_key_id, item.model))
+                    if renewed and entry is not None and entry.provider == item.provider:
+                        entry.expires_at = self._clock() + ttl
+                        entry.renewal_queued = False
+                else:
+                    await self._call(
+                        "rebind",
+                        self.store.rebind(
+                            item.api_key_id,
+                            item.model,
+                            old_provider=item.old_provider,
+                            new=item.new,
+                            ttl_seconds=ttl,
+                            timeout=timeout,
+                        ),
+                    )
+
+    async def _janitor(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.janitor_interval_seconds)
+            if not self.breaker.allow():
+                continue
+            with contextlib.suppress(StoreError):
+                deleted = await self._call(
+                    "purge",
+                    self.store.purge_expired(
+                        grace_seconds=self._settings.janitor_grace_seconds,
+                        batch_size=JANITOR_BATCH_SIZE,
+                        timeout=JANITOR_TIMEOUT_SECONDS,
+                    ),
+                )
+                if deleted:
+                    logger.info("janitor_purged", rows=deleted)

@@ -1,0 +1,93 @@
+"""Where the shared store lives: the configured Postgres, or an embedded one, and its migrations."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import structlog
+from pydantic import SecretStr
+
+from affinity_store.embedded import EmbeddedPostgres
+from affinity_store.migrate import apply_migrations
+from affinity_store.postgres import Pool, create_pool
+from affinity_store.store import StoreError
+from gateway.config import Settings
+
+logger = structlog.get_logger("gateway.database")
+
+MIGRATION_TIMEOUT_SECONDS = 60.0
+
+
+def database_url(settings: Settings) -> str | None:
+    """The configured database URL, or None for the embedded default."""
+    return settings.database.url.get_secret_value() if settings.database.url else None
+
+
+async def open_pool(settings: Settings) -> Pool:
+    """A pool for the store; if the database is down, a lazy one, so serving starts degraded."""
+    url = database_url(settings)
+    assert url is not None  # callers choose the memory store when there is no database
+    database = settings.database
+    try:
+        pool = await create_pool(
+            url,
+            min_size=database.pool_min_size,
+            max_size=database.pool_max_size,
+            statement_cache_size=database.statement_cache_size,
+        )
+    except StoreError as error:
+        logger.error("database_unavailable_at_start", error=str(error), detail="starting degraded")
+        return await create_pool(
+            url,
+            min_size=0,
+            max_size=database.pool_max_size,
+            statement_cache_size=database.statement_cache_size,
+            connect_eagerly=False,
+        )
+    if database.apply_migrations_on_start:
+        await migrate(pool)
+    return pool
+
+
+async def migrate(pool: Pool) -> list[str]:
+    """Apply pending migrations (exactly once across workers); log and carry on if it fails."""
+    try:
+        async with asyncio.timeout(MIGRATION_TIMEOUT_SECONDS):
+            applied = await apply_migrations(pool)
+    except (StoreError, TimeoutError) as error:
+        logger.error("migrations_failed", error=str(error))
+        return []
+    if applied:
+        logger.info("migrations_applied", migrations=applied)
+    return applied
+
+
+@contextmanager
+def provisioned(settings: Settings) -> Iterator[Settings]:
+    """Settings with a database URL: the configured one, or an embedded Postgres run meanwhile."""
+    if settings.database.url is not None:
+        yield settings
+        return
+    data_dir = Path(settings.database.embedded_data_dir).resolve()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    logger.info(
+        "embedded_postgres_starting",
+        data_dir=str(data_dir),
+        detail="single-machine mode: set database.url or DATABASE_URL to share bindings "
+        "across machines",
+    )
+    embedded = EmbeddedPostgres(data_dir)
+    # A server already running there belongs to someone else (say, `gateway serve` while
+    # `gateway bindings` runs): use it, and leave it running.
+    adopted = embedded.is_running()
+    embedded.start()
+    try:
+        database = settings.database.model_copy(update={"url": SecretStr(embedded.url)})
+        yield settings.model_copy(update={"database": database})
+    finally:
+        if not adopted:
+            embedded.stop()
+            logger.info("embedded_postgres_stopped", data_dir=str(data_dir))

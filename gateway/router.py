@@ -1,0 +1,235 @@
+"""The selection seam: (request context, candidates, process state) → an ordered failover list.
+
+It gathers the stickiness signal (the shared binding, or the session binding), the key's
+model-group preference and the per-process latency bands, then lets the pure policy in
+`gateway.routing` order the candidates. The only I/O is the shared binding's look-up or claim.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+
+from affinity_store.store import Candidate
+from gateway.affinity import CachedBinding, SharedAffinity
+from gateway.catalog import Catalog, Key, Provider
+from gateway.config import RoutingSettings
+from gateway.observability import Metrics
+from gateway.routing.latency import LatencyTracker
+from gateway.routing.ordering import (
+    OrderingRequest,
+    ProviderState,
+    Ranked,
+    StartTracker,
+    order,
+    tiebreak_ranks,
+)
+from gateway.routing.preferences import (
+    MissingGroupReports,
+    PreferenceKind,
+    active_providers,
+    preferred_set,
+)
+from gateway.routing.sessions import SessionTable
+
+logger = structlog.get_logger("gateway.router")
+
+AffinityKind = Literal["hit", "miss", "rebound", "spill", "preferred", "degraded", "none"]
+# Rules below these in the sort key only break ties, so candidates separated by them are
+# equally good: the claim lets cluster-wide spread choose among them.
+TIE_REASONS = frozenset({"least-recent", "tiebreak"})
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What the policy may know about one request (never its prompt)."""
+
+    request_id: str
+    key: Key
+    model: str
+    stream: bool
+    session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """The failover list, why each provider is where it is, and what stickiness said."""
+
+    failover: list[Provider]
+    reasons: list[str]
+    affinity: AffinityKind
+    bound: CachedBinding | None = None
+
+
+class Router:
+    """Per-process routing state and the policy that turns it into failover lists."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        routing: RoutingSettings,
+        affinity: SharedAffinity,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.affinity = affinity
+        self.latency = LatencyTracker(routing.latency_window_seconds)
+        self.sessions = SessionTable(routing.session_ttl_seconds, routing.session_capacity)
+        self.starts = StartTracker()
+        self._routing = routing
+        self._metrics = metrics
+        self._clock = clock
+        self._tiebreak = tiebreak_ranks(catalog.providers, seed)
+        self._missing_groups = MissingGroupReports()
+
+    async def decide(
+        self, context: RequestContext, candidates: Sequence[Provider]
+    ) -> RoutingDecision:
+        """Order one request's candidates, consulting the shared binding when the model has one."""
+        now = self._clock()
+        key, model = context.key, context.model
+        names = [provider.name for provider in candidates]
+        states = self._states(candidates, key, model, now)
+        available = [state.name for state in states if state.available and not state.cooling]
+        preference = preferred_set(key.model_group_preferences, self.catalog.groups, model, names)
+        if preference.kind is PreferenceKind.MISSING_GROUP and self._missing_groups.first_report(
+            key.id, model, preference.group or ""
+        ):
+            logger.warning(
+                "preference_group_missing", key_id=key.id, model=model, group=preference.group
+            )
+        preferred = active_providers(preference, available)
+
+        stickiness = self.catalog.stickiness(model)
+        request = OrderingRequest(states, preferred=preferred)
+        kind: AffinityKind = "none"
+        bound: CachedBinding | None = None
+        if stickiness == "shared":
+            lookup = await self.affinity.lookup(key.id, model)
+            binding = lookup.binding
+            if binding is not None and binding.provider not in names:
+                binding = None  # bound to a provider this request cannot use: a miss
+            if lookup.degraded:
+                kind = "degraded"
+            elif binding is not None and (preferred is None or binding.provider in preferred):
+                kind, bound = "hit", binding
+            else:
+                overridden = binding is not None
+                acceptable = preferred if preferred is not None else names
+                lookup = await self.affinity.claim(
+                    key.id,
+                    model,
+                    preferred=self._best_tier(order(request), candidates),
+                    acceptable=acceptable,
+                )
+                bound = lookup.binding
+                if lookup.degraded:
+                    kind = "degraded"
+                elif overridden:
+                    kind = "preferred"  # the key's preference moved the binding into its group
+                else:
+                    kind = "miss"
+            if bound is not None:
+                request = OrderingRequest(states, preferred=preferred, sticky=bound.provider)
+        elif stickiness == "session" and context.session_id is not None:
+            sticky = self.sessions.get(key.id, context.session_id, now)
+            if sticky is not None and sticky in names:
+                kind = "preferred" if preferred is not None and sticky not in preferred else "hit"
+                request = OrderingRequest(states, preferred=preferred, sticky=sticky)
+            else:
+                kind = "miss"
+                request = OrderingRequest(
+                    states,
+                    preferred=preferred,
+                    new_session=True,
+                    session_counts=self.sessions.live_counts(now),
+                )
+        ranked = order(request)
+        by_name = {provider.name: provider for provider in candidates}
+        self._metrics.affinity_results.labels(kind).inc()
+        return RoutingDecision(
+            failover=[by_name[entry.provider] for entry in ranked],
+            reasons=[entry.reason for entry in ranked],
+            affinity=kind,
+            bound=bound,
+        )
+
+    def affinity_header(self, decision: RoutingDecision, provider: Provider) -> AffinityKind:
+        """`x-gateway-affinity` once the serving provider is known: a failover is a rebind."""
+        if decision.bound is not None and provider.name != decision.bound.provider:
+            return "rebound"
+        return decision.affinity
+
+    def started(self, provider: Provider) -> None:
+        """Note that an attempt started on the provider (least-recently-started ordering)."""
+        self.starts.record(provider.routing_identity, self._clock())
+
+    def succeeded(
+        self,
+        context: RequestContext,
+        decision: RoutingDecision,
+        provider: Provider,
+        ttft_seconds: float | None,
+    ) -> None:
+        """Record a success: latency sample, session binding, and the shared renewal or rebind."""
+        now = self._clock()
+        if ttft_seconds is not None:
+            self.latency.record(provider.name, context.model, ttft_seconds, now)
+        stickiness = self.catalog.stickiness(context.model)
+        if stickiness == "session" and context.session_id is not None:
+            self.sessions.bind(
+                context.key.id, context.session_id, provider.name, provider.routing_identity, now
+            )
+        elif stickiness == "shared":
+            self.affinity.served(
+                context.key.id,
+                context.model,
+                bound=decision.bound,
+                served=Candidate(provider.name, provider.routing_identity),
+            )
+
+    def _states(
+        self, candidates: Sequence[Provider], key: Key, model: str, now: float
+    ) -> list[ProviderState]:
+        bands = self.latency.bands(
+            model,
+            [provider.name for provider in candidates],
+            now,
+            band_fraction=self._routing.latency_band_fraction,
+            min_samples=self._routing.latency_min_samples,
+            enabled=key.latency_routing,
+        )
+        return [
+            ProviderState(
+                name=provider.name,
+                routing_identity=provider.routing_identity,
+                cooling=False,
+                available=True,
+                band=bands.get(provider.name, 0),
+                last_started=self.starts.last_started(provider.routing_identity),
+                tiebreak=self._tiebreak.get(provider.name, 0),
+            )
+            for provider in candidates
+        ]
+
+    @staticmethod
+    def _best_tier(ranked: list[Ranked], candidates: Sequence[Provider]) -> list[Candidate]:
+        """The leading candidates that differ only by tie-breakers, in order."""
+        by_name = {provider.name: provider for provider in candidates}
+        tier: list[Candidate] = []
+        for position, entry in enumerate(ranked):
+            if entry.reason == "cooling" or (position > 0 and entry.reason not in TIE_REASONS):
+                break
+            provider = by_name[entry.provider]
+            tier.append(Candidate(provider.name, provider.routing_identity))
+        if not tier:  # everyone is cooling: the least bad is still the best there is
+            leader = by_name[ranked[0].provider]
+            tier.append(Candidate(leader.name, leader.routing_identity))
+        return tier
