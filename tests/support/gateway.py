@@ -96,7 +96,7 @@ class GatewayProcess:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=self.config_path.parent,  # an embedded Postgres' data lands here, not in the repo
+                cwd=self.config_path.parent,  # where an embedded Postgres keeps its data
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROJECT_ROOT)},
             )
 
