@@ -1,0 +1,228 @@
+"""SharedAffinity: local cache, single-flight claims, the breaker, renewals and rebinds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Sequence
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from affinity_store.memory import MemoryAffinityStore
+from affinity_store.store import Binding, Candidate, StoreTimeout, StoreUnavailable
+from gateway.affinity import Breaker, SharedAffinity
+from gateway.config import AffinitySettings
+from gateway.observability import Metrics
+from tests.support.polling import wait_until
+
+A = Candidate("node-a", "node-a")
+B = Candidate("node-b", "node-b")
+
+
+class Clock:
+    """A hand-driven clock for both the process (monotonic) and the store (wall time)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wall(self) -> datetime:
+        return datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=self.now)
+
+
+class CountingStore(MemoryAffinityStore):
+    """The memory store, counting calls and able to hold claims at a gate."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock=clock.wall)
+        self.calls: dict[str, int] = {}
+        self.claim_gate: asyncio.Event | None = None
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    async def lookup(self, api_key_id: str, model: str, *, timeout: float) -> Binding | None:
+        self._count("lookup")
+        return await super().lookup(api_key_id, model, timeout=timeout)
+
+    async def claim(
+        self,
+        api_key_id: str,
+        model: str,
+        *,
+        acceptable: Collection[str],
+        preferred: Sequence[Candidate],
+        ttl_seconds: float,
+        timeout: float,
+    ) -> Binding:
+        self._count("claim")
+        if self.claim_gate is not None:
+            await self.claim_gate.wait()
+        return await super().claim(
+            api_key_id,
+            model,
+            acceptable=acceptable,
+            preferred=preferred,
+            ttl_seconds=ttl_seconds,
+            timeout=timeout,
+        )
+
+    async def renew(
+        self, api_key_id: str, model: str, *, provider: str, ttl_seconds: float, timeout: float
+    ) -> bool:
+        self._count("renew")
+        return await super().renew(
+            api_key_id, model, provider=provider, ttl_seconds=ttl_seconds, timeout=timeout
+        )
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A fresh hand-driven clock."""
+    return Clock()
+
+
+@pytest.fixture
+async def affinity(clock: Clock) -> SharedAffinity:
+    """SharedAffinity over a counting memory store, its background worker running."""
+    shared = SharedAffinity(
+        CountingStore(clock),
+        AffinitySettings(ttl_seconds=300, local_cache_seconds=5, breaker_cooloff_seconds=10),
+        Metrics(),
+        clock=clock.monotonic,
+    )
+    await shared.start()
+    yield shared  # type: ignore[misc]
+    await shared.stop()
+
+
+def store_of(affinity: SharedAffinity) -> CountingStore:
+    """The counting store behind the affinity."""
+    assert isinstance(affinity.store, CountingStore)
+    return affinity.store
+
+
+async def test_lookup_is_served_from_the_local_cache_until_it_ages(
+    affinity: SharedAffinity, clock: Clock
+) -> None:
+    """Within local_cache_seconds a binding is read once; after that the store is asked again."""
+    await affinity.claim("key", "m", preferred=[A], acceptable=["node-a"])
+    for _ in range(5):
+        assert (await affinity.lookup("key", "m")).binding is not None
+    assert store_of(affinity).calls.get("lookup", 0) == 0
+    clock.now += 6
+    lookup = await affinity.lookup("key", "m")
+    assert lookup.binding is not None
+    assert lookup.binding.provider == "node-a"
+    assert store_of(affinity).calls["lookup"] == 1
+
+
+async def test_concurrent_misses_collapse_into_one_claim(affinity: SharedAffinity) -> None:
+    """Ten concurrent claims for one (key, model) in one process reach the store once."""
+    store = store_of(affinity)
+    store.claim_gate = asyncio.Event()
+    claims = [
+        asyncio.create_task(affinity.claim("key", "m", preferred=[A, B], acceptable=["node-a"]))
+        for _ in range(10)
+    ]
+    await wait_until(lambda: store.calls.get("claim", 0) == 1, message="the first claim")
+    store.claim_gate.set()
+    results = await asyncio.gather(*claims)
+    assert {result.binding.provider for result in results if result.binding} == {"node-a"}
+    assert store.calls["claim"] == 1
+
+
+async def test_store_failure_opens_the_breaker_and_degrades(
+    affinity: SharedAffinity, clock: Clock
+) -> None:
+    """A failing store makes look-ups degraded and skips the store until the cool-off ends."""
+    store = store_of(affinity)
+    store.fail_with(StoreUnavailable("down"))
+    assert (await affinity.lookup("key", "m")).degraded
+    assert affinity.breaker.state == "open"
+    calls = store.calls["lookup"]
+    assert (await affinity.lookup("key", "m")).degraded
+    assert store.calls["lookup"] == calls  # open: not even tried
+    store.fail_with(None)
+    clock.now += 10
+    assert affinity.breaker.state == "half_open"
+    lookup = await affinity.lookup("key", "m")
+    assert not lookup.degraded
+    assert affinity.breaker.state == "closed"
+
+
+def test_half_open_breaker_lets_one_probe_through() -> None:
+    """After the cool-off exactly one call may probe; a failed probe opens it again."""
+    now = [0.0]
+    breaker = Breaker(10, lambda: now[0])
+    breaker.failed()
+    assert not breaker.allow()
+    now[0] = 10.0
+    assert breaker.allow()
+    assert not breaker.allow()
+    breaker.failed()
+    assert breaker.state == "open"
+    now[0] = 20.0
+    assert breaker.allow()
+    breaker.abandoned()
+    assert breaker.allow()
+
+
+async def test_timeouts_count_as_failures(affinity: SharedAffinity) -> None:
+    """A store deadline miss opens the breaker like an error does."""
+    store_of(affinity).fail_with(StoreTimeout("slow"))
+    assert (await affinity.claim("key", "m", preferred=[A], acceptable=["node-a"])).degraded
+    assert affinity.breaker.state == "open"
+
+
+async def test_renewal_is_queued_only_when_less_than_half_the_ttl_remains(
+    affinity: SharedAffinity, clock: Clock
+) -> None:
+    """A success early in the TTL renews nothing; past half-time it renews once."""
+    store = store_of(affinity)
+    bound = (await affinity.claim("key", "m", preferred=[A], acceptable=["node-a"])).binding
+    assert bound is not None
+    assert not affinity.served("key", "m", bound=bound, served=A)
+    clock.now += 100
+    affinity.served("key", "m", bound=bound, served=A)
+    assert store.calls.get("renew", 0) == 0
+    clock.now += 60  # 160 s of 300 gone: under half remains
+    affinity.served("key", "m", bound=bound, served=A)
+    affinity.served("key", "m", bound=bound, served=A)
+    await wait_until(lambda: store.calls.get("renew", 0) == 1, message="one renewal")
+    binding = await store.lookup("key", "m", timeout=1)
+    assert binding is not None
+    assert binding.ttl_remaining == pytest.approx(300)
+
+
+async def test_failover_rebinds_with_compare_and_set(affinity: SharedAffinity) -> None:
+    """Served by another provider than the bound one: the binding moves to it."""
+    store = store_of(affinity)
+    bound = (await affinity.claim("key", "m", preferred=[A], acceptable=["node-a"])).binding
+    assert bound is not None
+    assert affinity.served("key", "m", bound=bound, served=B)
+    cached = affinity.cached("key", "m")
+    assert cached is not None
+    assert cached.provider == "node-b"
+
+    async def moved() -> bool:
+        binding = await store.lookup("key", "m", timeout=1)
+        return binding is not None and binding.provider == "node-b"
+
+    await wait_until(moved, message="the rebind to land")
+
+
+async def test_full_renew_queue_drops_and_counts(clock: Clock) -> None:
+    """With the queue full, further renewals are dropped and counted, never awaited."""
+    metrics = Metrics()
+    shared = SharedAffinity(
+        CountingStore(clock), AffinitySettings(renew_queue_size=1), metrics, clock=clock.monotonic
+    )  # not started: nothing drains the queue
+    bound = (await shared.claim("key", "m", preferred=[A], acceptable=["node-a"])).binding
+    assert bound is not None
+    for _ in range(3):
+        shared.served("key", "m", bound=bound, served=B)
+    drops = metrics.registry.get_sample_value("gateway_renew_drops_total", {"reason": "queue_full"})
+    assert drops == 2
