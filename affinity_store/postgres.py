@@ -12,6 +12,7 @@ from typing import TypeAlias
 
 import asyncpg
 
+from affinity_store.driver_errors import translated_driver_errors
 from affinity_store.locks import (
     JANITOR_LOCK_KEY,
     MAINTENANCE_NAMESPACE,
@@ -23,40 +24,17 @@ from affinity_store.store import (
     Binding,
     Candidate,
     StoreError,
-    StoreTimeout,
-    StoreUnavailable,
 )
 
 Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
-
-_TIMEOUT_ERRORS = (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError)
-_UNAVAILABLE_ERRORS = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.TooManyConnectionsError,
-    OSError,
-)
 
 
 @contextlib.asynccontextmanager
 async def store_boundary(seconds: float) -> AsyncIterator[None]:
     """Bound the enclosed calls by `seconds` and turn driver errors into StoreErrors."""
-    try:
+    with translated_driver_errors(seconds):
         async with asyncio.timeout(seconds):
             yield
-    except StoreError:
-        raise
-    # TimeoutError is a subclass of OSError, so it must be matched first.
-    except TimeoutError as error:
-        raise StoreTimeout(f"store call exceeded its {seconds:.3f} s deadline") from error
-    except _TIMEOUT_ERRORS as error:
-        raise StoreTimeout(f"store call hit a database timeout: {error}") from error
-    except _UNAVAILABLE_ERRORS as error:
-        raise StoreUnavailable(f"database unavailable: {error}") from error
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-        raise StoreError(f"database error: {error}") from error
 
 
 async def _skip_session_reset(connection: asyncpg.Connection[asyncpg.Record]) -> None:
@@ -82,7 +60,7 @@ async def create_pool(
     With `connect_eagerly=False` connections open only on demand (`min_size` is not kept),
     so a gateway can start while the database is down.
     """
-    try:
+    with translated_driver_errors():
         return await asyncpg.create_pool(
             url,
             min_size=min_size if connect_eagerly else 0,
@@ -91,8 +69,6 @@ async def create_pool(
             reset=_skip_session_reset,
             server_settings={"application_name": "affinity-gateway"},
         )
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
-        raise StoreUnavailable(f"cannot open a database pool: {error}") from error
 
 
 def _binding_from_record(record: asyncpg.Record) -> Binding:

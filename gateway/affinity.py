@@ -54,7 +54,6 @@ class Breaker:
         self._open_until: float | None = None
         self._probing = False
 
-    @property
     def state(self) -> BreakerState:
         """closed (calls flow), open (calls skipped) or half_open (one probe allowed)."""
         if self._open_until is None:
@@ -63,7 +62,7 @@ class Breaker:
 
     def allow(self) -> bool:
         """Whether a store call may be made now; in half-open state only one at a time."""
-        state = self.state
+        state = self.state()
         if state == "closed":
             return True
         if state == "open" or self._probing:
@@ -139,24 +138,31 @@ class SharedAffinity:
                 await task
         self._tasks = []
 
-    def cached(self, api_key_id: str, model: str) -> CachedBinding | None:
-        """A fresh local copy of the binding, if any (no I/O)."""
-        entry = self._cache.get((api_key_id, model))
+    def cached(self, api_key_id: str, model: str, *, fresh: bool = True) -> CachedBinding | None:
+        """The local copy of a live binding (no I/O); `fresh` also requires it to be recent."""
+        key = (api_key_id, model)
+        entry = self._cache.get(key)
         if entry is None:
             return None
         now = self._clock()
-        if now - entry.cached_at > self._settings.local_cache_seconds or now >= entry.expires_at:
-            del self._cache[(api_key_id, model)]
+        if now >= entry.expires_at:
+            del self._cache[key]
+            return None
+        if fresh and now - entry.cached_at > self._settings.local_cache_seconds:
             return None
         return entry
 
     async def lookup(self, api_key_id: str, model: str) -> Lookup:
-        """The live binding: from the local cache, else one lock-free read under its deadline."""
+        """The live binding: from the local cache, else one lock-free read under its deadline.
+
+        When the store cannot be asked, the result is degraded and carries the last binding
+        this process saw, if it has not expired: local state is still the best guess.
+        """
         entry = self.cached(api_key_id, model)
         if entry is not None:
             return Lookup(entry)
         if not self.breaker.allow():
-            return Lookup(None, degraded=True)
+            return Lookup(self.cached(api_key_id, model, fresh=False), degraded=True)
         try:
             binding = await self._call(
                 "lookup",
@@ -165,8 +171,11 @@ class SharedAffinity:
                 ),
             )
         except StoreError:
-            return Lookup(None, degraded=True)
-        return Lookup(self._remember(binding) if binding else None)
+            return Lookup(self.cached(api_key_id, model, fresh=False), degraded=True)
+        if binding is None:
+            self._cache.pop((api_key_id, model), None)
+            return Lookup(None)
+        return Lookup(self._remember(binding))
 
     async def claim(
         self,
@@ -267,17 +276,18 @@ class SharedAffinity:
 
     async def _call(self, operation: str, call: Awaitable[T]) -> T:
         """Await one store call: time it, and feed its outcome to the breaker."""
-        state = self.breaker.state
+        state = self.breaker.state()
         started = time.perf_counter()
         try:
             result = await call
         except StoreError as error:
             self._observe(operation, state, started, type(error).__name__)
-            if self.breaker.state == "closed" or state == "half_open":
+            if self.breaker.state() == "closed" or state == "half_open":
                 logger.warning(
                     "affinity_store_down",
                     operation=operation,
                     error=type(error).__name__,
+                    detail=str(error),
                     cooloff_seconds=self._settings.breaker_cooloff_seconds,
                 )
             self.breaker.failed()

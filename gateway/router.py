@@ -118,6 +118,8 @@ class Router:
                 binding = None  # bound to a provider this request cannot use: a miss
             if lookup.degraded:
                 kind = "degraded"
+                if binding is not None:  # the last binding seen here, kept while the store is down
+                    request = OrderingRequest(states, preferred=preferred, sticky=binding.provider)
             elif binding is not None and (preferred is None or binding.provider in preferred):
                 kind, bound = "hit", binding
             else:

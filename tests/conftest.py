@@ -14,6 +14,9 @@ from gateway.config import Settings
 from tests.support.gateway import build_settings
 from tests.support.simulators import InProcessSimulator
 
+# The test Postgres (env URL → testcontainers → embedded) serves every folder.
+pytest_plugins = ["tests.support.postgres"]
+
 GatewayFactory = Callable[[Settings], Awaitable[TestServer]]
 SimulatorFactory = Callable[..., Awaitable[InProcessSimulator]]
 

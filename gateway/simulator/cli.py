@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="output length without max_tokens",
     )
     parser.add_argument(
+        "--recent-requests",
+        type=int,
+        default=options.recent_requests,
+        help="completion requests kept for /sim/stats",
+    )
+    parser.add_argument(
         "--slow", type=float, default=faults.slow, help="factor applied to every time"
     )
     parser.add_argument(
@@ -90,6 +96,7 @@ def options_from_arguments(arguments: argparse.Namespace) -> SimulatorOptions:
         ),
         cache_tokens=arguments.cache_tokens,
         default_max_tokens=arguments.default_max_tokens,
+        recent_requests=arguments.recent_requests,
         faults=Faults(
             slow=arguments.slow,
             error_rate=arguments.error_rate,

@@ -91,3 +91,12 @@ async def test_a_missing_data_directory_is_initialised(scratch_dir: Path) -> Non
     with EmbeddedPostgres(scratch_dir / "new" / "pgdata", durable=False) as server:
         assert await query(server.url, "SELECT 1") == 1
     assert (scratch_dir / "new" / "pgdata" / "PG_VERSION").exists()
+
+
+async def test_logging_in_needs_the_generated_password(fresh_data_dir: Path) -> None:
+    """Other local users cannot log in without the password kept in the data directory."""
+    with EmbeddedPostgres(fresh_data_dir, durable=False) as server:
+        password_free = f"postgresql://postgres@127.0.0.1:{server.port}/postgres"
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await query(password_free, "SELECT 1")
+        assert await query(server.url, "SELECT 1") == 1

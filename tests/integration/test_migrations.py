@@ -12,7 +12,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from affinity_store.embedded import find_free_port
 from affinity_store.migrate import apply_migrations, load_migrations
+from affinity_store.postgres import create_pool
+from affinity_store.store import StoreUnavailable
 from tests.support.postgres import PostgresForTests
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
@@ -105,6 +108,22 @@ async def test_a_second_run_applies_nothing(database_url: str) -> None:
 async def test_migrations_accept_a_pool(postgres_pool: asyncpg.Pool[asyncpg.Record]) -> None:
     """A pool works as well as a connection."""
     assert await apply_migrations(postgres_pool) == []
+
+
+async def test_migrating_an_unreachable_database_raises_store_unavailable() -> None:
+    """Failures to reach the database surface as StoreUnavailable, not as driver errors."""
+    pool = await create_pool(
+        f"postgresql://postgres@127.0.0.1:{find_free_port()}/postgres",
+        min_size=0,
+        max_size=1,
+        statement_cache_size=0,
+        connect_eagerly=False,
+    )
+    try:
+        with pytest.raises(StoreUnavailable):
+            await apply_migrations(pool)
+    finally:
+        await pool.close()
 
 
 @pytest.mark.timeout(120)
