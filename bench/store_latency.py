@@ -32,6 +32,7 @@ def summarise(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
 
     def percentile(fraction: float) -> float:
+        """Return the sample at `fraction` of the ordered list, in milliseconds."""
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1000
 
     return {
@@ -61,6 +62,7 @@ async def measure(url: str, lookups: int, claims: int) -> dict[str, dict[str, fl
         store = PostgresAffinityStore(pool)
 
         async def claim(key: str) -> object:
+            """Claim `key` among the three nodes."""
             return await store.claim(
                 key, "m", acceptable=ACCEPTABLE, preferred=CANDIDATES, ttl_seconds=300, timeout=5
             )

@@ -21,6 +21,7 @@ logger = structlog.get_logger("gateway.affinity")
 LOCAL_CACHE_CAPACITY = 100_000
 JANITOR_BATCH_SIZE = 1000
 JANITOR_TIMEOUT_SECONDS = 10.0
+BREAKER_FAILURE_THRESHOLD = 3
 
 BreakerState = Literal["closed", "open", "half_open"]
 T = TypeVar("T")
@@ -46,11 +47,23 @@ class Lookup:
 
 
 class Breaker:
-    """Opens on a store failure; after the cool-off lets one probe through, closing on success."""
+    """Opens after consecutive store failures; after the cool-off one probe may close it again.
 
-    def __init__(self, cooloff_seconds: float, clock: Callable[[], float]) -> None:
+    One slow call (a pause, a blip) degrades only its own request; it takes
+    `failure_threshold` failures in a row to stop asking the store for a whole cool-off.
+    """
+
+    def __init__(
+        self,
+        cooloff_seconds: float,
+        clock: Callable[[], float],
+        *,
+        failure_threshold: int = BREAKER_FAILURE_THRESHOLD,
+    ) -> None:
         self._cooloff = cooloff_seconds
         self._clock = clock
+        self._threshold = failure_threshold
+        self._failures = 0
         self._open_until: float | None = None
         self._probing = False
 
@@ -72,6 +85,7 @@ class Breaker:
 
     def succeeded(self) -> None:
         """A call worked: close."""
+        self._failures = 0
         self._open_until = None
         self._probing = False
 
@@ -80,8 +94,13 @@ class Breaker:
         self._probing = False
 
     def failed(self) -> None:
-        """A call failed or missed its deadline: open for the cool-off."""
-        self._open_until = self._clock() + self._cooloff
+        """A call failed or missed its deadline: open once there were enough in a row.
+
+        A failed probe (half-open) reopens at once.
+        """
+        self._failures += 1
+        if self._open_until is not None or self._failures >= self._threshold:
+            self._open_until = self._clock() + self._cooloff
         self._probing = False
 
 
@@ -282,7 +301,8 @@ class SharedAffinity:
             result = await call
         except StoreError as error:
             self._observe(operation, state, started, type(error).__name__)
-            if self.breaker.state() == "closed" or state == "half_open":
+            self.breaker.failed()
+            if state != "open" and self.breaker.state() == "open":
                 logger.warning(
                     "affinity_store_down",
                     operation=operation,
@@ -290,14 +310,13 @@ class SharedAffinity:
                     detail=str(error),
                     cooloff_seconds=self._settings.breaker_cooloff_seconds,
                 )
-            self.breaker.failed()
-            self._metrics.store_up.set(0)
+                self._metrics.store_up.set(0)
             raise
         except BaseException:
             self.breaker.abandoned()
             raise
         self._observe(operation, state, started, "ok")
-        if state != "closed":
+        if state == "half_open":
             logger.info("affinity_store_recovered", operation=operation)
         self.breaker.succeeded()
         self._metrics.store_up.set(1)

@@ -6,6 +6,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -37,11 +38,16 @@ async def healthz_pid(session: aiohttp.ClientSession, url: str) -> int | None:
         return None
 
 
+def config_for(node: SimulatorProcess, database_url: str) -> dict[str, Any]:
+    """One provider and the test's database (the embedded default is covered by the demo test)."""
+    return settings_dict({"node-a": node.url}, extra={"database": {"url": database_url}})
+
+
 async def test_two_workers_answer_from_two_pids_on_one_port(
-    slow_node: SimulatorProcess, tmp_path: Path
+    slow_node: SimulatorProcess, database_url: str, tmp_path: Path
 ) -> None:
     """`--workers 2` gives two processes sharing the port; new connections reach both."""
-    gateway = GatewayProcess(settings_dict({"node-a": slow_node.url}), tmp_path, workers=2)
+    gateway = GatewayProcess(config_for(slow_node, database_url), tmp_path, workers=2)
     gateway.start()
     try:
         pids: set[int] = set()
@@ -69,10 +75,10 @@ async def test_two_workers_answer_from_two_pids_on_one_port(
 
 
 async def test_sigterm_drains_in_flight_requests_then_stops_accepting(
-    slow_node: SimulatorProcess, tmp_path: Path
+    slow_node: SimulatorProcess, database_url: str, tmp_path: Path
 ) -> None:
     """A request in flight at SIGTERM completes; afterwards the port no longer accepts."""
-    gateway = GatewayProcess(settings_dict({"node-a": slow_node.url}), tmp_path, workers=2)
+    gateway = GatewayProcess(config_for(slow_node, database_url), tmp_path, workers=2)
     gateway.start()
     try:
         async with aiohttp.ClientSession() as session:

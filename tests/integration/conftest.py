@@ -1,14 +1,3 @@
-"""Integration fixtures: a real Postgres per test, pgbouncer, dedicated servers (tests/support)."""
-
-from tests.support.postgres import (  # noqa: F401  (pytest finds fixtures by their name here)
-    database_url,
-    dedicated_postgres,
-    embedded_cluster_seed,
-    fresh_data_dir,
-    pgbouncer,
-    pgbouncer_database_url,
-    postgres_for_tests,
-    postgres_pool,
-    postgres_scratch,
-    scratch_dir,
-)
+"""Integration fixtures come from tests/support/postgres.py, registered for every test folder
+by `pytest_plugins` in tests/conftest.py: `database_url`, `postgres_pool`, `pgbouncer_database_url`,
+`dedicated_postgres`, `fresh_data_dir`, `scratch_dir` and the session-scoped `postgres_for_tests`."""

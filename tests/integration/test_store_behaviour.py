@@ -43,6 +43,7 @@ def postgres_lock_holder(direct_url: str) -> LockHolder:
 
     @contextlib.asynccontextmanager
     async def hold(api_key_id: str, model: str) -> AsyncIterator[None]:
+        """Keep the lock until the block ends."""
         connection = await asyncpg.connect(direct_url)
         try:
             async with connection.transaction():
@@ -65,6 +66,7 @@ def memory_harness() -> StoreHarness:
 
     @contextlib.asynccontextmanager
     async def hold(api_key_id: str, model: str) -> AsyncIterator[None]:
+        """Keep the key's lock until the block ends."""
         async with store.key_lock(api_key_id, model):
             yield
 
@@ -353,6 +355,7 @@ async def test_list_bindings_filters_and_orders(store: AffinityStore) -> None:
     await backdate(store, "k3", "alpha", seconds_ago=1, model="m1")
 
     def pairs(bindings: list[Binding]) -> list[tuple[str, str]]:
+        """Reduce bindings to their (key id, model) pairs, in order."""
         return [(binding.api_key_id, binding.model) for binding in bindings]
 
     everything = await store.list_bindings(timeout=TIMEOUT)

@@ -36,11 +36,13 @@ WHERE locktype = 'advisory' AND NOT granted AND classid::int8 = $1 AND objid::in
 """
 
 
-async def waiting_for_binding_lock(connection: asyncpg.Connection[asyncpg.Record], key: str) -> int:
-    """Count sessions waiting for the advisory lock of `(key, "m")`."""
+async def all_waiting_for_binding_lock(
+    connection: asyncpg.Connection[asyncpg.Record], key: str, expected: int
+) -> bool:
+    """Tell whether exactly `expected` sessions wait for the advisory lock of `(key, "m")`."""
     as_unsigned = binding_lock_key(key, "m") & 0xFFFFFFFF
-    count: int = await connection.fetchval(_WAITING_FOR_LOCK, NAMESPACE, as_unsigned)
-    return count
+    waiting: int = await connection.fetchval(_WAITING_FOR_LOCK, NAMESPACE, as_unsigned)
+    return waiting == expected
 
 
 @pytest.fixture
@@ -93,18 +95,13 @@ async def test_twenty_racing_claims_agree_on_one_provider(
             for index, pool in enumerate(pools)
         ]
         await wait_until(
-            lambda: _all_waiting(control, "k", 20), timeout=20, message="20 claims waiting"
+            lambda: all_waiting_for_binding_lock(control, "k", 20),
+            timeout=20,
+            message="20 claims waiting",
         )
     bindings = await asyncio.gather(*claims)
     assert len({binding.provider for binding in bindings}) == 1
     assert await count_rows(control) == 1
-
-
-async def _all_waiting(
-    connection: asyncpg.Connection[asyncpg.Record], key: str, expected: int
-) -> bool:
-    """Tell whether `expected` sessions wait for the key's lock."""
-    return await waiting_for_binding_lock(connection, key) == expected
 
 
 @pytest.mark.timeout(90)
@@ -136,7 +133,9 @@ async def test_claims_racing_from_separate_processes_agree(
             for number in range(processes_count)
         ]
         await wait_until(
-            lambda: _all_waiting(control, "k", total), timeout=60, message="all claims waiting"
+            lambda: all_waiting_for_binding_lock(control, "k", total),
+            timeout=60,
+            message="all claims waiting",
         )
     outputs = await asyncio.gather(*(worker.communicate() for worker in workers))
     providers: set[str] = set()
@@ -206,6 +205,7 @@ async def test_store_recovers_after_postgres_restarts(dedicated_postgres: Embedd
         await asyncio.to_thread(dedicated_postgres.start)
 
         async def answers() -> bool:
+            """Tell whether a lookup succeeds now."""
             try:
                 return await store.lookup("k", "m", timeout=1.0) is not None
             except StoreError:

@@ -140,10 +140,12 @@ async def test_concurrent_misses_collapse_into_one_claim(affinity: SharedAffinit
 async def test_store_failure_opens_the_breaker_and_degrades(
     affinity: SharedAffinity, clock: Clock
 ) -> None:
-    """A failing store makes look-ups degraded and skips the store until the cool-off ends."""
+    """Failing look-ups are degraded; three in a row stop store calls until the cool-off ends."""
     store = store_of(affinity)
     store.fail_with(StoreUnavailable("down"))
-    assert (await affinity.lookup("key", "m")).degraded
+    for attempt in range(3):
+        assert affinity.breaker.state() == "closed", attempt
+        assert (await affinity.lookup("key", "m")).degraded
     assert affinity.breaker.state() == "open"
     calls = store.calls["lookup"]
     assert (await affinity.lookup("key", "m")).degraded
@@ -156,10 +158,21 @@ async def test_store_failure_opens_the_breaker_and_degrades(
     assert affinity.breaker.state() == "closed"
 
 
+def test_one_success_resets_the_count_of_failures() -> None:
+    """Failures must be consecutive to open the breaker."""
+    breaker = Breaker(10, lambda: 0.0, failure_threshold=2)
+    breaker.failed()
+    breaker.succeeded()
+    breaker.failed()
+    assert breaker.state() == "closed"
+    breaker.failed()
+    assert breaker.state() == "open"
+
+
 def test_half_open_breaker_lets_one_probe_through() -> None:
     """After the cool-off exactly one call may probe; a failed probe opens it again."""
     now = [0.0]
-    breaker = Breaker(10, lambda: now[0])
+    breaker = Breaker(10, lambda: now[0], failure_threshold=1)
     breaker.failed()
     assert not breaker.allow()
     now[0] = 10.0
@@ -174,9 +187,10 @@ def test_half_open_breaker_lets_one_probe_through() -> None:
 
 
 async def test_timeouts_count_as_failures(affinity: SharedAffinity) -> None:
-    """A store deadline miss opens the breaker like an error does."""
+    """Store deadline misses open the breaker like errors do."""
     store_of(affinity).fail_with(StoreTimeout("slow"))
-    assert (await affinity.claim("key", "m", preferred=[A], acceptable=["node-a"])).degraded
+    for _ in range(3):
+        assert (await affinity.claim("key", "m", preferred=[A], acceptable=["node-a"])).degraded
     assert affinity.breaker.state() == "open"
 
 
