@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from affinity_store.memory import MemoryAffinityStore
 from affinity_store.postgres import Pool, PostgresAffinityStore
 from affinity_store.store import AffinityStore
+from gateway import admin
 from gateway.affinity import SharedAffinity
 from gateway.catalog import Catalog
 from gateway.config import Settings
@@ -67,6 +68,8 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
+    if settings.server.admin_token is not None:
+        app.router.add_get("/admin/bindings", admin_bindings)
     return app
 
 
@@ -181,6 +184,14 @@ async def readyz(request: web.Request) -> web.Response:
     if not request.app[CATALOG].providers:
         return web.json_response({"status": "not ready", "reason": "no providers"}, status=503)
     return web.json_response({"status": "ready"})
+
+
+async def admin_bindings(request: web.Request) -> web.Response:
+    """`/admin/bindings` (admin token): the live shared bindings."""
+    token = request.app[SETTINGS].server.admin_token
+    assert token is not None  # the route exists only with a token
+    admin.check_admin(request, token.get_secret_value())
+    return await admin.bindings(request, request.app[STORE])
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -27,6 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(options.file)
     if command == "hash-key":
         return _hash_key()
+    if command == "migrate":
+        return _migrate(options.config)
+    if command == "bindings":
+        return _bindings(options)
     if command == "demo":
         from gateway.demo import run_demo  # noqa: PLC0415 - keep start-up lean
 
@@ -53,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
 
     commands.add_parser("hash-key", help="read a client key on stdin and print its SHA-256")
+
+    migrate = commands.add_parser("migrate", help="apply pending database migrations")
+    migrate.add_argument("--config", required=True, help="path to the YAML config")
+
+    bindings = commands.add_parser("bindings", help="list live (key, model) → provider bindings")
+    bindings.add_argument("--config", required=True, help="path to the YAML config")
+    bindings.add_argument("--key", help="only this key id")
+    bindings.add_argument("--model", help="only this model")
+    bindings.add_argument("--limit", type=int, default=1000)
     commands.add_parser("simulate", help="run the bundled vLLM-like upstream simulator")
 
     demo = commands.add_parser("demo", help="three simulated nodes and a gateway, ready for curl")
@@ -99,6 +112,41 @@ def _check_config(path: str) -> int:
         f"{path}: OK ({len(settings.providers)} providers, {len(settings.keys)} keys, "
         f"{len(loaded.warnings)} warning(s))"
     )
+    return 0
+
+
+def _migrate(path: str) -> int:
+    import asyncio  # noqa: PLC0415 - keep start-up lean
+
+    from gateway.database import apply_pending, provisioned  # noqa: PLC0415
+
+    loaded = _load_or_report(path)
+    if loaded is None:
+        return 1
+    with provisioned(loaded.settings) as settings:
+        applied = asyncio.run(apply_pending(settings))
+    print("\n".join(f"applied {name}" for name in applied) or "nothing to apply")
+    return 0
+
+
+def _bindings(options: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 - keep start-up lean
+
+    from gateway.database import list_bindings, provisioned  # noqa: PLC0415
+
+    loaded = _load_or_report(options.config)
+    if loaded is None:
+        return 1
+    with provisioned(loaded.settings) as settings:
+        rows = asyncio.run(
+            list_bindings(settings, key_id=options.key, model=options.model, limit=options.limit)
+        )
+    print(f"{'KEY':<24} {'MODEL':<28} {'PROVIDER':<20} {'IDENTITY':<20} TTL LEFT")
+    for row in rows:
+        print(
+            f"{row.api_key_id:<24} {row.model:<28} {row.provider:<20} "
+            f"{row.routing_identity:<20} {row.ttl_remaining:.0f}s"
+        )
     return 0
 
 

@@ -12,13 +12,14 @@ from pydantic import SecretStr
 
 from affinity_store.embedded import EmbeddedPostgres
 from affinity_store.migrate import apply_migrations
-from affinity_store.postgres import Pool, create_pool
-from affinity_store.store import StoreError
+from affinity_store.postgres import Pool, PostgresAffinityStore, create_pool
+from affinity_store.store import Binding, StoreError
 from gateway.config import Settings
 
 logger = structlog.get_logger("gateway.database")
 
 MIGRATION_TIMEOUT_SECONDS = 60.0
+CLI_TIMEOUT_SECONDS = 30.0
 
 
 def database_url(settings: Settings) -> str | None:
@@ -63,6 +64,35 @@ async def migrate(pool: Pool) -> list[str]:
     if applied:
         logger.info("migrations_applied", migrations=applied)
     return applied
+
+
+async def apply_pending(settings: Settings) -> list[str]:
+    """`gateway migrate`: apply pending migrations now, failing loudly if the database is down."""
+    url = database_url(settings)
+    assert url is not None  # provisioned() always supplies one
+    pool = await create_pool(url, min_size=1, max_size=1, statement_cache_size=0)
+    try:
+        return await apply_migrations(pool)
+    finally:
+        await pool.close()
+
+
+async def list_bindings(
+    settings: Settings, *, key_id: str | None, model: str | None, limit: int
+) -> list[Binding]:
+    """`gateway bindings`: the live bindings, filtered."""
+    url = database_url(settings)
+    assert url is not None  # provisioned() always supplies one
+    pool = await create_pool(
+        url, min_size=1, max_size=1, statement_cache_size=settings.database.statement_cache_size
+    )
+    try:
+        store = PostgresAffinityStore(pool)
+        return await store.list_bindings(
+            api_key_id=key_id, model=model, limit=limit, timeout=CLI_TIMEOUT_SECONDS
+        )
+    finally:
+        await pool.close()
 
 
 @contextmanager

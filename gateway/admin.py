@@ -1,0 +1,59 @@
+"""`/admin/*`: operator endpoints behind the admin token; absent when no token is configured."""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from affinity_store.store import AffinityStore, StoreError
+from gateway.errors import GatewayError
+
+ADMIN_TIMEOUT_SECONDS = 2.0
+MAX_LISTED = 10_000
+
+
+def check_admin(request: web.Request, token: str) -> None:
+    """Raise 401 unless the request carries `Authorization: Bearer <admin token>`."""
+    scheme, _, offered = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        offered.strip().encode(), token.encode()
+    ):
+        raise GatewayError(401, "This endpoint needs the admin token.", "invalid_admin_token")
+
+
+async def bindings(request: web.Request, store: AffinityStore) -> web.Response:
+    """Live bindings as JSON, filtered by `key` and `model`; no key material, only ids."""
+    try:
+        limit = min(int(request.query.get("limit", "1000")), MAX_LISTED)
+    except ValueError:
+        raise GatewayError(
+            400, "`limit` must be an integer.", "invalid_type", param="limit"
+        ) from None
+    try:
+        rows = await store.list_bindings(
+            api_key_id=request.query.get("key"),
+            model=request.query.get("model"),
+            limit=max(limit, 0),
+            timeout=ADMIN_TIMEOUT_SECONDS,
+        )
+    except StoreError:
+        raise GatewayError(
+            503, "The affinity store is unavailable.", "store_unavailable", retry_after=1
+        ) from None
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "key_id": row.api_key_id,
+                    "model": row.model,
+                    "provider": row.provider,
+                    "routing_identity": row.routing_identity,
+                    "expires_at": row.expires_at.isoformat(),
+                    "ttl_remaining_seconds": round(row.ttl_remaining, 1),
+                }
+                for row in rows
+            ],
+        }
+    )
