@@ -1,0 +1,151 @@
+"""Per-process concurrency permits: provider limits with FIFO waiting, pacing, and key limits."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from gateway.catalog import Key, Provider
+from gateway.errors import GatewayError
+
+
+@dataclass
+class _Waiter:
+    providers: frozenset[str]
+    granted: asyncio.Future[str]
+
+
+@dataclass
+class _Limit:
+    maximum: int | None
+    interval: float
+    in_flight: int = 0
+    next_start: float = field(default=-math.inf)
+
+
+class ProviderPermits:
+    """How many requests this process has in flight per provider, within its `max_concurrency`.
+
+    A request that finds every candidate full waits in line; a freed permit goes to the
+    longest-waiting request that can use it, so nobody overtakes a waiter.
+    """
+
+    def __init__(
+        self, providers: Mapping[str, Provider], *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._limits = {
+            name: _Limit(provider.max_concurrency, provider.min_start_interval_seconds)
+            for name, provider in providers.items()
+        }
+        self._waiters: deque[_Waiter] = deque()
+        self._clock = clock
+
+    def in_flight(self, provider: str) -> int:
+        """Requests this process has in flight on the provider."""
+        return self._limits[provider].in_flight
+
+    def available(self, provider: str) -> bool:
+        """Whether a request could take a permit for the provider right now."""
+        limit = self._limits[provider]
+        has_room = limit.maximum is None or limit.in_flight < limit.maximum
+        return has_room and not any(provider in waiter.providers for waiter in self._waiters)
+
+    def try_acquire(self, provider: str) -> bool:
+        """Take a permit if one is free and nobody is queued for it."""
+        if not self.available(provider):
+            return False
+        self._limits[provider].in_flight += 1
+        return True
+
+    async def acquire_first(self, providers: Sequence[str], timeout: float) -> str | None:  # noqa: ASYNC109 - the wait is the bounded thing itself
+        """The first of `providers` (in order) with a free permit, else wait in line for any.
+
+        Returns the provider whose permit was taken, or None when `timeout` passed first.
+        """
+        for provider in providers:
+            if self.try_acquire(provider):
+                return provider
+        waiter = _Waiter(frozenset(providers), asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(waiter.granted)
+        except TimeoutError:
+            # A permit handed over at the very moment the wait ran out is still ours.
+            return waiter.granted.result() if waiter.granted.done() else None
+        except asyncio.CancelledError:
+            if waiter.granted.done():
+                self.release(waiter.granted.result())  # pass it on to the next in line
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def release(self, provider: str) -> None:
+        """Return a permit: hand it to the longest waiter that can use it, else free it."""
+        limit = self._limits[provider]
+        for waiter in self._waiters:
+            if provider in waiter.providers and not waiter.granted.done():
+                waiter.granted.set_result(provider)
+                self._waiters.remove(waiter)
+                return
+        limit.in_flight -= 1
+
+    async def pace(self, provider: str) -> None:
+        """Wait for the provider's next start slot (`min_start_interval_ms`) and reserve it."""
+        limit = self._limits[provider]
+        if limit.interval <= 0:
+            return
+        now = self._clock()
+        slot = max(now, limit.next_start)
+        limit.next_start = slot + limit.interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+    def waiting(self, providers: Collection[str]) -> int:
+        """Requests queued for any of these providers."""
+        return sum(1 for waiter in self._waiters if not waiter.providers.isdisjoint(providers))
+
+
+class KeyLimits:
+    """Per-key concurrency and start pacing in this process: over the limit is a 429 at once."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._in_flight: dict[str, int] = {}
+        self._last_start: dict[str, float] = {}
+        self._clock = clock
+
+    def acquire(self, key: Key) -> None:
+        """Admit a request for the key, or raise a 429 with a Retry-After."""
+        in_flight = self._in_flight.get(key.id, 0)
+        if key.max_concurrency is not None and in_flight >= key.max_concurrency:
+            raise GatewayError(
+                429,
+                f"Too many concurrent requests for this key (limit {key.max_concurrency}).",
+                "key_concurrency_limit",
+                retry_after=1,
+            )
+        now = self._clock()
+        if key.min_start_interval_seconds > 0:
+            wait = self._last_start.get(key.id, -math.inf) + key.min_start_interval_seconds - now
+            if wait > 0:
+                raise GatewayError(
+                    429,
+                    "Requests for this key are arriving faster than its start interval allows.",
+                    "key_rate_limit",
+                    retry_after=wait,
+                )
+            self._last_start[key.id] = now
+        self._in_flight[key.id] = in_flight + 1
+
+    def release(self, key: Key) -> None:
+        """A request for the key finished."""
+        remaining = self._in_flight.get(key.id, 0) - 1
+        if remaining > 0:
+            self._in_flight[key.id] = remaining
+        else:
+            self._in_flight.pop(key.id, None)
