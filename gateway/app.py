@@ -20,7 +20,10 @@ from gateway.config import Settings
 from gateway.database import open_pool
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError, error_response
+from gateway.health import ProviderHealth
+from gateway.load import LoadPoller
 from gateway.observability import Metrics
+from gateway.permits import ProviderPermits
 from gateway.proxy import Proxy
 from gateway.requestid import request_id_of
 from gateway.router import Router
@@ -35,6 +38,7 @@ CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 PROXY = web.AppKey("proxy", Proxy)
 STORE = web.AppKey("store", AffinityStore)
 AFFINITY = web.AppKey("affinity", SharedAffinity)
+LOAD = web.AppKey("load", LoadPoller)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -94,26 +98,48 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def client_session_context(app: web.Application) -> AsyncIterator[None]:
-    """The worker's one upstream client session, and the proxy built on it."""
+    """The worker's one upstream client session, the load poller, and the proxy built on them."""
     settings = app[SETTINGS]
+    catalog = app[CATALOG]
     session = create_client_session(settings.routing)
     app[CLIENT_SESSION] = session
+    health = ProviderHealth(settings.routing)
+    permits = ProviderPermits(catalog.providers)
+    poller = LoadPoller(
+        session,
+        catalog.providers,
+        permits.in_flight,
+        interval=settings.routing.load_poll_interval_seconds,
+    )
+    app[LOAD] = poller
+    router = Router(
+        catalog,
+        settings.routing,
+        spill=settings.affinity.spill,
+        affinity=app[AFFINITY],
+        health=health,
+        permits=permits,
+        load=poller.load,
+        metrics=app[METRICS],
+    )
     dispatcher = Dispatcher(
         session,
-        failover_budget=settings.routing.failover_budget,
-        first_byte_timeout=settings.routing.first_byte_timeout_seconds,
+        health,
+        permits,
+        settings.routing,
         dropped_headers=frozenset({settings.routing.mode_header.lower()}),
     )
-    router = Router(app[CATALOG], settings.routing, app[AFFINITY], app[METRICS])
     app[PROXY] = Proxy(
-        app[CATALOG],
+        catalog,
         router,
         dispatcher,
         app[METRICS],
         max_body_bytes=settings.server.max_body_bytes,
         mode_header=settings.routing.mode_header,
     )
+    await poller.start()
     yield
+    await poller.stop()
     await session.close()
 
 

@@ -13,12 +13,16 @@ from aiohttp import web
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from gateway.catalog import Provider
+from gateway.config import RoutingSettings
 from gateway.errors import GatewayError, sse_error_event
+from gateway.health import ProviderHealth
 from gateway.payload import Payload
+from gateway.permits import ProviderPermits
 from gateway.upstream import downstream_headers, upstream_headers
 
 RETRYABLE_STATUSES = frozenset({408, 429})
-MAX_ERROR_BODY_BYTES = 64 * 1024
+# A non-streamed answer is held in memory before it is sent; beyond this it is refused.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 
 class RetryableAttemptError(Exception):
@@ -51,6 +55,7 @@ class DispatchRecord:
     served: Provider | None = None
     status: int | None = None
     ttft_seconds: float | None = None
+    upstream_ttft_seconds: float | None = None
     bytes_sent: int = 0
     client_disconnected: bool = False
 
@@ -85,14 +90,18 @@ class Dispatcher:
     def __init__(
         self,
         session: aiohttp.ClientSession,
+        health: ProviderHealth,
+        permits: ProviderPermits,
+        routing: RoutingSettings,
         *,
-        failover_budget: int,
-        first_byte_timeout: float,
         dropped_headers: frozenset[str],
     ) -> None:
         self._session = session
-        self._failover_budget = failover_budget
-        self._first_byte_timeout = first_byte_timeout
+        self._health = health
+        self._permits = permits
+        self._failover_budget = routing.failover_budget
+        self._first_byte_timeout = routing.first_byte_timeout_seconds
+        self._wait_timeout = routing.wait_timeout_seconds
         self._dropped_headers = dropped_headers
 
     async def dispatch(
@@ -102,23 +111,56 @@ class Dispatcher:
         providers: Sequence[Provider],
         record: DispatchRecord,
     ) -> web.StreamResponse:
-        """Answer the client from the first provider that works; raise GatewayError if none does."""
-        budget = min(self._failover_budget, len(providers))
-        if budget == 0:
-            raise GatewayError(503, "No provider can serve this model now.", "no_provider")
+        """Answer the client from the first provider that works; raise GatewayError if none does.
+
+        Cooling providers are skipped; each attempt takes a permit on the first provider left
+        in the list that has one free, or waits in line for any of them.
+        """
+        remaining = [provider for provider in providers if not self._health.cooling(provider.name)]
+        if not remaining:
+            raise GatewayError(
+                429,
+                "Every provider for this model is cooling down after failures or rate limits.",
+                "providers_cooling",
+                retry_after=self._health.soonest_recovery(provider.name for provider in providers),
+            )
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(budget),
+            stop=stop_after_attempt(min(self._failover_budget, len(remaining))),
             retry=retry_if_exception_type(RetryableAttemptError),
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    provider = providers[attempt.retry_state.attempt_number - 1]
-                    return await self._attempt(request, job, provider, record)
+                    provider = await self._take_permit(remaining)
+                    remaining.remove(provider)
+                    try:
+                        return await self._attempt(request, job, provider, record)
+                    finally:
+                        self._permits.release(provider.name)
         except RetryableAttemptError:
             pass
         raise _exhausted(record)
+
+    async def _take_permit(self, remaining: list[Provider]) -> Provider:
+        """The first provider with a free permit (waiting in line if needed), paced."""
+        name = await self._permits.acquire_first(
+            [provider.name for provider in remaining], self._wait_timeout
+        )
+        if name is None:
+            raise GatewayError(
+                503,
+                "Every provider for this model is at its concurrency limit; try again shortly.",
+                "providers_busy",
+                retry_after=1,
+            )
+        provider = next(provider for provider in remaining if provider.name == name)
+        try:
+            await self._permits.pace(name)
+        except BaseException:
+            self._permits.release(name)
+            raise
+        return provider
 
     async def _attempt(
         self,
@@ -133,6 +175,7 @@ class Dispatcher:
             job.client_headers, provider, job.request_id, self._dropped_headers
         )
         job.on_attempt(provider)
+        attempt_started = time.monotonic()
         deadline = asyncio.timeout(self._first_byte_timeout)
         response: aiohttp.ClientResponse | None = None
         try:
@@ -148,25 +191,26 @@ class Dispatcher:
                     )
                 first_chunk = await response.content.readany()
         except RetryableAttemptError as failure:
-            record.attempts.append(
-                Attempt(provider.name, failure.reason, failure.status, failure.retry_after)
-            )
+            self._failed(record, provider, failure)
             _close(response)
             raise
         except TimeoutError:
-            record.attempts.append(Attempt(provider.name, "timeout"))
             _close(response)
-            raise RetryableAttemptError("timeout") from None
+            timed_out = RetryableAttemptError("timeout")
+            self._failed(record, provider, timed_out)
+            raise timed_out from None
         except aiohttp.ClientError as error:
-            reason = "connect_error" if response is None else "payload_error"
-            record.attempts.append(Attempt(provider.name, reason))
             _close(response)
-            raise RetryableAttemptError(reason) from error
+            broken = RetryableAttemptError("connect_error" if response is None else "payload_error")
+            self._failed(record, provider, broken)
+            raise broken from error
         except BaseException:
             _close(response)
             raise
 
-        record.ttft_seconds = time.monotonic() - job.started_at
+        now = time.monotonic()
+        record.ttft_seconds = now - job.started_at
+        record.upstream_ttft_seconds = now - attempt_started
         record.served = provider
         try:
             if 200 <= response.status < 300 and _is_event_stream(response):
@@ -192,12 +236,19 @@ class Dispatcher:
     ) -> web.Response:
         """A non-streamed answer: read it whole (still before the client sees a byte)."""
         try:
-            rest = await response.content.read()
-        except (aiohttp.ClientError, TimeoutError) as error:
-            record.attempts.append(Attempt(provider.name, "payload_error", response.status))
+            rest = await response.content.read(MAX_RESPONSE_BYTES - len(first_chunk) + 1)
+            if len(first_chunk) + len(rest) > MAX_RESPONSE_BYTES:
+                raise ValueError("response too large")
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            failure = RetryableAttemptError(
+                "oversized_response" if isinstance(error, ValueError) else "payload_error",
+                status=response.status,
+            )
+            self._failed(record, provider, failure)
             record.served = None
-            raise RetryableAttemptError("payload_error") from error
+            raise failure from error
         body = first_chunk + rest
+        self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
         record.status = response.status
         record.bytes_sent = len(body)
@@ -238,6 +289,7 @@ class Dispatcher:
             record.attempts.append(Attempt(provider.name, "client_disconnected", response.status))
             return downstream
         except (aiohttp.ClientError, TimeoutError):
+            self._health.failed(provider.name)
             record.attempts.append(Attempt(provider.name, "dropped_mid_stream", response.status))
             separator = b"" if last.endswith(b"\n\n") else b"\n\n"
             message = "The upstream stream ended unexpectedly; the response is incomplete."
@@ -246,9 +298,22 @@ class Dispatcher:
                 downstream, separator + sse_error_event(message, "upstream_dropped")
             )
             return downstream
+        self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
         await downstream.write_eof()
         return downstream
+
+    def _failed(
+        self, record: DispatchRecord, provider: Provider, failure: RetryableAttemptError
+    ) -> None:
+        """Note a failed attempt, and let the provider's health learn from it."""
+        record.attempts.append(
+            Attempt(provider.name, failure.reason, failure.status, failure.retry_after)
+        )
+        if failure.status == 429:
+            self._health.rate_limited(provider.name, failure.retry_after)
+        else:
+            self._health.failed(provider.name)
 
 
 def _is_event_stream(response: aiohttp.ClientResponse) -> bool:

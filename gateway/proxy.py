@@ -15,6 +15,7 @@ from gateway.dispatch import Dispatcher, DispatchRecord, DispatchRequest
 from gateway.errors import GatewayError
 from gateway.observability import Metrics
 from gateway.payload import Endpoint, Payload, parse_payload
+from gateway.permits import KeyLimits
 from gateway.requestid import request_id_of
 from gateway.router import RequestContext, Router, RoutingDecision
 from gateway.routing.automodel import (
@@ -61,6 +62,7 @@ class Proxy:
         self.router = router
         self.dispatcher = dispatcher
         self.metrics = metrics
+        self.key_limits = KeyLimits()
         self._max_body_bytes = max_body_bytes
         self._mode_header = mode_header
 
@@ -150,6 +152,7 @@ class Proxy:
         request_id = request_id_of(request)
         record = DispatchRecord()
         key: Key | None = None
+        admitted: Key | None = None
         affinity = "none"
         route: list[str] = []
         payload: Payload | None = None
@@ -178,6 +181,8 @@ class Proxy:
                 stream=payload.stream,
                 session_id=session_id,
             )
+            self.key_limits.acquire(key)
+            admitted = key
             decision = await self.router.decide(context, candidates)
             affinity = decision.affinity
             route = [
@@ -197,7 +202,7 @@ class Proxy:
             response = await self.dispatcher.dispatch(request, job, decision.failover, record)
             served = record.served
             if served is not None and record.succeeded:
-                self.router.succeeded(context, decision, served, record.ttft_seconds)
+                self.router.succeeded(context, decision, served, record.upstream_ttft_seconds)
                 affinity = self.router.affinity_header(decision, served)
             status = response.status
             return response
@@ -209,6 +214,8 @@ class Proxy:
             record.client_disconnected = True
             raise
         finally:
+            if admitted is not None:
+                self.key_limits.release(admitted)
             self._record(
                 request_id=request_id,
                 affinity=affinity,

@@ -7,6 +7,7 @@ model-group preference and the per-process latency bands, then lets the pure pol
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,8 +18,11 @@ import structlog
 from affinity_store.store import Candidate
 from gateway.affinity import CachedBinding, SharedAffinity
 from gateway.catalog import Catalog, Key, Provider
-from gateway.config import RoutingSettings
+from gateway.config import RoutingSettings, SpillSettings
+from gateway.health import ProviderHealth
+from gateway.load import should_spill
 from gateway.observability import Metrics
+from gateway.permits import ProviderPermits
 from gateway.routing.latency import LatencyTracker
 from gateway.routing.ordering import (
     OrderingRequest,
@@ -63,6 +67,7 @@ class RoutingDecision:
     reasons: list[str]
     affinity: AffinityKind
     bound: CachedBinding | None = None
+    spilled: bool = False
 
 
 class Router:
@@ -72,9 +77,13 @@ class Router:
         self,
         catalog: Catalog,
         routing: RoutingSettings,
-        affinity: SharedAffinity,
-        metrics: Metrics,
         *,
+        spill: SpillSettings,
+        affinity: SharedAffinity,
+        health: ProviderHealth,
+        permits: ProviderPermits,
+        load: Callable[[str], float],
+        metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
     ) -> None:
@@ -83,6 +92,10 @@ class Router:
         self.latency = LatencyTracker(routing.latency_window_seconds)
         self.sessions = SessionTable(routing.session_ttl_seconds, routing.session_capacity)
         self.starts = StartTracker()
+        self.health = health
+        self.permits = permits
+        self._load = load
+        self._spill = spill
         self._routing = routing
         self._metrics = metrics
         self._clock = clock
@@ -153,6 +166,16 @@ class Router:
                     new_session=True,
                     session_counts=self.sessions.live_counts(now),
                 )
+        spilled = request.sticky is not None and should_spill(
+            request.sticky,
+            [name for name in available if name != request.sticky],
+            self._load,
+            self._spill,
+        )
+        if spilled:
+            # For this request only: the binding stays where it is.
+            kind = "spill"
+            request = dataclasses.replace(request, spilled=True)
         ranked = order(request)
         by_name = {provider.name: provider for provider in candidates}
         self._metrics.affinity_results.labels(kind).inc()
@@ -161,10 +184,13 @@ class Router:
             reasons=[entry.reason for entry in ranked],
             affinity=kind,
             bound=bound,
+            spilled=spilled,
         )
 
     def affinity_header(self, decision: RoutingDecision, provider: Provider) -> AffinityKind:
         """`x-gateway-affinity` once the serving provider is known: a failover is a rebind."""
+        if decision.spilled:
+            return "spill"
         if decision.bound is not None and provider.name != decision.bound.provider:
             return "rebound"
         return decision.affinity
@@ -184,6 +210,8 @@ class Router:
         now = self._clock()
         if ttft_seconds is not None:
             self.latency.record(provider.name, context.model, ttft_seconds, now)
+        if decision.spilled:
+            return  # a spill is a detour: stickiness stays as it was
         stickiness = self.catalog.stickiness(context.model)
         if stickiness == "session" and context.session_id is not None:
             self.sessions.bind(
@@ -212,8 +240,8 @@ class Router:
             ProviderState(
                 name=provider.name,
                 routing_identity=provider.routing_identity,
-                cooling=False,
-                available=True,
+                cooling=self.health.cooling(provider.name),
+                available=self.permits.available(provider.name),
                 band=bands.get(provider.name, 0),
                 last_started=self.starts.last_started(provider.routing_identity),
                 tiebreak=self._tiebreak.get(provider.name, 0),

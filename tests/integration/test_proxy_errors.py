@@ -109,7 +109,7 @@ async def test_client_error_is_openai_shaped(
     assert response_headers["Content-Type"].startswith("application/json")
     assert response_headers["x-request-id"]
     assert_openai_error(response_body, code)
-    assert (await node.stats()).requests_received == 0
+    assert (await node.stats()).completion_requests == 0
     await assert_still_serving(server)
 
 
@@ -129,25 +129,13 @@ async def test_body_over_the_limit_without_content_length_is_413(
     await assert_still_serving(server)
 
 
-@pytest.mark.parametrize(
-    ("faults", "status", "code"),
-    [
-        pytest.param({"error_rate": 1.0}, 502, "upstream_error", id="upstream-5xx"),
-        pytest.param(
-            {"rate_limit_retry_after": 7}, 429, "upstream_rate_limited", id="upstream-429"
-        ),
-    ],
-)
-async def test_upstream_failure_is_openai_shaped(
-    start_simulator: SimulatorFactory,
-    start_gateway: GatewayFactory,
-    faults: dict[str, object],
-    status: int,
-    code: str,
+async def test_upstream_server_error_is_a_502(
+    start_simulator: SimulatorFactory, start_gateway: GatewayFactory
 ) -> None:
-    """When every provider fails, the client gets the matching status and an OpenAI error."""
+    """When every provider answers 5xx, the client gets a 502 and an OpenAI error."""
+    status, code = 502, "upstream_error"
     node = await start_simulator("node-a")
-    await node.set_faults(**faults)
+    await node.set_faults(error_rate=1.0)
     server = await start_gateway(build_settings({"node-a": node.url}))
     answered, headers, body = await call(
         server, "POST", "/v1/chat/completions", body=orjson.dumps(chat_body()), headers=AUTH
@@ -155,10 +143,31 @@ async def test_upstream_failure_is_openai_shaped(
     assert answered == status
     assert_openai_error(body, code)
     assert "Retry-After" in headers
-    if status == 429:
-        assert headers["Retry-After"] == "7"
-    await node.set_faults(error_rate=0.0, rate_limit_retry_after=None)
+    await node.set_faults(error_rate=0.0)
     await assert_still_serving(server)
+
+
+async def test_upstream_rate_limit_is_a_429_and_cools_the_provider(
+    start_simulator: SimulatorFactory, start_gateway: GatewayFactory
+) -> None:
+    """An upstream 429 reaches the client as a 429 with its Retry-After; the node then cools."""
+    node = await start_simulator("node-a")
+    await node.set_faults(rate_limit_retry_after=7)
+    server = await start_gateway(build_settings({"node-a": node.url}))
+    status, headers, body = await call(
+        server, "POST", "/v1/chat/completions", body=orjson.dumps(chat_body()), headers=AUTH
+    )
+    assert status == 429
+    assert headers["Retry-After"] == "7"
+    assert_openai_error(body, "upstream_rate_limited")
+    await node.set_faults(rate_limit_retry_after=None)
+    status, headers, body = await call(
+        server, "POST", "/v1/chat/completions", body=orjson.dumps(chat_body()), headers=AUTH
+    )
+    assert status == 429
+    assert 1 <= int(headers["Retry-After"]) <= 7
+    assert_openai_error(body, "providers_cooling")
+    assert (await node.stats()).completion_requests == 1
 
 
 async def test_unreachable_upstream_is_503(start_gateway: GatewayFactory) -> None:
@@ -200,7 +209,7 @@ async def test_upstream_client_error_passes_through_unchanged(
     )
     assert status == 400
     assert headers["x-gateway-provider"] == "node-a"
-    assert (await node.stats()).requests_received == 1
+    assert (await node.stats()).completion_requests == 1
     assert "error" in orjson.loads(answer)
 
 

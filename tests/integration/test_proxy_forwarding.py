@@ -114,7 +114,7 @@ async def test_failing_node_is_skipped_for_the_next_one(
         status, headers, _ = await post_chat(server, orjson.dumps(chat_body()))
         assert status == 200
         assert headers["x-gateway-provider"] == "node-b"
-    assert (await broken.stats()).requests_received >= 1
+    assert (await broken.stats()).completion_requests >= 1
 
 
 async def test_unreachable_node_is_skipped_for_the_next_one(
@@ -211,4 +211,4 @@ async def test_model_name_reaches_only_its_own_providers(
         status, headers, _ = await post_chat(server, orjson.dumps(chat_body()))
         assert status == 200
         assert headers["x-gateway-provider"] == "node-a"
-    assert (await node_b.stats()).requests_received == 0
+    assert (await node_b.stats()).completion_requests == 0

@@ -151,4 +151,4 @@ async def test_disabled_auto_model_is_a_clear_400(
     assert "disabled" in body["error"]["message"]
     status, _, body = await chat(server, {**chat_body(), "model": "auto"}, key="sk-no-org")
     assert status == 404
-    assert (await node.stats()).requests_received == 0
+    assert (await node.stats()).completion_requests == 0

@@ -96,6 +96,14 @@ class NodeStats:
         )
         return cls(**values)
 
+    @property
+    def completion_requests(self) -> int:
+        """Completion requests received (chat and legacy), leaving out /metrics scrapes."""
+        return sum(
+            self.requests_by_path.get(path, 0)
+            for path in ("/v1/chat/completions", "/v1/completions")
+        )
+
     def last_request(self) -> RecordedRequest:
         """The most recent completion request; AssertionError when there was none."""
         assert self.recent_requests, "the node has not received a completion request"
