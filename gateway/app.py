@@ -128,6 +128,8 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         permits,
         settings.routing,
         dropped_headers=frozenset({settings.routing.mode_header.lower()}),
+        # A node that failed enough to cool down comes back as an unknown: neutral latency.
+        on_cooldown=router.latency.forget,
     )
     app[PROXY] = Proxy(
         catalog,

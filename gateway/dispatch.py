@@ -95,8 +95,10 @@ class Dispatcher:
         routing: RoutingSettings,
         *,
         dropped_headers: frozenset[str],
+        on_cooldown: Callable[[str], None],
     ) -> None:
         self._session = session
+        self._on_cooldown = on_cooldown
         self._health = health
         self._permits = permits
         self._failover_budget = routing.failover_budget
@@ -289,7 +291,7 @@ class Dispatcher:
             record.attempts.append(Attempt(provider.name, "client_disconnected", response.status))
             return downstream
         except (aiohttp.ClientError, TimeoutError):
-            self._health.failed(provider.name)
+            self._provider_failed(provider)
             record.attempts.append(Attempt(provider.name, "dropped_mid_stream", response.status))
             separator = b"" if last.endswith(b"\n\n") else b"\n\n"
             message = "The upstream stream ended unexpectedly; the response is incomplete."
@@ -313,7 +315,11 @@ class Dispatcher:
         if failure.status == 429:
             self._health.rate_limited(provider.name, failure.retry_after)
         else:
-            self._health.failed(provider.name)
+            self._provider_failed(provider)
+
+    def _provider_failed(self, provider: Provider) -> None:
+        if self._health.failed(provider.name):
+            self._on_cooldown(provider.name)
 
 
 def _is_event_stream(response: aiohttp.ClientResponse) -> bool:

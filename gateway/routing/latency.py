@@ -148,6 +148,14 @@ class LatencyTracker:
         model_samples.count += 1
         model_samples.oldest_at = min(model_samples.oldest_at, now)
 
+    def forget(self, provider: str) -> None:
+        """Drop every sample of a provider: after an outage its past latency says nothing."""
+        for model_samples in self._models.values():
+            series = model_samples.series.pop(provider, None)
+            if series is not None:
+                model_samples.total_microseconds -= series.total_microseconds
+                model_samples.count -= len(series.samples)
+
     def bands(
         self,
         model: str,

@@ -303,3 +303,24 @@ def test_snapshot_bands_agree_with_routing_bands(samples: list[tuple[str, float,
     snapshot = tracker.snapshot(MODEL, now, providers=providers, min_samples=3)
     routing = tracker.bands(MODEL, providers, now, band_fraction=0.15, min_samples=3, enabled=True)
     assert {entry.provider: entry.band for entry in snapshot.providers} == routing
+
+
+def test_forgetting_a_provider_makes_it_neutral_again() -> None:
+    """After `forget`, a slow provider scores the global mean (band 0) and totals stay exact."""
+    tracker = LatencyTracker(900)
+    for index in range(30):
+        tracker.record("slow", "m", 0.9, float(index))
+        tracker.record("fast", "m", 0.3, float(index))
+        tracker.record("mid", "m", 0.5, float(index))
+    bands = tracker.bands(
+        "m", ["slow", "fast", "mid"], 30.0, band_fraction=0.15, min_samples=20, enabled=True
+    )
+    assert bands["slow"] > 0
+    tracker.forget("slow")
+    bands = tracker.bands(
+        "m", ["slow", "fast", "mid"], 30.0, band_fraction=0.15, min_samples=20, enabled=True
+    )
+    assert bands["slow"] == 0
+    snapshot = tracker.snapshot("m", 30.0)
+    assert snapshot.sample_count == 60
+    assert snapshot.global_mean_seconds == pytest.approx(0.4)
