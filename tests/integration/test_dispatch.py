@@ -38,7 +38,7 @@ async def post(
 async def gateway_for(
     start_gateway: GatewayFactory,
     nodes: list[InProcessSimulator],
-    **sections: dict[str, Any],
+    **sections: Any,
 ) -> TestServer:
     """A gateway in front of the nodes, with config sections merged in."""
     config = settings_dict({node.name: node.url for node in nodes}, extra=sections)
