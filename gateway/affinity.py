@@ -14,7 +14,7 @@ import structlog
 
 from affinity_store.store import AffinityStore, Binding, Candidate, StoreError
 from gateway.config import AffinitySettings
-from gateway.observability import Metrics
+from gateway.metrics import Metrics
 
 logger = structlog.get_logger("gateway.affinity")
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from affinity_store.memory import MemoryAffinityStore
 from affinity_store.postgres import Pool, PostgresAffinityStore
@@ -22,7 +24,7 @@ from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError, error_response
 from gateway.health import ProviderHealth
 from gateway.load import LoadPoller
-from gateway.observability import Metrics
+from gateway.metrics import Metrics, exposition
 from gateway.permits import ProviderPermits
 from gateway.proxy import Proxy
 from gateway.requestid import request_id_of
@@ -39,6 +41,8 @@ PROXY = web.AppKey("proxy", Proxy)
 STORE = web.AppKey("store", AffinityStore)
 AFFINITY = web.AppKey("affinity", SharedAffinity)
 LOAD = web.AppKey("load", LoadPoller)
+METRICS_DIRECTORY = web.AppKey("metrics_directory", str)
+GAUGE_REFRESH_SECONDS = 1.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -48,11 +52,13 @@ def create_app(
     *,
     metrics: Metrics | None = None,
     store: AffinityStore | None = None,
+    metrics_directory: str | None = None,
 ) -> web.Application:
     """The gateway application for one worker process.
 
     Bindings go to `store` when given, else to the Postgres at `database.url`; with neither,
-    they stay in this process (a warning says so).
+    they stay in this process (a warning says so). `metrics_directory` is set when several
+    workers share their metrics (see `gateway.metrics`).
     """
     app = web.Application(
         middlewares=[error_middleware],
@@ -63,6 +69,8 @@ def create_app(
     app[METRICS] = metrics or Metrics()
     if store is not None:
         app[STORE] = store
+    if metrics_directory is not None:
+        app[METRICS_DIRECTORY] = metrics_directory
     app.cleanup_ctx.append(store_context)
     app.cleanup_ctx.append(client_session_context)
 
@@ -71,7 +79,8 @@ def create_app(
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
+    if settings.server.metrics_port is None:
+        app.router.add_get("/metrics", metrics_endpoint)
     if settings.server.admin_token is not None:
         app.router.add_get("/admin/bindings", admin_bindings)
     return app
@@ -140,9 +149,21 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         mode_header=settings.routing.mode_header,
     )
     await poller.start()
+    refresher = asyncio.create_task(_refresh_gauges(router), name="gauge-refresher")
     yield
+    refresher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await refresher
     await poller.stop()
     await session.close()
+
+
+async def _refresh_gauges(router: Router) -> None:
+    # Each worker keeps its own state gauges current, so a scrape answered by any worker
+    # (multiprocess mode) sees all of them.
+    while True:
+        router.publish_gauges()
+        await asyncio.sleep(GAUGE_REFRESH_SECONDS)
 
 
 @web.middleware
@@ -223,8 +244,26 @@ async def admin_bindings(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Prometheus text exposition of this app's registry."""
-    body = generate_latest(request.app[METRICS].registry)
+    """Prometheus text: this worker's metrics, or every worker's in multi-worker mode."""
+    return metrics_response(request.app)
+
+
+def metrics_response(app: web.Application) -> web.Response:
+    """The scrape answer for a gateway app."""
+    if PROXY in app:
+        app[PROXY].router.publish_gauges()
+    body = exposition(app[METRICS], app.get(METRICS_DIRECTORY))
     response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
+
+
+def create_metrics_app(gateway: web.Application) -> web.Application:
+    """A separate app serving only `/metrics` for `gateway`, for `server.metrics_port`."""
+    metrics_app = web.Application()
+
+    async def scrape(request: web.Request) -> web.Response:
+        return metrics_response(gateway)
+
+    metrics_app.router.add_get("/metrics", scrape)
+    return metrics_app

@@ -90,10 +90,10 @@ class Catalog:
             key = Key.from_settings(key_settings)
             self._keys_by_digest[key.digest] = key
         self.keys: dict[str, Key] = {key.id: key for key in self._keys_by_digest.values()}
-        self._serving: dict[str, tuple[Provider, ...]] = {}
+        self.serving: dict[str, tuple[Provider, ...]] = {}  # public model → its providers
         for provider in self.providers.values():
             for model in provider.upstream_models:
-                self._serving[model] = (*self._serving.get(model, ()), provider)
+                self.serving[model] = (*self.serving.get(model, ()), provider)
         self._stickiness: dict[str, Stickiness] = {
             model.name: model.stickiness for model in settings.models
         }
@@ -121,7 +121,7 @@ class Catalog:
 
     def serves(self, model: str) -> bool:
         """Whether any provider serves the public model name."""
-        return model in self._serving
+        return model in self.serving
 
     def stickiness(self, model: str) -> Stickiness:
         """The model's stickiness mode (shared unless configured otherwise)."""
@@ -136,7 +136,7 @@ class Catalog:
         cached = self._candidates.get((key.id, model))
         if cached is not None:
             return cached
-        serving = self._serving.get(model, ())
+        serving = self.serving.get(model, ())
         if key.route_strategy == "group":
             members = self.groups.get(key.route_target or "", frozenset())
             chosen = tuple(provider for provider in serving if provider.name in members)
@@ -150,7 +150,7 @@ class Catalog:
     def models_for(self, key: Key) -> Sequence[str]:
         """Public model names this key may use, including its org's enabled auto model."""
         names = sorted(
-            model for model in self._serving if key.allows(model) and self.candidates(key, model)
+            model for model in self.serving if key.allows(model) and self.candidates(key, model)
         )
         spec = self.auto_model(key)
         if spec is not None and spec.enabled and key.allows(spec.name):

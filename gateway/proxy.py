@@ -13,7 +13,7 @@ from aiohttp import web
 from gateway.catalog import Catalog, Key, Provider
 from gateway.dispatch import Dispatcher, DispatchRecord, DispatchRequest
 from gateway.errors import GatewayError
-from gateway.observability import Metrics
+from gateway.metrics import Metrics
 from gateway.payload import Endpoint, Payload, parse_payload
 from gateway.permits import KeyLimits
 from gateway.requestid import request_id_of

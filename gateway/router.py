@@ -21,7 +21,7 @@ from gateway.catalog import Catalog, Key, Provider
 from gateway.config import RoutingSettings, SpillSettings
 from gateway.health import ProviderHealth
 from gateway.load import should_spill
-from gateway.observability import Metrics
+from gateway.metrics import Metrics
 from gateway.permits import ProviderPermits
 from gateway.routing.latency import LatencyTracker
 from gateway.routing.ordering import (
@@ -194,6 +194,26 @@ class Router:
         if decision.bound is not None and provider.name != decision.bound.provider:
             return "rebound"
         return decision.affinity
+
+    def publish_gauges(self) -> None:
+        """Mirror per-process state into gauges: in-flight, cooldown, load and latency bands."""
+        now = self._clock()
+        metrics = self._metrics
+        for name in self.catalog.providers:
+            metrics.provider_in_flight.labels(name).set(self.permits.in_flight(name))
+            metrics.provider_cooldown.labels(name).set(self.health.cooling_remaining(name))
+            metrics.provider_load.labels(name).set(self._load(name))
+        for model, providers in self.catalog.serving.items():
+            bands = self.latency.bands(
+                model,
+                [provider.name for provider in providers],
+                now,
+                band_fraction=self._routing.latency_band_fraction,
+                min_samples=self._routing.latency_min_samples,
+                enabled=True,
+            )
+            for provider, band in bands.items():
+                metrics.latency_band.labels(provider, model).set(band)
 
     def started(self, provider: Provider) -> None:
         """Note that an attempt started on the provider (least-recently-started ordering)."""

@@ -6,16 +6,19 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 
 import structlog
 from aiohttp import web
+from prometheus_client import multiprocess
 
-from gateway.app import create_app
+from gateway.app import create_app, create_metrics_app
 from gateway.config import Settings
 from gateway.database import provisioned
 from gateway.observability import configure_logging
@@ -24,6 +27,7 @@ logger = structlog.get_logger("gateway.serve")
 
 # Worker restarts back off so a worker that dies at start-up cannot spin the supervisor.
 RESTART_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
+MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def install_uvloop() -> None:
@@ -35,10 +39,15 @@ def install_uvloop() -> None:
 
 
 async def serve_worker(
-    settings: Settings, host: str, port: int, *, reuse_port: bool, ready: Callable[[], None] | None
+    settings: Settings,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool,
+    metrics_directory: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting and drain in-flight requests."""
-    app = create_app(settings)
+    app = create_app(settings, metrics_directory=metrics_directory)
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
@@ -55,24 +64,37 @@ async def serve_worker(
         shutdown_timeout=settings.server.shutdown_timeout_seconds,
     )
     await site.start()
+    metrics_runner = None
+    if settings.server.metrics_port is not None:
+        metrics_runner = web.AppRunner(create_metrics_app(app), access_log=None)
+        await metrics_runner.setup()
+        await web.TCPSite(
+            metrics_runner, host, settings.server.metrics_port, reuse_port=reuse_port
+        ).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     logger.info("worker_started", pid=os.getpid(), host=host, port=port)
-    if ready is not None:
-        ready()
     await stop.wait()
     logger.info("worker_draining", pid=os.getpid())
     await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     logger.info("worker_stopped", pid=os.getpid())
 
 
-def run_worker(settings: Settings, host: str, port: int, reuse_port: bool) -> None:
+def run_worker(
+    settings: Settings, host: str, port: int, reuse_port: bool, metrics_directory: str | None
+) -> None:
     """A worker process's entry point."""
     configure_logging()
     install_uvloop()
-    asyncio.run(serve_worker(settings, host, port, reuse_port=reuse_port, ready=None))
+    asyncio.run(
+        serve_worker(
+            settings, host, port, reuse_port=reuse_port, metrics_directory=metrics_directory
+        )
+    )
 
 
 def serve(settings: Settings, host: str, port: int, workers: int) -> int:
@@ -83,16 +105,40 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> int:
     configure_logging()
     with provisioned(settings) as ready:
         if workers == 1:
-            run_worker(ready, host, port, reuse_port=False)
+            run_worker(ready, host, port, reuse_port=False, metrics_directory=None)
             return 0
-        return Supervisor(ready, host, port, workers).run()
+        with shared_metrics_directory() as directory:
+            return Supervisor(ready, host, port, workers, directory).run()
+
+
+@contextlib.contextmanager
+def shared_metrics_directory() -> Iterator[str]:
+    """A fresh, empty directory for the workers' metrics, set in the environment for them.
+
+    prometheus-client picks its multiprocess mode from PROMETHEUS_MULTIPROC_DIR when a worker
+    imports it, so the variable must be set before the workers start.
+    """
+    directory = tempfile.mkdtemp(prefix="gateway-metrics-")
+    previous = os.environ.get(MULTIPROC_VARIABLE)
+    os.environ[MULTIPROC_VARIABLE] = directory
+    try:
+        yield directory
+    finally:
+        if previous is None:
+            os.environ.pop(MULTIPROC_VARIABLE, None)
+        else:
+            os.environ[MULTIPROC_VARIABLE] = previous
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class Supervisor:
     """Starts N worker processes and keeps them running until told to stop."""
 
-    def __init__(self, settings: Settings, host: str, port: int, workers: int) -> None:
+    def __init__(
+        self, settings: Settings, host: str, port: int, workers: int, metrics_directory: str
+    ) -> None:
         self._settings = settings
+        self._metrics_directory = metrics_directory
         self._host = host
         self._port = port
         self._workers = workers
@@ -104,7 +150,7 @@ class Supervisor:
     def _spawn(self) -> BaseProcess:
         process = self._context.Process(
             target=run_worker,
-            args=(self._settings, self._host, self._port, True),
+            args=(self._settings, self._host, self._port, True, self._metrics_directory),
             name="gateway-worker",
         )
         process.start()
@@ -137,6 +183,11 @@ class Supervisor:
             if process.is_alive() or self._stopping:
                 continue
             logger.error("worker_exited", pid=process.pid, exitcode=process.exitcode)
+            if process.pid is not None:
+                # prometheus-client leaves this function unannotated.
+                multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
+                    process.pid, self._metrics_directory
+                )
             delay = RESTART_BACKOFF_SECONDS[min(self._restarts, len(RESTART_BACKOFF_SECONDS) - 1)]
             self._restarts += 1
             time.sleep(delay)

@@ -11,8 +11,9 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.gateway import TEST_KEY, GatewayProcess, chat_body, settings_dict
+from tests.support.gateway import TEST_KEY, GatewayProcess, chat_body, free_port, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 
@@ -114,3 +115,50 @@ async def test_sigterm_drains_in_flight_requests_then_stops_accepting(
 
 async def _node_busy(node: SimulatorProcess) -> bool:
     return (await node.stats()).in_flight >= 1
+
+
+async def test_one_scrape_sums_every_worker_and_metrics_can_have_their_own_port(
+    slow_node: SimulatorProcess, database_url: str, tmp_path: Path
+) -> None:
+    """With two workers, one /metrics scrape (on server.metrics_port) counts all requests."""
+    config = config_for(slow_node, database_url)
+    metrics_port = free_port()
+    config["server"]["metrics_port"] = metrics_port
+    gateway = GatewayProcess(config, tmp_path, workers=2)
+    gateway.start()
+    try:
+        pids: set[int] = set()
+        sent = 0
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await wait_until(
+                lambda: _answers(session, gateway.url), timeout=30, message="gateway up"
+            )
+            while len(pids) < 2 or sent < 10:
+                assert sent < 400, "new connections never reached the second worker"
+                async with session.post(
+                    gateway.url + "/v1/chat/completions",
+                    data=orjson.dumps(chat_body(max_tokens=1)),
+                    headers={"Authorization": f"Bearer {TEST_KEY}"},
+                ) as response:
+                    assert response.status == 200
+                sent += 1
+                pid = await healthz_pid(session, gateway.url)
+                assert pid is not None
+                pids.add(pid)
+            async with session.get(gateway.url + "/metrics") as response:
+                assert response.status == 404  # moved to its own port
+            async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                assert response.status == 200
+                text = await response.text()
+    finally:
+        gateway.stop()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    requests = families["gateway_requests"]
+    total = sum(sample.value for sample in requests.samples if sample.name.endswith("_total"))
+    assert total == sent
+    assert TEST_KEY not in text
+
+
+async def _answers(session: aiohttp.ClientSession, url: str) -> bool:
+    return await healthz_pid(session, url) is not None

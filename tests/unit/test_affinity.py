@@ -15,7 +15,7 @@ from affinity_store.memory import MemoryAffinityStore
 from affinity_store.store import Binding, Candidate, StoreTimeout, StoreUnavailable
 from gateway.affinity import Breaker, SharedAffinity
 from gateway.config import AffinitySettings
-from gateway.observability import Metrics
+from gateway.metrics import Metrics
 from tests.support.polling import wait_until
 
 A = Candidate("node-a", "node-a")

@@ -1,0 +1,132 @@
+"""The metrics an app owns (never prometheus-client's global registry), and multi-worker mode.
+
+With several workers, every process writes its values to files in one directory
+(prometheus-client's multiprocess mode) and any worker's `/metrics` reports them summed.
+Gauges that mirror per-process state are refreshed from that state once a second.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+# Store calls have deadlines of tens to hundreds of milliseconds.
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# TTFT and total duration of LLM calls range from milliseconds (cache hits) to minutes (long
+# generations), so the buckets span 10 ms to 120 s roughly geometrically.
+LATENCY_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """Every metric family of one app, registered on the app's own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "gateway_requests",
+            "Client requests answered, by resolved model, serving provider and status class.",
+            ["model", "provider", "status_class"],
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from receiving a request to sending its last byte.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "gateway_ttft_seconds",
+            "Time from receiving a request to the upstream's first body byte.",
+            ["model", "provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_attempts = Counter(
+            "gateway_upstream_attempts",
+            "Attempts sent to providers, by outcome (ok, or the reason it failed).",
+            ["provider", "outcome"],
+            registry=self.registry,
+        )
+        self.affinity_results = Counter(
+            "gateway_affinity_results",
+            "Requests by how shared or session affinity decided their provider.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.store_latency = Histogram(
+            "gateway_store_call_duration_seconds",
+            "Affinity store calls by operation, circuit state when made, and outcome.",
+            ["operation", "circuit", "outcome"],
+            buckets=STORE_BUCKETS,
+            registry=self.registry,
+        )
+        self.store_up = Gauge(
+            "gateway_affinity_store_up",
+            "1 while the affinity store answers, 0 while a process routes on local state "
+            "(across workers: the lowest).",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        self.renew_queue_depth = Gauge(
+            "gateway_renew_queue_depth",
+            "Renewals and rebinds waiting to be written.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.renew_drops = Counter(
+            "gateway_renew_drops",
+            "Renewals and rebinds dropped, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.provider_in_flight = Gauge(
+            "gateway_provider_in_flight",
+            "Requests in flight to a provider (summed over workers).",
+            ["provider"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.provider_cooldown = Gauge(
+            "gateway_provider_cooldown_seconds",
+            "Seconds of cooldown left for a provider, 0 when it is not cooling "
+            "(across workers: the longest).",
+            ["provider"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.provider_load = Gauge(
+            "gateway_provider_load",
+            "A provider's running + waiting requests as last polled, or in-flight requests "
+            "where it reports none (across workers: the highest).",
+            ["provider"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.latency_band = Gauge(
+            "gateway_latency_band",
+            "A provider's latency band for a model: 0 near the mean, positive slower "
+            "(across workers: the worst).",
+            ["provider", "model"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+
+
+def exposition(metrics: Metrics, directory: str | None) -> bytes:
+    """The Prometheus text for one scrape: this app's registry, or every worker's files."""
+    if directory is None:
+        return generate_latest(metrics.registry)
+    registry = CollectorRegistry()
+    # prometheus-client leaves this constructor unannotated.
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
