@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
 
 from aiohttp import web
@@ -14,12 +15,27 @@ MAX_LISTED = 10_000
 
 
 def check_admin(request: web.Request, token: str) -> None:
-    """Raise 401 unless the request carries `Authorization: Bearer <admin token>`."""
-    scheme, _, offered = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        offered.strip().encode(), token.encode()
-    ):
-        raise GatewayError(401, "This endpoint needs the admin token.", "invalid_admin_token")
+    """Raise 401 unless the request carries the admin token.
+
+    `Authorization: Bearer <token>` for tools; HTTP Basic with the token as password (any
+    user name) so a browser can open the status page.
+    """
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    offered = credentials.strip()
+    if scheme.lower() == "basic":
+        try:
+            offered = base64.b64decode(offered, validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            offered = ""
+    elif scheme.lower() != "bearer":
+        offered = ""
+    if not offered or not hmac.compare_digest(offered.encode(), token.encode()):
+        raise GatewayError(
+            401,
+            "This endpoint needs the admin token.",
+            "invalid_admin_token",
+            headers={"WWW-Authenticate": 'Basic realm="affinity-gateway admin"'},
+        )
 
 
 async def bindings(request: web.Request, store: AffinityStore) -> web.Response:

@@ -29,6 +29,8 @@ from gateway.permits import ProviderPermits
 from gateway.proxy import Proxy
 from gateway.requestid import request_id_of
 from gateway.router import Router
+from gateway.status import collect_status
+from gateway.status_page import render_status
 from gateway.upstream import create_client_session
 
 logger = structlog.get_logger("gateway.app")
@@ -83,6 +85,7 @@ def create_app(
         app.router.add_get("/metrics", metrics_endpoint)
     if settings.server.admin_token is not None:
         app.router.add_get("/admin/bindings", admin_bindings)
+        app.router.add_get("/admin/status", admin_status)
     return app
 
 
@@ -128,7 +131,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         affinity=app[AFFINITY],
         health=health,
         permits=permits,
-        load=poller.load,
+        load=poller,
         metrics=app[METRICS],
     )
     dispatcher = Dispatcher(
@@ -241,6 +244,20 @@ async def admin_bindings(request: web.Request) -> web.Response:
     assert token is not None  # the route exists only with a token
     admin.check_admin(request, token.get_secret_value())
     return await admin.bindings(request, request.app[STORE])
+
+
+async def admin_status(request: web.Request) -> web.Response:
+    """`/admin/status` (admin token): this worker's view, as a small auto-refreshing page."""
+    token = request.app[SETTINGS].server.admin_token
+    assert token is not None  # the route exists only with a token
+    admin.check_admin(request, token.get_secret_value())
+    proxy = request.app[PROXY]
+    snapshot = await collect_status(proxy.router, list(proxy.recent))
+    return web.Response(
+        text=render_status(snapshot),
+        content_type="text/html",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -35,6 +35,7 @@ class GatewayError(Exception):
         *,
         retry_after: float | None = None,
         param: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -42,6 +43,7 @@ class GatewayError(Exception):
         self.code = code
         self.retry_after = retry_after
         self.param = param
+        self.headers = dict(headers or {})
 
     def to_response(self, headers: Mapping[str, str] | None = None) -> web.Response:
         """The JSON response for this error, with `Retry-After` when known."""
@@ -51,7 +53,7 @@ class GatewayError(Exception):
             self.code,
             retry_after=self.retry_after,
             param=self.param,
-            headers=headers,
+            headers={**self.headers, **(headers or {})},
         )
 
 

@@ -74,13 +74,18 @@ class LoadPoller:
     def load(self, provider: str) -> float:
         """The provider's load: its fresh polled reading, else this process's in-flight count."""
         reading = self.readings.get(provider)
-        if (
+        if reading is not None and reading.load is not None and self.is_polled(provider):
+            return reading.load
+        return float(self._in_flight(provider))
+
+    def is_polled(self, provider: str) -> bool:
+        """Whether the provider's load comes from a fresh poll (not the in-flight fallback)."""
+        reading = self.readings.get(provider)
+        return (
             reading is not None
             and reading.load is not None
             and self._clock() - reading.read_at <= self._interval * STALE_AFTER_INTERVALS
-        ):
-            return reading.load
-        return float(self._in_flight(provider))
+        )
 
     async def start(self) -> None:
         """Start polling."""

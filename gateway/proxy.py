@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -25,8 +26,11 @@ from gateway.routing.automodel import (
     resolve,
 )
 from gateway.routing.sessions import session_id_from
+from gateway.status import RecentDecision
 
 logger = structlog.get_logger("gateway.proxy")
+
+RECENT_DECISIONS = 50
 
 # nginx's convention for "the client closed the connection before the answer was complete".
 CLIENT_CLOSED_REQUEST = 499
@@ -63,6 +67,7 @@ class Proxy:
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.key_limits = KeyLimits()
+        self.recent: deque[RecentDecision] = deque(maxlen=RECENT_DECISIONS)
         self._max_body_bytes = max_body_bytes
         self._mode_header = mode_header
 
@@ -243,6 +248,19 @@ class Proxy:
     ) -> None:
         duration = time.monotonic() - started_at
         model = resolved.model if resolved else None
+        self.recent.append(
+            RecentDecision(
+                at=time.time(),
+                request_id=request_id,
+                key_id=key.id if key else None,
+                model=model,
+                provider=record.served.name if record.served else None,
+                affinity=affinity,
+                attempts=tuple(f"{a.provider}:{a.outcome}" for a in record.attempts),
+                status=status,
+                duration_ms=round(duration * 1000, 1),
+            )
+        )
         if model is not None:
             provider = record.served.name if record.served else "none"
             self.metrics.requests.labels(model, provider, f"{status // 100}xx").inc()

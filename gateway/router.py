@@ -20,7 +20,7 @@ from gateway.affinity import CachedBinding, SharedAffinity
 from gateway.catalog import Catalog, Key, Provider
 from gateway.config import RoutingSettings, SpillSettings
 from gateway.health import ProviderHealth
-from gateway.load import should_spill
+from gateway.load import LoadPoller, should_spill
 from gateway.metrics import Metrics
 from gateway.permits import ProviderPermits
 from gateway.routing.latency import LatencyTracker
@@ -82,7 +82,7 @@ class Router:
         affinity: SharedAffinity,
         health: ProviderHealth,
         permits: ProviderPermits,
-        load: Callable[[str], float],
+        load: LoadPoller,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
@@ -94,7 +94,7 @@ class Router:
         self.starts = StartTracker()
         self.health = health
         self.permits = permits
-        self._load = load
+        self._poller = load
         self._spill = spill
         self._routing = routing
         self._metrics = metrics
@@ -169,7 +169,7 @@ class Router:
         spilled = request.sticky is not None and should_spill(
             request.sticky,
             [name for name in available if name != request.sticky],
-            self._load,
+            self._poller.load,
             self._spill,
         )
         if spilled:
@@ -202,18 +202,29 @@ class Router:
         for name in self.catalog.providers:
             metrics.provider_in_flight.labels(name).set(self.permits.in_flight(name))
             metrics.provider_cooldown.labels(name).set(self.health.cooling_remaining(name))
-            metrics.provider_load.labels(name).set(self._load(name))
+            metrics.provider_load.labels(name).set(self._poller.load(name))
         for model, providers in self.catalog.serving.items():
-            bands = self.latency.bands(
-                model,
-                [provider.name for provider in providers],
-                now,
-                band_fraction=self._routing.latency_band_fraction,
-                min_samples=self._routing.latency_min_samples,
-                enabled=True,
-            )
-            for provider, band in bands.items():
+            for provider, band in self.bands(model, [p.name for p in providers], now).items():
                 metrics.latency_band.labels(provider, model).set(band)
+
+    def bands(self, model: str, providers: Sequence[str], now: float) -> dict[str, int]:
+        """The latency bands this process would use for the model (latency routing on)."""
+        return self.latency.bands(
+            model,
+            providers,
+            now,
+            band_fraction=self._routing.latency_band_fraction,
+            min_samples=self._routing.latency_min_samples,
+            enabled=True,
+        )
+
+    def load(self, provider: str) -> float:
+        """The provider's current load as routing sees it."""
+        return self._poller.load(provider)
+
+    def load_is_polled(self, provider: str) -> bool:
+        """Whether that load was polled from the provider (else it is local in-flight)."""
+        return self._poller.is_polled(provider)
 
     def started(self, provider: Provider) -> None:
         """Note that an attempt started on the provider (least-recently-started ordering)."""

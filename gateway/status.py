@@ -1,0 +1,94 @@
+"""What `/admin/status` shows: this worker's view of its providers, store and recent requests."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from affinity_store.store import StoreError
+from gateway.router import Router
+
+STATUS_STORE_TIMEOUT_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class ProviderRow:
+    """One provider as this worker sees it; never its credential."""
+
+    name: str
+    routing_identity: str
+    url: str
+    cooling_seconds: float
+    in_flight: int
+    load: float
+    load_polled: bool
+    bands: Mapping[str, int]  # model → latency band
+    live_bindings: int | None  # bindings on its routing identity; None when the store is down
+
+
+@dataclass(frozen=True)
+class RecentDecision:
+    """One recent request: ids and outcome, never a key or a prompt."""
+
+    at: float  # Unix time
+    request_id: str
+    key_id: str | None
+    model: str | None
+    provider: str | None
+    affinity: str
+    attempts: tuple[str, ...]
+    status: int
+    duration_ms: float
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    """Everything the status page renders."""
+
+    worker_pid: int
+    generated_at: float  # Unix time
+    store_circuit: str  # closed | open | half_open
+    providers: Sequence[ProviderRow]
+    decisions: Sequence[RecentDecision]
+    refresh_seconds: int = 5
+
+
+async def collect_status(router: Router, decisions: Sequence[RecentDecision]) -> StatusSnapshot:
+    """Gather the snapshot; the binding counts are the only I/O, bounded and optional."""
+    catalog = router.catalog
+    identities = {provider.routing_identity for provider in catalog.providers.values()}
+    counts: Mapping[str, int] | None
+    try:
+        counts = await router.affinity.store.count_live(
+            identities, timeout=STATUS_STORE_TIMEOUT_SECONDS
+        )
+    except StoreError:
+        counts = None
+    now = time.monotonic()
+    bands: dict[str, dict[str, int]] = {name: {} for name in catalog.providers}
+    for model, providers in catalog.serving.items():
+        for provider, band in router.bands(model, [p.name for p in providers], now).items():
+            bands[provider][model] = band
+    rows = [
+        ProviderRow(
+            name=provider.name,
+            routing_identity=provider.routing_identity,
+            url=provider.base_url,
+            cooling_seconds=round(router.health.cooling_remaining(provider.name), 1),
+            in_flight=router.permits.in_flight(provider.name),
+            load=router.load(provider.name),
+            load_polled=router.load_is_polled(provider.name),
+            bands=bands[provider.name],
+            live_bindings=None if counts is None else counts.get(provider.routing_identity, 0),
+        )
+        for provider in catalog.providers.values()
+    ]
+    return StatusSnapshot(
+        worker_pid=os.getpid(),
+        generated_at=time.time(),
+        store_circuit=router.affinity.breaker.state(),
+        providers=rows,
+        decisions=list(reversed(decisions)),
+    )
