@@ -14,11 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
-import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,51 +21,25 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
+from bench.harness import (
+    free_port,
+    gateway_command,
+    processes,
+    simulator_command,
+    start,
+    summary,
+    wait_ready,
+    write_config,
+    write_results,
+)
 from gateway.config import hash_key
 
-RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 KEY = "sk-bench-overhead"
 MODEL = "bench-model"
 BODY = json.dumps(
     {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
 ).encode()
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    import socket  # noqa: PLC0415 - only the launcher needs it
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def pinned(command: list[str], core: int, log: Path) -> subprocess.Popen[bytes]:
-    """Start a process pinned to one core (when the machine has it), output to a log file."""
-    process = subprocess.Popen(
-        command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ}
-    )
-    if core < (os.cpu_count() or 1):
-        os.sched_setaffinity(process.pid, {core})
-    return process
-
-
-async def wait_ready(url: str, limit_seconds: float = 30.0) -> None:
-    """Poll a URL until it answers (bounded)."""
-    deadline = time.monotonic() + limit_seconds
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(url) as response:
-                    if response.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up within {limit_seconds} s")
 
 
 async def fixed_rate(url: str, headers: dict[str, str], rate: float, seconds: float) -> list[float]:
@@ -100,18 +69,6 @@ async def fixed_rate(url: str, headers: dict[str, str], rate: float, seconds: fl
     return latencies
 
 
-def summary(latencies: list[float]) -> dict[str, float]:
-    """Median and p99 of the successful requests, and how many failed."""
-    ok = sorted(value for value in latencies if not math.isnan(value))
-    p99 = ok[min(len(ok) - 1, int(len(ok) * 0.99))] if ok else float("nan")
-    return {
-        "requests": len(latencies),
-        "failed": len(latencies) - len(ok),
-        "median_ms": statistics.median(ok) if ok else float("nan"),
-        "p99_ms": p99,
-    }
-
-
 async def measure(rate: float, seconds: float, rounds: int, work: Path) -> dict[str, Any]:
     """Start the simulator and the gateway, then alternate direct and gateway rounds."""
     simulator_port, gateway_port = free_port(), free_port()
@@ -121,19 +78,13 @@ async def measure(rate: float, seconds: float, rounds: int, work: Path) -> dict[
         "providers": [{"name": "sim", "url": simulator_url, "models": {MODEL: MODEL}}],
         "keys": [{"id": "bench", "key_sha256": hash_key(KEY)}],
     }
-    config_path = work / "gateway.yaml"
-    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    simulator = pinned(
-        [sys.executable, "-m", "gateway.simulator", "--port", str(simulator_port), "--name", "sim",
-         "--base-ttft-ms", "0", "--per-token-ms", "0", "--tokens-per-second", "0"],
-        core=1, log=work / "simulator.log",
-    )  # fmt: skip
-    gateway = pinned(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--workers", "1"],
-        core=0,
-        log=work / "gateway.log",
-    )
-    try:
+    config_path = write_config(work / "gateway.yaml", config)
+    with processes() as started:
+        instant = ["--base-ttft-ms", "0", "--per-token-ms", "0", "--tokens-per-second", "0"]
+        simulator = simulator_command("sim", simulator_port, *instant)
+        started.append(start(simulator, work / "simulator.log", core=1))
+        gateway = gateway_command(config_path, gateway_port)
+        started.append(start(gateway, work / "gateway.log", core=0))
         await wait_ready(simulator_url + "/metrics")
         await wait_ready(f"http://127.0.0.1:{gateway_port}/healthz")
         targets = {
@@ -151,10 +102,6 @@ async def measure(rate: float, seconds: float, rounds: int, work: Path) -> dict[
                 samples[name] += await fixed_rate(
                     url, headers | {"Content-Type": "application/json"}, rate, seconds
                 )
-    finally:
-        for process in (gateway, simulator):
-            process.terminate()
-            process.wait(timeout=30)
     results = {name: summary(values) for name, values in samples.items()}
     results["added"] = {
         "median_ms": results["gateway"]["median_ms"] - results["direct"]["median_ms"],
@@ -183,20 +130,14 @@ def main() -> int:
         )
     added = results["added"]
     print(f"{'added':<28}{added['median_ms']:>12.2f}{added['p99_ms']:>10.2f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "overhead",
-                "rate": options.rate,
-                "seconds_per_round": options.seconds,
-                "rounds": options.rounds,
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                "results": results,
-            },
-            indent=2,
-        ),
-        encoding="utf-8",
+    write_results(
+        "overhead",
+        {
+            "rate": options.rate,
+            "seconds_per_round": options.seconds,
+            "rounds": options.rounds,
+            "results": results,
+        },
     )
     return 0
 

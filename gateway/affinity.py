@@ -136,7 +136,8 @@ class SharedAffinity:
         self._metrics = metrics
         self._clock = clock
         self._cache: OrderedDict[tuple[str, str], CachedBinding] = OrderedDict()
-        self._claims: dict[tuple[str, str], asyncio.Future[Lookup]] = {}
+        self._lookups: dict[tuple[str, str], asyncio.Future[Lookup | None]] = {}
+        self._claims: dict[tuple[str, str], asyncio.Future[Lookup | None]] = {}
         self._queue: asyncio.Queue[_Renewal | _Rebind] = asyncio.Queue(settings.renew_queue_size)
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics.store_up.set(1)
@@ -174,12 +175,18 @@ class SharedAffinity:
     async def lookup(self, api_key_id: str, model: str) -> Lookup:
         """The live binding: from the local cache, else one lock-free read under its deadline.
 
-        When the store cannot be asked, the result is degraded and carries the last binding
-        this process saw, if it has not expired: local state is still the best guess.
+        Concurrent look-ups of one (key, model) in this process share one read. When the store
+        cannot be asked, the result is degraded and carries the last binding this process saw,
+        if it has not expired: local state is still the best guess.
         """
         entry = self.cached(api_key_id, model)
         if entry is not None:
             return Lookup(entry)
+        return await self._collapsed(
+            self._lookups, (api_key_id, model), lambda: self._lookup(api_key_id, model)
+        )
+
+    async def _lookup(self, api_key_id: str, model: str) -> Lookup:
         if not self.breaker.allow():
             return Lookup(self.cached(api_key_id, model, fresh=False), degraded=True)
         try:
@@ -205,23 +212,39 @@ class SharedAffinity:
         acceptable: Collection[str],
     ) -> Lookup:
         """Bind on a miss; concurrent misses for one (key, model) here share one claim."""
-        key = (api_key_id, model)
-        pending = self._claims.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
-        self._claims[key] = future
+        return await self._collapsed(
+            self._claims,
+            (api_key_id, model),
+            lambda: self._claim(api_key_id, model, preferred, acceptable),
+        )
+
+    @staticmethod
+    async def _collapsed(
+        pending: dict[tuple[str, str], asyncio.Future[Lookup | None]],
+        key: tuple[str, str],
+        call: Callable[[], Awaitable[Lookup]],
+    ) -> Lookup:
+        """Single flight: the first caller makes the call, the others await its result.
+
+        If the first caller is cancelled (its client left), the others do not inherit that:
+        they are told to try again, and one of them makes the call.
+        """
+        while (shared := pending.get(key)) is not None:
+            result = await asyncio.shield(shared)
+            if result is not None:
+                return result
+        future: asyncio.Future[Lookup | None] = asyncio.get_running_loop().create_future()
+        pending[key] = future
         try:
-            result = await self._claim(api_key_id, model, preferred, acceptable)
-            future.set_result(result)
-            return result
-        except BaseException as error:
-            future.set_exception(error)
-            # Waiters see the error; nobody else may await this future, so mark it retrieved.
-            future.exception()
+            result = await call()
+        except BaseException:
+            future.set_result(None)
             raise
         finally:
-            del self._claims[key]
+            if pending.get(key) is future:
+                del pending[key]
+        future.set_result(result)
+        return result
 
     async def _claim(
         self,

@@ -258,3 +258,30 @@ async def test_degraded_lookup_falls_back_to_the_last_binding_seen(
     assert lookup.binding.provider == "node-b"
     clock.now += 300  # expired: nothing left to go on
     assert (await affinity.lookup("key", "m")).binding is None
+
+
+async def test_concurrent_lookups_share_one_read(affinity: SharedAffinity, clock: Clock) -> None:
+    """Fifty concurrent look-ups of one (key, model) reach the store once."""
+    await affinity.claim("key", "m", preferred=[A], acceptable=["node-a"])
+    clock.now += 6  # the local copy is stale: the store must be asked
+    store = store_of(affinity)
+    results = await asyncio.gather(*(affinity.lookup("key", "m") for _ in range(50)))
+    assert {result.binding.provider for result in results if result.binding} == {"node-a"}
+    assert store.calls["lookup"] == 1
+
+
+async def test_a_cancelled_claimer_does_not_cancel_the_others(affinity: SharedAffinity) -> None:
+    """If the request making the shared claim goes away, a waiting request claims by itself."""
+    store = store_of(affinity)
+    store.claim_gate = asyncio.Event()
+    leader = asyncio.create_task(affinity.claim("key", "m", preferred=[A], acceptable=["node-a"]))
+    await wait_until(lambda: store.calls.get("claim", 0) == 1, message="the leader's claim")
+    follower = asyncio.create_task(affinity.claim("key", "m", preferred=[B], acceptable=["node-b"]))
+    await asyncio.sleep(0)  # let the follower start waiting on the leader
+    leader.cancel()
+    await wait_until(lambda: store.calls.get("claim", 0) == 2, message="the follower's claim")
+    store.claim_gate.set()
+    result = await follower
+    assert result.binding is not None
+    assert result.binding.provider == "node-b"
+    assert leader.cancelled()
