@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
 from gateway.config import hash_key
 from gateway.config_loading import ConfigError, LoadedConfig, load_config
 
+BENCHMARKS = ("overhead", "affinity", "fault_drills", "ordering", "simulator_throughput")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run one command; returns the process exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    # `simulate` owns its flags; hand them over untouched.
+    # `simulate` and `bench` own their flags; hand them over untouched.
     if arguments[:1] == ["simulate"]:
         from gateway.simulator import main as simulate  # noqa: PLC0415 - keep start-up lean
 
         return simulate(arguments[1:])
+    if arguments[:1] == ["bench"]:
+        return _bench(arguments[1:])
     parser = _parser()
     options = parser.parse_args(arguments)
     command: str | None = options.command
@@ -67,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     bindings.add_argument("--model", help="only this model")
     bindings.add_argument("--limit", type=int, default=1000)
     commands.add_parser("simulate", help="run the bundled vLLM-like upstream simulator")
+    commands.add_parser(
+        "bench", help=f"run a benchmark from a source checkout: {', '.join(BENCHMARKS)}"
+    )
 
     demo = commands.add_parser("demo", help="three simulated nodes and a gateway, ready for curl")
     demo.add_argument("--port", type=int, default=8080)
@@ -148,6 +156,20 @@ def _bindings(options: argparse.Namespace) -> int:
             f"{row.routing_identity:<20} {row.ttl_remaining:.0f}s"
         )
     return 0
+
+
+def _bench(arguments: list[str]) -> int:
+    if not arguments or arguments[0] not in BENCHMARKS:
+        print(f"usage: gateway bench {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(f"bench.{arguments[0]}")
+    except ModuleNotFoundError:
+        print("gateway bench: the benchmarks run from a source checkout (bench/)", file=sys.stderr)
+        return 2
+    sys.argv = [f"gateway bench {arguments[0]}", *arguments[1:]]
+    result: int = module.main()
+    return result
 
 
 def _hash_key() -> int:
