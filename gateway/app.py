@@ -232,9 +232,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: config loaded and at least one provider configured to route to."""
-    if not request.app[CATALOG].providers:
-        return web.json_response({"status": "not ready", "reason": "no providers"}, status=503)
+    """Readiness: config loaded and at least one provider not cooling; the store may be down."""
+    health = request.app[PROXY].router.health
+    if all(health.cooling(name) for name in request.app[CATALOG].providers):
+        return web.json_response(
+            {"status": "not ready", "reason": "every provider is cooling"}, status=503
+        )
     return web.json_response({"status": "ready"})
 
 

@@ -275,3 +275,19 @@ async def test_loaded_bound_node_is_skipped_for_one_request_without_rebinding(
         _, headers, _ = await post(session, server)
     assert headers["x-gateway-provider"] == bound
     assert headers["x-gateway-affinity"] == "hit"
+
+
+async def test_readyz_fails_only_while_every_provider_is_cooling(
+    start_simulator: SimulatorFactory, start_gateway: GatewayFactory
+) -> None:
+    """/readyz is 503 while all providers cool down, 200 otherwise."""
+    node = await start_simulator("node-a")
+    await node.set_faults(rate_limit_retry_after=30)
+    server = await gateway_for(start_gateway, [node])
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.make_url("/readyz")) as response:
+            assert response.status == 200
+        assert (await post(session, server))[0] == 429
+        async with session.get(server.make_url("/readyz")) as response:
+            assert response.status == 503
+            assert (await response.json())["reason"] == "every provider is cooling"

@@ -69,6 +69,8 @@ async def test_requests_survive_a_database_outage_and_affinity_resumes(
         assert max(outcome[2] for outcome in outcomes) < 1.0  # never waits on the database
         assert {outcome[3] for outcome in outcomes} == {bound}  # the last binding seen still rules
         assert affinity.breaker.state() in {"open", "half_open"}
+        async with session.get(server.make_url("/readyz")) as ready:
+            assert ready.status == 200  # the store being down does not make the gateway unready
 
         await asyncio.to_thread(dedicated_postgres.start)
         restarted = time.monotonic()
