@@ -33,7 +33,16 @@ class Section(BaseModel):
 
 
 class ServerSettings(Section):
-    """The HTTP listener and its limits."""
+    """The HTTP listener and its limits.
+
+    The connection limits guard each worker against slow and oversized clients: a request head
+    must arrive within `header_read_timeout_seconds` (on a new connection, counted from accept),
+    its body within `body_read_timeout_seconds`; an idle keep-alive connection closes after
+    `keepalive_timeout_seconds` (keep it above the load balancer's upstream idle timeout); a head
+    over `max_header_bytes` or `max_header_count` headers gets 431; connections beyond
+    `max_connections_per_worker` get 503 (each proxied request also holds an upstream socket,
+    so allow at least twice this many open files).
+    """
 
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
@@ -42,6 +51,12 @@ class ServerSettings(Section):
     admin_token: SecretStr | None = None
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     shutdown_timeout_seconds: PositiveFloat = 30.0
+    header_read_timeout_seconds: PositiveFloat = 10.0
+    body_read_timeout_seconds: PositiveFloat = 60.0
+    keepalive_timeout_seconds: PositiveFloat = 75.0
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024
+    max_header_count: PositiveInt = 100
+    max_connections_per_worker: PositiveInt = 1024
 
     @field_validator("admin_token", mode="after")
     @classmethod

@@ -1,11 +1,56 @@
-"""Logging set-up: JSON lines in production, a readable console on a TTY."""
+"""Logging set-up: JSON lines in production, a readable console on a TTY, no warning floods."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable, MutableMapping
+from typing import Any
 
 import structlog
+
+WARNING_INTERVAL_SECONDS = 10.0
+RATE_LIMITED_LEVELS = frozenset({"warning", "error"})
+
+
+class RepeatLimiter:
+    """A structlog processor that lets one identical warning or error through per interval.
+
+    "Identical" means the same level, event and fields (timestamps excepted); the next one let
+    through after a quiet spell says how many were suppressed. Request lines are info: never
+    limited.
+    """
+
+    def __init__(
+        self,
+        interval: float = WARNING_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(
+        self, logger: Any, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        """Drop a repeat inside the interval; count it for the next one let through."""
+        if method not in RATE_LIMITED_LEVELS:
+            return event
+        signature = repr(sorted((k, repr(v)) for k, v in event.items() if k != "timestamp"))
+        signature = f"{method}:{signature}"
+        now = self._clock()
+        last = self._last.get(signature)
+        if last is not None and now - last[0] < self._interval:
+            self._last[signature] = (last[0], last[1] + 1)
+            raise structlog.DropEvent
+        if last is not None and last[1]:
+            event["suppressed_repeats"] = last[1]
+        self._last[signature] = (now, 0)
+        if len(self._last) > 10_000:  # bounded: forget the oldest signatures
+            for stale in list(self._last)[:5_000]:
+                del self._last[stale]
+        return event
 
 
 def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
@@ -19,6 +64,7 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            RepeatLimiter(),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.dict_tracebacks if use_json else structlog.dev.set_exc_info,

@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 
 from gateway.catalog import Catalog, Key, Provider
+from gateway.connections import body_read_timeout, close_after_response
 from gateway.dispatch import Dispatcher, DispatchRecord, DispatchRequest
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
@@ -118,12 +119,24 @@ class Proxy:
         return headers
 
     async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body: 413 past `max_body_bytes`, 408 when it is not all there in time."""
         if request.content_length is not None and request.content_length > self._max_body_bytes:
             raise _too_large(self._max_body_bytes)
+        timeout = body_read_timeout(request)
         try:
-            return await request.read()
+            async with asyncio.timeout(timeout):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(self._max_body_bytes) from None
+        except TimeoutError:
+            # The rest of the body is not worth waiting for: close once the 408 is out.
+            close_after_response(request)
+            raise GatewayError(
+                408,
+                f"The request body did not arrive within {timeout:g} s.",
+                "body_timeout",
+                headers={"Connection": "close"},
+            ) from None
 
     def _resolve(self, request: web.Request, key: Key, requested: str) -> Resolved:
         spec = self.catalog.auto_model(key)
@@ -261,6 +274,8 @@ class Proxy:
                 duration_ms=round(duration * 1000, 1),
             )
         )
+        if route:  # a routing decision was made: count how stickiness turned out
+            self.metrics.affinity_results.labels(affinity).inc()
         if model is not None:
             provider = record.served.name if record.served else "none"
             self.metrics.requests.labels(model, provider, f"{status // 100}xx").inc()

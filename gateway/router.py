@@ -178,7 +178,6 @@ class Router:
             request = dataclasses.replace(request, spilled=True)
         ranked = order(request)
         by_name = {provider.name: provider for provider in candidates}
-        self._metrics.affinity_results.labels(kind).inc()
         return RoutingDecision(
             failover=[by_name[entry.provider] for entry in ranked],
             reasons=[entry.reason for entry in ranked],

@@ -20,6 +20,7 @@ from prometheus_client import multiprocess
 
 from gateway.app import create_app, create_metrics_app
 from gateway.config import Settings
+from gateway.connections import ConnectionLimits, GuardedSite
 from gateway.database import provisioned
 from gateway.observability import configure_logging
 
@@ -46,7 +47,10 @@ async def serve_worker(
     reuse_port: bool,
     metrics_directory: str | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting and drain in-flight requests."""
+    """Serve until SIGTERM/SIGINT, then stop accepting and drain in-flight requests.
+
+    Connections are guarded by the `server` section's limits (see `gateway.connections`).
+    """
     app = create_app(settings, metrics_directory=metrics_directory)
     runner = web.AppRunner(
         app,
@@ -55,21 +59,14 @@ async def serve_worker(
         shutdown_timeout=settings.server.shutdown_timeout_seconds,
     )
     await runner.setup()
-    site = web.TCPSite(
-        runner,
-        host,
-        port,
-        reuse_port=reuse_port,
-        backlog=1024,
-        shutdown_timeout=settings.server.shutdown_timeout_seconds,
-    )
-    await site.start()
+    limits = ConnectionLimits.from_settings(settings.server)
+    await GuardedSite(runner, host, port, limits=limits, reuse_port=reuse_port).start()
     metrics_runner = None
     if settings.server.metrics_port is not None:
         metrics_runner = web.AppRunner(create_metrics_app(app), access_log=None)
         await metrics_runner.setup()
-        await web.TCPSite(
-            metrics_runner, host, settings.server.metrics_port, reuse_port=reuse_port
+        await GuardedSite(
+            metrics_runner, host, settings.server.metrics_port, limits=limits, reuse_port=reuse_port
         ).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,419 @@
+"""Connection limits for slow and oversized clients, where aiohttp has no knob of its own.
+
+aiohttp bounds one header line (`max_field_size`), the request line (`max_line_size`), the number
+of headers (`max_headers`) and idle keep-alive time (`keepalive_timeout`). It has no deadline for
+a request head that trickles in, no bound on a head's total size and no cap on open connections.
+`GuardedSite` adds them: while the worker is under its connection cap, each connection gets a
+`GuardedRequestHandler` (aiohttp's handler with a deadline and a size bound for every request
+head); over the cap, a `RefusingProtocol` answers 503 and closes. The request body's deadline is
+the handler's to enforce (`body_read_timeout`), since only the handler knows when a body ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import uuid
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import cast
+
+import structlog
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+
+from gateway.config import ServerSettings
+from gateway.errors import error_body, error_response
+
+logger = structlog.get_logger("gateway.connections")
+
+# aiohttp's own limit for one header line and for the request line.
+AIOHTTP_LINE_LIMIT = 8190
+# After answering an error at the transport level, keep reading (and dropping) what the client
+# still sends for this long, so the answer is not lost to a reset; then close.
+LINGER_SECONDS = 1.0
+# A request head ends at an empty line; aiohttp's parser also accepts a bare LF as line end.
+HEAD_ENDS = (b"\n\n", b"\n\r\n")
+DEFAULT_BODY_READ_TIMEOUT_SECONDS: float = ServerSettings.model_fields[
+    "body_read_timeout_seconds"
+].default
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one worker allows each client connection (see `ServerSettings`)."""
+
+    header_read_timeout: float
+    body_read_timeout: float
+    keepalive_timeout: float
+    max_header_bytes: int
+    max_header_count: int
+    max_connections: int
+
+    @classmethod
+    def from_settings(cls, server: ServerSettings) -> ConnectionLimits:
+        """The limits configured in the `server` section."""
+        return cls(
+            header_read_timeout=server.header_read_timeout_seconds,
+            body_read_timeout=server.body_read_timeout_seconds,
+            keepalive_timeout=server.keepalive_timeout_seconds,
+            max_header_bytes=server.max_header_bytes,
+            max_header_count=server.max_header_count,
+            max_connections=server.max_connections_per_worker,
+        )
+
+
+class _Phase(enum.Enum):
+    HEAD = "head"  # a request head is due: the deadline runs
+    REQUEST = "request"  # the head arrived; the request is being answered
+    IDLE = "idle"  # between requests on a keep-alive connection
+    CLOSING = "closing"  # refused; dropping input until the client closes or the linger ends
+
+
+class _NoAccessLog(AbstractAccessLogger):
+    """No access log: the proxy writes one structured line per request itself."""
+
+    @property
+    def enabled(self) -> bool:
+        """Never enabled, so aiohttp does not even time requests for it."""
+        return False
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        """Write nothing."""
+
+
+class GuardedRequestHandler(web.RequestHandler):
+    """aiohttp's request handler, plus a deadline and a size bound for each request head.
+
+    The deadline starts when the connection is accepted (for its first request) or when the first
+    byte of a later request arrives, and stops at the blank line that ends the head. A head that
+    misses it gets 408 and the connection closes (one that never sent a byte is just closed); a
+    head over `max_header_bytes` gets 431. On a pipelined connection, heads after the first that
+    arrived with it are left to aiohttp's keep-alive timer.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_close_after",
+        "_deadline",
+        "_head_size",
+        "_head_tail",
+        "_on_lost",
+        "_phase",
+        "limits",
+    )
+
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        limits: ConnectionLimits,
+        on_lost: Callable[[GuardedRequestHandler], None],
+    ) -> None:
+        line_limit = min(AIOHTTP_LINE_LIMIT, limits.max_header_bytes)
+        super().__init__(
+            manager,
+            loop=loop,
+            keepalive_timeout=limits.keepalive_timeout,
+            max_line_size=line_limit,
+            max_field_size=line_limit,
+            max_headers=limits.max_header_count,
+            access_log_class=_NoAccessLog,
+        )
+        self.limits = limits
+        self._on_lost = on_lost
+        self._phase = _Phase.HEAD
+        self._head_size = 0
+        self._head_tail = b""
+        self._deadline: asyncio.TimerHandle | None = None
+        self._close_after = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start serving; the first head's deadline runs from now, so silent connections count."""
+        super().connection_made(transport)
+        self._start_head()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Stop the deadline with everything else aiohttp stops, and free the connection's slot."""
+        self._stop_deadline()
+        super().connection_lost(exc)
+        self._on_lost(self)
+
+    def data_received(self, data: bytes) -> None:
+        """Feed aiohttp's parser, watching the size and the end of a head on the way."""
+        if self._phase is _Phase.CLOSING:
+            return
+        if self._phase is _Phase.IDLE and data:
+            self._start_head()
+        if self._phase is _Phase.HEAD and not self._watch_head(data):
+            return
+        super().data_received(data)
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """Send the response; then wait for the next head, or close when asked to."""
+        outcome = await super().finish_response(request, resp, start_time)
+        if self._close_after:
+            self.force_close()
+        elif self._phase is _Phase.REQUEST:
+            self._phase = _Phase.IDLE
+        return outcome
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """An OpenAI-shaped error for a request aiohttp could not parse, or that escaped the app.
+
+        aiohttp's own answer is plain text, and its log line quotes the offending bytes, which can
+        be part of a credential; this logs only the kind of failure.
+        """
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response already started; the connection is broken")
+        status, text, code = _describe_failure(status, exc)
+        logger.warning(
+            "request_rejected", status=status, reason=type(exc).__name__ if exc else None
+        )
+        response = error_response(status, text, code, headers={"x-request-id": _new_request_id()})
+        response.force_close()
+        return response
+
+    def close_after_response(self) -> None:
+        """Close the connection once the current response is out, without lingering for a body."""
+        self._close_after = True
+
+    def _start_head(self) -> None:
+        self._phase = _Phase.HEAD
+        self._head_size = 0
+        self._head_tail = b""
+        self._stop_deadline()
+        self._deadline = asyncio.get_running_loop().call_later(
+            self.limits.header_read_timeout, self._head_overdue
+        )
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _watch_head(self, data: bytes) -> bool:
+        """Count `data` into the head; False when the head is refused as too large."""
+        limit = self.limits.max_header_bytes
+        window = self._head_tail + data
+        # Only a blank line within the limit can end an acceptable head.
+        end = _head_end(window, limit - self._head_size + len(self._head_tail))
+        if end is not None:
+            self._phase = _Phase.REQUEST
+            self._stop_deadline()
+            return True
+        self._head_size += len(data)
+        if self._head_size > limit:
+            self._refuse(
+                431,
+                f"The request line and headers are larger than the limit of {limit} bytes.",
+                "header_too_large",
+            )
+            return False
+        self._head_tail = window[-2:]
+        return True
+
+    def _head_overdue(self) -> None:
+        self._deadline = None
+        if self._phase is not _Phase.HEAD:
+            return
+        if self._head_size == 0:
+            self.force_close()
+            return
+        self._refuse(
+            408,
+            f"The request head did not arrive within {self.limits.header_read_timeout:g} s.",
+            "header_timeout",
+        )
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        """Answer at the transport level (aiohttp parsed no request), then linger and close."""
+        self._phase = _Phase.CLOSING
+        self._stop_deadline()
+        transport = self.transport
+        if transport is None:
+            return
+        logger.warning("connection_refused", status=status, code=code)
+        transport.write(raw_error_response(status, message, code))
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._deadline = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.force_close)
+
+
+class RefusingProtocol(asyncio.Protocol):
+    """A connection over the worker's cap: 503 at once, then close after a short linger."""
+
+    def __init__(self) -> None:
+        self._linger: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Answer before reading anything: this worker will not parse the request."""
+        stream = cast(asyncio.Transport, transport)
+        stream.write(
+            raw_error_response(
+                503,
+                "This gateway worker is at its connection limit; retry shortly.",
+                "too_many_connections",
+                retry_after=1,
+            )
+        )
+        if stream.can_write_eof():
+            stream.write_eof()
+        self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, stream.close)
+
+    def data_received(self, data: bytes) -> None:
+        """Drop whatever the client sends meanwhile."""
+
+    def eof_received(self) -> bool:
+        """The client finished: close."""
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Stop the linger timer."""
+        if self._linger is not None:
+            self._linger.cancel()
+
+
+class GuardedSite(web.BaseSite):
+    """A TCP site like aiohttp's `TCPSite`, whose connections get `ConnectionLimits`."""
+
+    __slots__ = ("_bound_port", "_connections", "_full", "_host", "_limits", "_port", "_reuse_port")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        limits: ConnectionLimits,
+        reuse_port: bool = False,
+        backlog: int = 1024,
+    ) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._bound_port: int | None = None
+        self._reuse_port = reuse_port
+        self._limits = limits
+        # Weak, so a connection asyncio gave up on before it was made frees its slot too.
+        self._connections: weakref.WeakSet[GuardedRequestHandler] = weakref.WeakSet()
+        self._full = False
+
+    @property
+    def name(self) -> str:
+        """The site's URL."""
+        return f"http://{self._host}:{self.port}"
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (useful with port 0), else the requested one."""
+        return self._port if self._bound_port is None else self._bound_port
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections this site is serving now (refused ones not included)."""
+        return len(self._connections)
+
+    async def start(self) -> None:
+        """Listen."""
+        await super().start()
+        server = await asyncio.get_running_loop().create_server(
+            self._accept, self._host, self._port, backlog=self._backlog, reuse_port=self._reuse_port
+        )
+        self._server = server
+        if server.sockets:
+            self._bound_port = server.sockets[0].getsockname()[1]
+
+    def _accept(self) -> asyncio.Protocol:
+        manager = self._runner.server
+        if manager is None or len(self._connections) >= self._limits.max_connections:
+            if not self._full:
+                self._full = True
+                logger.warning("connection_limit_reached", limit=self._limits.max_connections)
+            return RefusingProtocol()
+        if self._full:
+            self._full = False
+            logger.info("connection_limit_cleared", limit=self._limits.max_connections)
+        handler = GuardedRequestHandler(
+            manager,
+            loop=asyncio.get_running_loop(),
+            limits=self._limits,
+            on_lost=self._connections.discard,
+        )
+        self._connections.add(handler)
+        return handler
+
+
+def body_read_timeout(request: web.BaseRequest) -> float:
+    """How long a request's body may take to arrive: its connection's limit, else the default."""
+    protocol = request.protocol
+    if isinstance(protocol, GuardedRequestHandler):
+        return protocol.limits.body_read_timeout
+    return DEFAULT_BODY_READ_TIMEOUT_SECONDS
+
+
+def close_after_response(request: web.BaseRequest) -> None:
+    """Close the request's connection as soon as its response is out (a guarded one at once)."""
+    protocol = request.protocol
+    if isinstance(protocol, GuardedRequestHandler):
+        protocol.close_after_response()
+
+
+def raw_error_response(
+    status: int, message: str, code: str, *, retry_after: int | None = None
+) -> bytes:
+    """A complete HTTP/1.1 error response that closes the connection, for the transport level."""
+    body = error_body(status, message, code)
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        f"x-request-id: {_new_request_id()}",
+    ]
+    if retry_after is not None:
+        lines.append(f"Retry-After: {retry_after}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
+
+
+def _head_end(window: bytes, limit: int) -> int | None:
+    """Where the blank line ending a request head ends in `window`, if it ends before `limit`."""
+    ends = [
+        index + len(separator)
+        for separator in HEAD_ENDS
+        if (index := window.find(separator, 0, limit)) >= 0
+    ]
+    return min(ends) if ends else None
+
+
+def _describe_failure(status: int, exc: BaseException | None) -> tuple[int, str, str]:
+    """Status, message and code for what aiohttp reports through `handle_error`."""
+    if isinstance(exc, LineTooLong) or (
+        isinstance(exc, BadHttpMessage) and "too many headers" in exc.message.lower()
+    ):
+        return (
+            431,
+            "A request header line is too long, or there are too many headers.",
+            ("header_too_large"),
+        )
+    if isinstance(exc, BadHttpMessage) or status == 400:
+        return 400, "The request is not valid HTTP.", "bad_http_request"
+    if status >= 500:
+        return status, "The gateway failed to handle this request.", "internal_error"
+    return status, HTTPStatus(status).phrase, f"http_{status}"
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex
