@@ -158,7 +158,7 @@ class Proxy:
             model = requested
             via_auto = False
         if not self.catalog.serves(model):
-            raise GatewayError(404, f"The model `{model}` does not exist.", "model_not_found")
+            raise GatewayError(404, f"The model `{model[:200]}` does not exist.", "model_not_found")
         if not key.allows(model):
             raise GatewayError(
                 403, f"This key may not use the model `{model}`.", "model_not_allowed"
@@ -261,6 +261,7 @@ class Proxy:
     ) -> None:
         duration = time.monotonic() - started_at
         model = resolved.model if resolved else None
+        attempts = [f"{attempt.provider}:{attempt.outcome}" for attempt in record.attempts]
         self.recent.append(
             RecentDecision(
                 at=time.time(),
@@ -269,7 +270,7 @@ class Proxy:
                 model=model,
                 provider=record.served.name if record.served else None,
                 affinity=affinity,
-                attempts=tuple(f"{a.provider}:{a.outcome}" for a in record.attempts),
+                attempts=tuple(attempts),
                 status=status,
                 duration_ms=round(duration * 1000, 1),
             )
@@ -294,7 +295,7 @@ class Proxy:
             provider=record.served.name if record.served else None,
             affinity=affinity,
             route=route,
-            attempts=[f"{attempt.provider}:{attempt.outcome}" for attempt in record.attempts],
+            attempts=attempts,
             status=status,
             client_disconnected=record.client_disconnected,
             duration_ms=round(duration * 1000, 2),
