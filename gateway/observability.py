@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+import orjson
 import structlog
 
 WARNING_INTERVAL_SECONDS = 10.0
@@ -53,24 +54,39 @@ class RepeatLimiter:
         return event
 
 
+def _json_bytes(event: Any, **_: Any) -> bytes:
+    # orjson: a log line per request is on the hot path; anything unusual becomes its str().
+    return orjson.dumps(event, default=str)
+
+
 def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     """JSON lines in production, a readable console on a TTY; one configuration per process."""
     use_json = not sys.stderr.isatty() if json is None else json
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
-        if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
+    renderer: structlog.typing.Processor
+    factory: Callable[..., Any]
+    if use_json:
+        renderer = structlog.processors.JSONRenderer(serializer=_json_bytes)
+        factory = structlog.BytesLoggerFactory(file=sys.stderr.buffer)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
+        factory = structlog.PrintLoggerFactory(file=sys.stderr)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             RepeatLimiter(),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks if use_json else structlog.dev.set_exc_info,
+            # Tracebacks as data, but never with frame locals: they can hold keys and prompts.
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+            if use_json
+            else structlog.dev.set_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )

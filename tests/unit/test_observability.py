@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
 import structlog
 
-from gateway.observability import RepeatLimiter
+from gateway.observability import RepeatLimiter, configure_logging
 
 
 def test_identical_warnings_pass_once_per_interval_and_count_the_rest() -> None:
@@ -44,3 +45,26 @@ def test_warnings_and_errors_are_both_limited(level: str) -> None:
     limiter(None, level, {"event": "x"})
     with pytest.raises(structlog.DropEvent):
         limiter(None, level, {"event": "x"})
+
+
+@pytest.mark.parametrize("json", [True, False])
+def test_exception_logs_never_show_frame_locals(
+    json: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A logged exception carries its traceback but not the values of local variables."""
+    secret = f"sk-{uuid.uuid4().hex}"  # made at run time: no source line can show it
+    configure_logging(json=json)
+    try:
+        _fail_holding_a_secret(secret)
+    except ZeroDivisionError:
+        structlog.get_logger("test").exception("failed")
+    finally:
+        structlog.reset_defaults()
+    output = capsys.readouterr().err
+    assert "ZeroDivisionError" in output
+    assert secret not in output
+
+
+def _fail_holding_a_secret(secret: str) -> None:
+    assert secret
+    _ = 1 / 0
