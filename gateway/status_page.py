@@ -45,6 +45,7 @@ code { font: 12.5px ui-monospace, "DejaVu Sans Mono", monospace; }
 .muted { color: var(--muted); }
 .band { display: inline-block; margin: 0 6px 2px 0; }
 .empty { color: var(--muted); padding: 8px 10px; }
+.legend { color: var(--muted); font-size: 12.5px; margin: -4px 0 10px; }
 """
 
 CIRCUIT_BADGES: Mapping[str, tuple[str, str]] = {
@@ -61,6 +62,12 @@ PROVIDER_HEADINGS = (
     ("Load", "number"),
     ("Latency band per model", ""),
     ("Live bindings", "number"),
+)
+
+PROVIDER_LEGEND = (
+    "Load: running + waiting requests as last polled from the node, else this worker's "
+    "in-flight requests. Latency band: 0 is near the model's mean time to first token; "
+    "negative is faster, positive slower."
 )
 
 DECISION_HEADINGS = (
@@ -136,6 +143,7 @@ def _providers_section(snapshot: StatusSnapshot) -> str:
     return (
         "<section>"
         "<h2>Providers</h2>"
+        f'<p class="legend">{_text(PROVIDER_LEGEND)}</p>'
         f'<table id="providers">{_head(PROVIDER_HEADINGS)}<tbody>{body}</tbody></table>'
         "</section>"
     )

@@ -175,7 +175,7 @@ async def test_status_page_renders_every_provider_in_chromium_with_the_admin_tok
 async def test_status_page_is_refused_without_the_admin_token(
     gateway_with_traffic: tuple[TestServer, list[str]], tmp_path: Path
 ) -> None:
-    """Without the token the gateway answers 401 with a Basic challenge; the browser gets no table."""
+    """Without the token: 401 with a Basic challenge, and the browser shows no provider table."""
     server, _ = gateway_with_traffic
     async with aiohttp.ClientSession() as session:
         for headers in ({}, {"Authorization": f"Bearer {TEST_KEY}"}):
