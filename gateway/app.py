@@ -25,6 +25,7 @@ from gateway.errors import GatewayError, error_response
 from gateway.health import ProviderHealth
 from gateway.load import LoadPoller
 from gateway.metrics import Metrics, exposition
+from gateway.openapi import OpenApiEndpoint
 from gateway.permits import ProviderPermits
 from gateway.proxy import Proxy
 from gateway.requestid import request_id_of
@@ -81,6 +82,7 @@ def create_app(
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", OpenApiEndpoint().serve)
     if settings.server.metrics_port is None:
         app.router.add_get("/metrics", metrics_endpoint)
     if settings.server.admin_token is not None:

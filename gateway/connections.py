@@ -32,6 +32,8 @@ logger = structlog.get_logger("gateway.connections")
 
 # aiohttp's own limit for one header line and for the request line.
 AIOHTTP_LINE_LIMIT = 8190
+# aiohttp's default for reading (and dropping) a body the handler did not read, before closing.
+AIOHTTP_LINGERING_SECONDS = 10.0
 # After answering an error at the transport level, keep reading (and dropping) what the client
 # still sends for this long, so the answer is not lost to a reset; then close.
 LINGER_SECONDS = 1.0
@@ -122,6 +124,7 @@ class GuardedRequestHandler(web.RequestHandler):
             max_line_size=line_limit,
             max_field_size=line_limit,
             max_headers=limits.max_header_count,
+            lingering_time=min(AIOHTTP_LINGERING_SECONDS, limits.body_read_timeout),
             access_log_class=_NoAccessLog,
         )
         self.limits = limits
@@ -156,11 +159,15 @@ class GuardedRequestHandler(web.RequestHandler):
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
-        """Send the response; then wait for the next head, or close when asked to."""
+        """Send the response; then wait for the next head, or close when asked to.
+
+        While an unread body still arrives, aiohttp lingers over it (`lingering_time`); those
+        bytes are no head, so a head after them is left to aiohttp's keep-alive timer.
+        """
         outcome = await super().finish_response(request, resp, start_time)
         if self._close_after:
             self.force_close()
-        elif self._phase is _Phase.REQUEST:
+        elif self._phase is _Phase.REQUEST and request.content.is_eof():
             self._phase = _Phase.IDLE
         return outcome
 
@@ -321,11 +328,6 @@ class GuardedSite(web.BaseSite):
         """The bound port once started (useful with port 0), else the requested one."""
         return self._port if self._bound_port is None else self._bound_port
 
-    @property
-    def open_connections(self) -> int:
-        """Client connections this site is serving now (refused ones not included)."""
-        return len(self._connections)
-
     async def start(self) -> None:
         """Listen."""
         await super().start()
@@ -403,11 +405,8 @@ def _describe_failure(status: int, exc: BaseException | None) -> tuple[int, str,
     if isinstance(exc, LineTooLong) or (
         isinstance(exc, BadHttpMessage) and "too many headers" in exc.message.lower()
     ):
-        return (
-            431,
-            "A request header line is too long, or there are too many headers.",
-            ("header_too_large"),
-        )
+        message = "A request header line is too long, or there are too many headers."
+        return 431, message, "header_too_large"
     if isinstance(exc, BadHttpMessage) or status == 400:
         return 400, "The request is not valid HTTP.", "bad_http_request"
     if status >= 500:

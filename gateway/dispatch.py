@@ -18,7 +18,14 @@ from gateway.errors import GatewayError, sse_error_event
 from gateway.health import ProviderHealth
 from gateway.payload import Payload
 from gateway.permits import ProviderPermits
-from gateway.upstream import downstream_headers, upstream_headers
+from gateway.upstream import (
+    EventStreamFraming,
+    downstream_headers,
+    is_success,
+    read_opening,
+    upstream_headers,
+    usable_answer,
+)
 
 RETRYABLE_STATUSES = frozenset({408, 429})
 # A non-streamed answer is held in memory before it is sent; beyond this it is refused.
@@ -142,6 +149,9 @@ class Dispatcher:
                         self._permits.release(provider.name)
         except RetryableAttemptError:
             pass
+        # The retry state holds the last failure, whose traceback holds the attempt's frames and
+        # buffers, in a cycle through this frame: break it now rather than at some later GC pass.
+        del retrying
         raise _exhausted(record)
 
     async def _take_permit(self, remaining: list[Provider]) -> Provider:
@@ -178,20 +188,21 @@ class Dispatcher:
         )
         job.on_attempt(provider)
         attempt_started = time.monotonic()
-        deadline = asyncio.timeout(self._first_byte_timeout)
         response: aiohttp.ClientResponse | None = None
         try:
-            async with deadline:
+            async with asyncio.timeout(self._first_byte_timeout):
+                # Never follow a redirect: an upstream must not steer the gateway elsewhere.
                 response = await self._session.post(
-                    provider.base_url + job.path, data=body, headers=headers
+                    provider.base_url + job.path, data=body, headers=headers, allow_redirects=False
                 )
-                if response.status >= 500 or response.status in RETRYABLE_STATUSES:
-                    raise RetryableAttemptError(
-                        f"http_{response.status}",
-                        status=response.status,
-                        retry_after=retry_after_seconds(response.headers.get("Retry-After")),
-                    )
-                first_chunk = await response.content.readany()
+                _check_status(response)
+                first_chunk = await read_opening(response, job.payload.stream)
+            first_byte_at = time.monotonic()
+            whole = None
+            if not (job.payload.stream and is_success(response)):
+                whole = await self._rest_of(response, first_chunk)
+            if not usable_answer(response, job.payload.stream, first_chunk, whole):
+                raise RetryableAttemptError("invalid_response", status=response.status)
         except RetryableAttemptError as failure:
             self._failed(record, provider, failure)
             _close(response)
@@ -210,12 +221,11 @@ class Dispatcher:
             _close(response)
             raise
 
-        now = time.monotonic()
-        record.ttft_seconds = now - job.started_at
-        record.upstream_ttft_seconds = now - attempt_started
+        record.ttft_seconds = first_byte_at - job.started_at
+        record.upstream_ttft_seconds = first_byte_at - attempt_started
         record.served = provider
         try:
-            if 200 <= response.status < 300 and _is_event_stream(response):
+            if whole is None:
                 return await self._stream(
                     request=request,
                     job=job,
@@ -224,32 +234,45 @@ class Dispatcher:
                     first_chunk=first_chunk,
                     record=record,
                 )
-            return await self._whole(job, provider, response, first_chunk, record)
+            return self._whole(job, provider, response, whole, record)
         finally:
             _close(response)
 
-    async def _whole(
+    async def _rest_of(self, response: aiohttp.ClientResponse, first_chunk: bytes) -> bytearray:
+        """A non-streamed answer, whole (still before the client sees a byte): bounded in size
+        by MAX_RESPONSE_BYTES and in time by another first-byte timeout."""
+        if response.content_length is not None and response.content_length > MAX_RESPONSE_BYTES:
+            raise RetryableAttemptError("oversized_response", status=response.status)
+        answer = bytearray(first_chunk)
+        failure: RetryableAttemptError | None = None
+        try:
+            async with asyncio.timeout(self._first_byte_timeout):
+                while len(answer) <= MAX_RESPONSE_BYTES and (
+                    chunk := await response.content.readany()
+                ):
+                    answer += chunk
+        except TimeoutError:
+            failure = RetryableAttemptError("timeout", status=response.status)
+        except aiohttp.ClientError:
+            failure = RetryableAttemptError("payload_error", status=response.status)
+        if failure is None and len(answer) > MAX_RESPONSE_BYTES:
+            failure = RetryableAttemptError("oversized_response", status=response.status)
+        if failure is not None:
+            # The retry state keeps a failure's traceback, and so this frame, for the rest of the
+            # request (and in a cycle beyond it): it must not keep the buffer too.
+            del answer
+            raise failure
+        return answer
+
+    def _whole(
         self,
         job: DispatchRequest,
         provider: Provider,
         response: aiohttp.ClientResponse,
-        first_chunk: bytes,
+        body: bytearray,
         record: DispatchRecord,
     ) -> web.Response:
-        """A non-streamed answer: read it whole (still before the client sees a byte)."""
-        try:
-            rest = await response.content.read(MAX_RESPONSE_BYTES - len(first_chunk) + 1)
-            if len(first_chunk) + len(rest) > MAX_RESPONSE_BYTES:
-                raise ValueError("response too large")
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            failure = RetryableAttemptError(
-                "oversized_response" if isinstance(error, ValueError) else "payload_error",
-                status=response.status,
-            )
-            self._failed(record, provider, failure)
-            record.served = None
-            raise failure from error
-        body = first_chunk + rest
+        """Answer the client with a non-streamed answer that was read and checked whole."""
         self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
         record.status = response.status
@@ -269,7 +292,11 @@ class Dispatcher:
         first_chunk: bytes,
         record: DispatchRecord,
     ) -> web.StreamResponse:
-        """Pass an SSE stream through chunk by chunk; after the first byte nothing is retried."""
+        """Pass an SSE stream through chunk by chunk; after the first byte nothing is retried.
+
+        A stream that breaks, or whose framing goes wrong (an event past MAX_SSE_EVENT_BYTES, an
+        end without `data: [DONE]`), ends with an OpenAI-style error event.
+        """
         headers = downstream_headers(response.headers)
         headers.update(job.response_headers(provider))
         headers["x-gateway-provider"] = provider.name
@@ -277,10 +304,15 @@ class Dispatcher:
         downstream.enable_chunked_encoding()
         record.status = response.status
         await downstream.prepare(request)
+        framing = EventStreamFraming()
         last = b""
         chunk = first_chunk
         try:
             while chunk:
+                if not framing.accepts(chunk):
+                    return await self._end_broken_stream(
+                        downstream, provider, record, last, "malformed_stream"
+                    )
                 await downstream.write(chunk)
                 record.bytes_sent += len(chunk)
                 last = chunk
@@ -291,18 +323,38 @@ class Dispatcher:
             record.attempts.append(Attempt(provider.name, "client_disconnected", response.status))
             return downstream
         except (aiohttp.ClientError, TimeoutError):
-            self._provider_failed(provider)
-            record.attempts.append(Attempt(provider.name, "dropped_mid_stream", response.status))
-            separator = b"" if last.endswith(b"\n\n") else b"\n\n"
-            message = "The upstream stream ended unexpectedly; the response is incomplete."
-            downstream.force_close()
-            await _write_quietly(
-                downstream, separator + sse_error_event(message, "upstream_dropped")
+            return await self._end_broken_stream(
+                downstream, provider, record, last, "dropped_mid_stream"
             )
-            return downstream
+        if not framing.ended_cleanly():
+            return await self._end_broken_stream(
+                downstream, provider, record, last, "malformed_stream"
+            )
         self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
         await downstream.write_eof()
+        return downstream
+
+    async def _end_broken_stream(
+        self,
+        downstream: web.StreamResponse,
+        provider: Provider,
+        record: DispatchRecord,
+        last: bytes,
+        outcome: str,
+    ) -> web.StreamResponse:
+        """End a started stream with an error event, and count it against the provider."""
+        self._provider_failed(provider)
+        record.attempts.append(Attempt(provider.name, outcome, record.status))
+        message = (
+            "The upstream stream ended unexpectedly; the response is incomplete."
+            if outcome == "dropped_mid_stream"
+            else "The upstream sent a malformed event stream; the response is incomplete."
+        )
+        code = "upstream_dropped" if outcome == "dropped_mid_stream" else "upstream_malformed"
+        separator = b"" if last.endswith(b"\n\n") else b"\n\n"
+        downstream.force_close()
+        await _write_quietly(downstream, separator + sse_error_event(message, code))
         return downstream
 
     def _failed(
@@ -322,8 +374,17 @@ class Dispatcher:
             self._on_cooldown(provider.name)
 
 
-def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
-    return response.content_type == "text/event-stream"
+def _check_status(response: aiohttp.ClientResponse) -> None:
+    """Raise for statuses the next provider may do better with: 5xx, 408, 429 and redirects."""
+    status = response.status
+    if status >= 500 or status in RETRYABLE_STATUSES:
+        raise RetryableAttemptError(
+            f"http_{status}",
+            status=status,
+            retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+        )
+    if 300 <= status < 400:
+        raise RetryableAttemptError("redirect", status=status)
 
 
 def _close(response: aiohttp.ClientResponse | None) -> None:

@@ -1,10 +1,12 @@
-"""The upstream side: one client session per worker, header hygiene, and what one attempt sends."""
+"""The upstream side: one client session per worker, header hygiene, what answers must look like."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import aiohttp
+import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.catalog import Provider
@@ -43,6 +45,15 @@ NOT_FORWARDED_DOWNSTREAM = HOP_BY_HOP | {
     "server",
     "set-cookie",
 }
+# A streamed answer's first event is checked before the client sees a byte; it must fit here.
+SSE_OPENING_LIMIT = 64 * 1024
+SSE_FIELDS = frozenset({b"data", b"event", b"id", b"retry"})
+# LLM servers send events of a few tokens; one this large without a blank line is garbage.
+MAX_SSE_EVENT_BYTES = 1024 * 1024
+SSE_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
+STREAM_TAIL_BYTES = 64
+_LINE_END = re.compile(rb"[\r\n]")
+_DONE_AT_END = re.compile(rb"(?:^|[\r\n])data: ?\[DONE\](?:\r\n|\r|\n){2}$")
 
 
 def create_client_session(routing: RoutingSettings) -> aiohttp.ClientSession:
@@ -94,6 +105,38 @@ def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return headers
 
 
+def is_success(response: aiohttp.ClientResponse) -> bool:
+    """Whether the upstream answered 2xx."""
+    return 200 <= response.status < 300
+
+
+async def read_opening(response: aiohttp.ClientResponse, stream: bool) -> bytes:
+    """The first bytes of an answer: one read, or for a 2xx stream its whole first event."""
+    opening = await response.content.readany()
+    if not (stream and is_success(response)):
+        return opening
+    while first_event(opening) is None and len(opening) < SSE_OPENING_LIMIT:
+        more = await response.content.readany()
+        if not more:
+            break
+        opening += more
+    return opening
+
+
+def usable_answer(
+    response: aiohttp.ClientResponse, stream: bool, opening: bytes, whole: bytearray | None
+) -> bool:
+    """Whether an answer can go to the client: a 2xx must be what the request asked for, an
+    SSE stream or a JSON object; other answers (4xx) pass through as the upstream sent them."""
+    if not is_success(response):
+        return True
+    if stream:
+        return response.content_type == "text/event-stream" and opens_event_stream(opening)
+    return (
+        response.content_type == "application/json" and whole is not None and is_json_object(whole)
+    )
+
+
 def is_json_object(body: bytes | bytearray) -> bool:
     """Whether a non-streamed answer parses as the JSON object every OpenAI response is."""
     try:
@@ -103,20 +146,31 @@ def is_json_object(body: bytes | bytearray) -> bool:
 
 
 def opens_event_stream(opening: bytes) -> bool:
-    """Whether the first bytes of a stream start like server-sent events.
+    """Whether a stream starts with a well-formed event: comment and field lines only, its data
+    (if any) a JSON object or `[DONE]`. Later events pass through unparsed."""
+    event = first_event(opening)
+    if event is None:
+        return False
+    data: list[bytes] = []
+    for line in _LINE_END.split(event):
+        if not line or line.startswith(b":"):
+            continue
+        field, colon, value = line.partition(b":")
+        if not colon or field not in SSE_FIELDS:
+            return False
+        if field == b"data":
+            data.append(value.removeprefix(b" "))
+    if not data:
+        return True
+    payload = b"\n".join(data)
+    return payload == b"[DONE]" or is_json_object(payload)
 
-    The first line that is not blank must be a comment or a known field (`data:`, `event:`,
-    `id:`, `retry:`); `opening` holds at least that line, or `SSE_OPENING_BYTES` of it.
-    """
+
+def first_event(opening: bytes) -> bytes | None:
+    """The first event of a stream, without its blank line; None while it is incomplete."""
     text = opening.removeprefix(b"\xef\xbb\xbf").lstrip(b"\r\n")
-    if not text:
-        return True
-    line = _FIRST_LINE.match(text)
-    first = line.group(0) if line else text
-    if first.startswith(b":"):
-        return True
-    field, colon, _ = first.partition(b":")
-    return bool(colon) and field in SSE_FIELDS
+    ends = [index for separator in SSE_EVENT_ENDS if (index := text.find(separator)) >= 0]
+    return text[: min(ends)] if ends else None
 
 
 class EventStreamFraming:
@@ -134,27 +188,18 @@ class EventStreamFraming:
     def accepts(self, chunk: bytes) -> bool:
         """Note the next chunk; False when it makes one event longer than the limit."""
         window = self._tail + chunk
-        boundary = max(
-            (window.rfind(separator) + len(separator) for separator in SSE_EVENT_ENDS),
-            default=-1,
-        )
-        if boundary >= len(SSE_EVENT_ENDS[0]) and window.rfind(b"\n\n") + 2 == boundary:
-            self._since_boundary = len(window) - boundary
+        ends = [
+            index + len(separator)
+            for separator in SSE_EVENT_ENDS
+            if (index := window.rfind(separator)) >= 0
+        ]
+        if ends:
+            self._since_boundary = len(window) - max(ends)
         else:
-            self._since_boundary = self._after_boundary(window)
+            self._since_boundary += len(chunk)
         self._tail = window[-STREAM_TAIL_BYTES:]
         return self._since_boundary <= self._max_event_bytes
 
     def ended_cleanly(self) -> bool:
-        """Whether what was seen so far ends with a complete `data: [DONE]` event."""
+        """Whether the stream so far ends with a complete `data: [DONE]` event."""
         return _DONE_AT_END.search(self._tail) is not None
-
-    def _after_boundary(self, window: bytes) -> int:
-        ends = [
-            window.rfind(separator) + len(separator)
-            for separator in SSE_EVENT_ENDS
-            if window.rfind(separator) >= 0
-        ]
-        if not ends:
-            return self._since_boundary + len(window) - len(self._tail)
-        return len(window) - max(ends)
