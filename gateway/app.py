@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import orjson
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -21,7 +22,7 @@ from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.database import open_pool
 from gateway.dispatch import Dispatcher
-from gateway.errors import GatewayError, error_response
+from gateway.errors import GatewayError, error_body, error_response
 from gateway.health import ProviderHealth
 from gateway.load import LoadPoller
 from gateway.metrics import Metrics, exposition
@@ -237,8 +238,10 @@ async def readyz(request: web.Request) -> web.Response:
     """Readiness: config loaded and at least one provider not cooling; the store may be down."""
     health = request.app[PROXY].router.health
     if all(health.cooling(name) for name in request.app[CATALOG].providers):
+        reason = "every provider is cooling"
+        error = orjson.loads(error_body(503, f"Not ready: {reason}.", "not_ready"))["error"]
         return web.json_response(
-            {"status": "not ready", "reason": "every provider is cooling"}, status=503
+            {"status": "not ready", "reason": reason, "error": error}, status=503
         )
     return web.json_response({"status": "ready"})
 

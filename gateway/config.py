@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
@@ -221,6 +221,19 @@ class KeySettings(Section):
     max_concurrency: PositiveInt | None = None
     min_start_interval_ms: NonNegativeFloat = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hash_plaintext_key(cls, data: Any) -> Any:
+        """A plaintext `key` becomes `key_sha256` before anything keeps it."""
+        if not isinstance(data, dict) or data.get("key_sha256") is not None:
+            return data  # both given: `_exactly_one_secret` reports it
+        key = data.get("key")
+        if isinstance(key, SecretStr):
+            key = key.get_secret_value()
+        if not isinstance(key, str) or not key:
+            return data
+        return {**data, "key": None, "key_sha256": hash_key(key)}
+
     @field_validator("key_sha256", mode="after")
     @classmethod
     def _digest_shape(cls, value: str | None) -> str | None:
@@ -240,11 +253,9 @@ class KeySettings(Section):
 
     @property
     def digest(self) -> str:
-        """The SHA-256 hex digest of the key; a plaintext `key` is hashed here and never kept."""
-        if self.key_sha256 is not None:
-            return self.key_sha256
-        assert self.key is not None  # guaranteed by _exactly_one_secret
-        return hash_key(self.key.get_secret_value())
+        """The SHA-256 hex digest of the key (a plaintext `key` was replaced by it at load)."""
+        assert self.key_sha256 is not None  # guaranteed by _hash_plaintext_key and the check
+        return self.key_sha256
 
     def allows(self, model: str) -> bool:
         """Whether this key may use the public model name."""

@@ -19,7 +19,6 @@ class ProviderRow:
 
     name: str
     routing_identity: str
-    url: str
     cooling_seconds: float
     in_flight: int
     load: float
@@ -75,7 +74,6 @@ async def collect_status(router: Router, decisions: Sequence[RecentDecision]) ->
         ProviderRow(
             name=provider.name,
             routing_identity=provider.routing_identity,
-            url=provider.base_url,
             cooling_seconds=round(router.health.cooling_remaining(provider.name), 1),
             in_flight=router.permits.in_flight(provider.name),
             load=router.load(provider.name),

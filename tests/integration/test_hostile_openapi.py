@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import aiohttp
 import orjson
-import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.openapi import load_spec
@@ -28,13 +27,6 @@ async def test_the_served_document_is_the_spec_and_needs_no_key(
                 assert await response.json() == load_spec()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "/readyz answers 503 as {status, reason} without the OpenAI `error` object the spec's "
-        "NotReady requires; the fix is in gateway/app.py `readyz`"
-    ),
-)
 async def test_a_not_ready_answer_is_also_an_openai_error(
     start_simulator: SimulatorFactory, start_gateway: GatewayFactory
 ) -> None:
