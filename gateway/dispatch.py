@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from gateway.catalog import Provider
 from gateway.config import RoutingSettings
 from gateway.errors import GatewayError, sse_error_event
 from gateway.health import ProviderHealth
+from gateway.outcomes import Attempt, RetryableAttemptError, check_status, exhausted
 from gateway.payload import Payload
 from gateway.permits import ProviderPermits
 from gateway.upstream import (
@@ -27,31 +27,8 @@ from gateway.upstream import (
     usable_answer,
 )
 
-RETRYABLE_STATUSES = frozenset({408, 429})
 # A non-streamed answer is held in memory before it is sent; beyond this it is refused.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
-
-
-class RetryableAttemptError(Exception):
-    """An attempt failed before anything reached the client; the next provider may be tried."""
-
-    def __init__(
-        self, reason: str, *, status: int | None = None, retry_after: float | None = None
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.retry_after = retry_after
-
-
-@dataclass
-class Attempt:
-    """One provider tried for a request and how it went."""
-
-    provider: str
-    outcome: str
-    status: int | None = None
-    retry_after: float | None = None
 
 
 @dataclass
@@ -152,7 +129,7 @@ class Dispatcher:
         # The retry state holds the last failure, whose traceback holds the attempt's frames and
         # buffers, in a cycle through this frame: break it now rather than at some later GC pass.
         del retrying
-        raise _exhausted(record)
+        raise exhausted(record.attempts)
 
     async def _take_permit(self, remaining: list[Provider]) -> Provider:
         """The first provider with a free permit (waiting in line if needed), paced."""
@@ -195,7 +172,7 @@ class Dispatcher:
                 response = await self._session.post(
                     provider.base_url + job.path, data=body, headers=headers, allow_redirects=False
                 )
-                _check_status(response)
+                check_status(response)
                 first_chunk = await read_opening(response, job.payload.stream)
             first_byte_at = time.monotonic()
             whole = None
@@ -374,19 +351,6 @@ class Dispatcher:
             self._on_cooldown(provider.name)
 
 
-def _check_status(response: aiohttp.ClientResponse) -> None:
-    """Raise for statuses the next provider may do better with: 5xx, 408, 429 and redirects."""
-    status = response.status
-    if status >= 500 or status in RETRYABLE_STATUSES:
-        raise RetryableAttemptError(
-            f"http_{status}",
-            status=status,
-            retry_after=retry_after_seconds(response.headers.get("Retry-After")),
-        )
-    if 300 <= status < 400:
-        raise RetryableAttemptError("redirect", status=status)
-
-
 def _close(response: aiohttp.ClientResponse | None) -> None:
     # An unfinished body must drop the connection (close), so an upstream that is still generating
     # sees the cancellation at once; a finished one goes back to the keep-alive pool (release).
@@ -404,39 +368,3 @@ async def _write_quietly(downstream: web.StreamResponse, data: bytes) -> None:
         await downstream.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         pass
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Seconds from a `Retry-After` header given in seconds; None when absent or a date."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-def _exhausted(record: DispatchRecord) -> GatewayError:
-    """The error for a request whose every attempt failed, by what the failures share."""
-    reasons = {attempt.outcome for attempt in record.attempts}
-    summary = ", ".join(f"{attempt.provider}: {attempt.outcome}" for attempt in record.attempts)
-    if reasons == {"timeout"}:
-        return GatewayError(
-            504, f"No upstream answered in time ({summary}).", "upstream_timeout", retry_after=1
-        )
-    if reasons == {"http_429"}:
-        waits = [attempt.retry_after for attempt in record.attempts if attempt.retry_after]
-        return GatewayError(
-            429,
-            f"Every upstream is rate limiting ({summary}).",
-            "upstream_rate_limited",
-            retry_after=min(waits) if waits else 1,
-        )
-    if reasons == {"connect_error"}:
-        return GatewayError(
-            503, f"No upstream could be reached ({summary}).", "upstream_unreachable", retry_after=1
-        )
-    return GatewayError(
-        502, f"No upstream gave a usable answer ({summary}).", "upstream_error", retry_after=1
-    )
