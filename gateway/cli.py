@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from gateway.config import hash_key
 from gateway.config_loading import ConfigError, LoadedConfig, load_config
 
-BENCHMARKS = ("overhead", "affinity", "fault_drills", "ordering", "simulator_throughput")
+BENCHMARKS = (
+    "overhead",
+    "affinity",
+    "locality",
+    "fault_drills",
+    "ordering",
+    "simulator_throughput",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
