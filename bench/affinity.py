@@ -35,8 +35,9 @@ from bench.harness import (
     free_port,
     gateway_command,
     processes,
-    simulator_command,
+    providers,
     start,
+    start_nodes,
     summary,
     wait_ready,
     write_config,
@@ -84,9 +85,7 @@ def gateway_config(database_url: str, node_urls: dict[str, str], keys: int) -> d
     """A gateway config: the simulators, `keys` keys, the shared database."""
     return {
         "database": {"url": database_url, "pool_min_size": 2, "pool_max_size": 8},
-        "providers": [
-            {"name": name, "url": url, "models": {MODEL: MODEL}} for name, url in node_urls.items()
-        ],
+        "providers": providers(node_urls, MODEL),
         "keys": [
             {"id": f"key-{index}", "key_sha256": hash_key(f"sk-bench-{index}")}
             for index in range(keys)
@@ -231,18 +230,7 @@ async def run(options: argparse.Namespace, work: Path) -> dict[str, Any]:
             await connection.close()
         results: dict[str, Any] = {"hit_path": await hit_path(server.url, options.lookups)}
         with processes() as started:
-            node_urls = {}
-            for name in NODES:
-                port = free_port()
-                started.append(
-                    start(
-                        simulator_command(name, port, "--base-ttft-ms", "1"),
-                        work / f"{name}.log",
-                    )
-                )
-                node_urls[name] = f"http://127.0.0.1:{port}"
-            for url in node_urls.values():
-                await wait_ready(url + "/metrics")
+            node_urls = await start_nodes(started, work, NODES, "--base-ttft-ms", "1")
             results["storm"] = await storm(work, server.url, node_urls, options.storm)
             results["steady_state"] = {
                 "local_cache_on": await steady_state(

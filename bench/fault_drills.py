@@ -26,8 +26,9 @@ from bench.harness import (
     free_port,
     gateway_command,
     processes,
-    simulator_command,
+    providers,
     start,
+    start_nodes,
     summary,
     wait_ready,
     write_config,
@@ -78,16 +79,10 @@ DRILLS: dict[str, Fault] = {
 async def drill(fault: Fault, clients: int, seconds: float, fault_at: float, work: Path) -> Any:
     """Run one drill; the latency of every request, NaN for failures."""
     with processes() as started:
-        urls = {}
-        for name in NODES:
-            port = free_port()
-            started.append(start(simulator_command(name, port, *NODE_FLAGS), work / f"{name}.log"))
-            urls[name] = f"http://127.0.0.1:{port}"
+        urls = await start_nodes(started, work, NODES, *NODE_FLAGS)
         gateway_port = free_port()
         config = {
-            "providers": [
-                {"name": name, "url": url, "models": {MODEL: MODEL}} for name, url in urls.items()
-            ],
+            "providers": providers(urls, MODEL),
             "keys": [
                 {"id": f"client-{index}", "key_sha256": hash_key(f"sk-drill-{index}")}
                 for index in range(clients)
@@ -96,8 +91,6 @@ async def drill(fault: Fault, clients: int, seconds: float, fault_at: float, wor
         }
         path = write_config(work / "gateway.yaml", config)
         started.append(start(gateway_command(path, gateway_port), work / "gateway.log"))
-        for url in urls.values():
-            await wait_ready(url + "/metrics")
         gateway = f"http://127.0.0.1:{gateway_port}"
         await wait_ready(gateway + "/healthz")
 

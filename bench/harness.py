@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,25 @@ def gateway_command(config: Path, port: int, workers: int = 1) -> list[str]:
         sys.executable, "-m", "gateway", "serve", "--config", str(config),
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
+
+
+async def start_nodes(
+    started: list[subprocess.Popen[bytes]], work: Path, names: Sequence[str], *flags: str
+) -> dict[str, str]:
+    """Start one simulator process per name (into `started`), wait for each; their URLs."""
+    urls = {}
+    for name in names:
+        port = free_port()
+        started.append(start(simulator_command(name, port, *flags), work / f"{name}.log"))
+        urls[name] = f"http://127.0.0.1:{port}"
+    for url in urls.values():
+        await wait_ready(url + "/metrics")
+    return urls
+
+
+def providers(urls: Mapping[str, str], model: str) -> list[dict[str, Any]]:
+    """A config `providers` list: one provider per node URL, serving `model` under its own name."""
+    return [{"name": name, "url": url, "models": {model: model}} for name, url in urls.items()]
 
 
 def write_config(path: Path, config: Mapping[str, Any]) -> Path:

@@ -34,8 +34,9 @@ from bench.harness import (
     free_port,
     gateway_command,
     processes,
-    simulator_command,
+    providers,
     start,
+    start_nodes,
     summary,
     wait_ready,
     write_config,
@@ -101,15 +102,9 @@ async def fleet(
 ) -> AsyncIterator[tuple[str, dict[str, str]]]:
     """Simulators, gateways and nginx for one set-up; yields nginx's URL and the node URLs."""
     with processes() as started:
-        nodes = {}
-        for name in NODES:
-            port = free_port()
-            started.append(start(simulator_command(name, port, *NODE_FLAGS), work / f"{name}.log"))
-            nodes[name] = f"http://127.0.0.1:{port}"
+        nodes = await start_nodes(started, work, NODES, *NODE_FLAGS)
         config: dict[str, Any] = {
-            "providers": [
-                {"name": name, "url": url, "models": {MODEL: MODEL}} for name, url in nodes.items()
-            ],
+            "providers": providers(nodes, MODEL),
             "keys": [
                 {"id": f"user-{index}", "key_sha256": hash_key(f"sk-locality-{index}")}
                 for index in range(options.keys)
@@ -129,8 +124,6 @@ async def fleet(
             path = write_config(directory / "gateway.yaml", config)
             started.append(start(gateway_command(path, port), directory / "gateway.log"))
             ports.append(port)
-        for url in nodes.values():
-            await wait_ready(url + "/metrics")
         for port in ports:
             await wait_ready(f"http://127.0.0.1:{port}/healthz")
         front = free_port()
