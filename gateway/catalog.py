@@ -100,13 +100,7 @@ class Catalog:
         self._auto_models: dict[str, AutoModelSpec] = {}
         for org in settings.orgs:
             if org.auto_model is not None:
-                self._auto_models[org.name] = AutoModelSpec(
-                    enabled=org.auto_model.enabled,
-                    name=org.auto_model.name,
-                    fallback_model=org.auto_model.fallback_model or "",
-                    routes=dict(org.auto_model.routes),
-                    aliases=dict(org.auto_model.aliases),
-                )
+                self._auto_models[org.name] = org.auto_model.spec()
         self._candidates: dict[tuple[str, str], tuple[Provider, ...]] = {}
 
     def authenticate(self, token: str) -> Key | None:

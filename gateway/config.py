@@ -17,6 +17,8 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.routing.automodel import AutoModelSpec
+
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 
@@ -176,6 +178,16 @@ class AutoModelSettings(Section):
     aliases: dict[str, str] = Field(
         default_factory=lambda: {"build": "code", "plan": "architect"},
     )
+
+    def spec(self) -> AutoModelSpec:
+        """The plain value the routing policy resolves and validates."""
+        return AutoModelSpec(
+            enabled=self.enabled,
+            name=self.name,
+            fallback_model=self.fallback_model or "",
+            routes=dict(self.routes),
+            aliases=dict(self.aliases),
+        )
 
 
 class OrgSettings(Section):

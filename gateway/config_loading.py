@@ -20,7 +20,7 @@ from gateway.config import (
     ProviderSettings,
     Settings,
 )
-from gateway.routing.automodel import AutoModelSpec, validate_spec
+from gateway.routing.automodel import validate_spec
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -220,14 +220,7 @@ def _cross_check(parts: Settings | _Parts) -> tuple[list[Problem], list[Problem]
     for index, org in parts.orgs:
         if org.auto_model is None:
             continue
-        spec = AutoModelSpec(
-            enabled=org.auto_model.enabled,
-            name=org.auto_model.name,
-            fallback_model=org.auto_model.fallback_model or "",
-            routes=org.auto_model.routes,
-            aliases=org.auto_model.aliases,
-        )
-        for suffix, message in validate_spec(spec, served):
+        for suffix, message in validate_spec(org.auto_model.spec(), served):
             errors.append(Problem(_join(f"orgs[{index}].auto_model", suffix), message))
         if org.auto_model.name in served:
             errors.append(

@@ -262,13 +262,14 @@ class Proxy:
         duration = time.monotonic() - started_at
         model = resolved.model if resolved else None
         attempts = [f"{attempt.provider}:{attempt.outcome}" for attempt in record.attempts]
+        served = record.served.name if record.served else None
         self.recent.append(
             RecentDecision(
                 at=time.time(),
                 request_id=request_id,
                 key_id=key.id if key else None,
                 model=model,
-                provider=record.served.name if record.served else None,
+                provider=served,
                 affinity=affinity,
                 attempts=tuple(attempts),
                 status=status,
@@ -278,11 +279,10 @@ class Proxy:
         if route:  # a routing decision was made: count how stickiness turned out
             self.metrics.affinity_results.labels(affinity).inc()
         if model is not None:
-            provider = record.served.name if record.served else "none"
-            self.metrics.requests.labels(model, provider, f"{status // 100}xx").inc()
+            self.metrics.requests.labels(model, served or "none", f"{status // 100}xx").inc()
             self.metrics.request_duration.labels(model).observe(duration)
-            if record.served is not None and record.ttft_seconds is not None:
-                self.metrics.ttft.labels(model, record.served.name).observe(record.ttft_seconds)
+            if served is not None and record.ttft_seconds is not None:
+                self.metrics.ttft.labels(model, served).observe(record.ttft_seconds)
             for attempt in record.attempts:
                 self.metrics.upstream_attempts.labels(attempt.provider, attempt.outcome).inc()
         logger.info(
@@ -292,7 +292,7 @@ class Proxy:
             org=key.org if key else None,
             requested_model=payload.model if payload and resolved else None,
             model=model,
-            provider=record.served.name if record.served else None,
+            provider=served,
             affinity=affinity,
             route=route,
             attempts=attempts,
