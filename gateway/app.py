@@ -246,19 +246,21 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
+def _check_admin(request: web.Request) -> None:
+    token = request.app[SETTINGS].server.admin_token
+    assert token is not None  # admin routes exist only with a token
+    admin.check_admin(request, token.get_secret_value())
+
+
 async def admin_bindings(request: web.Request) -> web.Response:
     """`/admin/bindings` (admin token): the live shared bindings."""
-    token = request.app[SETTINGS].server.admin_token
-    assert token is not None  # the route exists only with a token
-    admin.check_admin(request, token.get_secret_value())
+    _check_admin(request)
     return await admin.bindings(request, request.app[STORE])
 
 
 async def admin_status(request: web.Request) -> web.Response:
     """`/admin/status` (admin token): this worker's view, as a small auto-refreshing page."""
-    token = request.app[SETTINGS].server.admin_token
-    assert token is not None  # the route exists only with a token
-    admin.check_admin(request, token.get_secret_value())
+    _check_admin(request)
     proxy = request.app[PROXY]
     snapshot = await collect_status(proxy.router, list(proxy.recent))
     return web.Response(

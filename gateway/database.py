@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import structlog
@@ -68,29 +68,30 @@ async def migrate(pool: Pool) -> list[str]:
 
 async def apply_pending(settings: Settings) -> list[str]:
     """`gateway migrate`: apply pending migrations now, failing loudly if the database is down."""
-    url = database_url(settings)
-    assert url is not None  # provisioned() always supplies one
-    pool = await create_pool(url, min_size=1, max_size=1, statement_cache_size=0)
-    try:
+    async with _command_pool(settings) as pool:
         return await apply_migrations(pool)
-    finally:
-        await pool.close()
 
 
 async def list_bindings(
     settings: Settings, *, key_id: str | None, model: str | None, limit: int
 ) -> list[Binding]:
     """`gateway bindings`: the live bindings, filtered."""
+    async with _command_pool(settings) as pool:
+        return await PostgresAffinityStore(pool).list_bindings(
+            api_key_id=key_id, model=model, limit=limit, timeout=CLI_TIMEOUT_SECONDS
+        )
+
+
+@asynccontextmanager
+async def _command_pool(settings: Settings) -> AsyncIterator[Pool]:
+    """A one-connection pool for a command-line call, closed afterwards."""
     url = database_url(settings)
     assert url is not None  # provisioned() always supplies one
     pool = await create_pool(
         url, min_size=1, max_size=1, statement_cache_size=settings.database.statement_cache_size
     )
     try:
-        store = PostgresAffinityStore(pool)
-        return await store.list_bindings(
-            api_key_id=key_id, model=model, limit=limit, timeout=CLI_TIMEOUT_SECONDS
-        )
+        yield pool
     finally:
         await pool.close()
 
