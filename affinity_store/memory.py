@@ -12,7 +12,15 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-from affinity_store.store import Binding, Candidate, StoreError, StoreTimeout
+from affinity_store.spread import choose_candidate
+from affinity_store.store import (
+    Binding,
+    Candidate,
+    Renewal,
+    Spread,
+    StoreError,
+    StoreTimeout,
+)
 
 BindingKey = tuple[str, str]
 
@@ -31,15 +39,6 @@ class _StoredBinding:
 def _utc_now() -> datetime:
     """Return the current time, tz-aware in UTC."""
     return datetime.now(UTC)
-
-
-def least_bound_candidate(preferred: Sequence[Candidate], live_counts: dict[str, int]) -> Candidate:
-    """Pick the candidate whose routing identity has the fewest live bindings, earliest on ties."""
-    ranked = min(
-        enumerate(preferred),
-        key=lambda item: (live_counts.get(item[1].routing_identity, 0), item[0]),
-    )
-    return ranked[1]
 
 
 class MemoryAffinityStore:
@@ -96,13 +95,13 @@ class MemoryAffinityStore:
             ttl_remaining=(row.expires_at - now).total_seconds(),
         )
 
-    def _live_counts(
-        self, identities: Collection[str], now: datetime, *, excluding: BindingKey | None = None
+    def _counts(
+        self, identities: Collection[str], *, excluding: BindingKey | None = None
     ) -> dict[str, int]:
-        """Count live rows per routing identity, skipping the row at `excluding`."""
+        """Count rows (live or not yet purged) per routing identity, skipping `excluding`."""
         counts = dict.fromkeys(identities, 0)
         for key, row in self._rows.items():
-            if key != excluding and row.routing_identity in counts and row.expires_at > now:
+            if key != excluding and row.routing_identity in counts:
                 counts[row.routing_identity] += 1
         return counts
 
@@ -123,8 +122,9 @@ class MemoryAffinityStore:
         preferred: Sequence[Candidate],
         ttl_seconds: float,
         timeout: float,
+        spread: Spread = Spread(),
     ) -> Binding:
-        """Return the live acceptable binding or bind the least-bound preferred candidate,
+        """Return the live acceptable binding or bind a preferred candidate chosen by `spread`,
         under the key's lock."""
         if not preferred:
             raise ValueError("claim needs at least one preferred candidate")
@@ -134,10 +134,10 @@ class MemoryAffinityStore:
             existing = self._live_row(key, now)
             if existing is not None and existing.provider in acceptable:
                 return self._binding(key, existing, now)
-            counts = self._live_counts(
-                {candidate.routing_identity for candidate in preferred}, now, excluding=key
+            counts = self._counts(
+                {candidate.routing_identity for candidate in preferred}, excluding=key
             )
-            chosen = least_bound_candidate(preferred, counts)
+            chosen = choose_candidate(preferred, counts, spread)
             row = _StoredBinding(
                 provider=chosen.provider,
                 routing_identity=chosen.routing_identity,
@@ -189,12 +189,28 @@ class MemoryAffinityStore:
             )
             return True
 
-    async def count_live(
+    async def renew_many(
+        self, renewals: Collection[Renewal], *, ttl_seconds: float, timeout: float
+    ) -> set[tuple[str, str]]:
+        """Renew each binding that still names its renewal's provider."""
+        renewed: set[tuple[str, str]] = set()
+        for renewal in renewals:
+            if await self.renew(
+                renewal.api_key_id,
+                renewal.model,
+                provider=renewal.provider,
+                ttl_seconds=ttl_seconds,
+                timeout=timeout,
+            ):
+                renewed.add((renewal.api_key_id, renewal.model))
+        return renewed
+
+    async def count_bindings(
         self, routing_identities: Collection[str], *, timeout: float
     ) -> dict[str, int]:
-        """Count live bindings per routing identity, with 0 for identities that have none."""
+        """Rows not yet purged per routing identity, with 0 for identities that have none."""
         async with self._boundary(timeout):
-            return self._live_counts(set(routing_identities), self._clock())
+            return self._counts(set(routing_identities))
 
     async def purge_expired(self, *, grace_seconds: float, batch_size: int, timeout: float) -> int:
         """Delete bindings expired beyond the grace period; 0 when another purge is running."""

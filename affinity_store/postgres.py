@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import AsyncIterator, Collection, Sequence
 from typing import TypeAlias
 
@@ -20,9 +21,12 @@ from affinity_store.locks import (
     binding_lock_key,
 )
 from affinity_store.queries import Queries, load_queries
+from affinity_store.spread import COUNTER_SHARDS, choose_candidate, counter_shard
 from affinity_store.store import (
     Binding,
     Candidate,
+    Renewal,
+    Spread,
     StoreError,
 )
 
@@ -53,6 +57,7 @@ async def create_pool(
     max_size: int,
     statement_cache_size: int,
     connect_eagerly: bool = True,
+    connect_timeout: float = 10.0,
 ) -> Pool:
     """Open an asyncpg pool for the store; `statement_cache_size=0` behind PgBouncer in
     transaction-pooling mode. Released connections skip asyncpg's session reset query.
@@ -67,6 +72,7 @@ async def create_pool(
             max_size=max_size,
             statement_cache_size=statement_cache_size,
             reset=_skip_session_reset,
+            timeout=connect_timeout,
             server_settings={"application_name": "affinity-gateway"},
         )
 
@@ -111,11 +117,30 @@ class PostgresAffinityStore:
         preferred: Sequence[Candidate],
         ttl_seconds: float,
         timeout: float,
+        spread: Spread = Spread(),
     ) -> Binding:
-        """Return the live acceptable binding or bind the least-bound preferred candidate,
-        in one short transaction under the key's advisory lock."""
+        """Return the live acceptable binding or bind a preferred candidate chosen by `spread`
+        over the counters, in one short transaction under the key's advisory lock."""
         if not preferred:
             raise ValueError("claim needs at least one preferred candidate")
+        queries = self._queries
+        async with self._locked(api_key_id, model, timeout) as (connection, existing):
+            if existing is not None and existing["ttl_remaining"] > 0:
+                if existing["provider"] in acceptable:
+                    return _binding_from_record(existing)
+            identities = sorted({candidate.routing_identity for candidate in preferred})
+            records = await connection.fetch(queries.count_bindings, identities)
+            counts = {record["routing_identity"]: record["bindings"] for record in records}
+            if existing is not None and existing["routing_identity"] in counts:
+                counts[existing["routing_identity"]] -= 1  # the row being replaced
+            chosen = choose_candidate(preferred, counts, spread)
+            return await self._write(connection, api_key_id, model, chosen, ttl_seconds, existing)
+
+    @contextlib.asynccontextmanager
+    async def _locked(
+        self, api_key_id: str, model: str, timeout: float
+    ) -> AsyncIterator[tuple[asyncpg.Connection[asyncpg.Record], asyncpg.Record | None]]:
+        """A transaction holding the key's advisory lock and its row (any expiry), if any."""
         queries = self._queries
         deadline = asyncio.get_running_loop().time() + timeout
         async with (
@@ -129,19 +154,30 @@ class PostgresAffinityStore:
                 queries.lock_binding, NAMESPACE, binding_lock_key(api_key_id, model)
             )
             # Read again under the lock: another worker may have claimed it meanwhile.
-            existing = await connection.fetchrow(queries.lookup, api_key_id, model)
-            if existing is not None and existing["provider"] in acceptable:
-                return _binding_from_record(existing)
-            record = await connection.fetchrow(
-                queries.bind_least_bound_candidate,
-                api_key_id,
-                model,
-                [candidate.provider for candidate in preferred],
-                [candidate.routing_identity for candidate in preferred],
-                ttl_seconds,
-            )
+            yield connection, await connection.fetchrow(queries.lock_row, api_key_id, model)
+
+    async def _write(
+        self,
+        connection: asyncpg.Connection[asyncpg.Record],
+        api_key_id: str,
+        model: str,
+        chosen: Candidate,
+        ttl_seconds: float,
+        existing: asyncpg.Record | None,
+    ) -> Binding:
+        """Upsert the binding, move its count, and notify listeners (see `write_binding`)."""
+        record = await connection.fetchrow(
+            self._queries.write_binding,
+            api_key_id,
+            model,
+            chosen.provider,
+            chosen.routing_identity,
+            ttl_seconds,
+            None if existing is None else existing["routing_identity"],
+            counter_shard(binding_lock_key(api_key_id, model)),
+        )
         if record is None:
-            raise StoreError("claim upsert returned no row")
+            raise StoreError("binding upsert returned no row")
         return _binding_from_record(record)
 
     async def renew(
@@ -164,28 +200,45 @@ class PostgresAffinityStore:
         ttl_seconds: float,
         timeout: float,
     ) -> bool:
-        """Move the binding from `old_provider` to `new`, or create it when the key has none."""
+        """Move the binding from `old_provider` to `new`, or create it when the key has none,
+        under the key's advisory lock."""
+        async with self._locked(api_key_id, model, timeout) as (connection, existing):
+            if existing is not None and existing["provider"] != old_provider:
+                return False
+            await self._write(connection, api_key_id, model, new, ttl_seconds, existing)
+            return True
+
+    async def renew_many(
+        self, renewals: Collection[Renewal], *, ttl_seconds: float, timeout: float
+    ) -> set[tuple[str, str]]:
+        """Renew every still-matching binding of `renewals` in one statement."""
+        if not renewals:
+            return set()
         async with store_boundary(timeout), self._pool.acquire() as connection:
-            took_effect = await connection.fetchval(
-                self._queries.rebind,
-                api_key_id,
-                model,
-                old_provider,
-                new.provider,
-                new.routing_identity,
+            records = await connection.fetch(
+                self._queries.renew_many,
+                [renewal.api_key_id for renewal in renewals],
+                [renewal.model for renewal in renewals],
+                [renewal.provider for renewal in renewals],
                 ttl_seconds,
             )
-        return bool(took_effect)
+        return {(record["api_key_id"], record["model"]) for record in records}
 
-    async def count_live(
+    async def count_bindings(
         self, routing_identities: Collection[str], *, timeout: float
     ) -> dict[str, int]:
-        """Count live bindings per routing identity, with 0 for identities that have none."""
+        """Bindings per routing identity from the counters, with 0 for identities that have none."""
         identities = sorted(set(routing_identities))
         if not identities:
             return {}
         async with store_boundary(timeout), self._pool.acquire() as connection:
-            records = await connection.fetch(self._queries.count_live, identities)
+            records = await connection.fetch(self._queries.count_bindings, identities)
+        return {record["routing_identity"]: record["bindings"] for record in records}
+
+    async def count_rows(self, *, timeout: float) -> dict[str, int]:
+        """A full count of rows per routing identity (a check on the counters; scans the table)."""
+        async with store_boundary(timeout), self._pool.acquire() as connection:
+            records = await connection.fetch(self._queries.count_rows)
         return {record["routing_identity"]: record["bindings"] for record in records}
 
     async def purge_expired(self, *, grace_seconds: float, batch_size: int, timeout: float) -> int:
@@ -203,7 +256,10 @@ class PostgresAffinityStore:
                     if not locked:
                         return deleted_total
                     deleted = await connection.fetchval(
-                        self._queries.purge_expired_batch, grace_seconds, batch_size
+                        self._queries.purge_expired_batch,
+                        grace_seconds,
+                        batch_size,
+                        random.randrange(COUNTER_SHARDS),
                     )
                 deleted_total += int(deleted)
                 if deleted < batch_size:

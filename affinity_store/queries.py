@@ -22,10 +22,12 @@ class Queries:
     lookup: str
     set_transaction_timeouts: str
     lock_binding: str
-    bind_least_bound_candidate: str
+    lock_row: str
+    count_bindings: str
+    write_binding: str
     renew: str
-    rebind: str
-    count_live: str
+    renew_many: str
+    count_rows: str
     try_lock_janitor: str
     purge_expired_batch: str
     list_bindings: str

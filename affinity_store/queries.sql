@@ -14,77 +14,80 @@ SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $1,
 -- name: lock_binding
 SELECT pg_advisory_xact_lock($1::int4, $2::int4);
 
--- name: bind_least_bound_candidate
--- $3/$4: candidates' providers and routing identities in preference order.
--- Picks the routing identity with the fewest live bindings (not counting this key's
--- own row, which is being replaced), earlier candidates first on ties, and upserts it.
-WITH candidate AS (
-    SELECT provider, routing_identity, position
-    FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS listed(provider, routing_identity, position)
+-- name: lock_row
+-- The key's row whatever its expiry, locked until the transaction ends (the janitor skips it).
+SELECT api_key_id, model, provider, routing_identity, expires_at,
+       extract(epoch FROM expires_at - now())::float8 AS ttl_remaining
+FROM affinity_bindings
+WHERE api_key_id = $1 AND model = $2
+FOR UPDATE;
+
+-- name: count_bindings
+-- $1: routing identities. Sums the counter shards; identities without a row count 0.
+SELECT identity.routing_identity, coalesce(sum(counts.bindings), 0)::int8 AS bindings
+FROM unnest($1::text[]) AS identity(routing_identity)
+LEFT JOIN affinity_binding_counts AS counts USING (routing_identity)
+GROUP BY identity.routing_identity;
+
+-- name: write_binding
+-- Under the key's lock: upsert the binding, move its count from $6 (the identity of the row it
+-- replaces, NULL when there was none) to $4 in counter shard $7, and tell every listening
+-- gateway that the key's binding changed (delivered at commit).
+WITH written AS (
+    INSERT INTO affinity_bindings (api_key_id, model, provider, routing_identity, expires_at)
+    VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5::float8))
+    ON CONFLICT (api_key_id, model) DO UPDATE
+    SET provider = excluded.provider,
+        routing_identity = excluded.routing_identity,
+        expires_at = excluded.expires_at,
+        created_at = now(),
+        updated_at = now()
+    RETURNING api_key_id, model, provider, routing_identity, expires_at,
+              extract(epoch FROM expires_at - now())::float8 AS ttl_remaining
 ),
-live_count AS (
-    SELECT routing_identity, count(*) AS bindings
-    FROM affinity_bindings
-    WHERE routing_identity = ANY($4::text[])
-      AND expires_at > now()
-      AND NOT (api_key_id = $1 AND model = $2)
-    GROUP BY routing_identity
+counted AS (
+    INSERT INTO affinity_binding_counts (routing_identity, shard, bindings)
+    SELECT change.routing_identity, $7::int2, sum(change.delta)
+    FROM (VALUES ($4::text, 1), ($6::text, -1)) AS change(routing_identity, delta)
+    WHERE change.routing_identity IS NOT NULL
+    GROUP BY change.routing_identity
+    HAVING sum(change.delta) <> 0
+    -- One lock order for every writer: no deadlock between claims moving counts both ways.
+    ORDER BY change.routing_identity
+    ON CONFLICT (routing_identity, shard) DO UPDATE
+    SET bindings = affinity_binding_counts.bindings + excluded.bindings
 ),
-chosen AS (
-    SELECT candidate.provider, candidate.routing_identity
-    FROM candidate LEFT JOIN live_count USING (routing_identity)
-    ORDER BY coalesce(live_count.bindings, 0), candidate.position
-    LIMIT 1
+notified AS (
+    SELECT pg_notify('affinity_binding_changed', $1 || E'\n' || $2)
 )
-INSERT INTO affinity_bindings (api_key_id, model, provider, routing_identity, expires_at)
-SELECT $1, $2, provider, routing_identity, now() + make_interval(secs => $5::float8)
-FROM chosen
-ON CONFLICT (api_key_id, model) DO UPDATE
-SET provider = excluded.provider,
-    routing_identity = excluded.routing_identity,
-    expires_at = excluded.expires_at,
-    created_at = now(),
-    updated_at = now()
-RETURNING api_key_id, model, provider, routing_identity, expires_at,
-          extract(epoch FROM expires_at - now())::float8 AS ttl_remaining;
+SELECT written.* FROM written, notified;
 
 -- name: renew
 UPDATE affinity_bindings
 SET expires_at = now() + make_interval(secs => $4::float8), updated_at = now()
 WHERE api_key_id = $1 AND model = $2 AND provider = $3;
 
--- name: rebind
--- Compare-and-set on the old provider; inserts only when the key has no row at all.
-WITH moved AS (
-    UPDATE affinity_bindings
-    SET provider = $4,
-        routing_identity = $5,
-        expires_at = now() + make_interval(secs => $6::float8),
-        updated_at = now()
-    WHERE api_key_id = $1 AND model = $2 AND provider = $3
-    RETURNING 1
-),
-created AS (
-    INSERT INTO affinity_bindings (api_key_id, model, provider, routing_identity, expires_at)
-    SELECT $1, $2, $4, $5, now() + make_interval(secs => $6::float8)
-    WHERE NOT EXISTS (SELECT 1 FROM moved)
-    ON CONFLICT (api_key_id, model) DO NOTHING
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM moved) + (SELECT count(*) FROM created) > 0;
+-- name: renew_many
+-- $1/$2/$3: keys, models and the providers they were served by; compare-and-set on each.
+UPDATE affinity_bindings AS binding
+SET expires_at = now() + make_interval(secs => $4::float8), updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[]) AS renewal(api_key_id, model, provider)
+WHERE binding.api_key_id = renewal.api_key_id
+  AND binding.model = renewal.model
+  AND binding.provider = renewal.provider
+RETURNING binding.api_key_id, binding.model;
 
--- name: count_live
-SELECT identity.routing_identity, count(affinity_bindings.api_key_id) AS bindings
-FROM unnest($1::text[]) AS identity(routing_identity)
-LEFT JOIN affinity_bindings
-       ON affinity_bindings.routing_identity = identity.routing_identity
-      AND affinity_bindings.expires_at > now()
-GROUP BY identity.routing_identity;
+-- name: count_rows
+-- A full count per routing identity: what the counters must equal (for checks, not routing).
+SELECT routing_identity, count(*) AS bindings
+FROM affinity_bindings
+GROUP BY routing_identity;
 
 -- name: try_lock_janitor
 SELECT pg_try_advisory_xact_lock($1::int4, $2::int4);
 
 -- name: purge_expired_batch
+-- $3: the counter shard that takes the deleted rows' decrements.
 WITH doomed AS (
     SELECT api_key_id, model
     FROM affinity_bindings
@@ -98,9 +101,20 @@ deleted AS (
     USING doomed
     WHERE affinity_bindings.api_key_id = doomed.api_key_id
       AND affinity_bindings.model = doomed.model
-    RETURNING 1
+    RETURNING affinity_bindings.routing_identity
+),
+per_identity AS (
+    SELECT routing_identity, count(*) AS bindings FROM deleted GROUP BY routing_identity
+),
+counted AS (
+    INSERT INTO affinity_binding_counts (routing_identity, shard, bindings)
+    SELECT routing_identity, $3::int2, -bindings
+    FROM per_identity
+    ORDER BY routing_identity
+    ON CONFLICT (routing_identity, shard) DO UPDATE
+    SET bindings = affinity_binding_counts.bindings + excluded.bindings
 )
-SELECT count(*) FROM deleted;
+SELECT coalesce(sum(bindings), 0)::int8 FROM per_identity;
 
 -- name: list_bindings
 SELECT api_key_id, model, provider, routing_identity, expires_at,

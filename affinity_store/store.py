@@ -31,6 +31,31 @@ class Binding:
     ttl_remaining: float
 
 
+@dataclass(frozen=True)
+class Spread:
+    """How many more bindings the first candidate may hold than the least-bound one.
+
+    The allowance is `share` of the least-bound candidate's count, and at least `minimum`.
+    The default (no allowance) binds the least-bound candidate, earliest on ties.
+    """
+
+    share: float = 0.0
+    minimum: int = 0
+
+    def allowance(self, least: int) -> float:
+        """The extra bindings the first candidate may hold over `least`."""
+        return max(float(self.minimum), self.share * least)
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """A request to extend `(api_key_id, model)` if it is still bound to `provider`."""
+
+    api_key_id: str
+    model: str
+    provider: str
+
+
 class StoreError(Exception):
     """Any failure of the affinity store; driver errors become this (or a subclass)."""
 
@@ -63,9 +88,12 @@ class AffinityStore(Protocol):
         preferred: Sequence[Candidate],
         ttl_seconds: float,
         timeout: float,
+        spread: Spread = Spread(),
     ) -> Binding:
-        """Return the live binding if its provider is acceptable, else bind the least-bound
-        preferred candidate under the key's lock; raise ValueError when `preferred` is empty."""
+        """Return the live binding if its provider is acceptable, else bind a preferred
+        candidate under the key's lock: the first unless it holds more bindings than the
+        least-bound one plus the `spread` allowance (see `spread.choose_candidate`); raise
+        ValueError when `preferred` is empty."""
         ...
 
     async def renew(
@@ -88,10 +116,19 @@ class AffinityStore(Protocol):
         it took effect, False when the binding names some other provider."""
         ...
 
-    async def count_live(
+    async def renew_many(
+        self, renewals: Collection[Renewal], *, ttl_seconds: float, timeout: float
+    ) -> set[tuple[str, str]]:
+        """Renew each `(api_key_id, model)` whose binding still names the given provider, in
+        one statement; return the pairs that were renewed."""
+        ...
+
+    async def count_bindings(
         self, routing_identities: Collection[str], *, timeout: float
     ) -> dict[str, int]:
-        """Count live bindings per routing identity, with 0 for identities that have none."""
+        """Bindings per routing identity as a claim's spread counts them, 0 when none: every
+        row the janitor has not yet deleted, live or recently expired. Read from maintained
+        counters, so the cost does not grow with the table."""
         ...
 
     async def purge_expired(self, *, grace_seconds: float, batch_size: int, timeout: float) -> int:

@@ -60,7 +60,7 @@ async def collect_status(router: Router, decisions: Sequence[RecentDecision]) ->
     identities = {provider.routing_identity for provider in catalog.providers.values()}
     counts: Mapping[str, int] | None
     try:
-        counts = await router.affinity.store.count_live(
+        counts = await router.affinity.store.count_bindings(
             identities, timeout=STATUS_STORE_TIMEOUT_SECONDS
         )
     except StoreError:

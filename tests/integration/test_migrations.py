@@ -92,7 +92,7 @@ async def test_migrations_give_the_schema_the_store_expects(empty_database_url: 
         await connection.close()
     assert {tuple(record.values()) for record in columns} == EXPECTED_COLUMNS
     assert {record["attname"] for record in primary_key} == {"api_key_id", "model"}
-    assert {record["attname"] for record in indexed_first} == {"expires_at", "routing_identity"}
+    assert {record["attname"] for record in indexed_first} == {"expires_at"}
     assert {record["column_name"] for record in default_columns} == {"created_at", "updated_at"}
 
 

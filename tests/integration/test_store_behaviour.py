@@ -16,7 +16,14 @@ import pytest
 from affinity_store.locks import NAMESPACE, binding_lock_key
 from affinity_store.memory import MemoryAffinityStore
 from affinity_store.postgres import PostgresAffinityStore, create_pool
-from affinity_store.store import AffinityStore, Binding, Candidate, StoreTimeout
+from affinity_store.store import (
+    AffinityStore,
+    Binding,
+    Candidate,
+    Renewal,
+    Spread,
+    StoreTimeout,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -207,7 +214,7 @@ async def test_claim_spreads_new_keys_by_fewest_live_bindings(store: AffinitySto
     """Thirty keys over three equal providers end up ten each, give or take one."""
     for index in range(30):
         await bind(store, f"key-{index}", ALPHA, BETA, GAMMA)
-    counts = await store.count_live(["alpha", "beta", "gamma"], timeout=TIMEOUT)
+    counts = await store.count_bindings(["alpha", "beta", "gamma"], timeout=TIMEOUT)
     assert all(9 <= count <= 11 for count in counts.values()), counts
     assert sum(counts.values()) == 30
 
@@ -314,14 +321,81 @@ async def test_late_renewal_for_the_old_provider_cannot_resurrect_it(store: Affi
     assert found.provider == "beta"
 
 
-async def test_count_live_reports_every_requested_identity(store: AffinityStore) -> None:
-    """Identities with no live binding count 0; expired bindings are not counted."""
+async def test_count_bindings_counts_rows_until_the_janitor_deletes_them(
+    store: AffinityStore,
+) -> None:
+    """Identities with no binding count 0; an expired binding counts until it is purged."""
     await bind(store, "k1", ALPHA)
     await bind(store, "k2", ALPHA)
     await bind(store, "k3", BETA)
     await backdate(store, "k3", "beta", seconds_ago=1)
-    counts = await store.count_live(["alpha", "beta", "gamma"], timeout=TIMEOUT)
+    counts = await store.count_bindings(["alpha", "beta", "gamma"], timeout=TIMEOUT)
+    assert counts == {"alpha": 2, "beta": 1, "gamma": 0}
+    assert await store.purge_expired(grace_seconds=0, batch_size=100, timeout=TIMEOUT) == 1
+    counts = await store.count_bindings(["alpha", "beta", "gamma"], timeout=TIMEOUT)
     assert counts == {"alpha": 2, "beta": 0, "gamma": 0}
+
+
+async def test_claim_keeps_the_first_candidate_within_the_spread_allowance(
+    store: AffinityStore,
+) -> None:
+    """With an allowance of two, the first candidate takes three keys before the claim spreads."""
+    spread = Spread(share=0.1, minimum=2)
+    chosen = [
+        (
+            await store.claim(
+                f"key-{index}",
+                "m",
+                acceptable=EVERY_PROVIDER,
+                preferred=[GAMMA, ALPHA, BETA],
+                ttl_seconds=TTL,
+                timeout=TIMEOUT,
+                spread=spread,
+            )
+        ).provider
+        for index in range(4)
+    ]
+    assert chosen == ["gamma", "gamma", "gamma", "alpha"]
+
+
+async def test_claim_replacing_a_binding_moves_its_count(store: AffinityStore) -> None:
+    """A claim that replaces an unacceptable binding counts it once, under the new identity."""
+    await bind(store, "k", ALPHA)
+    await store.claim(
+        "k", "m", acceptable={"beta"}, preferred=[BETA], ttl_seconds=TTL, timeout=TIMEOUT
+    )
+    counts = await store.count_bindings(["alpha", "beta"], timeout=TIMEOUT)
+    assert counts == {"alpha": 0, "beta": 1}
+
+
+async def test_rebind_moves_the_count_and_a_stale_rebind_does_not(store: AffinityStore) -> None:
+    """A rebind moves one count to the new identity; a compare-and-set miss moves nothing."""
+    await bind(store, "k", ALPHA)
+    assert await store.rebind(
+        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, timeout=TIMEOUT
+    )
+    assert not await store.rebind(
+        "k", "m", old_provider="alpha", new=GAMMA, ttl_seconds=TTL, timeout=TIMEOUT
+    )
+    counts = await store.count_bindings(["alpha", "beta", "gamma"], timeout=TIMEOUT)
+    assert counts == {"alpha": 0, "beta": 1, "gamma": 0}
+
+
+async def test_renew_many_renews_only_bindings_that_still_match(store: AffinityStore) -> None:
+    """One batch renews the matching bindings and reports exactly those."""
+    await bind(store, "k1", ALPHA)
+    await bind(store, "k2", BETA)
+    await backdate(store, "k1", "alpha", seconds_ago=1)
+    renewed = await store.renew_many(
+        [Renewal("k1", "m", "alpha"), Renewal("k2", "m", "gamma"), Renewal("k3", "m", "alpha")],
+        ttl_seconds=TTL,
+        timeout=TIMEOUT,
+    )
+    assert renewed == {("k1", "m")}
+    found = await store.lookup("k1", "m", timeout=TIMEOUT)
+    assert found is not None
+    assert found.ttl_remaining > TTL - 5
+    assert await store.renew_many([], ttl_seconds=TTL, timeout=TIMEOUT) == set()
 
 
 async def test_purge_deletes_only_bindings_expired_beyond_the_grace(store: AffinityStore) -> None:

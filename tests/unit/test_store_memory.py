@@ -1,4 +1,4 @@
-"""The in-memory twin's own knobs: injected clock, injected failure, candidate choice."""
+"""The in-memory twin's own knobs: injected clock and injected failure."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from affinity_store.memory import MemoryAffinityStore, least_bound_candidate
+from affinity_store.memory import MemoryAffinityStore
 from affinity_store.store import Candidate, StoreUnavailable
 
 ALPHA = Candidate("alpha", "alpha")
-BETA = Candidate("beta", "beta")
 
 
 class FakeClock:
@@ -45,13 +44,6 @@ async def test_an_injected_failure_makes_every_call_raise_until_cleared() -> Non
     with pytest.raises(StoreUnavailable):
         await store.lookup("k", "m", timeout=1)
     with pytest.raises(StoreUnavailable):
-        await store.count_live(["alpha"], timeout=1)
+        await store.count_bindings(["alpha"], timeout=1)
     store.fail_with(None)
     assert await store.lookup("k", "m", timeout=1) is None
-
-
-def test_least_bound_candidate_prefers_fewer_bindings_then_order() -> None:
-    """Fewest live bindings wins; ties go to the earlier candidate; unknown counts are 0."""
-    assert least_bound_candidate([ALPHA, BETA], {"alpha": 2, "beta": 1}) == BETA
-    assert least_bound_candidate([ALPHA, BETA], {"alpha": 1, "beta": 1}) == ALPHA
-    assert least_bound_candidate([ALPHA, BETA], {"alpha": 1}) == BETA
