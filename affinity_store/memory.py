@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from affinity_store.spread import choose_candidate
 from affinity_store.store import (
+    LEAST_BOUND,
     Binding,
     Candidate,
     Renewal,
@@ -122,7 +123,7 @@ class MemoryAffinityStore:
         preferred: Sequence[Candidate],
         ttl_seconds: float,
         timeout: float,
-        spread: Spread = Spread(),
+        spread: Spread = LEAST_BOUND,
     ) -> Binding:
         """Return the live acceptable binding or bind a preferred candidate chosen by `spread`,
         under the key's lock."""

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from typing import TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from affinity_store.driver_errors import translated_driver_errors
 from affinity_store.locks import (
@@ -23,6 +24,7 @@ from affinity_store.locks import (
 from affinity_store.queries import Queries, load_queries
 from affinity_store.spread import COUNTER_SHARDS, choose_candidate, counter_shard
 from affinity_store.store import (
+    LEAST_BOUND,
     Binding,
     Candidate,
     Renewal,
@@ -31,6 +33,7 @@ from affinity_store.store import (
 )
 
 Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
+Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
 
 @contextlib.asynccontextmanager
@@ -117,7 +120,7 @@ class PostgresAffinityStore:
         preferred: Sequence[Candidate],
         ttl_seconds: float,
         timeout: float,
-        spread: Spread = Spread(),
+        spread: Spread = LEAST_BOUND,
     ) -> Binding:
         """Return the live acceptable binding or bind a preferred candidate chosen by `spread`
         over the counters, in one short transaction under the key's advisory lock."""
@@ -125,21 +128,28 @@ class PostgresAffinityStore:
             raise ValueError("claim needs at least one preferred candidate")
         queries = self._queries
         async with self._locked(api_key_id, model, timeout) as (connection, existing):
-            if existing is not None and existing["ttl_remaining"] > 0:
-                if existing["provider"] in acceptable:
-                    return _binding_from_record(existing)
+            live = existing is not None and existing["ttl_remaining"] > 0
+            if live and existing is not None and existing["provider"] in acceptable:
+                return _binding_from_record(existing)
             identities = sorted({candidate.routing_identity for candidate in preferred})
             records = await connection.fetch(queries.count_bindings, identities)
             counts = {record["routing_identity"]: record["bindings"] for record in records}
             if existing is not None and existing["routing_identity"] in counts:
                 counts[existing["routing_identity"]] -= 1  # the row being replaced
             chosen = choose_candidate(preferred, counts, spread)
-            return await self._write(connection, api_key_id, model, chosen, ttl_seconds, existing)
+            return await self._write(
+                connection,
+                api_key_id=api_key_id,
+                model=model,
+                chosen=chosen,
+                ttl_seconds=ttl_seconds,
+                existing=existing,
+            )
 
     @contextlib.asynccontextmanager
     async def _locked(
         self, api_key_id: str, model: str, timeout: float
-    ) -> AsyncIterator[tuple[asyncpg.Connection[asyncpg.Record], asyncpg.Record | None]]:
+    ) -> AsyncIterator[tuple[Connection, asyncpg.Record | None]]:
         """A transaction holding the key's advisory lock and its row (any expiry), if any."""
         queries = self._queries
         deadline = asyncio.get_running_loop().time() + timeout
@@ -158,7 +168,8 @@ class PostgresAffinityStore:
 
     async def _write(
         self,
-        connection: asyncpg.Connection[asyncpg.Record],
+        connection: Connection,
+        *,
         api_key_id: str,
         model: str,
         chosen: Candidate,
@@ -205,7 +216,14 @@ class PostgresAffinityStore:
         async with self._locked(api_key_id, model, timeout) as (connection, existing):
             if existing is not None and existing["provider"] != old_provider:
                 return False
-            await self._write(connection, api_key_id, model, new, ttl_seconds, existing)
+            await self._write(
+                connection,
+                api_key_id=api_key_id,
+                model=model,
+                chosen=new,
+                ttl_seconds=ttl_seconds,
+                existing=existing,
+            )
             return True
 
     async def renew_many(

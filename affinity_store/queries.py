@@ -28,6 +28,7 @@ class Queries:
     renew: str
     renew_many: str
     count_rows: str
+    notify_binding_channel: str
     try_lock_janitor: str
     purge_expired_batch: str
     list_bindings: str

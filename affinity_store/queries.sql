@@ -83,6 +83,10 @@ SELECT routing_identity, count(*) AS bindings
 FROM affinity_bindings
 GROUP BY routing_identity;
 
+-- name: notify_binding_channel
+-- A listener's ping, sent the way writers notify (see notifications.py).
+SELECT pg_notify('affinity_binding_changed', $1);
+
 -- name: try_lock_janitor
 SELECT pg_try_advisory_xact_lock($1::int4, $2::int4);
 

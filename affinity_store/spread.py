@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
 from affinity_store.store import Candidate, Spread
 
 COUNTER_SHARDS = 16

@@ -47,6 +47,10 @@ class Spread:
         return max(float(self.minimum), self.share * least)
 
 
+LEAST_BOUND = Spread()
+"""No allowance: a claim binds the least-bound candidate, earliest on ties."""
+
+
 @dataclass(frozen=True)
 class Renewal:
     """A request to extend `(api_key_id, model)` if it is still bound to `provider`."""
@@ -88,7 +92,7 @@ class AffinityStore(Protocol):
         preferred: Sequence[Candidate],
         ttl_seconds: float,
         timeout: float,
-        spread: Spread = Spread(),
+        spread: Spread = LEAST_BOUND,
     ) -> Binding:
         """Return the live binding if its provider is acceptable, else bind a preferred
         candidate under the key's lock: the first unless it holds more bindings than the

@@ -8,20 +8,36 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 import structlog
 
-from affinity_store.store import AffinityStore, Binding, Candidate, StoreError
+from affinity_store.store import (
+    AffinityStore,
+    Binding,
+    Candidate,
+    Renewal,
+    Spread,
+    StoreError,
+    StoreTimeout,
+)
 from gateway.config import AffinitySettings
+from gateway.loop_lag import await_within
 from gateway.metrics import Metrics
 
 logger = structlog.get_logger("gateway.affinity")
 
-LOCAL_CACHE_CAPACITY = 100_000
+LOCAL_CACHE_CAPACITY = 250_000
 JANITOR_BATCH_SIZE = 1000
 JANITOR_TIMEOUT_SECONDS = 10.0
 BREAKER_FAILURE_THRESHOLD = 3
+RENEW_BATCH_SIZE = 500
+# A claim keeps the agreed provider while it holds at most this many more bindings than the
+# least-bound candidate (or `agreement_slack` of that count, whichever is larger).
+AGREEMENT_MIN_BINDINGS = 2
+# Event-loop lag is not charged to a store deadline, but no call waits longer than this many
+# times its deadline in all.
+DEADLINE_LIMIT_FACTOR = 10
 
 BreakerState = Literal["closed", "open", "half_open"]
 T = TypeVar("T")
@@ -36,6 +52,26 @@ class CachedBinding:
     cached_at: float
     expires_at: float
     renewal_queued: bool = False
+    generation: int | None = None  # the change feed's generation it is covered by, if any
+
+
+class ChangeFeed(Protocol):
+    """Notifications of binding changes from every process (see affinity_store.notifications)."""
+
+    @property
+    def verified(self) -> bool:
+        """Whether every change is being heard right now."""
+        ...
+
+    @property
+    def generation(self) -> int:
+        """Moves on whenever `verified` changes."""
+        ...
+
+    @property
+    def changes_heard(self) -> int:
+        """How many changes have been heard so far."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -140,7 +176,30 @@ class SharedAffinity:
         self._claims: dict[tuple[str, str], asyncio.Future[Lookup | None]] = {}
         self._queue: asyncio.Queue[_Renewal | _Rebind] = asyncio.Queue(settings.renew_queue_size)
         self._tasks: list[asyncio.Task[None]] = []
+        self._feed: ChangeFeed | None = None
+        self._spread = Spread(share=settings.agreement_slack, minimum=AGREEMENT_MIN_BINDINGS)
         self._metrics.store_up.set(1)
+
+    def follow(self, feed: ChangeFeed) -> None:
+        """Trust local copies for as long as `feed` hears every change (it calls `changed`)."""
+        self._feed = feed
+
+    def changed(self, api_key_id: str, model: str) -> None:
+        """Some process changed this binding: forget the local copy."""
+        self._cache.pop((api_key_id, model), None)
+
+    def _changes_heard(self) -> int:
+        return -1 if self._feed is None else self._feed.changes_heard
+
+    def _covered(self, entry: CachedBinding) -> bool:
+        """Whether every change since `entry` was read has been heard (so it is still right)."""
+        feed = self._feed
+        return (
+            feed is not None
+            and feed.verified
+            and entry.generation is not None
+            and entry.generation == feed.generation
+        )
 
     async def start(self) -> None:
         """Start the renewal worker and the janitor."""
@@ -159,11 +218,18 @@ class SharedAffinity:
         self._tasks = []
 
     def cached(self, api_key_id: str, model: str, *, fresh: bool = True) -> CachedBinding | None:
-        """The local copy of a live binding (no I/O); `fresh` also requires it to be recent."""
+        """The local copy of a binding (no I/O).
+
+        A copy covered by the change feed is right until a change is heard, whatever its age
+        (renewals keep it alive in the store). Otherwise it must be live, and with `fresh` also
+        younger than `local_cache_seconds`.
+        """
         key = (api_key_id, model)
         entry = self._cache.get(key)
         if entry is None:
             return None
+        if self._covered(entry):
+            return entry
         now = self._clock()
         if now >= entry.expires_at:
             del self._cache[key]
@@ -189,19 +255,19 @@ class SharedAffinity:
     async def _lookup(self, api_key_id: str, model: str) -> Lookup:
         if not self.breaker.allow():
             return Lookup(self.cached(api_key_id, model, fresh=False), degraded=True)
+        heard = self._changes_heard()
         try:
             binding = await self._call(
                 "lookup",
-                self.store.lookup(
-                    api_key_id, model, timeout=self._settings.lookup_timeout_ms / 1000
-                ),
+                self._settings.lookup_timeout_ms / 1000,
+                lambda limit: self.store.lookup(api_key_id, model, timeout=limit),
             )
         except StoreError:
             return Lookup(self.cached(api_key_id, model, fresh=False), degraded=True)
         if binding is None:
             self._cache.pop((api_key_id, model), None)
             return Lookup(None)
-        return Lookup(self._remember(binding))
+        return Lookup(self._remember(binding, heard))
 
     async def claim(
         self,
@@ -255,21 +321,24 @@ class SharedAffinity:
     ) -> Lookup:
         if not self.breaker.allow():
             return Lookup(None, degraded=True)
+        heard = self._changes_heard()
         try:
             binding = await self._call(
                 "claim",
-                self.store.claim(
+                self._settings.claim_timeout_ms / 1000,
+                lambda limit: self.store.claim(
                     api_key_id,
                     model,
                     acceptable=acceptable,
                     preferred=preferred,
                     ttl_seconds=self._settings.ttl_seconds,
-                    timeout=self._settings.claim_timeout_ms / 1000,
+                    timeout=limit,
+                    spread=self._spread,
                 ),
             )
         except StoreError:
             return Lookup(None, degraded=True)
-        return Lookup(self._remember(binding))
+        return Lookup(self._remember(binding, heard))
 
     def served(
         self,
@@ -295,10 +364,18 @@ class SharedAffinity:
         self._enqueue(_Rebind(api_key_id, model, bound.provider, served))
         return True
 
-    def _remember(self, binding: Binding) -> CachedBinding:
+    def _remember(self, binding: Binding, heard: int) -> CachedBinding:
+        """Cache a binding read when `heard` changes had been heard; a change heard while it
+        was being read may be newer than it, so then it is not covered by the feed."""
         now = self._clock()
+        feed = self._feed
+        covered = feed is not None and feed.verified and feed.changes_heard == heard
         entry = CachedBinding(
-            binding.provider, binding.routing_identity, now, now + binding.ttl_remaining
+            binding.provider,
+            binding.routing_identity,
+            now,
+            now + binding.ttl_remaining,
+            generation=feed.generation if covered and feed is not None else None,
         )
         key = (binding.api_key_id, binding.model)
         self._cache[key] = entry
@@ -316,12 +393,19 @@ class SharedAffinity:
         self._metrics.renew_queue_depth.set(self._queue.qsize())
         return True
 
-    async def _call(self, operation: str, call: Awaitable[T]) -> T:
-        """Await one store call: time it, and feed its outcome to the breaker."""
+    async def _call(
+        self, operation: str, deadline: float, call: Callable[[float], Awaitable[T]]
+    ) -> T:
+        """One store call under its deadline (event-loop lag not counted): time it, and feed
+        its outcome to the breaker. `call` gets the hard limit the store enforces itself."""
         state = self.breaker.state()
         started = time.perf_counter()
+        limit = deadline * DEADLINE_LIMIT_FACTOR
         try:
-            result = await call
+            try:
+                result = await await_within(call(limit), budget=deadline, limit=limit)
+            except TimeoutError as error:
+                raise StoreTimeout(f"store call exceeded its {deadline:.3f} s deadline") from error
         except StoreError as error:
             self._observe(operation, state, started, type(error).__name__)
             self.breaker.failed()
@@ -352,41 +436,59 @@ class SharedAffinity:
 
     async def _renew_worker(self) -> None:
         while True:
-            item = await self._queue.get()
+            batch = [await self._queue.get()]
+            while len(batch) < RENEW_BATCH_SIZE and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
             self._metrics.renew_queue_depth.set(self._queue.qsize())
             if not self.breaker.allow():
-                self._metrics.renew_drops.labels("store_down").inc()
+                self._metrics.renew_drops.labels("store_down").inc(len(batch))
                 continue
-            timeout = self._settings.claim_timeout_ms / 1000
-            ttl = self._settings.ttl_seconds
             with contextlib.suppress(StoreError):
-                if isinstance(item, _Renewal):
-                    renewed = await self._call(
-                        "renew",
-                        self.store.renew(
-                            item.api_key_id,
-                            item.model,
-                            provider=item.provider,
-                            ttl_seconds=ttl,
-                            timeout=timeout,
-                        ),
-                    )
-                    entry = self._cache.get((item.api_key_id, item.model))
-                    if renewed and entry is not None and entry.provider == item.provider:
-                        entry.expires_at = self._clock() + ttl
-                        entry.renewal_queued = False
-                else:
-                    await self._call(
-                        "rebind",
-                        self.store.rebind(
-                            item.api_key_id,
-                            item.model,
-                            old_provider=item.old_provider,
-                            new=item.new,
-                            ttl_seconds=ttl,
-                            timeout=timeout,
-                        ),
-                    )
+                await self._renew([item for item in batch if isinstance(item, _Renewal)])
+            for item in batch:
+                if isinstance(item, _Rebind):
+                    with contextlib.suppress(StoreError):
+                        await self._rebind(item)
+
+    async def _renew(self, renewals: list[_Renewal]) -> None:
+        """Renew a batch in one statement; forget local copies whose binding is gone."""
+        if not renewals:
+            return
+        ttl = self._settings.ttl_seconds
+        renewed = await self._call(
+            "renew",
+            self._settings.claim_timeout_ms / 1000,
+            lambda limit: self.store.renew_many(
+                [Renewal(item.api_key_id, item.model, item.provider) for item in renewals],
+                ttl_seconds=ttl,
+                timeout=limit,
+            ),
+        )
+        now = self._clock()
+        for item in renewals:
+            key = (item.api_key_id, item.model)
+            entry = self._cache.get(key)
+            if entry is None or entry.provider != item.provider:
+                continue
+            if key in renewed:
+                entry.expires_at = now + ttl
+                entry.renewal_queued = False
+            else:  # purged, or moved by another process: read it again next time
+                del self._cache[key]
+
+    async def _rebind(self, item: _Rebind) -> None:
+        await self._call(
+            "rebind",
+            self._settings.claim_timeout_ms / 1000,
+            lambda limit: self.store.rebind(
+                item.api_key_id,
+                item.model,
+                old_provider=item.old_provider,
+                new=item.new,
+                ttl_seconds=self._settings.ttl_seconds,
+                timeout=limit,
+            ),
+        )
 
     async def _janitor(self) -> None:
         while True:
@@ -396,10 +498,11 @@ class SharedAffinity:
             with contextlib.suppress(StoreError):
                 deleted = await self._call(
                     "purge",
-                    self.store.purge_expired(
+                    JANITOR_TIMEOUT_SECONDS,
+                    lambda limit: self.store.purge_expired(
                         grace_seconds=self._settings.janitor_grace_seconds,
                         batch_size=JANITOR_BATCH_SIZE,
-                        timeout=JANITOR_TIMEOUT_SECONDS,
+                        timeout=limit,
                     ),
                 )
                 if deleted:

@@ -14,13 +14,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from affinity_store.memory import MemoryAffinityStore
+from affinity_store.notifications import BindingChanges
 from affinity_store.postgres import Pool, PostgresAffinityStore
 from affinity_store.store import AffinityStore
 from gateway import admin
 from gateway.affinity import SharedAffinity
 from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.database import open_pool
+from gateway.database import database_url, describe_database, open_pool
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError, error_body, error_response
 from gateway.health import ProviderHealth
@@ -96,18 +97,30 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
     """The affinity store (a pool when it is Postgres) and the background work around it."""
     settings = app[SETTINGS]
     pool: Pool | None = None
+    url = database_url(settings)
     if STORE not in app:
-        if settings.database.url is None:
+        if url is None:
             logger.warning("no_database", detail="bindings are kept per process only")
             app[STORE] = MemoryAffinityStore()
         else:
+            logger.info("affinity_store", pid=os.getpid(), **describe_database(url))
             pool = await open_pool(settings)
             app[STORE] = PostgresAffinityStore(pool)
     affinity = SharedAffinity(app[STORE], settings.affinity, app[METRICS])
     app[AFFINITY] = affinity
+    changes: BindingChanges | None = None
+    if pool is not None and url is not None:
+        listen_url = settings.database.listen_url
+        changes = BindingChanges(
+            listen_url.get_secret_value() if listen_url else url, pool, affinity.changed
+        )
+        await changes.start()
+        affinity.follow(changes)
     await affinity.start()
     yield
     await affinity.stop()
+    if changes is not None:
+        await changes.stop()
     if pool is not None:
         await pool.close()
 

@@ -69,16 +69,21 @@ class ServerSettings(Section):
 
 
 class DatabaseSettings(Section):
-    """Where the shared affinity store lives; no URL means the embedded single-machine Postgres."""
+    """Where the shared affinity store lives; no URL means the embedded single-machine Postgres.
+
+    `listen_url` is a direct connection (not through PgBouncer in transaction mode) on which each
+    worker hears binding changes; empty means `url`.
+    """
 
     url: SecretStr | None = None
+    listen_url: SecretStr | None = None
     embedded_data_dir: str = ".gateway/pgdata"
     pool_min_size: Annotated[int, Field(ge=0)] = 2
     pool_max_size: PositiveInt = 10
     statement_cache_size: Annotated[int, Field(ge=0)] = 100
     apply_migrations_on_start: bool = True
 
-    @field_validator("url", mode="after")
+    @field_validator("url", "listen_url", mode="after")
     @classmethod
     def _empty_url_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
@@ -107,6 +112,7 @@ class AffinitySettings(Section):
     lookup_timeout_ms: PositiveFloat = 50
     claim_timeout_ms: PositiveFloat = 500
     breaker_cooloff_seconds: PositiveFloat = 10
+    agreement_slack: NonNegativeFloat = 0.1
     renew_queue_size: PositiveInt = 10000
     janitor_interval_seconds: PositiveFloat = 60
     janitor_grace_seconds: NonNegativeFloat = 300

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from gateway.config import (
     KeySettings,
@@ -96,7 +96,16 @@ def parse_config(text: str, environ: Mapping[str, str]) -> LoadedConfig:
     problems.extend(cross_errors)
     if problems or settings is None:
         raise ConfigError(problems)
-    return LoadedConfig(settings=settings, warnings=warnings)
+    return LoadedConfig(settings=_with_database_url(settings, environ), warnings=warnings)
+
+
+def _with_database_url(settings: Settings, environ: Mapping[str, str]) -> Settings:
+    """An omitted or empty `database.url` means the DATABASE_URL variable, when it is set."""
+    fallback = environ.get("DATABASE_URL", "")
+    if settings.database.url is not None or not fallback:
+        return settings
+    database = settings.database.model_copy(update={"url": SecretStr(fallback)})
+    return settings.model_copy(update={"database": database})
 
 
 def _interpolate(value: Any, path: str, environ: Mapping[str, str], problems: list[Problem]) -> Any:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import structlog
 from pydantic import SecretStr
@@ -25,6 +26,17 @@ CLI_TIMEOUT_SECONDS = 30.0
 def database_url(settings: Settings) -> str | None:
     """The configured database URL, or None for the embedded default."""
     return settings.database.url.get_secret_value() if settings.database.url else None
+
+
+def describe_database(url: str) -> dict[str, str | int | None]:
+    """Where a database URL points (host, port, database), never its user or password."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"postgres", "postgresql"}:
+        return {"host": None, "port": None, "database": None}
+    query = parse_qs(parts.query)
+    host = parts.hostname or next(iter(query.get("host", [])), None)
+    database = unquote(parts.path.lstrip("/")) or next(iter(query.get("dbname", [])), None)
+    return {"host": host, "port": parts.port or 5432, "database": database}
 
 
 async def open_pool(settings: Settings) -> Pool:

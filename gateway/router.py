@@ -38,6 +38,7 @@ from gateway.routing.preferences import (
     active_providers,
     preferred_set,
 )
+from gateway.routing.rendezvous import rendezvous_order
 from gateway.routing.sessions import SessionTable
 
 logger = structlog.get_logger("gateway.router")
@@ -131,22 +132,24 @@ class Router:
                 binding = None  # bound to a provider this request cannot use: a miss
             if lookup.degraded:
                 kind = "degraded"
-                if binding is not None:  # the last binding seen here, kept while the store is down
-                    request = OrderingRequest(states, preferred=preferred, sticky=binding.provider)
+                # The last binding seen here, kept while the store is down; else the provider
+                # every other process (and the store's claim) would pick.
+                agreed = self._agreed_tier(key.id, model, order(request), candidates)[0]
+                last_seen = binding.provider if binding is not None else agreed.provider
+                request = OrderingRequest(states, preferred=preferred, sticky=last_seen)
             elif binding is not None and (preferred is None or binding.provider in preferred):
                 kind, bound = "hit", binding
             else:
                 overridden = binding is not None
                 acceptable = preferred if preferred is not None else names
+                tier = self._agreed_tier(key.id, model, order(request), candidates)
                 lookup = await self.affinity.claim(
-                    key.id,
-                    model,
-                    preferred=self._best_tier(order(request), candidates),
-                    acceptable=acceptable,
+                    key.id, model, preferred=tier, acceptable=acceptable
                 )
                 bound = lookup.binding
                 if lookup.degraded:
                     kind = "degraded"
+                    request = OrderingRequest(states, preferred=preferred, sticky=tier[0].provider)
                 elif overridden:
                     kind = "preferred"  # the key's preference moved the binding into its group
                 else:
@@ -280,16 +283,23 @@ class Router:
         ]
 
     @staticmethod
-    def _best_tier(ranked: list[Ranked], candidates: Sequence[Provider]) -> list[Candidate]:
-        """The leading candidates that differ only by tie-breakers, in order."""
+    def _agreed_tier(
+        api_key_id: str, model: str, ranked: list[Ranked], candidates: Sequence[Provider]
+    ) -> list[Candidate]:
+        """The leading candidates that differ only by tie-breakers, in rendezvous order.
+
+        Its first entry is the provider every process agrees on for the key: the claim binds
+        it unless that would overload it, and a process that cannot ask the store routes to it.
+        """
         by_name = {provider.name: provider for provider in candidates}
-        tier: list[Candidate] = []
+        tier: list[str] = []
         for position, entry in enumerate(ranked):
             if entry.reason == "cooling" or (position > 0 and entry.reason not in TIE_REASONS):
                 break
-            provider = by_name[entry.provider]
-            tier.append(Candidate(provider.name, provider.routing_identity))
+            tier.append(entry.provider)
         if not tier:  # everyone is cooling: the least bad is still the best there is
-            leader = by_name[ranked[0].provider]
-            tier.append(Candidate(leader.name, leader.routing_identity))
-        return tier
+            tier.append(ranked[0].provider)
+        return [
+            Candidate(name, by_name[name].routing_identity)
+            for name in rendezvous_order(api_key_id, model, tier)
+        ]

@@ -12,7 +12,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from affinity_store.memory import MemoryAffinityStore
-from affinity_store.store import Binding, Candidate, StoreTimeout, StoreUnavailable
+from affinity_store.store import (
+    LEAST_BOUND,
+    Binding,
+    Candidate,
+    Renewal,
+    Spread,
+    StoreTimeout,
+    StoreUnavailable,
+)
 from gateway.affinity import Breaker, SharedAffinity
 from gateway.config import AffinitySettings
 from gateway.metrics import Metrics
@@ -59,6 +67,7 @@ class CountingStore(MemoryAffinityStore):
         preferred: Sequence[Candidate],
         ttl_seconds: float,
         timeout: float,
+        spread: Spread = LEAST_BOUND,
     ) -> Binding:
         self._count("claim")
         if self.claim_gate is not None:
@@ -70,7 +79,14 @@ class CountingStore(MemoryAffinityStore):
             preferred=preferred,
             ttl_seconds=ttl_seconds,
             timeout=timeout,
+            spread=spread,
         )
+
+    async def renew_many(
+        self, renewals: Collection[Renewal], *, ttl_seconds: float, timeout: float
+    ) -> set[tuple[str, str]]:
+        self._count("renew_many")
+        return await super().renew_many(renewals, ttl_seconds=ttl_seconds, timeout=timeout)
 
     async def renew(
         self, api_key_id: str, model: str, *, provider: str, ttl_seconds: float, timeout: float
@@ -204,11 +220,12 @@ async def test_renewal_is_queued_only_when_less_than_half_the_ttl_remains(
     assert not affinity.served("key", "m", bound=bound, served=A)
     clock.now += 100
     affinity.served("key", "m", bound=bound, served=A)
-    assert store.calls.get("renew", 0) == 0
+    assert store.calls.get("renew_many", 0) == 0
     clock.now += 60  # 160 s of 300 gone: under half remains
     affinity.served("key", "m", bound=bound, served=A)
     affinity.served("key", "m", bound=bound, served=A)
-    await wait_until(lambda: store.calls.get("renew", 0) == 1, message="one renewal")
+    await wait_until(lambda: store.calls.get("renew_many", 0) == 1, message="one renewal batch")
+    assert store.calls.get("renew", 0) == 1
     binding = await store.lookup("key", "m", timeout=1)
     assert binding is not None
     assert binding.ttl_remaining == pytest.approx(300)
