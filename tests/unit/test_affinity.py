@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -302,3 +303,83 @@ async def test_a_cancelled_claimer_does_not_cancel_the_others(affinity: SharedAf
     assert result.binding is not None
     assert result.binding.provider == "node-b"
     assert leader.cancelled()
+
+
+@dataclass
+class FakeFeed:
+    """A change feed whose state the test sets."""
+
+    verified: bool = True
+    generation: int = 1
+    changes_heard: int = 0
+
+
+async def test_a_copy_covered_by_the_change_feed_outlives_cache_age_and_ttl(
+    affinity: SharedAffinity, clock: Clock
+) -> None:
+    """While the feed hears every change, a local copy is used without asking the store."""
+    affinity.follow(FakeFeed())
+    await affinity.claim("key", "m", preferred=[A], acceptable=["node-a"])
+    clock.now += 600  # past local_cache_seconds and the binding's own TTL
+    lookup = await affinity.lookup("key", "m")
+    assert lookup.binding is not None
+    assert lookup.binding.provider == "node-a"
+    assert store_of(affinity).calls.get("lookup", 0) == 0
+
+
+async def test_a_heard_change_drops_the_local_copy(affinity: SharedAffinity) -> None:
+    """After a change notification the next look-up reads the store again."""
+    affinity.follow(FakeFeed())
+    await affinity.claim("key", "m", preferred=[A], acceptable=["node-a"])
+    affinity.changed("key", "m")
+    assert (await affinity.lookup("key", "m")).binding is not None
+    assert store_of(affinity).calls["lookup"] == 1
+
+
+async def test_losing_the_feed_falls_back_to_the_local_cache_age(
+    affinity: SharedAffinity, clock: Clock
+) -> None:
+    """Copies read under an earlier generation of the feed are fresh for local_cache_seconds."""
+    feed = FakeFeed()
+    affinity.follow(feed)
+    await affinity.claim("key", "m", preferred=[A], acceptable=["node-a"])
+    feed.verified, feed.generation = False, 2
+    clock.now += 6
+    assert (await affinity.lookup("key", "m")).binding is not None
+    assert store_of(affinity).calls["lookup"] == 1
+    feed.verified, feed.generation = True, 3  # back, but the old copies were not covered
+    clock.now += 6
+    await affinity.lookup("key", "m")
+    assert store_of(affinity).calls["lookup"] == 2
+
+
+async def test_a_change_heard_during_a_read_leaves_the_copy_uncovered(
+    affinity: SharedAffinity, clock: Clock
+) -> None:
+    """A change heard while a claim was in flight may be newer than its answer: not trusted."""
+    feed = FakeFeed()
+    affinity.follow(feed)
+    store = store_of(affinity)
+    store.claim_gate = asyncio.Event()
+    claim = asyncio.create_task(affinity.claim("key", "m", preferred=[A], acceptable=["node-a"]))
+    await wait_until(lambda: store.calls.get("claim", 0) == 1, message="the claim to start")
+    feed.changes_heard += 1
+    store.claim_gate.set()
+    await claim
+    clock.now += 6
+    await affinity.lookup("key", "m")
+    assert store.calls["lookup"] == 1
+
+
+async def test_a_renewal_that_finds_no_binding_forgets_the_copy(
+    affinity: SharedAffinity, clock: Clock
+) -> None:
+    """A covered copy whose row was purged is dropped once its renewal finds nothing."""
+    affinity.follow(FakeFeed())
+    store = store_of(affinity)
+    bound = (await affinity.claim("key", "m", preferred=[A], acceptable=["node-a"])).binding
+    assert bound is not None
+    clock.now += 400  # expired in the store ...
+    assert await store.purge_expired(grace_seconds=0, batch_size=10, timeout=1) == 1
+    affinity.served("key", "m", bound=bound, served=A)  # ... so this renewal finds no row
+    await wait_until(lambda: affinity.cached("key", "m") is None, message="the copy dropped")
