@@ -88,7 +88,8 @@ async def test_a_lost_listener_stops_vouching_then_recovers(
         try:
             await admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'affinity-gateway-listener' AND datname = current_database()"
+                "WHERE application_name = 'affinity-gateway-listener' "
+                "AND datname = current_database()"
             )
         finally:
             await admin.close()
