@@ -105,6 +105,27 @@ class PostgresAffinityStore:
         self._pool = pool
         self._queries = queries if queries is not None else load_queries()
 
+    async def warm_up(self, connections: int, *, timeout: float) -> int:
+        """Open up to `connections` pool connections now and prepare the look-up on each, so a
+        burst of first requests does not wait for either; return how many are ready."""
+
+        async def prepare() -> Connection:
+            connection = await self._pool.acquire(timeout=timeout)
+            try:
+                await connection.fetchrow(self._queries.lookup, "", "")
+            except BaseException:
+                await self._pool.release(connection)
+                raise
+            return connection
+
+        outcomes = await asyncio.gather(
+            *(prepare() for _ in range(connections)), return_exceptions=True
+        )
+        ready = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
+        for connection in ready:
+            await self._pool.release(connection)
+        return len(ready)
+
     async def lookup(self, api_key_id: str, model: str, *, timeout: float) -> Binding | None:
         """Return the live binding with one indexed SELECT and no lock, or None."""
         async with store_boundary(timeout), self._pool.acquire() as connection:

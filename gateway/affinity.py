@@ -8,7 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import structlog
 
@@ -21,8 +21,9 @@ from affinity_store.store import (
     StoreError,
     StoreTimeout,
 )
+from gateway.breaker import Breaker, BreakerState
 from gateway.config import AffinitySettings
-from gateway.loop_lag import await_within
+from gateway.deadlines import AdaptiveDeadline, await_within
 from gateway.metrics import Metrics
 
 logger = structlog.get_logger("gateway.affinity")
@@ -30,16 +31,13 @@ logger = structlog.get_logger("gateway.affinity")
 LOCAL_CACHE_CAPACITY = 250_000
 JANITOR_BATCH_SIZE = 1000
 JANITOR_TIMEOUT_SECONDS = 10.0
-BREAKER_FAILURE_THRESHOLD = 3
 RENEW_BATCH_SIZE = 500
 # A claim keeps the agreed provider while it holds at most this many more bindings than the
 # least-bound candidate (or `agreement_slack` of that count, whichever is larger).
 AGREEMENT_MIN_BINDINGS = 2
-# Event-loop lag is not charged to a store deadline, but no call waits longer than this many
-# times its deadline in all.
-DEADLINE_LIMIT_FACTOR = 10
+# Look-ups made at start-up to measure the store's pace before the first deadline applies.
+START_PROBES = 3
 
-BreakerState = Literal["closed", "open", "half_open"]
 T = TypeVar("T")
 
 
@@ -82,64 +80,6 @@ class Lookup:
     degraded: bool = False
 
 
-class Breaker:
-    """Opens after consecutive store failures; after the cool-off one probe may close it again.
-
-    One slow call (a pause, a blip) degrades only its own request; it takes
-    `failure_threshold` failures in a row to stop asking the store for a whole cool-off.
-    """
-
-    def __init__(
-        self,
-        cooloff_seconds: float,
-        clock: Callable[[], float],
-        *,
-        failure_threshold: int = BREAKER_FAILURE_THRESHOLD,
-    ) -> None:
-        self._cooloff = cooloff_seconds
-        self._clock = clock
-        self._threshold = failure_threshold
-        self._failures = 0
-        self._open_until: float | None = None
-        self._probing = False
-
-    def state(self) -> BreakerState:
-        """closed (calls flow), open (calls skipped) or half_open (one probe allowed)."""
-        if self._open_until is None:
-            return "closed"
-        return "open" if self._clock() < self._open_until else "half_open"
-
-    def allow(self) -> bool:
-        """Whether a store call may be made now; in half-open state only one at a time."""
-        state = self.state()
-        if state == "closed":
-            return True
-        if state == "open" or self._probing:
-            return False
-        self._probing = True
-        return True
-
-    def succeeded(self) -> None:
-        """A call worked: close."""
-        self._failures = 0
-        self._open_until = None
-        self._probing = False
-
-    def abandoned(self) -> None:
-        """A call was cancelled before it finished: it proves nothing, so another may probe."""
-        self._probing = False
-
-    def failed(self) -> None:
-        """A call failed or missed its deadline: open once there were enough in a row.
-
-        A failed probe (half-open) reopens at once.
-        """
-        self._failures += 1
-        if self._open_until is not None or self._failures >= self._threshold:
-            self._open_until = self._clock() + self._cooloff
-        self._probing = False
-
-
 @dataclass(frozen=True)
 class _Renewal:
     api_key_id: str
@@ -178,6 +118,14 @@ class SharedAffinity:
         self._tasks: list[asyncio.Task[None]] = []
         self._feed: ChangeFeed | None = None
         self._spread = Spread(share=settings.agreement_slack, minimum=AGREEMENT_MIN_BINDINGS)
+        lookup, claim = settings.lookup_timeout_ms / 1000, settings.claim_timeout_ms / 1000
+        self._deadlines = {
+            "lookup": AdaptiveDeadline(lookup),
+            "claim": AdaptiveDeadline(claim),
+            "renew": AdaptiveDeadline(claim),
+            "rebind": AdaptiveDeadline(claim),
+            "purge": AdaptiveDeadline(JANITOR_TIMEOUT_SECONDS),
+        }
         self._metrics.store_up.set(1)
 
     def follow(self, feed: ChangeFeed) -> None:
@@ -196,17 +144,31 @@ class SharedAffinity:
         feed = self._feed
         return (
             feed is not None
+            and self._settings.local_cache_seconds > 0  # 0: always ask the store
             and feed.verified
             and entry.generation is not None
             and entry.generation == feed.generation
         )
 
     async def start(self) -> None:
-        """Start the renewal worker and the janitor."""
+        """Measure the store's pace, then start the renewal worker and the janitor."""
+        await self._probe()
         self._tasks = [
             asyncio.create_task(self._renew_worker(), name="affinity-renewals"),
             asyncio.create_task(self._janitor(), name="affinity-janitor"),
         ]
+
+    async def _probe(self) -> None:
+        """A few look-ups before serving, so the first deadlines fit the store's pace now (a
+        cold fleet starting on a busy host); they prove nothing to the breaker either way."""
+        deadline = self._deadlines["lookup"]
+        for _ in range(START_PROBES):
+            started = time.perf_counter()
+            try:
+                await self.store.lookup("", "", timeout=deadline.limit)
+            except StoreError:
+                return
+            deadline.observe(time.perf_counter() - started)
 
     async def stop(self) -> None:
         """Cancel the background tasks and wait for them."""
@@ -259,7 +221,6 @@ class SharedAffinity:
         try:
             binding = await self._call(
                 "lookup",
-                self._settings.lookup_timeout_ms / 1000,
                 lambda limit: self.store.lookup(api_key_id, model, timeout=limit),
             )
         except StoreError:
@@ -325,7 +286,6 @@ class SharedAffinity:
         try:
             binding = await self._call(
                 "claim",
-                self._settings.claim_timeout_ms / 1000,
                 lambda limit: self.store.claim(
                     api_key_id,
                     model,
@@ -393,22 +353,24 @@ class SharedAffinity:
         self._metrics.renew_queue_depth.set(self._queue.qsize())
         return True
 
-    async def _call(
-        self, operation: str, deadline: float, call: Callable[[float], Awaitable[T]]
-    ) -> T:
-        """One store call under its deadline (event-loop lag not counted): time it, and feed
-        its outcome to the breaker. `call` gets the hard limit the store enforces itself."""
+    async def _call(self, operation: str, call: Callable[[float], Awaitable[T]]) -> T:
+        """One store call under its adaptive deadline (event-loop lag not counted): time it,
+        and feed its outcome to the breaker. `call` gets the hard limit the store enforces."""
         state = self.breaker.state()
+        began = self._clock()
         started = time.perf_counter()
-        limit = deadline * DEADLINE_LIMIT_FACTOR
+        deadline = self._deadlines[operation]
+        budget = deadline.budget()
         try:
             try:
-                result = await await_within(call(limit), budget=deadline, limit=limit)
+                result = await await_within(
+                    call(deadline.limit), budget=budget, limit=deadline.limit
+                )
             except TimeoutError as error:
-                raise StoreTimeout(f"store call exceeded its {deadline:.3f} s deadline") from error
+                raise StoreTimeout(f"store call exceeded its {budget:.3f} s deadline") from error
         except StoreError as error:
             self._observe(operation, state, started, type(error).__name__)
-            self.breaker.failed()
+            self.breaker.failed(began)
             if state != "open" and self.breaker.state() == "open":
                 logger.warning(
                     "affinity_store_down",
@@ -423,6 +385,7 @@ class SharedAffinity:
             self.breaker.abandoned()
             raise
         self._observe(operation, state, started, "ok")
+        deadline.observe(time.perf_counter() - started)
         if state == "half_open":
             logger.info("affinity_store_recovered", operation=operation)
         self.breaker.succeeded()
@@ -457,7 +420,6 @@ class SharedAffinity:
         ttl = self._settings.ttl_seconds
         renewed = await self._call(
             "renew",
-            self._settings.claim_timeout_ms / 1000,
             lambda limit: self.store.renew_many(
                 [Renewal(item.api_key_id, item.model, item.provider) for item in renewals],
                 ttl_seconds=ttl,
@@ -479,7 +441,6 @@ class SharedAffinity:
     async def _rebind(self, item: _Rebind) -> None:
         await self._call(
             "rebind",
-            self._settings.claim_timeout_ms / 1000,
             lambda limit: self.store.rebind(
                 item.api_key_id,
                 item.model,
@@ -498,7 +459,6 @@ class SharedAffinity:
             with contextlib.suppress(StoreError):
                 deleted = await self._call(
                     "purge",
-                    JANITOR_TIMEOUT_SECONDS,
                     lambda limit: self.store.purge_expired(
                         grace_seconds=self._settings.janitor_grace_seconds,
                         batch_size=JANITOR_BATCH_SIZE,

@@ -48,6 +48,7 @@ AFFINITY = web.AppKey("affinity", SharedAffinity)
 LOAD = web.AppKey("load", LoadPoller)
 METRICS_DIRECTORY = web.AppKey("metrics_directory", str)
 GAUGE_REFRESH_SECONDS = 1.0
+WARM_UP_SECONDS = 10.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -105,7 +106,11 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
         else:
             logger.info("affinity_store", pid=os.getpid(), **describe_database(url))
             pool = await open_pool(settings)
-            app[STORE] = PostgresAffinityStore(pool)
+            store = PostgresAffinityStore(pool)
+            # Before serving: a burst of first requests must not wait for connections.
+            ready = await store.warm_up(settings.database.pool_max_size, timeout=WARM_UP_SECONDS)
+            logger.info("affinity_store_pool_ready", pid=os.getpid(), connections=ready)
+            app[STORE] = store
     affinity = SharedAffinity(app[STORE], settings.affinity, app[METRICS])
     app[AFFINITY] = affinity
     changes: BindingChanges | None = None

@@ -67,13 +67,21 @@ def free_port() -> int:
 class GatewayProcess:
     """`gateway serve` as a real process tree, on a free loopback port."""
 
-    def __init__(self, config: Mapping[str, Any], directory: Path, *, workers: int = 1) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        directory: Path,
+        *,
+        workers: int = 1,
+        environment: Mapping[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = directory / "gateway.yaml"
         self.config_path.write_text(yaml.safe_dump(dict(config)), encoding="utf-8")
         self.log_path = directory / "gateway.log"
         self._workers = workers
+        self._environment = dict(environment or {})
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -97,7 +105,12 @@ class GatewayProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.config_path.parent,  # where an embedded Postgres keeps its data
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROJECT_ROOT)},
+                env={
+                    **os.environ,
+                    "PYTHONUNBUFFERED": "1",
+                    "PYTHONPATH": str(PROJECT_ROOT),
+                    **self._environment,
+                },
             )
 
     def terminate(self) -> None:

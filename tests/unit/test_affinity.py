@@ -22,7 +22,8 @@ from affinity_store.store import (
     StoreTimeout,
     StoreUnavailable,
 )
-from gateway.affinity import Breaker, SharedAffinity
+from gateway.affinity import SharedAffinity
+from gateway.breaker import Breaker
 from gateway.config import AffinitySettings
 from gateway.metrics import Metrics
 from tests.support.polling import wait_until
@@ -51,12 +52,14 @@ class CountingStore(MemoryAffinityStore):
         super().__init__(clock=clock.wall)
         self.calls: dict[str, int] = {}
         self.claim_gate: asyncio.Event | None = None
+        self.lookup_seconds = 0.0  # real time each look-up takes
 
     def _count(self, name: str) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
 
     async def lookup(self, api_key_id: str, model: str, *, timeout: float) -> Binding | None:
         self._count("lookup")
+        await asyncio.sleep(self.lookup_seconds)
         return await super().lookup(api_key_id, model, timeout=timeout)
 
     async def claim(
@@ -114,6 +117,7 @@ async def affinity(clock: Clock) -> AsyncIterator[SharedAffinity]:
         clock=clock.monotonic,
     )
     await shared.start()
+    store_of(shared).calls.clear()  # start-up probes are not what these tests count
     yield shared
     await shared.stop()
 
@@ -383,3 +387,34 @@ async def test_a_renewal_that_finds_no_binding_forgets_the_copy(
     assert await store.purge_expired(grace_seconds=0, batch_size=10, timeout=1) == 1
     affinity.served("key", "m", bound=bound, served=A)  # ... so this renewal finds no row
     await wait_until(lambda: affinity.cached("key", "m") is None, message="the copy dropped")
+
+
+def test_calls_failing_together_count_as_one_failure() -> None:
+    """Failures of calls already in flight when a failure was counted do not count again."""
+    now = [0.0]
+    breaker = Breaker(10, lambda: now[0], failure_threshold=3)
+    now[0] = 1.0
+    for _ in range(30):  # thirty calls begun at 0.5 s all miss their deadline at 1 s
+        breaker.failed(0.5)
+    assert breaker.state() == "closed"
+    now[0] = 2.0
+    breaker.failed(1.5)
+    now[0] = 3.0
+    breaker.failed(2.5)
+    assert breaker.state() == "open"
+
+
+async def test_a_store_slower_than_the_deadline_at_start_is_not_degraded(clock: Clock) -> None:
+    """Look-ups taking 80 ms against a 50 ms deadline: the start-up probes stretch it."""
+    store = CountingStore(clock)
+    store.lookup_seconds = 0.08
+    shared = SharedAffinity(
+        store, AffinitySettings(lookup_timeout_ms=50), Metrics(), clock=clock.monotonic
+    )
+    await shared.start()
+    try:
+        lookups = await asyncio.gather(*(shared.lookup(f"key-{index}", "m") for index in range(5)))
+        assert not any(lookup.degraded for lookup in lookups)
+        assert shared.breaker.state() == "closed"
+    finally:
+        await shared.stop()

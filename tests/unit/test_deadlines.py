@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gateway.loop_lag import await_within
+from gateway.deadlines import AdaptiveDeadline, await_within
 
 
 async def answer_after(seconds: float) -> str:
@@ -73,3 +73,21 @@ async def test_the_limit_bounds_the_wait_even_when_the_loop_lags() -> None:
         await await_within(answer_after(5.0), budget=0.2, limit=0.15)
     assert time.monotonic() - started < 0.5
     await blocker
+
+
+def test_an_adaptive_deadline_follows_the_store_pace_within_bounds() -> None:
+    """Configured when fast or unmeasured; four times the recent median when slower; capped."""
+    deadline = AdaptiveDeadline(0.05, limit_factor=10, multiple=4, window=4)
+    assert deadline.budget() == 0.05
+    for _ in range(4):
+        deadline.observe(0.001)
+    assert deadline.budget() == 0.05
+    for _ in range(4):
+        deadline.observe(0.03)
+    assert deadline.budget() == pytest.approx(0.12)
+    for _ in range(4):
+        deadline.observe(1.0)
+    assert deadline.budget() == pytest.approx(0.5)
+    for _ in range(4):
+        deadline.observe(0.002)
+    assert deadline.budget() == 0.05
