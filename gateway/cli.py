@@ -17,6 +17,8 @@ BENCHMARKS = (
     "fault_drills",
     "ordering",
     "simulator_throughput",
+    "store_scale",
+    "store_statements",
 )
 
 
