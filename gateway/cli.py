@@ -19,6 +19,7 @@ BENCHMARKS = (
     "simulator_throughput",
     "store_scale",
     "store_statements",
+    "agreement",
 )
 
 

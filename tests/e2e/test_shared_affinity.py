@@ -13,6 +13,7 @@ import aiohttp
 import orjson
 import pytest
 
+from gateway.affinity import AGREEMENT_MIN_BINDINGS
 from gateway.config import hash_key
 from tests.support.gateway import GatewayProcess, chat_body, settings_dict
 from tests.support.polling import wait_until
@@ -104,4 +105,6 @@ async def test_every_key_stays_on_one_node_across_four_gateways(
             range(KEYS), 1
         )
         load = [sum(1 for names in nodes_per_key.values() if node.name in names) for node in nodes]
-        assert max(load) - min(load) <= 2, load  # cluster-wide spread of the bindings
+        # Cluster-wide spread: a claim keeps the rendezvous winner until it holds more than
+    # AGREEMENT_MIN_BINDINGS more bindings than the least-bound node, so at most one more apart.
+    assert max(load) - min(load) <= AGREEMENT_MIN_BINDINGS + 1, load
