@@ -136,6 +136,12 @@ class SharedAffinity:
         """Some process changed this binding: forget the local copy."""
         self._cache.pop((api_key_id, model), None)
 
+    def publish_gauges(self) -> None:
+        """Mirror whether copies of bindings are covered by the change feed into its gauge."""
+        feed = self._feed
+        covering = feed is not None and feed.verified and self._settings.local_cache_seconds > 0
+        self._metrics.change_feed_verified.set(1 if covering else 0)
+
     def _changes_heard(self) -> int:
         return -1 if self._feed is None else self._feed.changes_heard
 

@@ -77,6 +77,14 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemin",
         )
+        self.change_feed_verified = Gauge(
+            "gateway_affinity_change_feed_verified",
+            "1 while this worker hears every binding change (its copies of bindings live until "
+            "a change), 0 while copies expire after local_cache_seconds (across workers: the "
+            "lowest).",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
         self.renew_queue_depth = Gauge(
             "gateway_renew_queue_depth",
             "Renewals and rebinds waiting to be written.",

@@ -201,6 +201,7 @@ class Router:
         """Mirror per-process state into gauges: in-flight, cooldown, load and latency bands."""
         now = self._clock()
         metrics = self._metrics
+        self.affinity.publish_gauges()
         for name in self.catalog.providers:
             metrics.provider_in_flight.labels(name).set(self.permits.in_flight(name))
             metrics.provider_cooldown.labels(name).set(self.health.cooling_remaining(name))

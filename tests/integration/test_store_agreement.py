@@ -9,11 +9,13 @@ from collections import defaultdict
 import aiohttp
 import orjson
 import pytest
+from aiohttp.test_utils import TestServer
 
 from affinity_store.embedded import EmbeddedPostgres
 from gateway.config import Settings, hash_key
+from gateway.routing.rendezvous import rendezvous_order
 from tests.conftest import GatewayFactory, SimulatorFactory
-from tests.support.gateway import chat_body, settings_dict
+from tests.support.gateway import TEST_KEY, TEST_MODEL, chat_body, settings_dict
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,3 +74,40 @@ async def test_gateways_agree_on_every_key_with_postgres_down_from_the_start(
         "node-b",
         "node-c",
     }
+
+
+async def test_a_degraded_gateway_picks_the_node_the_claim_bound(
+    dedicated_postgres: EmbeddedPostgres,
+    start_simulator: SimulatorFactory,
+    start_gateway: GatewayFactory,
+) -> None:
+    """A claim binds the key's rendezvous winner; a gateway that never saw the key and cannot
+    reach the store routes it to that same node."""
+    nodes = [await start_simulator(name) for name in ("node-a", "node-b", "node-c")]
+    config = settings_dict(
+        {node.name: node.url for node in nodes},
+        extra={
+            "database": {"url": dedicated_postgres.url, "pool_min_size": 1},
+            "routing": {"latency_min_samples": 10_000},
+        },
+    )
+    claimer = await start_gateway(Settings.model_validate(config))
+    bystander = await start_gateway(Settings.model_validate(config))
+    winner = rendezvous_order("team-a", TEST_MODEL, ["node-a", "node-b", "node-c"])[0]
+    async with aiohttp.ClientSession() as session:
+
+        async def chat(server: TestServer) -> tuple[str, str]:
+            async with session.post(
+                server.make_url("/v1/chat/completions"),
+                data=orjson.dumps(chat_body(max_tokens=2)),
+                headers={"Authorization": f"Bearer {TEST_KEY}"},
+            ) as response:
+                await response.read()
+                assert response.status == 200
+                return response.headers["x-gateway-affinity"], response.headers[
+                    "x-gateway-provider"
+                ]
+
+        assert await chat(claimer) == ("miss", winner)
+        await asyncio.to_thread(dedicated_postgres.stop, "fast")
+        assert await chat(bystander) == ("degraded", winner)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import aiohttp
 import asyncpg
 import pytest
 
 from affinity_store.notifications import BindingChanges
 from affinity_store.postgres import Pool, PostgresAffinityStore, create_pool
 from affinity_store.store import Candidate
+from gateway.config import Settings
+from tests.conftest import GatewayFactory, SimulatorFactory
+from tests.support.gateway import settings_dict
 from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -107,3 +111,18 @@ async def test_an_unreachable_listener_never_vouches(direct_pool: Pool) -> None:
         assert not changes.verified
     finally:
         await changes.stop()
+
+
+async def test_a_gateway_reports_its_change_feed_in_metrics(
+    database_url: str, start_simulator: SimulatorFactory, start_gateway: GatewayFactory
+) -> None:
+    """A gateway on Postgres listens at start-up and says so in its gauge."""
+    node = await start_simulator("node-a")
+    config = settings_dict({"node-a": node.url}, extra={"database": {"url": database_url}})
+    server = await start_gateway(Settings.model_validate(config))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.make_url("/metrics")) as response,
+    ):
+        text = await response.text()
+    assert "gateway_affinity_change_feed_verified 1.0" in text
