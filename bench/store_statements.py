@@ -109,13 +109,19 @@ class CountingStore(PostgresAffinityStore):
 
 
 class VirtualClock:
-    """The gateway's monotonic clock, moved by the benchmark."""
+    """The gateway's monotonic clock, moved by the benchmark, and sleeps measured by it."""
 
     def __init__(self) -> None:
         self.now = 0.0
 
     def __call__(self) -> float:
         return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        """Return once the simulated clock has moved on by `seconds`."""
+        until = self.now + seconds
+        while self.now < until:
+            await asyncio.sleep(0.001)
 
 
 async def serve(affinity: SharedAffinity, key: str) -> None:
@@ -148,7 +154,7 @@ async def run_mode(
     for _ in range(workers):
         pool = await create_pool(url, min_size=2, max_size=10, statement_cache_size=100)
         store = CountingStore(pool)
-        affinity = SharedAffinity(store, settings, Metrics(), clock=clock)
+        affinity = SharedAffinity(store, settings, Metrics(), clock=clock, sleep=clock.sleep)
         if mode == "notify":
             feed = BindingChanges(url, pool, affinity.changed)
             await feed.start()
@@ -175,9 +181,10 @@ async def run_mode(
                     store.calls.clear()
                 requests = 0
             clock.now = float(second)
-            for pair in by_second.get(second % PERIOD_SECONDS, []):
-                await serve(chooser.choice(shared), f"key-{pair}")
-                requests += 1
+            due = by_second.get(second % PERIOD_SECONDS, [])
+            # One simulated second's requests run concurrently, as they would in a fleet.
+            await asyncio.gather(*(serve(chooser.choice(shared), f"key-{pair}") for pair in due))
+            requests += len(due)
             await asyncio.sleep(0.001)  # let renewals and notifications run
         await asyncio.sleep(0.5)  # the renewal queues drain before counting
     finally:

@@ -32,6 +32,7 @@ LOCAL_CACHE_CAPACITY = 250_000
 JANITOR_BATCH_SIZE = 1000
 JANITOR_TIMEOUT_SECONDS = 10.0
 RENEW_BATCH_SIZE = 500
+RENEW_LINGER_SECONDS = 1.0
 # A claim keeps the agreed provider while it holds at most this many more bindings than the
 # least-bound candidate (or `agreement_slack` of that count, whichever is larger).
 AGREEMENT_MIN_BINDINGS = 2
@@ -105,8 +106,10 @@ class SharedAffinity:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.store = store
+        self._sleep = sleep
         self.breaker = Breaker(settings.breaker_cooloff_seconds, clock)
         self._settings = settings
         self._metrics = metrics
@@ -406,6 +409,9 @@ class SharedAffinity:
     async def _renew_worker(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            # Renewals are due with half a TTL to spare: gather them for a moment, so a busy
+            # worker sends at most one renewal statement per RENEW_LINGER_SECONDS.
+            await self._sleep(RENEW_LINGER_SECONDS)
             while len(batch) < RENEW_BATCH_SIZE and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             self._metrics.renew_queue_depth.set(self._queue.qsize())

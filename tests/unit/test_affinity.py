@@ -101,6 +101,11 @@ class CountingStore(MemoryAffinityStore):
         )
 
 
+async def no_wait(seconds: float) -> None:
+    """The renewal linger, skipped: these tests drive time by hand."""
+    await asyncio.sleep(0)
+
+
 @pytest.fixture
 def clock() -> Clock:
     """A fresh hand-driven clock."""
@@ -115,6 +120,7 @@ async def affinity(clock: Clock) -> AsyncIterator[SharedAffinity]:
         AffinitySettings(ttl_seconds=300, local_cache_seconds=5, breaker_cooloff_seconds=10),
         Metrics(),
         clock=clock.monotonic,
+        sleep=no_wait,
     )
     await shared.start()
     store_of(shared).calls.clear()  # start-up probes are not what these tests count
