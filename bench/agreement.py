@@ -2,7 +2,7 @@
 
 Run: gateway bench agreement [--gateways 8] [--keys 1000] [--requests 3] [--concurrency 32]
 
-Three instant simulators, `--gateways` single-worker `gateway serve` processes started at once
+Three simulators (a steady 100 ms to first token), `--gateways` single-worker `gateway serve` processes started at once
 behind a real nginx, and `--keys` keys each sending `--requests` requests as soon as nginx
 answers. Three scenarios, one after the other on one machine:
 - store up: every gateway shares one Postgres (the product as designed);
@@ -49,6 +49,9 @@ from gateway.config import hash_key
 MODEL = "agreement-model"
 NODES = ("node-a", "node-b", "node-c")
 SCENARIOS = ("store up", "store down", "one partitioned")
+# A steady 100 ms time to first token, like a real node: latency bands then measure the nodes,
+# not this saturated host's scheduling noise around an instant answer.
+NODE_FLAGS = ("--base-ttft-ms", "100", "--per-token-ms", "0", "--tokens-per-second", "0")
 DEAD_DATABASE = "postgresql://postgres:unused@127.0.0.1:9/none"
 
 
@@ -59,7 +62,7 @@ async def fleet(
     """Simulators, one gateway per database URL (started together) and nginx in front; yields
     nginx's URL and each gateway's own URL once nginx answers."""
     with processes() as started:
-        nodes = await start_nodes(started, work, NODES)
+        nodes = await start_nodes(started, work, NODES, *NODE_FLAGS)
         ports = []
         for index, url in enumerate(database_urls):
             directory = work / f"gateway-{index}"

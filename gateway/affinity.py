@@ -42,7 +42,7 @@ START_PROBES = 3
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(slots=True)
 class CachedBinding:
     """A binding as this process last saw it, with its expiry on this process's clock."""
 
