@@ -39,6 +39,7 @@ from gateway.config import AffinitySettings
 from gateway.metrics import Metrics
 
 PERIOD_SECONDS = 30
+CONCURRENCY = 64
 NODES = [Candidate(f"node-{index}", f"node-{index}") for index in range(3)]
 FILL = """
 INSERT INTO affinity_bindings (api_key_id, model, provider, routing_identity, expires_at)
@@ -182,8 +183,15 @@ async def run_mode(
                 requests = 0
             clock.now = float(second)
             due = by_second.get(second % PERIOD_SECONDS, [])
-            # One simulated second's requests run concurrently, as they would in a fleet.
-            await asyncio.gather(*(serve(chooser.choice(shared), f"key-{pair}") for pair in due))
+            # One simulated second's requests, CONCURRENCY at a time (spread over a real second
+            # they would rarely overlap more).
+            for start in range(0, len(due), CONCURRENCY):
+                await asyncio.gather(
+                    *(
+                        serve(chooser.choice(shared), f"key-{pair}")
+                        for pair in due[start : start + CONCURRENCY]
+                    )
+                )
             requests += len(due)
             await asyncio.sleep(0.001)  # let renewals and notifications run
         await asyncio.sleep(0.5)  # the renewal queues drain before counting
