@@ -2,9 +2,9 @@
 
 Run: gateway bench agreement [--gateways 8] [--keys 1000] [--requests 3] [--concurrency 32]
 
-Three simulators (a steady 100 ms to first token), `--gateways` single-worker `gateway serve` processes started at once
-behind a real nginx, and `--keys` keys each sending `--requests` requests as soon as nginx
-answers. Three scenarios, one after the other on one machine:
+Three simulators (a steady 100 ms to first token), `--gateways` single-worker `gateway serve`
+processes started at once behind a real nginx, and `--keys` keys each sending `--requests`
+requests as soon as nginx answers. Three scenarios, one after the other on one machine:
 - store up: every gateway shares one Postgres (the product as designed);
 - store down: Postgres stopped for the whole run (every gateway routes on its own);
 - one partitioned: the first gateway's database URL points at a dead port while the others
