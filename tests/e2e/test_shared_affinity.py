@@ -15,7 +15,7 @@ import pytest
 
 from gateway.affinity import AGREEMENT_MIN_BINDINGS
 from gateway.config import hash_key
-from tests.support.gateway import GatewayProcess, chat_body, settings_dict
+from tests.support.gateway import GatewayProcess, answers, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 
@@ -25,15 +25,6 @@ KEYS = 50
 REQUESTS_PER_KEY = 20
 WORKERS = 4
 MARKER = re.compile(rb"affinity-key-(\d+)")
-
-
-async def answers(session: aiohttp.ClientSession, url: str) -> bool:
-    """Whether the gateway answers /healthz yet."""
-    try:
-        async with session.get(url + "/healthz") as response:
-            return response.status == 200
-    except aiohttp.ClientConnectionError:
-        return False
 
 
 async def test_every_key_stays_on_one_node_across_four_gateways(

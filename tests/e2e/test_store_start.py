@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from gateway.config import hash_key
-from tests.support.gateway import TEST_KEY, GatewayProcess, chat_body, settings_dict
+from tests.support.gateway import TEST_KEY, GatewayProcess, answers, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 
@@ -24,15 +24,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 COLD_KEYS = 80
 COLD_WORKERS = 8
 BURST_CONCURRENCY = 32
-
-
-async def answers(session: aiohttp.ClientSession, url: str) -> bool:
-    """Whether the gateway answers /healthz yet."""
-    try:
-        async with session.get(url + "/healthz") as response:
-            return response.status == 200
-    except aiohttp.ClientConnectionError:
-        return False
 
 
 async def test_database_url_is_used_when_the_config_has_no_database_section(

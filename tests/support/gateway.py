@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 
 from gateway.config import Settings, hash_key
@@ -149,6 +150,15 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
                 return
         time.sleep(0.05)
     raise AssertionError(f"nothing listened on port {port} within {timeout} s")
+
+
+async def answers(session: aiohttp.ClientSession, url: str) -> bool:
+    """Whether the gateway at `url` answers /healthz yet."""
+    try:
+        async with session.get(url + "/healthz") as response:
+            return response.status == 200
+    except aiohttp.ClientConnectionError:
+        return False
 
 
 def chat_body(content: str = "Hello there", **fields: Any) -> dict[str, Any]:
