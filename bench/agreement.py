@@ -127,6 +127,9 @@ async def run_scenario(
                 return await send(session, url, key)
 
         healthy = gateways[1:] if scenario == "one partitioned" else [front]
+        if scenario == "one partitioned":  # sent to them directly: each must be listening
+            for url in healthy:
+                await wait_ready(url + "/healthz")
         chooser = random.Random(2)
         outcomes = await asyncio.gather(*(one(chooser.choice(healthy), key) for key in jobs))
         for key, (status, node, kind) in zip(jobs, outcomes, strict=True):
