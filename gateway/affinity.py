@@ -141,23 +141,21 @@ class SharedAffinity:
 
     def publish_gauges(self) -> None:
         """Mirror whether copies of bindings are covered by the change feed into its gauge."""
+        self._metrics.change_feed_verified.set(0 if self._vouching_generation() is None else 1)
+
+    def _vouching_generation(self) -> int | None:
+        """The change feed's generation while it vouches for local copies, else None."""
         feed = self._feed
-        covering = feed is not None and feed.verified and self._settings.local_cache_seconds > 0
-        self._metrics.change_feed_verified.set(1 if covering else 0)
+        if feed is None or not feed.verified or self._settings.local_cache_seconds <= 0:
+            return None  # local_cache_seconds 0: always ask the store
+        return feed.generation
 
     def _changes_heard(self) -> int:
         return -1 if self._feed is None else self._feed.changes_heard
 
     def _covered(self, entry: CachedBinding) -> bool:
         """Whether every change since `entry` was read has been heard (so it is still right)."""
-        feed = self._feed
-        return (
-            feed is not None
-            and self._settings.local_cache_seconds > 0  # 0: always ask the store
-            and feed.verified
-            and entry.generation is not None
-            and entry.generation == feed.generation
-        )
+        return entry.generation is not None and entry.generation == self._vouching_generation()
 
     async def start(self) -> None:
         """Measure the store's pace, then start the renewal worker and the janitor."""
@@ -337,14 +335,12 @@ class SharedAffinity:
         """Cache a binding read when `heard` changes had been heard; a change heard while it
         was being read may be newer than it, so then it is not covered by the feed."""
         now = self._clock()
-        feed = self._feed
-        covered = feed is not None and feed.verified and feed.changes_heard == heard
         entry = CachedBinding(
             binding.provider,
             binding.routing_identity,
             now,
             now + binding.ttl_remaining,
-            generation=feed.generation if covered and feed is not None else None,
+            generation=self._vouching_generation() if heard == self._changes_heard() else None,
         )
         key = (binding.api_key_id, binding.model)
         self._cache[key] = entry

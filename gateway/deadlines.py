@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import statistics
 from collections import deque
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -54,12 +53,12 @@ async def await_within(awaitable: Awaitable[T], *, budget: float, limit: float) 
 
 
 class AdaptiveDeadline:
-    """A kind of store call's deadline: the configured one, stretched to a multiple of what the
-    recent successful calls took, never beyond `limit_factor` times the configured one.
+    """A kind of store call's deadline: the configured one, stretched to a multiple of the
+    slowest of the recent successful calls, never beyond `limit_factor` times the configured one.
 
-    Like TCP's retransmission timeout, it follows the store's own recent pace: a database that
-    answers every call in 30 ms while a cold fleet starts keeps a 120 ms deadline, and the
-    configured one returns once it is fast again.
+    Like TCP's retransmission timeout, it follows the store's own recent pace: a database whose
+    calls take up to 40 ms while a cold fleet starts keeps an 80 ms deadline, and the configured
+    one returns once the last `window` calls were fast again.
     """
 
     def __init__(
@@ -67,7 +66,7 @@ class AdaptiveDeadline:
         configured: float,
         *,
         limit_factor: float = 10,
-        multiple: float = 4,
+        multiple: float = 2,
         window: int = 32,
     ) -> None:
         self.configured = configured
@@ -79,8 +78,7 @@ class AdaptiveDeadline:
         """The deadline for the next call."""
         if not self._recent:
             return self.configured
-        typical = statistics.median(self._recent)
-        return min(self.limit, max(self.configured, self._multiple * typical))
+        return min(self.limit, max(self.configured, self._multiple * max(self._recent)))
 
     def observe(self, seconds: float) -> None:
         """A call succeeded in `seconds`."""

@@ -76,14 +76,14 @@ async def test_the_limit_bounds_the_wait_even_when_the_loop_lags() -> None:
 
 
 def test_an_adaptive_deadline_follows_the_store_pace_within_bounds() -> None:
-    """Configured when fast or unmeasured; four times the recent median when slower; capped."""
-    deadline = AdaptiveDeadline(0.05, limit_factor=10, multiple=4, window=4)
+    """Configured when fast or unmeasured; twice the slowest recent call when slower; capped."""
+    deadline = AdaptiveDeadline(0.05, limit_factor=10, multiple=2, window=4)
     assert deadline.budget() == 0.05
     for _ in range(4):
         deadline.observe(0.001)
     assert deadline.budget() == 0.05
-    for _ in range(4):
-        deadline.observe(0.03)
+    for seconds in (0.03, 0.06, 0.01, 0.02):
+        deadline.observe(seconds)
     assert deadline.budget() == pytest.approx(0.12)
     for _ in range(4):
         deadline.observe(1.0)
