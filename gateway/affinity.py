@@ -73,6 +73,10 @@ class ChangeFeed(Protocol):
         ...
 
 
+class StoreBusy(StoreError):  # noqa: N818  (named like the store's own errors)
+    """Every store connection of this process stayed in use for a call's whole limit."""
+
+
 @dataclass(frozen=True)
 class Lookup:
     """The outcome of asking for a binding: the binding, or none, or the store was skipped."""
@@ -107,9 +111,12 @@ class SharedAffinity:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        connections: int | None = None,
     ) -> None:
+        """`connections` is the store's pool size: at most that many calls are made at once."""
         self.store = store
         self._sleep = sleep
+        self._slots = None if connections is None else asyncio.Semaphore(connections)
         self.breaker = Breaker(settings.breaker_cooloff_seconds, clock)
         self._settings = settings
         self._metrics = metrics
@@ -359,12 +366,32 @@ class SharedAffinity:
         return True
 
     async def _call(self, operation: str, call: Callable[[float], Awaitable[T]]) -> T:
+        """One store call: first a free connection (waiting at most the call's limit: a burst
+        of misses queues here, in this process, and the store is not blamed for it), then the
+        call under its deadline."""
+        deadline = self._deadlines[operation]
+        if self._slots is None:
+            return await self._timed(operation, deadline, call)
+        try:
+            async with asyncio.timeout(deadline.limit):
+                await self._slots.acquire()
+        except TimeoutError:
+            self.breaker.abandoned()
+            self._observe(operation, self.breaker.state(), time.perf_counter(), "StoreBusy")
+            raise StoreBusy(f"no free store connection within {deadline.limit:.3f} s") from None
+        try:
+            return await self._timed(operation, deadline, call)
+        finally:
+            self._slots.release()
+
+    async def _timed(
+        self, operation: str, deadline: AdaptiveDeadline, call: Callable[[float], Awaitable[T]]
+    ) -> T:
         """One store call under its adaptive deadline (event-loop lag not counted): time it,
         and feed its outcome to the breaker. `call` gets the hard limit the store enforces."""
         state = self.breaker.state()
         began = self._clock()
         started = time.perf_counter()
-        deadline = self._deadlines[operation]
         budget = deadline.budget()
         try:
             try:

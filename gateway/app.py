@@ -111,7 +111,12 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
             ready = await store.warm_up(settings.database.pool_max_size, timeout=WARM_UP_SECONDS)
             logger.info("affinity_store_pool_ready", pid=os.getpid(), connections=ready)
             app[STORE] = store
-    affinity = SharedAffinity(app[STORE], settings.affinity, app[METRICS])
+    affinity = SharedAffinity(
+        app[STORE],
+        settings.affinity,
+        app[METRICS],
+        connections=None if pool is None else settings.database.pool_max_size,
+    )
     app[AFFINITY] = affinity
     changes: BindingChanges | None = None
     if pool is not None and url is not None:

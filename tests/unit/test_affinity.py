@@ -53,13 +53,15 @@ class CountingStore(MemoryAffinityStore):
         self.calls: dict[str, int] = {}
         self.claim_gate: asyncio.Event | None = None
         self.lookup_seconds = 0.0  # real time each look-up takes
+        self.connection = asyncio.Lock()  # like a pool of one connection
 
     def _count(self, name: str) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
 
     async def lookup(self, api_key_id: str, model: str, *, timeout: float) -> Binding | None:
         self._count("lookup")
-        await asyncio.sleep(self.lookup_seconds)
+        async with self.connection:
+            await asyncio.sleep(self.lookup_seconds)
         return await super().lookup(api_key_id, model, timeout=timeout)
 
     async def claim(
@@ -415,7 +417,11 @@ async def test_a_store_slower_than_the_deadline_at_start_is_not_degraded(clock: 
     store = CountingStore(clock)
     store.lookup_seconds = 0.08
     shared = SharedAffinity(
-        store, AffinitySettings(lookup_timeout_ms=50), Metrics(), clock=clock.monotonic
+        store,
+        AffinitySettings(lookup_timeout_ms=50),
+        Metrics(),
+        clock=clock.monotonic,
+        connections=1,
     )
     await shared.start()
     try:
@@ -424,3 +430,26 @@ async def test_a_store_slower_than_the_deadline_at_start_is_not_degraded(clock: 
         assert shared.breaker.state() == "closed"
     finally:
         await shared.stop()
+
+
+async def test_a_burst_waits_for_connections_without_blaming_the_store(clock: Clock) -> None:
+    """Ten look-ups of 20 ms through one connection: the queue is not charged to the 50 ms
+    deadline, so none is degraded; a call that finds no connection within its limit is."""
+    store = CountingStore(clock)
+    store.lookup_seconds = 0.02
+    shared = SharedAffinity(
+        store,
+        AffinitySettings(lookup_timeout_ms=50),
+        Metrics(),
+        clock=clock.monotonic,
+        sleep=no_wait,
+        connections=1,
+    )
+    lookups = await asyncio.gather(*(shared.lookup(f"key-{index}", "m") for index in range(10)))
+    assert not any(lookup.degraded for lookup in lookups)
+    store.lookup_seconds = 0.6  # longer than the look-up's whole limit (10 x 50 ms)
+    slow = asyncio.create_task(shared.lookup("slow", "m"))
+    await wait_until(lambda: store.connection.locked(), message="the slow look-up")
+    assert (await shared.lookup("queued", "m")).degraded  # no connection within 0.5 s
+    assert (await slow).degraded  # its own deadline
+    assert shared.breaker.state() == "closed"
