@@ -449,7 +449,7 @@ async def test_a_burst_waits_for_connections_without_blaming_the_store(clock: Cl
     assert not any(lookup.degraded for lookup in lookups)
     store.lookup_seconds = 0.6  # longer than the look-up's whole limit (10 x 50 ms)
     slow = asyncio.create_task(shared.lookup("slow", "m"))
-    await wait_until(lambda: store.connection.locked(), message="the slow look-up")
+    await wait_until(store.connection.locked, message="the slow look-up")
     assert (await shared.lookup("queued", "m")).degraded  # no connection within 0.5 s
     assert (await slow).degraded  # its own deadline
     assert shared.breaker.state() == "closed"
