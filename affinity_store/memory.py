@@ -53,6 +53,7 @@ class MemoryAffinityStore:
             weakref.WeakValueDictionary()
         )
         self._janitor_lock = asyncio.Lock()
+        self._responses: dict[str, tuple[str, datetime]] = {}
         self._failure: StoreError | None = None
 
     def fail_with(self, error: StoreError | None) -> None:
@@ -229,3 +230,19 @@ class MemoryAffinityStore:
                 and (model is None or key[1] == model)
             ]
             return selected[:limit]
+
+    async def record_response(
+        self, response_id: str, provider: str, *, ttl_seconds: float, timeout: float
+    ) -> None:
+        """Upsert `response id → provider` with its expiry."""
+        async with self._boundary(timeout):
+            expires_at = self._clock() + timedelta(seconds=ttl_seconds)
+            self._responses[response_id] = (provider, expires_at)
+
+    async def response_provider(self, response_id: str, *, timeout: float) -> str | None:
+        """The live provider of a stored response, or None."""
+        async with self._boundary(timeout):
+            stored = self._responses.get(response_id)
+            if stored is None or stored[1] <= self._clock():
+                return None
+            return stored[0]

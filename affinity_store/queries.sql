@@ -111,3 +111,13 @@ WHERE expires_at > now()
   AND ($2::text IS NULL OR model = $2)
 ORDER BY api_key_id, model
 LIMIT $3;
+
+-- name: record_response
+-- $1 response id, $2 provider, $3 ttl in seconds.
+INSERT INTO response_bindings (response_id, provider, expires_at)
+VALUES ($1, $2, now() + make_interval(secs => $3::float8))
+ON CONFLICT (response_id) DO UPDATE
+SET provider = excluded.provider, expires_at = excluded.expires_at;
+
+-- name: response_provider
+SELECT provider FROM response_bindings WHERE response_id = $1 AND expires_at > now();

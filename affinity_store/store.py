@@ -109,3 +109,13 @@ class AffinityStore(Protocol):
     ) -> list[Binding]:
         """List live bindings, optionally filtered, ordered by key id then model."""
         ...
+
+    async def record_response(
+        self, response_id: str, provider: str, *, ttl_seconds: float, timeout: float
+    ) -> None:
+        """Remember that a stored response lives on `provider`, for `ttl_seconds` from now."""
+        ...
+
+    async def response_provider(self, response_id: str, *, timeout: float) -> str | None:
+        """The provider holding a stored response, or None when unknown or expired."""
+        ...

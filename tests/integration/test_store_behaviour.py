@@ -17,6 +17,7 @@ from affinity_store.locks import NAMESPACE, binding_lock_key
 from affinity_store.memory import MemoryAffinityStore
 from affinity_store.postgres import PostgresAffinityStore, create_pool
 from affinity_store.store import AffinityStore, Binding, Candidate, StoreTimeout
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -412,3 +413,27 @@ async def test_claims_for_different_keys_pick_independent_bindings(store: Affini
         [await bind(store, "k1", GAMMA), await bind(store, "k2", GAMMA, model="other")]
     )
     assert providers == Counter({"alpha": 1, "beta": 1})
+
+
+async def test_a_recorded_response_names_its_provider(store: AffinityStore) -> None:
+    """`record_response` then `response_provider` gives the provider; unknown ids give None."""
+    await store.record_response("resp_1", "alpha", ttl_seconds=TTL, timeout=TIMEOUT)
+    assert await store.response_provider("resp_1", timeout=TIMEOUT) == "alpha"
+    assert await store.response_provider("resp_unknown", timeout=TIMEOUT) is None
+
+
+async def test_recording_a_response_again_moves_it(store: AffinityStore) -> None:
+    """A second record of the same id replaces the provider."""
+    await store.record_response("resp_2", "alpha", ttl_seconds=TTL, timeout=TIMEOUT)
+    await store.record_response("resp_2", "beta", ttl_seconds=TTL, timeout=TIMEOUT)
+    assert await store.response_provider("resp_2", timeout=TIMEOUT) == "beta"
+
+
+async def test_an_expired_response_binding_is_unknown(store: AffinityStore) -> None:
+    """Once its TTL passed, a response id no longer names a provider (polled, bounded)."""
+    await store.record_response("resp_3", "alpha", ttl_seconds=0.05, timeout=TIMEOUT)
+
+    async def expired() -> bool:
+        return await store.response_provider("resp_3", timeout=TIMEOUT) is None
+
+    await wait_until(expired, message="the response binding to expire")

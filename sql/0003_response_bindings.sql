@@ -1,0 +1,10 @@
+-- Stored /v1/responses objects live on the node that created them: response id → provider,
+-- kept for `affinity.responses_ttl_seconds` after the last write.
+CREATE TABLE response_bindings (
+    response_id text PRIMARY KEY,
+    provider text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX response_bindings_expires_at_idx ON response_bindings (expires_at);
