@@ -18,7 +18,7 @@ from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
 from gateway.errors import GatewayError, sse_error_event
 from gateway.health import ProviderHealth
-from gateway.model_names import ModelRenamer
+from gateway.model_names import Renamer
 from gateway.outcomes import Attempt, RetryableAttemptError, exhausted, failed_status
 from gateway.permits import ProviderPermits
 from gateway.upstream import (
@@ -79,7 +79,7 @@ class DispatchRequest:
     response_headers: Callable[[Provider], Mapping[str, str]]
     on_attempt: Callable[[Provider], None]
     started_at: float
-    renamer: Callable[[Provider], ModelRenamer | None]
+    renamer: Callable[[Provider], Renamer | None]
     on_answer: Callable[[Provider, bytes], Awaitable[None]]
 
 

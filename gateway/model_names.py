@@ -7,6 +7,8 @@ upstream sent it (big integers, key order, spacing, escapes).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import orjson
 
@@ -112,3 +114,48 @@ class ModelRenamer:
         """What is still held back once the stream ended."""
         held, self._held = self._held, b""
         return held
+
+
+class Renamer(Protocol):
+    """Rewrites model ids in an answer: a whole body, or a stream chunk by chunk."""
+
+    def whole(self, body: bytes) -> bytes:
+        """A complete body, renamed."""
+        ...
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The next chunk of a stream, renamed."""
+        ...
+
+    def flush(self) -> bytes:
+        """What is still held back once the stream ended."""
+        ...
+
+
+class AnswerRenamer:
+    """For an answer to a request that named no model (a stored response fetched by id): its
+    own top-level `model` is renamed to the public name it stands for, when there is one."""
+
+    def __init__(self, public_names: Mapping[str, str], keeps: Callable[[str], bool]) -> None:
+        self._public_names = public_names
+        self._keeps = keeps
+
+    def whole(self, body: bytes) -> bytes:
+        """The body with its upstream model id replaced by the public name."""
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        upstream = document.get("model") if isinstance(document, dict) else None
+        public = self._public_names.get(upstream) if isinstance(upstream, str) else None
+        if upstream is None or public is None or self._keeps(public):
+            return body
+        return ModelRenamer(upstream, public).whole(body)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Streams name their model in the request: nothing to do here."""
+        return chunk
+
+    def flush(self) -> bytes:
+        """Nothing is ever held back."""
+        return b""

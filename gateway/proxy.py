@@ -18,7 +18,7 @@ from gateway.dispatch import Dispatcher, DispatchRecord, DispatchRequest
 from gateway.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
-from gateway.model_names import ModelRenamer
+from gateway.model_names import AnswerRenamer, ModelRenamer, Renamer
 from gateway.permits import KeyLimits, concurrency_headers
 from gateway.requestid import request_id_of
 from gateway.responses import ResponseBindings, node_gone
@@ -133,12 +133,17 @@ class Proxy:
 
         return headers
 
-    def _renamer(self, resolved: Resolved | None) -> Callable[[Provider], ModelRenamer | None]:
+    def _renamer(self, resolved: Resolved | None) -> Callable[[Provider], Renamer | None]:
         """Answers name the public model asked for (or the auto model's choice), unless the
         model keeps upstream ids."""
 
-        def renamer(provider: Provider) -> ModelRenamer | None:
-            if resolved is None or self.catalog.keeps_upstream_ids(resolved.model):
+        def renamer(provider: Provider) -> Renamer | None:
+            if resolved is None:
+                public_names = {
+                    upstream: public for public, upstream in provider.upstream_models.items()
+                }
+                return AnswerRenamer(public_names, self.catalog.keeps_upstream_ids)
+            if self.catalog.keeps_upstream_ids(resolved.model):
                 return None
             upstream = provider.upstream_models[resolved.model]
             return None if upstream == resolved.model else ModelRenamer(upstream, resolved.model)
