@@ -81,7 +81,7 @@ class Proxy:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""
-        if not token and not header:
+        if not token:
             token = next(
                 (value.strip() for name in KEY_HEADERS if (value := request.headers.get(name))),
                 "",
