@@ -23,9 +23,11 @@ from gateway.outcomes import Attempt, RetryableAttemptError, exhausted, failed_s
 from gateway.permits import ProviderPermits
 from gateway.upstream import (
     EventStreamFraming,
+    close_response,
     downstream_headers,
     is_success,
     read_opening,
+    read_rest,
     request_timeout,
     upstream_headers,
     usable_answer,
@@ -200,23 +202,23 @@ class Dispatcher:
                 first_byte_at = time.monotonic()
                 whole = None
                 if not (job.stream and is_success(response)):
-                    whole = await self._rest_of(response, first_chunk)
+                    whole = await read_rest(response, first_chunk, MAX_RESPONSE_BYTES)
             if not usable_answer(response, job.stream, first_chunk, whole):
                 raise RetryableAttemptError("invalid_response", status=response.status)
         except RetryableAttemptError as failure:
             self._failed(record, provider, failure)
-            _close(response)
+            close_response(response)
             raise
         except TimeoutError as error:
-            _close(response)
+            close_response(response)
             self._timed_out(record, provider, timeouts, error)
         except aiohttp.ClientError as error:
-            _close(response)
+            close_response(response)
             broken = RetryableAttemptError("connect_error" if response is None else "payload_error")
             self._failed(record, provider, broken)
             raise broken from error
         except BaseException:
-            _close(response)
+            close_response(response)
             raise
 
         record.ttft_seconds = first_byte_at - job.started_at
@@ -236,7 +238,7 @@ class Dispatcher:
                 )
             return self._whole(job, provider, response, whole, record)
         finally:
-            _close(response)
+            close_response(response)
 
     def _timed_out(
         self, record: DispatchRecord, provider: Provider, timeouts: Timeouts, error: TimeoutError
@@ -257,27 +259,6 @@ class Dispatcher:
             "it was not replayed elsewhere.",
             "upstream_timeout",
         ) from None
-
-    async def _rest_of(self, response: aiohttp.ClientResponse, first_chunk: bytes) -> bytearray:
-        """A non-streamed answer, whole (still before the client sees a byte), bounded in size
-        by MAX_RESPONSE_BYTES; the caller bounds it in time."""
-        if response.content_length is not None and response.content_length > MAX_RESPONSE_BYTES:
-            raise RetryableAttemptError("oversized_response", status=response.status)
-        answer = bytearray(first_chunk)
-        failure: RetryableAttemptError | None = None
-        try:
-            while len(answer) <= MAX_RESPONSE_BYTES and (chunk := await response.content.readany()):
-                answer += chunk
-        except aiohttp.ClientError:
-            failure = RetryableAttemptError("payload_error", status=response.status)
-        if failure is None and len(answer) > MAX_RESPONSE_BYTES:
-            failure = RetryableAttemptError("oversized_response", status=response.status)
-        if failure is not None:
-            # The retry state keeps a failure's traceback, and so this frame, for the rest of the
-            # request (and in a cycle beyond it): it must not keep the buffer too.
-            del answer
-            raise failure
-        return answer
 
     def _whole(
         self,
@@ -408,17 +389,6 @@ class Dispatcher:
     def _provider_failed(self, provider: Provider) -> None:
         if self._health.failed(provider.name):
             self._on_cooldown(provider.name)
-
-
-def _close(response: aiohttp.ClientResponse | None) -> None:
-    # An unfinished body must drop the connection (close), so an upstream that is still generating
-    # sees the cancellation at once; a finished one goes back to the keep-alive pool (release).
-    if response is None:
-        return
-    if response.content.is_eof():
-        response.release()
-    else:
-        response.close()
 
 
 async def _write_quietly(downstream: web.StreamResponse, data: bytes) -> None:

@@ -20,6 +20,7 @@ from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.model_names import AnswerRenamer, ModelRenamer, Renamer
 from gateway.permits import KeyLimits, concurrency_headers
+from gateway.request_log import record_request
 from gateway.requestid import request_id_of
 from gateway.responses import ResponseBindings, node_gone
 from gateway.router import RequestContext, Router, RoutingDecision
@@ -275,13 +276,15 @@ class Proxy:
         finally:
             if admitted is not None:
                 self.key_limits.release(admitted)
-            self._record(
+            record_request(
+                self.metrics,
+                self.recent,
                 request_id=request_id,
                 affinity=affinity,
                 route=route,
                 key=key,
                 requested=parsed.model if parsed else None,
-                resolved=resolved,
+                model=resolved.model if resolved else None,
                 record=record,
                 status=status,
                 started_at=started_at,
@@ -376,63 +379,6 @@ class Proxy:
             if pinned is not None and error.code in unreachable:
                 raise node_gone(_response_id(request, parsed)) from None
             raise
-
-    def _record(
-        self,
-        *,
-        request_id: str,
-        affinity: str,
-        route: list[str],
-        key: Key | None,
-        requested: str | None,
-        resolved: Resolved | None,
-        record: DispatchRecord,
-        status: int,
-        started_at: float,
-    ) -> None:
-        duration = time.monotonic() - started_at
-        model = resolved.model if resolved else None
-        attempts = [f"{attempt.provider}:{attempt.outcome}" for attempt in record.attempts]
-        served = record.served.name if record.served else None
-        self.recent.append(
-            RecentDecision(
-                at=time.time(),
-                request_id=request_id,
-                key_id=key.id if key else None,
-                model=model,
-                provider=served,
-                affinity=affinity,
-                attempts=tuple(attempts),
-                status=status,
-                duration_ms=round(duration * 1000, 1),
-            )
-        )
-        if route:  # a routing decision was made: count how stickiness turned out
-            self.metrics.affinity_results.labels(affinity).inc()
-        if model is not None:
-            self.metrics.requests.labels(model, served or "none", f"{status // 100}xx").inc()
-            self.metrics.request_duration.labels(model).observe(duration)
-            if served is not None and record.ttft_seconds is not None:
-                self.metrics.ttft.labels(model, served).observe(record.ttft_seconds)
-            for attempt in record.attempts:
-                self.metrics.upstream_attempts.labels(attempt.provider, attempt.outcome).inc()
-        logger.info(
-            "request",
-            request_id=request_id,
-            key_id=key.id if key else None,
-            org=key.org if key else None,
-            requested_model=requested if resolved else None,
-            model=model,
-            provider=served,
-            affinity=affinity,
-            route=route,
-            attempts=attempts,
-            status=status,
-            client_disconnected=record.client_disconnected,
-            duration_ms=round(duration * 1000, 2),
-            ttft_ms=round(record.ttft_seconds * 1000, 2) if record.ttft_seconds else None,
-            bytes=record.bytes_sent,
-        )
 
 
 def _response_id(request: web.Request, parsed: ClientRequest) -> str:

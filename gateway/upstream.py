@@ -11,6 +11,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
+from gateway.outcomes import RetryableAttemptError
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the ones the gateway owns or recomputes.
 HOP_BY_HOP = frozenset(
@@ -219,3 +220,36 @@ class EventStreamFraming:
             self._since_boundary += len(chunk)
         self._tail = window[-STREAM_TAIL_BYTES:]
         return self._since_boundary <= self._max_event_bytes
+
+
+async def read_rest(response: aiohttp.ClientResponse, first_chunk: bytes, limit: int) -> bytearray:
+    """A non-streamed answer, whole (still before the client sees a byte), bounded in size by
+    `limit`; the caller bounds it in time. Raises RetryableAttemptError when it cannot be had."""
+    if response.content_length is not None and response.content_length > limit:
+        raise RetryableAttemptError("oversized_response", status=response.status)
+    answer = bytearray(first_chunk)
+    failure: RetryableAttemptError | None = None
+    try:
+        while len(answer) <= limit and (chunk := await response.content.readany()):
+            answer += chunk
+    except aiohttp.ClientError:
+        failure = RetryableAttemptError("payload_error", status=response.status)
+    if failure is None and len(answer) > limit:
+        failure = RetryableAttemptError("oversized_response", status=response.status)
+    if failure is not None:
+        # The retry state keeps a failure's traceback, and so this frame, for the rest of the
+        # request (and in a cycle beyond it): it must not keep the buffer too.
+        del answer
+        raise failure
+    return answer
+
+
+def close_response(response: aiohttp.ClientResponse | None) -> None:
+    """Let go of an upstream answer: an unfinished body drops the connection (so an upstream
+    still generating sees the cancellation at once); a finished one returns to the pool."""
+    if response is None:
+        return
+    if response.content.is_eof():
+        response.release()
+    else:
+        response.close()
