@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import weakref
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
@@ -15,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 from affinity_store.store import Binding, Candidate, StoreError, StoreTimeout
 
 BindingKey = tuple[str, str]
+RESPONSE_PURGE_GRACE = timedelta(minutes=5)
+RESPONSE_PURGE_BATCH = 10
 
 
 @dataclass(frozen=True)
@@ -236,8 +239,14 @@ class MemoryAffinityStore:
     ) -> None:
         """Upsert `response id → provider` with its expiry."""
         async with self._boundary(timeout):
-            expires_at = self._clock() + timedelta(seconds=ttl_seconds)
-            self._responses[response_id] = (provider, expires_at)
+            now = self._clock()
+            # As in Postgres: each write also deletes a few rows expired for a while (the oldest
+            # writes come first in the dict, and every row has the same TTL).
+            cutoff = now - RESPONSE_PURGE_GRACE
+            for key in list(itertools.islice(self._responses, RESPONSE_PURGE_BATCH)):
+                if self._responses[key][1] < cutoff:
+                    del self._responses[key]
+            self._responses[response_id] = (provider, now + timedelta(seconds=ttl_seconds))
 
     async def response_provider(self, response_id: str, *, timeout: float) -> str | None:
         """The live provider of a stored response, or None."""

@@ -113,7 +113,17 @@ ORDER BY api_key_id, model
 LIMIT $3;
 
 -- name: record_response
--- $1 response id, $2 provider, $3 ttl in seconds.
+-- $1 response id, $2 provider, $3 ttl in seconds. Each write also deletes a few rows expired
+-- for a while, so the table stays near its live size without a janitor of its own.
+WITH purged AS (
+    DELETE FROM response_bindings
+    WHERE response_id IN (
+        SELECT response_id FROM response_bindings
+        WHERE expires_at < now() - interval '5 minutes'
+        LIMIT 10
+        FOR UPDATE SKIP LOCKED
+    )
+)
 INSERT INTO response_bindings (response_id, provider, expires_at)
 VALUES ($1, $2, now() + make_interval(secs => $3::float8))
 ON CONFLICT (response_id) DO UPDATE
