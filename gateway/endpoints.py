@@ -80,17 +80,35 @@ def parse_request(spec: EndpointSpec, raw: bytes, content_type: str) -> ClientRe
 
 
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
-_MODEL_PART = re.compile(rb'content-disposition:[^\r\n]*;\s*name="model"', re.IGNORECASE)
+_FIELD_NAME = re.compile(rb'content-disposition:[^\r\n]*;\s*name="([^"]*)"', re.IGNORECASE)
 
 
 def _multipart(raw: bytes, content_type: str) -> ClientRequest:
-    """A multipart form: its `model` field's value, spliced in place for an upstream id."""
+    """A multipart form: its `model` field (spliced in place for an upstream id) and `stream`."""
     boundary = _BOUNDARY.search(content_type)
     if not content_type.lower().startswith("multipart/form-data") or boundary is None:
         raise GatewayError(
             400, "This endpoint takes a multipart/form-data body.", "invalid_request"
         )
-    delimiter = b"--" + boundary.group(1).encode("latin-1")
+    fields = _form_fields(raw, b"--" + boundary.group(1).encode("latin-1"))
+    if "model" not in fields:
+        raise GatewayError(
+            400, "You must provide a model parameter.", "missing_field", param="model"
+        )
+    start, end = fields["model"]
+    model = raw[start:end].decode("utf-8", errors="replace").strip()
+    if not model:
+        raise GatewayError(
+            400, "`model` must be a non-empty string.", "invalid_type", param="model"
+        )
+    stream = "stream" in fields and raw[slice(*fields["stream"])].strip().lower() == b"true"
+    body_for = functools.partial(_splice_field, raw, model, start, end)
+    return ClientRequest(model, stream, {}, None, body_for)
+
+
+def _form_fields(raw: bytes, delimiter: bytes) -> dict[str, tuple[int, int]]:
+    """Where each named part's value lies in the body (a file part's too; the last one wins)."""
+    fields: dict[str, tuple[int, int]] = {}
     position = raw.find(delimiter)
     while position >= 0:
         start = position + len(delimiter)
@@ -98,16 +116,12 @@ def _multipart(raw: bytes, content_type: str) -> ClientRequest:
         if following < 0:
             break
         head_end = raw.find(b"\r\n\r\n", start, following)
-        if head_end >= 0 and _MODEL_PART.search(raw, start, head_end):
-            value_start = head_end + 4
+        name = _FIELD_NAME.search(raw, start, head_end) if head_end >= 0 else None
+        if name is not None:
             value_end = following - 2 if raw[following - 2 : following] == b"\r\n" else following
-            model = raw[value_start:value_end].decode("utf-8", errors="replace").strip()
-            if not model:
-                break
-            body_for = functools.partial(_splice_field, raw, model, value_start, value_end)
-            return ClientRequest(model, False, {}, None, body_for)
+            fields[name.group(1).decode("utf-8", errors="replace")] = (head_end + 4, value_end)
         position = following
-    raise GatewayError(400, "You must provide a model parameter.", "missing_field", param="model")
+    return fields
 
 
 def _splice_field(raw: bytes, model: str, start: int, end: int, upstream_model: str) -> bytes:

@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 from aiohttp import web
@@ -349,7 +350,7 @@ class Proxy:
         return DispatchRequest(
             request_id=request_id_of(request),
             method=spec.method,
-            path=request.path,
+            path=_upstream_path(request, spec),
             body=body,
             stream=parsed.stream,
             timeouts=timeouts,
@@ -379,6 +380,13 @@ class Proxy:
             if pinned is not None and error.code in unreachable:
                 raise node_gone(_response_id(request, parsed)) from None
             raise
+
+
+def _upstream_path(request: web.Request, spec: EndpointSpec) -> str:
+    """The endpoint's path upstream, a stored response's id re-quoted as one path segment."""
+    if RESPONSE_ID not in request.match_info:
+        return spec.path
+    return spec.path.format_map({RESPONSE_ID: quote(request.match_info[RESPONSE_ID], safe="")})
 
 
 def _response_id(request: web.Request, parsed: ClientRequest) -> str:
