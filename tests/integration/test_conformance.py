@@ -120,10 +120,14 @@ async def test_async_sdk_answers_match(targets: Targets) -> None:
             follow = await client.responses.create(
                 model=target.model, input="More", previous_response_id=response.id
             )
-            deleted = await client.responses.delete(follow.id)
+            deleted = await client.responses.with_raw_response.delete(follow.id)
         assert again.id == response.id
         assert follow.previous_response_id == response.id
-        assert deleted is None
+        assert orjson.loads(deleted.content) == {
+            "id": follow.id,
+            "object": "response",
+            "deleted": True,
+        }
         results[target.name] = [
             comparable(item, target.model)
             for item in (
