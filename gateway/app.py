@@ -153,6 +153,8 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         dropped_headers=frozenset({settings.routing.mode_header.lower()}),
         # A node that failed enough to cool down comes back as an unknown: neutral latency.
         on_cooldown=router.latency.forget,
+        # A stream's first event is checked whole before the client sees it: up to the body limit.
+        max_first_event_bytes=settings.server.max_body_bytes,
     )
     app[PROXY] = Proxy(
         catalog,

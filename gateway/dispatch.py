@@ -82,7 +82,7 @@ class DispatchRequest:
     on_attempt: Callable[[Provider], None]
     started_at: float
     renamer: Callable[[Provider], Renamer | None]
-    on_answer: Callable[[Provider, bytes], Awaitable[None]]
+    on_answer: Callable[[Provider, bytes | bytearray], Awaitable[None]]
 
 
 class Dispatcher:
@@ -97,6 +97,7 @@ class Dispatcher:
         *,
         dropped_headers: frozenset[str],
         on_cooldown: Callable[[str], None],
+        max_first_event_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         self._session = session
         self._on_cooldown = on_cooldown
@@ -105,6 +106,7 @@ class Dispatcher:
         self._failover_budget = routing.failover_budget
         self._wait_timeout = routing.wait_timeout_seconds
         self._dropped_headers = dropped_headers
+        self._max_first_event_bytes = max_first_event_bytes
 
     async def dispatch(
         self,
@@ -198,7 +200,7 @@ class Dispatcher:
                 failure = await failed_status(response)
                 if failure is not None:
                     raise failure
-                first_chunk = await read_opening(response, job.stream, MAX_RESPONSE_BYTES)
+                first_chunk = await read_opening(response, job.stream, self._max_first_event_bytes)
                 first_byte_at = time.monotonic()
                 whole = None
                 if not (job.stream and is_success(response)):
@@ -226,7 +228,7 @@ class Dispatcher:
         record.served = provider
         try:
             if is_success(response):
-                await job.on_answer(provider, first_chunk if whole is None else bytes(whole))
+                await job.on_answer(provider, first_chunk if whole is None else whole)
             if whole is None:
                 return await self._stream(
                     request=request,
@@ -273,7 +275,7 @@ class Dispatcher:
         record.attempts.append(Attempt(provider.name, "ok", response.status))
         record.status = response.status
         renamer = job.renamer(provider) if is_success(response) else None
-        answer = renamer.whole(bytes(body)) if renamer is not None else body
+        answer = renamer.whole(body) if renamer is not None else body
         record.bytes_sent = len(answer)
         return web.Response(
             status=response.status, body=answer, headers=self._headers(job, provider, response)

@@ -92,7 +92,7 @@ class ModelRenamer:
         self._replacement = orjson.dumps(public)
         self._held = b""
 
-    def whole(self, body: bytes) -> bytes:
+    def whole(self, body: bytes | bytearray) -> bytes | bytearray:
         """A complete body with every occurrence renamed."""
         return body.replace(self._needle, self._replacement)
 
@@ -119,7 +119,7 @@ class ModelRenamer:
 class Renamer(Protocol):
     """Rewrites model ids in an answer: a whole body, or a stream chunk by chunk."""
 
-    def whole(self, body: bytes) -> bytes:
+    def whole(self, body: bytes | bytearray) -> bytes | bytearray:
         """A complete body, renamed."""
         ...
 
@@ -140,7 +140,7 @@ class AnswerRenamer:
         self._public_names = public_names
         self._keeps = keeps
 
-    def whole(self, body: bytes) -> bytes:
+    def whole(self, body: bytes | bytearray) -> bytes | bytearray:
         """The body with its upstream model id replaced by the public name."""
         try:
             document = orjson.loads(body)

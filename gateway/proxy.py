@@ -343,7 +343,7 @@ class Proxy:
             upstream = provider.upstream_models[model] if model is not None else None
             return parsed.body_for(upstream) if upstream is not None else None
 
-        async def on_answer(provider: Provider, opening: bytes) -> None:
+        async def on_answer(provider: Provider, opening: bytes | bytearray) -> None:
             if spec.stores_responses:
                 await self.responses.record(provider, opening, parsed.stream)
 

@@ -24,7 +24,7 @@ class ResponseBindings:
         self._ttl = settings.responses_ttl_seconds
         self._timeout = settings.claim_timeout_ms / 1000
 
-    async def record(self, provider: Provider, opening: bytes, stream: bool) -> None:
+    async def record(self, provider: Provider, opening: bytes | bytearray, stream: bool) -> None:
         """Remember the node of the response whose answer opens with `opening` (a whole JSON
         body, or a stream's first event); a store failure is logged, never the client's."""
         response_id = response_id_in(opening, stream)
@@ -76,10 +76,11 @@ def node_gone(response_id: str) -> GatewayError:
     )
 
 
-def response_id_in(opening: bytes, stream: bool) -> str | None:
+def response_id_in(opening: bytes | bytearray, stream: bool) -> str | None:
     """The `id` of a Responses answer: the body's, or for a stream its first event's response."""
+    data: bytes | bytearray
     if stream:
-        event = first_event(opening)
+        event = first_event(bytes(opening))
         if event is None:
             return None
         data = b"\n".join(

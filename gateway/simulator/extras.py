@@ -8,9 +8,11 @@ before any work (rate limit, error rate) apply here as to completions.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -22,6 +24,30 @@ from gateway.simulator.stats import Outcome, RequestRecord
 
 EMBEDDING_DIMENSIONS = 8
 RESPONSE_WORDS = ("stored", "answer", "from", "this", "node")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def unreadable_is_400(handler: Handler) -> Handler:
+    """A request the node cannot make sense of gets a 400, as vLLM's validation answers."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            AssertionError,
+            RuntimeError,
+        ) as error:
+            message = f"Invalid request: {type(error).__name__}."
+            return error_answer(400, message, "BadRequestError")
+
+    return guarded
 
 
 def json_answer(payload: dict[str, Any], status: int = 200, **headers: str) -> web.Response:
@@ -101,6 +127,7 @@ def finish(state: SimulatorState, record: RequestRecord, response: web.Response)
     return response
 
 
+@unreadable_is_400
 async def model(request: web.Request) -> web.Response:
     """`GET /v1/models/{id}`."""
     state = request.app[STATE_KEY]
@@ -113,6 +140,7 @@ async def model(request: web.Request) -> web.Response:
     )
 
 
+@unreadable_is_400
 async def embeddings(request: web.Request) -> web.Response:
     """`POST /v1/embeddings`: one deterministic vector per input, as floats or base64."""
     state, record, data, refusal = await begin(request)
@@ -145,6 +173,7 @@ async def embeddings(request: web.Request) -> web.Response:
     return finish(state, record, json_answer(payload))
 
 
+@unreadable_is_400
 async def rerank(request: web.Request) -> web.Response:
     """`POST /v1/rerank`: documents by word overlap with the query, best first."""
     state, record, data, refusal = await begin(request)
@@ -171,6 +200,7 @@ async def rerank(request: web.Request) -> web.Response:
     return finish(state, record, json_answer(payload))
 
 
+@unreadable_is_400
 async def score(request: web.Request) -> web.Response:
     """`POST /v1/score`: `text_1` against each of `text_2`."""
     state, record, data, refusal = await begin(request)
@@ -198,6 +228,7 @@ async def score(request: web.Request) -> web.Response:
     return finish(state, record, json_answer(payload))
 
 
+@unreadable_is_400
 async def tokenize(request: web.Request) -> web.Response:
     """`POST /tokenize`: one token per word."""
     state, record, data, refusal = await begin(request)
@@ -211,6 +242,7 @@ async def tokenize(request: web.Request) -> web.Response:
     return finish(state, record, json_answer(payload))
 
 
+@unreadable_is_400
 async def detokenize(request: web.Request) -> web.Response:
     """`POST /detokenize`: each token back as `t<number>`."""
     state, record, data, refusal = await begin(request)
@@ -222,6 +254,7 @@ async def detokenize(request: web.Request) -> web.Response:
     return finish(state, record, json_answer({"prompt": " ".join(f"t{token}" for token in tokens)}))
 
 
+@unreadable_is_400
 async def transcriptions(request: web.Request) -> web.Response:
     """`POST /v1/audio/transcriptions` (multipart): the file's size and the model, as text."""
     state, record, _, refusal = await begin(request, body=False)

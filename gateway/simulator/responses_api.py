@@ -15,6 +15,7 @@ from gateway.simulator.extras import (
     error_answer,
     finish,
     json_answer,
+    unreadable_is_400,
     word_tokens,
 )
 from gateway.simulator.openai_shapes import SSE_CONTENT_TYPE
@@ -40,6 +41,7 @@ def _input_text(value: Any) -> str:
     return ""
 
 
+@unreadable_is_400
 async def create(request: web.Request) -> web.StreamResponse:
     """`POST /v1/responses`: answer, store (unless `store` is false), and stream if asked."""
     state, record, data, refusal = await begin(request)
@@ -47,7 +49,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         return finish(state, record, refusal)
     stored = state.responses
     previous = data.get("previous_response_id")
-    if previous is not None and previous not in stored:
+    if previous is not None and (not isinstance(previous, str) or previous not in stored):
         return finish(state, record, _not_found(str(previous)))
     number = len(stored) + 1
     response_id = f"resp_{state.options.name}_{record.request_id.rsplit('-', 1)[-1]}"
@@ -116,6 +118,7 @@ async def _stream(
     return stream
 
 
+@unreadable_is_400
 async def retrieve(request: web.Request) -> web.Response:
     """`GET /v1/responses/{id}`: a response stored on this node."""
     state, record, _, refusal = await begin(request, body=False)
@@ -127,6 +130,7 @@ async def retrieve(request: web.Request) -> web.Response:
     return finish(state, record, answer)
 
 
+@unreadable_is_400
 async def delete(request: web.Request) -> web.Response:
     """`DELETE /v1/responses/{id}`: forget a response stored on this node."""
     state, record, _, refusal = await begin(request, body=False)

@@ -179,7 +179,9 @@ async def test_valid_streams_pass_through_as_the_upstream_sent_them(
     pieces = STREAMS[name]
     upstream = await fake_upstream(exit_stack, event_stream(*pieces))
     direct = Target("direct", upstream, UPSTREAM_MODEL, "unused")
-    gateway = gateway_target(await start_gateway(build_settings({"fake": upstream})))
+    # A first event may be as large as the body limit (`server.max_body_bytes`).
+    settings = build_settings({"fake": upstream}, extra={"server": {"max_body_bytes": 1 << 20}})
+    gateway = gateway_target(await start_gateway(settings))
     status, _, body = await raw_call(
         gateway, "POST", "/v1/chat/completions", body=chat(TEST_MODEL, stream=True)
     )
@@ -306,3 +308,21 @@ async def test_a_wrong_provider_credential_fails_over_and_is_logged_as_the_provi
     status, _, body = await raw_call(lone, "POST", "/v1/chat/completions", body=chat(TEST_MODEL))
     assert status == 502
     assert orjson.loads(body)["error"]["code"] == "upstream_auth_failed"
+
+
+async def test_a_first_event_over_the_body_limit_is_refused_before_the_client_sees_it(
+    exit_stack: AsyncExitStack, start_gateway: GatewayFactory
+) -> None:
+    """A first event larger than `server.max_body_bytes` is an unusable answer: 502, and the
+    client gets the gateway's own error, not a piece of the stream."""
+    upstream = await fake_upstream(
+        exit_stack, event_stream(*STREAMS["200k-first-event-in-8k-pieces"])
+    )
+    settings = build_settings({"fake": upstream}, extra={"server": {"max_body_bytes": 64 * 1024}})
+    gateway = gateway_target(await start_gateway(settings))
+    status, headers, body = await raw_call(
+        gateway, "POST", "/v1/chat/completions", body=chat(TEST_MODEL, stream=True)
+    )
+    assert status == 502
+    assert "x-gateway-provider" not in headers
+    assert orjson.loads(body)["error"]["code"] == "upstream_error"
