@@ -56,7 +56,7 @@ class MemoryAffinityStore:
             weakref.WeakValueDictionary()
         )
         self._janitor_lock = asyncio.Lock()
-        self._responses: dict[str, tuple[str, datetime]] = {}
+        self._responses: dict[str, tuple[str, datetime, str]] = {}
         self._failure: StoreError | None = None
 
     def fail_with(self, error: StoreError | None) -> None:
@@ -235,9 +235,15 @@ class MemoryAffinityStore:
             return selected[:limit]
 
     async def record_response(
-        self, response_id: str, provider: str, *, ttl_seconds: float, timeout: float
+        self,
+        response_id: str,
+        provider: str,
+        *,
+        api_key_id: str,
+        ttl_seconds: float,
+        timeout: float,
     ) -> None:
-        """Upsert `response id → provider` with its expiry."""
+        """Upsert `response id → provider` for the key, with its expiry."""
         async with self._boundary(timeout):
             now = self._clock()
             # As in Postgres: each write also deletes a few rows expired for a while (the oldest
@@ -246,12 +252,15 @@ class MemoryAffinityStore:
             for key in list(itertools.islice(self._responses, RESPONSE_PURGE_BATCH)):
                 if self._responses[key][1] < cutoff:
                     del self._responses[key]
-            self._responses[response_id] = (provider, now + timedelta(seconds=ttl_seconds))
+            expires_at = now + timedelta(seconds=ttl_seconds)
+            self._responses[response_id] = (provider, expires_at, api_key_id)
 
-    async def response_provider(self, response_id: str, *, timeout: float) -> str | None:
-        """The live provider of a stored response, or None."""
+    async def response_provider(
+        self, response_id: str, *, api_key_id: str, timeout: float
+    ) -> str | None:
+        """The live provider of the key's stored response, or None."""
         async with self._boundary(timeout):
             stored = self._responses.get(response_id)
-            if stored is None or stored[1] <= self._clock():
+            if stored is None or stored[1] <= self._clock() or stored[2] != api_key_id:
                 return None
             return stored[0]

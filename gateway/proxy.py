@@ -214,7 +214,7 @@ class Proxy:
             key = self.authenticate(request)
             raw = await self._read_body(request) if spec.body != "none" else b""
             parsed = parse_request(spec, raw, request.headers.get("Content-Type", ""))
-            pinned = await self._pinned_provider(request, spec, parsed)
+            pinned = await self._pinned_provider(request, spec, parsed, key)
             if parsed.model is not None:
                 resolved = self._resolve(request, key, parsed.model)
                 candidates = self.catalog.candidates(key, resolved.model)
@@ -292,13 +292,13 @@ class Proxy:
             )
 
     async def _pinned_provider(
-        self, request: web.Request, spec: EndpointSpec, parsed: ClientRequest
+        self, request: web.Request, spec: EndpointSpec, parsed: ClientRequest, key: Key
     ) -> Provider | None:
         """For a stored response's follow-up, the node that holds it."""
         if spec.stickiness != "response":
             return None
         response_id = _response_id(request, parsed)
-        return await self.responses.provider_of(response_id) if response_id else None
+        return await self.responses.provider_of(key, response_id) if response_id else None
 
     async def _decide(
         self,
@@ -345,7 +345,7 @@ class Proxy:
 
         async def on_answer(provider: Provider, opening: bytes | bytearray) -> None:
             if spec.stores_responses:
-                await self.responses.record(provider, opening, parsed.stream)
+                await self.responses.record(key, provider, opening, parsed.stream)
 
         return DispatchRequest(
             request_id=request_id_of(request),

@@ -7,7 +7,7 @@ import orjson
 import structlog
 
 from affinity_store.store import AffinityStore, StoreError
-from gateway.catalog import Catalog, Provider
+from gateway.catalog import Catalog, Key, Provider
 from gateway.config import AffinitySettings
 from gateway.errors import GatewayError
 from gateway.upstream import first_event
@@ -24,7 +24,9 @@ class ResponseBindings:
         self._ttl = settings.responses_ttl_seconds
         self._timeout = settings.claim_timeout_ms / 1000
 
-    async def record(self, provider: Provider, opening: bytes | bytearray, stream: bool) -> None:
+    async def record(
+        self, key: Key, provider: Provider, opening: bytes | bytearray, stream: bool
+    ) -> None:
         """Remember the node of the response whose answer opens with `opening` (a whole JSON
         body, or a stream's first event); a store failure is logged, never the client's."""
         response_id = response_id_in(opening, stream)
@@ -32,18 +34,25 @@ class ResponseBindings:
             return
         try:
             await self._store.record_response(
-                response_id, provider.name, ttl_seconds=self._ttl, timeout=self._timeout
+                response_id,
+                provider.name,
+                api_key_id=key.id,
+                ttl_seconds=self._ttl,
+                timeout=self._timeout,
             )
         except StoreError as error:
             logger.warning(
                 "response_binding_not_recorded", provider=provider.name, error=type(error).__name__
             )
 
-    async def provider_of(self, response_id: str) -> Provider:
-        """The configured provider holding the response; a 404-style error when it is unknown,
-        expired, or its node is no longer configured (never a random node)."""
+    async def provider_of(self, key: Key, response_id: str) -> Provider:
+        """The configured provider holding the key's response; a 404-style error when it is
+        unknown (or another key's), expired, or its node is no longer configured (never a
+        random node)."""
         try:
-            name = await self._store.response_provider(response_id, timeout=self._timeout)
+            name = await self._store.response_provider(
+                response_id, api_key_id=key.id, timeout=self._timeout
+            )
         except StoreError:
             raise GatewayError(
                 503,

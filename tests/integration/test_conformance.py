@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.conformance import Target, comparable, raw_call, sse_payloads
-from tests.support.gateway import TEST_KEY, TEST_MODEL, UPSTREAM_MODEL, build_settings
+from tests.support.gateway import OTHER_KEY, TEST_KEY, TEST_MODEL, UPSTREAM_MODEL, build_settings
 from tests.support.simulators import InProcessSimulator
 
 Targets = tuple[Target, Target, InProcessSimulator]
@@ -223,3 +223,24 @@ async def test_keep_upstream_model_ids_passes_answers_unchanged(
     body = orjson.dumps({"model": TEST_MODEL, "messages": MESSAGES})
     _, _, answer = await raw_call(gateway, "POST", "/v1/chat/completions", body=body)
     assert orjson.loads(answer)["model"] == UPSTREAM_MODEL
+
+
+async def test_a_stored_response_is_reachable_only_with_the_key_that_created_it(
+    targets: Targets,
+) -> None:
+    """Another key gets a 404 `response_not_found` for the id, and the node is not asked."""
+    _, gateway, node = targets
+    status, _, body = await raw_call(
+        gateway, "POST", "/v1/responses", body=orjson.dumps({"model": TEST_MODEL, "input": "Hi"})
+    )
+    assert status == 200
+    response_id = orjson.loads(body)["id"]
+    await node.reset()
+    stranger = Target("gateway", gateway.root, TEST_MODEL, OTHER_KEY)
+    for method in ("GET", "DELETE"):
+        status, _, body = await raw_call(stranger, method, f"/v1/responses/{response_id}")
+        assert status == 404
+        assert orjson.loads(body)["error"]["code"] == "response_not_found"
+    assert (await node.stats()).requests_received == 0
+    status, _, _ = await raw_call(gateway, "GET", f"/v1/responses/{response_id}")
+    assert status == 200
