@@ -137,7 +137,8 @@ def exhausted(attempts: Sequence[Attempt]) -> GatewayError:
 
     When every attempt failed with an upstream status, the last one's status and message reach
     the client; a refused provider credential is a 502 `upstream_auth_failed`. `Retry-After` is
-    the larger of the last upstream's and the gateway's own; a timeout carries none.
+    the larger of the last upstream's (the largest of its forms) and the gateway's own — when
+    every provider rate limits, the soonest of theirs; a timeout carries none.
     """
     reasons = {attempt.outcome for attempt in attempts}
     summary = ", ".join(f"{attempt.provider}: {attempt.outcome}" for attempt in attempts)
@@ -153,9 +154,19 @@ def exhausted(attempts: Sequence[Attempt]) -> GatewayError:
         )
     if reasons <= {"timeout", "connect_timeout"} and "timeout" in reasons:
         return GatewayError(504, f"No upstream answered in time ({summary}).", "upstream_timeout")
+    if reasons == {"http_429"}:
+        # Every provider is rate limiting: the soonest any of them is free again.
+        waits = [attempt.retry_after for attempt in attempts if attempt.retry_after]
+        detail = last.message or "Every upstream is rate limiting."
+        return GatewayError(
+            429,
+            f"{detail} ({summary})",
+            "upstream_rate_limited",
+            retry_after=max(GATEWAY_RETRY_AFTER, min(waits)) if waits else GATEWAY_RETRY_AFTER,
+        )
     if all(attempt.outcome.startswith("http_") for attempt in attempts):
         assert last.status is not None  # an http_ outcome carries its status
-        code = "upstream_rate_limited" if last.status == 429 else "upstream_error"
+        code = "upstream_error"
         detail = last.message or f"The upstream answered {last.status}."
         return GatewayError(last.status, f"{detail} ({summary})", code, retry_after=own)
     if reasons <= {"connect_error", "connect_timeout"}:

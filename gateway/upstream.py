@@ -130,16 +130,20 @@ async def read_opening(response: aiohttp.ClientResponse, stream: bool, limit: in
     if not (stream and is_success(response)) or first_event(opening) is not None:
         return opening
     buffer = bytearray(opening)
-    while len(buffer) < limit:
-        more = await response.content.readany()
-        if not more:
-            break
-        # Only a separator in the new bytes (or across the boundary) can end the first event.
-        window = bytes(buffer[-3:]) + more
-        buffer += more
-        ended = any(separator in window for separator in SSE_EVENT_ENDS)
-        if ended and first_event(bytes(buffer)) is not None:
-            break
+    try:
+        while len(buffer) < limit:
+            more = await response.content.readany()
+            if not more:
+                break
+            # Only a separator in the new bytes (or across the boundary) can end the first event.
+            window = bytes(buffer[-3:]) + more
+            buffer += more
+            ended = any(separator in window for separator in SSE_EVENT_ENDS)
+            if ended and first_event(bytes(buffer)) is not None:
+                break
+    except BaseException:
+        del buffer  # as in read_rest: a traceback must not keep the buffer alive
+        raise
     return bytes(buffer)
 
 
@@ -234,6 +238,11 @@ async def read_rest(response: aiohttp.ClientResponse, first_chunk: bytes, limit:
             answer += chunk
     except aiohttp.ClientError:
         failure = RetryableAttemptError("payload_error", status=response.status)
+    except BaseException:
+        # Cut off by the caller's deadline (or a cancellation): the exception's traceback keeps
+        # this frame alive for a while, so it must not keep the buffer too.
+        del answer
+        raise
     if failure is None and len(answer) > limit:
         failure = RetryableAttemptError("oversized_response", status=response.status)
     if failure is not None:

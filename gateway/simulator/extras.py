@@ -36,14 +36,7 @@ def unreadable_is_400(handler: Handler) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
-        except (
-            ValueError,
-            TypeError,
-            KeyError,
-            AttributeError,
-            AssertionError,
-            RuntimeError,
-        ) as error:
+        except Exception as error:  # noqa: BLE001 - whatever the node cannot read is a 400
             message = f"Invalid request: {type(error).__name__}."
             return error_answer(400, message, "BadRequestError")
 

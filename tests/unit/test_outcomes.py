@@ -59,3 +59,11 @@ def test_timeouts_give_a_504_without_retry_after() -> None:
     """A request that timed out everywhere is a 504 the client is not told to retry soon."""
     error = exhausted([Attempt("a", "timeout"), Attempt("b", "timeout")])
     assert (error.status, error.retry_after) == (504, None)
+
+
+def test_every_provider_rate_limiting_gives_the_soonest_retry_after() -> None:
+    """All attempts 429: the client may come back when the first provider is free again."""
+    error = exhausted(
+        [Attempt("a", "http_429", 429, 5.0, "Slow down"), Attempt("b", "http_429", 429, 9.0)]
+    )
+    assert (error.status, error.code, error.retry_after) == (429, "upstream_rate_limited", 5.0)
