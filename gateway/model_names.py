@@ -6,6 +6,7 @@ upstream sent it (big integers, key order, spacing, escapes).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -134,29 +135,44 @@ class Renamer(Protocol):
 
 
 class AnswerRenamer:
-    """For an answer to a request that named no model (a stored response fetched by id): its
-    own top-level `model` is renamed to the public name it stands for, when there is one."""
+    """For an answer to a request that named no model (a stored response fetched by id): the
+    model the answer itself names is renamed to the public name it stands for, if any. A stream
+    is recognised by its first event, which the first chunk always holds whole."""
 
     def __init__(self, public_names: Mapping[str, str], keeps: Callable[[str], bool]) -> None:
         self._public_names = public_names
         self._keeps = keeps
+        self._inner: ModelRenamer | None = None
+        self._first = True
+
+    def _renamer_for(self, document: object) -> ModelRenamer | None:
+        if isinstance(document, dict) and isinstance(document.get("response"), dict):
+            document = document["response"]  # a Responses stream event wraps the response
+        upstream = document.get("model") if isinstance(document, dict) else None
+        public = self._public_names.get(upstream) if isinstance(upstream, str) else None
+        if upstream is None or public is None or self._keeps(public):
+            return None
+        return ModelRenamer(upstream, public)
 
     def whole(self, body: bytes | bytearray) -> bytes | bytearray:
         """The body with its upstream model id replaced by the public name."""
         try:
-            document = orjson.loads(body)
+            renamer = self._renamer_for(orjson.loads(body))
         except orjson.JSONDecodeError:
             return body
-        upstream = document.get("model") if isinstance(document, dict) else None
-        public = self._public_names.get(upstream) if isinstance(upstream, str) else None
-        if upstream is None or public is None or self._keeps(public):
-            return body
-        return ModelRenamer(upstream, public).whole(body)
+        return renamer.whole(body) if renamer is not None else body
 
     def feed(self, chunk: bytes) -> bytes:
-        """Streams name their model in the request: nothing to do here."""
-        return chunk
+        """The next chunk of a stream, renamed after the model of its first event."""
+        if self._first:
+            self._first = False
+            for line in chunk.splitlines():
+                if line.startswith(b"data:"):
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        self._inner = self._renamer_for(orjson.loads(line[5:]))
+                    break
+        return self._inner.feed(chunk) if self._inner is not None else chunk
 
     def flush(self) -> bytes:
-        """Nothing is ever held back."""
-        return b""
+        """What is still held back once the stream ended."""
+        return self._inner.flush() if self._inner is not None else b""

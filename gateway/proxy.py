@@ -352,7 +352,8 @@ class Proxy:
             method=spec.method,
             path=_upstream_path(request, spec),
             body=body,
-            stream=parsed.stream,
+            # `GET /v1/responses/{id}?stream=true` replays a stored response as a stream.
+            stream=parsed.stream or request.query.get("stream") == "true",
             timeouts=timeouts,
             client_headers=request.headers,
             response_headers=self._response_headers(decision, resolved, key),
@@ -383,10 +384,13 @@ class Proxy:
 
 
 def _upstream_path(request: web.Request, spec: EndpointSpec) -> str:
-    """The endpoint's path upstream, a stored response's id re-quoted as one path segment."""
-    if RESPONSE_ID not in request.match_info:
-        return spec.path
-    return spec.path.format_map({RESPONSE_ID: quote(request.match_info[RESPONSE_ID], safe="")})
+    """The endpoint's path upstream (a stored response's id re-quoted as one path segment),
+    with the client's query string as it sent it."""
+    path = spec.path
+    if RESPONSE_ID in request.match_info:
+        path = path.format_map({RESPONSE_ID: quote(request.match_info[RESPONSE_ID], safe="")})
+    query = request.rel_url.raw_query_string
+    return f"{path}?{query}" if query else path
 
 
 def _response_id(request: web.Request, parsed: ClientRequest) -> str:

@@ -119,15 +119,20 @@ async def _stream(
 
 
 @unreadable_is_400
-async def retrieve(request: web.Request) -> web.Response:
-    """`GET /v1/responses/{id}`: a response stored on this node."""
+async def retrieve(request: web.Request) -> web.StreamResponse:
+    """`GET /v1/responses/{id}`: a response stored on this node; `?stream=true` replays it as
+    events."""
     state, record, _, refusal = await begin(request, body=False)
     if refusal is not None:
         return finish(state, record, refusal)
     response_id = request.match_info["response_id"]
     stored = state.responses.get(response_id)
-    answer = json_answer(stored) if stored is not None else _not_found(response_id)
-    return finish(state, record, answer)
+    if stored is None:
+        return finish(state, record, _not_found(response_id))
+    if request.query.get("stream") == "true":
+        text = stored["output"][0]["content"][0]["text"]
+        return await _stream(request, stored, text, record)
+    return finish(state, record, json_answer(stored))
 
 
 @unreadable_is_400

@@ -244,3 +244,20 @@ async def test_a_stored_response_is_reachable_only_with_the_key_that_created_it(
     assert (await node.stats()).requests_received == 0
     status, _, _ = await raw_call(gateway, "GET", f"/v1/responses/{response_id}")
     assert status == 200
+
+
+async def test_a_stored_response_replayed_as_a_stream_matches(targets: Targets) -> None:
+    """`GET /v1/responses/{id}?stream=true` gives the same events both ways, each naming the
+    public model through the gateway."""
+    events = {}
+    for target in targets[:2]:
+        body = orjson.dumps({"model": target.model, "input": "Hi"})
+        _, _, created = await raw_call(target, "POST", "/v1/responses", body=body)
+        response_id = orjson.loads(created)["id"]
+        status, headers, answer = await raw_call(
+            target, "GET", f"/v1/responses/{response_id}?stream=true"
+        )
+        assert status == 200
+        assert headers["Content-Type"].startswith("text/event-stream")
+        events[target.name] = comparable(sse_payloads(answer), target.model)
+    assert events["direct"] == events["gateway"]

@@ -326,3 +326,24 @@ async def test_a_first_event_over_the_body_limit_is_refused_before_the_client_se
     assert status == 502
     assert "x-gateway-provider" not in headers
     assert orjson.loads(body)["error"]["code"] == "upstream_error"
+
+
+async def test_the_query_string_reaches_the_upstream_as_sent(
+    exit_stack: AsyncExitStack, start_gateway: GatewayFactory
+) -> None:
+    """A client's query string (an `api-version`, Responses' `include[]`) is passed on as is."""
+    seen: list[str] = []
+
+    async def behaviour(request: web.Request) -> web.StreamResponse:
+        seen.append(request.rel_url.raw_query_string)
+        answer = {"id": "c", "object": "chat.completion", "model": UPSTREAM_MODEL, "choices": []}
+        return web.json_response(answer)
+
+    upstream = await fake_upstream(exit_stack, behaviour)
+    gateway = gateway_target(await start_gateway(build_settings({"fake": upstream})))
+    query = "api-version=2024-10-21&include%5B%5D=a%20b"
+    status, _, _ = await raw_call(
+        gateway, "POST", f"/v1/chat/completions?{query}", body=chat(TEST_MODEL)
+    )
+    assert status == 200
+    assert seen == [query]

@@ -66,3 +66,13 @@ def test_an_answer_without_a_requested_model_is_renamed_by_its_own_model() -> No
     assert orjson.loads(renamer.whole(body))["model"] == PUBLIC
     keeping = AnswerRenamer({UPSTREAM: PUBLIC}, keeps=lambda model: True)
     assert keeping.whole(body) == body
+
+
+def test_a_stream_without_a_requested_model_is_renamed_by_its_first_event() -> None:
+    """A stored response replayed as a stream names the public model in every event."""
+    renamer = AnswerRenamer({UPSTREAM: PUBLIC}, keeps=lambda model: False)
+    first = b"data: " + orjson.dumps({"response": {"model": UPSTREAM}}) + b"\n\n"
+    later = b"data: " + orjson.dumps({"response": {"model": UPSTREAM}, "n": 2}) + b"\n\n"
+    out = renamer.feed(first) + renamer.feed(later) + renamer.flush()
+    assert orjson.dumps(UPSTREAM) not in out
+    assert out.count(orjson.dumps(PUBLIC)) == 2
