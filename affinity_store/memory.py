@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import weakref
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
@@ -24,6 +25,8 @@ from affinity_store.store import (
 )
 
 BindingKey = tuple[str, str]
+RESPONSE_PURGE_GRACE = timedelta(minutes=5)
+RESPONSE_PURGE_BATCH = 10
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class MemoryAffinityStore:
             weakref.WeakValueDictionary()
         )
         self._janitor_lock = asyncio.Lock()
+        self._responses: dict[str, tuple[str, datetime, str]] = {}
         self._failure: StoreError | None = None
 
     def fail_with(self, error: StoreError | None) -> None:
@@ -246,3 +250,34 @@ class MemoryAffinityStore:
                 and (model is None or key[1] == model)
             ]
             return selected[:limit]
+
+    async def record_response(
+        self,
+        response_id: str,
+        provider: str,
+        *,
+        api_key_id: str,
+        ttl_seconds: float,
+        timeout: float,
+    ) -> None:
+        """Upsert `response id → provider` for the key, with its expiry."""
+        async with self._boundary(timeout):
+            now = self._clock()
+            # As in Postgres: each write also deletes a few rows expired for a while (the oldest
+            # writes come first in the dict, and every row has the same TTL).
+            cutoff = now - RESPONSE_PURGE_GRACE
+            for key in list(itertools.islice(self._responses, RESPONSE_PURGE_BATCH)):
+                if self._responses[key][1] < cutoff:
+                    del self._responses[key]
+            expires_at = now + timedelta(seconds=ttl_seconds)
+            self._responses[response_id] = (provider, expires_at, api_key_id)
+
+    async def response_provider(
+        self, response_id: str, *, api_key_id: str, timeout: float
+    ) -> str | None:
+        """The live provider of the key's stored response, or None."""
+        async with self._boundary(timeout):
+            stored = self._responses.get(response_id)
+            if stored is None or stored[1] <= self._clock() or stored[2] != api_key_id:
+                return None
+            return stored[0]

@@ -316,3 +316,28 @@ class PostgresAffinityStore:
         async with store_boundary(timeout), self._pool.acquire() as connection:
             records = await connection.fetch(self._queries.list_bindings, api_key_id, model, limit)
         return [_binding_from_record(record) for record in records]
+
+    async def record_response(
+        self,
+        response_id: str,
+        provider: str,
+        *,
+        api_key_id: str,
+        ttl_seconds: float,
+        timeout: float,
+    ) -> None:
+        """Upsert `response id → provider` for the key, with its expiry."""
+        async with store_boundary(timeout), self._pool.acquire() as connection:
+            await connection.execute(
+                self._queries.record_response, response_id, provider, ttl_seconds, api_key_id
+            )
+
+    async def response_provider(
+        self, response_id: str, *, api_key_id: str, timeout: float
+    ) -> str | None:
+        """The live provider of the key's stored response, by primary key, or None."""
+        async with store_boundary(timeout), self._pool.acquire() as connection:
+            provider: str | None = await connection.fetchval(
+                self._queries.response_provider, response_id, api_key_id
+            )
+        return provider

@@ -32,6 +32,8 @@ class Queries:
     try_lock_janitor: str
     purge_expired_batch: str
     list_bindings: str
+    record_response: str
+    response_provider: str
 
 
 def parse_named_queries(text: str) -> dict[str, str]:

@@ -129,3 +129,25 @@ WHERE expires_at > now()
   AND ($2::text IS NULL OR model = $2)
 ORDER BY api_key_id, model
 LIMIT $3;
+
+-- name: record_response
+-- $1 response id, $2 provider, $3 ttl in seconds, $4 the creating key's id. Each write also deletes a few rows expired
+-- for a while, so the table stays near its live size without a janitor of its own.
+WITH purged AS (
+    DELETE FROM response_bindings
+    WHERE response_id IN (
+        SELECT response_id FROM response_bindings
+        WHERE expires_at < now() - interval '5 minutes'
+        LIMIT 10
+        FOR UPDATE SKIP LOCKED
+    )
+)
+INSERT INTO response_bindings (response_id, api_key_id, provider, expires_at)
+VALUES ($1, $4, $2, now() + make_interval(secs => $3::float8))
+ON CONFLICT (response_id) DO UPDATE
+SET api_key_id = excluded.api_key_id, provider = excluded.provider,
+    expires_at = excluded.expires_at;
+
+-- name: response_provider
+SELECT provider FROM response_bindings
+WHERE response_id = $1 AND api_key_id = $2 AND expires_at > now();

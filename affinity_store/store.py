@@ -150,3 +150,22 @@ class AffinityStore(Protocol):
     ) -> list[Binding]:
         """List live bindings, optionally filtered, ordered by key id then model."""
         ...
+
+    async def record_response(
+        self,
+        response_id: str,
+        provider: str,
+        *,
+        api_key_id: str,
+        ttl_seconds: float,
+        timeout: float,
+    ) -> None:
+        """Remember that a stored response of the key lives on `provider`, for `ttl_seconds`."""
+        ...
+
+    async def response_provider(
+        self, response_id: str, *, api_key_id: str, timeout: float
+    ) -> str | None:
+        """The provider holding the key's stored response, or None when unknown, expired or
+        created by another key."""
+        ...

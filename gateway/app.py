@@ -21,8 +21,10 @@ from gateway import admin
 from gateway.affinity import SharedAffinity
 from gateway.catalog import Catalog
 from gateway.config import Settings
+from gateway.cors import Cors
 from gateway.database import database_url, describe_database, open_pool
 from gateway.dispatch import Dispatcher
+from gateway.endpoints import ENDPOINTS, EndpointSpec
 from gateway.errors import GatewayError, error_body, error_response
 from gateway.health import ProviderHealth
 from gateway.load import LoadPoller
@@ -31,6 +33,7 @@ from gateway.openapi import OpenApiEndpoint
 from gateway.permits import ProviderPermits
 from gateway.proxy import Proxy
 from gateway.requestid import request_id_of
+from gateway.responses import ResponseBindings
 from gateway.router import Router
 from gateway.status import collect_status
 from gateway.status_page import render_status
@@ -66,10 +69,14 @@ def create_app(
     they stay in this process (a warning says so). `metrics_directory` is set when several
     workers share their metrics (see `gateway.metrics`).
     """
+    cors = Cors(settings.server.cors_allow_origins) if settings.server.cors_allow_origins else None
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[error_middleware] + ([cors.middleware] if cors is not None else []),
         client_max_size=settings.server.max_body_bytes,
     )
+    app.on_response_prepare.append(_add_request_id)
+    if cors is not None:
+        app.on_response_prepare.append(cors.on_prepare)
     app[SETTINGS] = settings
     app[CATALOG] = Catalog(settings)
     app[METRICS] = metrics or Metrics()
@@ -80,9 +87,10 @@ def create_app(
     app.cleanup_ctx.append(store_context)
     app.cleanup_ctx.append(client_session_context)
 
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
+    for spec in ENDPOINTS:
+        app.router.add_route(spec.method, spec.path, _endpoint(spec))
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", OpenApiEndpoint().serve)
@@ -168,12 +176,15 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         dropped_headers=frozenset({settings.routing.mode_header.lower()}),
         # A node that failed enough to cool down comes back as an unknown: neutral latency.
         on_cooldown=router.latency.forget,
+        # A stream's first event is checked whole before the client sees it: up to the body limit.
+        max_first_event_bytes=settings.server.max_body_bytes,
     )
     app[PROXY] = Proxy(
         catalog,
         router,
         dispatcher,
         app[METRICS],
+        responses=ResponseBindings(app[STORE], catalog, settings.affinity),
         max_body_bytes=settings.server.max_body_bytes,
         mode_header=settings.routing.mode_header,
     )
@@ -237,19 +248,27 @@ def _http_error(error: web.HTTPException, headers: dict[str, str]) -> web.Respon
     return error_response(status, error.reason, f"http_{status}", headers=headers)
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """Proxy a chat completion."""
-    return await request.app[PROXY].chat_completions(request)
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response carries the gateway's `x-request-id`, streams included."""
+    response.headers["x-request-id"] = request_id_of(request)
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    """Proxy a legacy completion."""
-    return await request.app[PROXY].completions(request)
+def _endpoint(spec: EndpointSpec) -> Handler:
+    async def proxied(request: web.Request) -> web.StreamResponse:
+        return await request.app[PROXY].proxy(request, spec)
+
+    proxied.__doc__ = f"Proxy `{spec.method} {spec.path}`."
+    return proxied
 
 
 async def models(request: web.Request) -> web.StreamResponse:
     """List the models the caller's key may use."""
     return await request.app[PROXY].models(request)
+
+
+async def model(request: web.Request) -> web.StreamResponse:
+    """One model the caller's key may use."""
+    return await request.app[PROXY].model(request)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -14,6 +14,17 @@ Stickiness = Literal["shared", "session", "none"]
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    """One model's upstream limits: connect, first byte of a stream, a whole non-streamed answer,
+    and whether a request that timed out after the upstream accepted it may be replayed."""
+
+    connect_seconds: float
+    first_byte_seconds: float
+    response_seconds: float
+    retry_after_timeout: bool
+
+
+@dataclass(frozen=True)
 class Provider:
     """One upstream endpoint as the proxy uses it."""
 
@@ -97,6 +108,26 @@ class Catalog:
         self._stickiness: dict[str, Stickiness] = {
             model.name: model.stickiness for model in settings.models
         }
+        routing = settings.routing
+        self._default_timeouts = Timeouts(
+            connect_seconds=routing.connect_timeout_seconds,
+            first_byte_seconds=routing.first_byte_timeout_seconds,
+            response_seconds=routing.response_timeout_seconds,
+            retry_after_timeout=routing.retry_after_timeout,
+        )
+        self._timeouts: dict[str, Timeouts] = {
+            model.name: Timeouts(
+                connect_seconds=model.connect_timeout_seconds or routing.connect_timeout_seconds,
+                first_byte_seconds=model.first_byte_timeout_seconds
+                or routing.first_byte_timeout_seconds,
+                response_seconds=model.response_timeout_seconds or routing.response_timeout_seconds,
+                retry_after_timeout=routing.retry_after_timeout,
+            )
+            for model in settings.models
+        }
+        self._upstream_ids_kept = frozenset(
+            model.name for model in settings.models if model.keep_upstream_model_ids
+        )
         self._auto_models: dict[str, AutoModelSpec] = {}
         for org in settings.orgs:
             if org.auto_model is not None:
@@ -120,6 +151,14 @@ class Catalog:
     def stickiness(self, model: str) -> Stickiness:
         """The model's stickiness mode (shared unless configured otherwise)."""
         return self._stickiness.get(model, "shared")
+
+    def timeouts(self, model: str) -> Timeouts:
+        """The model's upstream timeouts (the routing section's unless it overrides them)."""
+        return self._timeouts.get(model, self._default_timeouts)
+
+    def keeps_upstream_ids(self, model: str) -> bool:
+        """Whether answers for the model keep the upstream's model id (else: the public name)."""
+        return model in self._upstream_ids_kept
 
     def auto_model(self, key: Key) -> AutoModelSpec | None:
         """The auto-model spec of the key's org, enabled or not, or None when it has none."""

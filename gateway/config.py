@@ -59,6 +59,7 @@ class ServerSettings(Section):
     max_header_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024
     max_header_count: PositiveInt = 100
     max_connections_per_worker: PositiveInt = 1024
+    cors_allow_origins: list[str] = Field(default_factory=list)
 
     @field_validator("admin_token", mode="after")
     @classmethod
@@ -113,6 +114,7 @@ class AffinitySettings(Section):
     claim_timeout_ms: PositiveFloat = 500
     breaker_cooloff_seconds: PositiveFloat = 10
     agreement_slack: NonNegativeFloat = 0.1
+    responses_ttl_seconds: PositiveFloat = 3600
     renew_queue_size: PositiveInt = 10000
     janitor_interval_seconds: PositiveFloat = 60
     janitor_grace_seconds: NonNegativeFloat = 300
@@ -135,6 +137,8 @@ class RoutingSettings(Section):
     load_poll_interval_seconds: PositiveFloat = 1
     connect_timeout_seconds: PositiveFloat = 5
     first_byte_timeout_seconds: PositiveFloat = 120
+    response_timeout_seconds: PositiveFloat = 600
+    retry_after_timeout: bool = False
     mode_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,100}$")] = "x-gateway-mode"
 
     @model_validator(mode="after")
@@ -168,10 +172,18 @@ class ProviderSettings(Section):
 
 
 class ModelSettings(Section):
-    """A public model name and how its requests stick to a provider."""
+    """A public model name, how its requests stick to a provider, and its own timeouts.
+
+    A timeout left out takes the `routing` section's value. `keep_upstream_model_ids` passes
+    answers on with the upstream's model id instead of the public name the client asked for.
+    """
 
     name: Name
     stickiness: Literal["shared", "session", "none"] = "shared"
+    connect_timeout_seconds: PositiveFloat | None = None
+    first_byte_timeout_seconds: PositiveFloat | None = None
+    response_timeout_seconds: PositiveFloat | None = None
+    keep_upstream_model_ids: bool = False
 
 
 class AutoModelSettings(Section):

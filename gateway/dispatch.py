@@ -4,28 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import aiohttp
+import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from gateway.catalog import Provider
+from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
 from gateway.errors import GatewayError, sse_error_event
 from gateway.health import ProviderHealth
-from gateway.outcomes import Attempt, RetryableAttemptError, check_status, exhausted
-from gateway.payload import Payload
+from gateway.model_names import Renamer
+from gateway.outcomes import Attempt, RetryableAttemptError, exhausted, failed_status
 from gateway.permits import ProviderPermits
 from gateway.upstream import (
     EventStreamFraming,
+    close_response,
     downstream_headers,
     is_success,
     read_opening,
+    read_rest,
+    request_timeout,
     upstream_headers,
     usable_answer,
 )
+
+logger = structlog.get_logger("gateway.dispatch")
 
 # A non-streamed answer is held in memory before it is sent; beyond this it is refused.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
@@ -56,16 +64,25 @@ class DispatchRecord:
 
 @dataclass(frozen=True)
 class DispatchRequest:
-    """Everything dispatch needs for one client request."""
+    """Everything dispatch needs for one client request.
+
+    `body` gives the bytes for a provider (its upstream model id spliced in); `renamer` the
+    rewriting of the provider's model id in its answer, if any; `on_answer` sees a successful
+    answer's opening bytes (a whole body, or a stream's first event) before the client does.
+    """
 
     request_id: str
+    method: str
     path: str
-    payload: Payload
-    model: str
+    body: Callable[[Provider], bytes | None]
+    stream: bool
+    timeouts: Timeouts
     client_headers: Mapping[str, str]
     response_headers: Callable[[Provider], Mapping[str, str]]
     on_attempt: Callable[[Provider], None]
     started_at: float
+    renamer: Callable[[Provider], Renamer | None]
+    on_answer: Callable[[Provider, bytes | bytearray], Awaitable[None]]
 
 
 class Dispatcher:
@@ -80,15 +97,16 @@ class Dispatcher:
         *,
         dropped_headers: frozenset[str],
         on_cooldown: Callable[[str], None],
+        max_first_event_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         self._session = session
         self._on_cooldown = on_cooldown
         self._health = health
         self._permits = permits
         self._failover_budget = routing.failover_budget
-        self._first_byte_timeout = routing.first_byte_timeout_seconds
         self._wait_timeout = routing.wait_timeout_seconds
         self._dropped_headers = dropped_headers
+        self._max_first_event_bytes = max_first_event_bytes
 
     async def dispatch(
         self,
@@ -158,50 +176,59 @@ class Dispatcher:
         provider: Provider,
         record: DispatchRecord,
     ) -> web.StreamResponse:
-        upstream_model = provider.upstream_models[job.model]
-        body = job.payload.for_upstream(upstream_model)
+        body = job.body(provider)
         headers = upstream_headers(
             job.client_headers, provider, job.request_id, self._dropped_headers
         )
+        timeouts = job.timeouts
+        # vLLM sends nothing until a non-streamed answer is complete: it is bounded as a whole.
+        limit = timeouts.first_byte_seconds if job.stream else timeouts.response_seconds
         job.on_attempt(provider)
         attempt_started = time.monotonic()
         response: aiohttp.ClientResponse | None = None
         try:
-            async with asyncio.timeout(self._first_byte_timeout):
+            async with asyncio.timeout(limit):
                 # Never follow a redirect: an upstream must not steer the gateway elsewhere.
-                response = await self._session.post(
-                    provider.base_url + job.path, data=body, headers=headers, allow_redirects=False
+                response = await self._session.request(
+                    job.method,
+                    provider.base_url + job.path,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=request_timeout(timeouts, job.stream),
                 )
-                check_status(response)
-                first_chunk = await read_opening(response, job.payload.stream)
-            first_byte_at = time.monotonic()
-            whole = None
-            if not (job.payload.stream and is_success(response)):
-                whole = await self._rest_of(response, first_chunk)
-            if not usable_answer(response, job.payload.stream, first_chunk, whole):
+                failure = await failed_status(response)
+                if failure is not None:
+                    raise failure
+                first_chunk = await read_opening(response, job.stream, self._max_first_event_bytes)
+                first_byte_at = time.monotonic()
+                whole = None
+                if not (job.stream and is_success(response)):
+                    whole = await read_rest(response, first_chunk, MAX_RESPONSE_BYTES)
+            if not usable_answer(response, job.stream, first_chunk, whole):
                 raise RetryableAttemptError("invalid_response", status=response.status)
         except RetryableAttemptError as failure:
             self._failed(record, provider, failure)
-            _close(response)
+            close_response(response)
             raise
-        except TimeoutError:
-            _close(response)
-            timed_out = RetryableAttemptError("timeout")
-            self._failed(record, provider, timed_out)
-            raise timed_out from None
+        except TimeoutError as error:
+            close_response(response)
+            self._timed_out(record, provider, timeouts, error)
         except aiohttp.ClientError as error:
-            _close(response)
+            close_response(response)
             broken = RetryableAttemptError("connect_error" if response is None else "payload_error")
             self._failed(record, provider, broken)
             raise broken from error
         except BaseException:
-            _close(response)
+            close_response(response)
             raise
 
         record.ttft_seconds = first_byte_at - job.started_at
         record.upstream_ttft_seconds = first_byte_at - attempt_started
         record.served = provider
         try:
+            if is_success(response):
+                await job.on_answer(provider, first_chunk if whole is None else whole)
             if whole is None:
                 return await self._stream(
                     request=request,
@@ -213,33 +240,27 @@ class Dispatcher:
                 )
             return self._whole(job, provider, response, whole, record)
         finally:
-            _close(response)
+            close_response(response)
 
-    async def _rest_of(self, response: aiohttp.ClientResponse, first_chunk: bytes) -> bytearray:
-        """A non-streamed answer, whole (still before the client sees a byte): bounded in size
-        by MAX_RESPONSE_BYTES and in time by another first-byte timeout."""
-        if response.content_length is not None and response.content_length > MAX_RESPONSE_BYTES:
-            raise RetryableAttemptError("oversized_response", status=response.status)
-        answer = bytearray(first_chunk)
-        failure: RetryableAttemptError | None = None
-        try:
-            async with asyncio.timeout(self._first_byte_timeout):
-                while len(answer) <= MAX_RESPONSE_BYTES and (
-                    chunk := await response.content.readany()
-                ):
-                    answer += chunk
-        except TimeoutError:
-            failure = RetryableAttemptError("timeout", status=response.status)
-        except aiohttp.ClientError:
-            failure = RetryableAttemptError("payload_error", status=response.status)
-        if failure is None and len(answer) > MAX_RESPONSE_BYTES:
-            failure = RetryableAttemptError("oversized_response", status=response.status)
-        if failure is not None:
-            # The retry state keeps a failure's traceback, and so this frame, for the rest of the
-            # request (and in a cycle beyond it): it must not keep the buffer too.
-            del answer
-            raise failure
-        return answer
+    def _timed_out(
+        self, record: DispatchRecord, provider: Provider, timeouts: Timeouts, error: TimeoutError
+    ) -> NoReturn:
+        """A connect timeout fails over; a timeout after the upstream accepted the request fails
+        over only with `retry_after_timeout` (it may still be generating), else it is a 504."""
+        if isinstance(error, aiohttp.ConnectionTimeoutError):
+            unreachable = RetryableAttemptError("connect_timeout")
+            self._failed(record, provider, unreachable)
+            raise unreachable from None
+        timed_out = RetryableAttemptError("timeout")
+        self._failed(record, provider, timed_out)
+        if timeouts.retry_after_timeout:
+            raise timed_out from None
+        raise GatewayError(
+            504,
+            f"The upstream accepted the request but did not answer in time ({provider.name}); "
+            "it was not replayed elsewhere.",
+            "upstream_timeout",
+        ) from None
 
     def _whole(
         self,
@@ -253,11 +274,21 @@ class Dispatcher:
         self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
         record.status = response.status
-        record.bytes_sent = len(body)
+        renamer = job.renamer(provider) if is_success(response) else None
+        answer = renamer.whole(body) if renamer is not None else body
+        record.bytes_sent = len(answer)
+        return web.Response(
+            status=response.status, body=answer, headers=self._headers(job, provider, response)
+        )
+
+    def _headers(
+        self, job: DispatchRequest, provider: Provider, response: aiohttp.ClientResponse
+    ) -> CIMultiDict[str]:
         headers = downstream_headers(response.headers)
         headers.update(job.response_headers(provider))
         headers["x-gateway-provider"] = provider.name
-        return web.Response(status=response.status, body=body, headers=headers)
+        headers["x-request-id"] = job.request_id
+        return headers
 
     async def _stream(
         self,
@@ -271,17 +302,16 @@ class Dispatcher:
     ) -> web.StreamResponse:
         """Pass an SSE stream through chunk by chunk; after the first byte nothing is retried.
 
-        A stream that breaks, or whose framing goes wrong (an event past MAX_SSE_EVENT_BYTES, an
-        end without `data: [DONE]`), ends with an OpenAI-style error event.
+        A stream that breaks, or has an event past MAX_SSE_EVENT_BYTES, ends with an OpenAI-style
+        error event; a stream that ends cleanly passes through as it is, `[DONE]` or not.
         """
-        headers = downstream_headers(response.headers)
-        headers.update(job.response_headers(provider))
-        headers["x-gateway-provider"] = provider.name
+        headers = self._headers(job, provider, response)
         downstream = web.StreamResponse(status=response.status, headers=headers)
         downstream.enable_chunked_encoding()
         record.status = response.status
         await downstream.prepare(request)
         framing = EventStreamFraming()
+        renamer = job.renamer(provider)
         last = b""
         chunk = first_chunk
         try:
@@ -290,10 +320,15 @@ class Dispatcher:
                     return await self._end_broken_stream(
                         downstream, provider, record, last, "malformed_stream"
                     )
+                if renamer is not None:
+                    chunk = renamer.feed(chunk)
                 await downstream.write(chunk)
                 record.bytes_sent += len(chunk)
-                last = chunk
+                last = chunk or last
                 chunk = await response.content.readany()
+            if renamer is not None and (held := renamer.flush()):
+                await downstream.write(held)
+                record.bytes_sent += len(held)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # The client went away: stop reading upstream (the caller closes it); not its fault.
             record.client_disconnected = True
@@ -302,10 +337,6 @@ class Dispatcher:
         except (aiohttp.ClientError, TimeoutError):
             return await self._end_broken_stream(
                 downstream, provider, record, last, "dropped_mid_stream"
-            )
-        if not framing.ended_cleanly():
-            return await self._end_broken_stream(
-                downstream, provider, record, last, "malformed_stream"
             )
         self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
@@ -320,8 +351,10 @@ class Dispatcher:
         last: bytes,
         outcome: str,
     ) -> web.StreamResponse:
-        """End a started stream with an error event, and count it against the provider."""
-        self._provider_failed(provider)
+        """End a started stream with an error event; a transport failure counts against the
+        provider (an oversized event does not: the upstream is there and answering)."""
+        if outcome == "dropped_mid_stream":
+            self._provider_failed(provider)
         record.attempts.append(Attempt(provider.name, outcome, record.status))
         message = (
             "The upstream stream ended unexpectedly; the response is incomplete."
@@ -339,8 +372,17 @@ class Dispatcher:
     ) -> None:
         """Note a failed attempt, and let the provider's health learn from it."""
         record.attempts.append(
-            Attempt(provider.name, failure.reason, failure.status, failure.retry_after)
+            Attempt(
+                provider.name, failure.reason, failure.status, failure.retry_after, failure.message
+            )
         )
+        if failure.reason == "upstream_auth_failed":
+            logger.error(
+                "upstream_credential_refused",
+                provider=provider.name,
+                status=failure.status,
+                detail="the provider's api_key is wrong or lacks access; failing over",
+            )
         if failure.status == 429:
             self._health.rate_limited(provider.name, failure.retry_after)
         else:
@@ -349,17 +391,6 @@ class Dispatcher:
     def _provider_failed(self, provider: Provider) -> None:
         if self._health.failed(provider.name):
             self._on_cooldown(provider.name)
-
-
-def _close(response: aiohttp.ClientResponse | None) -> None:
-    # An unfinished body must drop the connection (close), so an upstream that is still generating
-    # sees the cancellation at once; a finished one goes back to the keep-alive pool (release).
-    if response is None:
-        return
-    if response.content.is_eof():
-        response.release()
-    else:
-        response.close()
 
 
 async def _write_quietly(downstream: web.StreamResponse, data: bytes) -> None:

@@ -8,8 +8,10 @@ from typing import Any, Literal
 import orjson
 
 from gateway.errors import GatewayError
+from gateway.model_names import replace_model
 
-Endpoint = Literal["chat", "completions"]
+# What a JSON body must hold besides `model`: chat messages, a completion prompt, or nothing.
+Endpoint = Literal["chat", "completions", "model"]
 
 
 @dataclass(frozen=True)
@@ -22,10 +24,11 @@ class Payload:
     stream: bool
 
     def for_upstream(self, upstream_model: str) -> bytes:
-        """The body to send upstream: the original bytes unless the model id must change."""
+        """The body to send upstream: the client's bytes, with only the model id spliced in when
+        it differs (no other byte changes, so big integers and key order survive)."""
         if upstream_model == self.model:
             return self.raw
-        return orjson.dumps({**self.data, "model": upstream_model})
+        return replace_model(self.raw, upstream_model)
 
 
 def parse_payload(raw: bytes, endpoint: Endpoint) -> Payload:
@@ -69,7 +72,7 @@ def parse_payload(raw: bytes, endpoint: Endpoint) -> Payload:
             raise GatewayError(
                 400, "Each entry of `messages` must be an object.", "invalid_type", param="messages"
             )
-    else:
+    elif endpoint == "completions":
         prompt = data.get("prompt")
         if prompt is None:
             raise GatewayError(

@@ -128,6 +128,7 @@ class KeyLimits:
                 f"Too many concurrent requests for this key (limit {key.max_concurrency}).",
                 "key_concurrency_limit",
                 retry_after=1,
+                headers=concurrency_headers(key.max_concurrency, 0),
             )
         now = self._clock()
         if key.min_start_interval_seconds > 0:
@@ -142,6 +143,10 @@ class KeyLimits:
             self._last_start[key.id] = now
         self._in_flight[key.id] = in_flight + 1
 
+    def in_flight(self, key: Key) -> int:
+        """The key's requests in flight in this process."""
+        return self._in_flight.get(key.id, 0)
+
     def release(self, key: Key) -> None:
         """A request for the key finished."""
         remaining = self._in_flight.get(key.id, 0) - 1
@@ -149,3 +154,11 @@ class KeyLimits:
             self._in_flight[key.id] = remaining
         else:
             self._in_flight.pop(key.id, None)
+
+
+def concurrency_headers(limit: int, remaining: int) -> dict[str, str]:
+    """The gateway's own `x-ratelimit-*` headers for a key's concurrency limit (in this worker)."""
+    return {
+        "x-ratelimit-limit-concurrency": str(limit),
+        "x-ratelimit-remaining-concurrency": str(max(0, remaining)),
+    }

@@ -7,6 +7,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
 
 import structlog
 from aiohttp import web
@@ -14,11 +16,14 @@ from aiohttp import web
 from gateway.catalog import Catalog, Key, Provider
 from gateway.connections import body_read_timeout, close_after_response
 from gateway.dispatch import Dispatcher, DispatchRecord, DispatchRequest
+from gateway.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
-from gateway.payload import Endpoint, Payload, parse_payload
-from gateway.permits import KeyLimits
+from gateway.model_names import AnswerRenamer, ModelRenamer, Renamer
+from gateway.permits import KeyLimits, concurrency_headers
+from gateway.request_log import record_request
 from gateway.requestid import request_id_of
+from gateway.responses import ResponseBindings, node_gone
 from gateway.router import RequestContext, Router, RoutingDecision
 from gateway.routing.automodel import (
     AutoModelDisabled,
@@ -36,10 +41,8 @@ RECENT_DECISIONS = 50
 # nginx's convention for "the client closed the connection before the answer was complete".
 CLIENT_CLOSED_REQUEST = 499
 
-ENDPOINT_PATHS: Mapping[Endpoint, str] = {
-    "chat": "/v1/chat/completions",
-    "completions": "/v1/completions",
-}
+# Client headers that carry the key, in the order they are looked at.
+KEY_HEADERS = ("api-key", "x-api-key")
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,12 @@ class Proxy:
         dispatcher: Dispatcher,
         metrics: Metrics,
         *,
+        responses: ResponseBindings,
         max_body_bytes: int,
         mode_header: str,
     ) -> None:
         self.catalog = catalog
+        self.responses = responses
         self.router = router
         self.dispatcher = dispatcher
         self.metrics = metrics
@@ -73,14 +78,20 @@ class Proxy:
         self._mode_header = mode_header
 
     def authenticate(self, request: web.Request) -> Key:
-        """The key of a `Bearer` Authorization header, or a 401."""
+        """The key of a `Bearer` Authorization header (or an `api-key` / `x-api-key` header),
+        or a 401."""
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        if not token:
+            token = next(
+                (value.strip() for name in KEY_HEADERS if (value := request.headers.get(name))),
+                "",
+            )
+        if not token:
             raise GatewayError(
                 401,
-                "Missing API key: send `Authorization: Bearer <key>`.",
+                "Missing API key: send `Authorization: Bearer <key>` (or an `api-key` header).",
                 "missing_api_key",
             )
         key = self.catalog.authenticate(token)
@@ -88,35 +99,58 @@ class Proxy:
             raise GatewayError(401, "Invalid API key.", "invalid_api_key")
         return key
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        """`POST /v1/chat/completions`."""
-        return await self._proxy(request, "chat")
-
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        """`POST /v1/completions` (legacy)."""
-        return await self._proxy(request, "completions")
+    async def proxy(self, request: web.Request, spec: EndpointSpec) -> web.StreamResponse:
+        """Proxy one request to an endpoint of the table."""
+        return await self._proxy(request, spec)
 
     async def models(self, request: web.Request) -> web.Response:
         """`GET /v1/models`: the models this key may use, in OpenAI's list shape."""
         key = self.authenticate(request)
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "affinity-gateway"}
-            for name in self.catalog.models_for(key)
-        ]
+        data = [_model_object(name) for name in self.catalog.models_for(key)]
         return web.json_response({"object": "list", "data": data})
 
+    async def model(self, request: web.Request) -> web.Response:
+        """`GET /v1/models/{id}`: one model this key may use, or a 404."""
+        key = self.authenticate(request)
+        name = request.match_info["model"]
+        if name not in self.catalog.models_for(key):
+            raise GatewayError(
+                404, f"The model `{name[:200]}` does not exist.", "model_not_found", param="model"
+            )
+        return web.json_response(_model_object(name))
+
     def _response_headers(
-        self, decision: RoutingDecision, resolved: Resolved
+        self, decision: RoutingDecision, resolved: Resolved | None, key: Key
     ) -> Callable[[Provider], Mapping[str, str]]:
         def headers(provider: Provider) -> Mapping[str, str]:
             values: dict[str, str] = {
                 "x-gateway-affinity": self.router.affinity_header(decision, provider)
             }
-            if resolved.via_auto:
+            if resolved is not None and resolved.via_auto:
                 values["x-gateway-resolved-model"] = resolved.model
+            if key.max_concurrency is not None:
+                remaining = key.max_concurrency - self.key_limits.in_flight(key)
+                values.update(concurrency_headers(key.max_concurrency, remaining))
             return values
 
         return headers
+
+    def _renamer(self, resolved: Resolved | None) -> Callable[[Provider], Renamer | None]:
+        """Answers name the public model asked for (or the auto model's choice), unless the
+        model keeps upstream ids."""
+
+        def renamer(provider: Provider) -> Renamer | None:
+            if resolved is None:
+                public_names = {
+                    upstream: public for public, upstream in provider.upstream_models.items()
+                }
+                return AnswerRenamer(public_names, self.catalog.keeps_upstream_ids)
+            if self.catalog.keeps_upstream_ids(resolved.model):
+                return None
+            upstream = provider.upstream_models[resolved.model]
+            return None if upstream == resolved.model else ModelRenamer(upstream, resolved.model)
+
+        return renamer
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body: 413 past `max_body_bytes`, 408 when it is not all there in time."""
@@ -165,7 +199,7 @@ class Proxy:
             )
         return Resolved(model=model, via_auto=via_auto)
 
-    async def _proxy(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    async def _proxy(self, request: web.Request, spec: EndpointSpec) -> web.StreamResponse:
         started_at = time.monotonic()
         request_id = request_id_of(request)
         record = DispatchRecord()
@@ -173,53 +207,62 @@ class Proxy:
         admitted: Key | None = None
         affinity = "none"
         route: list[str] = []
-        payload: Payload | None = None
+        parsed: ClientRequest | None = None
         resolved: Resolved | None = None
         status = 500
         try:
             key = self.authenticate(request)
-            payload = parse_payload(await self._read_body(request), endpoint)
-            resolved = self._resolve(request, key, payload.model)
-            candidates = self.catalog.candidates(key, resolved.model)
+            raw = await self._read_body(request) if spec.body != "none" else b""
+            parsed = parse_request(spec, raw, request.headers.get("Content-Type", ""))
+            pinned = await self._pinned_provider(request, spec, parsed, key)
+            if parsed.model is not None:
+                resolved = self._resolve(request, key, parsed.model)
+                candidates = self.catalog.candidates(key, resolved.model)
+            else:
+                assert pinned is not None  # a request without a model names a stored response
+                candidates = (pinned,)
+            if pinned is not None and pinned not in candidates:
+                raise node_gone(_response_id(request, parsed))
             if not candidates:
+                asked = resolved.model if resolved else ""
                 raise GatewayError(
-                    404,
-                    f"No provider on this key's route serves `{resolved.model}`.",
-                    "model_not_found",
+                    404, f"No provider on this key's route serves `{asked}`.", "model_not_found"
                 )
-            session_id = (
-                session_id_from(request.headers, payload.data)
-                if self.catalog.stickiness(resolved.model) == "session"
-                else None
-            )
+            model = resolved.model if resolved is not None else None
             context = RequestContext(
                 request_id=request_id,
                 key=key,
-                model=resolved.model,
-                stream=payload.stream,
-                session_id=session_id,
+                model=model or "",
+                stream=parsed.stream,
+                session_id=(
+                    session_id_from(request.headers, parsed.data)
+                    if model is not None and self.catalog.stickiness(model) == "session"
+                    else None
+                ),
             )
             self.key_limits.acquire(key)
             admitted = key
-            decision = await self.router.decide(context, candidates)
+            decision = await self._decide(spec, context, candidates, pinned)
             affinity = decision.affinity
             route = [
                 f"{provider.name}:{reason}"
                 for provider, reason in zip(decision.failover, decision.reasons, strict=True)
             ]
-            job = DispatchRequest(
-                request_id=request_id,
-                path=ENDPOINT_PATHS[endpoint],
-                payload=payload,
-                model=resolved.model,
-                client_headers=request.headers,
-                response_headers=self._response_headers(decision, resolved),
-                on_attempt=self.router.started,
+            job = self._job(
+                request,
+                spec=spec,
+                parsed=parsed,
+                resolved=resolved,
+                decision=decision,
+                key=key,
                 started_at=started_at,
             )
-            response = await self.dispatcher.dispatch(request, job, decision.failover, record)
+            response = await self._dispatch(
+                request, job, decision=decision, record=record, pinned=pinned, parsed=parsed
+            )
             served = record.served
-            if served is not None and record.succeeded:
+            routed = pinned is None and spec.stickiness != "none"
+            if served is not None and record.succeeded and routed:
                 self.router.succeeded(context, decision, served, record.upstream_ttft_seconds)
                 affinity = self.router.affinity_header(decision, served)
             status = response.status
@@ -234,74 +277,129 @@ class Proxy:
         finally:
             if admitted is not None:
                 self.key_limits.release(admitted)
-            self._record(
+            record_request(
+                self.metrics,
+                self.recent,
                 request_id=request_id,
                 affinity=affinity,
                 route=route,
                 key=key,
-                payload=payload,
-                resolved=resolved,
+                requested=parsed.model if parsed else None,
+                model=resolved.model if resolved else None,
                 record=record,
                 status=status,
                 started_at=started_at,
             )
 
-    def _record(
+    async def _pinned_provider(
+        self, request: web.Request, spec: EndpointSpec, parsed: ClientRequest, key: Key
+    ) -> Provider | None:
+        """For a stored response's follow-up, the node that holds it."""
+        if spec.stickiness != "response":
+            return None
+        response_id = _response_id(request, parsed)
+        return await self.responses.provider_of(key, response_id) if response_id else None
+
+    async def _decide(
         self,
-        *,
-        request_id: str,
-        affinity: str,
-        route: list[str],
-        key: Key | None,
-        payload: Payload | None,
-        resolved: Resolved | None,
-        record: DispatchRecord,
-        status: int,
-        started_at: float,
-    ) -> None:
-        duration = time.monotonic() - started_at
-        model = resolved.model if resolved else None
-        attempts = [f"{attempt.provider}:{attempt.outcome}" for attempt in record.attempts]
-        served = record.served.name if record.served else None
-        self.recent.append(
-            RecentDecision(
-                at=time.time(),
-                request_id=request_id,
-                key_id=key.id if key else None,
-                model=model,
-                provider=served,
-                affinity=affinity,
-                attempts=tuple(attempts),
-                status=status,
-                duration_ms=round(duration * 1000, 1),
+        spec: EndpointSpec,
+        context: RequestContext,
+        candidates: tuple[Provider, ...],
+        pinned: Provider | None,
+    ) -> RoutingDecision:
+        """The failover list: the stored response's node alone; the least-loaded providers for
+        endpoints without stickiness; else the router's decision for the model."""
+        if pinned is not None:
+            return RoutingDecision(failover=[pinned], reasons=["stored-response"], affinity="hit")
+        if spec.stickiness == "none":
+            ordered = sorted(
+                candidates,
+                key=lambda provider: (
+                    self.router.health.cooling(provider.name),
+                    self.router.load(provider.name),
+                    self.router.starts.last_started(provider.routing_identity) or 0.0,
+                ),
             )
+            return RoutingDecision(
+                failover=ordered, reasons=["least-loaded"] * len(ordered), affinity="none"
+            )
+        return await self.router.decide(context, candidates)
+
+    def _job(
+        self,
+        request: web.Request,
+        *,
+        spec: EndpointSpec,
+        parsed: ClientRequest,
+        resolved: Resolved | None,
+        decision: RoutingDecision,
+        key: Key,
+        started_at: float,
+    ) -> DispatchRequest:
+        model = resolved.model if resolved is not None else None
+        timeouts = self.catalog.timeouts(model or "")
+
+        def body(provider: Provider) -> bytes | None:
+            upstream = provider.upstream_models[model] if model is not None else None
+            return parsed.body_for(upstream) if upstream is not None else None
+
+        async def on_answer(provider: Provider, opening: bytes | bytearray) -> None:
+            if spec.stores_responses:
+                await self.responses.record(key, provider, opening, parsed.stream)
+
+        return DispatchRequest(
+            request_id=request_id_of(request),
+            method=spec.method,
+            path=_upstream_path(request, spec),
+            body=body,
+            # `GET /v1/responses/{id}?stream=true` replays a stored response as a stream.
+            stream=parsed.stream or request.query.get("stream") == "true",
+            timeouts=timeouts,
+            client_headers=request.headers,
+            response_headers=self._response_headers(decision, resolved, key),
+            on_attempt=self.router.started,
+            started_at=started_at,
+            renamer=self._renamer(resolved),
+            on_answer=on_answer,
         )
-        if route:  # a routing decision was made: count how stickiness turned out
-            self.metrics.affinity_results.labels(affinity).inc()
-        if model is not None:
-            self.metrics.requests.labels(model, served or "none", f"{status // 100}xx").inc()
-            self.metrics.request_duration.labels(model).observe(duration)
-            if served is not None and record.ttft_seconds is not None:
-                self.metrics.ttft.labels(model, served).observe(record.ttft_seconds)
-            for attempt in record.attempts:
-                self.metrics.upstream_attempts.labels(attempt.provider, attempt.outcome).inc()
-        logger.info(
-            "request",
-            request_id=request_id,
-            key_id=key.id if key else None,
-            org=key.org if key else None,
-            requested_model=payload.model if payload and resolved else None,
-            model=model,
-            provider=served,
-            affinity=affinity,
-            route=route,
-            attempts=attempts,
-            status=status,
-            client_disconnected=record.client_disconnected,
-            duration_ms=round(duration * 1000, 2),
-            ttft_ms=round(record.ttft_seconds * 1000, 2) if record.ttft_seconds else None,
-            bytes=record.bytes_sent,
-        )
+
+    async def _dispatch(
+        self,
+        request: web.Request,
+        job: DispatchRequest,
+        *,
+        decision: RoutingDecision,
+        record: DispatchRecord,
+        pinned: Provider | None,
+        parsed: ClientRequest,
+    ) -> web.StreamResponse:
+        try:
+            return await self.dispatcher.dispatch(request, job, decision.failover, record)
+        except GatewayError as error:
+            # A stored response's node that cannot be reached is gone for this response.
+            unreachable = {"upstream_unreachable", "providers_cooling"}
+            if pinned is not None and error.code in unreachable:
+                raise node_gone(_response_id(request, parsed)) from None
+            raise
+
+
+def _upstream_path(request: web.Request, spec: EndpointSpec) -> str:
+    """The endpoint's path upstream (a stored response's id re-quoted as one path segment),
+    with the client's query string as it sent it."""
+    path = spec.path
+    if RESPONSE_ID in request.match_info:
+        path = path.format_map({RESPONSE_ID: quote(request.match_info[RESPONSE_ID], safe="")})
+    query = request.rel_url.raw_query_string
+    return f"{path}?{query}" if query else path
+
+
+def _response_id(request: web.Request, parsed: ClientRequest) -> str:
+    """The stored response a request continues: its path's id, or `previous_response_id`."""
+    return request.match_info.get(RESPONSE_ID) or parsed.previous_response_id or ""
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "affinity-gateway"}
 
 
 def _too_large(limit: int) -> GatewayError:

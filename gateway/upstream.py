@@ -9,8 +9,9 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.catalog import Provider
+from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
+from gateway.outcomes import RetryableAttemptError
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the ones the gateway owns or recomputes.
 HOP_BY_HOP = frozenset(
@@ -29,6 +30,8 @@ HOP_BY_HOP = frozenset(
 NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | {
     "host",
     "authorization",
+    "api-key",  # the client's key in its Azure- or Anthropic-style headers
+    "x-api-key",
     "content-length",
     "accept-encoding",  # the gateway asks for identity bodies so streams pass through unchanged
     "cookie",
@@ -38,26 +41,27 @@ NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | {
     "x-forwarded-proto",
     "x-real-ip",
 }
-NOT_FORWARDED_DOWNSTREAM = HOP_BY_HOP | {
-    "content-length",
-    "content-encoding",
-    "date",
-    "server",
-    "set-cookie",
+# Upstream response headers that reach the client, and those renamed on the way: an upstream's
+# own ids and timings are told apart from the gateway's; anything else (account rate limits,
+# organisation, cookies, server software) stays upstream.
+DOWNSTREAM_ALLOWED = frozenset({"content-type", "cache-control", "content-disposition"})
+DOWNSTREAM_RENAMED = {
+    "x-request-id": "x-upstream-request-id",
+    "request-id": "x-upstream-request-id",
+    "openai-processing-ms": "x-upstream-processing-ms",
+    "x-simulator-node": "x-upstream-node",
 }
-# A streamed answer's first event is checked before the client sees a byte; it must fit here.
-SSE_OPENING_LIMIT = 64 * 1024
 SSE_FIELDS = frozenset({b"data", b"event", b"id", b"retry"})
-# LLM servers send events of a few tokens; one this large without a blank line is garbage.
+# Past the first event, one event this large without a blank line is garbage.
 MAX_SSE_EVENT_BYTES = 1024 * 1024
 SSE_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 STREAM_TAIL_BYTES = 64
 _LINE_END = re.compile(rb"[\r\n]")
-_DONE_AT_END = re.compile(rb"(?:^|[\r\n])data: ?\[DONE\](?:\r\n|\r|\n){2}$")
 
 
 def create_client_session(routing: RoutingSettings) -> aiohttp.ClientSession:
-    """The worker's one client session: pooled keep-alive connections and config timeouts."""
+    """The worker's one client session: pooled keep-alive connections; each request sets its
+    model's timeouts (see `request_timeout`)."""
     connector = aiohttp.TCPConnector(
         limit=0,  # per-provider permits bound concurrency; the pool must not queue behind them
         limit_per_host=0,
@@ -65,11 +69,7 @@ def create_client_session(routing: RoutingSettings) -> aiohttp.ClientSession:
         ttl_dns_cache=60,
         enable_cleanup_closed=True,
     )
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        sock_connect=routing.connect_timeout_seconds,
-        sock_read=routing.first_byte_timeout_seconds,
-    )
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=routing.connect_timeout_seconds)
     return aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
@@ -96,12 +96,25 @@ def upstream_headers(
     return headers
 
 
+def request_timeout(timeouts: Timeouts, stream: bool) -> aiohttp.ClientTimeout:
+    """aiohttp's limits for one upstream request: connect, and for a stream the silence allowed
+    between reads (a non-streamed answer is bounded as a whole by the caller)."""
+    return aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=timeouts.connect_seconds,
+        sock_read=timeouts.first_byte_seconds if stream else None,
+    )
+
+
 def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """Headers of the upstream response that may reach the client."""
+    """The upstream response headers that may reach the client, through the allow-list."""
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
-        if name.lower() not in NOT_FORWARDED_DOWNSTREAM:
+        lowered = name.lower()
+        if lowered in DOWNSTREAM_ALLOWED:
             headers.add(name, value)
+        elif lowered in DOWNSTREAM_RENAMED:
+            headers[DOWNSTREAM_RENAMED[lowered]] = value
     return headers
 
 
@@ -110,17 +123,28 @@ def is_success(response: aiohttp.ClientResponse) -> bool:
     return 200 <= response.status < 300
 
 
-async def read_opening(response: aiohttp.ClientResponse, stream: bool) -> bytes:
-    """The first bytes of an answer: one read, or for a 2xx stream its whole first event."""
+async def read_opening(response: aiohttp.ClientResponse, stream: bool, limit: int) -> bytes:
+    """The first bytes of an answer: one read, or for a 2xx stream its whole first event, over
+    as many reads as it takes, up to `limit` bytes."""
     opening = await response.content.readany()
-    if not (stream and is_success(response)):
+    if not (stream and is_success(response)) or first_event(opening) is not None:
         return opening
-    while first_event(opening) is None and len(opening) < SSE_OPENING_LIMIT:
-        more = await response.content.readany()
-        if not more:
-            break
-        opening += more
-    return opening
+    buffer = bytearray(opening)
+    try:
+        while len(buffer) < limit:
+            more = await response.content.readany()
+            if not more:
+                break
+            # Only a separator in the new bytes (or across the boundary) can end the first event.
+            window = bytes(buffer[-3:]) + more
+            buffer += more
+            ended = any(separator in window for separator in SSE_EVENT_ENDS)
+            if ended and first_event(bytes(buffer)) is not None:
+                break
+    except BaseException:
+        del buffer  # as in read_rest: a traceback must not keep the buffer alive
+        raise
+    return bytes(buffer)
 
 
 def usable_answer(
@@ -174,7 +198,8 @@ def first_event(opening: bytes) -> bytes | None:
 
 
 class EventStreamFraming:
-    """Watches a passed-through SSE stream: event sizes, and whether it ended with `[DONE]`.
+    """Watches a passed-through SSE stream's event sizes. A stream may end as it likes (with or
+    without `[DONE]`, comments and blank lines after it): that is the upstream's to decide.
 
     Only the framing is looked at, never the events' content, so a stream passes through
     unchanged and at pass-through speed.
@@ -200,6 +225,40 @@ class EventStreamFraming:
         self._tail = window[-STREAM_TAIL_BYTES:]
         return self._since_boundary <= self._max_event_bytes
 
-    def ended_cleanly(self) -> bool:
-        """Whether the stream so far ends with a complete `data: [DONE]` event."""
-        return _DONE_AT_END.search(self._tail) is not None
+
+async def read_rest(response: aiohttp.ClientResponse, first_chunk: bytes, limit: int) -> bytearray:
+    """A non-streamed answer, whole (still before the client sees a byte), bounded in size by
+    `limit`; the caller bounds it in time. Raises RetryableAttemptError when it cannot be had."""
+    if response.content_length is not None and response.content_length > limit:
+        raise RetryableAttemptError("oversized_response", status=response.status)
+    answer = bytearray(first_chunk)
+    failure: RetryableAttemptError | None = None
+    try:
+        while len(answer) <= limit and (chunk := await response.content.readany()):
+            answer += chunk
+    except aiohttp.ClientError:
+        failure = RetryableAttemptError("payload_error", status=response.status)
+    except BaseException:
+        # Cut off by the caller's deadline (or a cancellation): the exception's traceback keeps
+        # this frame alive for a while, so it must not keep the buffer too.
+        del answer
+        raise
+    if failure is None and len(answer) > limit:
+        failure = RetryableAttemptError("oversized_response", status=response.status)
+    if failure is not None:
+        # The retry state keeps a failure's traceback, and so this frame, for the rest of the
+        # request (and in a cycle beyond it): it must not keep the buffer too.
+        del answer
+        raise failure
+    return answer
+
+
+def close_response(response: aiohttp.ClientResponse | None) -> None:
+    """Let go of an upstream answer: an unfinished body drops the connection (so an upstream
+    still generating sees the cancellation at once); a finished one returns to the pool."""
+    if response is None:
+        return
+    if response.content.is_eof():
+        response.release()
+    else:
+        response.close()

@@ -8,7 +8,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from gateway.simulator import control
+from gateway.simulator import control, extras, responses_api
 from gateway.simulator.completions import chat_completions, completions
 from gateway.simulator.metrics import metrics_registry, render_metrics
 from gateway.simulator.openai_shapes import JSON_CONTENT_TYPE
@@ -26,6 +26,16 @@ def create_simulator_app(state: SimulatorState) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", extras.model)
+    app.router.add_post("/v1/embeddings", extras.embeddings)
+    app.router.add_post("/v1/rerank", extras.rerank)
+    app.router.add_post("/v1/score", extras.score)
+    app.router.add_post("/tokenize", extras.tokenize)
+    app.router.add_post("/detokenize", extras.detokenize)
+    app.router.add_post("/v1/audio/transcriptions", extras.transcriptions)
+    app.router.add_post("/v1/responses", responses_api.create)
+    app.router.add_get("/v1/responses/{response_id}", responses_api.retrieve)
+    app.router.add_delete("/v1/responses/{response_id}", responses_api.delete)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/sim/faults", control.get_faults)
     app.router.add_post("/sim/faults", control.post_faults)

@@ -73,7 +73,7 @@ async def _answer(
     number: int,
 ) -> web.StreamResponse:
     faults = state.faults
-    headers = {REQUEST_ID_HEADER: record.request_id}
+    headers = {REQUEST_ID_HEADER: record.request_id, "x-request-id": record.request_id}
     if faults.rate_limit_retry_after is not None:
         headers["Retry-After"] = str(faults.rate_limit_retry_after)
         body = error_body("Simulated rate limit.", "rate_limit_error", "rate_limit_exceeded")

@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -30,6 +31,8 @@ class SimulatorState:
         self.stats = SimulatorStats(self.engine, options.recent_requests)
         self.random = random.Random(options.name)
         self.models_seen: dict[str, int] = {}
+        # Stored `/v1/responses` objects: only this node can continue them.
+        self.responses: dict[str, dict[str, Any]] = {}
         # Set by the server that listens for this node: control calls use it to go "down".
         self.refuse: Refuse | None = None
         self.faults = Faults()

@@ -45,13 +45,17 @@ async def node() -> AsyncIterator[SimulatorProcess]:
 async def gateway(
     node: SimulatorProcess, database_url: str, tmp_path: Path
 ) -> AsyncIterator[GatewayProcess]:
-    """A single-worker gateway in front of `node`, with a 0.5 s first-byte timeout."""
+    """A single-worker gateway in front of `node`, with 0.5 s first-byte and response timeouts."""
     config = settings_dict(
         {"node-a": node.url},
         extra={
             "database": {"url": database_url},
             # Never cooling the node, so every request meets the hostile answer.
-            "routing": {"first_byte_timeout_seconds": FIRST_BYTE_TIMEOUT, "allowed_fails": 10_000},
+            "routing": {
+                "first_byte_timeout_seconds": FIRST_BYTE_TIMEOUT,
+                "response_timeout_seconds": FIRST_BYTE_TIMEOUT,
+                "allowed_fails": 10_000,
+            },
             "models": [{"name": TEST_MODEL, "stickiness": "none"}],
         },
     )

@@ -36,11 +36,16 @@ FIRST_EVENT = (
 
 
 def settings_for(upstreams: Mapping[str, str], **routing: Any) -> Any:
-    """Settings with a short first-byte timeout and no stickiness, so nodes alternate."""
+    """Settings with short first-byte and response timeouts and no stickiness, so nodes
+    alternate."""
     return build_settings(
         upstreams,
         extra={
-            "routing": {"first_byte_timeout_seconds": FIRST_BYTE_TIMEOUT, **routing},
+            "routing": {
+                "first_byte_timeout_seconds": FIRST_BYTE_TIMEOUT,
+                "response_timeout_seconds": FIRST_BYTE_TIMEOUT,
+                **routing,
+            },
             "models": [{"name": TEST_MODEL, "stickiness": "none"}],
         },
     )
@@ -108,10 +113,13 @@ async def test_a_healthy_node_takes_over_from_a_hostile_one(
     start_simulator: SimulatorFactory, start_gateway: GatewayFactory, mode: Mode, stream: bool
 ) -> None:
     """With a hostile and a healthy node, every request succeeds from the healthy one, although
-    the hostile one is tried (nodes alternate) until it cools down."""
+    the hostile one is tried (nodes alternate) until it cools down (timeouts are replayed here:
+    `retry_after_timeout`)."""
     hostile = await start_simulator("node-a", faults=Faults(mode=mode))
     healthy = await start_simulator("node-b")
-    server = await start_gateway(settings_for({"node-a": hostile.url, "node-b": healthy.url}))
+    server = await start_gateway(
+        settings_for({"node-a": hostile.url, "node-b": healthy.url}, retry_after_timeout=True)
+    )
     url = str(server.make_url(""))
     for _ in range(4):
         status, headers, body = await ask(url, stream=stream)
@@ -149,9 +157,30 @@ async def stream_then(request: web.Request, rest: bytes) -> web.StreamResponse:
 
 MID_STREAM_BREAKS = [
     pytest.param(b"x" * (MAX_SSE_EVENT_BYTES + 10), id="event-over-the-size-limit"),
+]
+# Streams that end cleanly however they end: the upstream's to decide, passed through as sent.
+CLEAN_ENDINGS = [
     pytest.param(b'data: {"choices": []}\n\n', id="ends-without-done"),
     pytest.param(b"data: [DONE]", id="done-never-terminated"),
+    pytest.param(b"data: [DONE]\n\n: keep-alive\n\n\n", id="comment-and-blank-after-done"),
 ]
+
+
+@pytest.mark.parametrize("rest", CLEAN_ENDINGS)
+async def test_a_stream_that_ends_cleanly_passes_through_as_sent(
+    exit_stack: AsyncExitStack, start_gateway: GatewayFactory, rest: bytes
+) -> None:
+    """A stream that ends without `[DONE]`, or with comments and blank lines after it, reaches
+    the client byte for byte, with no error event (issue 12)."""
+
+    async def behaviour(request: web.Request) -> web.StreamResponse:
+        return await stream_then(request, rest)
+
+    upstream = await start_fake_upstream(exit_stack, behaviour)
+    server = await start_gateway(settings_for({"fake": upstream}))
+    status, _, body = await ask(str(server.make_url("")), stream=True)
+    assert status == 200
+    assert body == FIRST_EVENT + rest
 
 
 @pytest.mark.parametrize("rest", MID_STREAM_BREAKS)

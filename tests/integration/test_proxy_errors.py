@@ -129,11 +129,12 @@ async def test_body_over_the_limit_without_content_length_is_413(
     await assert_still_serving(server)
 
 
-async def test_upstream_server_error_is_a_502(
+async def test_upstream_server_error_keeps_its_status_and_message(
     start_simulator: SimulatorFactory, start_gateway: GatewayFactory
 ) -> None:
-    """When every provider answers 5xx, the client gets a 502 and an OpenAI error."""
-    status, code = 502, "upstream_error"
+    """When every provider answers 5xx, the client gets the last upstream's status and message
+    in an OpenAI error (issue 12: it used to be rewritten to 502)."""
+    status, code = 500, "upstream_error"
     node = await start_simulator("node-a")
     await node.set_faults(error_rate=1.0)
     server = await start_gateway(build_settings({"node-a": node.url}))
@@ -142,6 +143,7 @@ async def test_upstream_server_error_is_a_502(
     )
     assert answered == status
     assert_openai_error(body, code)
+    assert orjson.loads(body)["error"]["message"].startswith("Simulated upstream failure.")
     assert "Retry-After" in headers
     await node.set_faults(error_rate=0.0)
     await assert_still_serving(server)
@@ -184,18 +186,20 @@ async def test_unreachable_upstream_is_503(start_gateway: GatewayFactory) -> Non
 async def test_upstream_too_slow_is_504(
     start_simulator: SimulatorFactory, start_gateway: GatewayFactory
 ) -> None:
-    """An upstream that does not produce a first byte within the deadline gives 504."""
+    """An upstream that does not answer a non-streamed request within the response timeout
+    gives 504, without Retry-After (the request was accepted: it is not replayed)."""
     node = await start_simulator("node-a")
     await node.set_faults(hold=True)
     settings = build_settings(
-        {"node-a": node.url}, extra={"routing": {"first_byte_timeout_seconds": 0.3}}
+        {"node-a": node.url}, extra={"routing": {"response_timeout_seconds": 0.3}}
     )
     server = await start_gateway(settings)
-    status, _, body = await call(
+    status, headers, body = await call(
         server, "POST", "/v1/chat/completions", body=orjson.dumps(chat_body()), headers=AUTH
     )
     assert status == 504
     assert_openai_error(body, "upstream_timeout")
+    assert "Retry-After" not in headers
 
 
 async def test_upstream_client_error_passes_through_unchanged(

@@ -24,6 +24,7 @@ from affinity_store.store import (
     Spread,
     StoreTimeout,
 )
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -486,3 +487,36 @@ async def test_claims_for_different_keys_pick_independent_bindings(store: Affini
         [await bind(store, "k1", GAMMA), await bind(store, "k2", GAMMA, model="other")]
     )
     assert providers == Counter({"alpha": 1, "beta": 1})
+
+
+async def test_a_recorded_response_names_its_provider(store: AffinityStore) -> None:
+    """`record_response` then `response_provider` gives the provider; unknown ids give None."""
+    await store.record_response("resp_1", "alpha", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT)
+    assert await store.response_provider("resp_1", api_key_id="k", timeout=TIMEOUT) == "alpha"
+    assert await store.response_provider("resp_unknown", api_key_id="k", timeout=TIMEOUT) is None
+
+
+async def test_recording_a_response_again_moves_it(store: AffinityStore) -> None:
+    """A second record of the same id replaces the provider."""
+    await store.record_response("resp_2", "alpha", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT)
+    await store.record_response("resp_2", "beta", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT)
+    assert await store.response_provider("resp_2", api_key_id="k", timeout=TIMEOUT) == "beta"
+
+
+async def test_an_expired_response_binding_is_unknown(store: AffinityStore) -> None:
+    """Once its TTL passed, a response id no longer names a provider (polled, bounded)."""
+    await store.record_response(
+        "resp_3", "alpha", api_key_id="k", ttl_seconds=0.05, timeout=TIMEOUT
+    )
+
+    async def expired() -> bool:
+        return await store.response_provider("resp_3", api_key_id="k", timeout=TIMEOUT) is None
+
+    await wait_until(expired, message="the response binding to expire")
+
+
+async def test_a_response_is_found_only_by_the_key_that_created_it(store: AffinityStore) -> None:
+    """Another key asking for the same response id finds nothing."""
+    await store.record_response("resp_4", "alpha", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT)
+    assert await store.response_provider("resp_4", api_key_id="k", timeout=TIMEOUT) == "alpha"
+    assert await store.response_provider("resp_4", api_key_id="other", timeout=TIMEOUT) is None

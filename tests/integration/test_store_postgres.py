@@ -287,3 +287,19 @@ async def test_concurrent_janitors_delete_each_row_once(
     )
     assert sum(deleted) == 200
     assert await count_rows(control) == 0
+
+
+async def test_recording_a_response_deletes_long_expired_ones(
+    postgres_pool: Pool, control: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """Each response write also deletes a few rows expired for over five minutes, so the table
+    stays near its live size without a janitor."""
+    store = PostgresAffinityStore(postgres_pool)
+    for index in range(4):
+        await store.record_response(
+            f"old-{index}", "alpha", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT
+        )
+    await control.execute("UPDATE response_bindings SET expires_at = now() - interval '10 minutes'")
+    await store.record_response("new", "alpha", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT)
+    remaining = await control.fetch("SELECT response_id FROM response_bindings")
+    assert [row["response_id"] for row in remaining] == ["new"]

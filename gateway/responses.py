@@ -1,0 +1,109 @@
+"""Responses API affinity: a stored response lives on the node that created it, so the store
+remembers `response id → provider` and follow-ups from any worker go there."""
+
+from __future__ import annotations
+
+import orjson
+import structlog
+
+from affinity_store.store import AffinityStore, StoreError
+from gateway.catalog import Catalog, Key, Provider
+from gateway.config import AffinitySettings
+from gateway.errors import GatewayError
+from gateway.upstream import first_event
+
+logger = structlog.get_logger("gateway.responses")
+
+
+class ResponseBindings:
+    """Records where stored responses live and finds their node again."""
+
+    def __init__(self, store: AffinityStore, catalog: Catalog, settings: AffinitySettings) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._ttl = settings.responses_ttl_seconds
+        self._timeout = settings.claim_timeout_ms / 1000
+
+    async def record(
+        self, key: Key, provider: Provider, opening: bytes | bytearray, stream: bool
+    ) -> None:
+        """Remember the node of the response whose answer opens with `opening` (a whole JSON
+        body, or a stream's first event); a store failure is logged, never the client's."""
+        response_id = response_id_in(opening, stream)
+        if response_id is None:
+            return
+        try:
+            await self._store.record_response(
+                response_id,
+                provider.name,
+                api_key_id=key.id,
+                ttl_seconds=self._ttl,
+                timeout=self._timeout,
+            )
+        except StoreError as error:
+            logger.warning(
+                "response_binding_not_recorded", provider=provider.name, error=type(error).__name__
+            )
+
+    async def provider_of(self, key: Key, response_id: str) -> Provider:
+        """The configured provider holding the key's response; a 404-style error when it is
+        unknown (or another key's), expired, or its node is no longer configured (never a
+        random node)."""
+        try:
+            name = await self._store.response_provider(
+                response_id, api_key_id=key.id, timeout=self._timeout
+            )
+        except StoreError:
+            raise GatewayError(
+                503,
+                "The gateway cannot look up which node holds this response right now.",
+                "store_unavailable",
+                retry_after=1,
+            ) from None
+        if name is None:
+            raise GatewayError(
+                404,
+                f"No response with id `{response_id[:200]}` is known (it expired or never "
+                "existed).",
+                "response_not_found",
+                param="previous_response_id",
+            )
+        provider = self._catalog.providers.get(name)
+        if provider is None:
+            raise node_gone(response_id)
+        return provider
+
+
+def node_gone(response_id: str) -> GatewayError:
+    """The error for a response whose node is no longer there."""
+    return GatewayError(
+        404,
+        f"The response `{response_id[:200]}` was stored on a node that is no longer available; "
+        "it cannot be continued. Start a new response.",
+        "response_node_gone",
+        param="previous_response_id",
+    )
+
+
+def response_id_in(opening: bytes | bytearray, stream: bool) -> str | None:
+    """The `id` of a Responses answer: the body's, or for a stream its first event's response."""
+    data: bytes | bytearray
+    if stream:
+        event = first_event(bytes(opening))
+        if event is None:
+            return None
+        data = b"\n".join(
+            line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")
+        )
+    else:
+        data = opening
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    if stream and isinstance(document.get("response"), dict):
+        document = document["response"]
+    response_id = document.get("id")
+    return response_id if isinstance(response_id, str) and response_id else None

@@ -1,0 +1,78 @@
+"""Model ids in raw JSON: the request's `model` spliced in place, the upstream id renamed in
+answers and streams split anywhere."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from gateway.model_names import AnswerRenamer, ModelRenamer, replace_model
+
+UPSTREAM = "meta-llama/Llama-3.1-8B-Instruct"
+PUBLIC = "llama-3.1-8b"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        b'{"model":"%s","seed":18446744073709551616}',
+        b'{ "z" : [1, {"model": "inner"}], "model" : "%s" }',
+        b'{"mod\\u0065l":"%s","s":"}\\""}',
+        b'{"model":"a","model":"%s"}',
+        b'{"k":null,"model":"%s","t":true}',
+    ],
+    ids=["big-int", "nested-model-and-spacing", "escaped-key", "duplicate-key", "literals"],
+)
+def test_replace_model_changes_only_the_top_level_value(template: bytes) -> None:
+    """Only the top-level `model` value changes; every other byte stays as sent."""
+    assert replace_model(template % b"a", "X") == template % b"X"
+
+
+def test_replace_model_adds_the_key_to_an_object_without_one() -> None:
+    """An object without `model` gains it at its end (and stays valid JSON)."""
+    assert orjson.loads(replace_model(b'{"a": 1}', "X")) == {"a": 1, "model": "X"}
+    assert orjson.loads(replace_model(b"{}", "X")) == {"model": "X"}
+
+
+def test_a_whole_answer_names_the_public_model() -> None:
+    """Every exact JSON string of the upstream id is replaced; other text is untouched."""
+    body = orjson.dumps({"model": UPSTREAM, "note": f"{UPSTREAM} is mentioned in text"})
+    renamed = orjson.loads(ModelRenamer(UPSTREAM, PUBLIC).whole(body))
+    assert renamed == {"model": PUBLIC, "note": f"{UPSTREAM} is mentioned in text"}
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 16, 33, 1000])
+def test_a_stream_split_anywhere_is_renamed_exactly(size: int) -> None:
+    """However the stream is cut into chunks, the result equals renaming it whole."""
+    event = b"data: " + orjson.dumps({"model": UPSTREAM, "choices": []}) + b"\n\n"
+    stream = event * 5 + b"data: [DONE]\n\n"
+    renamer = ModelRenamer(UPSTREAM, PUBLIC)
+    pieces = [renamer.feed(stream[start : start + size]) for start in range(0, len(stream), size)]
+    out = b"".join(pieces) + renamer.flush()
+    assert out == stream.replace(orjson.dumps(UPSTREAM), orjson.dumps(PUBLIC))
+
+
+def test_a_stream_chunk_ending_an_event_is_passed_on_at_once() -> None:
+    """Nothing is held back at an event boundary, so tokens are never delayed."""
+    renamer = ModelRenamer(UPSTREAM, PUBLIC)
+    event = b"data: " + orjson.dumps({"model": UPSTREAM}) + b"\n\n"
+    assert renamer.feed(event) == event.replace(orjson.dumps(UPSTREAM), orjson.dumps(PUBLIC))
+
+
+def test_an_answer_without_a_requested_model_is_renamed_by_its_own_model() -> None:
+    """A stored response fetched by id names the public model its upstream id stands for."""
+    renamer = AnswerRenamer({UPSTREAM: PUBLIC}, keeps=lambda model: False)
+    body = orjson.dumps({"id": "resp_1", "model": UPSTREAM})
+    assert orjson.loads(renamer.whole(body))["model"] == PUBLIC
+    keeping = AnswerRenamer({UPSTREAM: PUBLIC}, keeps=lambda model: True)
+    assert keeping.whole(body) == body
+
+
+def test_a_stream_without_a_requested_model_is_renamed_by_its_first_event() -> None:
+    """A stored response replayed as a stream names the public model in every event."""
+    renamer = AnswerRenamer({UPSTREAM: PUBLIC}, keeps=lambda model: False)
+    first = b"data: " + orjson.dumps({"response": {"model": UPSTREAM}}) + b"\n\n"
+    later = b"data: " + orjson.dumps({"response": {"model": UPSTREAM}, "n": 2}) + b"\n\n"
+    out = renamer.feed(first) + renamer.feed(later) + renamer.flush()
+    assert orjson.dumps(UPSTREAM) not in out
+    assert out.count(orjson.dumps(PUBLIC)) == 2
