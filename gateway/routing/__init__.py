@@ -1,8 +1,9 @@
 """Per-process routing policy: pure functions and small classes over plain data, no I/O.
 
 `automodel` resolves an org's `auto` model, `preferences` a key's model-group preference,
-`sessions` session ids and per-process session bindings, `latency` TTFT bands, and
-`ordering` ranks a request's candidates into a failover list.
+`sessions` session ids and per-process session bindings, `latency` TTFT bands, `ordering`
+ranks a request's candidates into a failover list, and `rendezvous` names the provider every
+process agrees on for a key.
 """
 
 from gateway.routing.automodel import (
@@ -40,6 +41,7 @@ from gateway.routing.preferences import (
     missing_groups,
     preferred_set,
 )
+from gateway.routing.rendezvous import rendezvous_order, rendezvous_weight
 from gateway.routing.sessions import SessionTable, session_id_from
 
 __all__ = [
@@ -66,6 +68,8 @@ __all__ = [
     "normalize_mode",
     "order",
     "preferred_set",
+    "rendezvous_order",
+    "rendezvous_weight",
     "resolve",
     "round_half_away_from_zero",
     "score_band",
