@@ -97,15 +97,19 @@ class Reloader:
         self._holder = holder
         self._state = state
         self._metrics = metrics
+        self._attempts = 0
 
     def reload(self, path: str | Path) -> ReloadOutcome:
         """Validate the file and apply it; an invalid one is refused and the running one stays."""
+        self._attempts += 1  # numbered, so a repeated refusal is never dropped as a repeat
         try:
             loaded = load_config(path)
         except ConfigError as error:
             errors = tuple(str(problem) for problem in error.problems)
             # Problems name paths and reasons, never a value: no secret reaches the log.
-            logger.error("config_reload_refused", path=str(path), errors=list(errors))
+            logger.error(
+                "config_reload_refused", path=str(path), errors=list(errors), attempt=self._attempts
+            )
             self._metrics.config_reloads.labels("invalid").inc()
             return ReloadOutcome("invalid", errors=errors)
         running = self._holder.current
@@ -113,7 +117,7 @@ class Reloader:
         try:
             runtime = build_runtime(effective, self._state, restart_needed=restart_needed)
         except Exception:
-            logger.exception("config_reload_failed", path=str(path))
+            logger.exception("config_reload_failed", path=str(path), attempt=self._attempts)
             self._metrics.config_reloads.labels("failed").inc()
             return ReloadOutcome("failed")
         self._holder.current = runtime
@@ -132,6 +136,7 @@ class Reloader:
             logger.warning(
                 "config_restart_needed",
                 fields=list(restart_needed),
+                attempt=self._attempts,
                 detail="these settings keep their running values until the gateway restarts",
             )
         return ReloadOutcome("applied", restart_needed=restart_needed, digest=runtime.digest)

@@ -271,6 +271,7 @@ class Supervisor:
         self._processes: list[BaseProcess] = []
         self._stopping = False
         self._reload_requested = False
+        self._reloads = 0
         self._restarts = 0
 
     def _spawn(self) -> BaseProcess:
@@ -337,6 +338,7 @@ class Supervisor:
         if self._config_path is None:
             logger.warning("reload_ignored", detail="serve was started without a config file")
             return
+        self._reloads += 1  # numbered, so a repeated refusal is never dropped as a repeat
         try:
             loaded = load_config(self._config_path)
         except ConfigError as error:
@@ -345,6 +347,7 @@ class Supervisor:
                 path=self._config_path,
                 errors=[str(problem) for problem in error.problems],
                 detail="the running config keeps serving",
+                attempt=self._reloads,
             )
         else:
             self._settings, restart_needed = keep_restart_only(self._settings, loaded.settings)
@@ -353,8 +356,9 @@ class Supervisor:
                     "config_restart_needed",
                     fields=list(restart_needed),
                     detail="these settings keep their running values until the gateway restarts",
+                    attempt=self._reloads,
                 )
-        logger.info("config_reload_requested", workers=len(self._processes))
+        logger.info("config_reload_requested", workers=len(self._processes), attempt=self._reloads)
         for process in self._processes:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGHUP)

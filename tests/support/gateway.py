@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -67,12 +68,20 @@ def free_port() -> int:
 class GatewayProcess:
     """`gateway serve` as a real process tree, on a free loopback port."""
 
-    def __init__(self, config: Mapping[str, Any], directory: Path, *, workers: int = 1) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        directory: Path,
+        *,
+        workers: int = 1,
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = directory / "gateway.yaml"
-        self.config_path.write_text(yaml.safe_dump(dict(config)), encoding="utf-8")
+        self.write_config(config)
         self.log_path = directory / "gateway.log"
+        self.pid_file = directory / "gateway.pid"
         self._workers = workers
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -93,12 +102,34 @@ class GatewayProcess:
                     str(self.port),
                     "--workers",
                     str(self._workers),
+                    "--pid-file",
+                    str(self.pid_file),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.config_path.parent,  # where an embedded Postgres keeps its data
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROJECT_ROOT)},
             )
+
+    def write_config(self, config: Mapping[str, Any] | str) -> None:
+        """Replace the config file (a mapping, or raw text); `reload()` applies it."""
+        text = config if isinstance(config, str) else yaml.safe_dump(dict(config))
+        self.config_path.write_text(text, encoding="utf-8")
+
+    def reload(self) -> None:
+        """Send SIGHUP (reload the config file)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The JSON log lines so far whose event is `name`."""
+        found = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                if record.get("event") == name:
+                    found.append(record)
+        return found
 
     def terminate(self) -> None:
         """Send SIGTERM (graceful drain)."""
