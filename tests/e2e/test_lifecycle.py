@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,7 @@ async def test_rolling_restart_behind_nginx_fails_no_request(
             gateway.start()
         async with aiohttp.ClientSession() as session:
             for gateway in gateways:
-                await wait_until(lambda g=gateway: ready(session, g.url), timeout=60, message="up")
+                await wait_until(partial(ready, session, gateway.url), timeout=60, message="up")
             # nginx drops an idle upstream connection before a gateway's drain delay ends.
             with running_nginx(
                 tmp_path / "nginx", [g.port for g in gateways], idle_seconds=1.0
@@ -227,13 +228,12 @@ async def test_rolling_restart_behind_nginx_fails_no_request(
                     for gateway in gateways:
                         gateway.terminate()
                         assert await asyncio.to_thread(gateway.wait, 60) == 0, gateway.log()
-                        restarted_at = traffic.sent()
                         gateway.start()
                         await wait_until(
-                            lambda g=gateway: ready(session, g.url), timeout=60, message="back"
+                            partial(ready, session, gateway.url), timeout=60, message="back"
                         )
                         await wait_until(
-                            lambda n=restarted_at: traffic.sent() >= n + 50,
+                            partial(_sent_at_least, traffic, traffic.sent() + 50),
                             timeout=60,
                             message="load after the restart",
                         )
@@ -244,3 +244,7 @@ async def test_rolling_restart_behind_nginx_fails_no_request(
     assert failed == [], f"{len(failed)} of {traffic.sent()} failed: {failed[:5]}"
     assert {outcome.stream for outcome in traffic.outcomes} == {True, False}
     assert traffic.sent() >= 200
+
+
+def _sent_at_least(traffic: Traffic, count: int) -> bool:
+    return traffic.sent() >= count

@@ -357,7 +357,7 @@ K8S_VERSION = "1.37.0"
 
 def k8s_manifests() -> list[tuple[str, dict[str, Any]]]:
     """Every Kubernetes resource under deploy/k8s (the kustomization is not one), by file."""
-    found = []
+    found: list[tuple[str, dict[str, Any]]] = []
     for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
