@@ -18,6 +18,7 @@ BENCHMARKS = (
     "fault_drills",
     "ordering",
     "simulator_throughput",
+    "operations",
 )
 
 

@@ -203,13 +203,16 @@ class GuardedRequestHandler(web.RequestHandler):
 
     @property
     def settled(self) -> bool:
-        """Idle between requests, or with its request handler running: safe to start a shutdown.
+        """Idle between requests, or with its handler running on a body that has fully arrived:
+        safe to start a shutdown.
 
-        A connection whose request head is still arriving, or whose handler has not started yet,
-        would be closed unanswered by aiohttp's shutdown.
+        Once aiohttp's shutdown begins it ignores every byte a connection receives, so a request
+        whose head or body is still arriving, or whose handler has not started, would hang until
+        the shutdown timeout and fail.
         """
         if self._phase is _Phase.REQUEST:
-            return self._request_in_progress
+            request = self._current_request
+            return self._request_in_progress and request is not None and request.content.is_eof()
         return self._phase is not _Phase.HEAD
 
     def _start_head(self) -> None:

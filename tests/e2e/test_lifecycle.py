@@ -248,3 +248,44 @@ async def test_rolling_restart_behind_nginx_fails_no_request(
 
 def _sent_at_least(traffic: Traffic, count: int) -> bool:
     return traffic.sent() >= count
+
+
+async def test_a_body_still_arriving_when_the_listener_closes_is_served(
+    nodes: list[SimulatorProcess], database_url: str, tmp_path: Path
+) -> None:
+    """A request whose body is still arriving when the drain delay ends is answered in full:
+    shutdown waits for the body (aiohttp ignores bytes once its shutdown begins)."""
+    gateway = GatewayProcess(config_for(nodes, database_url), tmp_path, workers=1)
+    gateway.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_until(lambda: ready(session, gateway.url), timeout=30, message="ready")
+        body = orjson.dumps(chat_body(max_tokens=2))
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+            f"Authorization: Bearer {TEST_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        writer.write(head.encode() + body[:10])
+        await writer.drain()
+        gateway.terminate()
+        await wait_until(
+            lambda: not _accepts(gateway.port), timeout=10, message="the listener to close"
+        )
+        writer.write(body[10:])
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=30)
+        writer.close()
+        assert await asyncio.to_thread(gateway.wait, 30) == 0
+    finally:
+        gateway.stop()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 200 OK", answer[:300]
+    assert b"connection: close" in rest.lower()
+    assert b'"choices"' in rest
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
