@@ -266,5 +266,5 @@ def main() -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="bench-operations-") as work:
             results = asyncio.run(run(options, Path(work)))
-    write_results("operations", {"options": vars(options), **results})
+    write_results("operations", {"options": {"clients": options.clients}, **results})
     return 0

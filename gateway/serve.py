@@ -90,16 +90,18 @@ async def serve_worker(
             metrics_runner, host, settings.server.metrics_port, limits=limits, reuse_port=reuse_port
         ).start()
     stop = asyncio.Event()
-    hurry = asyncio.Event()  # a second SIGTERM/SIGINT cuts the drain delay short
+    # A second Ctrl-C cuts the drain delay short. A repeated SIGTERM does not: service managers
+    # that signal the whole process group send one to each worker besides the supervisor's.
+    hurry = asyncio.Event()
 
-    def on_stop() -> None:
+    def on_interrupt() -> None:
         if stop.is_set():
             hurry.set()
         stop.set()
 
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_stop)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
     if config_path is not None:
         loop.add_signal_handler(signal.SIGHUP, app[RELOADER].reload, config_path)
     # A SIGHUP that arrived during start-up was held (blocked) until the handler above existed.

@@ -33,7 +33,12 @@ def settings_dict(
 ) -> dict[str, Any]:
     """A config mapping: one provider per upstream URL serving `model`, and two keys."""
     config: dict[str, Any] = {
-        "server": {"max_body_bytes": 64 * 1024, "shutdown_timeout_seconds": 10},
+        # A short lame duck keeps process tests quick; the lifecycle tests set their own.
+        "server": {
+            "max_body_bytes": 64 * 1024,
+            "shutdown_timeout_seconds": 10,
+            "drain_delay_seconds": 0.5,
+        },
         "routing": {"connect_timeout_seconds": 2, "first_byte_timeout_seconds": 10},
         "providers": [
             {"name": name, "url": url, "models": {model: upstream_model, "other-model": "other"}}
