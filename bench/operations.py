@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ STEADY_SECONDS = 6.0
 EFFECT_LIMIT_SECONDS = 60.0
 DRAIN_DELAY_SECONDS = 2.0
 NGINX_IDLE_SECONDS = 1.0
+WORKERS = 2  # per replica
 
 
 @dataclass
@@ -86,69 +88,79 @@ async def ready(session: aiohttp.ClientSession, url: str) -> bool:
         return False
 
 
+def event_times(fleet: Fleet, event: str) -> list[float]:
+    """Unix times of every log line with this event, over all replicas."""
+    return [
+        datetime.fromisoformat(record["timestamp"]).timestamp()
+        for gateway in fleet.gateways
+        for record in gateway.events(event)
+    ]
+
+
+async def applied_everywhere(fleet: Fleet, event: str, expected: int, signalled: float) -> float:
+    """Seconds from the signal (Unix time) until the last `event` line, once there are
+    `expected` in all: when the change took effect in every worker, as they logged it."""
+
+    async def logged() -> bool:
+        return len(event_times(fleet, event)) >= expected
+
+    await until(logged, time.monotonic())
+    return max(event_times(fleet, event)) - signalled
+
+
 async def rotate_keys(fleet: Fleet) -> tuple[float, str]:
-    """Remove key B and add key C everywhere; effect: B 401 and C 200 on every worker."""
+    """Remove key B and add key C everywhere; then B gets 401 and C 200 on every replica."""
     config = copy.deepcopy(fleet.config)
     config["keys"] = [key for key in config["keys"] if key["id"] != "key-b"]
     config["keys"].append({"id": "key-c", "key_sha256": hash_key(KEY_C), "models": ["*"]})
     fleet.config = config
-    started = time.monotonic()
+    expected = len(event_times(fleet, "config_reloaded")) + WORKERS * 3
+    signalled = time.time()
     fleet.roll_out(config)
-
-    async def rotated() -> bool:
-        for gateway in fleet.gateways:
-            statuses = [await status(fleet.session, gateway.url, KEY_B) for _ in range(3)]
-            statuses += [await status(fleet.session, gateway.url, KEY_C) for _ in range(3)]
-            if statuses != [401] * 3 + [200] * 3:
-                return False
-        return True
-
-    return await until(rotated, started), "B answered 401 and C 200 on every replica"
+    effect = await applied_everywhere(fleet, "config_reloaded", expected, signalled)
+    probes = [status(fleet.session, g.url, key) for g in fleet.gateways for key in (KEY_B, KEY_C)]
+    statuses = await asyncio.gather(*(probe for probe in probes for _ in range(3)))
+    if statuses != [401, 401, 401, 200, 200, 200] * len(fleet.gateways):
+        raise RuntimeError(f"rotation not in effect everywhere: {statuses}")
+    return effect, "applied by every worker; then B got 401 and C 200 on every replica"
 
 
 async def refuse_invalid(fleet: Fleet) -> tuple[float, str]:
-    """Roll out a config with errors; effect: every worker refused it, C still served."""
+    """Roll out a config with errors: every worker refuses it, C is still served."""
     invalid = copy.deepcopy(fleet.config)
     invalid["providers"][0]["url"] = "not a url"
     invalid["keys"][0]["route"] = {"strategy": "fixed", "fixed": "nowhere"}
-    refused_before = [len(g.events("config_reload_refused")) for g in fleet.gateways]
-    started = time.monotonic()
+    # The supervisor and both workers of each replica log the refusal.
+    expected = len(event_times(fleet, "config_reload_refused")) + (WORKERS + 1) * 3
+    signalled = time.time()
     fleet.roll_out(invalid)
-
-    async def refused() -> bool:
-        # The supervisor and both workers of each replica log the refusal.
-        counts = [len(g.events("config_reload_refused")) for g in fleet.gateways]
-        return all(now >= before + 3 for now, before in zip(counts, refused_before, strict=True))
-
-    seconds = await until(refused, started)
+    effect = await applied_everywhere(fleet, "config_reload_refused", expected, signalled)
     for gateway in fleet.gateways:
-        assert await status(fleet.session, gateway.url, KEY_C) == 200
+        if await status(fleet.session, gateway.url, KEY_C) != 200:
+            raise RuntimeError("the running config stopped serving key C")
         gateway.write_config(fleet.config)  # the file back to what runs, for the next drill
-    return seconds, "every worker refused it and kept serving (C answered 200)"
+    return effect, "refused by every worker, every error logged; C still answered 200"
 
 
 async def drain_provider(fleet: Fleet, traffic: Traffic) -> tuple[float, str]:
-    """Mark node-a draining everywhere; effect: its last request ended (keys moved on)."""
+    """Mark node-a draining everywhere: no request starts on it, its in-flight ones finish."""
     config = copy.deepcopy(fleet.config)
     config["providers"][0]["draining"] = True
     fleet.config = config
-    started = time.monotonic()
+    expected = len(event_times(fleet, "config_reloaded")) + WORKERS * 3
+    signalled, started = time.time(), time.monotonic()
     fleet.roll_out(config)
-    # Two workers per replica, and this is the second reload each of them applies.
-    applied = await until(partial(_all_reloaded, fleet, len(fleet.gateways) * 2 * 2), started)
+    effect = await applied_everywhere(fleet, "config_reloaded", expected, signalled)
+    probed = time.monotonic()
     await asyncio.sleep(STEADY_SECONDS)  # every key sends its next request meanwhile
-    late = [o for o in traffic.outcomes if o.started > started + applied and o.provider == "node-a"]
+    late = [o for o in traffic.outcomes if o.started > probed and o.provider == "node-a"]
     if late:
         raise RuntimeError(f"{len(late)} requests started on the draining provider")
     last_end = max((o.ended for o in traffic.outcomes if o.provider == "node-a"), default=started)
-    return applied, (
-        f"no request started on node-a after every worker applied it; its last in-flight "
+    return effect, (
+        f"applied by every worker; none started on node-a after, its last in-flight "
         f"request ended {last_end - started:.2f} s after the signal"
     )
-
-
-async def _all_reloaded(fleet: Fleet, count: int) -> bool:
-    return sum(len(g.events("config_reloaded")) for g in fleet.gateways) >= count
 
 
 async def rolling_restart(fleet: Fleet) -> tuple[float, str]:
@@ -187,7 +199,7 @@ async def fleet_of(work: Path, database_url: str) -> AsyncIterator[Fleet]:
         for index in range(3):
             directory = work / f"gateway-{index}"
             directory.mkdir()
-            gateway = GatewayProcess(config, directory, workers=2)
+            gateway = GatewayProcess(config, directory, workers=WORKERS)
             stack.callback(gateway.stop)
             gateway.start()
             gateways.append(gateway)
