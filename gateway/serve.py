@@ -66,6 +66,23 @@ async def serve_worker(
     Connections are guarded by the `server` section's limits (see `gateway.connections`). With
     `parent_pid`, the worker never outlives that process (see `die_with_parent`).
     """
+    # Never outlive the supervisor, from the first moment on.
+    needs_watchdog = parent_pid is not None and not die_with_parent(parent_pid)
+    # Before anything listens: a stop asked for while starting becomes a lame duck, never a
+    # kill that drops connections already accepted.
+    stop = asyncio.Event()
+    # A second Ctrl-C cuts the drain delay short. A repeated SIGTERM does not: service managers
+    # that signal the whole process group send one to each worker besides the supervisor's.
+    hurry = asyncio.Event()
+
+    def on_interrupt() -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
     app = create_app(settings, metrics_directory=metrics_directory)
     runner = web.AppRunner(
         app,
@@ -89,25 +106,12 @@ async def serve_worker(
         await GuardedSite(
             metrics_runner, host, settings.server.metrics_port, limits=limits, reuse_port=reuse_port
         ).start()
-    stop = asyncio.Event()
-    # A second Ctrl-C cuts the drain delay short. A repeated SIGTERM does not: service managers
-    # that signal the whole process group send one to each worker besides the supervisor's.
-    hurry = asyncio.Event()
-
-    def on_interrupt() -> None:
-        if stop.is_set():
-            hurry.set()
-        stop.set()
-
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, on_interrupt)
     if config_path is not None:
         loop.add_signal_handler(signal.SIGHUP, app[RELOADER].reload, config_path)
     # A SIGHUP that arrived during start-up was held (blocked) until the handler above existed.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     watchdog = None
-    if parent_pid is not None and not die_with_parent(parent_pid):
+    if needs_watchdog and parent_pid is not None:
         watchdog = asyncio.create_task(_watch_parent(parent_pid), name="parent-watchdog")
     logger.info("worker_started", pid=os.getpid(), host=host, port=port)
     await stop.wait()

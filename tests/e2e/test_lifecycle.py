@@ -89,6 +89,11 @@ async def test_sigterm_is_a_lame_duck_then_drains(
     try:
         async with aiohttp.ClientSession() as session:
             await wait_until(lambda: ready(session, gateway.url), timeout=30, message="ready")
+            await wait_until(
+                lambda: len(gateway.events("worker_started")) == 2,
+                timeout=30,
+                message="both workers started",
+            )
 
             async def long_stream() -> bytes:
                 async with session.post(
