@@ -144,21 +144,23 @@ async def _busy(nodes: list[SimulatorProcess]) -> bool:
 async def test_workers_die_with_a_killed_supervisor(
     nodes: list[SimulatorProcess], database_url: str, tmp_path: Path
 ) -> None:
-    """SIGKILL of the supervisor: its workers are gone within a second, nothing listens."""
+    """SIGKILL of the supervisor: its workers are gone within a second."""
     gateway = GatewayProcess(config_for(nodes, database_url), tmp_path, workers=2)
     gateway.start()
+    workers: list[psutil.Process] = []
     try:
         async with aiohttp.ClientSession() as session:
             await wait_until(lambda: ready(session, gateway.url), timeout=30, message="ready")
-        await wait_until(lambda: len(workers_of(gateway)) == 2, timeout=10, message="2 workers")
+        await wait_until(
+            lambda: len(gateway.events("worker_started")) == 2, timeout=30, message="2 workers"
+        )
         workers = workers_of(gateway)
+        assert len(workers) == 2
         assert gateway.process is not None
         gateway.process.kill()
         gateway.process.wait(timeout=5)
         await wait_until(
-            lambda: (
-                not any(worker.is_running() and worker.status() != "zombie" for worker in workers)
-            ),
+            lambda: not any(alive(worker) for worker in workers),
             timeout=1.0,
             message="the orphaned workers to exit",
         )
@@ -167,8 +169,8 @@ async def test_workers_die_with_a_killed_supervisor(
             if worker.is_running():
                 worker.kill()
         gateway.stop()
-    with socket.socket() as probe:
-        assert probe.connect_ex(("127.0.0.1", gateway.port)) != 0
+    # (The port is not probed here: on a machine shared with other test runs, a freed port can
+    # be someone else's a moment later. The workers that held it are gone, which is the point.)
 
 
 async def test_supervisor_restarts_a_dead_worker(
