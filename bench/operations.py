@@ -164,14 +164,22 @@ async def drain_provider(fleet: Fleet, traffic: Traffic) -> tuple[float, str]:
 
 
 async def rolling_restart(fleet: Fleet) -> tuple[float, str]:
-    """SIGTERM each replica in turn, start it again, wait until it is ready."""
+    """SIGTERM each replica in turn, start it again, wait until nginx uses it again."""
     started = time.monotonic()
     for gateway in fleet.gateways:
         gateway.terminate()
         await asyncio.to_thread(gateway.wait, 120)
+        served = len(gateway.events("request"))
         gateway.start()
         await until(partial(ready, fleet.session, gateway.url), time.monotonic())
-    return time.monotonic() - started, "all three replicas restarted and ready"
+        # In turn: the next stops once nginx sends this one traffic again.
+        await until(partial(_serves_more, gateway, served), time.monotonic())
+    return time.monotonic() - started, "all three replicas restarted and serving through nginx"
+
+
+async def _serves_more(gateway: GatewayProcess, count: int) -> bool:
+    await asyncio.sleep(0.2)  # the check reads the whole log: not in a tight loop
+    return len(gateway.events("request")) > count
 
 
 @asynccontextmanager

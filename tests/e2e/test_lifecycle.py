@@ -235,9 +235,17 @@ async def test_rolling_restart_behind_nginx_fails_no_request(
                     for gateway in gateways:
                         gateway.terminate()
                         assert await asyncio.to_thread(gateway.wait, 60) == 0, gateway.log()
+                        served = len(gateway.events("request"))
                         gateway.start()
                         await wait_until(
                             partial(ready, session, gateway.url), timeout=60, message="back"
+                        )
+                        # In turn: the next stops once nginx sends this one traffic again.
+                        await wait_until(
+                            partial(_serves_more, gateway, served),
+                            timeout=60,
+                            interval=0.2,
+                            message="nginx to use the restarted gateway",
                         )
                         await wait_until(
                             partial(_sent_at_least, traffic, traffic.sent() + 50),
@@ -296,3 +304,7 @@ async def test_a_body_still_arriving_when_the_listener_closes_is_served(
 def _accepts(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _serves_more(gateway: GatewayProcess, count: int) -> bool:
+    return len(gateway.events("request")) > count

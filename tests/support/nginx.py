@@ -11,6 +11,8 @@ from pathlib import Path
 from tests.support.gateway import free_port, wait_for_port
 
 NGINX = "/usr/sbin/nginx"
+# A replica that refused a connection is skipped this long (deploy/nginx.conf: the same).
+FAIL_SECONDS = 2
 INSTALL_HINT = "nginx is required: `apt-get install -y nginx` (scripts/test does this)"
 
 
@@ -23,8 +25,12 @@ def nginx_binary() -> str:
 
 def nginx_conf(work: Path, port: int, upstreams: Sequence[int], *, idle_seconds: float) -> str:
     """deploy/nginx.conf's proxying, on loopback: keep-alive upstreams idle `idle_seconds` at
-    most, refused connections tried on the next replica, a sent POST never replayed."""
-    servers = "\n".join(f"    server 127.0.0.1:{upstream};" for upstream in upstreams)
+    most, refused connections tried on the next replica (which is then skipped for
+    FAIL_SECONDS), a sent POST never replayed."""
+    servers = "\n".join(
+        f"    server 127.0.0.1:{upstream} max_fails=1 fail_timeout={FAIL_SECONDS}s;"
+        for upstream in upstreams
+    )
     return f"""
 worker_processes 1;
 daemon off;

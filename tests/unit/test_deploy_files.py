@@ -309,7 +309,7 @@ def test_nginx_conf_streams_to_both_replicas() -> None:
     port = load_yaml(DEPLOY / "gateway.yaml")["server"]["port"]
     upstream = re.search(r"upstream gateways \{(.*?)\}", conf, flags=re.DOTALL)
     assert upstream is not None
-    servers = set(re.findall(r"^\s*server\s+(\S+?);", upstream.group(1), flags=re.MULTILINE))
+    servers = set(re.findall(r"^\s*server\s+([^\s;]+)", upstream.group(1), flags=re.MULTILINE))
     assert servers == {f"gateway-1:{port}", f"gateway-2:{port}"}
     assert re.search(r"^\s*keepalive \d+;", upstream.group(1), flags=re.MULTILINE)
     for directive in (
