@@ -23,7 +23,6 @@ from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.cors import Cors
 from gateway.database import database_url, describe_database, open_pool
-from gateway.dispatch import Dispatcher
 from gateway.endpoints import ENDPOINTS, EndpointSpec
 from gateway.errors import GatewayError, error_body, error_response
 from gateway.health import ProviderHealth
@@ -31,10 +30,10 @@ from gateway.load import LoadPoller
 from gateway.metrics import Metrics, exposition
 from gateway.openapi import OpenApiEndpoint
 from gateway.permits import ProviderPermits
-from gateway.proxy import Proxy
+from gateway.reload import Reloader
 from gateway.requestid import request_id_of
-from gateway.responses import ResponseBindings
-from gateway.router import Router
+from gateway.router import RouterMemory
+from gateway.runtime import Lifecycle, ProcessState, RuntimeHolder, build_runtime
 from gateway.status import collect_status
 from gateway.status_page import render_status
 from gateway.upstream import create_client_session
@@ -45,7 +44,9 @@ SETTINGS = web.AppKey("settings", Settings)
 CATALOG = web.AppKey("catalog", Catalog)
 METRICS = web.AppKey("metrics", Metrics)
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
-PROXY = web.AppKey("proxy", Proxy)
+RUNTIME = web.AppKey("runtime", RuntimeHolder)
+RELOADER = web.AppKey("reloader", Reloader)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 STORE = web.AppKey("store", AffinityStore)
 AFFINITY = web.AppKey("affinity", SharedAffinity)
 LOAD = web.AppKey("load", LoadPoller)
@@ -79,6 +80,8 @@ def create_app(
         app.on_response_prepare.append(cors.on_prepare)
     app[SETTINGS] = settings
     app[CATALOG] = Catalog(settings)
+    app[LIFECYCLE] = Lifecycle()
+    app.on_response_prepare.append(_close_while_draining)
     app[METRICS] = metrics or Metrics()
     if store is not None:
         app[STORE] = store
@@ -96,10 +99,17 @@ def create_app(
     app.router.add_get("/openapi.json", OpenApiEndpoint().serve)
     if settings.server.metrics_port is None:
         app.router.add_get("/metrics", metrics_endpoint)
-    if settings.server.admin_token is not None:
-        app.router.add_get("/admin/bindings", admin_bindings)
-        app.router.add_get("/admin/status", admin_status)
+    # Always routed: whether a token is set (and which) is read per request, so a reload applies.
+    app.router.add_get("/admin/bindings", admin_bindings)
+    app.router.add_get("/admin/status", admin_status)
     return app
+
+
+async def _close_while_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """While draining, every answer closes its connection so load balancers stop reusing it."""
+    if request.app[LIFECYCLE].draining:
+        response.force_close()
+        response.headers["Connection"] = "close"
 
 
 async def store_context(app: web.Application) -> AsyncIterator[None]:
@@ -144,12 +154,11 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def client_session_context(app: web.Application) -> AsyncIterator[None]:
-    """The worker's one upstream client session, the load poller, and the proxy built on them."""
+    """The upstream client session, load poller and learnt state, and the first runtime on them."""
     settings = app[SETTINGS]
     catalog = app[CATALOG]
     session = create_client_session(settings.routing)
     app[CLIENT_SESSION] = session
-    health = ProviderHealth(settings.routing)
     permits = ProviderPermits(catalog.providers)
     poller = LoadPoller(
         session,
@@ -158,38 +167,21 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         interval=settings.routing.load_poll_interval_seconds,
     )
     app[LOAD] = poller
-    router = Router(
-        catalog,
-        settings.routing,
-        spill=settings.affinity.spill,
-        affinity=app[AFFINITY],
-        health=health,
-        permits=permits,
-        load=poller,
+    state = ProcessState(
         metrics=app[METRICS],
+        affinity=app[AFFINITY],
+        store=app[STORE],
+        session=session,
+        health=ProviderHealth(settings.routing),
+        permits=permits,
+        poller=poller,
+        memory=RouterMemory.fresh(settings.routing),
     )
-    dispatcher = Dispatcher(
-        session,
-        health,
-        permits,
-        settings.routing,
-        dropped_headers=frozenset({settings.routing.mode_header.lower()}),
-        # A node that failed enough to cool down comes back as an unknown: neutral latency.
-        on_cooldown=router.latency.forget,
-        # A stream's first event is checked whole before the client sees it: up to the body limit.
-        max_first_event_bytes=settings.server.max_body_bytes,
-    )
-    app[PROXY] = Proxy(
-        catalog,
-        router,
-        dispatcher,
-        app[METRICS],
-        responses=ResponseBindings(app[STORE], catalog, settings.affinity),
-        max_body_bytes=settings.server.max_body_bytes,
-        mode_header=settings.routing.mode_header,
-    )
+    holder = RuntimeHolder(build_runtime(settings, state))
+    app[RUNTIME] = holder
+    app[RELOADER] = Reloader(holder, state, app[METRICS])
     await poller.start()
-    refresher = asyncio.create_task(_refresh_gauges(router), name="gauge-refresher")
+    refresher = asyncio.create_task(_refresh_gauges(holder), name="gauge-refresher")
     yield
     refresher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -198,11 +190,11 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
-async def _refresh_gauges(router: Router) -> None:
+async def _refresh_gauges(holder: RuntimeHolder) -> None:
     # Each worker keeps its own state gauges current, so a scrape answered by any worker
     # (multiprocess mode) sees all of them.
     while True:
-        router.publish_gauges()
+        holder.current.router.publish_gauges()
         await asyncio.sleep(GAUGE_REFRESH_SECONDS)
 
 
@@ -255,7 +247,8 @@ async def _add_request_id(request: web.Request, response: web.StreamResponse) ->
 
 def _endpoint(spec: EndpointSpec) -> Handler:
     async def proxied(request: web.Request) -> web.StreamResponse:
-        return await request.app[PROXY].proxy(request, spec)
+        # The runtime current when the request arrived serves it to its end.
+        return await request.app[RUNTIME].proxy.proxy(request, spec)
 
     proxied.__doc__ = f"Proxy `{spec.method} {spec.path}`."
     return proxied
@@ -263,12 +256,12 @@ def _endpoint(spec: EndpointSpec) -> Handler:
 
 async def models(request: web.Request) -> web.StreamResponse:
     """List the models the caller's key may use."""
-    return await request.app[PROXY].models(request)
+    return await request.app[RUNTIME].proxy.models(request)
 
 
 async def model(request: web.Request) -> web.StreamResponse:
     """One model the caller's key may use."""
-    return await request.app[PROXY].model(request)
+    return await request.app[RUNTIME].proxy.model(request)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -277,10 +270,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: config loaded and at least one provider not cooling; the store may be down."""
-    health = request.app[PROXY].router.health
-    if all(health.cooling(name) for name in request.app[CATALOG].providers):
+    """Readiness: not draining, and at least one provider not cooling; the store may be down."""
+    runtime = request.app[RUNTIME].current
+    health = runtime.router.health
+    reason = None
+    if request.app[LIFECYCLE].draining:
+        reason = "this worker is draining before it stops"
+    elif all(health.cooling(name) for name in runtime.catalog.providers):
         reason = "every provider is cooling"
+    if reason is not None:
         error = orjson.loads(error_body(503, f"Not ready: {reason}.", "not_ready"))["error"]
         return web.json_response(
             {"status": "not ready", "reason": reason, "error": error}, status=503
@@ -289,8 +287,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def _check_admin(request: web.Request) -> None:
-    token = request.app[SETTINGS].server.admin_token
-    assert token is not None  # admin routes exist only with a token
+    token = request.app[RUNTIME].current.settings.server.admin_token
+    if token is None:
+        raise web.HTTPNotFound  # no token configured: the admin endpoints do not exist
     admin.check_admin(request, token.get_secret_value())
 
 
@@ -303,8 +302,8 @@ async def admin_bindings(request: web.Request) -> web.Response:
 async def admin_status(request: web.Request) -> web.Response:
     """`/admin/status` (admin token): this worker's view, as a small auto-refreshing page."""
     _check_admin(request)
-    proxy = request.app[PROXY]
-    snapshot = await collect_status(proxy.router, list(proxy.recent))
+    runtime = request.app[RUNTIME].current
+    snapshot = await collect_status(runtime, list(runtime.proxy.recent))
     return web.Response(
         text=render_status(snapshot),
         content_type="text/html",
@@ -319,8 +318,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 def metrics_response(app: web.Application) -> web.Response:
     """The scrape answer for a gateway app."""
-    if PROXY in app:
-        app[PROXY].router.publish_gauges()
+    if RUNTIME in app:
+        app[RUNTIME].current.router.publish_gauges()
     body = exposition(app[METRICS], app.get(METRICS_DIRECTORY))
     response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST

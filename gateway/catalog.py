@@ -36,6 +36,7 @@ class Provider:
     group: str | None
     max_concurrency: int | None
     min_start_interval_seconds: float
+    draining: bool = False
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> Provider:
@@ -49,6 +50,7 @@ class Provider:
             group=settings.group,
             max_concurrency=settings.max_concurrency,
             min_start_interval_seconds=settings.min_start_interval_ms / 1000,
+            draining=settings.draining,
         )
 
 
@@ -165,11 +167,16 @@ class Catalog:
         return self._auto_models.get(key.org) if key.org is not None else None
 
     def candidates(self, key: Key, model: str) -> tuple[Provider, ...]:
-        """Providers serving the model, narrowed by the key's route; cached per (key, model)."""
+        """Providers serving the model, narrowed by the key's route, never a draining one.
+
+        Cached per (key, model). A draining provider takes no new request, binding or session.
+        """
         cached = self._candidates.get((key.id, model))
         if cached is not None:
             return cached
-        serving = self.serving.get(model, ())
+        serving = tuple(
+            provider for provider in self.serving.get(model, ()) if not provider.draining
+        )
         if key.route_strategy == "group":
             members = self.groups.get(key.route_target or "", frozenset())
             chosen = tuple(provider for provider in serving if provider.name in members)
@@ -179,6 +186,12 @@ class Catalog:
             chosen = serving
         self._candidates[(key.id, model)] = chosen
         return chosen
+
+    def only_draining(self, key: Key, model: str) -> bool:
+        """Whether the key's route has providers for the model, but every one is draining."""
+        return not self.candidates(key, model) and any(
+            provider.draining for provider in self.serving.get(model, ())
+        )
 
     def models_for(self, key: Key) -> Sequence[str]:
         """Public model names this key may use, including its org's enabled auto model."""

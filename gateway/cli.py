@@ -1,4 +1,4 @@
-"""The `gateway` command: serve, check-config, hash-key, simulate, demo."""
+"""The `gateway` command: serve, reload, check-config, config-schema, hash-key, simulate, demo."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from gateway.config import hash_key
 from gateway.config_loading import ConfigError, LoadedConfig, load_config
@@ -20,6 +21,7 @@ BENCHMARKS = (
     "store_scale",
     "store_statements",
     "agreement",
+    "operations",
 )
 
 
@@ -38,8 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: str | None = options.command
     if command == "serve":
         return _serve(options)
+    if command == "reload":
+        return _reload(options)
     if command == "check-config":
         return _check_config(options.file)
+    if command == "config-schema":
+        return _config_schema()
     if command == "hash-key":
         return _hash_key()
     if command == "migrate":
@@ -65,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default: server.host)")
     serve.add_argument("--port", type=int, help="listen port (default: server.port)")
     serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
+    serve.add_argument("--pid-file", help="write the serving process's pid here (for `reload`)")
+
+    reload = commands.add_parser(
+        "reload", help="have a running `gateway serve` re-read its config (SIGHUP)"
+    )
+    reload.add_argument("--pid-file", required=True, help="the pid file `serve --pid-file` wrote")
+    reload.add_argument(
+        "--config", help="validate this file first and refuse to signal when it is invalid"
+    )
 
     check = commands.add_parser(
         "check-config", help="validate a config file, listing every problem"
@@ -72,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
 
     commands.add_parser("hash-key", help="read a client key on stdin and print its SHA-256")
+    commands.add_parser(
+        "config-schema", help="print the config file's JSON Schema (docs/config.schema.json)"
+    )
 
     migrate = commands.add_parser("migrate", help="apply pending database migrations")
     migrate.add_argument("--config", required=True, help="path to the YAML config")
@@ -118,7 +136,38 @@ def _serve(options: argparse.Namespace) -> int:
         return 2
     host = options.host or server.host
     port = options.port if options.port is not None else server.port
-    return serve(loaded.settings, host, port, workers)
+    return serve(
+        loaded.settings,
+        host,
+        port,
+        workers,
+        config_path=str(Path(options.config).resolve()),
+        pid_file=options.pid_file,
+    )
+
+
+def _reload(options: argparse.Namespace) -> int:
+    import os  # noqa: PLC0415 - keep start-up lean
+    import signal  # noqa: PLC0415
+
+    if options.config is not None and _load_or_report(options.config) is None:
+        print("not reloading: the running config keeps serving", file=sys.stderr)
+        return 1
+    try:
+        pid = int(Path(options.pid_file).read_text(encoding="ascii").strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as error:
+        print(f"reload: no running gateway from {options.pid_file}: {error}", file=sys.stderr)
+        return 1
+    print(f"sent SIGHUP to gateway pid {pid}; its log reports config_reloaded or the errors")
+    return 0
+
+
+def _config_schema() -> int:
+    from gateway.config_schema import config_schema_json  # noqa: PLC0415 - keep start-up lean
+
+    sys.stdout.write(config_schema_json())
+    return 0
 
 
 def _check_config(path: str) -> int:

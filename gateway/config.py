@@ -44,6 +44,11 @@ class ServerSettings(Section):
     over `max_header_bytes` or `max_header_count` headers gets 431; connections beyond
     `max_connections_per_worker` get 503 (each proxied request also holds an upstream socket,
     so allow at least twice this many open files).
+
+    On SIGTERM a worker fails `/readyz` and answers with `Connection: close` for
+    `drain_delay_seconds` (match the Kubernetes `preStop` sleep; keep it above the load balancer's
+    upstream idle keep-alive timeout), then stops accepting and finishes in-flight requests up to
+    `shutdown_timeout_seconds`.
     """
 
     host: str = "0.0.0.0"
@@ -53,6 +58,7 @@ class ServerSettings(Section):
     admin_token: SecretStr | None = None
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     shutdown_timeout_seconds: PositiveFloat = 30.0
+    drain_delay_seconds: NonNegativeFloat = 5.0
     header_read_timeout_seconds: PositiveFloat = 10.0
     body_read_timeout_seconds: PositiveFloat = 60.0
     keepalive_timeout_seconds: PositiveFloat = 75.0
@@ -159,6 +165,7 @@ class ProviderSettings(Section):
     api_key: SecretStr | None = None
     max_concurrency: PositiveInt | None = None
     min_start_interval_ms: NonNegativeFloat = 0
+    draining: bool = False
 
     @property
     def identity(self) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
+import socket
 import uuid
 import weakref
 from collections.abc import Callable
@@ -39,6 +41,8 @@ AIOHTTP_LINGERING_SECONDS = 10.0
 LINGER_SECONDS = 1.0
 # A request head ends at an empty line; aiohttp's parser also accepts a bare LF as line end.
 HEAD_ENDS = (b"\n\n", b"\n\r\n")
+# How often a stopping site looks whether its connections have settled.
+SETTLE_POLL_SECONDS = 0.01
 DEFAULT_BODY_READ_TIMEOUT_SECONDS: float = ServerSettings.model_fields[
     "body_read_timeout_seconds"
 ].default
@@ -197,6 +201,20 @@ class GuardedRequestHandler(web.RequestHandler):
         """Close the connection once the current response is out, without lingering for a body."""
         self._close_after = True
 
+    @property
+    def settled(self) -> bool:
+        """Idle between requests, or with its handler running on a body that has fully arrived:
+        safe to start a shutdown.
+
+        Once aiohttp's shutdown begins it ignores every byte a connection receives, so a request
+        whose head or body is still arriving, or whose handler has not started, would hang until
+        the shutdown timeout and fail.
+        """
+        if self._phase is _Phase.REQUEST:
+            request = self._current_request
+            return self._request_in_progress and request is not None and request.content.is_eof()
+        return self._phase is not _Phase.HEAD
+
     def _start_head(self) -> None:
         self._phase = _Phase.HEAD
         self._head_size = 0
@@ -296,7 +314,16 @@ class RefusingProtocol(asyncio.Protocol):
 class GuardedSite(web.BaseSite):
     """A TCP site like aiohttp's `TCPSite`, whose connections get `ConnectionLimits`."""
 
-    __slots__ = ("_bound_port", "_connections", "_full", "_host", "_limits", "_port", "_reuse_port")
+    __slots__ = (
+        "_bound_port",
+        "_connections",
+        "_full",
+        "_host",
+        "_limits",
+        "_listeners",
+        "_port",
+        "_reuse_port",
+    )
 
     def __init__(
         self,
@@ -317,6 +344,7 @@ class GuardedSite(web.BaseSite):
         # Weak, so a connection asyncio gave up on before it was made frees its slot too.
         self._connections: weakref.WeakSet[GuardedRequestHandler] = weakref.WeakSet()
         self._full = False
+        self._listeners: list[socket.socket] = []
 
     @property
     def name(self) -> str:
@@ -335,8 +363,45 @@ class GuardedSite(web.BaseSite):
             self._accept, self._host, self._port, backlog=self._backlog, reuse_port=self._reuse_port
         )
         self._server = server
+        self._listeners = list(server.sockets)
         if server.sockets:
             self._bound_port = server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening, serving the connections the kernel had already queued for us.
+
+        Closing a listening socket resets every connection still in its accept queue, and a load
+        balancer that already sent a request on one cannot safely replay it. So the socket is held
+        open (a duplicate descriptor) while the loop stops watching it, its queue is accepted
+        until empty, and only then is it closed; the accepted connections are served as usual.
+        """
+        held = [socket.socket(fileno=os.dup(listener.fileno())) for listener in self._listeners]
+        self._listeners = []
+        await super().stop()
+        queued: list[socket.socket] = []
+        for listener in held:
+            listener.setblocking(False)
+            while True:
+                try:
+                    connection, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                queued.append(connection)
+            listener.close()
+        loop = asyncio.get_running_loop()
+        for connection in queued:
+            connection.setblocking(False)
+            await loop.connect_accepted_socket(self._accept, connection)
+        if queued:
+            logger.info("accept_queue_drained", connections=len(queued))
+
+    async def settle(self, timeout: float) -> None:  # noqa: ASYNC109 - the wait is the bounded thing itself
+        """Wait (bounded) until every open connection is idle or has its handler running."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            if all(connection.settled for connection in list(self._connections)):
+                return
+            await asyncio.sleep(SETTLE_POLL_SECONDS)
 
     def _accept(self) -> asyncio.Protocol:
         manager = self._runner.server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import selectors
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from gateway.serve import serve
 DEMO_KEY = "sk-demo-affinity-gateway"
 DEMO_MODEL = "demo-llama"
 DEMO_DIR = Path(".gateway/demo")
+# In a source checkout, the demo config points editors at the config's JSON Schema.
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "docs" / "config.schema.json"
 LISTENING = re.compile(r"listening on (http://\S+)")
 START_TIMEOUT_SECONDS = 20.0
 
@@ -28,17 +31,37 @@ START_TIMEOUT_SECONDS = 20.0
 def run_demo(*, port: int, workers: int) -> int:
     """Start the simulators and the gateway; stop everything on Ctrl-C."""
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    admin_token = secrets.token_urlsafe(24)
     with simulators(("node-a", "node-b", "node-c")) as urls:
-        config_path = write_demo_config(DEMO_DIR / "config.yaml", urls, port=port, workers=workers)
+        config_path = write_demo_config(
+            DEMO_DIR / "config.yaml", urls, port=port, workers=workers, admin_token=admin_token
+        )
         loaded = load_config(config_path)
-        print(instructions(port), flush=True)
-        return serve(loaded.settings, "127.0.0.1", port, workers)
+        pid_file = DEMO_DIR / "gateway.pid"
+        print(instructions(port, admin_token, config_path, pid_file), flush=True)
+        return serve(
+            loaded.settings,
+            "127.0.0.1",
+            port,
+            workers,
+            config_path=str(config_path.resolve()),
+            pid_file=str(pid_file),
+        )
 
 
-def write_demo_config(path: Path, urls: list[str], *, port: int, workers: int) -> Path:
-    """Write a config for the demo: the simulators as providers and one demo key."""
+def write_demo_config(
+    path: Path, urls: list[str], *, port: int, workers: int, admin_token: str
+) -> Path:
+    """Write a config for the demo: the simulators as providers, one demo key, an admin token."""
     config = {
-        "server": {"host": "127.0.0.1", "port": port, "workers": workers},
+        # Nothing balances load in front of the demo: no lame-duck delay on Ctrl-C.
+        "server": {
+            "host": "127.0.0.1",
+            "port": port,
+            "workers": workers,
+            "admin_token": admin_token,
+            "drain_delay_seconds": 0,
+        },
         "providers": [
             {
                 "name": f"node-{letter}",
@@ -54,15 +77,25 @@ def write_demo_config(path: Path, urls: list[str], *, port: int, workers: int) -
             {"id": "demo", "org": "demo-org", "key_sha256": hash_key(DEMO_KEY), "models": ["*"]}
         ],
     }
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    text = yaml.safe_dump(config, sort_keys=False)
+    if SCHEMA_FILE.exists():
+        text = f"# yaml-language-server: $schema={SCHEMA_FILE}\n{text}"
+    path.write_text(text, encoding="utf-8")
     return path
 
 
-def instructions(port: int) -> str:
+def instructions(port: int, admin_token: str, config_path: Path, pid_file: Path) -> str:
     """What to paste into a terminal to try the demo."""
     base = f"http://127.0.0.1:{port}/v1"
     return f"""
 affinity-gateway demo: three simulated nodes behind a gateway on {base}
+
+  Status page (this run's generated admin token as the password, any user name):
+    http://admin:{admin_token}@127.0.0.1:{port}/admin/status
+  or: curl -s -H 'Authorization: Bearer {admin_token}' http://127.0.0.1:{port}/admin/status
+
+  Change the config live: edit {config_path}, then
+    gateway reload --pid-file {pid_file}
 
   curl -s {base}/chat/completions \\
     -H 'Authorization: Bearer {DEMO_KEY}' -H 'Content-Type: application/json' \\

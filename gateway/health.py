@@ -33,6 +33,15 @@ class ProviderHealth:
         self._clock = clock
         self._states: dict[str, _State] = {}
 
+    def reconfigure(self, routing: RoutingSettings, providers: Iterable[str]) -> None:
+        """Apply reloaded cooldown settings; providers that stay keep their state."""
+        self._allowed_fails = routing.allowed_fails
+        self._base = routing.cooldown_seconds
+        self._cap = routing.cooldown_max_seconds
+        kept = set(providers)
+        for name in [name for name in self._states if name not in kept]:
+            del self._states[name]
+
     def _state(self, provider: str) -> _State:
         state = self._states.get(provider)
         if state is None:

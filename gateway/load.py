@@ -71,6 +71,11 @@ class LoadPoller:
         self.readings: dict[str, Reading] = {name: Reading() for name in providers}
         self._task: asyncio.Task[None] | None = None
 
+    def track(self, providers: Mapping[str, Provider]) -> None:
+        """Poll these providers from now on (a reload); readings of those that stay are kept."""
+        self._providers = providers
+        self.readings = {name: self.readings.get(name) or Reading() for name in providers}
+
     def load(self, provider: str) -> float:
         """The provider's load: its fresh polled reading, else this process's in-flight count."""
         reading = self.readings.get(provider)
@@ -109,7 +114,8 @@ class LoadPoller:
             await asyncio.sleep(self._interval)
 
     async def _poll(self, provider: Provider) -> None:
-        reading = self.readings[provider.name]
+        # A reload may replace the readings while this poll runs: it updates the one it started.
+        reading = self.readings.get(provider.name) or Reading()
         try:
             async with (
                 asyncio.timeout(min(self._interval, 1.0)),

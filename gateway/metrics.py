@@ -57,6 +57,12 @@ class Metrics:
             ["provider", "outcome"],
             registry=self.registry,
         )
+        self.config_reloads = Counter(
+            "gateway_config_reloads",
+            "Config reloads by this worker, by result (applied, invalid, failed).",
+            ["result"],
+            registry=self.registry,
+        )
         self.affinity_results = Counter(
             "gateway_affinity_results",
             "Requests by how shared or session affinity decided their provider.",

@@ -44,13 +44,31 @@ class ProviderPermits:
         self._waiters: deque[_Waiter] = deque()
         self._clock = clock
 
+    def reconfigure(self, providers: Mapping[str, Provider]) -> None:
+        """Apply a reloaded config's limits; in-flight counts of providers that stay carry over.
+
+        A removed provider keeps its entry while requests are in flight on it, so they still
+        release their permits; an idle one is forgotten.
+        """
+        for name in [name for name, limit in self._limits.items() if name not in providers]:
+            if self._limits[name].in_flight <= 0:
+                del self._limits[name]
+        for name, provider in providers.items():
+            limit = self._limits.setdefault(name, _Limit(None, 0.0))
+            limit.maximum = provider.max_concurrency
+            limit.interval = provider.min_start_interval_seconds
+
+    def _limit(self, provider: str) -> _Limit:
+        # A provider a reload removed may still be named by a request that started before it.
+        return self._limits.setdefault(provider, _Limit(None, 0.0))
+
     def in_flight(self, provider: str) -> int:
         """Requests this process has in flight on the provider."""
-        return self._limits[provider].in_flight
+        return self._limit(provider).in_flight
 
     def available(self, provider: str) -> bool:
         """Whether a request could take a permit for the provider right now."""
-        limit = self._limits[provider]
+        limit = self._limit(provider)
         has_room = limit.maximum is None or limit.in_flight < limit.maximum
         return has_room and not any(provider in waiter.providers for waiter in self._waiters)
 
@@ -58,7 +76,7 @@ class ProviderPermits:
         """Take a permit if one is free and nobody is queued for it."""
         if not self.available(provider):
             return False
-        self._limits[provider].in_flight += 1
+        self._limit(provider).in_flight += 1
         return True
 
     async def acquire_first(self, providers: Sequence[str], timeout: float) -> str | None:  # noqa: ASYNC109 - the wait is the bounded thing itself
@@ -87,7 +105,7 @@ class ProviderPermits:
 
     def release(self, provider: str) -> None:
         """Return a permit: hand it to the longest waiter that can use it, else free it."""
-        limit = self._limits[provider]
+        limit = self._limit(provider)
         for waiter in self._waiters:
             if provider in waiter.providers and not waiter.granted.done():
                 waiter.granted.set_result(provider)
@@ -97,7 +115,7 @@ class ProviderPermits:
 
     async def pace(self, provider: str) -> None:
         """Wait for the provider's next start slot (`min_start_interval_ms`) and reserve it."""
-        limit = self._limits[provider]
+        limit = self._limit(provider)
         if limit.interval <= 0:
             return
         now = self._clock()

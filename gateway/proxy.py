@@ -66,14 +66,17 @@ class Proxy:
         responses: ResponseBindings,
         max_body_bytes: int,
         mode_header: str,
+        key_limits: KeyLimits | None = None,
+        recent: deque[RecentDecision] | None = None,
     ) -> None:
         self.catalog = catalog
         self.responses = responses
         self.router = router
         self.dispatcher = dispatcher
         self.metrics = metrics
-        self.key_limits = KeyLimits()
-        self.recent: deque[RecentDecision] = deque(maxlen=RECENT_DECISIONS)
+        # Given when a reload builds a new proxy: counts and history carry over.
+        self.key_limits = key_limits or KeyLimits()
+        self.recent = recent if recent is not None else deque(maxlen=RECENT_DECISIONS)
         self._max_body_bytes = max_body_bytes
         self._mode_header = mode_header
 
@@ -218,6 +221,13 @@ class Proxy:
             if parsed.model is not None:
                 resolved = self._resolve(request, key, parsed.model)
                 candidates = self.catalog.candidates(key, resolved.model)
+                if not candidates and self.catalog.only_draining(key, resolved.model):
+                    raise GatewayError(
+                        503,
+                        f"Every provider for `{resolved.model}` is draining; try again shortly.",
+                        "providers_draining",
+                        retry_after=1,
+                    )
             else:
                 assert pinned is not None  # a request without a model names a stored response
                 candidates = (pinned,)

@@ -71,6 +71,24 @@ class RoutingDecision:
     spilled: bool = False
 
 
+@dataclass(frozen=True)
+class RouterMemory:
+    """What a process learns while routing: latency samples, session bindings, recent starts."""
+
+    latency: LatencyTracker
+    sessions: SessionTable
+    starts: StartTracker
+
+    @classmethod
+    def fresh(cls, routing: RoutingSettings) -> RouterMemory:
+        """Empty memory sized by the routing settings."""
+        return cls(
+            latency=LatencyTracker(routing.latency_window_seconds),
+            sessions=SessionTable(routing.session_ttl_seconds, routing.session_capacity),
+            starts=StartTracker(),
+        )
+
+
 class Router:
     """Per-process routing state and the policy that turns it into failover lists."""
 
@@ -87,12 +105,15 @@ class Router:
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
+        memory: RouterMemory | None = None,
     ) -> None:
         self.catalog = catalog
         self.affinity = affinity
-        self.latency = LatencyTracker(routing.latency_window_seconds)
-        self.sessions = SessionTable(routing.session_ttl_seconds, routing.session_capacity)
-        self.starts = StartTracker()
+        # Given when a reload builds a new router: what this process learnt carries over.
+        memory = memory or RouterMemory.fresh(routing)
+        self.latency = memory.latency
+        self.sessions = memory.sessions
+        self.starts = memory.starts
         self.health = health
         self.permits = permits
         self._poller = load

@@ -4,32 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from gateway.app import create_app, create_metrics_app
+from gateway.app import LIFECYCLE, RELOADER, RUNTIME, create_app, create_metrics_app
 from gateway.config import Settings
+from gateway.config_loading import ConfigError, load_config
 from gateway.connections import ConnectionLimits, GuardedSite
 from gateway.database import provisioned
 from gateway.observability import configure_logging
+from gateway.reload import keep_restart_only
 
 logger = structlog.get_logger("gateway.serve")
 
 # Worker restarts back off so a worker that dies at start-up cannot spin the supervisor.
 RESTART_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
 MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+# prctl(2) option: the signal this process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+PARENT_WATCH_SECONDS = 0.25
+# Once the listener is closed: how long connections it handed over may take to start a request.
+SETTLE_TIMEOUT_SECONDS = 2.0
 
 
 def install_uvloop() -> None:
@@ -47,11 +58,31 @@ async def serve_worker(
     *,
     reuse_port: bool,
     metrics_directory: str | None = None,
+    config_path: str | None = None,
+    parent_pid: int | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting and drain in-flight requests.
+    """Serve until SIGTERM/SIGINT, then drain as a lame duck; SIGHUP reloads `config_path`.
 
-    Connections are guarded by the `server` section's limits (see `gateway.connections`).
+    Connections are guarded by the `server` section's limits (see `gateway.connections`). With
+    `parent_pid`, the worker never outlives that process (see `die_with_parent`).
     """
+    # Never outlive the supervisor, from the first moment on.
+    needs_watchdog = parent_pid is not None and not die_with_parent(parent_pid)
+    # Before anything listens: a stop asked for while starting becomes a lame duck, never a
+    # kill that drops connections already accepted.
+    stop = asyncio.Event()
+    # A second Ctrl-C cuts the drain delay short. A repeated SIGTERM does not: service managers
+    # that signal the whole process group send one to each worker besides the supervisor's.
+    hurry = asyncio.Event()
+
+    def on_interrupt() -> None:
+        if stop.is_set():
+            hurry.set()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
     app = create_app(settings, metrics_directory=metrics_directory)
     runner = web.AppRunner(
         app,
@@ -66,7 +97,8 @@ async def serve_worker(
     gc.collect()
     gc.freeze()
     limits = ConnectionLimits.from_settings(settings.server)
-    await GuardedSite(runner, host, port, limits=limits, reuse_port=reuse_port).start()
+    site = GuardedSite(runner, host, port, limits=limits, reuse_port=reuse_port)
+    await site.start()
     metrics_runner = None
     if settings.server.metrics_port is not None:
         metrics_runner = web.AppRunner(create_metrics_app(app), access_log=None)
@@ -74,44 +106,132 @@ async def serve_worker(
         await GuardedSite(
             metrics_runner, host, settings.server.metrics_port, limits=limits, reuse_port=reuse_port
         ).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    if config_path is not None:
+        loop.add_signal_handler(signal.SIGHUP, app[RELOADER].reload, config_path)
+    # A SIGHUP that arrived during start-up was held (blocked) until the handler above existed.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    watchdog = None
+    if needs_watchdog and parent_pid is not None:
+        watchdog = asyncio.create_task(_watch_parent(parent_pid), name="parent-watchdog")
     logger.info("worker_started", pid=os.getpid(), host=host, port=port)
     await stop.wait()
-    logger.info("worker_draining", pid=os.getpid())
+    await _lame_duck(app, site, hurry)
     await runner.cleanup()
     if metrics_runner is not None:
         await metrics_runner.cleanup()
+    if watchdog is not None:
+        watchdog.cancel()
     logger.info("worker_stopped", pid=os.getpid())
 
 
-def run_worker(
-    settings: Settings, host: str, port: int, reuse_port: bool, metrics_directory: str | None
-) -> None:
+async def _lame_duck(app: web.Application, site: GuardedSite, hurry: asyncio.Event) -> None:
+    """Fail /readyz and close each connection after its answer for the drain delay; then stop
+    accepting (serving what the kernel already queued) and let those requests start."""
+    server = app[RUNTIME].current.settings.server
+    app[LIFECYCLE].draining = True
+    logger.info("worker_draining", pid=os.getpid(), drain_delay_seconds=server.drain_delay_seconds)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(hurry.wait(), timeout=server.drain_delay_seconds)
+    await site.stop()
+    await site.settle(min(server.header_read_timeout_seconds, SETTLE_TIMEOUT_SECONDS))
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Ask Linux to SIGKILL this process when its parent dies; False where that is unavailable.
+
+    If the parent is already gone (it died before the request was made), exit now.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    return True
+
+
+async def _watch_parent(parent_pid: int) -> None:
+    """Where no parent-death signal exists: exit as soon as the parent is gone."""
+    # Nothing announces a parent's death portably: polling the parent pid is the fallback.
+    while os.getppid() == parent_pid:  # noqa: ASYNC110
+        await asyncio.sleep(PARENT_WATCH_SECONDS)
+    logger.error("supervisor_gone", pid=os.getpid())
+    os._exit(1)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What one worker process serves, and where."""
+
+    settings: Settings
+    host: str
+    port: int
+    reuse_port: bool
+    metrics_directory: str | None = None
+    config_path: str | None = None
+    parent_pid: int | None = None
+
+
+def run_worker(spec: WorkerSpec) -> None:
     """A worker process's entry point."""
     configure_logging()
     install_uvloop()
     asyncio.run(
         serve_worker(
-            settings, host, port, reuse_port=reuse_port, metrics_directory=metrics_directory
+            spec.settings,
+            spec.host,
+            spec.port,
+            reuse_port=spec.reuse_port,
+            metrics_directory=spec.metrics_directory,
+            config_path=spec.config_path,
+            parent_pid=spec.parent_pid,
         )
     )
 
 
-def serve(settings: Settings, host: str, port: int, workers: int) -> int:
-    """Run `workers` processes on one port; forward SIGTERM/SIGINT and restart crashed workers.
+def serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    workers: int,
+    *,
+    config_path: str | None = None,
+    pid_file: str | None = None,
+) -> int:
+    """Run `workers` processes on one port; forward SIGTERM/SIGINT, reload on SIGHUP, restart
+    crashed workers. `pid_file` receives this process's pid (for `gateway reload`).
 
     With no database configured, an embedded Postgres runs for as long as the workers do.
     """
     configure_logging()
-    with provisioned(settings) as ready:
+    # Held until a handler exists (the supervisor's, or the single worker's), never fatal.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    with written_pid_file(pid_file), provisioned(settings) as ready:
         if workers == 1:
-            run_worker(ready, host, port, reuse_port=False, metrics_directory=None)
+            run_worker(WorkerSpec(ready, host, port, reuse_port=False, config_path=config_path))
             return 0
         with shared_metrics_directory() as directory:
-            return Supervisor(ready, host, port, workers, directory).run()
+            return Supervisor(ready, host, port, workers, directory, config_path=config_path).run()
+
+
+@contextlib.contextmanager
+def written_pid_file(path: str | None) -> Iterator[None]:
+    """This process's pid in `path` while the block runs (nothing when `path` is None)."""
+    if path is None:
+        yield
+        return
+    pid_path = Path(path)
+    pid_path.write_text(f"{os.getpid()}\n", encoding="ascii")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if pid_path.read_text(encoding="ascii").strip() == str(os.getpid()):
+                pid_path.unlink()
 
 
 @contextlib.contextmanager
@@ -135,32 +255,61 @@ def shared_metrics_directory() -> Iterator[str]:
 
 
 class Supervisor:
-    """Starts N worker processes and keeps them running until told to stop."""
+    """Starts N worker processes, keeps them running, reloads them, and stops them."""
 
     def __init__(
-        self, settings: Settings, host: str, port: int, workers: int, metrics_directory: str
+        self,
+        settings: Settings,
+        host: str,
+        port: int,
+        workers: int,
+        metrics_directory: str,
+        *,
+        config_path: str | None = None,
     ) -> None:
         self._settings = settings
         self._metrics_directory = metrics_directory
         self._host = host
         self._port = port
         self._workers = workers
+        self._config_path = config_path
         self._context = multiprocessing.get_context("spawn")
         self._processes: list[BaseProcess] = []
         self._stopping = False
+        self._reload_requested = False
+        self._reloads = 0
         self._restarts = 0
 
     def _spawn(self) -> BaseProcess:
         process = self._context.Process(
             target=run_worker,
-            args=(self._settings, self._host, self._port, True, self._metrics_directory),
+            args=(
+                WorkerSpec(
+                    self._settings,
+                    self._host,
+                    self._port,
+                    reuse_port=True,
+                    metrics_directory=self._metrics_directory,
+                    config_path=self._config_path,
+                    parent_pid=os.getpid(),
+                ),
+            ),
             name="gateway-worker",
         )
-        process.start()
+        # The worker inherits SIGHUP blocked and unblocks it once it can reload: a reload asked
+        # for while it starts is applied, never fatal.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         return process
 
     def _request_stop(self, signum: int, _frame: object) -> None:
         self._stopping = True
+
+    def _request_reload(self, signum: int, _frame: object) -> None:
+        self._reload_requested = True
 
     def run(self) -> int:
         """Supervise until a stop signal; return the exit code."""
@@ -168,6 +317,8 @@ class Supervisor:
             signum: signal.signal(signum, self._request_stop)
             for signum in (signal.SIGTERM, signal.SIGINT)
         }
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._request_reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         try:
             self._processes = [self._spawn() for _ in range(self._workers)]
             logger.info(
@@ -175,11 +326,48 @@ class Supervisor:
             )
             while not self._stopping:
                 wait([process.sentinel for process in self._processes], timeout=0.2)
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self._reload()
                 self._replace_dead()
             return self._shutdown()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+    def _reload(self) -> None:
+        """Validate the config once here (every error logged), then have each worker reload it.
+
+        Workers re-read and re-validate the file themselves, so one edited in between is never
+        applied unchecked. A valid config also becomes what restarted workers start with.
+        """
+        if self._config_path is None:
+            logger.warning("reload_ignored", detail="serve was started without a config file")
+            return
+        self._reloads += 1  # numbered, so a repeated refusal is never dropped as a repeat
+        try:
+            loaded = load_config(self._config_path)
+        except ConfigError as error:
+            logger.error(
+                "config_reload_refused",
+                path=self._config_path,
+                errors=[str(problem) for problem in error.problems],
+                detail="the running config keeps serving",
+                attempt=self._reloads,
+            )
+        else:
+            self._settings, restart_needed = keep_restart_only(self._settings, loaded.settings)
+            if restart_needed:
+                logger.warning(
+                    "config_restart_needed",
+                    fields=list(restart_needed),
+                    detail="these settings keep their running values until the gateway restarts",
+                    attempt=self._reloads,
+                )
+        logger.info("config_reload_requested", workers=len(self._processes), attempt=self._reloads)
+        for process in self._processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGHUP)
 
     def _replace_dead(self) -> None:
         for index, process in enumerate(self._processes):
@@ -195,13 +383,21 @@ class Supervisor:
             self._restarts += 1
             time.sleep(delay)
             self._processes[index] = self._spawn()
+            logger.info("worker_restarted", pid=self._processes[index].pid)
 
     def _shutdown(self) -> int:
         logger.info("supervisor_stopping", workers=len(self._processes))
         for process in self._processes:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self._settings.server.shutdown_timeout_seconds + 5
+        server = self._settings.server
+        deadline = (
+            time.monotonic()
+            + server.drain_delay_seconds
+            + SETTLE_TIMEOUT_SECONDS
+            + server.shutdown_timeout_seconds
+            + 5
+        )
         for process in self._processes:
             process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.is_alive():

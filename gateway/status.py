@@ -6,9 +6,12 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from affinity_store.store import StoreError
-from gateway.router import Router
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
 
 STATUS_STORE_TIMEOUT_SECONDS = 0.5
 
@@ -25,6 +28,7 @@ class ProviderRow:
     load_polled: bool
     bands: Mapping[str, int]  # model → latency band
     live_bindings: int | None  # bindings on its routing identity; None when the store is down
+    draining: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,15 @@ class StatusSnapshot:
     providers: Sequence[ProviderRow]
     decisions: Sequence[RecentDecision]
     refresh_seconds: int = 5
+    config_digest: str = ""  # SHA-256 of the effective settings, secrets excluded
+    config_loaded_at: float = 0.0  # Unix time
+    restart_needed: tuple[str, ...] = ()  # changed in the file, applied only by a restart
 
 
-async def collect_status(router: Router, decisions: Sequence[RecentDecision]) -> StatusSnapshot:
+async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) -> StatusSnapshot:
     """Gather the snapshot; the binding counts are the only I/O, bounded and optional."""
-    catalog = router.catalog
+    router = runtime.router
+    catalog = runtime.catalog
     identities = {provider.routing_identity for provider in catalog.providers.values()}
     counts: Mapping[str, int] | None
     try:
@@ -80,6 +88,7 @@ async def collect_status(router: Router, decisions: Sequence[RecentDecision]) ->
             load_polled=router.load_is_polled(provider.name),
             bands=bands[provider.name],
             live_bindings=None if counts is None else counts.get(provider.routing_identity, 0),
+            draining=provider.draining,
         )
         for provider in catalog.providers.values()
     ]
@@ -89,4 +98,7 @@ async def collect_status(router: Router, decisions: Sequence[RecentDecision]) ->
         store_circuit=router.affinity.breaker.state(),
         providers=rows,
         decisions=list(reversed(decisions)),
+        config_digest=runtime.digest,
+        config_loaded_at=runtime.loaded_at,
+        restart_needed=runtime.restart_needed,
     )

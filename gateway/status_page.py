@@ -126,7 +126,24 @@ def _summary_cards(snapshot: StatusSnapshot) -> str:
         + _card("Providers", f"{len(snapshot.providers)} ({cooling} cooling)")
         + _card("In flight", str(in_flight))
         + _card("Recent requests", str(len(snapshot.decisions)))
+        + _card("Config", _config(snapshot))
         + "</div>"
+    )
+
+
+def _config(snapshot: StatusSnapshot) -> str:
+    loaded = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snapshot.config_loaded_at))
+    restart = (
+        '<div><span class="badge warn">restart needed for '
+        + _text(", ".join(snapshot.restart_needed))
+        + "</span></div>"
+        if snapshot.restart_needed
+        else ""
+    )
+    return (
+        f'<code id="config-digest" title="{_text(snapshot.config_digest)}">'
+        f"{_text(snapshot.config_digest[:12])}</code>"
+        f' <span class="muted">loaded {loaded}</span>{restart}'
     )
 
 
@@ -152,6 +169,8 @@ def _providers_section(snapshot: StatusSnapshot) -> str:
 def _provider_row(row: ProviderRow) -> str:
     if row.cooling_seconds > 0:
         health = f'<span class="badge bad">cooling, {row.cooling_seconds:.1f} s left</span>'
+    elif row.draining:
+        health = '<span class="badge warn">draining</span>'
     else:
         health = '<span class="badge ok">ok</span>'
     load_source = "polled" if row.load_polled else "in-flight, not polled"

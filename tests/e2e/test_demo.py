@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -47,7 +48,8 @@ def curl_chat(port: int) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_answers_curl_and_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
-    """The demo serves a chat completion to curl; SIGINT stops the gateway and the simulators."""
+    """The demo serves a chat completion to curl and its printed status-page URL (with a generated
+    admin token) opens; SIGINT stops the gateway and the simulators."""
     port = free_port()
     log = (tmp_path / "demo.log").open("w")
     demo = subprocess.Popen(
@@ -66,6 +68,17 @@ def test_demo_answers_curl_and_stops_everything_on_ctrl_c(tmp_path: Path) -> Non
         assert result.returncode == 0, (tmp_path / "demo.log").read_text()
         reply = json.loads(result.stdout)
         assert reply["choices"][0]["message"]["content"]
+        printed = (tmp_path / "demo.log").read_text()
+        status_url = re.search(r"(http://admin:\S+@127\.0\.0\.1:\d+/admin/status)", printed)
+        assert status_url is not None, printed
+        page = subprocess.run(
+            ["curl", "-s", "--max-time", "10", "-w", "\n%{http_code}", status_url.group(1)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert page.stdout.rstrip().endswith("200"), page.stdout[-300:]
+        assert 'id="config-digest"' in page.stdout
         children = psutil.Process(demo.pid).children(recursive=True)
         assert len(children) >= 5  # three simulators and two workers
         demo.send_signal(signal.SIGINT)

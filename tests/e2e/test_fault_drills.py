@@ -11,7 +11,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.app import PROXY
+from gateway.app import RUNTIME
 from gateway.config import Settings
 from tests.conftest import GatewayFactory
 from tests.support.gateway import TEST_KEY, TEST_MODEL, chat_body, settings_dict
@@ -41,7 +41,7 @@ async def test_killing_one_of_three_nodes_under_load_fails_no_request(
             },
         )
         server = await start_gateway(Settings.model_validate(config))
-        health = server.app[PROXY].router.health
+        health = server.app[RUNTIME].proxy.router.health
         statuses: list[int] = []
         stop = asyncio.Event()
 

@@ -11,7 +11,7 @@ import orjson
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from gateway.app import AFFINITY, LOAD, METRICS, PROXY
+from gateway.app import AFFINITY, LOAD, METRICS, RUNTIME
 from gateway.config import Settings
 from gateway.simulator import Timing
 from tests.conftest import GatewayFactory, SimulatorFactory
@@ -85,7 +85,7 @@ async def test_waiters_are_served_in_turn_within_the_wait_timeout(
         )
     assert [status for status, _, _ in outcomes] == [200] * 10
     assert (await node.stats()).peak_in_flight == 2
-    assert server.app[PROXY].router.permits.in_flight("node-a") == 0
+    assert server.app[RUNTIME].proxy.router.permits.in_flight("node-a") == 0
 
 
 async def test_key_concurrency_limit_is_a_429_at_once(
@@ -187,7 +187,7 @@ async def test_consecutive_failures_cool_a_node_and_a_success_resets_the_count(
         models=[NOT_STICKY],
         routing={"allowed_fails": 2, "cooldown_seconds": 30},
     )
-    health = server.app[PROXY].router.health
+    health = server.app[RUNTIME].proxy.router.health
     async with aiohttp.ClientSession() as session:
         for _ in range(8):
             assert (await post(session, server))[0] == 200
@@ -241,7 +241,7 @@ async def test_client_disconnect_cancels_upstream_at_once_and_frees_the_permit(
     cancelled_at = (await node.stats()).last_cancelled_at
     assert cancelled_at is not None
     assert cancelled_at - closed_at < 0.1
-    router = server.app[PROXY].router
+    router = server.app[RUNTIME].proxy.router
     await wait_until(lambda: router.permits.in_flight("node-a") == 0, message="permit released")
     assert not router.health.cooling("node-a")
 

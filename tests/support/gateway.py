@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -33,7 +34,12 @@ def settings_dict(
 ) -> dict[str, Any]:
     """A config mapping: one provider per upstream URL serving `model`, and two keys."""
     config: dict[str, Any] = {
-        "server": {"max_body_bytes": 64 * 1024, "shutdown_timeout_seconds": 10},
+        # A short lame duck keeps process tests quick; the lifecycle tests set their own.
+        "server": {
+            "max_body_bytes": 64 * 1024,
+            "shutdown_timeout_seconds": 10,
+            "drain_delay_seconds": 0.5,
+        },
         "routing": {"connect_timeout_seconds": 2, "first_byte_timeout_seconds": 10},
         "providers": [
             {"name": name, "url": url, "models": {model: upstream_model, "other-model": "other"}}
@@ -75,12 +81,14 @@ class GatewayProcess:
         *,
         workers: int = 1,
         environment: Mapping[str, str] | None = None,
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = directory / "gateway.yaml"
-        self.config_path.write_text(yaml.safe_dump(dict(config)), encoding="utf-8")
+        self.write_config(config)
         self.log_path = directory / "gateway.log"
+        self.pid_file = directory / "gateway.pid"
         self._workers = workers
         self._environment = dict(environment or {})
         self.process: subprocess.Popen[bytes] | None = None
@@ -102,6 +110,8 @@ class GatewayProcess:
                     str(self.port),
                     "--workers",
                     str(self._workers),
+                    "--pid-file",
+                    str(self.pid_file),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -113,6 +123,26 @@ class GatewayProcess:
                     **self._environment,
                 },
             )
+
+    def write_config(self, config: Mapping[str, Any] | str) -> None:
+        """Replace the config file (a mapping, or raw text); `reload()` applies it."""
+        text = config if isinstance(config, str) else yaml.safe_dump(dict(config))
+        self.config_path.write_text(text, encoding="utf-8")
+
+    def reload(self) -> None:
+        """Send SIGHUP (reload the config file)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The JSON log lines so far whose event is `name`."""
+        found = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                if record.get("event") == name:
+                    found.append(record)
+        return found
 
     def terminate(self) -> None:
         """Send SIGTERM (graceful drain)."""

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -308,7 +309,7 @@ def test_nginx_conf_streams_to_both_replicas() -> None:
     port = load_yaml(DEPLOY / "gateway.yaml")["server"]["port"]
     upstream = re.search(r"upstream gateways \{(.*?)\}", conf, flags=re.DOTALL)
     assert upstream is not None
-    servers = set(re.findall(r"^\s*server\s+(\S+?);", upstream.group(1), flags=re.MULTILINE))
+    servers = set(re.findall(r"^\s*server\s+([^\s;]+)", upstream.group(1), flags=re.MULTILINE))
     assert servers == {f"gateway-1:{port}", f"gateway-2:{port}"}
     assert re.search(r"^\s*keepalive \d+;", upstream.group(1), flags=re.MULTILINE)
     for directive in (
@@ -349,3 +350,157 @@ def test_dockerfile_installs_the_project_with_the_constraints() -> None:
         for name in source.split():
             assert (PROJECT_ROOT / name).exists(), name
     assert 'ENTRYPOINT ["gateway"]' in dockerfile
+
+
+K8S_VERSION = "1.37.0"
+
+
+def k8s_manifests() -> list[tuple[str, dict[str, Any]]]:
+    """Every Kubernetes resource under deploy/k8s (the kustomization is not one), by file."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        found.extend(
+            (path.name, document)
+            for document in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+        )
+    return found
+
+
+def test_k8s_manifests_pass_kubernetes_validate_strictly() -> None:
+    """kubernetes-validate (its bundled schemas, offline) accepts every manifest, strictly."""
+    import kubernetes_validate
+
+    manifests = k8s_manifests()
+    assert {document["kind"] for _, document in manifests} >= {
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "Secret",
+    }
+    for name, document in manifests:
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)  # raises when invalid
+        assert name
+
+
+def test_kubernetes_validate_rejects_a_broken_manifest() -> None:
+    """The validator is not a no-op: a typo'd field and a wrong type are both rejected."""
+    import kubernetes_validate
+
+    deployment = k8s_documents()["Deployment"]
+    typo = json.loads(json.dumps(deployment))
+    typo["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}
+    wrong_type = json.loads(json.dumps(deployment))
+    wrong_type["spec"]["replicas"] = "two"
+    for broken in (typo, wrong_type):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_kustomization_applies_every_manifest_but_the_secret_example() -> None:
+    """`kubectl apply -k` takes every manifest file except the Secret example."""
+    kustomization = load_yaml(DEPLOY / "k8s" / "kustomization.yaml")
+    files = {path.name for path in (DEPLOY / "k8s").glob("*.yaml")}
+    assert set(kustomization["resources"]) == files - {"kustomization.yaml", "secret.example.yaml"}
+
+
+def test_k8s_prestop_matches_the_drain_delay_and_the_grace_period_covers_shutdown() -> None:
+    """preStop sleeps `drain_delay_seconds`; the grace period covers preStop, the lame duck and
+    the in-flight drain; probes, resources and a non-root read-only container everywhere."""
+    from gateway.serve import SETTLE_TIMEOUT_SECONDS
+
+    documents = k8s_documents()
+    pod = documents["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    server = yaml.safe_load(documents["ConfigMap"]["data"]["gateway.yaml"])["server"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    assert float(command[1]) == server["drain_delay_seconds"]
+    needed = (
+        float(command[1])
+        + server["drain_delay_seconds"]
+        + SETTLE_TIMEOUT_SECONDS
+        + server["shutdown_timeout_seconds"]
+    )
+    assert pod["terminationGracePeriodSeconds"] > needed
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for each in [*pod["initContainers"], *pod["containers"]]:
+        assert each["securityContext"]["readOnlyRootFilesystem"] is True, each["name"]
+        assert each["securityContext"]["allowPrivilegeEscalation"] is False, each["name"]
+        assert {"cpu", "memory"} <= each["resources"]["requests"].keys(), each["name"]
+        assert {"cpu", "memory"} <= each["resources"]["limits"].keys(), each["name"]
+
+
+def test_k8s_migrations_run_in_an_init_container_before_the_gateway() -> None:
+    """An init container runs `gateway migrate` with the same config and database secret."""
+    documents = k8s_documents()
+    pod = documents["Deployment"]["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (container,) = pod["containers"]
+    assert init["args"][:3] == ["migrate", "--config", "/etc/gateway/gateway.yaml"]
+    assert init["image"] == container["image"]
+    assert init["env"] == container["env"]
+    config = yaml.safe_load(documents["ConfigMap"]["data"]["gateway.yaml"])
+    assert config["database"]["apply_migrations_on_start"] is False
+
+
+def test_k8s_hpa_scales_the_deployment_on_cpu_and_the_secret_example_has_every_variable() -> None:
+    """The HPA targets the Deployment on CPU; the Secret example names every ${VAR} used."""
+    documents = k8s_documents()
+    hpa = documents["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == documents["Deployment"]["metadata"]["name"]
+    (metric,) = hpa["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert hpa["minReplicas"] >= 2
+    secret = documents["Secret"]
+    assert secret["metadata"]["name"] == "affinity-gateway-secrets"
+    config = yaml.safe_load(documents["ConfigMap"]["data"]["gateway.yaml"])
+    assert config_variables(config) <= secret["stringData"].keys()
+
+
+def check_jsonschema() -> str:
+    """The check-jsonschema executable of this environment."""
+    found = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent))
+    assert found is not None, "check-jsonschema is a dev dependency: run scripts/setup"
+    return found
+
+
+def test_compose_file_passes_the_compose_spec_schema(tmp_path: Path) -> None:
+    """check-jsonschema's vendored compose-spec schema (offline) accepts the compose file, and
+    rejects a copy with a wrong field."""
+    command = [check_jsonschema(), "--builtin-schema", "vendor.compose-spec"]
+    result = subprocess.run(
+        [*command, str(DEPLOY / "docker-compose.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = compose()
+    broken["services"]["gateway-1"]["stop_grace_perod"] = "40s"
+    copy = tmp_path / "docker-compose.yml"
+    copy.write_text(yaml.safe_dump(broken), encoding="utf-8")
+    rejected = subprocess.run(
+        [*command, str(copy)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert rejected.returncode == 1, rejected.stdout
+    assert "stop_grace_perod" in rejected.stdout
+
+
+def test_stop_timings_agree_across_compose_nginx_and_the_gateway_config() -> None:
+    """nginx drops idle upstream connections before the drain delay ends; compose waits for the
+    lame duck and the in-flight drain before it kills a gateway."""
+    server = load_yaml(DEPLOY / "gateway.yaml")["server"]
+    conf = (DEPLOY / "nginx.conf").read_text(encoding="utf-8")
+    upstream = re.search(r"upstream gateways \{(.*?)\}", conf, flags=re.DOTALL)
+    assert upstream is not None
+    idle = re.search(r"keepalive_timeout (\d+)s;", upstream.group(1))
+    assert idle is not None
+    assert int(idle.group(1)) < server["drain_delay_seconds"]
+    grace = compose()["services"]["gateway-1"]["stop_grace_period"]
+    assert grace.endswith("s")
+    assert int(grace[:-1]) > server["drain_delay_seconds"] + server["shutdown_timeout_seconds"]

@@ -1,0 +1,144 @@
+"""One worker's routing snapshot, swapped whole on reload, over state that lives as long as it.
+
+A `Runtime` is immutable: the settings, the catalog built from them, and the proxy, router and
+dispatcher that read them. A request takes the current runtime once, when it arrives, and uses it
+to the end, so a reload never changes the rules under a request in flight. What the process has
+learnt (cooldowns, latency samples, sessions, permits and in-flight counts, polled load, shared
+bindings) lives in `ProcessState` and carries over to every new runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from affinity_store.store import AffinityStore
+from gateway.affinity import SharedAffinity
+from gateway.catalog import Catalog
+from gateway.config import Settings
+from gateway.dispatch import Dispatcher
+from gateway.health import ProviderHealth
+from gateway.load import LoadPoller
+from gateway.metrics import Metrics
+from gateway.permits import KeyLimits, ProviderPermits
+from gateway.proxy import RECENT_DECISIONS, Proxy
+from gateway.responses import ResponseBindings
+from gateway.router import Router, RouterMemory
+from gateway.status import RecentDecision
+
+
+def settings_digest(settings: Settings) -> str:
+    """SHA-256 of the effective settings (secret values excluded: they dump masked)."""
+    return hashlib.sha256(settings.model_dump_json().encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    """What one worker keeps across reloads."""
+
+    metrics: Metrics
+    affinity: SharedAffinity
+    store: AffinityStore
+    session: aiohttp.ClientSession
+    health: ProviderHealth
+    permits: ProviderPermits
+    poller: LoadPoller
+    memory: RouterMemory
+    key_limits: KeyLimits = field(default_factory=KeyLimits)
+    recent: deque[RecentDecision] = field(default_factory=lambda: deque(maxlen=RECENT_DECISIONS))
+    # Fixed per process, so the random tiebreak between providers survives a reload.
+    tiebreak_seed: int = field(default_factory=lambda: random.getrandbits(64))
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One immutable snapshot of the config and the request path built on it."""
+
+    settings: Settings
+    catalog: Catalog
+    proxy: Proxy
+    digest: str
+    loaded_at: float  # Unix time
+    restart_needed: tuple[str, ...] = ()
+
+    @property
+    def router(self) -> Router:
+        """The snapshot's router."""
+        return self.proxy.router
+
+
+class Lifecycle:
+    """Where the worker is in its life: serving, or draining after SIGTERM (lame duck)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+
+class RuntimeHolder:
+    """The worker's current runtime; replacing it is one assignment, atomic on the event loop."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.current = runtime
+
+    @property
+    def proxy(self) -> Proxy:
+        """The current runtime's proxy."""
+        return self.current.proxy
+
+
+def build_runtime(
+    settings: Settings, state: ProcessState, *, restart_needed: tuple[str, ...] = ()
+) -> Runtime:
+    """A runtime for these settings over the process's state, which is told the new providers."""
+    catalog = Catalog(settings)
+    routing = settings.routing
+    state.permits.reconfigure(catalog.providers)
+    state.health.reconfigure(routing, catalog.providers)
+    state.poller.track(catalog.providers)
+    router = Router(
+        catalog,
+        routing,
+        spill=settings.affinity.spill,
+        affinity=state.affinity,
+        health=state.health,
+        permits=state.permits,
+        load=state.poller,
+        metrics=state.metrics,
+        seed=state.tiebreak_seed,
+        memory=state.memory,
+    )
+    dispatcher = Dispatcher(
+        state.session,
+        state.health,
+        state.permits,
+        routing,
+        dropped_headers=frozenset({routing.mode_header.lower()}),
+        # A node that failed enough to cool down comes back as an unknown: neutral latency.
+        on_cooldown=router.latency.forget,
+        # A stream's first event is checked whole before the client sees it: up to the body limit.
+        max_first_event_bytes=settings.server.max_body_bytes,
+    )
+    proxy = Proxy(
+        catalog,
+        router,
+        dispatcher,
+        state.metrics,
+        responses=ResponseBindings(state.store, catalog, settings.affinity),
+        max_body_bytes=settings.server.max_body_bytes,
+        mode_header=routing.mode_header,
+        key_limits=state.key_limits,
+        recent=state.recent,
+    )
+    return Runtime(
+        settings=settings,
+        catalog=catalog,
+        proxy=proxy,
+        digest=settings_digest(settings),
+        loaded_at=time.time(),
+        restart_needed=restart_needed,
+    )
