@@ -58,7 +58,7 @@ class ClientRequest:
 
 
 def parse_request(spec: EndpointSpec, raw: bytes) -> ClientRequest:
-    """Read a JSON (or absent) request body as its endpoint expects; 400 with a clear message when it is wrong."""
+    """Read a JSON (or absent) request body as its endpoint expects; a clear 400 when wrong."""
     if spec.body == "none":
         return ClientRequest(None, False, {}, None, lambda upstream_model: None)
     if spec.body == "multipart":

@@ -424,5 +424,3 @@ def _no_failure() -> GatewayError | None:
 
 def _model_object(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "affinity-gateway"}
-
-
