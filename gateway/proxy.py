@@ -295,6 +295,7 @@ class Proxy:
                 key=key,
                 requested=parsed.model if parsed else None,
                 model=resolved.model if resolved else None,
+                names_no_model=spec.body == "none",
                 record=record,
                 status=status,
                 started_at=started_at,
