@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -199,7 +200,9 @@ class Dispatcher:
         attempt_started = time.monotonic()
         response: aiohttp.ClientResponse | None = None
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit) as deadline:
+                if body is not None and not isinstance(body, bytes):
+                    body = _timed_from_upload_end(body, deadline, limit)
                 # Never follow a redirect: an upstream must not steer the gateway elsewhere.
                 response = await self._session.request(
                     job.method,
@@ -419,6 +422,25 @@ class Dispatcher:
     def _provider_failed(self, provider: Provider) -> None:
         if self._health.failed(provider.name):
             self._on_cooldown(provider.name)
+
+
+async def _timed_from_upload_end(
+    body: AsyncIterator[bytes], deadline: asyncio.Timeout, limit: float
+) -> AsyncIterator[bytes]:
+    """A streamed upload, sent on: while it is being sent the answer's limit is an idle limit
+    (a slow client is not the upstream's fault; the body deadline bounds the client), and it
+    counts in full from the upload's end."""
+    loop = asyncio.get_running_loop()
+    async for chunk in body:
+        yield chunk
+        _push(deadline, loop.time() + limit)
+    _push(deadline, loop.time() + limit)
+
+
+def _push(deadline: asyncio.Timeout, when: float) -> None:
+    """Move an attempt's deadline, unless it has already fired or its attempt has moved on."""
+    with contextlib.suppress(RuntimeError):
+        deadline.reschedule(when)
 
 
 async def _write_quietly(downstream: web.StreamResponse, data: bytes) -> None:

@@ -235,3 +235,26 @@ async def test_past_the_replay_cap_a_failed_upload_is_not_replayed(
     assert status == 503
     assert busy.received >= 33 * MIB
     assert upstream.received == 0
+
+
+async def test_a_slow_upload_is_not_the_upstream_timing_out(
+    start_gateway: GatewayFactory, exit_stack: AsyncExitStack
+) -> None:
+    """An upload that takes longer than `response_timeout_seconds` to send, but never pauses that
+    long, is answered: the answer's limit counts from the upload's end."""
+    upstream = Upstream()
+    extra = {"routing": {"response_timeout_seconds": 0.3}}
+    url = await upstream.start(exit_stack)
+    gateway = await start_gateway(build_settings({"node-a": url}, extra=extra))
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield form_head(TEST_MODEL)
+        for index in range(8):
+            # The client's own pace (the scenario, not a wait for a condition): 8 x 0.1 s.
+            await asyncio.sleep(0.1)
+            yield AUDIO[index * 1024 : (index + 1) * 1024]
+        yield FORM_TAIL
+
+    status, answer = await post_form(gateway, pieces())
+    assert status == 200, answer
+    assert upstream.bodies == [form_head(UPSTREAM_MODEL) + AUDIO[: 8 * 1024] + FORM_TAIL]
