@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -38,6 +39,9 @@ logger = structlog.get_logger("gateway.dispatch")
 # A non-streamed answer is held in memory before it is sent; beyond this it is refused.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
+# What goes upstream: bytes, a streamed upload (a fresh iterator per attempt), or no body.
+RequestBody = bytes | AsyncIterator[bytes] | None
+
 
 @dataclass
 class DispatchRecord:
@@ -69,12 +73,15 @@ class DispatchRequest:
     `body` gives the bytes for a provider (its upstream model id spliced in); `renamer` the
     rewriting of the provider's model id in its answer, if any; `on_answer` sees a successful
     answer's opening bytes (a whole body, or a stream's first event) before the client does.
+    A streamed upload says whether it can still be sent again (`replayable`) and why it could
+    not be read (`body_failure`); with `stream_by_answer` a 2xx event stream is streamed even
+    when the request did not say so.
     """
 
     request_id: str
     method: str
     path: str
-    body: Callable[[Provider], bytes | None]
+    body: Callable[[Provider], RequestBody]
     stream: bool
     timeouts: Timeouts
     client_headers: Mapping[str, str]
@@ -83,6 +90,9 @@ class DispatchRequest:
     started_at: float
     renamer: Callable[[Provider], Renamer | None]
     on_answer: Callable[[Provider, bytes | bytearray], Awaitable[None]]
+    stream_by_answer: bool = False
+    replayable: Callable[[], bool] = lambda: True
+    body_failure: Callable[[], GatewayError | None] = lambda: None
 
 
 class Dispatcher:
@@ -136,6 +146,9 @@ class Dispatcher:
         try:
             async for attempt in retrying:
                 with attempt:
+                    if record.attempts and not job.replayable():
+                        # A streamed upload past its kept copy cannot be sent again.
+                        break
                     provider = await self._take_permit(remaining)
                     remaining.remove(provider)
                     try:
@@ -187,7 +200,9 @@ class Dispatcher:
         attempt_started = time.monotonic()
         response: aiohttp.ClientResponse | None = None
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit) as deadline:
+                if body is not None and not isinstance(body, bytes):
+                    body = _timed_from_upload_end(body, deadline, limit)
                 # Never follow a redirect: an upstream must not steer the gateway elsewhere.
                 response = await self._session.request(
                     job.method,
@@ -200,22 +215,30 @@ class Dispatcher:
                 failure = await failed_status(response)
                 if failure is not None:
                     raise failure
-                first_chunk = await read_opening(response, job.stream, self._max_first_event_bytes)
+                stream = job.stream or (
+                    job.stream_by_answer
+                    and is_success(response)
+                    and response.content_type == "text/event-stream"
+                )
+                first_chunk = await read_opening(response, stream, self._max_first_event_bytes)
                 first_byte_at = time.monotonic()
                 whole = None
-                if not (job.stream and is_success(response)):
+                if not (stream and is_success(response)):
                     whole = await read_rest(response, first_chunk, MAX_RESPONSE_BYTES)
-            if not usable_answer(response, job.stream, first_chunk, whole):
+            if not usable_answer(response, stream, first_chunk, whole):
                 raise RetryableAttemptError("invalid_response", status=response.status)
         except RetryableAttemptError as failure:
-            self._failed(record, provider, failure)
             close_response(response)
+            self._upload_failed(job)
+            self._failed(record, provider, failure)
             raise
         except TimeoutError as error:
             close_response(response)
+            self._upload_failed(job)
             self._timed_out(record, provider, timeouts, error)
         except aiohttp.ClientError as error:
             close_response(response)
+            self._upload_failed(job)
             broken = RetryableAttemptError("connect_error" if response is None else "payload_error")
             self._failed(record, provider, broken)
             raise broken from error
@@ -241,6 +264,14 @@ class Dispatcher:
             return self._whole(job, provider, response, whole, record)
         finally:
             close_response(response)
+
+    @staticmethod
+    def _upload_failed(job: DispatchRequest) -> None:
+        """A failed attempt whose cause is the client's upload (too large, too slow) is the
+        client's error, not the provider's."""
+        failure = job.body_failure()
+        if failure is not None:
+            raise failure
 
     def _timed_out(
         self, record: DispatchRecord, provider: Provider, timeouts: Timeouts, error: TimeoutError
@@ -391,6 +422,25 @@ class Dispatcher:
     def _provider_failed(self, provider: Provider) -> None:
         if self._health.failed(provider.name):
             self._on_cooldown(provider.name)
+
+
+async def _timed_from_upload_end(
+    body: AsyncIterator[bytes], deadline: asyncio.Timeout, limit: float
+) -> AsyncIterator[bytes]:
+    """A streamed upload, sent on: while it is being sent the answer's limit is an idle limit
+    (a slow client is not the upstream's fault; the body deadline bounds the client), and it
+    counts in full from the upload's end."""
+    loop = asyncio.get_running_loop()
+    async for chunk in body:
+        yield chunk
+        _push(deadline, loop.time() + limit)
+    _push(deadline, loop.time() + limit)
+
+
+def _push(deadline: asyncio.Timeout, when: float) -> None:
+    """Move an attempt's deadline, unless it has already fired or its attempt has moved on."""
+    with contextlib.suppress(RuntimeError):
+        deadline.reschedule(when)
 
 
 async def _write_quietly(downstream: web.StreamResponse, data: bytes) -> None:

@@ -7,8 +7,6 @@ to (`model`: the model's configured stickiness; `none`: the least-loaded provide
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -59,12 +57,12 @@ class ClientRequest:
     body_for: Callable[[str], bytes | None]
 
 
-def parse_request(spec: EndpointSpec, raw: bytes, content_type: str) -> ClientRequest:
-    """Read a request body as its endpoint expects; 400 with a clear message when it is wrong."""
+def parse_request(spec: EndpointSpec, raw: bytes) -> ClientRequest:
+    """Read a JSON (or absent) request body as its endpoint expects; a clear 400 when wrong."""
     if spec.body == "none":
         return ClientRequest(None, False, {}, None, lambda upstream_model: None)
     if spec.body == "multipart":
-        return _multipart(raw, content_type)
+        raise ValueError("multipart bodies are streamed through: see gateway.uploads")
     payload = parse_payload(raw, spec.fields)
     previous = payload.data.get("previous_response_id")
     if previous is not None and (not isinstance(previous, str) or not previous):
@@ -77,55 +75,3 @@ def parse_request(spec: EndpointSpec, raw: bytes, content_type: str) -> ClientRe
     return ClientRequest(
         payload.model, payload.stream, payload.data, previous, payload.for_upstream
     )
-
-
-_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
-_FIELD_NAME = re.compile(rb'content-disposition:[^\r\n]*;\s*name="([^"]*)"', re.IGNORECASE)
-
-
-def _multipart(raw: bytes, content_type: str) -> ClientRequest:
-    """A multipart form: its `model` field (spliced in place for an upstream id) and `stream`."""
-    boundary = _BOUNDARY.search(content_type)
-    if not content_type.lower().startswith("multipart/form-data") or boundary is None:
-        raise GatewayError(
-            400, "This endpoint takes a multipart/form-data body.", "invalid_request"
-        )
-    fields = _form_fields(raw, b"--" + boundary.group(1).encode("latin-1"))
-    if "model" not in fields:
-        raise GatewayError(
-            400, "You must provide a model parameter.", "missing_field", param="model"
-        )
-    start, end = fields["model"]
-    model = raw[start:end].decode("utf-8", errors="replace").strip()
-    if not model:
-        raise GatewayError(
-            400, "`model` must be a non-empty string.", "invalid_type", param="model"
-        )
-    stream = "stream" in fields and raw[slice(*fields["stream"])].strip().lower() == b"true"
-    body_for = functools.partial(_splice_field, raw, model, start, end)
-    return ClientRequest(model, stream, {}, None, body_for)
-
-
-def _form_fields(raw: bytes, delimiter: bytes) -> dict[str, tuple[int, int]]:
-    """Where each named part's value lies in the body (a file part's too; the last one wins)."""
-    fields: dict[str, tuple[int, int]] = {}
-    position = raw.find(delimiter)
-    while position >= 0:
-        start = position + len(delimiter)
-        following = raw.find(delimiter, start)
-        if following < 0:
-            break
-        head_end = raw.find(b"\r\n\r\n", start, following)
-        name = _FIELD_NAME.search(raw, start, head_end) if head_end >= 0 else None
-        if name is not None:
-            value_end = following - 2 if raw[following - 2 : following] == b"\r\n" else following
-            fields[name.group(1).decode("utf-8", errors="replace")] = (head_end + 4, value_end)
-        position = following
-    return fields
-
-
-def _splice_field(raw: bytes, model: str, start: int, end: int, upstream_model: str) -> bytes:
-    """The form with its model field's value replaced by `upstream_model` (when it differs)."""
-    if upstream_model == model:
-        return raw
-    return raw[:start] + upstream_model.encode() + raw[end:]

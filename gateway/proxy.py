@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gateway.catalog import Catalog, Key, Provider
 from gateway.connections import body_read_timeout, close_after_response
-from gateway.dispatch import Dispatcher, DispatchRecord, DispatchRequest
+from gateway.dispatch import Dispatcher, DispatchRecord, DispatchRequest, RequestBody
 from gateway.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
@@ -33,6 +33,7 @@ from gateway.routing.automodel import (
 )
 from gateway.routing.sessions import session_id_from
 from gateway.status import RecentDecision
+from gateway.uploads import REPLAY_CAP_BYTES, Upload, open_upload, too_large
 
 logger = structlog.get_logger("gateway.proxy")
 
@@ -158,13 +159,13 @@ class Proxy:
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body: 413 past `max_body_bytes`, 408 when it is not all there in time."""
         if request.content_length is not None and request.content_length > self._max_body_bytes:
-            raise _too_large(self._max_body_bytes)
+            raise too_large(self._max_body_bytes)
         timeout = body_read_timeout(request)
         try:
             async with asyncio.timeout(timeout):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise _too_large(self._max_body_bytes) from None
+            raise too_large(self._max_body_bytes) from None
         except TimeoutError:
             # The rest of the body is not worth waiting for: close once the 408 is out.
             close_after_response(request)
@@ -215,8 +216,15 @@ class Proxy:
         status = 500
         try:
             key = self.authenticate(request)
-            raw = await self._read_body(request) if spec.body != "none" else b""
-            parsed = parse_request(spec, raw, request.headers.get("Content-Type", ""))
+            upload: Upload | None = None
+            if spec.body == "multipart":
+                upload = await open_upload(
+                    request, max_body_bytes=self._max_body_bytes, replay_cap=REPLAY_CAP_BYTES
+                )
+                parsed = upload.request
+            else:
+                raw = await self._read_body(request) if spec.body != "none" else b""
+                parsed = parse_request(spec, raw)
             pinned = await self._pinned_provider(request, spec, parsed, key)
             if parsed.model is not None:
                 resolved = self._resolve(request, key, parsed.model)
@@ -266,6 +274,7 @@ class Proxy:
                 decision=decision,
                 key=key,
                 started_at=started_at,
+                upload=upload,
             )
             response = await self._dispatch(
                 request, job, decision=decision, record=record, pinned=pinned, parsed=parsed
@@ -296,6 +305,7 @@ class Proxy:
                 key=key,
                 requested=parsed.model if parsed else None,
                 model=resolved.model if resolved else None,
+                names_no_model=spec.body == "none",
                 record=record,
                 status=status,
                 started_at=started_at,
@@ -345,12 +355,15 @@ class Proxy:
         decision: RoutingDecision,
         key: Key,
         started_at: float,
+        upload: Upload | None,
     ) -> DispatchRequest:
         model = resolved.model if resolved is not None else None
         timeouts = self.catalog.timeouts(model or "")
 
-        def body(provider: Provider) -> bytes | None:
+        def body(provider: Provider) -> RequestBody:
             upstream = provider.upstream_models[model] if model is not None else None
+            if upload is not None and upstream is not None:
+                return upload.body_for(upstream)
             return parsed.body_for(upstream) if upstream is not None else None
 
         async def on_answer(provider: Provider, opening: bytes | bytearray) -> None:
@@ -371,6 +384,10 @@ class Proxy:
             started_at=started_at,
             renamer=self._renamer(resolved),
             on_answer=on_answer,
+            # A form's `stream` field may come after its file: the answer's type tells.
+            stream_by_answer=upload is not None,
+            replayable=(lambda: upload.source.replayable) if upload is not None else _always,
+            body_failure=(lambda: upload.source.failure) if upload is not None else _no_failure,
         )
 
     async def _dispatch(
@@ -408,11 +425,13 @@ def _response_id(request: web.Request, parsed: ClientRequest) -> str:
     return request.match_info.get(RESPONSE_ID) or parsed.previous_response_id or ""
 
 
+def _always() -> bool:
+    return True
+
+
+def _no_failure() -> GatewayError | None:
+    return None
+
+
 def _model_object(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "affinity-gateway"}
-
-
-def _too_large(limit: int) -> GatewayError:
-    return GatewayError(
-        413, f"The request body is larger than the limit of {limit} bytes.", "body_too_large"
-    )

@@ -14,6 +14,9 @@ from gateway.status import RecentDecision
 
 logger = structlog.get_logger("gateway.proxy")
 
+# The `model` label of requests to endpoints that name no model (a stored response by id).
+NO_MODEL_LABEL = ""
+
 
 def record_request(
     metrics: Metrics,
@@ -25,11 +28,16 @@ def record_request(
     key: Key | None,
     requested: str | None,
     model: str | None,
+    names_no_model: bool,
     record: DispatchRecord,
     status: int,
     started_at: float,
 ) -> None:
-    """Add the request to the recent decisions, count it in the metrics and log its line."""
+    """Add the request to the recent decisions, count it in the metrics and log its line.
+
+    A request is counted once its model is resolved; one to an endpoint that names no model
+    (`GET`/`DELETE /v1/responses/{id}`) once its key is known, with the model label `""`.
+    """
     duration = time.monotonic() - started_at
     attempts = [f"{attempt.provider}:{attempt.outcome}" for attempt in record.attempts]
     served = record.served.name if record.served else None
@@ -48,11 +56,14 @@ def record_request(
     )
     if route:  # a routing decision was made: count how stickiness turned out
         metrics.affinity_results.labels(affinity).inc()
-    if model is not None:
-        metrics.requests.labels(model, served or "none", f"{status // 100}xx").inc()
-        metrics.request_duration.labels(model).observe(duration)
+    label = model if model is not None else None
+    if label is None and names_no_model and key is not None:
+        label = NO_MODEL_LABEL
+    if label is not None:
+        metrics.requests.labels(label, served or "none", f"{status // 100}xx").inc()
+        metrics.request_duration.labels(label).observe(duration)
         if served is not None and record.ttft_seconds is not None:
-            metrics.ttft.labels(model, served).observe(record.ttft_seconds)
+            metrics.ttft.labels(label, served).observe(record.ttft_seconds)
         for attempt in record.attempts:
             metrics.upstream_attempts.labels(attempt.provider, attempt.outcome).inc()
     logger.info(

@@ -248,8 +248,9 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 @unreadable_is_400
-async def transcriptions(request: web.Request) -> web.Response:
-    """`POST /v1/audio/transcriptions` (multipart): the file's size and the model, as text."""
+async def transcriptions(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/audio/transcriptions` (multipart): the file's size and the model, as text; with
+    `stream=true`, as `transcript.text.delta` events, a `transcript.text.done` and `[DONE]`."""
     state, record, _, refusal = await begin(request, body=False)
     if refusal is not None:
         return finish(state, record, refusal)
@@ -275,4 +276,27 @@ async def transcriptions(request: web.Request) -> web.Response:
         answer = error_answer(404, f"The model `{model_name}` does not exist.", "NotFoundError")
         return finish(state, record, answer)
     text = f"{len(audio)} bytes of audio transcribed by {state.options.name}"
+    if fields.get("stream", "").strip().lower() == "true":
+        return await _transcript_stream(request, state, record, text)
     return finish(state, record, json_answer({"text": text}))
+
+
+async def _transcript_stream(
+    request: web.Request, state: SimulatorState, record: RequestRecord, text: str
+) -> web.StreamResponse:
+    """A transcript as server-sent events, one word per delta, as OpenAI's API streams it."""
+    events: list[dict[str, Any]] = [
+        {"type": "transcript.text.delta", "delta": word if index == 0 else f" {word}"}
+        for index, word in enumerate(text.split())
+    ]
+    events.append({"type": "transcript.text.done", "text": text})
+    stream = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "x-request-id": record.request_id}
+    )
+    await stream.prepare(request)
+    for event in events:
+        await stream.write(b"data: " + orjson.dumps(event) + b"\n\n")
+    await stream.write(b"data: [DONE]\n\n")
+    await stream.write_eof()
+    state.stats.completion_finished(record, Outcome.COMPLETED, 200)
+    return stream

@@ -261,3 +261,67 @@ async def test_a_stored_response_replayed_as_a_stream_matches(targets: Targets) 
         assert headers["Content-Type"].startswith("text/event-stream")
         events[target.name] = comparable(sse_payloads(answer), target.model)
     assert events["direct"] == events["gateway"]
+
+
+def _transcription_form(model: str, *, stream: bool) -> aiohttp.FormData:
+    """A form in curl's order: the file first, then the model, then `stream` after both."""
+    form = aiohttp.FormData()
+    form.add_field("file", b"RIFF" + b"\x07" * 30000, filename="clip.wav", content_type="audio/wav")
+    form.add_field("model", model)
+    if stream:
+        form.add_field("stream", "true")
+    return form
+
+
+async def test_sdk_transcriptions_match_streamed_and_not(targets: Targets) -> None:
+    """The async SDK's transcription, plain and with `stream=True`, gives the same transcript and
+    the same events directly and through the gateway."""
+    direct, gateway, node = targets
+    results: dict[str, list[Any]] = {}
+    for target in (direct, gateway):
+        await node.reset(clear_cache=True)
+        async with openai.AsyncOpenAI(
+            base_url=target.base_url, api_key=target.api_key, max_retries=0
+        ) as client:
+            clip = ("clip.wav", b"RIFF" + b"\x01" * 12000)
+            whole = await client.audio.transcriptions.create(model=target.model, file=clip)
+            stream = await client.audio.transcriptions.create(
+                model=target.model, file=clip, stream=True
+            )
+            events = [event.model_dump() async for event in stream]
+        results[target.name] = [whole.model_dump(), events]
+    assert results["direct"][0]["text"] == "12004 bytes of audio transcribed by node-a"
+    assert [event["type"] for event in results["direct"][1]][-1] == "transcript.text.done"
+    assert len(results["direct"][1]) > 2
+    assert results["direct"] == results["gateway"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_raw_transcriptions_match_with_stream_after_the_file(
+    targets: Targets, stream: bool
+) -> None:
+    """A curl-ordered form (file, model, then `stream`) answers the same status, content type and
+    body through the gateway: JSON, or the same `transcript.text.*` events and `[DONE]`."""
+    direct, gateway, node = targets
+    answers = {}
+    for target in (direct, gateway):
+        await node.reset(clear_cache=True)
+        form = _transcription_form(target.model, stream=stream)
+        status, headers, body = await raw_call(
+            target, "POST", "/v1/audio/transcriptions", body=form
+        )
+        content = sse_payloads(body) if stream else orjson.loads(body)
+        answers[target.name] = (status, headers["Content-Type"].split(";")[0], content)
+        if target is gateway:
+            assert headers["x-upstream-request-id"].startswith("node-a-")
+            assert orjson.loads((await node.stats()).last_request().body)["model"] == UPSTREAM_MODEL
+    kind = "text/event-stream" if stream else "application/json"
+    assert answers["direct"][:2] == (200, kind)
+    if stream:
+        events = answers["direct"][2]
+        assert events[-1] == "[DONE]"
+        assert events[-2] == {
+            "type": "transcript.text.done",
+            "text": "30004 bytes of audio transcribed by node-a",
+        }
+    assert answers["direct"] == answers["gateway"]

@@ -14,8 +14,15 @@ from affinity_store.memory import MemoryAffinityStore
 from affinity_store.store import StoreUnavailable
 from gateway.app import LOAD, create_app
 from gateway.config import Settings, hash_key
-from tests.conftest import SimulatorFactory
-from tests.support.gateway import TEST_KEY, TEST_MODEL, chat_body, settings_dict
+from tests.conftest import GatewayFactory, SimulatorFactory
+from tests.support.gateway import (
+    TEST_KEY,
+    TEST_MODEL,
+    UPSTREAM_MODEL,
+    build_settings,
+    chat_body,
+    settings_dict,
+)
 from tests.support.polling import wait_until
 
 UPSTREAM_SECRET = "upstream-credential-7c1d9e"
@@ -142,3 +149,42 @@ async def test_scripted_sequence_gives_exact_metrics_and_clean_logs(
     captured = repr(logs)
     for secret in (TEST_KEY, hash_key(TEST_KEY), UPSTREAM_SECRET, PROMPT):
         assert secret not in captured
+
+
+async def test_requests_naming_no_model_are_counted_with_an_empty_model_label(
+    start_simulator: SimulatorFactory, start_gateway: GatewayFactory
+) -> None:
+    """`GET`/`DELETE /v1/responses/{id}` are counted (model `""`), found or not; bad keys not."""
+    node = await start_simulator("node-a", models=[UPSTREAM_MODEL])
+    server = await start_gateway(build_settings({"node-a": node.url}))
+    auth = {"Authorization": f"Bearer {TEST_KEY}"}
+    async with aiohttp.ClientSession() as session:
+        created = await session.post(
+            server.make_url("/v1/responses"),
+            data=orjson.dumps({"model": TEST_MODEL, "input": "Hello"}),
+            headers={**auth, "Content-Type": "application/json"},
+        )
+        assert created.status == 200
+        response_id = (await created.json())["id"]
+        path = f"/v1/responses/{response_id}"
+        calls = [("GET", path, auth, 200), ("DELETE", path, auth, 200)]
+        calls += [("GET", "/v1/responses/resp_unknown", auth, 404)]
+        calls += [("GET", path, {"Authorization": "Bearer sk-wrong-key-000000"}, 401)]
+        for method, url, headers, status in calls:
+            async with session.request(method, server.make_url(url), headers=headers) as answer:
+                assert answer.status == status
+        scrape = await (await session.get(server.make_url("/metrics"))).text()
+    counted = samples(scrape)
+    requests = {
+        labels: value
+        for (name, labels), value in counted.items()
+        if name == "gateway_requests_total"
+    }
+    assert requests == {
+        (("model", TEST_MODEL), ("provider", "node-a"), ("status_class", "2xx")): 1.0,
+        (("model", ""), ("provider", "node-a"), ("status_class", "2xx")): 2.0,
+        (("model", ""), ("provider", "none"), ("status_class", "4xx")): 1.0,
+    }
+    assert counted[("gateway_request_duration_seconds_count", (("model", ""),))] == 3.0
+    attempts = ("gateway_upstream_attempts_total", (("outcome", "ok"), ("provider", "node-a")))
+    assert counted[attempts] == 3.0

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from gateway.cli import main as gateway_main
+from gateway.request_log import NO_MODEL_LABEL
 from tests.support.promql import metric_families, promql_references, query_problems
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -193,6 +194,8 @@ def test_metrics_doc_lists_every_family_and_the_alerts_verbatim() -> None:
     ]
     documented = {rule["alert"]: rule["expr"] for rule in snippets}
     assert documented == {rule["alert"]: rule["expr"] for rule in alert_rules()}
+    # Requests that name no model are counted under the label value the doc gives.
+    assert f'`model="{NO_MODEL_LABEL}"`' in doc
 
 
 def test_gateway_yaml_passes_check_config_with_its_variables_set(

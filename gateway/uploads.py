@@ -1,0 +1,213 @@
+"""A multipart upload streamed through: its head is read until the `model` field is known, the
+rest goes to the upstream as it arrives, with a bounded copy kept so a failed attempt can be
+replayed on the next provider (past the copy's cap, no failover for that request)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway.connections import body_read_timeout, close_after_response
+from gateway.endpoints import ClientRequest
+from gateway.errors import GatewayError
+
+# The most of an upload kept in memory for a replay on failover (and never over max_body_bytes).
+REPLAY_CAP_BYTES = 32 * 1024 * 1024
+# A replay sends what was kept in pieces of this size.
+REPLAY_PIECE_BYTES = 256 * 1024
+
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+_FIELD_NAME = re.compile(rb'content-disposition:[^\r\n]*;\s*name="([^"]*)"', re.IGNORECASE)
+
+
+class UploadSource:
+    """The client's body, read on demand: the head (up to the `model` field) held whole, the
+    bytes after it kept while the total stays within the replay cap."""
+
+    def __init__(self, request: web.Request, *, max_body_bytes: int, replay_cap: int) -> None:
+        self._request = request
+        self._max_body_bytes = max_body_bytes
+        self._replay_cap = min(replay_cap, max_body_bytes)
+        self._timeout = body_read_timeout(request)
+        self._deadline = asyncio.get_running_loop().time() + self._timeout
+        self._lock = asyncio.Lock()
+        self._read = 0
+        self._head_bytes = 0
+        self._kept = bytearray()
+        self._dropped = False
+        self._eof = False
+        self._in_head = True
+        self.failure: GatewayError | None = None
+
+    @property
+    def replayable(self) -> bool:
+        """Whether every byte read so far can still be sent again."""
+        return not self._dropped and self.failure is None
+
+    async def read_head(self) -> bytes:
+        """The next piece of the head (b"" at the end of the body); the head is held whole."""
+        chunk = await self._next()
+        self._head_bytes += len(chunk)
+        return chunk
+
+    def finish_head(self) -> None:
+        """What was read so far is the head: only the bytes after it are kept for replays."""
+        self._in_head = False
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        """The body after the head, from its start: the kept copy first, then the client's."""
+        position = self._head_bytes
+        while True:
+            async with self._lock:
+                if position < self._read:
+                    if self._dropped:
+                        raise RuntimeError("the upload is past its replay cap")
+                    start = position - self._head_bytes
+                    chunk = bytes(self._kept[start : start + REPLAY_PIECE_BYTES])
+                elif self._eof:
+                    return
+                else:
+                    chunk = await self._next()
+                    if not chunk:
+                        return
+            position += len(chunk)
+            yield chunk
+
+    async def _next(self) -> bytes:
+        """One more piece from the client, within the size limit and the body deadline."""
+        if self.failure is not None:
+            raise self.failure
+        if self._eof:
+            return b""
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                chunk = await self._request.content.readany()
+        except TimeoutError:
+            close_after_response(self._request)
+            self.failure = GatewayError(
+                408,
+                f"The request body did not arrive within {self._timeout:g} s.",
+                "body_timeout",
+                headers={"Connection": "close"},
+            )
+            raise self.failure from None
+        if not chunk:
+            self._eof = True
+            return b""
+        self._read += len(chunk)
+        if self._read > self._max_body_bytes:
+            close_after_response(self._request)
+            self._kept = bytearray()
+            self.failure = too_large(self._max_body_bytes, close=True)
+            raise self.failure
+        if not self._in_head and not self._dropped:
+            if self._read <= self._replay_cap:
+                self._kept += chunk
+            else:
+                self._dropped = True
+                self._kept = bytearray()
+        return chunk
+
+
+class Upload:
+    """A transcription form being streamed: what routing needs, and a body for each attempt."""
+
+    def __init__(self, source: UploadSource, head: bytes, request: ClientRequest) -> None:
+        self.source = source
+        self.head = head
+        self.request = request
+
+    def body_for(self, upstream_model: str) -> AsyncIterator[bytes]:
+        """The form for a provider: the head with its model field mapped, then the rest."""
+        head = self.request.body_for(upstream_model) or self.head
+        return _chain(head, self.source)
+
+
+async def _chain(head: bytes, source: UploadSource) -> AsyncIterator[bytes]:
+    yield head
+    async for chunk in source.rest():
+        yield chunk
+
+
+async def open_upload(request: web.Request, *, max_body_bytes: int, replay_cap: int) -> Upload:
+    """Read a multipart form's head until its `model` field is complete (or the body ends);
+    400 when it is not a form or names no model, 413/408 as for any body."""
+    if request.content_length is not None and request.content_length > max_body_bytes:
+        raise too_large(max_body_bytes)
+    content_type = request.headers.get("Content-Type", "")
+    boundary = _BOUNDARY.search(content_type)
+    if not content_type.lower().startswith("multipart/form-data") or boundary is None:
+        raise GatewayError(
+            400, "This endpoint takes a multipart/form-data body.", "invalid_request"
+        )
+    delimiter = b"--" + boundary.group(1).encode("latin-1")
+    source = UploadSource(request, max_body_bytes=max_body_bytes, replay_cap=replay_cap)
+    head = bytearray()
+    while True:
+        chunk = await source.read_head()
+        head += chunk
+        window = head[-(len(chunk) + len(delimiter)) :]
+        if chunk and delimiter not in window:
+            continue
+        fields = form_fields(head, delimiter)
+        if "model" in fields or not chunk:
+            break
+    source.finish_head()
+    raw = bytes(head)
+    del head
+    return Upload(source, raw, form_request(raw, fields))
+
+
+def form_request(raw: bytes, fields: dict[str, tuple[int, int]]) -> ClientRequest:
+    """The routing view of a form's head: its `model` (spliced in place for an upstream id) and
+    `stream`, when that field comes before the model's end."""
+    if "model" not in fields:
+        raise GatewayError(
+            400, "You must provide a model parameter.", "missing_field", param="model"
+        )
+    start, end = fields["model"]
+    model = raw[start:end].decode("utf-8", errors="replace").strip()
+    if not model:
+        raise GatewayError(
+            400, "`model` must be a non-empty string.", "invalid_type", param="model"
+        )
+    stream = "stream" in fields and raw[slice(*fields["stream"])].strip().lower() == b"true"
+
+    def body_for(upstream_model: str) -> bytes:
+        if upstream_model == model:
+            return raw
+        return raw[:start] + upstream_model.encode() + raw[end:]
+
+    return ClientRequest(model, stream, {}, None, body_for)
+
+
+def form_fields(raw: bytes | bytearray, delimiter: bytes) -> dict[str, tuple[int, int]]:
+    """Where each complete named part's value lies in the body (the last one of a name wins)."""
+    fields: dict[str, tuple[int, int]] = {}
+    position = raw.find(delimiter)
+    while position >= 0:
+        start = position + len(delimiter)
+        following = raw.find(delimiter, start)
+        if following < 0:
+            break
+        head_end = raw.find(b"\r\n\r\n", start, following)
+        name = _FIELD_NAME.search(raw, start, head_end) if head_end >= 0 else None
+        if name is not None:
+            value_end = following - 2 if raw[following - 2 : following] == b"\r\n" else following
+            fields[name.group(1).decode("utf-8", errors="replace")] = (head_end + 4, value_end)
+        position = following
+    return fields
+
+
+def too_large(limit: int, *, close: bool = False) -> GatewayError:
+    """The 413 for a body past `server.max_body_bytes` (closing the connection when the rest of
+    the body is left unread)."""
+    return GatewayError(
+        413,
+        f"The request body is larger than the limit of {limit} bytes.",
+        "body_too_large",
+        headers={"Connection": "close"} if close else None,
+    )
