@@ -43,9 +43,9 @@ from bench.harness import (
     write_config,
     write_results,
 )
-from gateway.affinity import SharedAffinity
 from gateway.config import AffinitySettings, hash_key
-from gateway.metrics import Metrics
+from gateway.operations.metrics import Metrics
+from gateway.selection.affinity import SharedAffinity
 
 MODEL = "bench-model"
 NODES = ("node-a", "node-b", "node-c")

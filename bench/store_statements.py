@@ -34,9 +34,9 @@ from affinity_store.notifications import BindingChanges
 from affinity_store.postgres import Pool, PostgresAffinityStore, create_pool
 from affinity_store.store import LEAST_BOUND, Binding, Candidate, Renewal, Spread
 from bench.harness import write_results
-from gateway.affinity import SharedAffinity
 from gateway.config import AffinitySettings
-from gateway.metrics import Metrics
+from gateway.operations.metrics import Metrics
+from gateway.selection.affinity import SharedAffinity
 
 PERIOD_SECONDS = 30
 CONCURRENCY = 64

@@ -17,26 +17,26 @@ from affinity_store.memory import MemoryAffinityStore
 from affinity_store.notifications import BindingChanges
 from affinity_store.postgres import Pool, PostgresAffinityStore
 from affinity_store.store import AffinityStore
-from gateway import admin
-from gateway.affinity import SharedAffinity
 from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.cors import Cors
-from gateway.database import database_url, describe_database, open_pool
-from gateway.endpoints import ENDPOINTS, EndpointSpec
-from gateway.errors import GatewayError, error_body, error_response
-from gateway.health import ProviderHealth
-from gateway.load import LoadPoller
-from gateway.metrics import Metrics, exposition
-from gateway.openapi import OpenApiEndpoint
-from gateway.permits import ProviderPermits
-from gateway.reload import Reloader
-from gateway.requestid import request_id_of
-from gateway.router import RouterMemory
-from gateway.runtime import Lifecycle, ProcessState, RuntimeHolder, build_runtime
-from gateway.status import collect_status
-from gateway.status_page import render_status
-from gateway.upstream import create_client_session
+from gateway.dispatch.health import ProviderHealth
+from gateway.dispatch.load import LoadPoller
+from gateway.dispatch.permits import ProviderPermits
+from gateway.dispatch.upstream import create_client_session
+from gateway.edge.cors import Cors
+from gateway.edge.endpoints import ENDPOINTS, EndpointSpec
+from gateway.edge.errors import GatewayError, error_body, error_response
+from gateway.edge.openapi import OpenApiEndpoint
+from gateway.edge.requestid import request_id_of
+from gateway.operations import admin
+from gateway.operations.metrics import Metrics, exposition
+from gateway.operations.reload import Reloader
+from gateway.operations.runtime import Lifecycle, ProcessState, RuntimeHolder, build_runtime
+from gateway.operations.status import collect_status
+from gateway.operations.status_page import render_status
+from gateway.selection.affinity import SharedAffinity
+from gateway.selection.database import database_url, describe_database, open_pool
+from gateway.selection.router import RouterMemory
 
 logger = structlog.get_logger("gateway.app")
 
@@ -68,7 +68,7 @@ def create_app(
 
     Bindings go to `store` when given, else to the Postgres at `database.url`; with neither,
     they stay in this process (a warning says so). `metrics_directory` is set when several
-    workers share their metrics (see `gateway.metrics`).
+    workers share their metrics (see `gateway.operations.metrics`).
     """
     cors = Cors(settings.server.cors_allow_origins) if settings.server.cors_allow_origins else None
     app = web.Application(

@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "bindings":
         return _bindings(options)
     if command == "demo":
-        from gateway.demo import run_demo  # noqa: PLC0415 - keep start-up lean
+        from gateway.operations.demo import run_demo  # noqa: PLC0415 - keep start-up lean
 
         return run_demo(port=options.port, workers=options.workers)
     parser.print_help(sys.stderr)
@@ -124,7 +124,7 @@ def _load_or_report(path: str) -> LoadedConfig | None:
 
 
 def _serve(options: argparse.Namespace) -> int:
-    from gateway.serve import serve  # noqa: PLC0415 - keep start-up lean
+    from gateway.operations.serve import serve  # noqa: PLC0415 - keep start-up lean
 
     loaded = _load_or_report(options.config)
     if loaded is None:
@@ -164,7 +164,7 @@ def _reload(options: argparse.Namespace) -> int:
 
 
 def _config_schema() -> int:
-    from gateway.config_schema import config_schema_json  # noqa: PLC0415 - keep start-up lean
+    from gateway.operations.config_schema import config_schema_json  # noqa: PLC0415 - keep start-up lean
 
     sys.stdout.write(config_schema_json())
     return 0
@@ -185,7 +185,7 @@ def _check_config(path: str) -> int:
 def _migrate(path: str) -> int:
     import asyncio  # noqa: PLC0415 - keep start-up lean
 
-    from gateway.database import apply_pending, provisioned  # noqa: PLC0415
+    from gateway.selection.database import apply_pending, provisioned  # noqa: PLC0415
 
     loaded = _load_or_report(path)
     if loaded is None:
@@ -199,7 +199,7 @@ def _migrate(path: str) -> int:
 def _bindings(options: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415 - keep start-up lean
 
-    from gateway.database import list_bindings, provisioned  # noqa: PLC0415
+    from gateway.selection.database import list_bindings, provisioned  # noqa: PLC0415
 
     loaded = _load_or_report(options.config)
     if loaded is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gateway.demo import DEMO_KEY, DEMO_MODEL
+from gateway.operations.demo import DEMO_KEY, DEMO_MODEL
 from tests.support.gateway import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]

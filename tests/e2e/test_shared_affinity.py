@@ -13,8 +13,8 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.affinity import AGREEMENT_MIN_BINDINGS
 from gateway.config import hash_key
+from gateway.selection.affinity import AGREEMENT_MIN_BINDINGS
 from tests.support.gateway import GatewayProcess, answers, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess

@@ -6,7 +6,7 @@ import aiohttp
 import orjson
 from aiohttp.test_utils import TestServer
 
-from gateway.openapi import load_spec
+from gateway.edge.openapi import load_spec
 from gateway.simulator import Faults
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.gateway import TEST_KEY, build_settings, chat_body

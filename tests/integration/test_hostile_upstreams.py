@@ -15,10 +15,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.dispatch import MAX_RESPONSE_BYTES
+from gateway.dispatch.dispatcher import MAX_RESPONSE_BYTES
+from gateway.dispatch.upstream import MAX_SSE_EVENT_BYTES
 from gateway.simulator import Faults
 from gateway.simulator.options import Mode
-from gateway.upstream import MAX_SSE_EVENT_BYTES
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.gateway import TEST_KEY, TEST_MODEL, build_settings, chat_body
 

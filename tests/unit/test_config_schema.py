@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from gateway.cli import main as gateway_main
-from gateway.config_schema import config_schema
+from gateway.operations.config_schema import config_schema
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = PROJECT_ROOT / "docs" / "config.schema.json"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gateway.deadlines import AdaptiveDeadline, await_within
+from gateway.selection.deadlines import AdaptiveDeadline, await_within
 
 
 async def answer_after(seconds: float) -> str:
@@ -77,7 +77,7 @@ async def test_the_limit_bounds_the_wait_even_when_the_loop_lags() -> None:
 
 def test_an_adaptive_deadline_follows_the_store_pace_within_bounds() -> None:
     """Configured when fast or unmeasured; twice the slowest recent call when slower; capped."""
-    deadline = AdaptiveDeadline(0.05, limit_factor=10, multiple=2, window=4)
+    deadline = AdaptiveDeadline(0.05, limit_factor=10, limit_floor=0.1, multiple=2, window=4)
     assert deadline.budget() == 0.05
     for _ in range(4):
         deadline.observe(0.001)

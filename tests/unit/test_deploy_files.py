@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from gateway.cli import main as gateway_main
-from gateway.request_log import NO_MODEL_LABEL
+from gateway.edge.request_log import NO_MODEL_LABEL
 from tests.support.promql import metric_families, promql_references, query_problems
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -413,7 +413,7 @@ def test_kustomization_applies_every_manifest_but_the_secret_example() -> None:
 def test_k8s_prestop_matches_the_drain_delay_and_the_grace_period_covers_shutdown() -> None:
     """preStop sleeps `drain_delay_seconds`; the grace period covers preStop, the lame duck and
     the in-flight drain; probes, resources and a non-root read-only container everywhere."""
-    from gateway.serve import SETTLE_TIMEOUT_SECONDS
+    from gateway.operations.serve import SETTLE_TIMEOUT_SECONDS
 
     documents = k8s_documents()
     pod = documents["Deployment"]["spec"]["template"]["spec"]

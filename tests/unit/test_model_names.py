@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.model_names import AnswerRenamer, ModelRenamer, replace_model
+from gateway.edge.model_names import AnswerRenamer, ModelRenamer, replace_model
 
 UPSTREAM = "meta-llama/Llama-3.1-8B-Instruct"
 PUBLIC = "llama-3.1-8b"

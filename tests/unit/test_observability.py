@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import structlog
 
-from gateway.observability import RepeatLimiter, configure_logging
+from gateway.operations.observability import RepeatLimiter, configure_logging
 
 
 def test_identical_warnings_pass_once_per_interval_and_count_the_rest() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from email.utils import formatdate
 
-from gateway.outcomes import Attempt, exhausted, retry_after_seconds, upstream_message
+from gateway.dispatch.outcomes import Attempt, exhausted, retry_after_seconds, upstream_message
 
 NOW = 1_800_000_000.0
 

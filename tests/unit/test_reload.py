@@ -9,9 +9,9 @@ import pytest
 
 from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.health import ProviderHealth
-from gateway.permits import ProviderPermits
-from gateway.reload import RESTART_ONLY, keep_restart_only
+from gateway.dispatch.health import ProviderHealth
+from gateway.dispatch.permits import ProviderPermits
+from gateway.operations.reload import RESTART_ONLY, keep_restart_only
 from tests.support.gateway import TEST_MODEL, settings_dict
 
 NODES = {"node-a": "http://127.0.0.1:9001", "node-b": "http://127.0.0.1:9002"}

@@ -8,8 +8,8 @@ from dataclasses import replace
 from html.parser import HTMLParser
 from typing import Any
 
-from gateway.status import ProviderRow, RecentDecision, StatusSnapshot
-from gateway.status_page import render_status
+from gateway.operations.status import ProviderRow, RecentDecision, StatusSnapshot
+from gateway.operations.status_page import render_status
 
 HOSTILE = "<script>alert('x')</script>&\""
 

@@ -8,11 +8,11 @@ from collections import deque
 import structlog
 
 from gateway.catalog import Key
-from gateway.dispatch import DispatchRecord
-from gateway.metrics import Metrics
-from gateway.status import RecentDecision
+from gateway.dispatch.dispatcher import DispatchRecord
+from gateway.operations.metrics import Metrics
+from gateway.operations.status import RecentDecision
 
-logger = structlog.get_logger("gateway.proxy")
+logger = structlog.get_logger("gateway.edge.proxy")
 
 # The `model` label of requests to endpoints that name no model (a stored response by id).
 NO_MODEL_LABEL = ""

@@ -18,10 +18,10 @@ from pydantic import BaseModel
 
 from gateway.config import Settings
 from gateway.config_loading import ConfigError, load_config
-from gateway.metrics import Metrics
-from gateway.runtime import ProcessState, RuntimeHolder, build_runtime
+from gateway.operations.metrics import Metrics
+from gateway.operations.runtime import ProcessState, RuntimeHolder, build_runtime
 
-logger = structlog.get_logger("gateway.reload")
+logger = structlog.get_logger("gateway.operations.reload")
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 # Why each needs a restart: the listener and its connection limits, the worker processes, the

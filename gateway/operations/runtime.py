@@ -18,18 +18,18 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from affinity_store.store import AffinityStore
-from gateway.affinity import SharedAffinity
 from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.dispatch import Dispatcher
-from gateway.health import ProviderHealth
-from gateway.load import LoadPoller
-from gateway.metrics import Metrics
-from gateway.permits import KeyLimits, ProviderPermits
-from gateway.proxy import RECENT_DECISIONS, Proxy
-from gateway.responses import ResponseBindings
-from gateway.router import Router, RouterMemory
-from gateway.status import RecentDecision
+from gateway.dispatch.dispatcher import Dispatcher
+from gateway.dispatch.health import ProviderHealth
+from gateway.dispatch.load import LoadPoller
+from gateway.dispatch.permits import KeyLimits, ProviderPermits
+from gateway.edge.proxy import RECENT_DECISIONS, Proxy
+from gateway.edge.responses import ResponseBindings
+from gateway.operations.metrics import Metrics
+from gateway.operations.status import RecentDecision
+from gateway.selection.affinity import SharedAffinity
+from gateway.selection.router import Router, RouterMemory
 
 
 def settings_digest(settings: Settings) -> str:

@@ -54,7 +54,8 @@ async def await_within(awaitable: Awaitable[T], *, budget: float, limit: float) 
 
 class AdaptiveDeadline:
     """A kind of store call's deadline: the configured one, stretched to a multiple of the
-    slowest of the recent successful calls, never beyond `limit_factor` times the configured one.
+    slowest of the recent successful calls, never beyond `limit_factor` times the configured one
+    (or `limit_floor`, whichever is longer).
 
     Like TCP's retransmission timeout, it follows the store's own recent pace: a database whose
     calls take up to 40 ms while a cold fleet starts keeps an 80 ms deadline, and the configured
@@ -66,11 +67,13 @@ class AdaptiveDeadline:
         configured: float,
         *,
         limit_factor: float = 10,
+        limit_floor: float = 1.0,
         multiple: float = 2,
         window: int = 32,
     ) -> None:
         self.configured = configured
-        self.limit = configured * limit_factor
+        # A host too busy to answer a 50 ms look-up in 500 ms is busy everywhere: allow a second.
+        self.limit = max(configured * limit_factor, limit_floor)
         self._multiple = multiple
         self._recent: deque[float] = deque(maxlen=window)
 

@@ -8,7 +8,7 @@ import hmac
 from aiohttp import web
 
 from affinity_store.store import AffinityStore, StoreError
-from gateway.errors import GatewayError
+from gateway.edge.errors import GatewayError
 
 ADMIN_TIMEOUT_SECONDS = 2.0
 MAX_LISTED = 10_000

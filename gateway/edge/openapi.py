@@ -19,7 +19,7 @@ def spec_file() -> Traversable:
     packaged = resources.files("gateway") / SPEC_NAME
     if packaged.is_file():
         return packaged
-    return Path(__file__).resolve().parent.parent / "docs" / SPEC_NAME
+    return Path(__file__).resolve().parents[2] / "docs" / SPEC_NAME
 
 
 def load_spec() -> dict[str, Any]:

@@ -17,12 +17,10 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
-from gateway.errors import GatewayError, sse_error_event
-from gateway.health import ProviderHealth
-from gateway.model_names import Renamer
-from gateway.outcomes import Attempt, RetryableAttemptError, exhausted, failed_status
-from gateway.permits import ProviderPermits
-from gateway.upstream import (
+from gateway.dispatch.health import ProviderHealth
+from gateway.dispatch.outcomes import Attempt, RetryableAttemptError, exhausted, failed_status
+from gateway.dispatch.permits import ProviderPermits
+from gateway.dispatch.upstream import (
     EventStreamFraming,
     close_response,
     downstream_headers,
@@ -33,8 +31,10 @@ from gateway.upstream import (
     upstream_headers,
     usable_answer,
 )
+from gateway.edge.errors import GatewayError, sse_error_event
+from gateway.edge.model_names import Renamer
 
-logger = structlog.get_logger("gateway.dispatch")
+logger = structlog.get_logger("gateway.dispatch.dispatcher")
 
 # A non-streamed answer is held in memory before it is sent; beyond this it is refused.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024

@@ -14,7 +14,7 @@ import structlog
 from gateway.catalog import Provider
 from gateway.config import SpillSettings
 
-logger = structlog.get_logger("gateway.load")
+logger = structlog.get_logger("gateway.dispatch.load")
 
 LOAD_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 MAX_METRICS_BYTES = 4 * 1024 * 1024

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from gateway.errors import GatewayError
-from gateway.payload import Endpoint, parse_payload
+from gateway.edge.errors import GatewayError
+from gateway.edge.payload import Endpoint, parse_payload
 
 BodyKind = Literal["json", "multipart", "none"]
 StickinessKind = Literal["model", "none", "response"]
@@ -62,7 +62,7 @@ def parse_request(spec: EndpointSpec, raw: bytes) -> ClientRequest:
     if spec.body == "none":
         return ClientRequest(None, False, {}, None, lambda upstream_model: None)
     if spec.body == "multipart":
-        raise ValueError("multipart bodies are streamed through: see gateway.uploads")
+        raise ValueError("multipart bodies are streamed through: see gateway.edge.uploads")
     payload = parse_payload(raw, spec.fields)
     previous = payload.data.get("previous_response_id")
     if previous is not None and (not isinstance(previous, str) or not previous):

@@ -17,7 +17,7 @@ import yaml
 
 from gateway.config import hash_key
 from gateway.config_loading import load_config
-from gateway.serve import serve
+from gateway.operations.serve import serve
 
 DEMO_KEY = "sk-demo-affinity-gateway"
 DEMO_MODEL = "demo-llama"

@@ -17,7 +17,7 @@ from affinity_store.postgres import Pool, PostgresAffinityStore, create_pool
 from affinity_store.store import Binding, StoreError
 from gateway.config import Settings
 
-logger = structlog.get_logger("gateway.database")
+logger = structlog.get_logger("gateway.selection.database")
 
 MIGRATION_TIMEOUT_SECONDS = 60.0
 CLI_TIMEOUT_SECONDS = 30.0

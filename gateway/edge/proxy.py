@@ -14,17 +14,18 @@ import structlog
 from aiohttp import web
 
 from gateway.catalog import Catalog, Key, Provider
-from gateway.connections import body_read_timeout, close_after_response
-from gateway.dispatch import Dispatcher, DispatchRecord, DispatchRequest, RequestBody
-from gateway.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
-from gateway.errors import GatewayError
-from gateway.metrics import Metrics
-from gateway.model_names import AnswerRenamer, ModelRenamer, Renamer
-from gateway.permits import KeyLimits, concurrency_headers
-from gateway.request_log import record_request
-from gateway.requestid import request_id_of
-from gateway.responses import ResponseBindings, node_gone
-from gateway.router import RequestContext, Router, RoutingDecision
+from gateway.dispatch.dispatcher import Dispatcher, DispatchRecord, DispatchRequest, RequestBody
+from gateway.dispatch.permits import KeyLimits, concurrency_headers
+from gateway.edge.connections import body_read_timeout, close_after_response
+from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
+from gateway.edge.errors import GatewayError
+from gateway.edge.model_names import AnswerRenamer, ModelRenamer, Renamer
+from gateway.edge.request_log import record_request
+from gateway.edge.requestid import request_id_of
+from gateway.edge.responses import ResponseBindings, node_gone
+from gateway.edge.uploads import REPLAY_CAP_BYTES, Upload, open_upload, too_large
+from gateway.operations.metrics import Metrics
+from gateway.operations.status import RecentDecision
 from gateway.routing.automodel import (
     AutoModelDisabled,
     InvalidAutoRoute,
@@ -32,10 +33,9 @@ from gateway.routing.automodel import (
     resolve,
 )
 from gateway.routing.sessions import session_id_from
-from gateway.status import RecentDecision
-from gateway.uploads import REPLAY_CAP_BYTES, Upload, open_upload, too_large
+from gateway.selection.router import RequestContext, Router, RoutingDecision
 
-logger = structlog.get_logger("gateway.proxy")
+logger = structlog.get_logger("gateway.edge.proxy")
 
 RECENT_DECISIONS = 50
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gateway.catalog import Key, Provider
-from gateway.errors import GatewayError
+from gateway.edge.errors import GatewayError
 
 
 @dataclass

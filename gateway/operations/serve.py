@@ -26,12 +26,12 @@ from prometheus_client import multiprocess
 from gateway.app import LIFECYCLE, RELOADER, RUNTIME, create_app, create_metrics_app
 from gateway.config import Settings
 from gateway.config_loading import ConfigError, load_config
-from gateway.connections import ConnectionLimits, GuardedSite
-from gateway.database import provisioned
-from gateway.observability import configure_logging
-from gateway.reload import keep_restart_only
+from gateway.edge.connections import ConnectionLimits, GuardedSite
+from gateway.operations.observability import configure_logging
+from gateway.operations.reload import keep_restart_only
+from gateway.selection.database import provisioned
 
-logger = structlog.get_logger("gateway.serve")
+logger = structlog.get_logger("gateway.operations.serve")
 
 # Worker restarts back off so a worker that dies at start-up cannot spin the supervisor.
 RESTART_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
@@ -63,7 +63,7 @@ async def serve_worker(
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain as a lame duck; SIGHUP reloads `config_path`.
 
-    Connections are guarded by the `server` section's limits (see `gateway.connections`). With
+    Connections are guarded by the `server` section's limits (see `gateway.edge.connections`). With
     `parent_pid`, the worker never outlives that process (see `die_with_parent`).
     """
     # Never outlive the supervisor, from the first moment on.

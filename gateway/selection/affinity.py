@@ -21,12 +21,12 @@ from affinity_store.store import (
     StoreError,
     StoreTimeout,
 )
-from gateway.breaker import Breaker, BreakerState
 from gateway.config import AffinitySettings
-from gateway.deadlines import AdaptiveDeadline, await_within
-from gateway.metrics import Metrics
+from gateway.operations.metrics import Metrics
+from gateway.selection.breaker import Breaker, BreakerState
+from gateway.selection.deadlines import AdaptiveDeadline, await_within
 
-logger = structlog.get_logger("gateway.affinity")
+logger = structlog.get_logger("gateway.selection.affinity")
 
 LOCAL_CACHE_CAPACITY = 250_000
 JANITOR_BATCH_SIZE = 1000

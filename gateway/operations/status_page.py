@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Mapping
 from html import escape
 
-from gateway.status import ProviderRow, RecentDecision, StatusSnapshot
+from gateway.operations.status import ProviderRow, RecentDecision, StatusSnapshot
 
 # Inline on purpose: the page must work with no asset routes, no build step and no network.
 STYLE = """

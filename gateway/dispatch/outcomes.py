@@ -12,7 +12,7 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 import orjson
 
-from gateway.errors import GatewayError
+from gateway.edge.errors import GatewayError
 
 RETRYABLE_STATUSES = frozenset({408, 429})
 # A provider's own credential refused: its misconfiguration, never the client's key.

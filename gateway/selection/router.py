@@ -16,13 +16,12 @@ from typing import Literal
 import structlog
 
 from affinity_store.store import Candidate
-from gateway.affinity import CachedBinding, SharedAffinity
 from gateway.catalog import Catalog, Key, Provider
 from gateway.config import RoutingSettings, SpillSettings
-from gateway.health import ProviderHealth
-from gateway.load import LoadPoller, should_spill
-from gateway.metrics import Metrics
-from gateway.permits import ProviderPermits
+from gateway.dispatch.health import ProviderHealth
+from gateway.dispatch.load import LoadPoller, should_spill
+from gateway.dispatch.permits import ProviderPermits
+from gateway.operations.metrics import Metrics
 from gateway.routing.latency import LatencyTracker
 from gateway.routing.ordering import (
     OrderingRequest,
@@ -40,8 +39,9 @@ from gateway.routing.preferences import (
 )
 from gateway.routing.rendezvous import rendezvous_order
 from gateway.routing.sessions import SessionTable
+from gateway.selection.affinity import CachedBinding, SharedAffinity
 
-logger = structlog.get_logger("gateway.router")
+logger = structlog.get_logger("gateway.selection.router")
 
 AffinityKind = Literal["hit", "miss", "rebound", "spill", "preferred", "degraded", "none"]
 # Rules below these in the sort key only break ties, so candidates separated by them are

@@ -11,7 +11,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
-from gateway.outcomes import RetryableAttemptError
+from gateway.dispatch.outcomes import RetryableAttemptError
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the ones the gateway owns or recomputes.
 HOP_BY_HOP = frozenset(

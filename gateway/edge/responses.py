@@ -9,10 +9,10 @@ import structlog
 from affinity_store.store import AffinityStore, StoreError
 from gateway.catalog import Catalog, Key, Provider
 from gateway.config import AffinitySettings
-from gateway.errors import GatewayError
-from gateway.upstream import first_event
+from gateway.dispatch.upstream import first_event
+from gateway.edge.errors import GatewayError
 
-logger = structlog.get_logger("gateway.responses")
+logger = structlog.get_logger("gateway.edge.responses")
 
 
 class ResponseBindings:

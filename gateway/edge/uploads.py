@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway.connections import body_read_timeout, close_after_response
-from gateway.endpoints import ClientRequest
-from gateway.errors import GatewayError
+from gateway.edge.connections import body_read_timeout, close_after_response
+from gateway.edge.endpoints import ClientRequest
+from gateway.edge.errors import GatewayError
 
 # The most of an upload kept in memory for a replay on failover (and never over max_body_bytes).
 REPLAY_CAP_BYTES = 32 * 1024 * 1024

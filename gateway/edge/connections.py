@@ -28,9 +28,9 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from gateway.config import ServerSettings
-from gateway.errors import error_body, error_response
+from gateway.edge.errors import error_body, error_response
 
-logger = structlog.get_logger("gateway.connections")
+logger = structlog.get_logger("gateway.edge.connections")
 
 # aiohttp's own limit for one header line and for the request line.
 AIOHTTP_LINE_LIMIT = 8190

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from affinity_store.store import StoreError
 
 if TYPE_CHECKING:
-    from gateway.runtime import Runtime
+    from gateway.operations.runtime import Runtime
 
 STATUS_STORE_TIMEOUT_SECONDS = 0.5
 
