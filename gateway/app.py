@@ -187,6 +187,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         responses=ResponseBindings(app[STORE], catalog, settings.affinity),
         max_body_bytes=settings.server.max_body_bytes,
         mode_header=settings.routing.mode_header,
+        request_compression=settings.server.request_compression,
     )
     await poller.start()
     refresher = asyncio.create_task(_refresh_gauges(router), name="gauge-refresher")

@@ -60,6 +60,7 @@ class ServerSettings(Section):
     max_header_count: PositiveInt = 100
     max_connections_per_worker: PositiveInt = 1024
     cors_allow_origins: list[str] = Field(default_factory=list)
+    request_compression: bool = False
 
     @field_validator("admin_token", mode="after")
     @classmethod

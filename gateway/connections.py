@@ -126,6 +126,9 @@ class GuardedRequestHandler(web.RequestHandler):
             max_headers=limits.max_header_count,
             lingering_time=min(AIOHTTP_LINGERING_SECONDS, limits.body_read_timeout),
             access_log_class=_NoAccessLog,
+            # Bodies stay as sent: a compressed body is refused, or decoded by the handler after
+            # authentication and within limits (`gateway.request_body`), never by the parser.
+            auto_decompress=False,
         )
         self.limits = limits
         self._on_lost = on_lost

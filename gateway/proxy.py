@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -21,6 +21,7 @@ from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.model_names import AnswerRenamer, ModelRenamer, Renamer
 from gateway.permits import KeyLimits, concurrency_headers
+from gateway.request_body import IDENTITY, check_encoding, content_encoding, decode_body
 from gateway.request_log import record_request
 from gateway.requestid import request_id_of
 from gateway.responses import ResponseBindings, node_gone
@@ -66,6 +67,7 @@ class Proxy:
         responses: ResponseBindings,
         max_body_bytes: int,
         mode_header: str,
+        request_compression: bool = False,
     ) -> None:
         self.catalog = catalog
         self.responses = responses
@@ -76,6 +78,7 @@ class Proxy:
         self.recent: deque[RecentDecision] = deque(maxlen=RECENT_DECISIONS)
         self._max_body_bytes = max_body_bytes
         self._mode_header = mode_header
+        self._request_compression = request_compression
 
     def authenticate(self, request: web.Request) -> Key:
         """The key of a `Bearer` Authorization header (or an `api-key` / `x-api-key` header),
@@ -154,12 +157,18 @@ class Proxy:
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body: 413 past `max_body_bytes`, 408 when it is not all there in time."""
+        encoding = content_encoding(request.headers.get("Content-Encoding"))
+        check_encoding(encoding, allowed=self._request_compression)
         if request.content_length is not None and request.content_length > self._max_body_bytes:
             raise _too_large(self._max_body_bytes)
         timeout = body_read_timeout(request)
         try:
             async with asyncio.timeout(timeout):
-                return await request.read()
+                if encoding in IDENTITY:
+                    return await request.read()
+                return await decode_body(
+                    _pieces(request, self._max_body_bytes), encoding, self._max_body_bytes
+                )
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(self._max_body_bytes) from None
         except TimeoutError:
@@ -391,6 +400,16 @@ def _upstream_path(request: web.Request, spec: EndpointSpec) -> str:
         path = path.format_map({RESPONSE_ID: quote(request.match_info[RESPONSE_ID], safe="")})
     query = request.rel_url.raw_query_string
     return f"{path}?{query}" if query else path
+
+
+async def _pieces(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    """The body as it arrives, undecoded: 413 past `limit` bytes received."""
+    received = 0
+    async for piece in request.content.iter_any():
+        received += len(piece)
+        if received > limit:
+            raise _too_large(limit)
+        yield piece
 
 
 def _response_id(request: web.Request, parsed: ClientRequest) -> str:

@@ -33,6 +33,7 @@ NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | {
     "api-key",  # the client's key in its Azure- or Anthropic-style headers
     "x-api-key",
     "content-length",
+    "content-encoding",  # a compressed client body is refused or sent upstream decoded
     "accept-encoding",  # the gateway asks for identity bodies so streams pass through unchanged
     "cookie",
     "forwarded",
