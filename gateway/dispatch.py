@@ -28,6 +28,7 @@ from gateway.upstream import (
     is_success,
     read_opening,
     read_rest,
+    redact,
     request_timeout,
     upstream_headers,
     usable_answer,
@@ -197,7 +198,7 @@ class Dispatcher:
                     allow_redirects=False,
                     timeout=request_timeout(timeouts, job.stream),
                 )
-                failure = await failed_status(response)
+                failure = await failed_status(response, provider.credential)
                 if failure is not None:
                     raise failure
                 first_chunk = await read_opening(response, job.stream, self._max_first_event_bytes)
@@ -276,6 +277,9 @@ class Dispatcher:
         record.status = response.status
         renamer = job.renamer(provider) if is_success(response) else None
         answer = renamer.whole(body) if renamer is not None else body
+        if not is_success(response):
+            # An error may echo what the upstream received: never the provider's credential.
+            answer = redact(bytes(answer), provider.credential)
         record.bytes_sent = len(answer)
         return web.Response(
             status=response.status, body=answer, headers=self._headers(job, provider, response)
@@ -284,7 +288,7 @@ class Dispatcher:
     def _headers(
         self, job: DispatchRequest, provider: Provider, response: aiohttp.ClientResponse
     ) -> CIMultiDict[str]:
-        headers = downstream_headers(response.headers)
+        headers = downstream_headers(response.headers, provider.credential)
         headers.update(job.response_headers(provider))
         headers["x-gateway-provider"] = provider.name
         headers["x-request-id"] = job.request_id

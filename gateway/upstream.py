@@ -13,35 +13,19 @@ from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
 from gateway.outcomes import RetryableAttemptError
 
-# RFC 9110 §7.6.1 hop-by-hop headers, plus the ones the gateway owns or recomputes.
-HOP_BY_HOP = frozenset(
+# Client headers that go upstream: what an OpenAI-compatible server reads, nothing else. The
+# gateway sets `Authorization` (the provider's own credential), `x-request-id` and
+# `Accept-Encoding` itself; the client's key, cookies, forwarding and hop-by-hop headers, headers
+# named in `Connection:`, organisation and project ids stay at the gateway.
+UPSTREAM_ALLOWED = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        "content-type",
+        "accept",
+        "openai-beta",  # OpenAI's opt-in to beta API shapes
+        "idempotency-key",
     }
 )
-NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | {
-    "host",
-    "authorization",
-    "api-key",  # the client's key in its Azure- or Anthropic-style headers
-    "x-api-key",
-    "content-length",
-    "content-encoding",  # a compressed client body is refused or sent upstream decoded
-    "accept-encoding",  # the gateway asks for identity bodies so streams pass through unchanged
-    "cookie",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-real-ip",
-}
+REDACTED = "[redacted]"
 # Upstream response headers that reach the client, and those renamed on the way: an upstream's
 # own ids and timings are told apart from the gateway's; anything else (account rate limits,
 # organisation, cookies, server software) stays upstream.
@@ -83,18 +67,27 @@ def create_client_session(routing: RoutingSettings) -> aiohttp.ClientSession:
 def upstream_headers(
     incoming: Mapping[str, str], provider: Provider, request_id: str, drop: frozenset[str]
 ) -> CIMultiDict[str]:
-    """Headers for the upstream request: the client's, minus hop-by-hop and its credential."""
+    """Headers for the upstream request: the client's that pass `UPSTREAM_ALLOWED` (less
+    `drop`), the request id, and the provider's credential."""
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lowered = name.lower()
-        if lowered in NOT_FORWARDED_UPSTREAM or lowered in drop or lowered.startswith("x-gateway-"):
-            continue
-        headers.add(name, value)
+        if lowered in UPSTREAM_ALLOWED and lowered not in drop:
+            headers.add(name, value)
     headers["x-request-id"] = request_id
     headers["Accept-Encoding"] = "identity"
     if provider.credential:
         headers["Authorization"] = f"Bearer {provider.credential}"
     return headers
+
+
+def redact(data: bytes, secret: str | None) -> bytes:
+    """`data` with every copy of `secret` (as sent, or JSON-escaped) replaced by `[redacted]`."""
+    if not secret:
+        return data
+    for form in {secret, orjson.dumps(secret).decode()[1:-1]}:
+        data = data.replace(form.encode(), REDACTED.encode())
+    return data
 
 
 def request_timeout(timeouts: Timeouts, stream: bool) -> aiohttp.ClientTimeout:
@@ -107,15 +100,17 @@ def request_timeout(timeouts: Timeouts, stream: bool) -> aiohttp.ClientTimeout:
     )
 
 
-def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream response headers that may reach the client, through the allow-list."""
+def downstream_headers(upstream: CIMultiDictProxy[str], secret: str | None) -> CIMultiDict[str]:
+    """The upstream response headers that may reach the client, through the allow-list, with
+    the provider's `secret` redacted from their values."""
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lowered = name.lower()
+        shown = value.replace(secret, REDACTED) if secret else value
         if lowered in DOWNSTREAM_ALLOWED:
-            headers.add(name, value)
+            headers.add(name, shown)
         elif lowered in DOWNSTREAM_RENAMED:
-            headers[DOWNSTREAM_RENAMED[lowered]] = value
+            headers[DOWNSTREAM_RENAMED[lowered]] = shown
     return headers
 
 
