@@ -21,6 +21,7 @@ from gateway import admin
 from gateway.affinity import SharedAffinity
 from gateway.catalog import Catalog
 from gateway.config import Settings
+from gateway.connections import SERVER_NAME
 from gateway.cors import Cors
 from gateway.database import database_url, describe_database, open_pool
 from gateway.dispatch import Dispatcher
@@ -88,7 +89,9 @@ def create_app(
     app.cleanup_ctx.append(client_session_context)
 
     for spec in ENDPOINTS:
-        app.router.add_route(spec.method, spec.path, _endpoint(spec))
+        app.router.add_route(
+            spec.method, spec.path, _endpoint(spec), expect_handler=expect_continue
+        )
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model:.+}", model)
     app.router.add_get("/healthz", healthz)
@@ -250,8 +253,10 @@ def _http_error(error: web.HTTPException, headers: dict[str, str]) -> web.Respon
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """Every response carries the gateway's `x-request-id`, streams included."""
+    """Every response carries the gateway's `x-request-id`, streams included, and a `Server`
+    header without a version."""
     response.headers["x-request-id"] = request_id_of(request)
+    response.headers["Server"] = SERVER_NAME
 
 
 def _endpoint(spec: EndpointSpec) -> Handler:
@@ -260,6 +265,11 @@ def _endpoint(spec: EndpointSpec) -> Handler:
 
     proxied.__doc__ = f"Proxy `{spec.method} {spec.path}`."
     return proxied
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` on a proxied endpoint: checked before the body is asked for."""
+    return await request.app[PROXY].expect_continue(request)
 
 
 async def models(request: web.Request) -> web.StreamResponse:

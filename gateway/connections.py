@@ -39,6 +39,8 @@ AIOHTTP_LINGERING_SECONDS = 10.0
 LINGER_SECONDS = 1.0
 # A request head ends at an empty line; aiohttp's parser also accepts a bare LF as line end.
 HEAD_ENDS = (b"\n\n", b"\n\r\n")
+# The `Server` header of every answer: the product, never its version or aiohttp's.
+SERVER_NAME = "affinity-gateway"
 DEFAULT_BODY_READ_TIMEOUT_SECONDS: float = ServerSettings.model_fields[
     "body_read_timeout_seconds"
 ].default
@@ -167,6 +169,8 @@ class GuardedRequestHandler(web.RequestHandler):
         While an unread body still arrives, aiohttp lingers over it (`lingering_time`); those
         bytes are no head, so a head after them is left to aiohttp's keep-alive timer.
         """
+        if not resp.prepared:
+            resp.headers["Server"] = SERVER_NAME
         outcome = await super().finish_response(request, resp, start_time)
         if self._close_after:
             self.force_close()
@@ -386,6 +390,7 @@ def raw_error_response(
         "Content-Type: application/json",
         f"Content-Length: {len(body)}",
         "Connection: close",
+        f"Server: {SERVER_NAME}",
         f"x-request-id: {_new_request_id()}",
     ]
     if retry_after is not None:

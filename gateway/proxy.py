@@ -11,13 +11,13 @@ from typing import Any
 from urllib.parse import quote
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from gateway.catalog import Catalog, Key, Provider
 from gateway.connections import body_read_timeout, close_after_response
 from gateway.dispatch import Dispatcher, DispatchRecord, DispatchRequest
 from gateway.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, is_utf8
 from gateway.metrics import Metrics
 from gateway.model_names import AnswerRenamer, ModelRenamer, Renamer
 from gateway.permits import KeyLimits, concurrency_headers
@@ -97,10 +97,32 @@ class Proxy:
                 "Missing API key: send `Authorization: Bearer <key>` (or an `api-key` header).",
                 "missing_api_key",
             )
-        key = self.catalog.authenticate(token)
+        key = self.catalog.authenticate(token) if is_utf8(token) else None
         if key is None:
             raise GatewayError(401, "Invalid API key.", "invalid_api_key")
         return key
+
+    async def expect_continue(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: the client is asked for its body only once the key, the
+        declared size and the body's coding pass; else the error, and the connection closes."""
+        try:
+            if request.headers.get("Expect", "").lower() != "100-continue":
+                raise GatewayError(
+                    417, "Only `Expect: 100-continue` is supported.", "expectation_failed"
+                )
+            self.authenticate(request)
+            encoding = content_encoding(request.headers.get("Content-Encoding"))
+            check_encoding(encoding, allowed=self._request_compression)
+            length = request.content_length
+            if length is not None and length > self._max_body_bytes:
+                raise _too_large(self._max_body_bytes)
+        except GatewayError as error:
+            close_after_response(request)
+            return error.to_response({"x-request-id": request_id_of(request)})
+        if request.version == HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
 
     async def proxy(self, request: web.Request, spec: EndpointSpec) -> web.StreamResponse:
         """Proxy one request to an endpoint of the table."""
