@@ -191,6 +191,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         max_body_bytes=settings.server.max_body_bytes,
         mode_header=settings.routing.mode_header,
         request_compression=settings.server.request_compression,
+        write_timeout=settings.routing.downstream_write_timeout_seconds,
     )
     await poller.start()
     refresher = asyncio.create_task(_refresh_gauges(router), name="gauge-refresher")

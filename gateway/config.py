@@ -140,6 +140,7 @@ class RoutingSettings(Section):
     first_byte_timeout_seconds: PositiveFloat = 120
     response_timeout_seconds: PositiveFloat = 600
     retry_after_timeout: bool = False
+    downstream_write_timeout_seconds: PositiveFloat = 60
     mode_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,100}$")] = "x-gateway-mode"
 
     @model_validator(mode="after")

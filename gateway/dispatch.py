@@ -16,6 +16,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
+from gateway.delivery import ClientStalledError, write_within
 from gateway.errors import GatewayError, sse_error_event
 from gateway.health import ProviderHealth
 from gateway.model_names import Renamer
@@ -108,6 +109,7 @@ class Dispatcher:
         self._wait_timeout = routing.wait_timeout_seconds
         self._dropped_headers = dropped_headers
         self._max_first_event_bytes = max_first_event_bytes
+        self._write_timeout = routing.downstream_write_timeout_seconds
 
     async def dispatch(
         self,
@@ -326,13 +328,18 @@ class Dispatcher:
                     )
                 if renamer is not None:
                     chunk = renamer.feed(chunk)
-                await downstream.write(chunk)
+                await write_within(request, downstream, chunk, self._write_timeout)
                 record.bytes_sent += len(chunk)
                 last = chunk or last
                 chunk = await response.content.readany()
             if renamer is not None and (held := renamer.flush()):
-                await downstream.write(held)
+                await write_within(request, downstream, held, self._write_timeout)
                 record.bytes_sent += len(held)
+        except ClientStalledError:
+            # The client stopped reading: it was dropped; the caller closes the upstream.
+            record.client_disconnected = True
+            record.attempts.append(Attempt(provider.name, "client_stalled", response.status))
+            return downstream
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # The client went away: stop reading upstream (the caller closes it); not its fault.
             record.client_disconnected = True

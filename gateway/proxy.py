@@ -15,6 +15,7 @@ from aiohttp import HttpVersion11, web
 
 from gateway.catalog import Catalog, Key, Provider
 from gateway.connections import body_read_timeout, close_after_response
+from gateway.delivery import deliver
 from gateway.dispatch import Dispatcher, DispatchRecord, DispatchRequest
 from gateway.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
 from gateway.errors import GatewayError, is_utf8
@@ -68,6 +69,7 @@ class Proxy:
         max_body_bytes: int,
         mode_header: str,
         request_compression: bool = False,
+        write_timeout: float = 60.0,
     ) -> None:
         self.catalog = catalog
         self.responses = responses
@@ -79,6 +81,7 @@ class Proxy:
         self._max_body_bytes = max_body_bytes
         self._mode_header = mode_header
         self._request_compression = request_compression
+        self._write_timeout = write_timeout
 
     def authenticate(self, request: web.Request) -> Key:
         """The key of a `Bearer` Authorization header (or an `api-key` / `x-api-key` header),
@@ -297,6 +300,11 @@ class Proxy:
                 self.router.succeeded(context, decision, served, record.upstream_ttft_seconds)
                 affinity = self.router.affinity_header(decision, served)
             status = response.status
+            # A whole answer is sent here, within the write deadline: a client that does not
+            # read is dropped.
+            if not await deliver(request, response, self._write_timeout):
+                status = CLIENT_CLOSED_REQUEST
+                record.client_disconnected = True
             return response
         except GatewayError as error:
             status = error.status
