@@ -19,6 +19,7 @@ from affinity_store.postgres import Pool, PostgresAffinityStore
 from affinity_store.store import AffinityStore
 from gateway import admin
 from gateway.affinity import SharedAffinity
+from gateway.answer_budget import AnswerBudget
 from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.connections import SERVER_NAME
@@ -192,6 +193,9 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         mode_header=settings.routing.mode_header,
         request_compression=settings.server.request_compression,
         write_timeout=settings.routing.downstream_write_timeout_seconds,
+        answer_budget=AnswerBudget(
+            settings.server.max_buffered_answer_bytes, settings.routing.wait_timeout_seconds
+        ),
     )
     await poller.start()
     refresher = asyncio.create_task(_refresh_gauges(router), name="gauge-refresher")

@@ -61,6 +61,7 @@ class ServerSettings(Section):
     max_connections_per_worker: PositiveInt = 1024
     cors_allow_origins: list[str] = Field(default_factory=list)
     request_compression: bool = False
+    max_buffered_answer_bytes: PositiveInt = 256 * 1024 * 1024
 
     @field_validator("admin_token", mode="after")
     @classmethod

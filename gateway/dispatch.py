@@ -14,6 +14,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
+from gateway.answer_budget import Reservation
 from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
 from gateway.delivery import ClientStalledError, write_within
@@ -52,6 +53,8 @@ class DispatchRecord:
     upstream_ttft_seconds: float | None = None
     bytes_sent: int = 0
     client_disconnected: bool = False
+    # The bytes of a non-streamed answer held in the worker's budget until it is sent.
+    buffer: Reservation | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -207,7 +210,7 @@ class Dispatcher:
                 first_byte_at = time.monotonic()
                 whole = None
                 if not (job.stream and is_success(response)):
-                    whole = await read_rest(response, first_chunk, MAX_RESPONSE_BYTES)
+                    whole = await self._read_whole(response, first_chunk, record)
             if not usable_answer(response, job.stream, first_chunk, whole):
                 raise RetryableAttemptError("invalid_response", status=response.status)
         except RetryableAttemptError as failure:
@@ -244,6 +247,20 @@ class Dispatcher:
             return self._whole(job, provider, response, whole, record)
         finally:
             close_response(response)
+
+    async def _read_whole(
+        self, response: aiohttp.ClientResponse, first_chunk: bytes, record: DispatchRecord
+    ) -> bytearray:
+        """A non-streamed answer, counted in the worker's answer budget while it is held."""
+        buffer = record.buffer
+        try:
+            return await read_rest(
+                response, first_chunk, MAX_RESPONSE_BYTES, buffer.take if buffer else None
+            )
+        except BaseException:
+            if buffer is not None:
+                buffer.release()
+            raise
 
     def _timed_out(
         self, record: DispatchRecord, provider: Provider, timeouts: Timeouts, error: TimeoutError

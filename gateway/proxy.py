@@ -13,6 +13,7 @@ from urllib.parse import quote
 import structlog
 from aiohttp import HttpVersion11, web
 
+from gateway.answer_budget import AnswerBudget
 from gateway.catalog import Catalog, Key, Provider
 from gateway.connections import body_read_timeout, close_after_response
 from gateway.delivery import deliver
@@ -70,6 +71,7 @@ class Proxy:
         mode_header: str,
         request_compression: bool = False,
         write_timeout: float = 60.0,
+        answer_budget: AnswerBudget | None = None,
     ) -> None:
         self.catalog = catalog
         self.responses = responses
@@ -82,6 +84,7 @@ class Proxy:
         self._mode_header = mode_header
         self._request_compression = request_compression
         self._write_timeout = write_timeout
+        self.answer_budget = answer_budget
 
     def authenticate(self, request: web.Request) -> Key:
         """The key of a `Bearer` Authorization header (or an `api-key` / `x-api-key` header),
@@ -236,7 +239,9 @@ class Proxy:
     async def _proxy(self, request: web.Request, spec: EndpointSpec) -> web.StreamResponse:
         started_at = time.monotonic()
         request_id = request_id_of(request)
-        record = DispatchRecord()
+        record = DispatchRecord(
+            buffer=self.answer_budget.reservation() if self.answer_budget else None
+        )
         key: Key | None = None
         admitted: Key | None = None
         affinity = "none"
@@ -314,6 +319,8 @@ class Proxy:
             record.client_disconnected = True
             raise
         finally:
+            if record.buffer is not None:
+                record.buffer.release()
             if admitted is not None:
                 self.key_limits.release(admitted)
             record_request(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 import orjson
@@ -222,16 +222,27 @@ class EventStreamFraming:
         return self._since_boundary <= self._max_event_bytes
 
 
-async def read_rest(response: aiohttp.ClientResponse, first_chunk: bytes, limit: int) -> bytearray:
+async def read_rest(
+    response: aiohttp.ClientResponse,
+    first_chunk: bytes,
+    limit: int,
+    take: Callable[[int], Awaitable[None]] | None = None,
+) -> bytearray:
     """A non-streamed answer, whole (still before the client sees a byte), bounded in size by
-    `limit`; the caller bounds it in time. Raises RetryableAttemptError when it cannot be had."""
+    `limit`, each piece counted by `take` (the worker's answer budget) before it is kept; the
+    caller bounds it in time. Raises RetryableAttemptError when it cannot be had."""
     if response.content_length is not None and response.content_length > limit:
         raise RetryableAttemptError("oversized_response", status=response.status)
-    answer = bytearray(first_chunk)
+    answer = bytearray()
     failure: RetryableAttemptError | None = None
     try:
-        while len(answer) <= limit and (chunk := await response.content.readany()):
+        chunk = first_chunk
+        while True:
+            if take is not None:
+                await take(len(chunk))
             answer += chunk
+            if len(answer) > limit or not (chunk := await response.content.readany()):
+                break
     except aiohttp.ClientError:
         failure = RetryableAttemptError("payload_error", status=response.status)
     except BaseException:
