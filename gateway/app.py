@@ -19,10 +19,12 @@ from affinity_store.postgres import Pool, PostgresAffinityStore
 from affinity_store.store import AffinityStore
 from gateway.catalog import Catalog
 from gateway.config import Settings
+from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.permits import ProviderPermits
 from gateway.dispatch.upstream import create_client_session
+from gateway.edge.connections import SERVER_NAME
 from gateway.edge.cors import Cors
 from gateway.edge.endpoints import ENDPOINTS, EndpointSpec
 from gateway.edge.errors import GatewayError, error_body, error_response
@@ -91,7 +93,9 @@ def create_app(
     app.cleanup_ctx.append(client_session_context)
 
     for spec in ENDPOINTS:
-        app.router.add_route(spec.method, spec.path, _endpoint(spec))
+        app.router.add_route(
+            spec.method, spec.path, _endpoint(spec), expect_handler=expect_continue
+        )
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model:.+}", model)
     app.router.add_get("/healthz", healthz)
@@ -176,6 +180,9 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         permits=permits,
         poller=poller,
         memory=RouterMemory.fresh(settings.routing),
+        answer_budget=AnswerBudget(
+            settings.server.max_buffered_answer_bytes, settings.routing.wait_timeout_seconds
+        ),
     )
     holder = RuntimeHolder(build_runtime(settings, state))
     app[RUNTIME] = holder
@@ -241,8 +248,10 @@ def _http_error(error: web.HTTPException, headers: dict[str, str]) -> web.Respon
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """Every response carries the gateway's `x-request-id`, streams included."""
+    """Every response carries the gateway's `x-request-id`, streams included, and a `Server`
+    header without a version."""
     response.headers["x-request-id"] = request_id_of(request)
+    response.headers["Server"] = SERVER_NAME
 
 
 def _endpoint(spec: EndpointSpec) -> Handler:
@@ -252,6 +261,11 @@ def _endpoint(spec: EndpointSpec) -> Handler:
 
     proxied.__doc__ = f"Proxy `{spec.method} {spec.path}`."
     return proxied
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` on a proxied endpoint: checked before the body is asked for."""
+    return await request.app[RUNTIME].proxy.expect_continue(request)
 
 
 async def models(request: web.Request) -> web.StreamResponse:

@@ -66,6 +66,8 @@ class ServerSettings(Section):
     max_header_count: PositiveInt = 100
     max_connections_per_worker: PositiveInt = 1024
     cors_allow_origins: list[str] = Field(default_factory=list)
+    request_compression: bool = False
+    max_buffered_answer_bytes: PositiveInt = 256 * 1024 * 1024
 
     @field_validator("admin_token", mode="after")
     @classmethod
@@ -145,6 +147,7 @@ class RoutingSettings(Section):
     first_byte_timeout_seconds: PositiveFloat = 120
     response_timeout_seconds: PositiveFloat = 600
     retry_after_timeout: bool = False
+    downstream_write_timeout_seconds: PositiveFloat = 60
     mode_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,100}$")] = "x-gateway-mode"
 
     @model_validator(mode="after")

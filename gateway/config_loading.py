@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections import Counter
@@ -24,6 +25,8 @@ from gateway.routing.automodel import validate_spec
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
+# `check-config` warns about an admin token shorter than this.
+MIN_ADMIN_TOKEN_CHARACTERS = 24
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -96,7 +99,50 @@ def parse_config(text: str, environ: Mapping[str, str]) -> LoadedConfig:
     problems.extend(cross_errors)
     if problems or settings is None:
         raise ConfigError(problems)
+    warnings.extend(security_warnings(settings))
     return LoadedConfig(settings=_with_database_url(settings, environ), warnings=warnings)
+
+
+def security_warnings(settings: Settings) -> list[Problem]:
+    """Risky but valid settings: credentials in provider URLs, a provider key sent in clear to a
+    host off this machine, an admin token short enough to guess."""
+    warnings: list[Problem] = []
+    for index, provider in enumerate(settings.providers):
+        url = provider.url
+        if url.username or url.password:
+            warnings.append(
+                Problem(
+                    f"providers[{index}].url",
+                    "the URL carries credentials; put the key in `api_key` (from a variable)",
+                )
+            )
+        if provider.api_key is not None and url.scheme == "http" and not _loopback(url.host):
+            warnings.append(
+                Problem(
+                    f"providers[{index}].api_key",
+                    "sent over plain http to a host off this machine; use https",
+                )
+            )
+    token = settings.server.admin_token
+    if token is not None and len(token.get_secret_value()) < MIN_ADMIN_TOKEN_CHARACTERS:
+        warnings.append(
+            Problem(
+                "server.admin_token",
+                f"shorter than {MIN_ADMIN_TOKEN_CHARACTERS} characters; use a long random token",
+            )
+        )
+    return warnings
+
+
+def _loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _with_database_url(settings: Settings, environ: Mapping[str, str]) -> Settings:

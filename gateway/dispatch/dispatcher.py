@@ -17,6 +17,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
+from gateway.dispatch.answer_budget import Reservation
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.outcomes import Attempt, RetryableAttemptError, exhausted, failed_status
 from gateway.dispatch.permits import ProviderPermits
@@ -27,10 +28,12 @@ from gateway.dispatch.upstream import (
     is_success,
     read_opening,
     read_rest,
+    redact,
     request_timeout,
     upstream_headers,
     usable_answer,
 )
+from gateway.edge.delivery import ClientStalledError, write_within
 from gateway.edge.errors import GatewayError, sse_error_event
 from gateway.edge.model_names import Renamer
 
@@ -54,6 +57,8 @@ class DispatchRecord:
     upstream_ttft_seconds: float | None = None
     bytes_sent: int = 0
     client_disconnected: bool = False
+    # The bytes of a non-streamed answer held in the worker's budget until it is sent.
+    buffer: Reservation | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -117,6 +122,7 @@ class Dispatcher:
         self._wait_timeout = routing.wait_timeout_seconds
         self._dropped_headers = dropped_headers
         self._max_first_event_bytes = max_first_event_bytes
+        self._write_timeout = routing.downstream_write_timeout_seconds
 
     async def dispatch(
         self,
@@ -212,7 +218,7 @@ class Dispatcher:
                     allow_redirects=False,
                     timeout=request_timeout(timeouts, job.stream),
                 )
-                failure = await failed_status(response)
+                failure = await failed_status(response, provider.credential)
                 if failure is not None:
                     raise failure
                 stream = job.stream or (
@@ -224,7 +230,7 @@ class Dispatcher:
                 first_byte_at = time.monotonic()
                 whole = None
                 if not (stream and is_success(response)):
-                    whole = await read_rest(response, first_chunk, MAX_RESPONSE_BYTES)
+                    whole = await self._read_whole(response, first_chunk, record)
             if not usable_answer(response, stream, first_chunk, whole):
                 raise RetryableAttemptError("invalid_response", status=response.status)
         except RetryableAttemptError as failure:
@@ -273,6 +279,20 @@ class Dispatcher:
         if failure is not None:
             raise failure
 
+    async def _read_whole(
+        self, response: aiohttp.ClientResponse, first_chunk: bytes, record: DispatchRecord
+    ) -> bytearray:
+        """A non-streamed answer, counted in the worker's answer budget while it is held."""
+        buffer = record.buffer
+        try:
+            return await read_rest(
+                response, first_chunk, MAX_RESPONSE_BYTES, buffer.take if buffer else None
+            )
+        except BaseException:
+            if buffer is not None:
+                buffer.release()
+            raise
+
     def _timed_out(
         self, record: DispatchRecord, provider: Provider, timeouts: Timeouts, error: TimeoutError
     ) -> NoReturn:
@@ -307,6 +327,9 @@ class Dispatcher:
         record.status = response.status
         renamer = job.renamer(provider) if is_success(response) else None
         answer = renamer.whole(body) if renamer is not None else body
+        if not is_success(response):
+            # An error may echo what the upstream received: never the provider's credential.
+            answer = redact(bytes(answer), provider.credential)
         record.bytes_sent = len(answer)
         return web.Response(
             status=response.status, body=answer, headers=self._headers(job, provider, response)
@@ -315,7 +338,7 @@ class Dispatcher:
     def _headers(
         self, job: DispatchRequest, provider: Provider, response: aiohttp.ClientResponse
     ) -> CIMultiDict[str]:
-        headers = downstream_headers(response.headers)
+        headers = downstream_headers(response.headers, provider.credential)
         headers.update(job.response_headers(provider))
         headers["x-gateway-provider"] = provider.name
         headers["x-request-id"] = job.request_id
@@ -353,13 +376,18 @@ class Dispatcher:
                     )
                 if renamer is not None:
                     chunk = renamer.feed(chunk)
-                await downstream.write(chunk)
+                await write_within(request, downstream, chunk, self._write_timeout)
                 record.bytes_sent += len(chunk)
                 last = chunk or last
                 chunk = await response.content.readany()
             if renamer is not None and (held := renamer.flush()):
-                await downstream.write(held)
+                await write_within(request, downstream, held, self._write_timeout)
                 record.bytes_sent += len(held)
+        except ClientStalledError:
+            # The client stopped reading: it was dropped; the caller closes the upstream.
+            record.client_disconnected = True
+            record.attempts.append(Attempt(provider.name, "client_stalled", response.status))
+            return downstream
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # The client went away: stop reading upstream (the caller closes it); not its fault.
             record.client_disconnected = True

@@ -54,9 +54,12 @@ class Attempt:
     message: str | None = None
 
 
-async def failed_status(response: aiohttp.ClientResponse) -> RetryableAttemptError | None:
+async def failed_status(
+    response: aiohttp.ClientResponse, secret: str | None = None
+) -> RetryableAttemptError | None:
     """The failure for statuses the next provider may do better with (5xx, 408, 429, 401/403
-    and redirects), with the upstream's message and Retry-After; None for any other status."""
+    and redirects), with the upstream's message (`secret` redacted) and Retry-After; None for
+    any other status."""
     status = response.status
     if 300 <= status < 400:
         return RetryableAttemptError("redirect", status=status)
@@ -67,8 +70,16 @@ async def failed_status(response: aiohttp.ClientResponse) -> RetryableAttemptErr
         "upstream_auth_failed" if auth else f"http_{status}",
         status=status,
         retry_after=retry_after_seconds(response.headers),
-        message=None if auth else upstream_message(await _bounded_body(response)),
+        message=None
+        if auth
+        else _redacted(upstream_message(await _bounded_body(response)), secret),
     )
+
+
+def _redacted(message: str | None, secret: str | None) -> str | None:
+    if message is None or not secret:
+        return message
+    return message.replace(secret, "[redacted]")
 
 
 async def _bounded_body(response: aiohttp.ClientResponse) -> bytes:

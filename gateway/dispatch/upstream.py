@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 import orjson
@@ -13,34 +13,19 @@ from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
 from gateway.dispatch.outcomes import RetryableAttemptError
 
-# RFC 9110 §7.6.1 hop-by-hop headers, plus the ones the gateway owns or recomputes.
-HOP_BY_HOP = frozenset(
+# Client headers that go upstream: what an OpenAI-compatible server reads, nothing else. The
+# gateway sets `Authorization` (the provider's own credential), `x-request-id` and
+# `Accept-Encoding` itself; the client's key, cookies, forwarding and hop-by-hop headers, headers
+# named in `Connection:`, organisation and project ids stay at the gateway.
+UPSTREAM_ALLOWED = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        "content-type",
+        "accept",
+        "openai-beta",  # OpenAI's opt-in to beta API shapes
+        "idempotency-key",
     }
 )
-NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | {
-    "host",
-    "authorization",
-    "api-key",  # the client's key in its Azure- or Anthropic-style headers
-    "x-api-key",
-    "content-length",
-    "accept-encoding",  # the gateway asks for identity bodies so streams pass through unchanged
-    "cookie",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-real-ip",
-}
+REDACTED = "[redacted]"
 # Upstream response headers that reach the client, and those renamed on the way: an upstream's
 # own ids and timings are told apart from the gateway's; anything else (account rate limits,
 # organisation, cookies, server software) stays upstream.
@@ -82,18 +67,27 @@ def create_client_session(routing: RoutingSettings) -> aiohttp.ClientSession:
 def upstream_headers(
     incoming: Mapping[str, str], provider: Provider, request_id: str, drop: frozenset[str]
 ) -> CIMultiDict[str]:
-    """Headers for the upstream request: the client's, minus hop-by-hop and its credential."""
+    """Headers for the upstream request: the client's that pass `UPSTREAM_ALLOWED` (less
+    `drop`), the request id, and the provider's credential."""
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lowered = name.lower()
-        if lowered in NOT_FORWARDED_UPSTREAM or lowered in drop or lowered.startswith("x-gateway-"):
-            continue
-        headers.add(name, value)
+        if lowered in UPSTREAM_ALLOWED and lowered not in drop:
+            headers.add(name, value)
     headers["x-request-id"] = request_id
     headers["Accept-Encoding"] = "identity"
     if provider.credential:
         headers["Authorization"] = f"Bearer {provider.credential}"
     return headers
+
+
+def redact(data: bytes, secret: str | None) -> bytes:
+    """`data` with every copy of `secret` (as sent, or JSON-escaped) replaced by `[redacted]`."""
+    if not secret:
+        return data
+    for form in {secret, orjson.dumps(secret).decode()[1:-1]}:
+        data = data.replace(form.encode(), REDACTED.encode())
+    return data
 
 
 def request_timeout(timeouts: Timeouts, stream: bool) -> aiohttp.ClientTimeout:
@@ -106,15 +100,17 @@ def request_timeout(timeouts: Timeouts, stream: bool) -> aiohttp.ClientTimeout:
     )
 
 
-def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream response headers that may reach the client, through the allow-list."""
+def downstream_headers(upstream: CIMultiDictProxy[str], secret: str | None) -> CIMultiDict[str]:
+    """The upstream response headers that may reach the client, through the allow-list, with
+    the provider's `secret` redacted from their values."""
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lowered = name.lower()
+        shown = value.replace(secret, REDACTED) if secret else value
         if lowered in DOWNSTREAM_ALLOWED:
-            headers.add(name, value)
+            headers.add(name, shown)
         elif lowered in DOWNSTREAM_RENAMED:
-            headers[DOWNSTREAM_RENAMED[lowered]] = value
+            headers[DOWNSTREAM_RENAMED[lowered]] = shown
     return headers
 
 
@@ -226,16 +222,27 @@ class EventStreamFraming:
         return self._since_boundary <= self._max_event_bytes
 
 
-async def read_rest(response: aiohttp.ClientResponse, first_chunk: bytes, limit: int) -> bytearray:
+async def read_rest(
+    response: aiohttp.ClientResponse,
+    first_chunk: bytes,
+    limit: int,
+    take: Callable[[int], Awaitable[None]] | None = None,
+) -> bytearray:
     """A non-streamed answer, whole (still before the client sees a byte), bounded in size by
-    `limit`; the caller bounds it in time. Raises RetryableAttemptError when it cannot be had."""
+    `limit`, each piece counted by `take` (the worker's answer budget) before it is kept; the
+    caller bounds it in time. Raises RetryableAttemptError when it cannot be had."""
     if response.content_length is not None and response.content_length > limit:
         raise RetryableAttemptError("oversized_response", status=response.status)
-    answer = bytearray(first_chunk)
+    answer = bytearray()
     failure: RetryableAttemptError | None = None
     try:
-        while len(answer) <= limit and (chunk := await response.content.readany()):
+        chunk = first_chunk
+        while True:
+            if take is not None:
+                await take(len(chunk))
             answer += chunk
+            if len(answer) > limit or not (chunk := await response.content.readany()):
+                break
     except aiohttp.ClientError:
         failure = RetryableAttemptError("payload_error", status=response.status)
     except BaseException:

@@ -43,6 +43,8 @@ LINGER_SECONDS = 1.0
 HEAD_ENDS = (b"\n\n", b"\n\r\n")
 # How often a stopping site looks whether its connections have settled.
 SETTLE_POLL_SECONDS = 0.01
+# The `Server` header of every answer: the product, never its version or aiohttp's.
+SERVER_NAME = "affinity-gateway"
 DEFAULT_BODY_READ_TIMEOUT_SECONDS: float = ServerSettings.model_fields[
     "body_read_timeout_seconds"
 ].default
@@ -130,6 +132,9 @@ class GuardedRequestHandler(web.RequestHandler):
             max_headers=limits.max_header_count,
             lingering_time=min(AIOHTTP_LINGERING_SECONDS, limits.body_read_timeout),
             access_log_class=_NoAccessLog,
+            # Bodies stay as sent: a compressed body is refused, or decoded by the handler after
+            # authentication and within limits (`gateway.request_body`), never by the parser.
+            auto_decompress=False,
         )
         self.limits = limits
         self._on_lost = on_lost
@@ -168,6 +173,8 @@ class GuardedRequestHandler(web.RequestHandler):
         While an unread body still arrives, aiohttp lingers over it (`lingering_time`); those
         bytes are no head, so a head after them is left to aiohttp's keep-alive timer.
         """
+        if not resp.prepared:
+            resp.headers["Server"] = SERVER_NAME
         outcome = await super().finish_response(request, resp, start_time)
         if self._close_after:
             self.force_close()
@@ -448,6 +455,7 @@ def raw_error_response(
         "Content-Type: application/json",
         f"Content-Length: {len(body)}",
         "Connection: close",
+        f"Server: {SERVER_NAME}",
         f"x-request-id: {_new_request_id()}",
     ]
     if retry_after is not None:

@@ -94,3 +94,12 @@ def sse_error_event(message: str, code: str) -> bytes:
         {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
     )
     return b"data: " + payload + b"\n\n"
+
+
+def is_utf8(text: str) -> bool:
+    """Whether a header value decoded to real text (not bytes smuggled in as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

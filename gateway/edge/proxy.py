@@ -5,21 +5,24 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from gateway.catalog import Catalog, Key, Provider
+from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.dispatcher import Dispatcher, DispatchRecord, DispatchRequest, RequestBody
 from gateway.dispatch.permits import KeyLimits, concurrency_headers
 from gateway.edge.connections import body_read_timeout, close_after_response
+from gateway.edge.delivery import deliver
 from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
-from gateway.edge.errors import GatewayError
+from gateway.edge.errors import GatewayError, is_utf8
 from gateway.edge.model_names import AnswerRenamer, ModelRenamer, Renamer
+from gateway.edge.request_body import IDENTITY, check_encoding, content_encoding, decode_body
 from gateway.edge.request_log import record_request
 from gateway.edge.requestid import request_id_of
 from gateway.edge.responses import ResponseBindings, node_gone
@@ -69,6 +72,9 @@ class Proxy:
         mode_header: str,
         key_limits: KeyLimits | None = None,
         recent: deque[RecentDecision] | None = None,
+        request_compression: bool = False,
+        write_timeout: float = 60.0,
+        answer_budget: AnswerBudget | None = None,
     ) -> None:
         self.catalog = catalog
         self.responses = responses
@@ -80,6 +86,9 @@ class Proxy:
         self.recent = recent if recent is not None else deque(maxlen=RECENT_DECISIONS)
         self._max_body_bytes = max_body_bytes
         self._mode_header = mode_header
+        self._request_compression = request_compression
+        self._write_timeout = write_timeout
+        self.answer_budget = answer_budget
 
     def authenticate(self, request: web.Request) -> Key:
         """The key of a `Bearer` Authorization header (or an `api-key` / `x-api-key` header),
@@ -98,10 +107,32 @@ class Proxy:
                 "Missing API key: send `Authorization: Bearer <key>` (or an `api-key` header).",
                 "missing_api_key",
             )
-        key = self.catalog.authenticate(token)
+        key = self.catalog.authenticate(token) if is_utf8(token) else None
         if key is None:
             raise GatewayError(401, "Invalid API key.", "invalid_api_key")
         return key
+
+    async def expect_continue(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: the client is asked for its body only once the key, the
+        declared size and the body's coding pass; else the error, and the connection closes."""
+        try:
+            if request.headers.get("Expect", "").lower() != "100-continue":
+                raise GatewayError(
+                    417, "Only `Expect: 100-continue` is supported.", "expectation_failed"
+                )
+            self.authenticate(request)
+            encoding = content_encoding(request.headers.get("Content-Encoding"))
+            check_encoding(encoding, allowed=self._request_compression)
+            length = request.content_length
+            if length is not None and length > self._max_body_bytes:
+                raise too_large(self._max_body_bytes)
+        except GatewayError as error:
+            close_after_response(request)
+            return error.to_response({"x-request-id": request_id_of(request)})
+        if request.version == HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
 
     async def proxy(self, request: web.Request, spec: EndpointSpec) -> web.StreamResponse:
         """Proxy one request to an endpoint of the table."""
@@ -158,12 +189,18 @@ class Proxy:
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body: 413 past `max_body_bytes`, 408 when it is not all there in time."""
+        encoding = content_encoding(request.headers.get("Content-Encoding"))
+        check_encoding(encoding, allowed=self._request_compression)
         if request.content_length is not None and request.content_length > self._max_body_bytes:
             raise too_large(self._max_body_bytes)
         timeout = body_read_timeout(request)
         try:
             async with asyncio.timeout(timeout):
-                return await request.read()
+                if encoding in IDENTITY:
+                    return await request.read()
+                return await decode_body(
+                    _pieces(request, self._max_body_bytes), encoding, self._max_body_bytes
+                )
         except web.HTTPRequestEntityTooLarge:
             raise too_large(self._max_body_bytes) from None
         except TimeoutError:
@@ -206,7 +243,9 @@ class Proxy:
     async def _proxy(self, request: web.Request, spec: EndpointSpec) -> web.StreamResponse:
         started_at = time.monotonic()
         request_id = request_id_of(request)
-        record = DispatchRecord()
+        record = DispatchRecord(
+            buffer=self.answer_budget.reservation() if self.answer_budget else None
+        )
         key: Key | None = None
         admitted: Key | None = None
         affinity = "none"
@@ -285,6 +324,11 @@ class Proxy:
                 self.router.succeeded(context, decision, served, record.upstream_ttft_seconds)
                 affinity = self.router.affinity_header(decision, served)
             status = response.status
+            # A whole answer is sent here, within the write deadline: a client that does not
+            # read is dropped.
+            if not await deliver(request, response, self._write_timeout):
+                status = CLIENT_CLOSED_REQUEST
+                record.client_disconnected = True
             return response
         except GatewayError as error:
             status = error.status
@@ -294,6 +338,8 @@ class Proxy:
             record.client_disconnected = True
             raise
         finally:
+            if record.buffer is not None:
+                record.buffer.release()
             if admitted is not None:
                 self.key_limits.release(admitted)
             record_request(
@@ -418,6 +464,16 @@ def _upstream_path(request: web.Request, spec: EndpointSpec) -> str:
         path = path.format_map({RESPONSE_ID: quote(request.match_info[RESPONSE_ID], safe="")})
     query = request.rel_url.raw_query_string
     return f"{path}?{query}" if query else path
+
+
+async def _pieces(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    """The body as it arrives, undecoded: 413 past `limit` bytes received."""
+    received = 0
+    async for piece in request.content.iter_any():
+        received += len(piece)
+        if received > limit:
+            raise too_large(limit)
+        yield piece
 
 
 def _response_id(request: web.Request, parsed: ClientRequest) -> str:

@@ -8,7 +8,7 @@ import hmac
 from aiohttp import web
 
 from affinity_store.store import AffinityStore, StoreError
-from gateway.edge.errors import GatewayError
+from gateway.edge.errors import GatewayError, is_utf8
 
 ADMIN_TIMEOUT_SECONDS = 2.0
 MAX_LISTED = 10_000
@@ -29,7 +29,8 @@ def check_admin(request: web.Request, token: str) -> None:
             offered = ""
     elif scheme.lower() != "bearer":
         offered = ""
-    if not offered or not hmac.compare_digest(offered.encode(), token.encode()):
+    valid = bool(offered) and is_utf8(offered)
+    if not valid or not hmac.compare_digest(offered.encode(), token.encode()):
         raise GatewayError(
             401,
             "This endpoint needs the admin token.",

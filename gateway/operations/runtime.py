@@ -20,6 +20,7 @@ import aiohttp
 from affinity_store.store import AffinityStore
 from gateway.catalog import Catalog
 from gateway.config import Settings
+from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.dispatcher import Dispatcher
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
@@ -49,6 +50,7 @@ class ProcessState:
     permits: ProviderPermits
     poller: LoadPoller
     memory: RouterMemory
+    answer_budget: AnswerBudget
     key_limits: KeyLimits = field(default_factory=KeyLimits)
     recent: deque[RecentDecision] = field(default_factory=lambda: deque(maxlen=RECENT_DECISIONS))
     # Fixed per process, so the random tiebreak between providers survives a reload.
@@ -133,6 +135,9 @@ def build_runtime(
         mode_header=routing.mode_header,
         key_limits=state.key_limits,
         recent=state.recent,
+        request_compression=settings.server.request_compression,
+        write_timeout=routing.downstream_write_timeout_seconds,
+        answer_budget=state.answer_budget,
     )
     return Runtime(
         settings=settings,

@@ -55,14 +55,17 @@ class _Binding:
     provider: str
     routing_identity: str
     written_at: float
+    order: int
 
 
 class SessionTable:
-    """`(key id, session id) → provider` with a TTL from the last write and LRU eviction.
+    """`(key id, session id) → provider` with a TTL from the last write and per-key LRU eviction.
 
     Bindings sit in an ordered dict in last-write order; with one TTL for all, that is also
-    expiry order, so expiring pops from the front and eviction takes the least recently
-    written. Times are monotonic seconds; a `now` earlier than the latest write is taken as
+    expiry order, so expiring pops from the front. Each key also keeps its own sessions in
+    last-write order: when the table is full, the key holding the most bindings loses its least
+    recently written one, so one key's flood of sessions evicts only its own. Times are
+    monotonic seconds; a `now` earlier than the latest write is taken as
     that write's time, which keeps the order (and so the counts) exact.
     """
 
@@ -76,7 +79,9 @@ class SessionTable:
         self._capacity = capacity
         self._bindings: OrderedDict[tuple[str, str], _Binding] = OrderedDict()
         self._live_counts: dict[str, int] = {}
+        self._by_key: dict[str, OrderedDict[str, None]] = {}
         self._latest_write = -math.inf
+        self._writes = 0
 
     def get(self, key_id: str, session_id: str, now: float) -> str | None:
         """Return the provider the session is bound to, or None when absent or expired."""
@@ -95,11 +100,25 @@ class SessionTable:
         previous = self._bindings.pop(key, None)
         if previous is not None:
             self._uncount(previous.routing_identity)
-        self._bindings[key] = _Binding(provider, routing_identity, written_at)
+        self._writes += 1
+        self._bindings[key] = _Binding(provider, routing_identity, written_at, self._writes)
         self._live_counts[routing_identity] = self._live_counts.get(routing_identity, 0) + 1
+        sessions = self._by_key.setdefault(key_id, OrderedDict())
+        sessions[session_id] = None
+        sessions.move_to_end(session_id)
         while len(self._bindings) > self._capacity:
-            _, evicted = self._bindings.popitem(last=False)
-            self._uncount(evicted.routing_identity)
+            self._evict_one()
+
+    def _evict_one(self) -> None:
+        """Drop the least recently written binding of the key that holds the most (of two such
+        keys, the one whose oldest binding is older)."""
+
+        def weight(key_id: str) -> tuple[int, int]:
+            sessions = self._by_key[key_id]
+            return len(sessions), -self._bindings[(key_id, next(iter(sessions)))].order
+
+        key_id = max(self._by_key, key=weight)
+        self._remove((key_id, next(iter(self._by_key[key_id]))))
 
     def live_counts(self, now: float) -> Mapping[str, int]:
         """Return a copy of the live binding count per routing identity (zero counts omitted)."""
@@ -119,8 +138,17 @@ class SessionTable:
             oldest = bindings[oldest_key]
             if oldest.written_at > cutoff:
                 return
-            del bindings[oldest_key]
-            self._uncount(oldest.routing_identity)
+            self._remove(oldest_key)
+
+    def _remove(self, key: tuple[str, str]) -> None:
+        """Forget one binding everywhere it is counted."""
+        binding = self._bindings.pop(key)
+        self._uncount(binding.routing_identity)
+        key_id, session_id = key
+        sessions = self._by_key[key_id]
+        del sessions[session_id]
+        if not sessions:
+            del self._by_key[key_id]
 
     def _uncount(self, routing_identity: str) -> None:
         """Remove one binding from its identity's count, forgetting identities that reach zero."""

@@ -185,8 +185,9 @@ session_ids = st.sampled_from(["s1", "s2", "s3", "s4", "s5"])
 class SessionTableMachine(RuleBasedStateMachine):
     """Binds, reads and clock steps in any order, checked against a brute-force model.
 
-    The model keeps only each session's last write; the table must equal "the `CAPACITY` most
-    recently written sessions that are still live", counted from scratch every time.
+    The model keeps each live session's last write; on a bind it drops expired writes, adds the
+    new one and, over `CAPACITY`, removes the oldest write of the key with the most writes (of
+    tied keys, the one whose oldest write is older), recounting from scratch every time.
     """
 
     def __init__(self) -> None:
@@ -198,11 +199,10 @@ class SessionTableMachine(RuleBasedStateMachine):
         self.last_writes: dict[tuple[str, str], tuple[str, int, int]] = {}
 
     def expected_live(self) -> dict[tuple[str, str], str]:
-        """Return the live bindings by brute force: newest `CAPACITY` writes, filtered by age."""
-        newest = sorted(self.last_writes.items(), key=lambda item: item[1][2])[-CAPACITY:]
+        """Return the live bindings by brute force: the model's writes, filtered by age."""
         return {
             key: provider
-            for key, (provider, written_at, _) in newest
+            for key, (provider, written_at, _) in self.last_writes.items()
             if written_at > self.now - TTL_SECONDS
         }
 
@@ -211,7 +211,26 @@ class SessionTableMachine(RuleBasedStateMachine):
         """Bind a session, as the proxy does after a success."""
         self.table.bind(key_id, session_id, provider, IDENTITY_OF[provider], self.now)
         self.sequence += 1
-        self.last_writes[(key_id, session_id)] = (provider, self.now, self.sequence)
+        writes = {
+            key: write
+            for key, write in self.last_writes.items()
+            if write[1] > self.now - TTL_SECONDS
+        }
+        writes[(key_id, session_id)] = (provider, self.now, self.sequence)
+        while len(writes) > CAPACITY:
+            per_key = Counter(key for key, _ in writes)
+            oldest = {
+                key: min(write[2] for (owner, _), write in writes.items() if owner == key)
+                for key in per_key
+            }
+            victim_key = max(per_key, key=lambda key: (per_key[key], -oldest[key]))
+            victim = next(
+                entry
+                for entry, write in writes.items()
+                if entry[0] == victim_key and write[2] == oldest[victim_key]
+            )
+            del writes[victim]
+        self.last_writes = writes
 
     @rule(seconds=st.integers(min_value=0, max_value=7))
     def advance(self, seconds: int) -> None:
@@ -238,3 +257,29 @@ class SessionTableMachine(RuleBasedStateMachine):
 
 TestSessionCountsStayExact = SessionTableMachine.TestCase
 TestSessionCountsStayExact.__doc__ = "Session counts stay exact under binds, expiry and eviction."
+
+
+def test_a_key_with_10000_sessions_leaves_another_keys_binding_intact() -> None:
+    """One key writing 10,000 sessions into a 4,096-entry table evicts only its own."""
+    table = SessionTable(ttl_seconds=3600, capacity=4096)
+    table.bind("victim", "conversation", "node-b", "node-b", now=0.0)
+    for number in range(10_000):
+        table.bind("flooder", f"s-{number}", "node-a", "node-a", now=1.0 + number / 1000)
+    assert table.get("victim", "conversation", now=20.0) == "node-b"
+    assert len(table) == 4096
+    assert table.get("flooder", "s-9999", now=20.0) == "node-a"
+    assert table.get("flooder", "s-0", now=20.0) is None
+    assert table.live_counts(now=20.0) == {"node-a": 4095, "node-b": 1}
+
+
+def test_eviction_takes_from_the_key_holding_the_most() -> None:
+    """Over capacity, the largest key's least recently written session goes first."""
+    table = SessionTable(ttl_seconds=100, capacity=4)
+    table.bind("a", "a-1", "n", "n", now=0.0)
+    table.bind("b", "b-1", "n", "n", now=1.0)
+    table.bind("b", "b-2", "n", "n", now=2.0)
+    table.bind("b", "b-3", "n", "n", now=3.0)
+    table.bind("a", "a-2", "n", "n", now=4.0)
+    assert table.get("a", "a-1", now=5.0) == "n"
+    assert table.get("b", "b-1", now=5.0) is None
+    assert table.get("b", "b-2", now=5.0) == "n"

@@ -1,0 +1,64 @@
+"""Writing to the client within `routing.downstream_write_timeout_seconds`.
+
+A client that accepts no bytes for that long (its socket buffer full, nothing read) is dropped:
+its connection is aborted, so a stream's upstream is cancelled and its provider permit released,
+and a buffered answer's memory is freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+
+import aiohttp
+from aiohttp import web
+
+# SO_LINGER on with a zero timeout: close sends a reset and drops unsent data.
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+
+
+class ClientStalledError(Exception):
+    """The client accepted no bytes within the write deadline; its connection was aborted."""
+
+
+async def write_within(
+    request: web.BaseRequest, response: web.StreamResponse, data: bytes, deadline: float
+) -> None:
+    """Write `data` to a started response, or drop the client and raise `ClientStalledError`."""
+    try:
+        async with asyncio.timeout(deadline):
+            await response.write(data)
+    except TimeoutError:
+        drop_client(request)
+        raise ClientStalledError from None
+
+
+async def deliver(request: web.BaseRequest, response: web.StreamResponse, deadline: float) -> bool:
+    """Send a whole answer (one not started yet) now, within the deadline; False when the
+    client stalled (and was dropped) or went away."""
+    if response.prepared:
+        return True
+    try:
+        async with asyncio.timeout(deadline):
+            await response.prepare(request)
+            await response.write_eof()
+    except TimeoutError:
+        drop_client(request)
+        return False
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        return False
+    return True
+
+
+def drop_client(request: web.BaseRequest) -> None:
+    """Reset the client's connection: what is still buffered for it is discarded, not sent."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+    transport.abort()
