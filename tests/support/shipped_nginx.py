@@ -17,8 +17,13 @@ def render_config(gateway_ports: list[int], port: int, directory: Path) -> str:
     """The shipped config with its replicas, listener and writable paths pointed at the test's
     own; every other directive as shipped."""
     text = SHIPPED_CONFIG.read_text(encoding="utf-8")
-    servers = "".join(f"server 127.0.0.1:{gateway_port};\n" for gateway_port in gateway_ports)
-    text, replaced = re.subn(r"(\s*server gateway-\d+:\d+;)+", "\n" + servers, text, count=1)
+    # Each replica keeps the parameters the shipped config gives it (max_fails, fail_timeout).
+    shipped = re.search(r"server gateway-\d+:\d+([^;]*);", text)
+    assert shipped is not None, "the shipped config names no gateway replicas"
+    servers = "".join(
+        f"server 127.0.0.1:{gateway_port}{shipped.group(1)};\n" for gateway_port in gateway_ports
+    )
+    text, replaced = re.subn(r"(\s*server gateway-\d+:\d+[^;]*;)+", "\n" + servers, text, count=1)
     assert replaced == 1, "the shipped config names no gateway replicas"
     text, replaced = re.subn(r"listen 80;", f"listen 127.0.0.1:{port};", text, count=1)
     assert replaced == 1, "the shipped config has no `listen 80;`"
