@@ -155,9 +155,12 @@ class Router:
                 kind = "degraded"
                 # The last binding seen here, kept while the store is down; else the provider
                 # every other process (and the store's claim) would pick.
-                agreed = self._agreed_tier(key.id, model, order(request), candidates)[0]
-                last_seen = binding.provider if binding is not None else agreed.provider
-                request = OrderingRequest(states, preferred=preferred, sticky=last_seen)
+                if binding is not None:
+                    fallback = binding.provider
+                else:
+                    tier = self._agreed_tier(key.id, model, order(request), candidates)
+                    fallback = tier[0].provider
+                request = OrderingRequest(states, preferred=preferred, sticky=fallback)
             elif binding is not None and (preferred is None or binding.provider in preferred):
                 kind, bound = "hit", binding
             else:
