@@ -25,6 +25,7 @@ STALLED_CLIENTS = 20
 WRITE_DEADLINE = 1.5
 # Enough output to fill every buffer between the node and a client that reads nothing.
 LONG_ANSWER_TOKENS = 100_000
+LONG_WHOLE_ANSWER_TOKENS = 1_500_000
 # A node in its own process that writes as fast as it is read.
 UNPACED = ["--base-ttft-ms", "0", "--per-token-ms", "0", "--tokens-per-second", "0"]
 TINY_RECEIVE_BUFFER = 1024
@@ -65,11 +66,9 @@ async def read_until_closed(client: socket.socket) -> None:
 
 @pytest.mark.parametrize(
     ("stream", "clients", "tokens"),
-    # The non-streamed case (4 clients, 1.5M-token answers that outgrow the kernel's buffers) is
-    # not here: in this worker one of the four answers was taken whole into the transport's
-    # buffer without the write deadline applying (an open defect, see the README's hostile
-    # clients section); it returns with the fix.
-    [(True, STALLED_CLIENTS, LONG_ANSWER_TOKENS)],
+    # A non-streamed answer must outgrow the kernel's buffers (about 1.7 MB per client here) to
+    # stall its writer.
+    [(True, STALLED_CLIENTS, LONG_ANSWER_TOKENS), (False, 4, LONG_WHOLE_ANSWER_TOKENS)],
 )
 async def test_clients_that_stop_reading_release_their_permits_after_the_deadline(
     exit_stack: AsyncExitStack,
@@ -111,8 +110,19 @@ async def test_clients_that_stop_reading_release_their_permits_after_the_deadlin
         async def node_idle() -> bool:
             return (await node.stats()).in_flight == 0
 
+        async def every_client_dropped() -> bool:
+            return gateway.log().count('"client_disconnected":true') == clients
+
         if stream:
             await wait_until(all_permits_held, timeout=20, interval=0.1, message="20 held permits")
+        # Nothing is read before the gateway has given up on every client: a read would let the
+        # answer through.
+        await wait_until(
+            every_client_dropped,
+            timeout=WRITE_DEADLINE + 30,
+            interval=0.1,
+            message="every stalled client dropped",
+        )
         await wait_until(
             all_permits_released, timeout=WRITE_DEADLINE + 20, interval=0.1, message="release"
         )
