@@ -27,6 +27,7 @@ from tests.support.gateway import (
     OTHER_KEY,
     TEST_KEY,
     GatewayProcess,
+    answers,
     chat_body,
     settings_dict,
 )
@@ -298,7 +299,8 @@ async def test_one_key_holds_at_most_its_share_of_a_workers_connections(
 
 # The acceptance test: 2,000 slow bodies from one key through the shipped nginx.
 ATTACKERS = 2000
-ATTACK_WORKERS = 2
+# Two replicas of one worker each, as the shipped config's two `server` lines (max_fails=1).
+ATTACK_REPLICAS = 2
 # Small enough that the attack would take every connection of both workers without the share.
 ATTACK_CONNECTIONS_PER_WORKER = 400
 ATTACK_SHARE = 0.5
@@ -311,8 +313,8 @@ async def test_two_thousand_slow_bodies_from_one_key_leave_another_key_served_th
     start_simulator: SimulatorFactory, database_url: str, tmp_path: Path
 ) -> None:
     """2,000 trickling request bodies from one key, through the shipped nginx, before two
-    workers capped at 400 connections each: the key holds at most half of each worker, the rest
-    of its requests get 429 before their body, and another key's requests all get 200."""
+    replicas capped at 400 connections each: the key holds at most half of each, the rest of its
+    requests get 429 before their body, and another key's requests all get 200."""
     node = await start_simulator("node-a")
     config = config_for(
         node.url,
@@ -320,22 +322,26 @@ async def test_two_thousand_slow_bodies_from_one_key_leave_another_key_served_th
         max_connections_per_worker=ATTACK_CONNECTIONS_PER_WORKER,
         max_connection_share_per_key=ATTACK_SHARE,
     )
-    gateway = GatewayProcess(config, tmp_path / "gateway", workers=ATTACK_WORKERS)
-    (tmp_path / "gateway").mkdir()
-    nginx = NginxProcess([gateway.port], tmp_path / "nginx")
+    replicas = []
+    for number in range(ATTACK_REPLICAS):
+        directory = tmp_path / f"gateway-{number}"
+        directory.mkdir()
+        replicas.append(GatewayProcess(config, directory))
+    nginx = NginxProcess([replica.port for replica in replicas], tmp_path / "nginx")
     attackers: list[SlowBody] = []
     trickling: asyncio.Task[None] | None = None
     try:
-        gateway.start()
+        for replica in replicas:
+            replica.start()
+        async with aiohttp.ClientSession() as session:
+            for replica in replicas:
+                await wait_until(
+                    lambda: answers(session, replica.url),  # noqa: B023 - awaited right here
+                    timeout=30,
+                    interval=0.1,
+                    message="a replica to answer",
+                )
         nginx.start()
-
-        async def ready() -> bool:
-            try:
-                return await chat(nginx.url, OTHER_KEY) == 200
-            except aiohttp.ClientError:
-                return False
-
-        await wait_until(ready, timeout=30, interval=0.1, message="the gateway behind nginx")
 
         for _ in range(ATTACKERS // OPENING_BATCH):
             attackers += await asyncio.gather(
@@ -350,7 +356,7 @@ async def test_two_thousand_slow_bodies_from_one_key_leave_another_key_served_th
                 await asyncio.sleep(1.0)  # the attackers' pace, not a wait
 
         trickling = asyncio.create_task(trickle())
-        held_at_most = ATTACK_WORKERS * ATTACK_CONNECTIONS_PER_WORKER
+        held_at_most = ATTACK_REPLICAS * ATTACK_CONNECTIONS_PER_WORKER
 
         def answered() -> int:
             return sum(attacker.answer.done() for attacker in attackers)
@@ -368,7 +374,7 @@ async def test_two_thousand_slow_bodies_from_one_key_leave_another_key_served_th
         # The attacker got its share and no more: each refusal a 429 before its body.
         per_worker = int(ATTACK_CONNECTIONS_PER_WORKER * ATTACK_SHARE)
         await wait_until(
-            lambda: answered() >= ATTACKERS - ATTACK_WORKERS * per_worker,
+            lambda: answered() >= ATTACKERS - ATTACK_REPLICAS * per_worker,
             timeout=30,
             interval=0.1,
             message="every request past the key's share to be refused",
@@ -383,4 +389,5 @@ async def test_two_thousand_slow_bodies_from_one_key_leave_another_key_served_th
             await asyncio.gather(trickling, return_exceptions=True)
         await close_all(attackers)
         nginx.stop()
-        gateway.stop()
+        for replica in replicas:
+            replica.stop()
