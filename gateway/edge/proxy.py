@@ -259,16 +259,16 @@ class Proxy:
         resolved: Resolved | None = None
         status = 500
         try:
-            key = self.authenticate(request)
             # The key's limits are taken as soon as its head is in: a body that trickles in
             # holds a connection, so it counts from here (and a refusal needs no body).
             try:
+                key = self.authenticate(request)
                 self.connection_shares.acquire(key, self._connections_per_key)
                 shared = key
                 self.key_limits.acquire(key)
                 admitted = key
             except GatewayError:
-                # A body nobody will read is not waited for: close once the 429 is out.
+                # A body nobody will read is not waited for: close once the refusal is out.
                 if not request.content.is_eof():
                     close_after_response(request)
                 raise

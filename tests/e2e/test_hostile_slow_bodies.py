@@ -41,8 +41,9 @@ MAX_BODY_BYTES = 64 * 1024
 DECLARED_BYTES = 60_000
 # The slow bodies' deadline stays far off, so no answer a test sees comes from it.
 BODY_TIMEOUT = 120.0
-# An answer refused before its body arrives is expected long before this.
-ANSWER_WITHIN = 20.0
+# A refusal before the body, and the close after it, come well within this: it is neither the
+# body deadline (above) nor aiohttp's 10 s of lingering over an unread body before closing.
+ANSWER_WITHIN = 5.0
 
 
 def slow_head(key: str, *extra: str, length: int = DECLARED_BYTES) -> bytes:
@@ -202,6 +203,24 @@ async def test_a_key_at_its_concurrency_limit_gets_429_without_sending_its_body(
         return await chat(gateway.url, TEST_KEY) == 200
 
     await wait_until(admitted_again, timeout=10, interval=0.05, message="the slot to come back")
+
+
+async def test_a_request_without_a_valid_key_gets_401_without_sending_its_body(
+    gateway_factory: Any,
+) -> None:
+    """A wrong key declaring 60 kB and sending none of it: 401 at once, the connection closes
+    (no lingering over a body that will never be read)."""
+    gateway: GatewayProcess = await gateway_factory()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(slow_head("sk-not-a-key-0000000000"))
+        await writer.drain()
+        answer = await asyncio.wait_for(read_until_closed(reader), ANSWER_WITHIN)
+    finally:
+        writer.close()
+    status, body = parse_answer(answer)
+    assert status == 401
+    assert_openai_error(body, "invalid_api_key")
 
 
 async def test_100_continue_is_not_sent_to_a_key_at_its_concurrency_limit(
