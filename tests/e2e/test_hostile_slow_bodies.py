@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from tests.support.shipped_nginx import NginxProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
+GatewayFactory = Callable[..., Awaitable[GatewayProcess]]
+
 MAX_BODY_BYTES = 64 * 1024
 # A declared body the attacker never finishes: large, but within `max_body_bytes`.
 DECLARED_BYTES = 60_000
@@ -60,14 +62,17 @@ def slow_head(key: str, *extra: str, length: int = DECLARED_BYTES) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def config_for(node_url: str, database_url: str, **server: Any) -> dict[str, Any]:
-    """Two keys that may use every model (team-a optionally limited), `server` on top."""
-    keys = [
+def config_for(
+    node_url: str, database_url: str, *, max_concurrency: int | None = None, **server: Any
+) -> dict[str, Any]:
+    """Two keys that may use every model (team-a with `max_concurrency` when given), `server`
+    settings on top."""
+    keys: list[dict[str, Any]] = [
         {"id": "team-a", "key_sha256": hash_key(TEST_KEY), "models": ["*"]},
         {"id": "team-b", "key_sha256": hash_key(OTHER_KEY), "models": ["*"]},
     ]
-    if "max_concurrency" in server:
-        keys[0]["max_concurrency"] = server.pop("max_concurrency")
+    if max_concurrency is not None:
+        keys[0]["max_concurrency"] = max_concurrency
     return settings_dict(
         {"node-a": node_url},
         extra={
@@ -158,15 +163,15 @@ async def close_all(slow: list[SlowBody]) -> None:
 @pytest.fixture
 async def gateway_factory(
     start_simulator: SimulatorFactory, database_url: str, tmp_path: Path
-) -> AsyncIterator[Any]:
-    """Start `gateway serve` (one worker) before a simulator with `server` settings; stopped
-    after the test."""
+) -> AsyncIterator[GatewayFactory]:
+    """Start `gateway serve` (one worker) before a simulator, with `config_for`'s options;
+    stopped after the test."""
     started: list[GatewayProcess] = []
 
-    async def start(**server: Any) -> GatewayProcess:
+    async def start(**options: Any) -> GatewayProcess:
         node = await start_simulator("node-a")
         gateway = await start_gateway_process(
-            config_for(node.url, database_url, **server), tmp_path
+            config_for(node.url, database_url, **options), tmp_path
         )
         started.append(gateway)
         return gateway
@@ -177,11 +182,11 @@ async def gateway_factory(
 
 
 async def test_a_key_at_its_concurrency_limit_gets_429_without_sending_its_body(
-    gateway_factory: Any,
+    gateway_factory: GatewayFactory,
 ) -> None:
     """With `max_concurrency: 1` held by a slow body, a request declaring 60 kB and sending none
     of it is answered 429 at once and its connection closes (the body is never waited for)."""
-    gateway: GatewayProcess = await gateway_factory(max_concurrency=1)
+    gateway = await gateway_factory(max_concurrency=1)
     holder = await SlowBody.open(gateway.port, slow_head(TEST_KEY))
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
@@ -207,11 +212,11 @@ async def test_a_key_at_its_concurrency_limit_gets_429_without_sending_its_body(
 
 
 async def test_a_request_without_a_valid_key_gets_401_without_sending_its_body(
-    gateway_factory: Any,
+    gateway_factory: GatewayFactory,
 ) -> None:
     """A wrong key declaring 60 kB and sending none of it: 401 at once, the connection closes
     (no lingering over a body that will never be read)."""
-    gateway: GatewayProcess = await gateway_factory()
+    gateway = await gateway_factory()
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
     try:
         writer.write(slow_head("sk-not-a-key-0000000000"))
@@ -225,11 +230,11 @@ async def test_a_request_without_a_valid_key_gets_401_without_sending_its_body(
 
 
 async def test_100_continue_is_not_sent_to_a_key_at_its_concurrency_limit(
-    gateway_factory: Any,
+    gateway_factory: GatewayFactory,
 ) -> None:
     """`Expect: 100-continue` from a key at its limit: 429 and no `100 Continue`; with the slot
     free again, `100 Continue` comes and the request is served."""
-    gateway: GatewayProcess = await gateway_factory(max_concurrency=1)
+    gateway = await gateway_factory(max_concurrency=1)
     holder = await SlowBody.open(gateway.port, slow_head(TEST_KEY))
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
@@ -275,14 +280,12 @@ async def test_100_continue_is_not_sent_to_a_key_at_its_concurrency_limit(
 
 
 async def test_one_key_holds_at_most_its_share_of_a_workers_connections(
-    gateway_factory: Any,
+    gateway_factory: GatewayFactory,
 ) -> None:
     """`max_connections_per_worker: 8` with a share of 0.5: a key's fifth slow body gets 429
     `key_connection_share` at once, while another key is served; the key is served again once
     its slow bodies are gone."""
-    gateway: GatewayProcess = await gateway_factory(
-        max_connections_per_worker=8, max_connection_share_per_key=0.5
-    )
+    gateway = await gateway_factory(max_connections_per_worker=8, max_connection_share_per_key=0.5)
     held: list[SlowBody] = []
     try:
         for _ in range(4):
