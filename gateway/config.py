@@ -43,7 +43,9 @@ class ServerSettings(Section):
     `keepalive_timeout_seconds` (keep it above the load balancer's upstream idle timeout); a head
     over `max_header_bytes` or `max_header_count` headers gets 431; connections beyond
     `max_connections_per_worker` get 503 (each proxied request also holds an upstream socket,
-    so allow at least twice this many open files).
+    so allow at least twice this many open files). One key's requests in progress on a worker,
+    from their head until their answer ends (bodies still arriving included), may hold at most
+    `max_connection_share_per_key` of that cap; past it they get 429 before their body is read.
 
     On SIGTERM a worker fails `/readyz` and answers with `Connection: close` for
     `drain_delay_seconds` (match the Kubernetes `preStop` sleep; keep it above the load balancer's
@@ -65,6 +67,7 @@ class ServerSettings(Section):
     max_header_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024
     max_header_count: PositiveInt = 100
     max_connections_per_worker: PositiveInt = 1024
+    max_connection_share_per_key: Annotated[float, Field(gt=0, le=1)] = 0.5
     cors_allow_origins: list[str] = Field(default_factory=list)
     request_compression: bool = False
     max_buffered_answer_bytes: PositiveInt = 256 * 1024 * 1024

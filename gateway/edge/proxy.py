@@ -1,4 +1,5 @@
-"""The request handler: authenticate → parse → resolve → candidates → order → dispatch → record."""
+"""The request handler: authenticate → admit → parse → resolve → candidates → order → dispatch →
+record."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from gateway.catalog import Catalog, Key, Provider
 from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.dispatcher import Dispatcher, DispatchRecord, DispatchRequest, RequestBody
 from gateway.dispatch.permits import KeyLimits, concurrency_headers
+from gateway.edge.connection_shares import ConnectionShares
 from gateway.edge.connections import body_read_timeout, close_after_response
 from gateway.edge.delivery import deliver
 from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
@@ -70,7 +72,9 @@ class Proxy:
         responses: ResponseBindings,
         max_body_bytes: int,
         mode_header: str,
+        connections_per_key: int,
         key_limits: KeyLimits | None = None,
+        connection_shares: ConnectionShares | None = None,
         recent: deque[RecentDecision] | None = None,
         request_compression: bool = False,
         write_timeout: float = 60.0,
@@ -83,6 +87,8 @@ class Proxy:
         self.metrics = metrics
         # Given when a reload builds a new proxy: counts and history carry over.
         self.key_limits = key_limits or KeyLimits()
+        self.connection_shares = connection_shares or ConnectionShares()
+        self._connections_per_key = connections_per_key
         self.recent = recent if recent is not None else deque(maxlen=RECENT_DECISIONS)
         self._max_body_bytes = max_body_bytes
         self._mode_header = mode_header
@@ -113,8 +119,9 @@ class Proxy:
         return key
 
     async def expect_continue(self, request: web.Request) -> web.StreamResponse | None:
-        """`Expect: 100-continue`: the client is asked for its body only once the key, the
-        declared size and the body's coding pass; else the error, and the connection closes."""
+        """`Expect: 100-continue`: the key, the declared size and the body's coding are checked
+        before the handler runs; on failure the error, and the connection closes. `100 Continue`
+        itself is sent by the handler once the key's limits admitted the request."""
         try:
             if request.headers.get("Expect", "").lower() != "100-continue":
                 raise GatewayError(
@@ -129,9 +136,6 @@ class Proxy:
         except GatewayError as error:
             close_after_response(request)
             return error.to_response({"x-request-id": request_id_of(request)})
-        if request.version == HttpVersion11:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0
         return None
 
     async def proxy(self, request: web.Request, spec: EndpointSpec) -> web.StreamResponse:
@@ -247,6 +251,7 @@ class Proxy:
             buffer=self.answer_budget.reservation() if self.answer_budget else None
         )
         key: Key | None = None
+        shared: Key | None = None
         admitted: Key | None = None
         affinity = "none"
         route: list[str] = []
@@ -254,7 +259,21 @@ class Proxy:
         resolved: Resolved | None = None
         status = 500
         try:
-            key = self.authenticate(request)
+            # The key's limits are taken as soon as its head is in: a body that trickles in
+            # holds a connection, so it counts from here (and a refusal needs no body).
+            try:
+                key = self.authenticate(request)
+                self.connection_shares.acquire(key, self._connections_per_key)
+                shared = key
+                self.key_limits.acquire(key)
+                admitted = key
+            except GatewayError:
+                # A body nobody will read is not waited for: close once the refusal is out.
+                if not request.content.is_eof():
+                    close_after_response(request)
+                raise
+            if spec.body != "none":
+                await _ask_for_body(request)
             upload: Upload | None = None
             if spec.body == "multipart":
                 upload = await open_upload(
@@ -297,8 +316,6 @@ class Proxy:
                     else None
                 ),
             )
-            self.key_limits.acquire(key)
-            admitted = key
             decision = await self._decide(spec, context, candidates, pinned)
             affinity = decision.affinity
             route = [
@@ -342,6 +359,8 @@ class Proxy:
                 record.buffer.release()
             if admitted is not None:
                 self.key_limits.release(admitted)
+            if shared is not None:
+                self.connection_shares.release(shared)
             record_request(
                 self.metrics,
                 self.recent,
@@ -464,6 +483,15 @@ def _upstream_path(request: web.Request, spec: EndpointSpec) -> str:
         path = path.format_map({RESPONSE_ID: quote(request.match_info[RESPONSE_ID], safe="")})
     query = request.rel_url.raw_query_string
     return f"{path}?{query}" if query else path
+
+
+async def _ask_for_body(request: web.Request) -> None:
+    """Send `100 Continue` to a client that waits for it before sending its body."""
+    expects = request.headers.get("Expect", "").lower() == "100-continue"
+    if expects and request.version == HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # Not the response: errors after this still get a whole answer of their own.
+        request.writer.output_size = 0
 
 
 async def _pieces(request: web.Request, limit: int) -> AsyncIterator[bytes]:

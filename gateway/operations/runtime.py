@@ -25,6 +25,7 @@ from gateway.dispatch.dispatcher import Dispatcher
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.permits import KeyLimits, ProviderPermits
+from gateway.edge.connection_shares import ConnectionShares, per_key_limit
 from gateway.edge.proxy import RECENT_DECISIONS, Proxy
 from gateway.edge.responses import ResponseBindings
 from gateway.operations.metrics import Metrics
@@ -52,6 +53,7 @@ class ProcessState:
     memory: RouterMemory
     answer_budget: AnswerBudget
     key_limits: KeyLimits = field(default_factory=KeyLimits)
+    connection_shares: ConnectionShares = field(default_factory=ConnectionShares)
     recent: deque[RecentDecision] = field(default_factory=lambda: deque(maxlen=RECENT_DECISIONS))
     # Fixed per process, so the random tiebreak between providers survives a reload.
     tiebreak_seed: int = field(default_factory=lambda: random.getrandbits(64))
@@ -133,7 +135,11 @@ def build_runtime(
         responses=ResponseBindings(state.store, catalog, settings.affinity),
         max_body_bytes=settings.server.max_body_bytes,
         mode_header=routing.mode_header,
+        connections_per_key=per_key_limit(
+            settings.server.max_connections_per_worker, settings.server.max_connection_share_per_key
+        ),
         key_limits=state.key_limits,
+        connection_shares=state.connection_shares,
         recent=state.recent,
         request_compression=settings.server.request_compression,
         write_timeout=routing.downstream_write_timeout_seconds,

@@ -277,11 +277,11 @@ async def test_connections_over_the_cap_get_503_until_one_closes(
 ) -> None:
     """With `max_connections_per_worker: 3` and three requests held in flight, a fourth
     connection is answered 503 with Retry-After; once one of the three closes, requests are
-    served again."""
+    served again. (One key holds all three: its share of the cap is set to all of it.)"""
     node = await start_simulator("node-a")
+    server = {"max_connections_per_worker": 3, "max_connection_share_per_key": 1.0}
     config = settings_dict(
-        {"node-a": node.url},
-        extra={"database": {"url": database_url}, "server": {"max_connections_per_worker": 3}},
+        {"node-a": node.url}, extra={"database": {"url": database_url}, "server": server}
     )
     gateway = await start_gateway_process(config, tmp_path)
     request = f"{CHAT_HEAD}Content-Length: {len(CHAT_BODY)}\r\n\r\n".encode() + CHAT_BODY

@@ -31,6 +31,7 @@ def test_live_changes_apply_and_nothing_needs_a_restart() -> None:
     config["keys"] = config["keys"][:1]
     config["server"]["admin_token"] = "a-new-admin-token"
     config["server"]["drain_delay_seconds"] = 1
+    config["server"]["max_connection_share_per_key"] = 0.25
     new = Settings.model_validate(config)
     effective, restart_needed = keep_restart_only(running, new)
     assert restart_needed == ()
