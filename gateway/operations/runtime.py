@@ -100,7 +100,14 @@ def build_runtime(
     catalog = Catalog(settings)
     routing = settings.routing
     state.permits.reconfigure(catalog.providers)
-    state.health.reconfigure(routing, catalog.providers)
+    state.health.reconfigure(
+        routing,
+        catalog.providers,
+        {
+            model: [provider.name for provider in serving]
+            for model, serving in catalog.serving.items()
+        },
+    )
     state.poller.track(catalog.providers)
     router = Router(
         catalog,
