@@ -100,11 +100,12 @@ def build_runtime(
     catalog = Catalog(settings)
     routing = settings.routing
     state.permits.reconfigure(catalog.providers)
+    # A draining provider serves no new request: it does not widen a model's cooling share.
     state.health.reconfigure(
         routing,
         catalog.providers,
         {
-            model: [provider.name for provider in serving]
+            model: [provider.name for provider in serving if not provider.draining]
             for model, serving in catalog.serving.items()
         },
     )

@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import structlog
 from aiohttp.test_utils import TestServer
 
 from gateway.app import METRICS, RUNTIME
@@ -182,3 +183,28 @@ async def test_one_key_failing_alone_leaves_a_single_provider_serving_others(
             assert (await chat(session, server, TEST_KEY, POISON))[0] == 500
             assert (await chat(session, server, OTHER_KEY))[0] == 200
     assert not health_of(server).cooling("node-a")
+
+
+async def test_a_draining_provider_does_not_widen_the_share(
+    start_simulator: SimulatorFactory, start_gateway: GatewayFactory
+) -> None:
+    """With node-b draining, node-a is the model's only provider: two keys' 500s from it never
+    cool it (the cooldown is withheld and logged once), so requests keep reaching it."""
+    broken = await start_simulator("node-a")
+    draining = await start_simulator("node-b")
+    await broken.set_faults(error_rate=1.0)
+    settings = config_for(
+        {"node-a": broken.url, "node-b": draining.url}, routing={"allowed_fails": 2}
+    )
+    providers = [settings.providers[0], settings.providers[1].model_copy(update={"draining": True})]
+    server = await start_gateway(settings.model_copy(update={"providers": providers}))
+    with structlog.testing.capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            for number in range(8):
+                key = TEST_KEY if number % 2 == 0 else OTHER_KEY
+                assert (await chat(session, server, key))[0] == 500
+    assert not health_of(server).cooling("node-a")
+    assert (await broken.stats()).completion_requests == 8
+    assert (await draining.stats()).completion_requests == 0
+    withheld = [entry for entry in logs if entry["event"] == "cooldown_withheld"]
+    assert [entry["provider"] for entry in withheld] == ["node-a"]
