@@ -253,8 +253,8 @@ class Dispatcher:
             close_response(response)
             self._upload_failed(job)
             broken = RetryableAttemptError("connect_error" if response is None else "payload_error")
-            # Only a connection never made is certain to be the provider's alone; a connection
-            # the upstream dropped after taking the request is a provider fault within the share.
+            # Only a connection never made is the provider's alone whatever was sent; one dropped
+            # after the request went out may be that request's doing (see `blame`).
             connected = not isinstance(error, aiohttp.ClientConnectorError)
             self._failed(record, provider, broken, blame, connected=connected)
             raise broken from error
