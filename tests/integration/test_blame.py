@@ -208,3 +208,29 @@ async def test_a_draining_provider_does_not_widen_the_share(
     assert (await draining.stats()).completion_requests == 0
     withheld = [entry for entry in logs if entry["event"] == "cooldown_withheld"]
     assert [entry["provider"] for entry in withheld] == ["node-a"]
+
+
+async def test_one_keys_timeouts_do_not_cool_a_provider_but_two_keys_do(
+    start_simulator: SimulatorFactory, start_gateway: GatewayFactory
+) -> None:
+    """A node that accepts and never answers: key A's timeouts alone leave it in rotation (a
+    long request is the client's to make); once key B times out there too, it cools."""
+    hung = await start_simulator("node-a")
+    healthy = await start_simulator("node-b")
+    await hung.set_faults(hold=True)
+    server = await start_gateway(
+        config_for(
+            {"node-a": hung.url, "node-b": healthy.url},
+            models=[{"name": TEST_MODEL, "stickiness": "none"}],
+            routing={"response_timeout_seconds": 0.3},
+        )
+    )
+    async with aiohttp.ClientSession() as session:
+        first = [(await chat(session, server, TEST_KEY))[0] for _ in range(12)]
+        assert set(first) == {200, 504}
+        assert first.count(504) >= 3  # allowed_fails
+        assert not health_of(server).cooling("node-a")
+        # Requests take turns between the nodes: B's first or second meets the hung one.
+        second = [(await chat(session, server, OTHER_KEY))[0] for _ in range(2)]
+        assert 504 in second
+    assert health_of(server).cooling("node-a")
