@@ -133,13 +133,19 @@ class AffinitySettings(Section):
 
 
 class RoutingSettings(Section):
-    """Per-process routing: permits, failover, cooldowns, latency bands, sessions, timeouts."""
+    """Per-process routing: permits, failover, cooldowns, latency bands, sessions, timeouts.
+
+    Failures a client's request could have caused (an upstream 5xx, a timeout) cool a provider
+    only when they come from two keys, and never more than `max_cooling_fraction` of a model's
+    providers at once; an unreachable provider or a 429 cools whatever the share.
+    """
 
     wait_timeout_seconds: NonNegativeFloat = 5
     failover_budget: PositiveInt = 3
     allowed_fails: PositiveInt = 3
     cooldown_seconds: PositiveFloat = 5
     cooldown_max_seconds: PositiveFloat = 300
+    max_cooling_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5
     latency_window_seconds: PositiveFloat = 900
     latency_band_fraction: PositiveFloat = 0.15
     latency_min_samples: Annotated[int, Field(ge=0)] = 20

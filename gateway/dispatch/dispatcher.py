@@ -18,6 +18,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
 from gateway.dispatch.answer_budget import Reservation
+from gateway.dispatch.blame import RequestBlame
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.outcomes import Attempt, RetryableAttemptError, exhausted, failed_status
 from gateway.dispatch.permits import ProviderPermits
@@ -80,10 +81,11 @@ class DispatchRequest:
     answer's opening bytes (a whole body, or a stream's first event) before the client does.
     A streamed upload says whether it can still be sent again (`replayable`) and why it could
     not be read (`body_failure`); with `stream_by_answer` a 2xx event stream is streamed even
-    when the request did not say so.
+    when the request did not say so. `key_id` names the client key, for blaming failures.
     """
 
     request_id: str
+    key_id: str
     method: str
     path: str
     body: Callable[[Provider], RequestBody]
@@ -134,7 +136,8 @@ class Dispatcher:
         """Answer the client from the first provider that works; raise GatewayError if none does.
 
         Cooling providers are skipped; each attempt takes a permit on the first provider left
-        in the list that has one free, or waits in line for any of them.
+        in the list that has one free, or waits in line for any of them. What a failed attempt
+        teaches the providers' health is decided with the request's other attempts in view.
         """
         remaining = [provider for provider in providers if not self._health.cooling(provider.name)]
         if not remaining:
@@ -149,6 +152,7 @@ class Dispatcher:
             retry=retry_if_exception_type(RetryableAttemptError),
             reraise=True,
         )
+        blame = RequestBlame(self._health, job.key_id, self._on_cooldown)
         try:
             async for attempt in retrying:
                 with attempt:
@@ -158,11 +162,13 @@ class Dispatcher:
                     provider = await self._take_permit(remaining)
                     remaining.remove(provider)
                     try:
-                        return await self._attempt(request, job, provider, record)
+                        return await self._attempt(request, job, provider, record, blame)
                     finally:
                         self._permits.release(provider.name)
         except RetryableAttemptError:
             pass
+        finally:
+            blame.settle()
         # The retry state holds the last failure, whose traceback holds the attempt's frames and
         # buffers, in a cycle through this frame: break it now rather than at some later GC pass.
         del retrying
@@ -194,6 +200,7 @@ class Dispatcher:
         job: DispatchRequest,
         provider: Provider,
         record: DispatchRecord,
+        blame: RequestBlame,
     ) -> web.StreamResponse:
         body = job.body(provider)
         headers = upstream_headers(
@@ -236,22 +243,26 @@ class Dispatcher:
         except RetryableAttemptError as failure:
             close_response(response)
             self._upload_failed(job)
-            self._failed(record, provider, failure)
+            self._failed(record, provider, failure, blame)
             raise
         except TimeoutError as error:
             close_response(response)
             self._upload_failed(job)
-            self._timed_out(record, provider, timeouts, error)
+            self._timed_out(record, provider, timeouts, error, blame)
         except aiohttp.ClientError as error:
             close_response(response)
             self._upload_failed(job)
             broken = RetryableAttemptError("connect_error" if response is None else "payload_error")
-            self._failed(record, provider, broken)
+            # Only a connection never made is the provider's alone whatever was sent; one dropped
+            # after the request went out may be that request's doing (see `blame`).
+            connected = not isinstance(error, aiohttp.ClientConnectorError)
+            self._failed(record, provider, broken, blame, connected=connected)
             raise broken from error
         except BaseException:
             close_response(response)
             raise
 
+        blame.answered(is_success(response))
         record.ttft_seconds = first_byte_at - job.started_at
         record.upstream_ttft_seconds = first_byte_at - attempt_started
         record.served = provider
@@ -266,6 +277,7 @@ class Dispatcher:
                     response=response,
                     first_chunk=first_chunk,
                     record=record,
+                    blame=blame,
                 )
             return self._whole(job, provider, response, whole, record)
         finally:
@@ -294,16 +306,21 @@ class Dispatcher:
             raise
 
     def _timed_out(
-        self, record: DispatchRecord, provider: Provider, timeouts: Timeouts, error: TimeoutError
+        self,
+        record: DispatchRecord,
+        provider: Provider,
+        timeouts: Timeouts,
+        error: TimeoutError,
+        blame: RequestBlame,
     ) -> NoReturn:
         """A connect timeout fails over; a timeout after the upstream accepted the request fails
         over only with `retry_after_timeout` (it may still be generating), else it is a 504."""
         if isinstance(error, aiohttp.ConnectionTimeoutError):
             unreachable = RetryableAttemptError("connect_timeout")
-            self._failed(record, provider, unreachable)
+            self._failed(record, provider, unreachable, blame)
             raise unreachable from None
         timed_out = RetryableAttemptError("timeout")
-        self._failed(record, provider, timed_out)
+        self._failed(record, provider, timed_out, blame)
         if timeouts.retry_after_timeout:
             raise timed_out from None
         raise GatewayError(
@@ -353,6 +370,7 @@ class Dispatcher:
         response: aiohttp.ClientResponse,
         first_chunk: bytes,
         record: DispatchRecord,
+        blame: RequestBlame,
     ) -> web.StreamResponse:
         """Pass an SSE stream through chunk by chunk; after the first byte nothing is retried.
 
@@ -372,7 +390,7 @@ class Dispatcher:
             while chunk:
                 if not framing.accepts(chunk):
                     return await self._end_broken_stream(
-                        downstream, provider, record, last, "malformed_stream"
+                        downstream, provider, record, last, "malformed_stream", blame=blame
                     )
                 if renamer is not None:
                     chunk = renamer.feed(chunk)
@@ -395,7 +413,7 @@ class Dispatcher:
             return downstream
         except (aiohttp.ClientError, TimeoutError):
             return await self._end_broken_stream(
-                downstream, provider, record, last, "dropped_mid_stream"
+                downstream, provider, record, last, "dropped_mid_stream", blame=blame
             )
         self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
@@ -409,11 +427,13 @@ class Dispatcher:
         record: DispatchRecord,
         last: bytes,
         outcome: str,
+        *,
+        blame: RequestBlame,
     ) -> web.StreamResponse:
         """End a started stream with an error event; a transport failure counts against the
         provider (an oversized event does not: the upstream is there and answering)."""
         if outcome == "dropped_mid_stream":
-            self._provider_failed(provider)
+            blame.provider_fault(provider.name)
         record.attempts.append(Attempt(provider.name, outcome, record.status))
         message = (
             "The upstream stream ended unexpectedly; the response is incomplete."
@@ -427,7 +447,13 @@ class Dispatcher:
         return downstream
 
     def _failed(
-        self, record: DispatchRecord, provider: Provider, failure: RetryableAttemptError
+        self,
+        record: DispatchRecord,
+        provider: Provider,
+        failure: RetryableAttemptError,
+        blame: RequestBlame,
+        *,
+        connected: bool = True,
     ) -> None:
         """Note a failed attempt, and let the provider's health learn from it."""
         record.attempts.append(
@@ -442,14 +468,7 @@ class Dispatcher:
                 status=failure.status,
                 detail="the provider's api_key is wrong or lacks access; failing over",
             )
-        if failure.status == 429:
-            self._health.rate_limited(provider.name, failure.retry_after)
-        else:
-            self._provider_failed(provider)
-
-    def _provider_failed(self, provider: Provider) -> None:
-        if self._health.failed(provider.name):
-            self._on_cooldown(provider.name)
+        blame.failed(provider.name, failure, connected=connected)
 
 
 async def _timed_from_upload_end(

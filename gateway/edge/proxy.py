@@ -437,6 +437,7 @@ class Proxy:
 
         return DispatchRequest(
             request_id=request_id_of(request),
+            key_id=key.id,
             method=spec.method,
             path=_upstream_path(request, spec),
             body=body,

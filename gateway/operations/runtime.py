@@ -102,7 +102,15 @@ def build_runtime(
     catalog = Catalog(settings)
     routing = settings.routing
     state.permits.reconfigure(catalog.providers)
-    state.health.reconfigure(routing, catalog.providers)
+    # A draining provider serves no new request: it does not widen a model's cooling share.
+    state.health.reconfigure(
+        routing,
+        catalog.providers,
+        {
+            model: [provider.name for provider in serving if not provider.draining]
+            for model, serving in catalog.serving.items()
+        },
+    )
     state.poller.track(catalog.providers)
     router = Router(
         catalog,

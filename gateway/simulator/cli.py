@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--drop-after-chunks", type=int, default=None, help="abort streams after N chunks"
     )
     parser.add_argument(
+        "--error-on-text", default=None, help="answer 500 to requests whose body holds this text"
+    )
+    parser.add_argument(
         "--extra-waiting", type=int, default=faults.extra_waiting, help="added to reported waiting"
     )
     parser.add_argument(
@@ -102,6 +105,7 @@ def options_from_arguments(arguments: argparse.Namespace) -> SimulatorOptions:
             error_rate=arguments.error_rate,
             rate_limit_retry_after=arguments.rate_limit_retry_after,
             drop_after_chunks=arguments.drop_after_chunks,
+            error_on_text=arguments.error_on_text,
             extra_waiting=arguments.extra_waiting,
             hold=arguments.hold,
             mode=Mode(arguments.mode),

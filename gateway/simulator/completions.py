@@ -86,7 +86,8 @@ async def _answer(
             body=body,
             headers=headers,
         )
-    if faults.error_rate > 0.0 and state.random.random() < faults.error_rate:
+    poisoned = faults.error_on_text is not None and faults.error_on_text.encode() in record.body
+    if poisoned or (faults.error_rate > 0.0 and state.random.random() < faults.error_rate):
         body = error_body("Simulated upstream failure.", "server_error", "simulated_error")
         return await _send_error(
             request, state, record, outcome=Outcome.ERROR, status=500, body=body, headers=headers

@@ -60,6 +60,8 @@ class Faults:
     # requests in flight without timing.
     hold: bool = False
     mode: Mode = Mode.NORMAL
+    # A request-specific bug: a completion request whose body holds this text is answered 500.
+    error_on_text: str | None = None
 
     def __post_init__(self) -> None:
         """Reject values outside their meaningful ranges."""
@@ -73,6 +75,8 @@ class Faults:
             raise ValueError("drop_after_chunks must not be negative")
         if self.extra_waiting < 0:
             raise ValueError("extra_waiting must not be negative")
+        if self.error_on_text == "":
+            raise ValueError("error_on_text must not be empty")
 
     def updated(self, changes: Mapping[str, Any]) -> Faults:
         """These faults with a JSON-shaped partial update applied; ValueError if it is invalid."""
@@ -106,6 +110,12 @@ def _optional_count(name: str, value: Any) -> int | None:
     return None if value is None else _count(name, value)
 
 
+def _optional_text(name: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string or null")
+    return value
+
+
 def _flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false")
@@ -128,6 +138,7 @@ _FAULT_CHECKS: Mapping[str, Callable[[str, Any], Any]] = {
     "extra_waiting": _count,
     "hold": _flag,
     "mode": _mode,
+    "error_on_text": _optional_text,
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from gateway.config import Settings
 from gateway.simulator import Faults
 from tests.conftest import GatewayFactory, SimulatorFactory
-from tests.support.gateway import TEST_KEY, TEST_MODEL, chat_body, settings_dict
+from tests.support.gateway import OTHER_KEY, TEST_KEY, TEST_MODEL, chat_body, settings_dict
 from tests.support.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -122,6 +123,10 @@ async def gateway_with_traffic(
             "routing": {"allowed_fails": 1, "cooldown_seconds": 300},
         },
     )
+    # Issue 13: one key's 5xx never cools a provider, so the traffic comes from two keys. Every
+    # other request meets node-c first: a cycle of three keeps both keys meeting it.
+    config["keys"][1]["models"] = ["*"]
+    keys = itertools.cycle([TEST_KEY, OTHER_KEY, OTHER_KEY])
     server = await start_gateway(Settings.model_validate(config))
     async with aiohttp.ClientSession() as session:
 
@@ -129,7 +134,7 @@ async def gateway_with_traffic(
             async with session.post(
                 server.make_url("/v1/chat/completions"),
                 data=orjson.dumps(chat_body("Hello, status page")),
-                headers={"Authorization": f"Bearer {TEST_KEY}"},
+                headers={"Authorization": f"Bearer {next(keys)}"},
             ) as response:
                 assert response.status == 200
                 await response.read()

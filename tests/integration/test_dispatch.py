@@ -15,7 +15,7 @@ from gateway.app import AFFINITY, LOAD, METRICS, RUNTIME
 from gateway.config import Settings
 from gateway.simulator import Timing
 from tests.conftest import GatewayFactory, SimulatorFactory
-from tests.support.gateway import TEST_KEY, TEST_MODEL, chat_body, settings_dict
+from tests.support.gateway import OTHER_KEY, TEST_KEY, TEST_MODEL, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import InProcessSimulator
 
@@ -177,20 +177,30 @@ async def test_all_candidates_cooling_is_a_429_with_the_soonest_retry_after(
 async def test_consecutive_failures_cool_a_node_and_a_success_resets_the_count(
     start_simulator: SimulatorFactory, start_gateway: GatewayFactory
 ) -> None:
-    """allowed_fails failures in a row start a cooldown; the cooled node gets no attempts."""
+    """allowed_fails failures in a row start a cooldown; the cooled node gets no attempts.
+
+    Issue 13: a 5xx counts only once the run holds failures from two keys, so the requests
+    alternate between the two keys (one key's 5xx alone never cools a provider).
+    """
     broken = await start_simulator("node-a")
     healthy = await start_simulator("node-b")
     await broken.set_faults(error_rate=1.0)
-    server = await gateway_for(
-        start_gateway,
-        [broken, healthy],
-        models=[NOT_STICKY],
-        routing={"allowed_fails": 2, "cooldown_seconds": 30},
+    config = settings_dict(
+        {"node-a": broken.url, "node-b": healthy.url},
+        extra={"models": [NOT_STICKY], "routing": {"allowed_fails": 2, "cooldown_seconds": 30}},
     )
+    config["keys"][1]["models"] = ["*"]
+    server = await start_gateway(Settings.model_validate(config))
     health = server.app[RUNTIME].proxy.router.health
     async with aiohttp.ClientSession() as session:
-        for _ in range(8):
-            assert (await post(session, server))[0] == 200
+        for number in range(8):
+            key = TEST_KEY if number % 2 == 0 else OTHER_KEY
+            async with session.post(
+                server.make_url("/v1/chat/completions"),
+                data=orjson.dumps(chat_body(max_tokens=2)),
+                headers={"Authorization": f"Bearer {key}"},
+            ) as response:
+                assert response.status == 200
     assert health.cooling("node-a")
     assert 25 < health.cooling_remaining("node-a") <= 30
     assert (await broken.stats()).completion_requests == 2

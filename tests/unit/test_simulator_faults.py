@@ -98,6 +98,20 @@ async def test_a_partial_error_rate_fails_some_requests_and_serves_others(
     assert statuses == {200, 500}
 
 
+async def test_error_on_text_fails_only_the_requests_that_carry_it(
+    node: InProcessSimulator, session: aiohttp.ClientSession
+) -> None:
+    """With error_on_text set, a request holding the text gets 500; the others are served."""
+    await post_faults(session, node, {"error_on_text": "POISON"})
+    poisoned = CHAT | {"messages": [{"role": "user", "content": "hi POISON"}]}
+    async with session.post(f"{node.url}/v1/chat/completions", json=poisoned) as response:
+        assert response.status == 500
+    async with session.post(f"{node.url}/v1/chat/completions", json=CHAT) as response:
+        assert response.status == 200
+    status, _ = await post_faults(session, node, {"error_on_text": 5})
+    assert status == 400
+
+
 async def test_rate_limit_answers_429_with_retry_after(
     node: InProcessSimulator, session: aiohttp.ClientSession
 ) -> None:
