@@ -13,18 +13,23 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
+from affinity_store.shares import ShareRow, grant
 from affinity_store.spread import choose_candidate
 from affinity_store.store import (
     LEAST_BOUND,
     Binding,
     Candidate,
+    Heartbeat,
+    KeyShare,
     Renewal,
+    ShareGrant,
     Spread,
     StoreError,
     StoreTimeout,
 )
 
 BindingKey = tuple[str, str]
+ShareKey = tuple[str, str, str]  # api_key_id, resource, worker_id
 RESPONSE_PURGE_GRACE = timedelta(minutes=5)
 RESPONSE_PURGE_BATCH = 10
 
@@ -58,6 +63,8 @@ class MemoryAffinityStore:
         self._janitor_lock = asyncio.Lock()
         self._responses: dict[str, tuple[str, datetime, str]] = {}
         self._failure: StoreError | None = None
+        self._workers: dict[str, datetime] = {}  # worker id -> expiry
+        self._shares: dict[ShareKey, tuple[int, int, datetime]] = {}  # granted, wanted, expiry
 
     def fail_with(self, error: StoreError | None) -> None:
         """Make every later call raise `error` (simulating an outage) until given None."""
@@ -281,3 +288,65 @@ class MemoryAffinityStore:
             if stored is None or stored[1] <= self._clock() or stored[2] != api_key_id:
                 return None
             return stored[0]
+
+    async def heartbeat(self, worker_id: str, *, ttl_seconds: float, timeout: float) -> Heartbeat:
+        """Renew the worker and its live shares; return the live workers and renewed shares."""
+        async with self._boundary(timeout):
+            now = self._clock()
+            expires_at = now + timedelta(seconds=ttl_seconds)
+            self._workers[worker_id] = expires_at
+            renewed: dict[tuple[str, str], int] = {}
+            for (api_key_id, resource, holder), (granted, wanted, expiry) in list(
+                self._shares.items()
+            ):
+                if holder == worker_id and expiry > now:
+                    self._shares[(api_key_id, resource, holder)] = (granted, wanted, expires_at)
+                    renewed[(api_key_id, resource)] = granted
+            live = sorted(worker for worker, expiry in self._workers.items() if expiry > now)
+            return Heartbeat(workers=tuple(live), shares=renewed)
+
+    async def claim_share(
+        self,
+        api_key_id: str,
+        resource: str,
+        worker_id: str,
+        *,
+        limit: int,
+        wanted: int,
+        keep: int,
+        ttl_seconds: float,
+        timeout: float,
+    ) -> ShareGrant:
+        """Grant the worker its share (one event-loop step: nothing interleaves)."""
+        async with self._boundary(timeout):
+            now = self._clock()
+            others = [
+                ShareRow(holder, granted, want)
+                for (key, kind, holder), (granted, want, expiry) in sorted(self._shares.items())
+                if key == api_key_id and kind == resource and holder != worker_id and expiry > now
+            ]
+            granted, fair = grant(
+                limit, worker_id, wanted=wanted, keep=keep, others=others, salt=api_key_id
+            )
+            expires_at = now + timedelta(seconds=ttl_seconds)
+            self._shares[(api_key_id, resource, worker_id)] = (granted, wanted, expires_at)
+            return ShareGrant(granted, fair)
+
+    async def leave(self, worker_id: str, *, timeout: float) -> None:
+        """Forget the worker and its shares."""
+        async with self._boundary(timeout):
+            self._workers.pop(worker_id, None)
+            for share in [share for share in self._shares if share[2] == worker_id]:
+                del self._shares[share]
+
+    async def list_shares(self, *, timeout: float) -> list[KeyShare]:
+        """Every live share."""
+        async with self._boundary(timeout):
+            now = self._clock()
+            return [
+                KeyShare(api_key_id, resource, worker_id, granted, wanted)
+                for (api_key_id, resource, worker_id), (granted, wanted, expiry) in sorted(
+                    self._shares.items()
+                )
+                if expiry > now
+            ]

@@ -34,6 +34,14 @@ class Queries:
     list_bindings: str
     record_response: str
     response_provider: str
+    register_worker: str
+    renew_shares: str
+    live_workers: str
+    lock_key_shares: str
+    other_shares: str
+    write_share: str
+    leave: str
+    list_shares: str
 
 
 def parse_named_queries(text: str) -> dict[str, str]:

@@ -151,3 +151,54 @@ SET api_key_id = excluded.api_key_id, provider = excluded.provider,
 -- name: response_provider
 SELECT provider FROM response_bindings
 WHERE response_id = $1 AND api_key_id = $2 AND expires_at > now();
+
+-- name: register_worker
+-- $1 worker id, $2 ttl in seconds. Registers or renews the worker; forgets workers and shares
+-- expired for over a minute (they count for nothing once expired: this only tidies the tables).
+WITH forgotten_workers AS (
+    DELETE FROM gateway_workers WHERE expires_at < now() - interval '1 minute'
+),
+forgotten_shares AS (
+    DELETE FROM key_limit_shares WHERE expires_at < now() - interval '1 minute'
+)
+INSERT INTO gateway_workers (worker_id, expires_at)
+VALUES ($1, now() + make_interval(secs => $2::float8))
+ON CONFLICT (worker_id) DO UPDATE SET expires_at = excluded.expires_at;
+
+-- name: renew_shares
+-- Only live rows: a share that expired may already have been granted to another worker.
+UPDATE key_limit_shares
+SET expires_at = now() + make_interval(secs => $2::float8)
+WHERE worker_id = $1 AND expires_at > now()
+RETURNING api_key_id, resource, granted;
+
+-- name: live_workers
+SELECT worker_id FROM gateway_workers WHERE expires_at > now() ORDER BY worker_id;
+
+-- name: lock_key_shares
+SELECT pg_advisory_xact_lock($1::int4, $2::int4);
+
+-- name: other_shares
+SELECT worker_id, granted, wanted
+FROM key_limit_shares
+WHERE api_key_id = $1 AND resource = $2 AND worker_id <> $3 AND expires_at > now()
+ORDER BY worker_id;
+
+-- name: write_share
+-- $1 key id, $2 resource, $3 worker id, $4 granted, $5 wanted, $6 ttl in seconds.
+INSERT INTO key_limit_shares (api_key_id, resource, worker_id, granted, wanted, expires_at)
+VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::float8))
+ON CONFLICT (api_key_id, resource, worker_id) DO UPDATE
+SET granted = excluded.granted, wanted = excluded.wanted, expires_at = excluded.expires_at;
+
+-- name: leave
+WITH shares AS (
+    DELETE FROM key_limit_shares WHERE worker_id = $1
+)
+DELETE FROM gateway_workers WHERE worker_id = $1;
+
+-- name: list_shares
+SELECT api_key_id, resource, worker_id, granted, wanted
+FROM key_limit_shares
+WHERE expires_at > now()
+ORDER BY api_key_id, resource, worker_id;
