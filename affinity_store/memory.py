@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-from affinity_store.shares import ShareRow, grant
+from affinity_store.shares import ShareRow, grant, rotation_salt
 from affinity_store.spread import choose_candidate
 from affinity_store.store import (
     LEAST_BOUND,
@@ -326,7 +326,12 @@ class MemoryAffinityStore:
                 if key == api_key_id and kind == resource and holder != worker_id and expiry > now
             ]
             granted, fair = grant(
-                limit, worker_id, wanted=wanted, keep=keep, others=others, salt=api_key_id
+                limit,
+                worker_id,
+                wanted=wanted,
+                keep=keep,
+                others=others,
+                salt=rotation_salt(api_key_id, now.timestamp()),
             )
             expires_at = now + timedelta(seconds=ttl_seconds)
             self._shares[(api_key_id, resource, worker_id)] = (granted, wanted, expires_at)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from typing import TypeAlias
 
@@ -23,7 +24,7 @@ from affinity_store.locks import (
     binding_lock_key,
 )
 from affinity_store.queries import Queries, load_queries
-from affinity_store.shares import ShareRow, grant
+from affinity_store.shares import ShareRow, grant, rotation_salt
 from affinity_store.spread import COUNTER_SHARDS, choose_candidate, counter_shard
 from affinity_store.store import (
     LEAST_BOUND,
@@ -392,7 +393,12 @@ class PostgresAffinityStore:
                 for record in records
             ]
             granted, fair = grant(
-                limit, worker_id, wanted=wanted, keep=keep, others=others, salt=api_key_id
+                limit,
+                worker_id,
+                wanted=wanted,
+                keep=keep,
+                others=others,
+                salt=rotation_salt(api_key_id, time.time()),
             )
             await connection.execute(
                 queries.write_share, api_key_id, resource, worker_id, granted, wanted, ttl_seconds

@@ -6,6 +6,10 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+# Which workers get the indivisible units of a limit changes this often, so that when more
+# workers want a small limit than it has units, none of them waits for ever.
+ROTATION_SECONDS = 10.0
+
 
 @dataclass(frozen=True)
 class ShareRow:
@@ -19,6 +23,11 @@ class ShareRow:
 def _order(salt: str, worker_id: str) -> bytes:
     """A per-key order of workers, the same in every process, for the last indivisible units."""
     return hashlib.sha256(f"{salt}\n{worker_id}".encode()).digest()
+
+
+def rotation_salt(api_key_id: str, unix_time: float) -> str:
+    """The order key for a key's indivisible units during the current rotation period."""
+    return f"{api_key_id}\n{int(unix_time // ROTATION_SECONDS)}"
 
 
 def fair_shares(limit: int, wants: Mapping[str, int], *, salt: str) -> dict[str, int]:
