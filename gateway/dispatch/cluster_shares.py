@@ -86,11 +86,11 @@ class ClusterShares:
             except Exception:
                 logger.exception("key_shares_sync_failed")
 
-    async def sync(self) -> None:
-        """One round: a heartbeat when one is due, then the claims the book asks for."""
+    async def sync(self, *, heartbeat: bool = False) -> None:
+        """One round: a heartbeat when one is due (or asked for), then the book's claims."""
         self.book.track(self._keys())
         try:
-            if time.monotonic() - self._last_heartbeat >= HEARTBEAT_SECONDS:
+            if heartbeat or time.monotonic() - self._last_heartbeat >= HEARTBEAT_SECONDS:
                 await self._heartbeat()
             await self._claim()
         except StoreError as error:

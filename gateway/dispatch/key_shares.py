@@ -173,8 +173,7 @@ class ShareBook:
     def _demand(share: _Share, resource: str, now: float) -> int:
         """What the remembered beats ask for: the peak plus refusals, or a per-minute rate."""
         if resource == CONCURRENCY:
-            peak = max(seen for _, seen, _ in share.history)
-            return peak + share.history[-1][2]
+            return max(seen + refused for _, seen, refused in share.history)
         seen = sum(count for _, count, _ in share.history)
         elapsed = max(now - share.history[0][0], 1.0)
         return math.ceil(seen * 60 / elapsed)
