@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
 import orjson
@@ -17,13 +17,13 @@ from affinity_store.memory import MemoryAffinityStore
 from affinity_store.notifications import BindingChanges
 from affinity_store.postgres import Pool, PostgresAffinityStore
 from affinity_store.store import AffinityStore
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, Key
 from gateway.config import Settings
 from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.cluster_shares import ClusterShares
 from gateway.dispatch.health import ProviderHealth
-from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.key_shares import ShareBook
+from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.permits import KeyLimits, ProviderPermits
 from gateway.dispatch.upstream import create_client_session
 from gateway.edge.connections import SERVER_NAME
@@ -193,10 +193,14 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     holder = RuntimeHolder(build_runtime(settings, state))
     app[RUNTIME] = holder
     app[RELOADER] = Reloader(holder, state, app[METRICS])
+
+    def current_keys() -> Iterable[Key]:
+        return holder.current.catalog.keys.values()  # whatever the latest reload made them
+
     shares = ClusterShares(
         app[STORE],
         key_limits.shares,
-        keys=lambda: holder.current.catalog.keys.values(),
+        keys=current_keys,
         in_flight=key_limits.in_flight_by_id,
     )
     app[SHARES] = shares

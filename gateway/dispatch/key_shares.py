@@ -58,7 +58,7 @@ class Claim:
 
 
 def provisional(limit: int, workers: int) -> int:
-    """The share a worker uses before the store has granted one: its replica's even split."""
+    """The share a worker uses before it has ever reached the store: its replica's even split."""
     return max(1, math.ceil(limit / max(1, workers)))
 
 
@@ -76,9 +76,12 @@ class ShareBook:
     def _share(self, api_key_id: str, resource: str, limit: int) -> _Share:
         share = self._shares.get((api_key_id, resource))
         if share is None:
-            granted = provisional(limit, self.workers)
+            # Once in step with the store, a limit it has not seen (a reload added it) starts
+            # at nothing until the sync claims it: any guess could exceed the limit.
+            granted = 0 if self.synced else provisional(limit, self.workers)
             share = _Share(limit, granted, tokens=_capacity(granted), refilled_at=self._clock())
             self._shares[(api_key_id, resource)] = share
+            self.wake.set()
         share.limit = limit
         return share
 

@@ -102,6 +102,7 @@ def build_runtime(
     state.permits.reconfigure(catalog.providers)
     state.health.reconfigure(routing, catalog.providers)
     state.poller.track(catalog.providers)
+    state.key_limits.shares.track(catalog.keys.values())  # new limits: claimed at the next sync
     router = Router(
         catalog,
         routing,
