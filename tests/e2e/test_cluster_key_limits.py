@@ -37,7 +37,7 @@ CLIENTS = 10
 @asynccontextmanager
 async def cluster(
     database_url: str, tmp_path: Path, key_limits: dict[str, Any], simulator: list[str]
-) -> AsyncIterator[tuple[SimulatorProcess, list[GatewayProcess]]]:
+) -> AsyncIterator[tuple[SimulatorProcess, list[GatewayProcess], asyncpg.Connection]]:
     """A slow simulator and two 2-worker gateways on one Postgres, with all 4 workers live."""
     async with AsyncExitStack() as stack:
         node = await stack.enter_async_context(SimulatorProcess("slow", simulator))
@@ -75,7 +75,7 @@ async def cluster(
 
         await wait_until(every_worker_holds_its_shares, timeout=60, message="shares settled")
         await node.reset()
-        yield node, gateways
+        yield node, gateways, connection
 
 
 async def hammer(
@@ -119,7 +119,7 @@ async def test_max_concurrency_two_holds_across_two_replicas_of_two_workers(
     it does see 2: the shares follow the demand instead of leaving the limit unusable."""
     async with cluster(
         database_url, tmp_path, {"max_concurrency": 2}, ["--base-ttft-ms", "400"]
-    ) as (node, gateways):
+    ) as (node, gateways, _):
         statuses, refusals, retry_afters = await hammer(gateways, 12, pause=0.05)
         stats = await node.stats()
     assert set(statuses) <= {200, 429}, statuses
@@ -140,7 +140,7 @@ async def test_requests_per_minute_holds_across_two_replicas_of_two_workers(
     rpm, seconds = 60, 20.0
     async with cluster(
         database_url, tmp_path, {"requests_per_minute": rpm}, ["--base-ttft-ms", "5"]
-    ) as (node, gateways):
+    ) as (node, gateways, _):
         statuses, refusals, retry_afters = await hammer(gateways, seconds, pause=0.05)
         stats = await node.stats()
     bound = rpm * seconds / 60 + rpm * BURST_SECONDS / 60 + REPLICAS * WORKERS
@@ -150,3 +150,31 @@ async def test_requests_per_minute_holds_across_two_replicas_of_two_workers(
     assert statuses[200] >= rpm * seconds / 60 / 2, statuses  # the shares follow the demand
     assert {refusal["code"] for refusal in refusals} == {"key_rate_limit"}
     assert all(int(value) >= 1 for value in retry_afters)
+
+
+async def test_a_killed_replica_drops_out_and_the_workers_left_share_its_part(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`max_concurrency: 4` over 2 x 2 workers; one replica is killed (no clean leave): once its
+    heartbeats are 10 s old its workers drop out, and the two workers left run all 4 at once."""
+    async with cluster(
+        database_url, tmp_path, {"max_concurrency": 4}, ["--base-ttft-ms", "400"]
+    ) as (node, gateways, connection):
+        killed = gateways[1].process
+        assert killed is not None
+        killed.kill()
+        killed.wait(timeout=10)
+
+        async def two_workers_live() -> bool:
+            """Only the surviving replica's workers are still registered."""
+            live = await connection.fetchval(
+                "SELECT count(*) FROM gateway_workers WHERE expires_at > now()"
+            )
+            return bool(live == WORKERS)
+
+        await wait_until(two_workers_live, timeout=30, message="killed workers expired")
+        await node.reset()
+        statuses, _, _ = await hammer(gateways[:1], 8, pause=0.05)
+        stats = await node.stats()
+    assert stats.peak_in_flight == 4, (stats.peak_in_flight, statuses)
+    assert statuses[200] == stats.completed
