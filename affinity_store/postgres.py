@@ -349,16 +349,17 @@ class PostgresAffinityStore:
         return provider
 
     async def heartbeat(self, worker_id: str, *, ttl_seconds: float, timeout: float) -> Heartbeat:
-        """Renew the worker's row and its live shares; read the live workers (three statements)."""
+        """Renew the worker's row (its shares lapse if it had expired); read its standing shares
+        and the live workers (three statements, one row written)."""
         queries = self._queries
         async with store_boundary(timeout), self._pool.acquire() as connection:
             await connection.execute(queries.register_worker, worker_id, ttl_seconds)
-            renewed = await connection.fetch(queries.renew_shares, worker_id, ttl_seconds)
+            shares = await connection.fetch(queries.own_shares, worker_id)
             workers = await connection.fetch(queries.live_workers)
         return Heartbeat(
             workers=tuple(record["worker_id"] for record in workers),
             shares={
-                (record["api_key_id"], record["resource"]): record["granted"] for record in renewed
+                (record["api_key_id"], record["resource"]): record["granted"] for record in shares
             },
         )
 
@@ -371,7 +372,6 @@ class PostgresAffinityStore:
         limit: int,
         wanted: int,
         keep: int,
-        ttl_seconds: float,
         timeout: float,
     ) -> ShareGrant:
         """Grant the worker its share in one short transaction under the key's advisory lock."""
@@ -387,6 +387,8 @@ class PostgresAffinityStore:
             await connection.execute(
                 queries.lock_key_shares, SHARES_NAMESPACE, binding_lock_key(api_key_id, resource)
             )
+            if not await connection.fetchval(queries.worker_is_live, worker_id):
+                raise StoreError("this worker's registration lapsed: heartbeat before claiming")
             records = await connection.fetch(queries.other_shares, api_key_id, resource, worker_id)
             others = [
                 ShareRow(record["worker_id"], record["granted"], record["wanted"])
@@ -401,7 +403,7 @@ class PostgresAffinityStore:
                 salt=rotation_salt(api_key_id, time.time()),
             )
             await connection.execute(
-                queries.write_share, api_key_id, resource, worker_id, granted, wanted, ttl_seconds
+                queries.write_share, api_key_id, resource, worker_id, granted, wanted
             )
         return ShareGrant(granted, fair)
 

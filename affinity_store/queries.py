@@ -35,8 +35,9 @@ class Queries:
     record_response: str
     response_provider: str
     register_worker: str
-    renew_shares: str
+    own_shares: str
     live_workers: str
+    worker_is_live: str
     lock_key_shares: str
     other_shares: str
     write_share: str

@@ -153,43 +153,55 @@ SELECT provider FROM response_bindings
 WHERE response_id = $1 AND api_key_id = $2 AND expires_at > now();
 
 -- name: register_worker
--- $1 worker id, $2 ttl in seconds. Registers or renews the worker; forgets workers and shares
--- expired for over a minute (they count for nothing once expired: this only tidies the tables).
-WITH forgotten_workers AS (
-    DELETE FROM gateway_workers WHERE expires_at < now() - interval '1 minute'
+-- $1 worker id, $2 ttl in seconds. Registers or renews the worker. A worker whose row had expired
+-- (or was gone) loses its shares: others may have been granted them meanwhile. Workers expired for
+-- over a minute are forgotten with their shares (expired, they already count for nothing).
+WITH previous AS (
+    SELECT bool_or(expires_at > now()) AS live FROM gateway_workers WHERE worker_id = $1
+),
+lapsed AS (
+    DELETE FROM key_limit_shares
+    WHERE worker_id = $1 AND NOT coalesce((SELECT live FROM previous), false)
+),
+forgotten AS (
+    DELETE FROM gateway_workers
+    WHERE expires_at < now() - interval '1 minute' AND worker_id <> $1
+    RETURNING worker_id
 ),
 forgotten_shares AS (
-    DELETE FROM key_limit_shares WHERE expires_at < now() - interval '1 minute'
+    DELETE FROM key_limit_shares WHERE worker_id IN (SELECT worker_id FROM forgotten)
 )
 INSERT INTO gateway_workers (worker_id, expires_at)
 VALUES ($1, now() + make_interval(secs => $2::float8))
 ON CONFLICT (worker_id) DO UPDATE SET expires_at = excluded.expires_at;
 
--- name: renew_shares
--- Only live rows: a share that expired may already have been granted to another worker.
-UPDATE key_limit_shares
-SET expires_at = now() + make_interval(secs => $2::float8)
-WHERE worker_id = $1 AND expires_at > now()
-RETURNING api_key_id, resource, granted;
+-- name: own_shares
+SELECT api_key_id, resource, granted FROM key_limit_shares WHERE worker_id = $1;
 
 -- name: live_workers
 SELECT worker_id FROM gateway_workers WHERE expires_at > now() ORDER BY worker_id;
+
+-- name: worker_is_live
+SELECT coalesce(bool_or(expires_at > now()), false) FROM gateway_workers WHERE worker_id = $1;
 
 -- name: lock_key_shares
 SELECT pg_advisory_xact_lock($1::int4, $2::int4);
 
 -- name: other_shares
-SELECT worker_id, granted, wanted
-FROM key_limit_shares
-WHERE api_key_id = $1 AND resource = $2 AND worker_id <> $3 AND expires_at > now()
-ORDER BY worker_id;
+-- The key's shares held by other live workers.
+SELECT share.worker_id, share.granted, share.wanted
+FROM key_limit_shares AS share
+JOIN gateway_workers AS worker USING (worker_id)
+WHERE share.api_key_id = $1 AND share.resource = $2 AND share.worker_id <> $3
+  AND worker.expires_at > now()
+ORDER BY share.worker_id;
 
 -- name: write_share
--- $1 key id, $2 resource, $3 worker id, $4 granted, $5 wanted, $6 ttl in seconds.
-INSERT INTO key_limit_shares (api_key_id, resource, worker_id, granted, wanted, expires_at)
-VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6::float8))
+-- $1 key id, $2 resource, $3 worker id, $4 granted, $5 wanted.
+INSERT INTO key_limit_shares (api_key_id, resource, worker_id, granted, wanted)
+VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (api_key_id, resource, worker_id) DO UPDATE
-SET granted = excluded.granted, wanted = excluded.wanted, expires_at = excluded.expires_at;
+SET granted = excluded.granted, wanted = excluded.wanted;
 
 -- name: leave
 WITH shares AS (
@@ -198,7 +210,8 @@ WITH shares AS (
 DELETE FROM gateway_workers WHERE worker_id = $1;
 
 -- name: list_shares
-SELECT api_key_id, resource, worker_id, granted, wanted
-FROM key_limit_shares
-WHERE expires_at > now()
-ORDER BY api_key_id, resource, worker_id;
+SELECT share.api_key_id, share.resource, share.worker_id, share.granted, share.wanted
+FROM key_limit_shares AS share
+JOIN gateway_workers AS worker USING (worker_id)
+WHERE worker.expires_at > now()
+ORDER BY share.api_key_id, share.resource, share.worker_id;

@@ -65,7 +65,7 @@ class Heartbeat:
     """What a worker's heartbeat learnt: the live workers, and its own shares still standing."""
 
     workers: tuple[str, ...]
-    shares: dict[tuple[str, str], int]  # (api_key_id, resource) -> granted
+    shares: dict[tuple[str, str], int]  # (api_key_id, resource) -> granted, those still standing
 
 
 @dataclass(frozen=True)
@@ -198,8 +198,10 @@ class AffinityStore(Protocol):
         ...
 
     async def heartbeat(self, worker_id: str, *, ttl_seconds: float, timeout: float) -> Heartbeat:
-        """Register or renew the worker and its live shares for `ttl_seconds`; return the live
-        workers (itself included) and the shares that were renewed."""
+        """Register or renew the worker for `ttl_seconds`; return the live workers (itself
+        included) and its shares that still stand. A worker whose registration had expired
+        loses its shares: they count for nothing once it expired, and may have been granted
+        to others."""
         ...
 
     async def claim_share(
@@ -211,10 +213,10 @@ class AffinityStore(Protocol):
         limit: int,
         wanted: int,
         keep: int,
-        ttl_seconds: float,
         timeout: float,
     ) -> ShareGrant:
-        """Under the key's lock: record what the worker wants of the key's `limit` and grant it
+        """Under the key's lock (the worker must be registered and live, else StoreError):
+        record what the worker wants of the key's `limit` and grant it
         its fair share, at least `keep` and never more than the other live shares leave free
         (see `shares.grant`); return the grant and the fair share."""
         ...

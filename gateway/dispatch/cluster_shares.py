@@ -129,7 +129,6 @@ class ClusterShares:
                     limit=claim.limit,
                     wanted=claim.wanted,
                     keep=claim.keep,
-                    ttl_seconds=WORKER_TTL_SECONDS,
                     timeout=CALL_TIMEOUT_SECONDS,
                 )
             except BaseException:

@@ -9,7 +9,7 @@ import pytest
 
 from affinity_store.memory import MemoryAffinityStore
 from affinity_store.postgres import PostgresAffinityStore, create_pool
-from affinity_store.store import AffinityStore, StoreUnavailable
+from affinity_store.store import AffinityStore, StoreError, StoreUnavailable
 from gateway.catalog import Key
 from gateway.dispatch.cluster_shares import ClusterShares
 from gateway.dispatch.key_shares import CONCURRENCY, ShareBook
@@ -73,31 +73,42 @@ async def test_heartbeats_list_live_workers_and_a_leaver_is_gone_at_once(
 
 
 async def test_an_expired_worker_and_its_share_count_for_nothing(store: AffinityStore) -> None:
-    """A worker that stopped heartbeating drops out, and its grant is free for the others."""
+    """A worker that stopped heartbeating drops out, its grant is free for the others, and when
+    it comes back its lapsed share is gone: it must claim again."""
     await store.heartbeat("gone", ttl_seconds=0.2, timeout=TIMEOUT)
     taken = await store.claim_share(
-        "k", CONCURRENCY, "gone", limit=2, wanted=2, keep=0, ttl_seconds=0.2, timeout=TIMEOUT
+        "k", CONCURRENCY, "gone", limit=2, wanted=2, keep=0, timeout=TIMEOUT
     )
     assert taken.granted == 2
     await store.heartbeat("alive", ttl_seconds=TTL, timeout=TIMEOUT)
     blocked = await store.claim_share(
-        "k", CONCURRENCY, "alive", limit=2, wanted=2, keep=0, ttl_seconds=TTL, timeout=TIMEOUT
+        "k", CONCURRENCY, "alive", limit=2, wanted=2, keep=0, timeout=TIMEOUT
     )
     assert blocked.granted == 0
     await asyncio.sleep(0.3)
     beat = await store.heartbeat("alive", ttl_seconds=TTL, timeout=TIMEOUT)
     assert beat.workers == ("alive",)
+    assert beat.shares == {("k", CONCURRENCY): 0}
+    with pytest.raises(StoreError, match="lapsed"):
+        await store.claim_share(
+            "k", CONCURRENCY, "gone", limit=2, wanted=2, keep=0, timeout=TIMEOUT
+        )
     freed = await store.claim_share(
-        "k", CONCURRENCY, "alive", limit=2, wanted=2, keep=0, ttl_seconds=TTL, timeout=TIMEOUT
+        "k", CONCURRENCY, "alive", limit=2, wanted=2, keep=0, timeout=TIMEOUT
     )
     assert freed.granted == 2
-    # The expired worker's heartbeat does not bring its lapsed share back.
-    assert (await store.heartbeat("gone", ttl_seconds=TTL, timeout=TIMEOUT)).shares == {}
+    back = await store.heartbeat("gone", ttl_seconds=TTL, timeout=TIMEOUT)
+    assert back.shares == {}
+    assert [
+        (share.worker_id, share.granted) for share in await store.list_shares(timeout=TIMEOUT)
+    ] == [("alive", 2)]
 
 
 async def test_concurrent_claims_never_grant_more_than_the_limit(store: AffinityStore) -> None:
     """Twenty workers claiming all of a limit of 3 at once: the grants sum to exactly 3."""
     workers = [f"w{index:02}" for index in range(20)]
+    for worker in workers:
+        await store.heartbeat(worker, ttl_seconds=TTL, timeout=TIMEOUT)
     grants = await asyncio.gather(
         *(
             store.claim_share(
@@ -107,7 +118,6 @@ async def test_concurrent_claims_never_grant_more_than_the_limit(store: Affinity
                 limit=3,
                 wanted=3,
                 keep=0,
-                ttl_seconds=TTL,
                 timeout=TIMEOUT,
             )
             for worker in workers
@@ -124,24 +134,26 @@ async def test_a_worker_over_its_fair_share_gives_back_what_it_does_not_keep(
 ) -> None:
     """One worker holds all 4; a second wants 2: the first's next claim keeps only its fair 2,
     and the second then gets 2. A share in use (`keep`) is never taken back."""
+    for worker in ("a", "b"):
+        await store.heartbeat(worker, ttl_seconds=TTL, timeout=TIMEOUT)
     first = await store.claim_share(
-        "k", CONCURRENCY, "a", limit=4, wanted=4, keep=0, ttl_seconds=TTL, timeout=TIMEOUT
+        "k", CONCURRENCY, "a", limit=4, wanted=4, keep=0, timeout=TIMEOUT
     )
     assert (first.granted, first.fair) == (4, 4)
     second = await store.claim_share(
-        "k", CONCURRENCY, "b", limit=4, wanted=2, keep=0, ttl_seconds=TTL, timeout=TIMEOUT
+        "k", CONCURRENCY, "b", limit=4, wanted=2, keep=0, timeout=TIMEOUT
     )
     assert (second.granted, second.fair) == (0, 2)
     busy = await store.claim_share(
-        "k", CONCURRENCY, "a", limit=4, wanted=4, keep=3, ttl_seconds=TTL, timeout=TIMEOUT
+        "k", CONCURRENCY, "a", limit=4, wanted=4, keep=3, timeout=TIMEOUT
     )
     assert (busy.granted, busy.fair) == (3, 2)
     shrunk = await store.claim_share(
-        "k", CONCURRENCY, "a", limit=4, wanted=4, keep=2, ttl_seconds=TTL, timeout=TIMEOUT
+        "k", CONCURRENCY, "a", limit=4, wanted=4, keep=2, timeout=TIMEOUT
     )
     assert shrunk.granted == 2
     regrant = await store.claim_share(
-        "k", CONCURRENCY, "b", limit=4, wanted=2, keep=0, ttl_seconds=TTL, timeout=TIMEOUT
+        "k", CONCURRENCY, "b", limit=4, wanted=2, keep=0, timeout=TIMEOUT
     )
     assert regrant.granted == 2
 
