@@ -69,7 +69,8 @@ async def cluster(
                 "SELECT count(*) FROM gateway_workers WHERE expires_at > now()"
             )
             shares = await connection.fetchval(
-                "SELECT count(*) FROM key_limit_shares WHERE expires_at > now()"
+                "SELECT count(*) FROM key_limit_shares JOIN gateway_workers USING (worker_id)"
+                " WHERE gateway_workers.expires_at > now()"
             )
             return bool(live == REPLICAS * WORKERS and shares == live * len(key_limits))
 
