@@ -29,6 +29,8 @@ WORKER_TTL_SECONDS = 10.0
 # A refused request wakes the sync early, but never more often than this.
 MIN_WAKE_SECONDS = 0.2
 CALL_TIMEOUT_SECONDS = 2.0
+# How long a starting worker waits for its first shares before it serves with provisional ones.
+START_TIMEOUT_SECONDS = 1.0
 
 
 def new_worker_id() -> str:
@@ -56,12 +58,13 @@ class ClusterShares:
         self._in_flight = in_flight
         self._task: asyncio.Task[None] | None = None
         self._last_heartbeat = -float("inf")
+        self._registered = False
         self._failing = False
 
     async def start(self) -> None:
         """Register and claim the first shares (bounded), then keep them in step."""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CALL_TIMEOUT_SECONDS * 2):
+            async with asyncio.timeout(START_TIMEOUT_SECONDS):
                 await self.sync()
         self._task = asyncio.create_task(self._run(), name="key-limit-shares")
 
@@ -72,8 +75,9 @@ class ClusterShares:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        with contextlib.suppress(StoreError):
-            await self.store.leave(self.worker_id, timeout=CALL_TIMEOUT_SECONDS)
+        if self._registered:
+            with contextlib.suppress(StoreError):
+                await self.store.leave(self.worker_id, timeout=CALL_TIMEOUT_SECONDS)
 
     async def _run(self) -> None:
         while True:
@@ -87,8 +91,13 @@ class ClusterShares:
                 logger.exception("key_shares_sync_failed")
 
     async def sync(self, *, heartbeat: bool = False) -> None:
-        """One round: a heartbeat when one is due (or asked for), then the book's claims."""
+        """One round: a heartbeat when one is due (or asked for), then the book's claims.
+
+        Nothing at all while no key has a cluster-wide limit: the worker stays unregistered.
+        """
         self.book.track(self._keys())
+        if self.book.empty and not self._registered:
+            return
         try:
             if heartbeat or time.monotonic() - self._last_heartbeat >= HEARTBEAT_SECONDS:
                 await self._heartbeat()
@@ -112,6 +121,7 @@ class ClusterShares:
             self.worker_id, ttl_seconds=WORKER_TTL_SECONDS, timeout=CALL_TIMEOUT_SECONDS
         )
         self._last_heartbeat = started
+        self._registered = True
         if len(beat.workers) != self.book.workers:
             logger.info("cluster_workers", workers=len(beat.workers))
         self.book.workers = max(1, len(beat.workers))

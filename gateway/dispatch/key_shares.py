@@ -97,6 +97,11 @@ class ShareBook:
         for gone in [name for name in self._shares if name not in wanted]:
             del self._shares[gone]
 
+    @property
+    def empty(self) -> bool:
+        """Whether no key has a cluster-wide limit."""
+        return not self._shares
+
     def concurrency(self, key: Key) -> int | None:
         """How many of the key's requests this worker may have in flight (None: no limit)."""
         if key.max_concurrency is None:
