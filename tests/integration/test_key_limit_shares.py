@@ -237,3 +237,29 @@ async def test_a_worker_cut_off_from_the_store_keeps_its_last_share() -> None:
     await sync.sync()
     assert limits.shares.concurrency(key) == 3
     assert [_try(limits, key) for _ in range(4)] == [True, True, True, False]
+
+
+async def test_a_limit_a_reload_adds_is_refused_until_the_sync_claims_it(
+    memory_store: AffinityStore,
+) -> None:
+    """A synced worker never guesses a new limit's share: 0 (refused) until its next sync."""
+    unlimited = limited_key(max_concurrency=None)
+    limits = KeyLimits(shares=ShareBook(workers=1))
+    keys = [limited_key(max_concurrency=None, requests_per_minute=60)]
+    sync = ClusterShares(
+        memory_store,
+        limits.shares,
+        keys=lambda: keys,
+        in_flight=limits.in_flight_by_id,
+        worker_id="w",
+    )
+    await sync.sync(heartbeat=True)
+    limits.acquire(unlimited)
+    limits.release(unlimited)
+    limits.shares.wake.clear()
+    keys[:] = [limited_key(max_concurrency=3, requests_per_minute=60)]
+    limits.shares.track(keys)  # what a reload's new runtime does
+    assert limits.shares.wake.is_set()
+    assert not _try(limits, keys[0])
+    await sync.sync()
+    assert [_try(limits, keys[0]) for _ in range(4)] == [True, True, True, False]
