@@ -164,8 +164,13 @@ lapsed AS (
     WHERE worker_id = $1 AND NOT coalesce((SELECT live FROM previous), false)
 ),
 forgotten AS (
+    -- Rows another heartbeat is deleting are skipped: no two heartbeats wait on each other.
     DELETE FROM gateway_workers
-    WHERE expires_at < now() - interval '1 minute' AND worker_id <> $1
+    WHERE worker_id IN (
+        SELECT worker_id FROM gateway_workers
+        WHERE expires_at < now() - interval '1 minute' AND worker_id <> $1
+        FOR UPDATE SKIP LOCKED
+    )
     RETURNING worker_id
 ),
 forgotten_shares AS (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from affinity_store.memory import MemoryAffinityStore
@@ -263,3 +264,22 @@ async def test_a_limit_a_reload_adds_is_refused_until_the_sync_claims_it(
     assert not _try(limits, keys[0])
     await sync.sync()
     assert [_try(limits, keys[0]) for _ in range(4)] == [True, True, True, False]
+
+
+async def test_workers_expired_for_a_minute_are_forgotten_with_their_shares(
+    postgres_store: AffinityStore, database_url: str
+) -> None:
+    """The tables stay near their live size: a heartbeat deletes long-expired workers' rows."""
+    await postgres_store.heartbeat("old", ttl_seconds=-61, timeout=TIMEOUT)
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(
+            "INSERT INTO key_limit_shares VALUES ('k', 'max_concurrency', 'old', 1, 1)"
+        )
+        await postgres_store.heartbeat("new", ttl_seconds=TTL, timeout=TIMEOUT)
+        workers = await connection.fetch("SELECT worker_id FROM gateway_workers")
+        shares = await connection.fetchval("SELECT count(*) FROM key_limit_shares")
+    finally:
+        await connection.close()
+    assert [row["worker_id"] for row in workers] == ["new"]
+    assert shares == 0
