@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -10,7 +11,7 @@ import pytest
 
 from affinity_store.memory import MemoryAffinityStore
 from affinity_store.postgres import PostgresAffinityStore, create_pool
-from affinity_store.store import AffinityStore, StoreError, StoreUnavailable
+from affinity_store.store import AffinityStore, ShareGrant, StoreError, StoreUnavailable
 from gateway.catalog import Key
 from gateway.dispatch.cluster_shares import ClusterShares
 from gateway.dispatch.key_shares import CONCURRENCY, ShareBook
@@ -283,3 +284,96 @@ async def test_workers_expired_for_a_minute_are_forgotten_with_their_shares(
         await connection.close()
     assert [row["worker_id"] for row in workers] == ["new"]
     assert shares == 0
+
+
+async def test_in_flight_never_exceeds_the_limit_while_shares_move(store: AffinityStore) -> None:
+    """Four workers syncing on their own schedules while traffic comes and goes on all of them:
+    after every admission, the key's requests in flight across the workers are at most 3."""
+    key = limited_key(max_concurrency=3)
+    limits = [KeyLimits(shares=ShareBook(workers=4)) for _ in range(4)]
+    syncs = [
+        ClusterShares(
+            store,
+            limit.shares,
+            keys=lambda: [key],
+            in_flight=limit.in_flight_by_id,
+            worker_id=f"w{index}",
+        )
+        for index, limit in enumerate(limits)
+    ]
+    for sync in syncs:
+        await sync.sync(heartbeat=True)
+    chooser = random.Random(3)
+    deadline = asyncio.get_running_loop().time() + 3
+    admitted = 0
+
+    async def keep_syncing(sync: ClusterShares) -> None:
+        while asyncio.get_running_loop().time() < deadline:
+            await sync.sync(heartbeat=chooser.random() < 0.3)
+            await asyncio.sleep(chooser.uniform(0, 0.02))
+
+    async def traffic(limit: KeyLimits) -> None:
+        nonlocal admitted
+        while asyncio.get_running_loop().time() < deadline:
+            if _try(limit, key):
+                admitted += 1
+                assert sum(each.in_flight(key) for each in limits) <= 3
+                await asyncio.sleep(chooser.uniform(0, 0.03))
+                limit.release(key)
+            else:
+                await asyncio.sleep(0.002)
+
+    await asyncio.gather(
+        *(keep_syncing(sync) for sync in syncs), *(traffic(limit) for limit in limits)
+    )
+    assert admitted > 20  # the shares moved to where requests were refused
+
+
+class HeldClaims(MemoryAffinityStore):
+    """The in-memory twin whose share claims wait at the door until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.door = asyncio.Event()
+        self.door.set()
+
+    async def claim_share(
+        self,
+        api_key_id: str,
+        resource: str,
+        worker_id: str,
+        *,
+        limit: int,
+        wanted: int,
+        keep: int,
+        timeout: float,  # noqa: ASYNC109 - the store contract names it so
+    ) -> ShareGrant:
+        """Wait for the door, then claim."""
+        await self.door.wait()
+        return await super().claim_share(
+            api_key_id, resource, worker_id, limit=limit, wanted=wanted, keep=keep, timeout=timeout
+        )
+
+
+async def test_a_share_being_given_back_admits_nothing_beyond_what_it_keeps() -> None:
+    """While a claim that gives part of a share back is on its way to the store, the worker
+    admits only up to what that claim keeps: the store may already hand the rest to another."""
+    store = HeldClaims()
+    key = limited_key(max_concurrency=2)
+    limits = KeyLimits(shares=ShareBook(workers=1))
+    sync = ClusterShares(
+        store, limits.shares, keys=lambda: [key], in_flight=limits.in_flight_by_id, worker_id="a"
+    )
+    await sync.sync(heartbeat=True)
+    assert limits.shares.concurrency(key) == 2
+    await ClusterShares(
+        store, ShareBook(workers=2), keys=lambda: [key], in_flight=lambda _: 0, worker_id="b"
+    ).sync(heartbeat=True)
+    limits.acquire(key)  # one in use: the shrinking claim keeps 1
+    store.door.clear()
+    pending = asyncio.create_task(sync.sync(heartbeat=True))
+    await asyncio.sleep(0.01)
+    assert not _try(limits, key)
+    store.door.set()
+    await pending
+    assert limits.shares.concurrency(key) == 1
