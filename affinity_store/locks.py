@@ -18,6 +18,12 @@ The value is the ASCII bytes "AFNY" read as a big-endian int32 (1095126617).
 MAINTENANCE_NAMESPACE = 0x41464E4D
 """Namespace of maintenance locks (the ASCII bytes "AFNM" as a big-endian int32)."""
 
+SHARES_NAMESPACE = 0x41464E4B
+"""Namespace of a key's limit-share lock: `(SHARES_NAMESPACE, binding_lock_key(key, resource))`.
+
+The ASCII bytes "AFNK" as a big-endian int32; written shares of one key's limit queue on it.
+"""
+
 MIGRATION_LOCK_KEY = 1
 """Key in `MAINTENANCE_NAMESPACE` held while migrations are applied."""
 

@@ -13,18 +13,23 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
+from affinity_store.shares import ShareRow, grant, rotation_salt
 from affinity_store.spread import choose_candidate
 from affinity_store.store import (
     LEAST_BOUND,
     Binding,
     Candidate,
+    Heartbeat,
+    KeyShare,
     Renewal,
+    ShareGrant,
     Spread,
     StoreError,
     StoreTimeout,
 )
 
 BindingKey = tuple[str, str]
+ShareKey = tuple[str, str, str]  # api_key_id, resource, worker_id
 RESPONSE_PURGE_GRACE = timedelta(minutes=5)
 RESPONSE_PURGE_BATCH = 10
 
@@ -58,6 +63,8 @@ class MemoryAffinityStore:
         self._janitor_lock = asyncio.Lock()
         self._responses: dict[str, tuple[str, datetime, str]] = {}
         self._failure: StoreError | None = None
+        self._workers: dict[str, datetime] = {}  # worker id -> expiry
+        self._shares: dict[ShareKey, tuple[int, int]] = {}  # granted, wanted
 
     def fail_with(self, error: StoreError | None) -> None:
         """Make every later call raise `error` (simulating an outage) until given None."""
@@ -281,3 +288,80 @@ class MemoryAffinityStore:
             if stored is None or stored[1] <= self._clock() or stored[2] != api_key_id:
                 return None
             return stored[0]
+
+    def _live_worker(self, worker_id: str, now: datetime) -> bool:
+        expiry = self._workers.get(worker_id)
+        return expiry is not None and expiry > now
+
+    async def heartbeat(self, worker_id: str, *, ttl_seconds: float, timeout: float) -> Heartbeat:
+        """Renew the worker (its shares lapse if it had expired); return the live workers and
+        its standing shares."""
+        async with self._boundary(timeout):
+            now = self._clock()
+            if not self._live_worker(worker_id, now):
+                self._drop_shares(worker_id)
+            self._workers[worker_id] = now + timedelta(seconds=ttl_seconds)
+            shares = {
+                (api_key_id, resource): granted
+                for (api_key_id, resource, holder), (granted, _) in self._shares.items()
+                if holder == worker_id
+            }
+            live = sorted(worker for worker in self._workers if self._live_worker(worker, now))
+            return Heartbeat(workers=tuple(live), shares=shares)
+
+    def _drop_shares(self, worker_id: str) -> None:
+        for share in [share for share in self._shares if share[2] == worker_id]:
+            del self._shares[share]
+
+    async def claim_share(
+        self,
+        api_key_id: str,
+        resource: str,
+        worker_id: str,
+        *,
+        limit: int,
+        wanted: int,
+        keep: int,
+        timeout: float,
+    ) -> ShareGrant:
+        """Grant the worker its share (one event-loop step: nothing interleaves)."""
+        async with self._boundary(timeout):
+            now = self._clock()
+            if not self._live_worker(worker_id, now):
+                raise StoreError("this worker's registration lapsed: heartbeat before claiming")
+            others = [
+                ShareRow(holder, granted, want)
+                for (key, kind, holder), (granted, want) in sorted(self._shares.items())
+                if key == api_key_id
+                and kind == resource
+                and holder != worker_id
+                and self._live_worker(holder, now)
+            ]
+            granted, fair = grant(
+                limit,
+                worker_id,
+                wanted=wanted,
+                keep=keep,
+                others=others,
+                salt=rotation_salt(api_key_id, now.timestamp()),
+            )
+            self._shares[(api_key_id, resource, worker_id)] = (granted, wanted)
+            return ShareGrant(granted, fair)
+
+    async def leave(self, worker_id: str, *, timeout: float) -> None:
+        """Forget the worker and its shares."""
+        async with self._boundary(timeout):
+            self._workers.pop(worker_id, None)
+            self._drop_shares(worker_id)
+
+    async def list_shares(self, *, timeout: float) -> list[KeyShare]:
+        """Every live worker's shares."""
+        async with self._boundary(timeout):
+            now = self._clock()
+            return [
+                KeyShare(api_key_id, resource, worker_id, granted, wanted)
+                for (api_key_id, resource, worker_id), (granted, wanted) in sorted(
+                    self._shares.items()
+                )
+                if self._live_worker(worker_id, now)
+            ]

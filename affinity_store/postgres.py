@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from typing import TypeAlias
 
@@ -19,15 +20,20 @@ from affinity_store.locks import (
     JANITOR_LOCK_KEY,
     MAINTENANCE_NAMESPACE,
     NAMESPACE,
+    SHARES_NAMESPACE,
     binding_lock_key,
 )
 from affinity_store.queries import Queries, load_queries
+from affinity_store.shares import ShareRow, grant, rotation_salt
 from affinity_store.spread import COUNTER_SHARDS, choose_candidate, counter_shard
 from affinity_store.store import (
     LEAST_BOUND,
     Binding,
     Candidate,
+    Heartbeat,
+    KeyShare,
     Renewal,
+    ShareGrant,
     Spread,
     StoreError,
 )
@@ -341,3 +347,82 @@ class PostgresAffinityStore:
                 self._queries.response_provider, response_id, api_key_id
             )
         return provider
+
+    async def heartbeat(self, worker_id: str, *, ttl_seconds: float, timeout: float) -> Heartbeat:
+        """Renew the worker's row (its shares lapse if it had expired); read its standing shares
+        and the live workers (three statements, one row written)."""
+        queries = self._queries
+        async with store_boundary(timeout), self._pool.acquire() as connection:
+            await connection.execute(queries.register_worker, worker_id, ttl_seconds)
+            shares = await connection.fetch(queries.own_shares, worker_id)
+            workers = await connection.fetch(queries.live_workers)
+        return Heartbeat(
+            workers=tuple(record["worker_id"] for record in workers),
+            shares={
+                (record["api_key_id"], record["resource"]): record["granted"] for record in shares
+            },
+        )
+
+    async def claim_share(
+        self,
+        api_key_id: str,
+        resource: str,
+        worker_id: str,
+        *,
+        limit: int,
+        wanted: int,
+        keep: int,
+        timeout: float,
+    ) -> ShareGrant:
+        """Grant the worker its share in one short transaction under the key's advisory lock."""
+        queries = self._queries
+        deadline = asyncio.get_running_loop().time() + timeout
+        async with (
+            store_boundary(timeout),
+            self._pool.acquire() as connection,
+            connection.transaction(),
+        ):
+            remaining = deadline - asyncio.get_running_loop().time()
+            await connection.execute(queries.set_transaction_timeouts, _duration_setting(remaining))
+            await connection.execute(
+                queries.lock_key_shares, SHARES_NAMESPACE, binding_lock_key(api_key_id, resource)
+            )
+            if not await connection.fetchval(queries.worker_is_live, worker_id):
+                raise StoreError("this worker's registration lapsed: heartbeat before claiming")
+            records = await connection.fetch(queries.other_shares, api_key_id, resource, worker_id)
+            others = [
+                ShareRow(record["worker_id"], record["granted"], record["wanted"])
+                for record in records
+            ]
+            granted, fair = grant(
+                limit,
+                worker_id,
+                wanted=wanted,
+                keep=keep,
+                others=others,
+                salt=rotation_salt(api_key_id, time.time()),
+            )
+            await connection.execute(
+                queries.write_share, api_key_id, resource, worker_id, granted, wanted
+            )
+        return ShareGrant(granted, fair)
+
+    async def leave(self, worker_id: str, *, timeout: float) -> None:
+        """Delete the worker's row and its shares."""
+        async with store_boundary(timeout), self._pool.acquire() as connection:
+            await connection.execute(self._queries.leave, worker_id)
+
+    async def list_shares(self, *, timeout: float) -> list[KeyShare]:
+        """Every live share."""
+        async with store_boundary(timeout), self._pool.acquire() as connection:
+            records = await connection.fetch(self._queries.list_shares)
+        return [
+            KeyShare(
+                record["api_key_id"],
+                record["resource"],
+                record["worker_id"],
+                record["granted"],
+                record["wanted"],
+            )
+            for record in records
+        ]

@@ -34,6 +34,15 @@ class Queries:
     list_bindings: str
     record_response: str
     response_provider: str
+    register_worker: str
+    own_shares: str
+    live_workers: str
+    worker_is_live: str
+    lock_key_shares: str
+    other_shares: str
+    write_share: str
+    leave: str
+    list_shares: str
 
 
 def parse_named_queries(text: str) -> dict[str, str]:

@@ -151,3 +151,72 @@ SET api_key_id = excluded.api_key_id, provider = excluded.provider,
 -- name: response_provider
 SELECT provider FROM response_bindings
 WHERE response_id = $1 AND api_key_id = $2 AND expires_at > now();
+
+-- name: register_worker
+-- $1 worker id, $2 ttl in seconds. Registers or renews the worker. A worker whose row had expired
+-- (or was gone) loses its shares: others may have been granted them meanwhile. Workers expired for
+-- over a minute are forgotten with their shares (expired, they already count for nothing).
+WITH previous AS (
+    SELECT bool_or(expires_at > now()) AS live FROM gateway_workers WHERE worker_id = $1
+),
+lapsed AS (
+    DELETE FROM key_limit_shares
+    WHERE worker_id = $1 AND NOT coalesce((SELECT live FROM previous), false)
+),
+forgotten AS (
+    -- Rows another heartbeat is deleting are skipped: no two heartbeats wait on each other.
+    DELETE FROM gateway_workers
+    WHERE worker_id IN (
+        SELECT worker_id FROM gateway_workers
+        WHERE expires_at < now() - interval '1 minute' AND worker_id <> $1
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING worker_id
+),
+forgotten_shares AS (
+    DELETE FROM key_limit_shares WHERE worker_id IN (SELECT worker_id FROM forgotten)
+)
+INSERT INTO gateway_workers (worker_id, expires_at)
+VALUES ($1, now() + make_interval(secs => $2::float8))
+ON CONFLICT (worker_id) DO UPDATE SET expires_at = excluded.expires_at;
+
+-- name: own_shares
+SELECT api_key_id, resource, granted FROM key_limit_shares WHERE worker_id = $1;
+
+-- name: live_workers
+SELECT worker_id FROM gateway_workers WHERE expires_at > now() ORDER BY worker_id;
+
+-- name: worker_is_live
+SELECT coalesce(bool_or(expires_at > now()), false) FROM gateway_workers WHERE worker_id = $1;
+
+-- name: lock_key_shares
+SELECT pg_advisory_xact_lock($1::int4, $2::int4);
+
+-- name: other_shares
+-- The key's shares held by other live workers.
+SELECT share.worker_id, share.granted, share.wanted
+FROM key_limit_shares AS share
+JOIN gateway_workers AS worker USING (worker_id)
+WHERE share.api_key_id = $1 AND share.resource = $2 AND share.worker_id <> $3
+  AND worker.expires_at > now()
+ORDER BY share.worker_id;
+
+-- name: write_share
+-- $1 key id, $2 resource, $3 worker id, $4 granted, $5 wanted.
+INSERT INTO key_limit_shares (api_key_id, resource, worker_id, granted, wanted)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (api_key_id, resource, worker_id) DO UPDATE
+SET granted = excluded.granted, wanted = excluded.wanted;
+
+-- name: leave
+WITH shares AS (
+    DELETE FROM key_limit_shares WHERE worker_id = $1
+)
+DELETE FROM gateway_workers WHERE worker_id = $1;
+
+-- name: list_shares
+SELECT share.api_key_id, share.resource, share.worker_id, share.granted, share.wanted
+FROM key_limit_shares AS share
+JOIN gateway_workers AS worker USING (worker_id)
+WHERE worker.expires_at > now()
+ORDER BY share.api_key_id, share.resource, share.worker_id;

@@ -60,6 +60,33 @@ class Renewal:
     provider: str
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    """What a worker's heartbeat learnt: the live workers, and its own shares still standing."""
+
+    workers: tuple[str, ...]
+    shares: dict[tuple[str, str], int]  # (api_key_id, resource) -> granted, those still standing
+
+
+@dataclass(frozen=True)
+class ShareGrant:
+    """A worker's grant of a key's limit, and the fair share it was measured against."""
+
+    granted: int
+    fair: int
+
+
+@dataclass(frozen=True)
+class KeyShare:
+    """One live worker's share of one key's limit."""
+
+    api_key_id: str
+    resource: str
+    worker_id: str
+    granted: int
+    wanted: int
+
+
 class StoreError(Exception):
     """Any failure of the affinity store; driver errors become this (or a subclass)."""
 
@@ -168,4 +195,36 @@ class AffinityStore(Protocol):
     ) -> str | None:
         """The provider holding the key's stored response, or None when unknown, expired or
         created by another key."""
+        ...
+
+    async def heartbeat(self, worker_id: str, *, ttl_seconds: float, timeout: float) -> Heartbeat:
+        """Register or renew the worker for `ttl_seconds`; return the live workers (itself
+        included) and its shares that still stand. A worker whose registration had expired
+        loses its shares: they count for nothing once it expired, and may have been granted
+        to others."""
+        ...
+
+    async def claim_share(
+        self,
+        api_key_id: str,
+        resource: str,
+        worker_id: str,
+        *,
+        limit: int,
+        wanted: int,
+        keep: int,
+        timeout: float,
+    ) -> ShareGrant:
+        """Under the key's lock (the worker must be registered and live, else StoreError):
+        record what the worker wants of the key's `limit` and grant it
+        its fair share, at least `keep` and never more than the other live shares leave free
+        (see `shares.grant`); return the grant and the fair share."""
+        ...
+
+    async def leave(self, worker_id: str, *, timeout: float) -> None:
+        """Forget the worker and its shares at once (a clean stop)."""
+        ...
+
+    async def list_shares(self, *, timeout: float) -> list[KeyShare]:
+        """Every live share, ordered by key id, resource and worker."""
         ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
 import orjson
@@ -17,12 +17,14 @@ from affinity_store.memory import MemoryAffinityStore
 from affinity_store.notifications import BindingChanges
 from affinity_store.postgres import Pool, PostgresAffinityStore
 from affinity_store.store import AffinityStore
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, Key
 from gateway.config import Settings
 from gateway.dispatch.answer_budget import AnswerBudget
+from gateway.dispatch.cluster_shares import ClusterShares
 from gateway.dispatch.health import ProviderHealth
+from gateway.dispatch.key_shares import ShareBook
 from gateway.dispatch.load import LoadPoller
-from gateway.dispatch.permits import ProviderPermits
+from gateway.dispatch.permits import KeyLimits, ProviderPermits
 from gateway.dispatch.upstream import create_client_session
 from gateway.edge.connections import SERVER_NAME
 from gateway.edge.cors import Cors
@@ -52,6 +54,7 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 STORE = web.AppKey("store", AffinityStore)
 AFFINITY = web.AppKey("affinity", SharedAffinity)
 LOAD = web.AppKey("load", LoadPoller)
+SHARES = web.AppKey("shares", ClusterShares)
 METRICS_DIRECTORY = web.AppKey("metrics_directory", str)
 GAUGE_REFRESH_SECONDS = 1.0
 WARM_UP_SECONDS = 10.0
@@ -171,6 +174,8 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         interval=settings.routing.load_poll_interval_seconds,
     )
     app[LOAD] = poller
+    # Until the store grants shares, each key's limits are split among this replica's workers.
+    key_limits = KeyLimits(shares=ShareBook(workers=settings.server.workers))
     state = ProcessState(
         metrics=app[METRICS],
         affinity=app[AFFINITY],
@@ -183,16 +188,30 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         answer_budget=AnswerBudget(
             settings.server.max_buffered_answer_bytes, settings.routing.wait_timeout_seconds
         ),
+        key_limits=key_limits,
     )
     holder = RuntimeHolder(build_runtime(settings, state))
     app[RUNTIME] = holder
     app[RELOADER] = Reloader(holder, state, app[METRICS])
+
+    def current_keys() -> Iterable[Key]:
+        return holder.current.catalog.keys.values()  # whatever the latest reload made them
+
+    shares = ClusterShares(
+        app[STORE],
+        key_limits.shares,
+        keys=current_keys,
+        in_flight=key_limits.in_flight_by_id,
+    )
+    app[SHARES] = shares
+    await shares.start()
     await poller.start()
     refresher = asyncio.create_task(_refresh_gauges(holder), name="gauge-refresher")
     yield
     refresher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await refresher
+    await shares.stop()
     await poller.stop()
     await session.close()
 

@@ -68,6 +68,7 @@ class Key:
     latency_routing: bool
     max_concurrency: int | None
     min_start_interval_seconds: float
+    requests_per_minute: int | None = None
 
     @classmethod
     def from_settings(cls, settings: KeySettings) -> Key:
@@ -83,6 +84,7 @@ class Key:
             latency_routing=settings.latency_routing,
             max_concurrency=settings.max_concurrency,
             min_start_interval_seconds=settings.min_start_interval_ms / 1000,
+            requests_per_minute=settings.requests_per_minute,
         )
 
     def allows(self, model: str) -> bool:

@@ -268,6 +268,7 @@ class KeySettings(Section):
     model_group_preferences: dict[Name, Name] = Field(default_factory=dict)
     latency_routing: bool = True
     max_concurrency: PositiveInt | None = None
+    requests_per_minute: PositiveInt | None = None
     min_start_interval_ms: NonNegativeFloat = 0
 
     @model_validator(mode="before")

@@ -10,6 +10,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gateway.catalog import Key, Provider
+from gateway.dispatch.key_shares import CONCURRENCY, RATE, ShareBook
 from gateway.edge.errors import GatewayError
 
 
@@ -130,17 +131,24 @@ class ProviderPermits:
 
 
 class KeyLimits:
-    """Per-key concurrency and start pacing in this process: over the limit is a 429 at once."""
+    """Per-key limits at admission: over this worker's share of `max_concurrency` or
+    `requests_per_minute` (see `key_shares`), or the start interval, is a 429 at once."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, shares: ShareBook | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """Without `shares`, this worker holds every key's whole limits (a cluster of one)."""
         self._in_flight: dict[str, int] = {}
         self._last_start: dict[str, float] = {}
         self._clock = clock
+        self.shares = shares if shares is not None else ShareBook(clock=clock)
 
     def acquire(self, key: Key) -> None:
         """Admit a request for the key, or raise a 429 with a Retry-After."""
         in_flight = self._in_flight.get(key.id, 0)
-        if key.max_concurrency is not None and in_flight >= key.max_concurrency:
+        share = self.shares.concurrency(key)
+        if key.max_concurrency is not None and share is not None and in_flight >= share:
+            self.shares.refused(key, CONCURRENCY)
             raise GatewayError(
                 429,
                 f"Too many concurrent requests for this key (limit {key.max_concurrency}).",
@@ -158,12 +166,27 @@ class KeyLimits:
                     "key_rate_limit",
                     retry_after=wait,
                 )
+        wait = self.shares.take_token(key)
+        if wait > 0:
+            self.shares.refused(key, RATE)
+            raise GatewayError(
+                429,
+                f"Too many requests per minute for this key (limit {key.requests_per_minute}).",
+                "key_rate_limit",
+                retry_after=wait,
+            )
+        if key.min_start_interval_seconds > 0:
             self._last_start[key.id] = now
         self._in_flight[key.id] = in_flight + 1
+        self.shares.started(key, in_flight + 1)
 
     def in_flight(self, key: Key) -> int:
         """The key's requests in flight in this process."""
         return self._in_flight.get(key.id, 0)
+
+    def in_flight_by_id(self, api_key_id: str) -> int:
+        """The requests in flight in this process for the key with this id."""
+        return self._in_flight.get(api_key_id, 0)
 
     def release(self, key: Key) -> None:
         """A request for the key finished."""

@@ -112,6 +112,7 @@ def build_runtime(
         },
     )
     state.poller.track(catalog.providers)
+    state.key_limits.shares.track(catalog.keys.values())  # new limits: claimed at the next sync
     router = Router(
         catalog,
         routing,

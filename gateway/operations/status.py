@@ -47,6 +47,17 @@ class RecentDecision:
 
 
 @dataclass(frozen=True)
+class KeyShareRow:
+    """This worker's share of one key's cluster-wide limit (by key id, never the key)."""
+
+    key_id: str
+    limit_name: str  # max_concurrency | requests_per_minute
+    limit: int
+    share: int
+    in_flight: int
+
+
+@dataclass(frozen=True)
 class StatusSnapshot:
     """Everything the status page renders."""
 
@@ -59,6 +70,8 @@ class StatusSnapshot:
     config_digest: str = ""  # SHA-256 of the effective settings, secrets excluded
     config_loaded_at: float = 0.0  # Unix time
     restart_needed: tuple[str, ...] = ()  # changed in the file, applied only by a restart
+    key_shares: Sequence[KeyShareRow] = ()
+    cluster_workers: int = 1  # live workers sharing the key limits, as last heard
 
 
 async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) -> StatusSnapshot:
@@ -92,6 +105,11 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
         )
         for provider in catalog.providers.values()
     ]
+    key_limits = runtime.proxy.key_limits
+    shares = [
+        KeyShareRow(key_id, limit_name, limit, share, key_limits.in_flight_by_id(key_id))
+        for (key_id, limit_name), (share, limit) in sorted(key_limits.shares.snapshot().items())
+    ]
     return StatusSnapshot(
         worker_pid=os.getpid(),
         generated_at=time.time(),
@@ -101,4 +119,6 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
         config_digest=runtime.digest,
         config_loaded_at=runtime.loaded_at,
         restart_needed=runtime.restart_needed,
+        key_shares=shares,
+        cluster_workers=key_limits.shares.workers,
     )

@@ -64,6 +64,14 @@ PROVIDER_HEADINGS = (
     ("Live bindings", "number"),
 )
 
+KEY_LIMIT_HEADINGS = (
+    ("Key", ""),
+    ("Limit", ""),
+    ("Cluster-wide", "number"),
+    ("This worker's share", "number"),
+    ("In flight here", "number"),
+)
+
 PROVIDER_LEGEND = (
     "Load: running + waiting requests as last polled from the node, else this worker's "
     "in-flight requests. Latency band: 0 is near the model's mean time to first token; "
@@ -107,6 +115,7 @@ def render_status(snapshot: StatusSnapshot) -> str:
             "</header>",
             _summary_cards(snapshot),
             _providers_section(snapshot),
+            _key_limits_section(snapshot),
             _decisions_section(snapshot),
             "</body>",
             "</html>",
@@ -190,6 +199,35 @@ def _provider_row(row: ProviderRow) -> str:
         ("number", bindings),
     )
     return f'<tr data-provider="{_text(row.name)}">{_cells(cells)}</tr>'
+
+
+def _key_limits_section(snapshot: StatusSnapshot) -> str:
+    rows = "".join(
+        f'<tr data-key="{_text(row.key_id)}">'
+        + _cells(
+            (
+                ("", f"<code>{_text(row.key_id)}</code>"),
+                ("", _text(row.limit_name)),
+                ("number", str(row.limit)),
+                ("number", str(row.share)),
+                ("number", str(row.in_flight) if row.limit_name == "max_concurrency" else "—"),
+            )
+        )
+        + "</tr>"
+        for row in snapshot.key_shares
+    )
+    body = rows or _empty_row(len(KEY_LIMIT_HEADINGS), "No key has a cluster-wide limit.")
+    legend = (
+        f"Each limit is shared among the {snapshot.cluster_workers} live worker(s); this worker "
+        "admits requests against its own share only."
+    )
+    return (
+        "<section>"
+        "<h2>Key limits</h2>"
+        f'<p class="legend">{_text(legend)}</p>'
+        f'<table id="key-limits">{_head(KEY_LIMIT_HEADINGS)}<tbody>{body}</tbody></table>'
+        "</section>"
+    )
 
 
 def _bands(bands: Mapping[str, int]) -> str:

@@ -8,7 +8,12 @@ from dataclasses import replace
 from html.parser import HTMLParser
 from typing import Any
 
-from gateway.operations.status import ProviderRow, RecentDecision, StatusSnapshot
+from gateway.operations.status import (
+    KeyShareRow,
+    ProviderRow,
+    RecentDecision,
+    StatusSnapshot,
+)
 from gateway.operations.status_page import render_status
 
 HOSTILE = "<script>alert('x')</script>&\""
@@ -205,3 +210,22 @@ def test_empty_tables_say_so() -> None:
     """With no decisions yet the decisions table shows one explanatory row."""
     cells = table_rows(render_status(snapshot([provider("gpu-a")])), "decisions")
     assert cells == [["No requests yet on this worker."]]
+
+
+def test_each_limited_key_shows_this_workers_share() -> None:
+    """#key-limits lists each key's cluster-wide limits with this worker's share, by key id."""
+    page = render_status(
+        replace(
+            snapshot([provider("gpu-a")]),
+            key_shares=[
+                KeyShareRow("team-a", "max_concurrency", 2, 1, 1),
+                KeyShareRow("team-a", "requests_per_minute", 600, 150, 1),
+            ],
+            cluster_workers=4,
+        )
+    )
+    assert table_rows(page, "key-limits") == [
+        ["team-a", "max_concurrency", "2", "1", "1"],
+        ["team-a", "requests_per_minute", "600", "150", "—"],
+    ]
+    assert "shared among the 4 live worker(s)" in page

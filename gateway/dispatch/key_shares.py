@@ -1,0 +1,223 @@
+"""This worker's shares of each key's cluster-wide limits, as last granted by the store.
+
+The request path only reads and counts here (no I/O): `ClusterShares` (cluster_shares.py) asks
+the store for grants in the background and writes them in. A share is a whole number of
+concurrent requests, or a number of requests per minute spent from a token bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from gateway.catalog import Key
+
+CONCURRENCY = "max_concurrency"
+RATE = "requests_per_minute"
+# How many heartbeats a worker's demand is remembered for before its unused share goes back.
+DEMAND_BEATS = 5
+# A rate share's bucket holds this many seconds of its tokens (at least one token).
+BURST_SECONDS = 10.0
+
+
+@dataclass
+class _Share:
+    """One key's limit as this worker holds it."""
+
+    limit: int
+    granted: int
+    fair: int | None = None  # the fair share the store last computed, None before any grant
+    ceiling: int | None = None  # while a shrinking claim is in flight: use no more than this
+    peak: int = 0  # concurrency: most in flight since the last beat; rate: requests seen
+    rejected: int = 0
+    history: deque[tuple[float, int, int]] = field(
+        default_factory=lambda: deque(maxlen=DEMAND_BEATS)
+    )  # (beat time, peak or seen, rejected) per past beat
+    tokens: float = 0.0
+    refilled_at: float = 0.0
+
+    @property
+    def usable(self) -> int:
+        """The grant, lowered while a shrinking claim is in flight."""
+        return self.granted if self.ceiling is None else min(self.granted, self.ceiling)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What the background sync asks the store for one key's limit."""
+
+    api_key_id: str
+    resource: str
+    limit: int
+    wanted: int
+    keep: int
+
+
+def provisional(limit: int, workers: int) -> int:
+    """The share a worker uses before it has ever reached the store: its replica's even split."""
+    return max(1, math.ceil(limit / max(1, workers)))
+
+
+class ShareBook:
+    """Per key and limit: what this worker may use, what it used, and what it was refused."""
+
+    def __init__(self, *, workers: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
+        """`workers` is the worker count assumed until the store says otherwise."""
+        self._shares: dict[tuple[str, str], _Share] = {}
+        self._clock = clock
+        self.workers = workers
+        self.synced = False  # whether any grant came from the store
+        self.wake = asyncio.Event()  # set when a refused request wants more than the share
+
+    def _share(self, api_key_id: str, resource: str, limit: int) -> _Share:
+        share = self._shares.get((api_key_id, resource))
+        if share is None:
+            # Once in step with the store, a limit it has not seen (a reload added it) starts
+            # at nothing until the sync claims it: any guess could exceed the limit.
+            granted = 0 if self.synced else provisional(limit, self.workers)
+            share = _Share(limit, granted, tokens=_capacity(granted), refilled_at=self._clock())
+            self._shares[(api_key_id, resource)] = share
+            self.wake.set()
+        share.limit = limit
+        return share
+
+    def track(self, keys: Iterable[Key]) -> None:
+        """Keep a share for every limit of these keys (a reload's), and forget other keys."""
+        wanted: set[tuple[str, str]] = set()
+        for key in keys:
+            limits = ((CONCURRENCY, key.max_concurrency), (RATE, key.requests_per_minute))
+            for resource, limit in limits:
+                if limit is not None:
+                    self._share(key.id, resource, limit)
+                    wanted.add((key.id, resource))
+        for gone in [name for name in self._shares if name not in wanted]:
+            del self._shares[gone]
+
+    @property
+    def empty(self) -> bool:
+        """Whether no key has a cluster-wide limit."""
+        return not self._shares
+
+    def concurrency(self, key: Key) -> int | None:
+        """How many of the key's requests this worker may have in flight (None: no limit)."""
+        if key.max_concurrency is None:
+            return None
+        return self._share(key.id, CONCURRENCY, key.max_concurrency).usable
+
+    def started(self, key: Key, in_flight: int) -> None:
+        """A request for the key was admitted; `in_flight` now run here."""
+        if key.max_concurrency is not None:
+            share = self._share(key.id, CONCURRENCY, key.max_concurrency)
+            share.peak = max(share.peak, in_flight)
+
+    def refused(self, key: Key, resource: str) -> None:
+        """A request for the key was refused for want of share: ask the store soon."""
+        limit = key.max_concurrency if resource == CONCURRENCY else key.requests_per_minute
+        if limit is None:
+            return
+        share = self._share(key.id, resource, limit)
+        share.rejected += 1
+        if resource == RATE:
+            share.peak += 1
+        if share.granted < limit:
+            self.wake.set()
+
+    def take_token(self, key: Key) -> float:
+        """Spend one of the key's per-minute tokens: 0 when taken, else seconds until one is."""
+        if key.requests_per_minute is None:
+            return 0.0
+        share = self._share(key.id, RATE, key.requests_per_minute)
+        share.peak += 1
+        now = self._clock()
+        per_second = share.usable / 60
+        capacity = _capacity(share.usable)
+        share.tokens = min(capacity, share.tokens + (now - share.refilled_at) * per_second)
+        share.refilled_at = now
+        if share.tokens >= 1:
+            share.tokens -= 1
+            return 0.0
+        share.peak -= 1  # counted again by `refused`
+        if per_second <= 0:
+            return 1.0
+        return (1 - share.tokens) / per_second
+
+    def claims(self, in_flight: Callable[[str], int]) -> list[Claim]:
+        """Close this beat's demand window and list what to ask the store for.
+
+        A share is claimed again when the worker wants a different amount, holds more than an
+        even split (so the fair share is worked out again with everyone's latest wants), or
+        holds none from the store. A claim that may shrink the share lowers it
+        here at once to what it keeps, so nothing admitted meanwhile exceeds the outcome.
+        """
+        now = self._clock()
+        baseline_workers = max(1, self.workers)
+        claims = []
+        for (api_key_id, resource), share in self._shares.items():
+            share.history.append((now, share.peak, share.rejected))
+            busy = in_flight(api_key_id) if resource == CONCURRENCY else 0
+            share.peak = busy if resource == CONCURRENCY else 0
+            share.rejected = 0
+            baseline = share.limit // baseline_workers
+            wanted = min(share.limit, max(baseline, self._demand(share, resource, now)))
+            settled = share.fair is not None and share.granted <= min(share.fair, baseline)
+            if settled and wanted == share.granted:
+                continue  # its even share, in use or not: nothing to rebalance
+            if share.fair is None:
+                keep = busy  # a provisional share was never the store's to count
+            elif wanted < share.granted or share.granted > share.fair:
+                keep = max(busy, min(wanted, share.fair))
+            else:
+                keep = share.granted
+            if keep < share.granted:
+                share.ceiling = keep
+            claims.append(Claim(api_key_id, resource, share.limit, wanted, keep))
+        return claims
+
+    @staticmethod
+    def _demand(share: _Share, resource: str, now: float) -> int:
+        """What the remembered beats ask for: the peak plus refusals, or a per-minute rate."""
+        if resource == CONCURRENCY:
+            return max(seen + refused for _, seen, refused in share.history)
+        seen = sum(count for _, count, _ in share.history)
+        elapsed = max(now - share.history[0][0], 1.0)
+        return math.ceil(seen * 60 / elapsed)
+
+    def granted(self, api_key_id: str, resource: str, granted: int, fair: int | None) -> None:
+        """The store's grant for a key's limit (from a claim or a heartbeat)."""
+        share = self._shares.get((api_key_id, resource))
+        if share is None:
+            return
+        if resource == RATE and granted < share.granted:
+            share.tokens = min(share.tokens, _capacity(granted))
+        share.granted = granted
+        share.ceiling = None
+        if fair is not None:
+            share.fair = fair
+        self.synced = True
+
+    def unsettled(self) -> None:
+        """Claims failed: keep the last grants, each lowered to what its claim kept."""
+        for share in self._shares.values():
+            if share.ceiling is not None:
+                share.granted = min(share.granted, share.ceiling)
+                share.ceiling = None
+
+    def expired(self, standing: Iterable[tuple[str, str]]) -> None:
+        """Shares the store no longer holds for this worker must be claimed afresh."""
+        alive = set(standing)
+        for name, share in self._shares.items():
+            if name not in alive:
+                share.fair = None
+
+    def snapshot(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(key id, resource) → (this worker's share, the key's limit), for the status page."""
+        return {name: (share.usable, share.limit) for name, share in self._shares.items()}
+
+
+def _capacity(granted: int) -> float:
+    """A rate share's bucket size: `BURST_SECONDS` of its tokens, at least one (none at 0)."""
+    return 0.0 if granted <= 0 else max(1.0, granted * BURST_SECONDS / 60)
