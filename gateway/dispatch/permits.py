@@ -143,9 +143,21 @@ class KeyLimits:
         self._clock = clock
         self.shares = shares if shares is not None else ShareBook(clock=clock)
 
-    def acquire(self, key: Key) -> None:
-        """Admit a request for the key, or raise a 429 with a Retry-After."""
+    def acquire(self, key: Key, connection_share: int | None = None) -> None:
+        """Admit a request for the key, or raise a 429 with a Retry-After.
+
+        `connection_share` is how many requests one key may have in progress on this worker
+        (see `per_key_limit`): a request whose body is still arriving holds a connection too.
+        """
         in_flight = self._in_flight.get(key.id, 0)
+        if connection_share is not None and in_flight >= connection_share:
+            raise GatewayError(
+                429,
+                f"This key already has {connection_share} requests in progress on this gateway "
+                "worker, its share of the worker's connections; retry shortly.",
+                "key_connection_share",
+                retry_after=1,
+            )
         share = self.shares.concurrency(key)
         if key.max_concurrency is not None and share is not None and in_flight >= share:
             self.shares.refused(key, CONCURRENCY)
@@ -184,6 +196,12 @@ class KeyLimits:
         """The key's requests in flight in this process."""
         return self._in_flight.get(key.id, 0)
 
+    def remaining_concurrency(self, key: Key) -> int | None:
+        """How many more of the key's requests this worker would admit now, within its share of
+        the key's `max_concurrency` (None: no limit)."""
+        share = self.shares.concurrency(key)
+        return None if share is None else max(0, share - self.in_flight(key))
+
     def in_flight_by_id(self, api_key_id: str) -> int:
         """The requests in flight in this process for the key with this id."""
         return self._in_flight.get(api_key_id, 0)
@@ -195,6 +213,13 @@ class KeyLimits:
             self._in_flight[key.id] = remaining
         else:
             self._in_flight.pop(key.id, None)
+
+
+def per_key_limit(max_connections: int, share: float) -> int:
+    """How many requests one key may have in progress on a worker: `share` of its connection
+    cap, rounded down, and at least one. A connection is accepted before its request head names
+    a key, so the cap itself cannot tell keys apart; this share, taken once the head is in, can."""
+    return max(1, math.floor(max_connections * share))
 
 
 def concurrency_headers(limit: int, remaining: int) -> dict[str, str]:

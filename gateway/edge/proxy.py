@@ -18,7 +18,6 @@ from gateway.catalog import Catalog, Key, Provider
 from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.dispatcher import Dispatcher, DispatchRecord, DispatchRequest, RequestBody
 from gateway.dispatch.permits import KeyLimits, concurrency_headers
-from gateway.edge.connection_shares import ConnectionShares
 from gateway.edge.connections import body_read_timeout, close_after_response
 from gateway.edge.delivery import deliver
 from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
@@ -74,7 +73,6 @@ class Proxy:
         mode_header: str,
         connections_per_key: int,
         key_limits: KeyLimits | None = None,
-        connection_shares: ConnectionShares | None = None,
         recent: deque[RecentDecision] | None = None,
         request_compression: bool = False,
         write_timeout: float = 60.0,
@@ -87,7 +85,6 @@ class Proxy:
         self.metrics = metrics
         # Given when a reload builds a new proxy: counts and history carry over.
         self.key_limits = key_limits or KeyLimits()
-        self.connection_shares = connection_shares or ConnectionShares()
         self._connections_per_key = connections_per_key
         self.recent = recent if recent is not None else deque(maxlen=RECENT_DECISIONS)
         self._max_body_bytes = max_body_bytes
@@ -167,8 +164,8 @@ class Proxy:
             }
             if resolved is not None and resolved.via_auto:
                 values["x-gateway-resolved-model"] = resolved.model
-            if key.max_concurrency is not None:
-                remaining = key.max_concurrency - self.key_limits.in_flight(key)
+            remaining = self.key_limits.remaining_concurrency(key)
+            if key.max_concurrency is not None and remaining is not None:
                 values.update(concurrency_headers(key.max_concurrency, remaining))
             return values
 
@@ -251,7 +248,6 @@ class Proxy:
             buffer=self.answer_budget.reservation() if self.answer_budget else None
         )
         key: Key | None = None
-        shared: Key | None = None
         admitted: Key | None = None
         affinity = "none"
         route: list[str] = []
@@ -263,9 +259,7 @@ class Proxy:
             # holds a connection, so it counts from here (and a refusal needs no body).
             try:
                 key = self.authenticate(request)
-                self.connection_shares.acquire(key, self._connections_per_key)
-                shared = key
-                self.key_limits.acquire(key)
+                self.key_limits.acquire(key, self._connections_per_key)
                 admitted = key
             except GatewayError:
                 # A body nobody will read is not waited for: close once the refusal is out.
@@ -359,8 +353,6 @@ class Proxy:
                 record.buffer.release()
             if admitted is not None:
                 self.key_limits.release(admitted)
-            if shared is not None:
-                self.connection_shares.release(shared)
             record_request(
                 self.metrics,
                 self.recent,

@@ -24,8 +24,7 @@ from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.dispatcher import Dispatcher
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
-from gateway.dispatch.permits import KeyLimits, ProviderPermits
-from gateway.edge.connection_shares import ConnectionShares, per_key_limit
+from gateway.dispatch.permits import KeyLimits, ProviderPermits, per_key_limit
 from gateway.edge.proxy import RECENT_DECISIONS, Proxy
 from gateway.edge.responses import ResponseBindings
 from gateway.operations.metrics import Metrics
@@ -53,7 +52,6 @@ class ProcessState:
     memory: RouterMemory
     answer_budget: AnswerBudget
     key_limits: KeyLimits = field(default_factory=KeyLimits)
-    connection_shares: ConnectionShares = field(default_factory=ConnectionShares)
     recent: deque[RecentDecision] = field(default_factory=lambda: deque(maxlen=RECENT_DECISIONS))
     # Fixed per process, so the random tiebreak between providers survives a reload.
     tiebreak_seed: int = field(default_factory=lambda: random.getrandbits(64))
@@ -148,7 +146,6 @@ def build_runtime(
             settings.server.max_connections_per_worker, settings.server.max_connection_share_per_key
         ),
         key_limits=state.key_limits,
-        connection_shares=state.connection_shares,
         recent=state.recent,
         request_compression=settings.server.request_compression,
         write_timeout=routing.downstream_write_timeout_seconds,

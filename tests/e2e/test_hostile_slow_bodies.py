@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from gateway.config import hash_key
-from gateway.edge.connection_shares import per_key_limit
+from gateway.dispatch.permits import per_key_limit
 from tests.conftest import SimulatorFactory
 from tests.e2e.test_hostile_clients import (
     assert_openai_error,

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.catalog import Key
 from gateway.config import ServerSettings
-from gateway.edge.connection_shares import ConnectionShares, per_key_limit
+from gateway.dispatch.permits import KeyLimits, per_key_limit
 from gateway.edge.errors import GatewayError
 
 
@@ -56,28 +56,28 @@ def test_a_share_outside_zero_to_one_is_refused(share: float) -> None:
 def test_a_key_at_its_limit_gets_429_while_another_key_is_counted_apart() -> None:
     """Two requests fill a limit of two: the third gets 429 `key_connection_share`; another key
     is admitted; a release makes room again."""
-    shares = ConnectionShares()
+    limits = KeyLimits()
     greedy, other = key("greedy"), key("other")
-    shares.acquire(greedy, 2)
-    shares.acquire(greedy, 2)
+    limits.acquire(greedy, 2)
+    limits.acquire(greedy, 2)
     with pytest.raises(GatewayError) as refused:
-        shares.acquire(greedy, 2)
+        limits.acquire(greedy, 2)
     assert refused.value.status == 429
     assert refused.value.code == "key_connection_share"
     assert refused.value.retry_after == 1
-    shares.acquire(other, 2)
-    assert (shares.in_progress(greedy), shares.in_progress(other)) == (2, 1)
-    shares.release(greedy)
-    shares.acquire(greedy, 2)
-    assert shares.in_progress(greedy) == 2
+    limits.acquire(other, 2)
+    assert (limits.in_flight(greedy), limits.in_flight(other)) == (2, 1)
+    limits.release(greedy)
+    limits.acquire(greedy, 2)
+    assert limits.in_flight(greedy) == 2
 
 
 def test_a_refused_request_takes_no_place() -> None:
     """A 429 leaves the count where it was, and every release brings it back to zero."""
-    shares = ConnectionShares()
+    limits = KeyLimits()
     greedy = key("greedy")
-    shares.acquire(greedy, 1)
+    limits.acquire(greedy, 1)
     with pytest.raises(GatewayError):
-        shares.acquire(greedy, 1)
-    shares.release(greedy)
-    assert shares.in_progress(greedy) == 0
+        limits.acquire(greedy, 1)
+    limits.release(greedy)
+    assert limits.in_flight(greedy) == 0
