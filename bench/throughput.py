@@ -56,6 +56,9 @@ LUA = Path(__file__).resolve().parent / "throughput_chat.lua"
 OUTPUT = PROJECT_ROOT / "docs" / "benchmarks"
 P99_LIMIT_MS = 50.0
 RUN_TIMEOUT_SECONDS = 120.0
+OPEN_START_FRACTION = 1 / 3
+SETTLE_SECONDS = 15.0
+IDLE_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class Plan:
     closed: bool
     open: bool
     use_wrk: bool
+    fixed_rates: bool
 
 
 def closed_loop(target: Target, concurrency: int, stream: bool, plan: Plan) -> dict[str, Any]:
@@ -144,6 +148,7 @@ def measured(target: Target, run: Callable[[], dict[str, Any]]) -> dict[str, Any
     result["target_busy"] = round(cpu / wall, 3)
     ok = result["ok"]
     result["cpu_us_per_request"] = round(cpu / ok * 1e6, 1) if ok else None
+    result["settle_seconds"] = settle(target)
     return result
 
 
@@ -183,7 +188,12 @@ async def start_targets(
 
 
 def execute(plan: Plan, running: dict[str, Target]) -> list[dict[str, Any]]:
-    """Every scenario, targets interleaved within each, repeated; one row per run."""
+    """Every scenario, targets interleaved within each, repeated; one row per run.
+
+    The open loop steps through the rate grid from a third of the target's best closed-loop rate
+    in the same repetition (so a slow target does not start far past its capacity) until a step
+    fails; after every run the target is left to go idle before the next one starts.
+    """
     rows: list[dict[str, Any]] = []
     for target in running.values():  # warm connections, caches and code paths
         for stream in plan.streaming:
@@ -191,6 +201,7 @@ def execute(plan: Plan, running: dict[str, Target]) -> list[dict[str, Any]]:
     for repetition in range(1, plan.repetitions + 1):
         for stream in plan.streaming:
             base = {"repetition": repetition, "streaming": stream}
+            best: dict[str, float] = {}
             for concurrency in plan.concurrencies if plan.closed else ():
                 for name, target in running.items():
                     result = measured(
@@ -200,15 +211,30 @@ def execute(plan: Plan, running: dict[str, Target]) -> list[dict[str, Any]]:
                         {**base, "target": name, "kind": "closed", "concurrency": concurrency}
                         | result
                     )
+                    best[name] = max(best.get(name, 0.0), result["requests_per_second"])
                     _progress(rows[-1])
             for name, target in running.items() if plan.open else ():
-                for rate in plan.rates:
+                floor = best.get(name, 0.0) * OPEN_START_FRACTION
+                rates = [rate for rate in plan.rates if plan.fixed_rates or rate >= floor]
+                for rate in rates:
                     result = measured(target, partial(open_loop, target, rate, stream, plan))
                     rows.append({**base, "target": name, "kind": "open"} | result)
                     _progress(rows[-1])
                     if failed_step(result):
                         break
     return rows
+
+
+def settle(target: Target) -> float:
+    """Wait (bounded) until the target stops using CPU: a backlog left by an overloaded run
+    must not run on the core during the next target's measurement."""
+    started = time.monotonic()
+    while time.monotonic() < started + SETTLE_SECONDS:
+        before = cpu_seconds(target.pids)
+        time.sleep(0.25)
+        if cpu_seconds(target.pids) - before <= 0.25 * IDLE_SHARE:
+            break
+    return round(time.monotonic() - started, 2)
 
 
 def _progress(row: dict[str, Any]) -> None:
@@ -261,6 +287,7 @@ def make_plan(options: argparse.Namespace) -> Plan:
         closed=options.loop in ("closed", "both"),
         open=options.loop in ("open", "both"),
         use_wrk=shutil.which("wrk") is not None and not options.no_wrk,
+        fixed_rates=options.rates is not None or quick,
     )
 
 
@@ -273,7 +300,7 @@ def parse(arguments: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repetitions", type=int, help="interleaved repetitions (default 3)")
     parser.add_argument("--concurrency", help="closed-loop concurrencies (default 8,32,128)")
     parser.add_argument("--rates", help="open-loop rates to step through, e.g. 500,1000")
-    parser.add_argument("--start-rate", type=float, default=500.0)
+    parser.add_argument("--start-rate", type=float, default=50.0, help="open-loop grid start")
     parser.add_argument("--rate-factor", type=float, default=1.4)
     parser.add_argument("--max-rate", type=float, default=25_000.0)
     parser.add_argument("--streaming", choices=("off", "on", "both"), help="default both")
