@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -57,6 +57,7 @@ OUTPUT = PROJECT_ROOT / "docs" / "benchmarks"
 P99_LIMIT_MS = 50.0
 RUN_TIMEOUT_SECONDS = 120.0
 OPEN_START_FRACTION = 1 / 3
+MAX_STEPS_DOWN = 4
 SETTLE_SECONDS = 15.0
 IDLE_SHARE = 0.1
 
@@ -215,14 +216,38 @@ def execute(plan: Plan, running: dict[str, Target]) -> list[dict[str, Any]]:
                     _progress(rows[-1])
             for name, target in running.items() if plan.open else ():
                 floor = best.get(name, 0.0) * OPEN_START_FRACTION
-                rates = [rate for rate in plan.rates if plan.fixed_rates or rate >= floor]
-                for rate in rates:
-                    result = measured(target, partial(open_loop, target, rate, stream, plan))
+                for result in open_steps(target, stream, plan, floor):
                     rows.append({**base, "target": name, "kind": "open"} | result)
                     _progress(rows[-1])
-                    if failed_step(result):
-                        break
     return rows
+
+
+def step_rates(plan: Plan, floor: float) -> tuple[list[float], list[float]]:
+    """The open loop's rates: up the grid from `floor` until a step fails; when the very first
+    one fails, down the grid below it (at most MAX_STEPS_DOWN) until one passes."""
+    if plan.fixed_rates:
+        return list(plan.rates), []
+    up = [rate for rate in plan.rates if rate >= floor]
+    down = [rate for rate in plan.rates if rate < floor][::-1][:MAX_STEPS_DOWN]
+    return up, down
+
+
+def open_steps(target: Target, stream: bool, plan: Plan, floor: float) -> Iterator[dict[str, Any]]:
+    """Open-loop steps up the rate grid until one fails; down it until one passes when the first
+    failed."""
+    up, down = step_rates(plan, floor)
+    first_failed = not up
+    for index, rate in enumerate(up):
+        result = measured(target, partial(open_loop, target, rate, stream, plan))
+        yield result
+        if failed_step(result):
+            first_failed = index == 0
+            break
+    for rate in down if first_failed else ():
+        result = measured(target, partial(open_loop, target, rate, stream, plan))
+        yield result
+        if not failed_step(result):
+            break
 
 
 def settle(target: Target) -> float:

@@ -38,7 +38,14 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             closed[str(concurrency)] = {
                 field: _median([run[field] for run in runs])
                 for field in ("requests_per_second", "cpu_us_per_request", "p50_ms", "p99_ms")
-            } | {"runs": len(runs), "errors": sum(run["errors"] for run in runs)}
+            } | {
+                "requests_per_cpu_second": _median(
+                    [1e6 / run["cpu_us_per_request"] for run in runs if run["cpu_us_per_request"]]
+                ),
+                "target_busy": _median([run["target_busy"] for run in runs]),
+                "runs": len(runs),
+                "errors": sum(run["errors"] for run in runs),
+            }
         summary.setdefault(mode, {})[target] = {"closed": closed, "open": _open(group)}
     for targets in summary.values():
         targets["ratios"] = _ratios(targets)
@@ -53,17 +60,22 @@ def _open(group: list[dict[str, Any]]) -> dict[str, Any]:
     first_failures = []
     p99_by_rate: dict[float, list[float | None]] = defaultdict(list)
     for repetition in sorted({row["repetition"] for row in steps}):
-        passed = 0.0
-        for row in (row for row in steps if row["repetition"] == repetition):
+        runs = [row for row in steps if row["repetition"] == repetition]
+        for row in runs:
             p99_by_rate[row["rate"]].append(row["p99_ms"])
-            if _failed(row):
-                first_failures.append(
-                    {key: row[key] for key in ("rate", "achieved_rate", "p50_ms", "p99_ms")}
-                    | {"errors": row["errors"], "unfinished": row["unfinished"]}
-                )
-                break
-            passed = max(passed, row["rate"])
+        passed = max((row["rate"] for row in runs if not _failed(row)), default=0.0)
+        above = [row for row in runs if _failed(row) and row["rate"] > passed]
         capacities.append(passed)
+        if above:
+            row = min(above, key=lambda row: row["rate"])
+            first_failures.append(
+                {key: row[key] for key in ("repetition", "rate", "achieved_rate", "p50_ms")}
+                | {
+                    "p99_ms": row["p99_ms"],
+                    "errors": row["errors"],
+                    "unfinished": row["unfinished"],
+                }
+            )
     return {
         "capacity_per_repetition": capacities,
         "capacity": _median(capacities),
