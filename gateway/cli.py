@@ -22,6 +22,7 @@ BENCHMARKS = (
     "store_statements",
     "agreement",
     "operations",
+    "throughput",
 )
 
 
