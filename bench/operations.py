@@ -216,7 +216,7 @@ async def fleet_of(work: Path, database_url: str) -> AsyncIterator[Fleet]:
             await until(partial(ready, session, gateway.url), time.monotonic())
         ports = [gateway.port for gateway in gateways]
         front = stack.enter_context(
-            running_nginx(work / "nginx", ports, idle_seconds=NGINX_IDLE_SECONDS)
+            running_nginx(work / "nginx", ports, upstream_idle_seconds=NGINX_IDLE_SECONDS)
         )
         yield Fleet(gateways, front, config, session)
 

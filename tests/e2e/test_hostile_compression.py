@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import SimulatorFactory
 from tests.e2e.test_hostile_clients import assert_openai_error, start_gateway_process
 from tests.support.gateway import TEST_KEY, GatewayProcess, chat_body, settings_dict
-from tests.support.shipped_nginx import NginxProcess
+from tests.support.nginx import NginxProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

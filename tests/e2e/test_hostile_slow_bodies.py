@@ -32,8 +32,8 @@ from tests.support.gateway import (
     chat_body,
     settings_dict,
 )
+from tests.support.nginx import NginxProcess
 from tests.support.polling import wait_until
-from tests.support.shipped_nginx import NginxProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

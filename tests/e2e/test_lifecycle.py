@@ -228,7 +228,7 @@ async def test_rolling_restart_behind_nginx_fails_no_request(
                 await wait_until(partial(ready, session, gateway.url), timeout=60, message="up")
             # nginx drops an idle upstream connection before a gateway's drain delay ends.
             with running_nginx(
-                tmp_path / "nginx", [g.port for g in gateways], idle_seconds=1.0
+                tmp_path / "nginx", [g.port for g in gateways], upstream_idle_seconds=1.0
             ) as front:
                 async with Traffic(front, [TEST_KEY], clients=12, max_tokens=12) as traffic:
                     await wait_until(lambda: traffic.sent() >= 50, timeout=60, message="warm")

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.e2e.test_hostile_clients import read_until_closed
-from tests.support.shipped_nginx import NginxProcess
+from tests.support.nginx import NginxProcess
 
 pytestmark = [
     pytest.mark.e2e,
