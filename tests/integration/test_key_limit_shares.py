@@ -17,6 +17,7 @@ from gateway.dispatch.cluster_shares import ClusterShares
 from gateway.dispatch.key_shares import CONCURRENCY, ShareBook
 from gateway.dispatch.permits import KeyLimits
 from gateway.edge.errors import GatewayError
+from tests.support.keys import plain_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,23 +44,6 @@ def store(request: pytest.FixtureRequest) -> AffinityStore:
     """Each store implementation in turn."""
     chosen: AffinityStore = request.getfixturevalue(f"{request.param}_store")
     return chosen
-
-
-def limited_key(max_concurrency: int | None = 2, requests_per_minute: int | None = None) -> Key:
-    """A key with cluster-wide limits."""
-    return Key(
-        id="team-a",
-        org=None,
-        digest="0" * 64,
-        models=None,
-        route_strategy="auto",
-        route_target=None,
-        model_group_preferences={},
-        latency_routing=True,
-        max_concurrency=max_concurrency,
-        min_start_interval_seconds=0.0,
-        requests_per_minute=requests_per_minute,
-    )
 
 
 async def test_heartbeats_list_live_workers_and_a_leaver_is_gone_at_once(
@@ -165,7 +149,7 @@ async def test_four_workers_share_a_limit_of_two_and_it_follows_demand(
 ) -> None:
     """Four synced workers, `max_concurrency: 2`: the usable shares never sum above 2, idle
     workers hold none, and a worker refused for want of share gets one once it is free."""
-    key = limited_key(max_concurrency=2)
+    key = plain_key(max_concurrency=2)
     limits = [KeyLimits(shares=ShareBook(workers=4)) for _ in range(4)]
     syncs = [
         ClusterShares(
@@ -222,7 +206,7 @@ def _try(limits: KeyLimits, key: Key) -> bool:
 async def test_a_worker_cut_off_from_the_store_keeps_its_last_share() -> None:
     """While the store is unreachable the worker enforces the share it last had."""
     store = MemoryAffinityStore()
-    key = limited_key(max_concurrency=6)
+    key = plain_key(max_concurrency=6)
     limits = KeyLimits(shares=ShareBook(workers=1))
     sync = ClusterShares(
         store, limits.shares, keys=lambda: [key], in_flight=limits.in_flight_by_id, worker_id="w"
@@ -245,9 +229,9 @@ async def test_a_limit_a_reload_adds_is_refused_until_the_sync_claims_it(
     memory_store: AffinityStore,
 ) -> None:
     """A synced worker never guesses a new limit's share: 0 (refused) until its next sync."""
-    unlimited = limited_key(max_concurrency=None)
+    unlimited = plain_key(max_concurrency=None)
     limits = KeyLimits(shares=ShareBook(workers=1))
-    keys = [limited_key(max_concurrency=None, requests_per_minute=60)]
+    keys = [plain_key(max_concurrency=None, requests_per_minute=60)]
     sync = ClusterShares(
         memory_store,
         limits.shares,
@@ -259,7 +243,7 @@ async def test_a_limit_a_reload_adds_is_refused_until_the_sync_claims_it(
     limits.acquire(unlimited)
     limits.release(unlimited)
     limits.shares.wake.clear()
-    keys[:] = [limited_key(max_concurrency=3, requests_per_minute=60)]
+    keys[:] = [plain_key(max_concurrency=3, requests_per_minute=60)]
     limits.shares.track(keys)  # what a reload's new runtime does
     assert limits.shares.wake.is_set()
     assert not _try(limits, keys[0])
@@ -289,7 +273,7 @@ async def test_workers_expired_for_a_minute_are_forgotten_with_their_shares(
 async def test_in_flight_never_exceeds_the_limit_while_shares_move(store: AffinityStore) -> None:
     """Four workers syncing on their own schedules while traffic comes and goes on all of them:
     after every admission, the key's requests in flight across the workers are at most 3."""
-    key = limited_key(max_concurrency=3)
+    key = plain_key(max_concurrency=3)
     limits = [KeyLimits(shares=ShareBook(workers=4)) for _ in range(4)]
     syncs = [
         ClusterShares(
@@ -359,7 +343,7 @@ async def test_a_share_being_given_back_admits_nothing_beyond_what_it_keeps() ->
     """While a claim that gives part of a share back is on its way to the store, the worker
     admits only up to what that claim keeps: the store may already hand the rest to another."""
     store = HeldClaims()
-    key = limited_key(max_concurrency=2)
+    key = plain_key(max_concurrency=2)
     limits = KeyLimits(shares=ShareBook(workers=1))
     sync = ClusterShares(
         store, limits.shares, keys=lambda: [key], in_flight=limits.in_flight_by_id, worker_id="a"

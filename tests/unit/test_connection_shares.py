@@ -4,26 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.catalog import Key
 from gateway.config import ServerSettings
 from gateway.dispatch.permits import KeyLimits, per_key_limit
 from gateway.edge.errors import GatewayError
-
-
-def key(key_id: str) -> Key:
-    """A key with no limits of its own."""
-    return Key(
-        id=key_id,
-        org=None,
-        digest="0" * 64,
-        models=None,
-        route_strategy="auto",
-        route_target=None,
-        model_group_preferences={},
-        latency_routing=False,
-        max_concurrency=None,
-        min_start_interval_seconds=0.0,
-    )
+from tests.support.keys import plain_key
 
 
 @pytest.mark.parametrize(
@@ -57,7 +41,7 @@ def test_a_key_at_its_limit_gets_429_while_another_key_is_counted_apart() -> Non
     """Two requests fill a limit of two: the third gets 429 `key_connection_share`; another key
     is admitted; a release makes room again."""
     limits = KeyLimits()
-    greedy, other = key("greedy"), key("other")
+    greedy, other = plain_key("greedy"), plain_key("other")
     limits.acquire(greedy, 2)
     limits.acquire(greedy, 2)
     with pytest.raises(GatewayError) as refused:
@@ -75,7 +59,7 @@ def test_a_key_at_its_limit_gets_429_while_another_key_is_counted_apart() -> Non
 def test_a_refused_request_takes_no_place() -> None:
     """A 429 leaves the count where it was, and every release brings it back to zero."""
     limits = KeyLimits()
-    greedy = key("greedy")
+    greedy = plain_key("greedy")
     limits.acquire(greedy, 1)
     with pytest.raises(GatewayError):
         limits.acquire(greedy, 1)

@@ -5,27 +5,10 @@ from __future__ import annotations
 import pytest
 
 from affinity_store.shares import ShareRow, fair_shares, grant
-from gateway.catalog import Key
 from gateway.dispatch.key_shares import RATE, ShareBook
 from gateway.dispatch.permits import KeyLimits
 from gateway.edge.errors import GatewayError
-
-
-def rate_key(requests_per_minute: int) -> Key:
-    """A key with only a per-minute limit."""
-    return Key(
-        id="team-a",
-        org=None,
-        digest="0" * 64,
-        models=None,
-        route_strategy="auto",
-        route_target=None,
-        model_group_preferences={},
-        latency_routing=True,
-        max_concurrency=None,
-        min_start_interval_seconds=0.0,
-        requests_per_minute=requests_per_minute,
-    )
+from tests.support.keys import plain_key
 
 
 def test_a_fair_split_never_exceeds_the_limit_nor_a_want() -> None:
@@ -60,7 +43,7 @@ def test_a_rate_share_spends_tokens_and_says_when_the_next_one_comes() -> None:
     """A share of 60 per minute: a bucket of ten seconds' tokens, then one a second."""
     now = [100.0]
     limits = KeyLimits(shares=ShareBook(workers=1, clock=lambda: now[0]), clock=lambda: now[0])
-    key = rate_key(60)
+    key = plain_key(requests_per_minute=60)
     for _ in range(10):
         limits.acquire(key)
     with pytest.raises(GatewayError) as refused:
@@ -74,7 +57,7 @@ def test_a_rate_share_spends_tokens_and_says_when_the_next_one_comes() -> None:
 def test_a_rate_share_of_nothing_refuses_and_asks_the_store_soon() -> None:
     """A worker granted no part of the key's rate refuses and wakes its sync."""
     book = ShareBook(workers=1, clock=lambda: 0.0)
-    key = rate_key(2)
+    key = plain_key(requests_per_minute=2)
     book.track([key])
     book.granted("team-a", RATE, 0, 0)
     limits = KeyLimits(shares=book, clock=lambda: 0.0)
