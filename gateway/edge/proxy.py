@@ -24,7 +24,7 @@ from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, par
 from gateway.edge.errors import GatewayError, is_utf8
 from gateway.edge.model_names import AnswerRenamer, ModelRenamer, Renamer
 from gateway.edge.request_body import IDENTITY, check_encoding, content_encoding, decode_body
-from gateway.edge.request_log import record_request
+from gateway.edge.request_log import RequestMetrics, record_request
 from gateway.edge.requestid import request_id_of
 from gateway.edge.responses import ResponseBindings, node_gone
 from gateway.edge.uploads import REPLAY_CAP_BYTES, Upload, open_upload, too_large
@@ -83,6 +83,7 @@ class Proxy:
         self.router = router
         self.dispatcher = dispatcher
         self.metrics = metrics
+        self._request_metrics = RequestMetrics(metrics)
         # Given when a reload builds a new proxy: counts and history carry over.
         self.key_limits = key_limits or KeyLimits()
         self._connections_per_key = connections_per_key
@@ -354,7 +355,7 @@ class Proxy:
             if admitted is not None:
                 self.key_limits.release(admitted)
             record_request(
-                self.metrics,
+                self._request_metrics,
                 self.recent,
                 request_id=request_id,
                 affinity=affinity,
