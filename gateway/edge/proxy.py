@@ -197,6 +197,9 @@ class Proxy:
             raise too_large(self._max_body_bytes)
         timeout = body_read_timeout(request)
         try:
+            if encoding in IDENTITY and request.content.is_eof():
+                # The whole body came with the head: nothing to wait for, no deadline to arm.
+                return await request.read()
             async with asyncio.timeout(timeout):
                 if encoding in IDENTITY:
                     return await request.read()
