@@ -31,7 +31,7 @@ from gateway.edge.cors import Cors
 from gateway.edge.endpoints import ENDPOINTS, EndpointSpec
 from gateway.edge.errors import GatewayError, error_body, error_response
 from gateway.edge.openapi import OpenApiEndpoint
-from gateway.edge.requestid import request_id_of
+from gateway.edge.requestid import REQUEST_IDS, RequestIds, request_id_of
 from gateway.operations import admin
 from gateway.operations.metrics import Metrics, exposition
 from gateway.operations.reload import Reloader
@@ -86,6 +86,7 @@ def create_app(
     app[SETTINGS] = settings
     app[CATALOG] = Catalog(settings)
     app[LIFECYCLE] = Lifecycle()
+    app[REQUEST_IDS] = RequestIds()
     app.on_response_prepare.append(_close_while_draining)
     app[METRICS] = metrics or Metrics()
     if store is not None:

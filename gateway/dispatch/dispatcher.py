@@ -13,7 +13,6 @@ import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
@@ -147,31 +146,25 @@ class Dispatcher:
                 "providers_cooling",
                 retry_after=self._health.soonest_recovery(provider.name for provider in providers),
             )
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(min(self._failover_budget, len(remaining))),
-            retry=retry_if_exception_type(RetryableAttemptError),
-            reraise=True,
-        )
         blame = RequestBlame(self._health, job.key_id, self._on_cooldown)
         try:
-            async for attempt in retrying:
-                with attempt:
-                    if record.attempts and not job.replayable():
-                        # A streamed upload past its kept copy cannot be sent again.
-                        break
-                    provider = await self._take_permit(remaining)
-                    remaining.remove(provider)
-                    try:
-                        return await self._attempt(request, job, provider, record, blame)
-                    finally:
-                        self._permits.release(provider.name)
-        except RetryableAttemptError:
-            pass
+            # A plain loop: a failed attempt is a RetryableAttemptError, the budget caps the
+            # attempts, and nothing waits between them (a framework's per-attempt state costs
+            # more than the whole rule).
+            for _ in range(min(self._failover_budget, len(remaining))):
+                if record.attempts and not job.replayable():
+                    # A streamed upload past its kept copy cannot be sent again.
+                    break
+                provider = await self._take_permit(remaining)
+                remaining.remove(provider)
+                try:
+                    return await self._attempt(request, job, provider, record, blame)
+                except RetryableAttemptError:
+                    continue
+                finally:
+                    self._permits.release(provider.name)
         finally:
             blame.settle()
-        # The retry state holds the last failure, whose traceback holds the attempt's frames and
-        # buffers, in a cycle through this frame: break it now rather than at some later GC pass.
-        del retrying
         raise exhausted(record.attempts)
 
     async def _take_permit(self, remaining: list[Provider]) -> Provider:

@@ -42,6 +42,11 @@ MAX_SSE_EVENT_BYTES = 1024 * 1024
 SSE_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 STREAM_TAIL_BYTES = 64
 _LINE_END = re.compile(rb"[\r\n]")
+# JSON's whitespace, what may surround an answer's object.
+JSON_SPACE = b" \t\r\n"
+_JSON_OPENING = re.compile(rb"[ \t\r\n]*\{")
+CLOSING_BRACE = ord("}")
+JSON_TAIL_BYTES = 64
 
 
 def create_client_session(routing: RoutingSettings) -> aiohttp.ClientSession:
@@ -153,8 +158,23 @@ def usable_answer(
     if stream:
         return response.content_type == "text/event-stream" and opens_event_stream(opening)
     return (
-        response.content_type == "application/json" and whole is not None and is_json_object(whole)
+        response.content_type == "application/json"
+        and whole is not None
+        and looks_like_json_object(whole)
     )
+
+
+def looks_like_json_object(body: bytes | bytearray) -> bool:
+    """Whether a non-streamed answer is framed as a JSON object: its first and last non-space
+    bytes are `{` and `}`. It is forwarded unchanged, so it is not parsed: this tells a JSON
+    object from an error page, plain text, an array or a cut-off body, not valid JSON from
+    invalid."""
+    if _JSON_OPENING.match(body) is None:
+        return False
+    tail = body[-JSON_TAIL_BYTES:].rstrip(JSON_SPACE)
+    if not tail and len(body) > JSON_TAIL_BYTES:  # a long run of trailing space: look at all
+        tail = body.rstrip(JSON_SPACE)
+    return len(tail) > 0 and tail[-1] == CLOSING_BRACE
 
 
 def is_json_object(body: bytes | bytearray) -> bool:

@@ -15,6 +15,8 @@ import struct
 import aiohttp
 from aiohttp import web
 
+# More than an answer's head (status line and headers) takes.
+HEAD_ALLOWANCE_BYTES = 16 * 1024
 # SO_LINGER on with a zero timeout: close sends a reset and drops unsent data.
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
@@ -41,6 +43,10 @@ async def deliver(request: web.BaseRequest, response: web.StreamResponse, deadli
     if response.prepared:
         return True
     try:
+        if _cannot_wait(request, response):
+            await response.prepare(request)
+            await response.write_eof()
+            return True
         async with asyncio.timeout(deadline):
             await response.prepare(request)
             await response.write_eof()
@@ -50,6 +56,20 @@ async def deliver(request: web.BaseRequest, response: web.StreamResponse, deadli
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         return False
     return True
+
+
+def _cannot_wait(request: web.BaseRequest, response: web.StreamResponse) -> bool:
+    """Whether sending a whole answer cannot wait on the client, so needs no deadline: writing
+    is not paused and the answer (with room for its head) fits in the transport's buffer below
+    the mark where it would pause; the transport then takes it all at once."""
+    transport = request.transport
+    body = response.body if isinstance(response, web.Response) else None
+    if transport is None or request.protocol.writing_paused:
+        return False
+    if not isinstance(body, bytes | bytearray):
+        return False
+    _, high = transport.get_write_buffer_limits()
+    return transport.get_write_buffer_size() + len(body) + HEAD_ALLOWANCE_BYTES < high
 
 
 def drop_client(request: web.BaseRequest) -> None:

@@ -24,7 +24,7 @@ from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, par
 from gateway.edge.errors import GatewayError, is_utf8
 from gateway.edge.model_names import AnswerRenamer, ModelRenamer, Renamer
 from gateway.edge.request_body import IDENTITY, check_encoding, content_encoding, decode_body
-from gateway.edge.request_log import record_request
+from gateway.edge.request_log import RequestMetrics, record_request
 from gateway.edge.requestid import request_id_of
 from gateway.edge.responses import ResponseBindings, node_gone
 from gateway.edge.uploads import REPLAY_CAP_BYTES, Upload, open_upload, too_large
@@ -83,6 +83,7 @@ class Proxy:
         self.router = router
         self.dispatcher = dispatcher
         self.metrics = metrics
+        self._request_metrics = RequestMetrics(metrics)
         # Given when a reload builds a new proxy: counts and history carry over.
         self.key_limits = key_limits or KeyLimits()
         self._connections_per_key = connections_per_key
@@ -196,6 +197,9 @@ class Proxy:
             raise too_large(self._max_body_bytes)
         timeout = body_read_timeout(request)
         try:
+            if encoding in IDENTITY and request.content.is_eof():
+                # The whole body came with the head: nothing to wait for, no deadline to arm.
+                return await request.read()
             async with asyncio.timeout(timeout):
                 if encoding in IDENTITY:
                     return await request.read()
@@ -354,7 +358,7 @@ class Proxy:
             if admitted is not None:
                 self.key_limits.release(admitted)
             record_request(
-                self.metrics,
+                self._request_metrics,
                 self.recent,
                 request_id=request_id,
                 affinity=affinity,

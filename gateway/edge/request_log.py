@@ -9,6 +9,7 @@ import structlog
 
 from gateway.catalog import Key
 from gateway.dispatch.dispatcher import DispatchRecord
+from gateway.operations.metric_children import Children
 from gateway.operations.metrics import Metrics
 from gateway.operations.status import RecentDecision
 
@@ -18,8 +19,19 @@ logger = structlog.get_logger("gateway.edge.proxy")
 NO_MODEL_LABEL = ""
 
 
+class RequestMetrics:
+    """The per-request metric families of an app, their children resolved once per labels."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.requests = Children(metrics.requests)
+        self.duration = Children(metrics.request_duration)
+        self.ttft = Children(metrics.ttft)
+        self.attempts = Children(metrics.upstream_attempts)
+        self.affinity = Children(metrics.affinity_results)
+
+
 def record_request(
-    metrics: Metrics,
+    metrics: RequestMetrics,
     recent: deque[RecentDecision],
     *,
     request_id: str,
@@ -55,17 +67,17 @@ def record_request(
         )
     )
     if route:  # a routing decision was made: count how stickiness turned out
-        metrics.affinity_results.labels(affinity).inc()
+        metrics.affinity.of(affinity).inc()
     label = model if model is not None else None
     if label is None and names_no_model and key is not None:
         label = NO_MODEL_LABEL
     if label is not None:
-        metrics.requests.labels(label, served or "none", f"{status // 100}xx").inc()
-        metrics.request_duration.labels(label).observe(duration)
+        metrics.requests.of(label, served or "none", f"{status // 100}xx").inc()
+        metrics.duration.of(label).observe(duration)
         if served is not None and record.ttft_seconds is not None:
-            metrics.ttft.labels(label, served).observe(record.ttft_seconds)
+            metrics.ttft.of(label, served).observe(record.ttft_seconds)
         for attempt in record.attempts:
-            metrics.upstream_attempts.labels(attempt.provider, attempt.outcome).inc()
+            metrics.attempts.of(attempt.provider, attempt.outcome).inc()
     logger.info(
         "request",
         request_id=request_id,

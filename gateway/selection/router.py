@@ -286,13 +286,18 @@ class Router:
     def _states(
         self, candidates: Sequence[Provider], key: Key, model: str, now: float
     ) -> list[ProviderState]:
-        bands = self.latency.bands(
-            model,
-            [provider.name for provider in candidates],
-            now,
-            band_fraction=self._routing.latency_band_fraction,
-            min_samples=self._routing.latency_min_samples,
-            enabled=key.latency_routing,
+        # A lone candidate has no rival to be banded against: its band cannot change the order.
+        bands = (
+            {}
+            if len(candidates) == 1
+            else self.latency.bands(
+                model,
+                [provider.name for provider in candidates],
+                now,
+                band_fraction=self._routing.latency_band_fraction,
+                min_samples=self._routing.latency_min_samples,
+                enabled=key.latency_routing,
+            )
         )
         return [
             ProviderState(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import aiohttp
 import orjson
@@ -92,13 +93,18 @@ async def test_well_formed_request_id_is_kept_and_sent_upstream(
 async def test_malformed_request_id_is_replaced(
     one_node: tuple[InProcessSimulator, TestServer],
 ) -> None:
-    """An x-request-id with unsafe characters is replaced by a fresh one."""
+    """An x-request-id with unsafe characters is replaced by a fresh one: the worker's random
+    16-hex-digit prefix and its counter (the README's format)."""
     _, server = one_node
     _, headers, _ = await post_chat(
         server, orjson.dumps(chat_body()), {"x-request-id": "bad id with spaces"}
     )
-    assert headers["x-request-id"] != "bad id with spaces"
-    assert len(headers["x-request-id"]) == 32
+    assert re.fullmatch(r"[0-9a-f]{16}-[0-9a-f]+", headers["x-request-id"])
+    _, again, _ = await post_chat(
+        server, orjson.dumps(chat_body()), {"x-request-id": "bad id with spaces"}
+    )
+    assert again["x-request-id"] != headers["x-request-id"]
+    assert again["x-request-id"].split("-")[0] == headers["x-request-id"].split("-")[0]
 
 
 async def test_failing_node_is_skipped_for_the_next_one(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import structlog
 
-from gateway.operations.observability import RepeatLimiter, configure_logging
+from gateway.operations.observability import IsoTimeStamper, RepeatLimiter, configure_logging
 
 
 def test_identical_warnings_pass_once_per_interval_and_count_the_rest() -> None:
@@ -63,6 +64,28 @@ def test_exception_logs_never_show_frame_locals(
     output = capsys.readouterr().err
     assert "ZeroDivisionError" in output
     assert secret not in output
+
+
+@pytest.mark.parametrize(
+    "now", [0.0, 1_764_460_800.25, 1_764_460_800.999_999, 1_764_460_801.000_001]
+)
+def test_timestamps_read_as_structlogs_iso_utc(now: float) -> None:
+    """The cheap stamper writes what structlog's ISO UTC stamper writes for the same instant."""
+    stamped = IsoTimeStamper(clock=lambda: now)(None, "info", {})["timestamp"]
+    expected = datetime.fromtimestamp(now, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert stamped[:20] == expected[:20]  # to the second, exactly
+    assert abs(int(stamped[20:26]) - int(expected[20:26])) <= 1  # microseconds: float rounding
+    assert stamped.endswith("Z")
+
+
+def test_timestamps_follow_the_clock_across_seconds() -> None:
+    """The per-second formatting is redone when the second changes."""
+    now = [100.5]
+    stamper = IsoTimeStamper(clock=lambda: now[0])
+    first = stamper(None, "info", {})["timestamp"]
+    now[0] = 101.5
+    assert stamper(None, "info", {})["timestamp"] == "1970-01-01T00:01:41.500000Z"
+    assert first == "1970-01-01T00:01:40.500000Z"
 
 
 def _fail_holding_a_secret(secret: str) -> None:
