@@ -41,7 +41,7 @@ STEP = 0.05
 MAX_STEP_TARGETS = 4.0
 EASE = 0.02
 # Below half the target the queue is empty and the probability falls faster.
-CALM_EASE = 0.05
+CALM_EASE = 0.1
 # An interval is judged on at least this many samples: one long pause (a collection, a slow
 # synchronous call) is a single late sample, not a queue that stays.
 MIN_SAMPLES = 2
