@@ -75,7 +75,7 @@ class ServerSettings(Section):
     cors_allow_origins: list[str] = Field(default_factory=list)
     request_compression: bool = False
     max_buffered_answer_bytes: PositiveInt = 256 * 1024 * 1024
-    load_shedding: bool = True
+    load_shedding: bool = False
     load_shedding_target_lag_ms: PositiveFloat = 10.0
     load_shedding_interval_ms: Annotated[float, Field(ge=10)] = 100.0
 

@@ -75,7 +75,10 @@ async def test_a_starved_worker_sheds_with_503_and_retry_after_and_recovers(
     """Overloaded, the worker answers new chat requests 503 `overloaded` with Retry-After while
     /healthz and /readyz answer 200; the shed count is on /metrics; once it has its CPU back,
     requests are served again."""
-    config = settings_dict({"node-a": node.url}, extra={"database": {"url": database_url}})
+    config = settings_dict(
+        {"node-a": node.url},
+        extra={"database": {"url": database_url}, "server": {"load_shedding": True}},
+    )
     gateway = GatewayProcess(config, tmp_path, workers=1)
     gateway.start()
     try:

@@ -81,7 +81,10 @@ async def test_an_overloaded_worker_sheds_new_requests_promptly_and_recovers(
     overload; once the loop keeps up, requests are served again."""
     node = await start_simulator("node-a")
     settings = Settings.model_validate(
-        settings_dict({"node-a": node.url}, extra={"server": {"admin_token": ADMIN_TOKEN}})
+        settings_dict(
+            {"node-a": node.url},
+            extra={"server": {"admin_token": ADMIN_TOKEN, "load_shedding": True}},
+        )
     )
     server = await start_gateway(settings)
     status, _, _ = await chat(server)
@@ -141,7 +144,8 @@ async def test_a_request_admitted_before_the_overload_is_never_cut(
     """A stream that started before shedding began runs to its end while new requests are
     refused."""
     node = await start_simulator("node-a", timing=Timing(0, 0, 50, 64))
-    server = await start_gateway(Settings.model_validate(settings_dict({"node-a": node.url})))
+    settings = settings_dict({"node-a": node.url}, extra={"server": {"load_shedding": True}})
+    server = await start_gateway(Settings.model_validate(settings))
     shedder = shedder_of(server)
     async with aiohttp.ClientSession() as session:
         body = orjson.dumps(chat_body(stream=True, max_tokens=200))
@@ -163,11 +167,11 @@ async def test_a_request_admitted_before_the_overload_is_never_cut(
 async def test_with_load_shedding_off_nothing_is_shed(
     start_simulator: SimulatorFactory, start_gateway: GatewayFactory
 ) -> None:
-    """`server.load_shedding: false`: no shedder, and a late loop still serves every request."""
+    """`server.load_shedding` is off by default: no shedder, and a late loop still serves every
+    request."""
     node = await start_simulator("node-a")
-    settings = Settings.model_validate(
-        settings_dict({"node-a": node.url}, extra={"server": {"load_shedding": False}})
-    )
+    settings = Settings.model_validate(settings_dict({"node-a": node.url}))
+    assert not settings.server.load_shedding
     server = await start_gateway(settings)
     assert server.app[RUNTIME].current.proxy.shedder is None
     async with slowed_loop():
