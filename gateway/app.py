@@ -31,6 +31,7 @@ from gateway.edge.cors import Cors
 from gateway.edge.endpoints import ENDPOINTS, EndpointSpec
 from gateway.edge.errors import GatewayError, error_body, error_response
 from gateway.edge.openapi import OpenApiEndpoint
+from gateway.edge.overload import LagProbe, LoadShedder, SheddingPolicy
 from gateway.edge.requestid import REQUEST_IDS, RequestIds, request_id_of
 from gateway.operations import admin
 from gateway.operations.metrics import Metrics, exposition
@@ -177,6 +178,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     app[LOAD] = poller
     # Until the store grants shares, each key's limits are split among this replica's workers.
     key_limits = KeyLimits(shares=ShareBook(workers=settings.server.workers))
+    shedder = _shedder(settings, app[METRICS])
     state = ProcessState(
         metrics=app[METRICS],
         affinity=app[AFFINITY],
@@ -190,6 +192,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
             settings.server.max_buffered_answer_bytes, settings.routing.wait_timeout_seconds
         ),
         key_limits=key_limits,
+        shedder=shedder,
     )
     holder = RuntimeHolder(build_runtime(settings, state))
     app[RUNTIME] = holder
@@ -208,13 +211,31 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     await shares.start()
     await poller.start()
     refresher = asyncio.create_task(_refresh_gauges(holder), name="gauge-refresher")
+    probe = None
+    if shedder is not None:
+        probe = LagProbe(shedder, report=app[METRICS].loop_lag.set)
+        probe.start()
     yield
+    if probe is not None:
+        await probe.stop()
     refresher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await refresher
     await shares.stop()
     await poller.stop()
     await session.close()
+
+
+def _shedder(settings: Settings, metrics: Metrics) -> LoadShedder | None:
+    """The worker's load shedder, or None when `server.load_shedding` is off."""
+    server = settings.server
+    if not server.load_shedding:
+        return None
+    policy = SheddingPolicy(
+        target_lag=server.load_shedding_target_lag_ms / 1000,
+        interval=server.load_shedding_interval_ms / 1000,
+    )
+    return LoadShedder(policy, on_shed=metrics.requests_shed.inc)
 
 
 async def _refresh_gauges(holder: RuntimeHolder) -> None:

@@ -51,6 +51,10 @@ class ServerSettings(Section):
     `drain_delay_seconds` (match the Kubernetes `preStop` sleep; keep it above the load balancer's
     upstream idle keep-alive timeout), then stops accepting and finishes in-flight requests up to
     `shutdown_timeout_seconds`.
+
+    With `load_shedding`, a worker whose event loop runs late by more than
+    `load_shedding_target_lag_ms` for a whole `load_shedding_interval_ms` answers a growing share
+    of new proxied requests 503 with `Retry-After` until it keeps up (see `gateway.edge.overload`).
     """
 
     host: str = "0.0.0.0"
@@ -71,6 +75,9 @@ class ServerSettings(Section):
     cors_allow_origins: list[str] = Field(default_factory=list)
     request_compression: bool = False
     max_buffered_answer_bytes: PositiveInt = 256 * 1024 * 1024
+    load_shedding: bool = False
+    load_shedding_target_lag_ms: PositiveFloat = 10.0
+    load_shedding_interval_ms: Annotated[float, Field(ge=10)] = 100.0
 
     @field_validator("admin_token", mode="after")
     @classmethod

@@ -139,6 +139,7 @@ class KeyLimits:
     ) -> None:
         """Without `shares`, this worker holds every key's whole limits (a cluster of one)."""
         self._in_flight: dict[str, int] = {}
+        self._total = 0  # the sum of `_in_flight`
         self._last_start: dict[str, float] = {}
         self._clock = clock
         self.shares = shares if shares is not None else ShareBook(clock=clock)
@@ -190,6 +191,7 @@ class KeyLimits:
         if key.min_start_interval_seconds > 0:
             self._last_start[key.id] = now
         self._in_flight[key.id] = in_flight + 1
+        self._total += 1
         self.shares.started(key, in_flight + 1)
 
     def in_flight(self, key: Key) -> int:
@@ -206,8 +208,15 @@ class KeyLimits:
         """The requests in flight in this process for the key with this id."""
         return self._in_flight.get(api_key_id, 0)
 
+    def below_mean(self, key: Key) -> bool:
+        """Whether the key has fewer requests in flight in this process than the mean of the keys
+        that have some."""
+        return self._in_flight.get(key.id, 0) * len(self._in_flight) < self._total
+
     def release(self, key: Key) -> None:
         """A request for the key finished."""
+        if key.id in self._in_flight:
+            self._total -= 1
         remaining = self._in_flight.get(key.id, 0) - 1
         if remaining > 0:
             self._in_flight[key.id] = remaining

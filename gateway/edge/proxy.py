@@ -23,6 +23,7 @@ from gateway.edge.delivery import deliver
 from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
 from gateway.edge.errors import GatewayError, is_utf8
 from gateway.edge.model_names import AnswerRenamer, ModelRenamer, Renamer
+from gateway.edge.overload import RETRY_AFTER_SECONDS, LoadShedder
 from gateway.edge.request_body import IDENTITY, check_encoding, content_encoding, decode_body
 from gateway.edge.request_log import RequestMetrics, record_request
 from gateway.edge.requestid import request_id_of
@@ -77,6 +78,7 @@ class Proxy:
         request_compression: bool = False,
         write_timeout: float = 60.0,
         answer_budget: AnswerBudget | None = None,
+        shedder: LoadShedder | None = None,
     ) -> None:
         self.catalog = catalog
         self.responses = responses
@@ -93,6 +95,7 @@ class Proxy:
         self._request_compression = request_compression
         self._write_timeout = write_timeout
         self.answer_budget = answer_budget
+        self.shedder = shedder
 
     def authenticate(self, request: web.Request) -> Key:
         """The key of a `Bearer` Authorization header (or an `api-key` / `x-api-key` header),
@@ -137,8 +140,31 @@ class Proxy:
         return None
 
     async def proxy(self, request: web.Request, spec: EndpointSpec) -> web.StreamResponse:
-        """Proxy one request to an endpoint of the table."""
+        """Proxy one request to an endpoint of the table; while the worker is overloaded, some
+        new requests get a 503 first (see `gateway.edge.overload`)."""
+        if self.shedder is not None and self.shedder.overloaded:
+            self._shed_or_admit(request)
         return await self._proxy(request, spec)
+
+    def _shed_or_admit(self, request: web.Request) -> None:
+        """Refuse the request with a 503 when the shedder says so: before its body is read or
+        anything is logged, so a refusal costs a small part of an answer. A request without a
+        valid key is left to its 401."""
+        assert self.shedder is not None
+        try:
+            key = self.authenticate(request)
+        except GatewayError:
+            return
+        if self.shedder.admits(light=self.key_limits.below_mean(key)):
+            return
+        if not request.content.is_eof():
+            close_after_response(request)
+        raise GatewayError(
+            503,
+            "This gateway worker is overloaded; retry shortly.",
+            "overloaded",
+            retry_after=RETRY_AFTER_SECONDS,
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         """`GET /v1/models`: the models this key may use, in OpenAI's list shape."""

@@ -126,6 +126,18 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+        self.requests_shed = Counter(
+            "gateway_requests_shed",
+            "New requests answered 503 (overloaded) by load shedding, before their body was read.",
+            registry=self.registry,
+        )
+        self.loop_lag = Gauge(
+            "gateway_event_loop_lag_seconds",
+            "How late a worker's event loop ran a timer: the smallest lag over the last shedding "
+            "interval (across workers: the highest).",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
         self.latency_band = Gauge(
             "gateway_latency_band",
             "A provider's latency band for a model: 0 near the mean, positive slower "

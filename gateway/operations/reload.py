@@ -27,7 +27,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 # Why each needs a restart: the listener and its connection limits, the worker processes, the
 # request-size limit of the app, the database pool, the shared-affinity component, the upstream
 # client session, and the shape of the per-process memory (latency window, session table) and
-# of the load poller.
+# of the load poller, and the load shedder with its probe.
 RESTART_ONLY: tuple[str, ...] = (
     "server.host",
     "server.port",
@@ -41,6 +41,9 @@ RESTART_ONLY: tuple[str, ...] = (
     "server.max_header_bytes",
     "server.max_header_count",
     "server.max_connections_per_worker",
+    "server.load_shedding",
+    "server.load_shedding_target_lag_ms",
+    "server.load_shedding_interval_ms",
     "database",
     "affinity",
     "routing.connect_timeout_seconds",

@@ -25,6 +25,7 @@ from gateway.dispatch.dispatcher import Dispatcher
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.permits import KeyLimits, ProviderPermits, per_key_limit
+from gateway.edge.overload import LoadShedder
 from gateway.edge.proxy import RECENT_DECISIONS, Proxy
 from gateway.edge.responses import ResponseBindings
 from gateway.operations.metrics import Metrics
@@ -52,6 +53,7 @@ class ProcessState:
     memory: RouterMemory
     answer_budget: AnswerBudget
     key_limits: KeyLimits = field(default_factory=KeyLimits)
+    shedder: LoadShedder | None = None  # None: load shedding is off
     recent: deque[RecentDecision] = field(default_factory=lambda: deque(maxlen=RECENT_DECISIONS))
     # Fixed per process, so the random tiebreak between providers survives a reload.
     tiebreak_seed: int = field(default_factory=lambda: random.getrandbits(64))
@@ -150,6 +152,7 @@ def build_runtime(
         request_compression=settings.server.request_compression,
         write_timeout=routing.downstream_write_timeout_seconds,
         answer_budget=state.answer_budget,
+        shedder=state.shedder,
     )
     return Runtime(
         settings=settings,

@@ -58,6 +58,18 @@ class KeyShareRow:
 
 
 @dataclass(frozen=True)
+class OverloadRow:
+    """This worker's load shedding: whether it refuses new requests now, and why."""
+
+    shedding: bool
+    probability: float  # the share of new requests refused now (a flooding key's)
+    lag_ms: float  # the event loop's smallest lag over the last interval
+    target_lag_ms: float
+    shed: int  # requests refused since the worker started
+    episodes: int  # times shedding started
+
+
+@dataclass(frozen=True)
 class StatusSnapshot:
     """Everything the status page renders."""
 
@@ -72,6 +84,7 @@ class StatusSnapshot:
     restart_needed: tuple[str, ...] = ()  # changed in the file, applied only by a restart
     key_shares: Sequence[KeyShareRow] = ()
     cluster_workers: int = 1  # live workers sharing the key limits, as last heard
+    overload: OverloadRow | None = None  # None: load shedding is off
 
 
 async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) -> StatusSnapshot:
@@ -110,6 +123,19 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
         KeyShareRow(key_id, limit_name, limit, share, key_limits.in_flight_by_id(key_id))
         for (key_id, limit_name), (share, limit) in sorted(key_limits.shares.snapshot().items())
     ]
+    shedder = runtime.proxy.shedder
+    overload = (
+        None
+        if shedder is None
+        else OverloadRow(
+            shedding=shedder.overloaded,
+            probability=round(shedder.probability, 3),
+            lag_ms=round(shedder.lag * 1000, 1),
+            target_lag_ms=shedder.policy.target_lag * 1000,
+            shed=shedder.shed,
+            episodes=shedder.episodes,
+        )
+    )
     return StatusSnapshot(
         worker_pid=os.getpid(),
         generated_at=time.time(),
@@ -121,4 +147,5 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
         restart_needed=runtime.restart_needed,
         key_shares=shares,
         cluster_workers=key_limits.shares.workers,
+        overload=overload,
     )

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Mapping
 from html import escape
 
-from gateway.operations.status import ProviderRow, RecentDecision, StatusSnapshot
+from gateway.operations.status import OverloadRow, ProviderRow, RecentDecision, StatusSnapshot
 
 # Inline on purpose: the page must work with no asset routes, no build step and no network.
 STYLE = """
@@ -135,8 +135,26 @@ def _summary_cards(snapshot: StatusSnapshot) -> str:
         + _card("Providers", f"{len(snapshot.providers)} ({cooling} cooling)")
         + _card("In flight", str(in_flight))
         + _card("Recent requests", str(len(snapshot.decisions)))
+        + _card("Load", _overload(snapshot.overload))
         + _card("Config", _config(snapshot))
         + "</div>"
+    )
+
+
+def _overload(overload: OverloadRow | None) -> str:
+    if overload is None:
+        return '<span id="overload" class="badge muted">shedding off</span>'
+    if overload.shedding:
+        badge = (
+            '<span id="overload" class="badge bad">overloaded: shedding '
+            f"{overload.probability:.0%} of new requests</span>"
+        )
+    else:
+        badge = '<span id="overload" class="badge ok">keeping up</span>'
+    return (
+        f'{badge}<div class="muted">loop lag {_number(overload.lag_ms)} ms '
+        f"(target {_number(overload.target_lag_ms)} ms) · {overload.shed} shed "
+        f"in {overload.episodes} episode(s)</div>"
     )
 
 

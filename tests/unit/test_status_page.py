@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway.operations.status import (
     KeyShareRow,
+    OverloadRow,
     ProviderRow,
     RecentDecision,
     StatusSnapshot,
@@ -229,3 +230,20 @@ def test_each_limited_key_shows_this_workers_share() -> None:
         ["team-a", "requests_per_minute", "600", "150", "—"],
     ]
     assert "shared among the 4 live worker(s)" in page
+
+
+def test_the_load_card_says_whether_the_worker_sheds_and_why() -> None:
+    """Shedding shows the share refused, the loop lag against its target and the count; a worker
+    keeping up says so; with shedding off the card says that."""
+    overload = OverloadRow(
+        shedding=True, probability=0.35, lag_ms=27.5, target_lag_ms=10.0, shed=1234, episodes=2
+    )
+    shedding = render_status(replace(snapshot([provider("gpu-a")]), overload=overload))
+    assert "overloaded: shedding 35% of new requests" in shedding
+    assert "loop lag 27.5 ms (target 10 ms)" in shedding
+    assert "1234 shed in 2 episode(s)" in shedding
+    calm = replace(overload, shedding=False, probability=0.0, lag_ms=0.4)
+    keeping_up = render_status(replace(snapshot([provider("gpu-a")]), overload=calm))
+    assert "keeping up" in keeping_up
+    assert "overloaded" not in keeping_up
+    assert "shedding off" in render_status(snapshot([provider("gpu-a")]))
