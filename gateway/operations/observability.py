@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import structlog
@@ -68,48 +68,91 @@ class IsoTimeStamper:
         self, logger: Any, method: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         """Stamp the event with the current time."""
+        event["timestamp"] = self.stamp()
+        return event
+
+    def stamp(self) -> str:
+        """The current time as the `timestamp` field reads."""
         now = self._clock()
         second = int(now)
         if second != self._second:
             self._formatted = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        event["timestamp"] = f"{self._formatted}.{int((now - second) * 1_000_000):06d}Z"
-        return event
+        return f"{self._formatted}.{int((now - second) * 1_000_000):06d}Z"
 
 
-def _json_bytes(event: Any, **_: Any) -> bytes:
-    # orjson: a log line per request is on the hot path; anything unusual becomes its str().
-    return orjson.dumps(event, default=str)
+class JsonLines:
+    """The JSON renderer ending the production chain, which can also write an info line itself.
+
+    `info` writes the bytes the chain would for an info event with no exception (the limiter
+    passes info, the level and timestamp come last, orjson renders) without running the chain:
+    the request line is on the hot path. It is used only while this chain is the configured one,
+    so a test's `capture_logs` still sees every event.
+    """
+
+    def __init__(self, file: BinaryIO, stamper: IsoTimeStamper, level: int) -> None:
+        self._file = file
+        self._stamper = stamper
+        self._writes_info = level <= logging.INFO
+        self.chain: list[structlog.typing.Processor] = []
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> bytes:
+        """Render one event as a JSON line (anything unusual becomes its str())."""
+        return orjson.dumps(event, default=str)
+
+    def info(self, event: str, fields: dict[str, Any]) -> None:
+        """Write `fields` (taken over) as the chain would write `logger.info(event, **fields)`."""
+        if not self._writes_info:
+            return
+        fields["event"] = event
+        fields["level"] = "info"
+        fields["timestamp"] = self._stamper.stamp()
+        self._file.write(orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE))
+        self._file.flush()
+
+
+def json_lines() -> JsonLines | None:
+    """The production JSON renderer while its chain is the configured one, else None."""
+    processors = structlog.get_config()["processors"]
+    renderer = processors[-1] if processors else None
+    if isinstance(renderer, JsonLines) and renderer.chain is processors:
+        return renderer
+    return None
 
 
 def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     """JSON lines in production, a readable console on a TTY; one configuration per process."""
     use_json = not sys.stderr.isatty() if json is None else json
+    threshold = logging.getLevelName(level.upper())
+    stamper = IsoTimeStamper()
     renderer: structlog.typing.Processor
     factory: Callable[..., Any]
     if use_json:
-        renderer = structlog.processors.JSONRenderer(serializer=_json_bytes)
+        renderer = JsonLines(sys.stderr.buffer, stamper, threshold)
         factory = structlog.BytesLoggerFactory(file=sys.stderr.buffer)
     else:
         renderer = structlog.dev.ConsoleRenderer(
             colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
         )
         factory = structlog.PrintLoggerFactory(file=sys.stderr)
+    processors: list[structlog.typing.Processor] = [
+        # No context variables are bound anywhere: merging them would only cost time.
+        RepeatLimiter(),
+        structlog.processors.add_log_level,
+        stamper,
+        # Tracebacks as data, but never with frame locals: they can hold keys and prompts.
+        structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+        if use_json
+        else structlog.dev.set_exc_info,
+        renderer,
+    ]
+    if isinstance(renderer, JsonLines):
+        renderer.chain = processors
     structlog.configure(
-        processors=[
-            # No context variables are bound anywhere: merging them would only cost time.
-            RepeatLimiter(),
-            structlog.processors.add_log_level,
-            IsoTimeStamper(),
-            # Tracebacks as data, but never with frame locals: they can hold keys and prompts.
-            structlog.processors.ExceptionRenderer(
-                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-            )
-            if use_json
-            else structlog.dev.set_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
