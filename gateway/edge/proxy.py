@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ from gateway.edge.requestid import request_id_of
 from gateway.edge.responses import ResponseBindings, node_gone
 from gateway.edge.uploads import REPLAY_CAP_BYTES, Upload, open_upload, too_large
 from gateway.operations.metrics import Metrics
-from gateway.operations.status import RecentDecision
+from gateway.operations.status import RecentDecisions
 from gateway.routing.automodel import (
     AutoModelDisabled,
     InvalidAutoRoute,
@@ -74,7 +73,7 @@ class Proxy:
         mode_header: str,
         connections_per_key: int,
         key_limits: KeyLimits | None = None,
-        recent: deque[RecentDecision] | None = None,
+        recent: RecentDecisions | None = None,
         request_compression: bool = False,
         write_timeout: float = 60.0,
         answer_budget: AnswerBudget | None = None,
@@ -89,7 +88,7 @@ class Proxy:
         # Given when a reload builds a new proxy: counts and history carry over.
         self.key_limits = key_limits or KeyLimits()
         self._connections_per_key = connections_per_key
-        self.recent = recent if recent is not None else deque(maxlen=RECENT_DECISIONS)
+        self.recent = recent if recent is not None else RecentDecisions(RECENT_DECISIONS)
         self._max_body_bytes = max_body_bytes
         self._mode_header = mode_header
         self._request_compression = request_compression

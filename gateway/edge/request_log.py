@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import deque
 
 import structlog
 
@@ -12,7 +11,7 @@ from gateway.dispatch.dispatcher import DispatchRecord
 from gateway.operations.metric_children import Children
 from gateway.operations.metrics import Metrics
 from gateway.operations.observability import json_lines
-from gateway.operations.status import RecentDecision
+from gateway.operations.status import RecentDecisions
 
 logger = structlog.get_logger("gateway.edge.proxy")
 
@@ -33,7 +32,7 @@ class RequestMetrics:
 
 def record_request(
     metrics: RequestMetrics,
-    recent: deque[RecentDecision],
+    recent: RecentDecisions,
     *,
     request_id: str,
     affinity: str,
@@ -54,17 +53,19 @@ def record_request(
     duration = time.monotonic() - started_at
     attempts = [f"{attempt.provider}:{attempt.outcome}" for attempt in record.attempts]
     served = record.served.name if record.served else None
-    recent.append(
-        RecentDecision(
-            at=time.time(),
-            request_id=request_id,
-            key_id=key.id if key else None,
-            model=model,
-            provider=served,
-            affinity=affinity,
-            attempts=tuple(attempts),
-            status=status,
-            duration_ms=round(duration * 1000, 1),
+    # RecentDecision's fields: at, request id, key id, model, provider, affinity, attempts,
+    # status, duration in ms.
+    recent.add(
+        (
+            time.time(),
+            request_id,
+            key.id if key else None,
+            model,
+            served,
+            affinity,
+            tuple(attempts),
+            status,
+            round(duration * 1000, 1),
         )
     )
     if route:  # a routing decision was made: count how stickiness turned out

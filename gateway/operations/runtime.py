@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -29,7 +28,7 @@ from gateway.edge.overload import LoadShedder
 from gateway.edge.proxy import RECENT_DECISIONS, Proxy
 from gateway.edge.responses import ResponseBindings
 from gateway.operations.metrics import Metrics
-from gateway.operations.status import RecentDecision
+from gateway.operations.status import RecentDecisions
 from gateway.selection.affinity import SharedAffinity
 from gateway.selection.router import Router, RouterMemory
 
@@ -54,7 +53,7 @@ class ProcessState:
     answer_budget: AnswerBudget
     key_limits: KeyLimits = field(default_factory=KeyLimits)
     shedder: LoadShedder | None = None  # None: load shedding is off
-    recent: deque[RecentDecision] = field(default_factory=lambda: deque(maxlen=RECENT_DECISIONS))
+    recent: RecentDecisions = field(default_factory=lambda: RecentDecisions(RECENT_DECISIONS))
     # Fixed per process, so the random tiebreak between providers survives a reload.
     tiebreak_seed: int = field(default_factory=lambda: random.getrandbits(64))
 

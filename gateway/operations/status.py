@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,30 @@ class RecentDecision:
     attempts: tuple[str, ...]
     status: int
     duration_ms: float
+
+
+# A RecentDecision's fields in order, as a request records them (a tuple costs far less to make).
+DecisionFields = tuple[
+    float, str, str | None, str | None, str | None, str, tuple[str, ...], int, float
+]
+
+
+class RecentDecisions:
+    """The last requests' decisions, kept as tuples and read as `RecentDecision` rows."""
+
+    def __init__(self, limit: int) -> None:
+        self._rows: deque[DecisionFields] = deque(maxlen=limit)
+
+    def add(self, fields: DecisionFields) -> None:
+        """Keep one request's decision (`RecentDecision`'s fields in order), the oldest going."""
+        self._rows.append(fields)
+
+    def __iter__(self) -> Iterator[RecentDecision]:
+        """The kept decisions, oldest first."""
+        return (RecentDecision(*fields) for fields in list(self._rows))
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections import deque
 from collections.abc import Iterator
 
 import orjson
@@ -16,7 +15,7 @@ from gateway.dispatch.outcomes import Attempt
 from gateway.edge import request_log
 from gateway.operations.metrics import Metrics
 from gateway.operations.observability import configure_logging, json_lines
-from gateway.operations.status import RecentDecision
+from gateway.operations.status import RecentDecisions
 from tests.support.keys import plain_key
 
 STAMP = re.compile(rb'"timestamp":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"')
@@ -54,7 +53,7 @@ def _record() -> DispatchRecord:
 def _log_one() -> None:
     request_log.record_request(
         request_log.RequestMetrics(Metrics()),
-        deque[RecentDecision](maxlen=4),
+        RecentDecisions(4),
         request_id="abc-1",
         affinity="rebound",
         route=["node-a", "node-b"],
