@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
@@ -17,6 +16,7 @@ from affinity_store.memory import MemoryAffinityStore
 from affinity_store.notifications import BindingChanges
 from affinity_store.postgres import Pool, PostgresAffinityStore
 from affinity_store.store import AffinityStore
+from gateway.background import stop_task
 from gateway.catalog import Catalog, Key
 from gateway.config import Settings
 from gateway.dispatch.answer_budget import AnswerBudget
@@ -218,9 +218,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     yield
     if probe is not None:
         await probe.stop()
-    refresher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await refresher
+    await stop_task(refresher)
     await shares.stop()
     await poller.stop()
     await session.close()

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 import structlog
 
 from affinity_store.store import AffinityStore, StoreError
+from gateway.background import stop_task
 from gateway.catalog import Key
 from gateway.dispatch.key_shares import ShareBook
 
@@ -70,11 +71,8 @@ class ClusterShares:
 
     async def stop(self) -> None:
         """Stop the sync and give this worker's shares back at once."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         if self._registered:
             with contextlib.suppress(StoreError):
                 await self.store.leave(self.worker_id, timeout=CALL_TIMEOUT_SECONDS)

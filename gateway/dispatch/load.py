@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 
+from gateway.background import stop_task
 from gateway.catalog import Provider
 from gateway.config import SpillSettings
 
@@ -98,11 +98,8 @@ class LoadPoller:
 
     async def stop(self) -> None:
         """Stop polling."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def poll_once(self) -> None:
         """Poll every provider concurrently, each bounded by the poll interval."""

@@ -20,7 +20,6 @@ key that floods takes more of the refusals than one that does not.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
 import time
@@ -28,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
+
+from gateway.background import stop_task
 
 logger = structlog.get_logger("gateway.edge.overload")
 
@@ -146,11 +147,8 @@ class LagProbe:
 
     async def stop(self) -> None:
         """Stop probing."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         clock = time.perf_counter
