@@ -166,6 +166,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     """The upstream client session, load poller and learnt state, and the first runtime on them."""
     settings = app[SETTINGS]
     catalog = app[CATALOG]
+    metrics = app[METRICS]
     session = create_client_session(settings.routing)
     app[CLIENT_SESSION] = session
     permits = ProviderPermits(catalog.providers)
@@ -178,13 +179,16 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     app[LOAD] = poller
     # Until the store grants shares, each key's limits are split among this replica's workers.
     key_limits = KeyLimits(shares=ShareBook(workers=settings.server.workers))
-    shedder = _shedder(settings, app[METRICS])
+    shedder = _shedder(settings, metrics)
     state = ProcessState(
-        metrics=app[METRICS],
+        metrics=metrics,
         affinity=app[AFFINITY],
         store=app[STORE],
         session=session,
-        health=ProviderHealth(settings.routing),
+        health=ProviderHealth(
+            settings.routing,
+            on_withheld=lambda provider: metrics.cooldowns_withheld.labels(provider).inc(),
+        ),
         permits=permits,
         poller=poller,
         memory=RouterMemory.fresh(settings.routing),
@@ -196,7 +200,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     )
     holder = RuntimeHolder(build_runtime(settings, state))
     app[RUNTIME] = holder
-    app[RELOADER] = Reloader(holder, state, app[METRICS])
+    app[RELOADER] = Reloader(holder, state, metrics)
 
     def current_keys() -> Iterable[Key]:
         return holder.current.catalog.keys.values()  # whatever the latest reload made them

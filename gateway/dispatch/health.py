@@ -56,8 +56,10 @@ class ProviderHealth:
         *,
         serving: Mapping[str, Iterable[str]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_withheld: Callable[[str], None] | None = None,
     ) -> None:
         self._clock = clock
+        self._on_withheld = on_withheld
         self._states: dict[str, _State] = {}
         self._models_of: dict[str, list[tuple[str, ...]]] = {}
         self._configure(routing, serving or {})
@@ -102,6 +104,12 @@ class ProviderHealth:
         """Seconds of cooldown left (0 when not cooling)."""
         state = self._states.get(provider)
         return 0.0 if state is None else max(0.0, state.cooling_until - self._clock())
+
+    def withholding(self, provider: str) -> bool:
+        """Whether the provider's current run of failures earned a cooldown the share withheld
+        (it stays in rotation while failing)."""
+        state = self._states.get(provider)
+        return state is not None and state.withheld
 
     def soonest_recovery(self, providers: Iterable[str]) -> float:
         """Seconds until the first of these providers stops cooling."""
@@ -153,6 +161,8 @@ class ProviderHealth:
                     max_cooling_fraction=self._max_cooling_fraction,
                     detail="cooling it would take a model past its share of cooling providers",
                 )
+                if self._on_withheld is not None:
+                    self._on_withheld(provider)
             return False
         self._start_cooldown(state)
         return True

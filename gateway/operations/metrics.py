@@ -118,6 +118,13 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+        self.cooldowns_withheld = Counter(
+            "gateway_cooldowns_withheld",
+            "Runs of failures that earned a provider a cooldown withheld by "
+            "routing.max_cooling_fraction: the provider stays in rotation while failing.",
+            ["provider"],
+            registry=self.registry,
+        )
         self.provider_load = Gauge(
             "gateway_provider_load",
             "A provider's running + waiting requests as last polled, or in-flight requests "

@@ -30,6 +30,8 @@ class ProviderRow:
     bands: Mapping[str, int]  # model → latency band
     live_bindings: int | None  # bindings on its routing identity; None when the store is down
     draining: bool = False
+    # Failing, but its cooldown was withheld by `routing.max_cooling_fraction`.
+    cooldown_withheld: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
             bands=bands[provider.name],
             live_bindings=None if counts is None else counts.get(provider.routing_identity, 0),
             draining=provider.draining,
+            cooldown_withheld=router.health.withholding(provider.name),
         )
         for provider in catalog.providers.values()
     ]

@@ -196,6 +196,8 @@ def _providers_section(snapshot: StatusSnapshot) -> str:
 def _provider_row(row: ProviderRow) -> str:
     if row.cooling_seconds > 0:
         health = f'<span class="badge bad">cooling, {row.cooling_seconds:.1f} s left</span>'
+    elif row.cooldown_withheld:
+        health = '<span class="badge warn">failing, cooldown withheld</span>'
     elif row.draining:
         health = '<span class="badge warn">draining</span>'
     else:

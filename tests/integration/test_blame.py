@@ -189,7 +189,7 @@ async def test_a_draining_provider_does_not_widen_the_share(
     start_simulator: SimulatorFactory, start_gateway: GatewayFactory
 ) -> None:
     """With node-b draining, node-a is the model's only provider: two keys' 500s from it never
-    cool it (the cooldown is withheld and logged once), so requests keep reaching it."""
+    cool it (the cooldown is withheld, logged and counted once), so requests keep reaching it."""
     broken = await start_simulator("node-a")
     draining = await start_simulator("node-b")
     await broken.set_faults(error_rate=1.0)
@@ -208,6 +208,13 @@ async def test_a_draining_provider_does_not_widen_the_share(
     assert (await draining.stats()).completion_requests == 0
     withheld = [entry for entry in logs if entry["event"] == "cooldown_withheld"]
     assert [entry["provider"] for entry in withheld] == ["node-a"]
+    assert health_of(server).withholding("node-a")
+    assert (
+        server.app[METRICS].registry.get_sample_value(
+            "gateway_cooldowns_withheld_total", {"provider": "node-a"}
+        )
+        == 1.0
+    )
 
 
 async def test_one_keys_timeouts_do_not_cool_a_provider_but_two_keys_do(

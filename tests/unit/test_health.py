@@ -74,6 +74,23 @@ def test_the_share_holds_back_a_second_cooldown() -> None:
     assert health.cooling("node-b")
 
 
+def test_a_withheld_cooldown_is_reported_once_per_run() -> None:
+    """A provider whose cooldown the share withholds is reported once per run of failures and
+    shows as withholding until a success ends the run."""
+    now = [1000.0]
+    reported: list[str] = []
+    health = ProviderHealth(
+        ROUTING, serving={"model": ["node-a"]}, clock=lambda: now[0], on_withheld=reported.append
+    )
+    assert not any(health.failed("node-a") for _ in range(7))
+    assert reported == ["node-a"]
+    assert health.withholding("node-a")
+    health.succeeded("node-a")
+    assert not health.withholding("node-a")
+    assert not any(health.failed("node-a") for _ in range(3))
+    assert reported == ["node-a", "node-a"]
+
+
 def test_a_lone_provider_is_never_cooled_by_faults_within_the_share() -> None:
     """A model's only provider is half of nothing: faults do not cool it; 429s still do."""
     health, _ = health_for({"model": ["node-a"]})

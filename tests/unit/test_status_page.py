@@ -116,15 +116,17 @@ def test_every_provider_has_a_row_with_its_state() -> None:
         provider("gpu-a"),
         provider("gpu-b", load=3.5, load_polled=False, bands={"llama": 2, "qwen": -1}),
         provider("hosted-1", cooling_seconds=12.3, live_bindings=0),
+        provider("gpu-c", cooldown_withheld=True),
     ]
     cells = table_rows(render_status(snapshot(rows)), "providers")
-    assert [row[0] for row in cells] == ["gpu-a", "gpu-b", "hosted-1"]
-    gpu_a, gpu_b, hosted = cells
+    assert [row[0] for row in cells] == ["gpu-a", "gpu-b", "hosted-1", "gpu-c"]
+    gpu_a, gpu_b, hosted, withheld = cells
     assert gpu_a[1:] == ["gpu-a-identity", "ok", "2", "7 (polled)", "llama band 0", "4"]
     assert gpu_b[4] == "3.5 (in-flight, not polled)"
     assert gpu_b[5] == "llama band +2qwen band -1"
     assert hosted[2] == "cooling, 12.3 s left"
     assert hosted[6] == "0"
+    assert withheld[2] == "failing, cooldown withheld"
 
 
 def test_store_down_shows_in_bindings_and_circuit() -> None:
