@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import Final, cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -176,9 +176,8 @@ class Http1Connection(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Keep the transport."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        """Keep the transport (uvloop's is not an `asyncio.Transport` subclass, but acts as one)."""
+        self.transport = cast("asyncio.Transport", transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The end of a close-delimited answer, or a broken exchange."""

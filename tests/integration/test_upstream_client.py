@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from gateway.dispatch.http1 import (
     ConnectTimeoutError,
@@ -477,3 +478,22 @@ async def test_https_is_verified_by_default_and_served_with_a_trusted_certificat
     assert await whole(response) == b"{}"
     response.release()
     assert exchanges[-1].requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+
+
+def test_the_client_works_on_uvloop_as_gateway_serve_runs_it() -> None:
+    """`gateway serve` runs on uvloop, whose transports are not asyncio's classes: a kept
+    connection carries two exchanges there too."""
+
+    async def exchange_twice() -> tuple[bytes, int]:
+        async with AsyncExitStack() as stack:
+            server = await RawServer(answering(LENGTH_ANSWER, LENGTH_ANSWER)).start(stack)
+            pool = UpstreamPool()
+            stack.push_async_callback(pool.close)
+            bodies = b""
+            for _ in range(2):
+                response = await post(pool, server.url)
+                bodies += await whole(response)
+                response.release()
+            return bodies, len(server.connections)
+
+    assert uvloop.run(exchange_twice()) == (b"{}{}", 1)
