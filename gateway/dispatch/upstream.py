@@ -44,6 +44,7 @@ MAX_SSE_EVENT_BYTES = 1024 * 1024
 SSE_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 STREAM_TAIL_BYTES = 64
 _LINE_END = re.compile(rb"[\r\n]")
+_EVENT_END = re.compile(b"|".join(re.escape(separator) for separator in SSE_EVENT_ENDS))
 # JSON's whitespace, what may surround an answer's object.
 JSON_SPACE = b" \t\r\n"
 _JSON_OPENING = re.compile(rb"[ \t\r\n]*\{")
@@ -201,8 +202,8 @@ def opens_event_stream(opening: bytes) -> bool:
 def first_event(opening: bytes) -> bytes | None:
     """The first event of a stream, without its blank line; None while it is incomplete."""
     text = opening.removeprefix(b"\xef\xbb\xbf").lstrip(b"\r\n")
-    ends = [index for separator in SSE_EVENT_ENDS if (index := text.find(separator)) >= 0]
-    return text[: min(ends)] if ends else None
+    end = _EVENT_END.search(text)  # the earliest separator of any kind
+    return text[: end.start()] if end is not None else None
 
 
 class EventStreamFraming:
@@ -220,6 +221,11 @@ class EventStreamFraming:
 
     def accepts(self, chunk: bytes) -> bool:
         """Note the next chunk; False when it makes one event longer than the limit."""
+        if chunk.endswith(SSE_EVENT_ENDS):  # the usual chunk: whole events, nothing pending
+            self._since_boundary = 0
+            long_enough = len(chunk) >= STREAM_TAIL_BYTES
+            self._tail = chunk[-STREAM_TAIL_BYTES:] if long_enough else self._window(chunk)
+            return True
         window = self._tail + chunk
         ends = [
             index + len(separator)
@@ -232,6 +238,9 @@ class EventStreamFraming:
             self._since_boundary += len(chunk)
         self._tail = window[-STREAM_TAIL_BYTES:]
         return self._since_boundary <= self._max_event_bytes
+
+    def _window(self, chunk: bytes) -> bytes:
+        return (self._tail + chunk)[-STREAM_TAIL_BYTES:]
 
 
 async def read_rest(
