@@ -26,6 +26,7 @@ from gateway.dispatch.key_shares import ShareBook
 from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.permits import KeyLimits, ProviderPermits
 from gateway.dispatch.upstream import create_client_session
+from gateway.dispatch.upstream_pool import UpstreamPool
 from gateway.edge.connections import SERVER_NAME
 from gateway.edge.cors import Cors
 from gateway.edge.endpoints import ENDPOINTS, EndpointSpec
@@ -163,12 +164,14 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def client_session_context(app: web.Application) -> AsyncIterator[None]:
-    """The upstream client session, load poller and learnt state, and the first runtime on them."""
+    """The upstream clients (the proxied requests' pool, the load poller's session), the learnt
+    state, and the first runtime on them."""
     settings = app[SETTINGS]
     catalog = app[CATALOG]
     metrics = app[METRICS]
     session = create_client_session(settings.routing)
     app[CLIENT_SESSION] = session
+    client = UpstreamPool()
     permits = ProviderPermits(catalog.providers)
     poller = LoadPoller(
         session,
@@ -184,7 +187,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         metrics=metrics,
         affinity=app[AFFINITY],
         store=app[STORE],
-        session=session,
+        client=client,
         health=ProviderHealth(
             settings.routing,
             on_withheld=lambda provider: metrics.cooldowns_withheld.labels(provider).inc(),
@@ -225,6 +228,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     await stop_task(refresher)
     await shares.stop()
     await poller.stop()
+    await client.close()
     await session.close()
 
 

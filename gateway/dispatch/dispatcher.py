@@ -19,6 +19,7 @@ from gateway.config import RoutingSettings
 from gateway.dispatch.answer_budget import Reservation
 from gateway.dispatch.blame import RequestBlame
 from gateway.dispatch.health import ProviderHealth
+from gateway.dispatch.http1 import ConnectTimeoutError, UpstreamConnectError, UpstreamError
 from gateway.dispatch.outcomes import Attempt, RetryableAttemptError, exhausted, failed_status
 from gateway.dispatch.permits import ProviderPermits
 from gateway.dispatch.upstream import (
@@ -29,10 +30,10 @@ from gateway.dispatch.upstream import (
     read_opening,
     read_rest,
     redact,
-    request_timeout,
     upstream_headers,
     usable_answer,
 )
+from gateway.dispatch.upstream_pool import UpstreamPool, UpstreamResponse
 from gateway.edge.delivery import ClientStalledError, write_within
 from gateway.edge.errors import GatewayError, sse_error_event
 from gateway.edge.model_names import Renamer
@@ -106,7 +107,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        client: UpstreamPool,
         health: ProviderHealth,
         permits: ProviderPermits,
         routing: RoutingSettings,
@@ -115,7 +116,7 @@ class Dispatcher:
         on_cooldown: Callable[[str], None],
         max_first_event_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
-        self._session = session
+        self._client = client
         self._on_cooldown = on_cooldown
         self._health = health
         self._permits = permits
@@ -204,19 +205,22 @@ class Dispatcher:
         limit = timeouts.first_byte_seconds if job.stream else timeouts.response_seconds
         job.on_attempt(provider)
         attempt_started = time.monotonic()
-        response: aiohttp.ClientResponse | None = None
+        response: UpstreamResponse | None = None
         try:
             async with asyncio.timeout(limit) as deadline:
                 if body is not None and not isinstance(body, bytes):
                     body = _timed_from_upload_end(body, deadline, limit)
-                # Never follow a redirect: an upstream must not steer the gateway elsewhere.
-                response = await self._session.request(
+                # Never a redirect followed (the client follows none): an upstream must not steer
+                # the gateway elsewhere. A stream may be silent at most its first-byte limit
+                # between reads; a non-streamed answer is bounded as a whole by the deadline.
+                response = await self._client.request(
                     job.method,
-                    provider.base_url + job.path,
-                    data=body,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=request_timeout(timeouts, job.stream),
+                    provider.base_url,
+                    job.path,
+                    headers,
+                    body,
+                    connect_timeout=timeouts.connect_seconds,
+                    read_timeout=timeouts.first_byte_seconds if job.stream else None,
                 )
                 failure = await failed_status(response, provider.credential)
                 if failure is not None:
@@ -242,13 +246,13 @@ class Dispatcher:
             close_response(response)
             self._upload_failed(job)
             self._timed_out(record, provider, timeouts, error, blame)
-        except aiohttp.ClientError as error:
+        except UpstreamError as error:
             close_response(response)
             self._upload_failed(job)
             broken = RetryableAttemptError("connect_error" if response is None else "payload_error")
             # Only a connection never made is the provider's alone whatever was sent; one dropped
             # after the request went out may be that request's doing (see `blame`).
-            connected = not isinstance(error, aiohttp.ClientConnectorError)
+            connected = not isinstance(error, UpstreamConnectError)
             self._failed(record, provider, broken, blame, connected=connected)
             raise broken from error
         except BaseException:
@@ -285,7 +289,7 @@ class Dispatcher:
             raise failure
 
     async def _read_whole(
-        self, response: aiohttp.ClientResponse, first_chunk: bytes, record: DispatchRecord
+        self, response: UpstreamResponse, first_chunk: bytes, record: DispatchRecord
     ) -> bytearray:
         """A non-streamed answer, counted in the worker's answer budget while it is held."""
         buffer = record.buffer
@@ -308,7 +312,7 @@ class Dispatcher:
     ) -> NoReturn:
         """A connect timeout fails over; a timeout after the upstream accepted the request fails
         over only with `retry_after_timeout` (it may still be generating), else it is a 504."""
-        if isinstance(error, aiohttp.ConnectionTimeoutError):
+        if isinstance(error, ConnectTimeoutError):
             unreachable = RetryableAttemptError("connect_timeout")
             self._failed(record, provider, unreachable, blame)
             raise unreachable from None
@@ -327,7 +331,7 @@ class Dispatcher:
         self,
         job: DispatchRequest,
         provider: Provider,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
         body: bytearray,
         record: DispatchRecord,
     ) -> web.Response:
@@ -346,7 +350,7 @@ class Dispatcher:
         )
 
     def _headers(
-        self, job: DispatchRequest, provider: Provider, response: aiohttp.ClientResponse
+        self, job: DispatchRequest, provider: Provider, response: UpstreamResponse
     ) -> CIMultiDict[str]:
         headers = downstream_headers(response.headers, provider.credential)
         headers.update(job.response_headers(provider))
@@ -360,7 +364,7 @@ class Dispatcher:
         request: web.Request,
         job: DispatchRequest,
         provider: Provider,
-        response: aiohttp.ClientResponse,
+        response: UpstreamResponse,
         first_chunk: bytes,
         record: DispatchRecord,
         blame: RequestBlame,
@@ -390,7 +394,7 @@ class Dispatcher:
                 await write_within(request, downstream, chunk, self._write_timeout)
                 record.bytes_sent += len(chunk)
                 last = chunk or last
-                chunk = await response.content.readany()
+                chunk = await response.read()
             if renamer is not None and (held := renamer.flush()):
                 await write_within(request, downstream, held, self._write_timeout)
                 record.bytes_sent += len(held)
@@ -404,7 +408,7 @@ class Dispatcher:
             record.client_disconnected = True
             record.attempts.append(Attempt(provider.name, "client_disconnected", response.status))
             return downstream
-        except (aiohttp.ClientError, TimeoutError):
+        except (UpstreamError, TimeoutError):
             return await self._end_broken_stream(
                 downstream, provider, record, last, "dropped_mid_stream", blame=blame
             )

@@ -8,11 +8,15 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING
 
-import aiohttp
 import orjson
 
+from gateway.dispatch.http1 import UpstreamError
 from gateway.edge.errors import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.dispatch.upstream_pool import UpstreamResponse
 
 RETRYABLE_STATUSES = frozenset({408, 429})
 # A provider's own credential refused: its misconfiguration, never the client's key.
@@ -55,7 +59,7 @@ class Attempt:
 
 
 async def failed_status(
-    response: aiohttp.ClientResponse, secret: str | None = None
+    response: UpstreamResponse, secret: str | None = None
 ) -> RetryableAttemptError | None:
     """The failure for statuses the next provider may do better with (5xx, 408, 429, 401/403
     and redirects), with the upstream's message (`secret` redacted) and Retry-After; None for
@@ -82,12 +86,12 @@ def _redacted(message: str | None, secret: str | None) -> str | None:
     return message.replace(secret, "[redacted]")
 
 
-async def _bounded_body(response: aiohttp.ClientResponse) -> bytes:
+async def _bounded_body(response: UpstreamResponse) -> bytes:
     body = b""
     try:
-        while len(body) < ERROR_BODY_BYTES and (chunk := await response.content.readany()):
+        while len(body) < ERROR_BODY_BYTES and (chunk := await response.read()):
             body += chunk
-    except aiohttp.ClientError:
+    except UpstreamError:
         pass
     return body[:ERROR_BODY_BYTES]
 

@@ -1,4 +1,4 @@
-"""The upstream side: one client session per worker, header hygiene, what answers must look like."""
+"""The upstream side: the worker's clients, header hygiene, what answers must look like."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.catalog import Provider, Timeouts
+from gateway.catalog import Provider
 from gateway.config import RoutingSettings
+from gateway.dispatch.http1 import UpstreamError
 from gateway.dispatch.outcomes import RetryableAttemptError
+from gateway.dispatch.upstream_pool import UpstreamResponse
 
 # Client headers that go upstream: what an OpenAI-compatible server reads, nothing else. The
 # gateway sets `Authorization` (the provider's own credential), `x-request-id` and
@@ -42,6 +44,7 @@ MAX_SSE_EVENT_BYTES = 1024 * 1024
 SSE_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 STREAM_TAIL_BYTES = 64
 _LINE_END = re.compile(rb"[\r\n]")
+_EVENT_END = re.compile(b"|".join(re.escape(separator) for separator in SSE_EVENT_ENDS))
 # JSON's whitespace, what may surround an answer's object.
 JSON_SPACE = b" \t\r\n"
 _JSON_OPENING = re.compile(rb"[ \t\r\n]*\{")
@@ -50,8 +53,8 @@ JSON_TAIL_BYTES = 64
 
 
 def create_client_session(routing: RoutingSettings) -> aiohttp.ClientSession:
-    """The worker's one client session: pooled keep-alive connections; each request sets its
-    model's timeouts (see `request_timeout`)."""
+    """The worker's aiohttp session for everything but proxied requests (the load poller):
+    pooled keep-alive connections. Proxied requests go over `UpstreamPool`."""
     connector = aiohttp.TCPConnector(
         limit=0,  # per-provider permits bound concurrency; the pool must not queue behind them
         limit_per_host=0,
@@ -71,18 +74,18 @@ def create_client_session(routing: RoutingSettings) -> aiohttp.ClientSession:
 
 def upstream_headers(
     incoming: Mapping[str, str], provider: Provider, request_id: str, drop: frozenset[str]
-) -> CIMultiDict[str]:
+) -> list[tuple[str, str]]:
     """Headers for the upstream request: the client's that pass `UPSTREAM_ALLOWED` (less
     `drop`), the request id, and the provider's credential."""
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        lowered = name.lower()
-        if lowered in UPSTREAM_ALLOWED and lowered not in drop:
-            headers.add(name, value)
-    headers["x-request-id"] = request_id
-    headers["Accept-Encoding"] = "identity"
+    headers = [
+        (name, value)
+        for name, value in incoming.items()
+        if (lowered := name.lower()) in UPSTREAM_ALLOWED and lowered not in drop
+    ]
+    headers.append(("x-request-id", request_id))
+    headers.append(("Accept-Encoding", "identity"))
     if provider.credential:
-        headers["Authorization"] = f"Bearer {provider.credential}"
+        headers.append(("Authorization", f"Bearer {provider.credential}"))
     return headers
 
 
@@ -93,16 +96,6 @@ def redact(data: bytes, secret: str | None) -> bytes:
     for form in {secret, orjson.dumps(secret).decode()[1:-1]}:
         data = data.replace(form.encode(), REDACTED.encode())
     return data
-
-
-def request_timeout(timeouts: Timeouts, stream: bool) -> aiohttp.ClientTimeout:
-    """aiohttp's limits for one upstream request: connect, and for a stream the silence allowed
-    between reads (a non-streamed answer is bounded as a whole by the caller)."""
-    return aiohttp.ClientTimeout(
-        total=None,
-        sock_connect=timeouts.connect_seconds,
-        sock_read=timeouts.first_byte_seconds if stream else None,
-    )
 
 
 def downstream_headers(upstream: CIMultiDictProxy[str], secret: str | None) -> CIMultiDict[str]:
@@ -119,21 +112,21 @@ def downstream_headers(upstream: CIMultiDictProxy[str], secret: str | None) -> C
     return headers
 
 
-def is_success(response: aiohttp.ClientResponse) -> bool:
+def is_success(response: UpstreamResponse) -> bool:
     """Whether the upstream answered 2xx."""
     return 200 <= response.status < 300
 
 
-async def read_opening(response: aiohttp.ClientResponse, stream: bool, limit: int) -> bytes:
+async def read_opening(response: UpstreamResponse, stream: bool, limit: int) -> bytes:
     """The first bytes of an answer: one read, or for a 2xx stream its whole first event, over
     as many reads as it takes, up to `limit` bytes."""
-    opening = await response.content.readany()
+    opening = await response.read()
     if not (stream and is_success(response)) or first_event(opening) is not None:
         return opening
     buffer = bytearray(opening)
     try:
         while len(buffer) < limit:
-            more = await response.content.readany()
+            more = await response.read()
             if not more:
                 break
             # Only a separator in the new bytes (or across the boundary) can end the first event.
@@ -149,7 +142,7 @@ async def read_opening(response: aiohttp.ClientResponse, stream: bool, limit: in
 
 
 def usable_answer(
-    response: aiohttp.ClientResponse, stream: bool, opening: bytes, whole: bytearray | None
+    response: UpstreamResponse, stream: bool, opening: bytes, whole: bytearray | None
 ) -> bool:
     """Whether an answer can go to the client: a 2xx must be what the request asked for, an
     SSE stream or a JSON object; other answers (4xx) pass through as the upstream sent them."""
@@ -209,8 +202,8 @@ def opens_event_stream(opening: bytes) -> bool:
 def first_event(opening: bytes) -> bytes | None:
     """The first event of a stream, without its blank line; None while it is incomplete."""
     text = opening.removeprefix(b"\xef\xbb\xbf").lstrip(b"\r\n")
-    ends = [index for separator in SSE_EVENT_ENDS if (index := text.find(separator)) >= 0]
-    return text[: min(ends)] if ends else None
+    end = _EVENT_END.search(text)  # the earliest separator of any kind
+    return text[: end.start()] if end is not None else None
 
 
 class EventStreamFraming:
@@ -228,6 +221,11 @@ class EventStreamFraming:
 
     def accepts(self, chunk: bytes) -> bool:
         """Note the next chunk; False when it makes one event longer than the limit."""
+        if chunk.endswith(SSE_EVENT_ENDS):  # the usual chunk: whole events, nothing pending
+            self._since_boundary = 0
+            long_enough = len(chunk) >= STREAM_TAIL_BYTES
+            self._tail = chunk[-STREAM_TAIL_BYTES:] if long_enough else self._window(chunk)
+            return True
         window = self._tail + chunk
         ends = [
             index + len(separator)
@@ -241,9 +239,12 @@ class EventStreamFraming:
         self._tail = window[-STREAM_TAIL_BYTES:]
         return self._since_boundary <= self._max_event_bytes
 
+    def _window(self, chunk: bytes) -> bytes:
+        return (self._tail + chunk)[-STREAM_TAIL_BYTES:]
+
 
 async def read_rest(
-    response: aiohttp.ClientResponse,
+    response: UpstreamResponse,
     first_chunk: bytes,
     limit: int,
     take: Callable[[int], Awaitable[None]] | None = None,
@@ -261,9 +262,9 @@ async def read_rest(
             if take is not None:
                 await take(len(chunk))
             answer += chunk
-            if len(answer) > limit or not (chunk := await response.content.readany()):
+            if len(answer) > limit or not (chunk := await response.read()):
                 break
-    except aiohttp.ClientError:
+    except UpstreamError:
         failure = RetryableAttemptError("payload_error", status=response.status)
     except BaseException:
         # Cut off by the caller's deadline (or a cancellation): the exception's traceback keeps
@@ -280,12 +281,12 @@ async def read_rest(
     return answer
 
 
-def close_response(response: aiohttp.ClientResponse | None) -> None:
+def close_response(response: UpstreamResponse | None) -> None:
     """Let go of an upstream answer: an unfinished body drops the connection (so an upstream
     still generating sees the cancellation at once); a finished one returns to the pool."""
     if response is None:
         return
-    if response.content.is_eof():
+    if response.at_eof:
         response.release()
     else:
         response.close()

@@ -17,6 +17,8 @@ from aiohttp import web
 
 # More than an answer's head (status line and headers) takes.
 HEAD_ALLOWANCE_BYTES = 16 * 1024
+# A chunk's size line and its CRLF, at most.
+CHUNK_FRAMING_BYTES = 32
 # SO_LINGER on with a zero timeout: close sends a reset and drops unsent data.
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
@@ -29,6 +31,11 @@ async def write_within(
     request: web.BaseRequest, response: web.StreamResponse, data: bytes, deadline: float
 ) -> None:
     """Write `data` to a started response, or drop the client and raise `ClientStalledError`."""
+    if _fits(request, len(data)):
+        # The transport takes it without pausing, so the write cannot wait on the client: no
+        # deadline to arm (a stream's chunks mostly take this path).
+        await response.write(data)
+        return
     try:
         async with asyncio.timeout(deadline):
             await response.write(data)
@@ -62,14 +69,20 @@ def _cannot_wait(request: web.BaseRequest, response: web.StreamResponse) -> bool
     """Whether sending a whole answer cannot wait on the client, so needs no deadline: writing
     is not paused and the answer (with room for its head) fits in the transport's buffer below
     the mark where it would pause; the transport then takes it all at once."""
-    transport = request.transport
     body = response.body if isinstance(response, web.Response) else None
-    if transport is None or request.protocol.writing_paused:
-        return False
     if not isinstance(body, bytes | bytearray):
         return False
+    return _fits(request, len(body) + HEAD_ALLOWANCE_BYTES)
+
+
+def _fits(request: web.BaseRequest, size: int) -> bool:
+    """Whether `size` more bytes go into the client's transport without pausing it: writing is
+    not paused and they fit below the mark where it would pause."""
+    transport = request.transport
+    if transport is None or request.protocol.writing_paused:
+        return False
     _, high = transport.get_write_buffer_limits()
-    return transport.get_write_buffer_size() + len(body) + HEAD_ALLOWANCE_BYTES < high
+    return transport.get_write_buffer_size() + size + CHUNK_FRAMING_BYTES < high
 
 
 def drop_client(request: web.BaseRequest) -> None:

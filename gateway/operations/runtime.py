@@ -14,8 +14,6 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from affinity_store.store import AffinityStore
 from gateway.catalog import Catalog
 from gateway.config import Settings
@@ -24,6 +22,7 @@ from gateway.dispatch.dispatcher import Dispatcher
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.permits import KeyLimits, ProviderPermits, per_key_limit
+from gateway.dispatch.upstream_pool import UpstreamPool
 from gateway.edge.overload import LoadShedder
 from gateway.edge.proxy import RECENT_DECISIONS, Proxy
 from gateway.edge.responses import ResponseBindings
@@ -45,7 +44,7 @@ class ProcessState:
     metrics: Metrics
     affinity: SharedAffinity
     store: AffinityStore
-    session: aiohttp.ClientSession
+    client: UpstreamPool  # proxied requests' connections
     health: ProviderHealth
     permits: ProviderPermits
     poller: LoadPoller
@@ -125,7 +124,7 @@ def build_runtime(
         memory=state.memory,
     )
     dispatcher = Dispatcher(
-        state.session,
+        state.client,
         state.health,
         state.permits,
         routing,
