@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import statistics
 import sys
 import time
 from collections import deque
@@ -256,12 +257,19 @@ async def open_loop(options: argparse.Namespace) -> dict[str, Any]:
 
 
 async def closed_loop(options: argparse.Namespace) -> dict[str, Any]:
-    """`concurrency` connections, each sending its next request when the last answer arrived."""
+    """`concurrency` connections, each sending its next request when the last answer arrived.
+
+    Requests sent in the first `warmup` seconds (connections opening, the target's first burst)
+    are not counted. Besides the run's percentiles, the p99 of each whole second and their
+    median, the *steady* p99: one slow second does not make it, as it makes the run's p99.
+    """
     loop = asyncio.get_running_loop()
     request = build_request(options)
-    latencies: list[float] = []
+    samples: list[tuple[float, float]] = []  # (sent, latency)
     counts = {"ok": 0, "errors": 0}
-    stop_at = time.perf_counter() + options.duration
+    started = time.perf_counter()
+    counted_from = started + options.warmup
+    stop_at = counted_from + options.duration
 
     async def worker() -> None:
         connection = Connection(lambda _connection: None)
@@ -270,23 +278,35 @@ async def closed_loop(options: argparse.Namespace) -> dict[str, Any]:
             answered: asyncio.Future[bool] = loop.create_future()
             sent = time.perf_counter()
             connection.send(request, answered.set_result)
-            if await answered:
+            ok = await answered
+            if sent < counted_from:
+                continue
+            if ok:
                 counts["ok"] += 1
-                latencies.append(time.perf_counter() - sent)
+                samples.append((sent, time.perf_counter() - sent))
             else:
                 counts["errors"] += 1
         connection.close()
 
-    started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(options.concurrency)))
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - counted_from
+    by_second: dict[int, list[float]] = {}
+    for sent, latency in samples:
+        by_second.setdefault(int(sent - counted_from), []).append(latency)
+    per_second = [
+        p99
+        for second in sorted(by_second)
+        if (p99 := percentiles(by_second[second])["p99_ms"]) is not None
+    ]
     return {
         "mode": "closed",
         "concurrency": options.concurrency,
         "seconds": round(seconds, 3),
         **counts,
         "requests_per_second": round(counts["ok"] / seconds, 1),
-        **percentiles(latencies),
+        **percentiles([latency for _, latency in samples]),
+        "p99_per_second_ms": per_second,
+        "steady_p99_ms": statistics.median(per_second) if per_second else None,
     }
 
 
@@ -303,6 +323,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=1000.0, help="open loop: requests/s")
     parser.add_argument("--concurrency", type=int, default=32, help="closed loop: connections")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of sending")
+    parser.add_argument(
+        "--warmup", type=float, default=0.0, help="closed loop: seconds sent but not counted"
+    )
     options = parser.parse_args()
     runner = open_loop if options.mode == "open" else closed_loop
     print(json.dumps(uvloop.run(runner(options))), flush=True)

@@ -7,8 +7,10 @@ Each target runs alone on core 0 (`taskset`); the shared fast upstream and the l
 run on core 1. Closed loop: wrk with `bench/throughput_chat.lua` at each concurrency (the
 bench's own closed-loop generator when wrk is not installed). Open loop: `bench.load_generator`,
 which measures from each request's intended send time, stepping the rate up until p99 passes
-50 ms. Non-streaming and streaming; scenarios interleave the targets and repeat. CPU per request
-is the target's CPU time (`/proc/<pid>/stat`) over the requests it answered. Writes
+50 ms. Steady p99: at the highest concurrency, the bench's own closed loop after a second of
+warm-up, the median of each second's p99 (wrk's p99 of a whole run is set by the burst of its
+connections opening). Non-streaming and streaming; scenarios interleave the targets and repeat.
+CPU per request is the target's CPU time (`/proc/<pid>/stat`) over the requests it answered. Writes
 `docs/benchmarks/throughput.json` and `throughput.png` (rate vs p99 per target) and prints the
 ratios. LiteLLM is installed by the bench into its own virtual environment under
 `~/.cache/affinity-gateway/bench` (pinned version); when that fails (offline), it says so and the
@@ -60,6 +62,8 @@ OPEN_START_FRACTION = 1 / 3
 MAX_STEPS_DOWN = 4
 SETTLE_SECONDS = 15.0
 IDLE_SHARE = 0.1
+# Seconds of the steady run that are sent but not counted: connections opening, the first burst.
+STEADY_WARMUP_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,12 @@ def closed_loop(target: Target, concurrency: int, stream: bool, plan: Plan) -> d
         }
     result = _generator(target, stream, ["closed", "--concurrency", str(concurrency)], plan)
     return {"generator": "python", **result}
+
+
+def steady_loop(target: Target, concurrency: int, stream: bool, plan: Plan) -> dict[str, Any]:
+    """A closed-loop run after a warm-up, for the median of its per-second p99s."""
+    extra = ["closed", "--concurrency", str(concurrency), "--warmup", str(STEADY_WARMUP_SECONDS)]
+    return {"generator": "python", **_generator(target, stream, extra, plan)}
 
 
 def open_loop(target: Target, rate: float, stream: bool, plan: Plan) -> dict[str, Any]:
@@ -214,6 +224,13 @@ def execute(plan: Plan, running: dict[str, Target]) -> list[dict[str, Any]]:
                     )
                     best[name] = max(best.get(name, 0.0), result["requests_per_second"])
                     _progress(rows[-1])
+            steady = max(plan.concurrencies)
+            for name, target in running.items() if plan.closed else ():
+                result = measured(target, partial(steady_loop, target, steady, stream, plan))
+                rows.append(
+                    {**base, "target": name, "kind": "steady", "concurrency": steady} | result
+                )
+                _progress(rows[-1])
             for name, target in running.items() if plan.open else ():
                 floor = best.get(name, 0.0) * OPEN_START_FRACTION
                 for result in open_steps(target, stream, plan, floor):
@@ -263,12 +280,15 @@ def settle(target: Target) -> float:
 
 
 def _progress(row: dict[str, Any]) -> None:
-    load = f"c={row['concurrency']}" if row["kind"] == "closed" else f"rate={row['rate']:g}"
+    load = f"rate={row['rate']:g}" if row["kind"] == "open" else f"c={row['concurrency']}"
     rate = row.get("requests_per_second", row.get("achieved_rate"))
+    p99 = (
+        f"steady p99 {row['steady_p99_ms']}" if row["kind"] == "steady" else f"p99 {row['p99_ms']}"
+    )
     print(
         f"  rep {row['repetition']} {'stream' if row['streaming'] else 'plain '} "
         f"{row['target']:<8} {row['kind']:<6} {load:<12} {rate:>9} req/s  "
-        f"p99 {row['p99_ms']} ms  cpu/req {row['cpu_us_per_request']} us",
+        f"{p99} ms  cpu/req {row['cpu_us_per_request']} us",
         flush=True,
     )
 

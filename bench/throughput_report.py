@@ -46,10 +46,26 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "runs": len(runs),
                 "errors": sum(run["errors"] for run in runs),
             }
-        summary.setdefault(mode, {})[target] = {"closed": closed, "open": _open(group)}
+        summary.setdefault(mode, {})[target] = {
+            "closed": closed,
+            "steady": _steady(group),
+            "open": _open(group),
+        }
     for targets in summary.values():
         targets["ratios"] = _ratios(targets)
     return summary
+
+
+def _steady(group: list[dict[str, Any]]) -> dict[str, Any]:
+    runs = [row for row in group if row["kind"] == "steady"]
+    if not runs:
+        return {}
+    return {
+        "concurrency": runs[0]["concurrency"],
+        "p99_ms": _median([run["steady_p99_ms"] for run in runs]),
+        "requests_per_second": _median([run["requests_per_second"] for run in runs]),
+        "runs": len(runs),
+    }
 
 
 def _open(group: list[dict[str, Any]]) -> dict[str, Any]:
@@ -116,6 +132,10 @@ def _ratios(targets: dict[str, Any]) -> dict[str, Any]:
                 row["cpu_us_per_request"], other["cpu_us_per_request"]
             )
             entry[f"p99_c{concurrency}"] = _ratio(row["p99_ms"], other["p99_ms"])
+        if upper["steady"] and lower["steady"]:
+            entry[f"steady_p99_c{upper['steady']['concurrency']}"] = _ratio(
+                upper["steady"]["p99_ms"], lower["steady"]["p99_ms"]
+            )
         if upper["open"] and lower["open"]:
             entry["open_loop_capacity"] = _ratio(
                 upper["open"]["capacity"], lower["open"]["capacity"]
@@ -132,7 +152,7 @@ def print_report(document: dict[str, Any]) -> None:
         print(f"\n{mode.replace('_', '-')}: medians of {document['plan']['repetitions']} runs")
         header = "".join(f"{'req/s c=' + str(c):>14}" for c in concurrencies)
         header += "".join(f"{'cpu/req c=' + str(c):>15}" for c in concurrencies)
-        print(f"{'target':<9}{header}{'p99 ms c=max':>14}{'open p99<50':>13}")
+        print(f"{'target':<9}{header}{'p99 ms c=max':>14}{'steady p99':>12}{'open p99<50':>13}")
         for name in names:
             closed, opened = targets[name]["closed"], targets[name]["open"]
             cells = "".join(
@@ -145,7 +165,11 @@ def print_report(document: dict[str, Any]) -> None:
             )
             top = closed.get(str(concurrencies[-1]), {}) if concurrencies else {}
             capacity = opened.get("capacity") if opened else None
-            print(f"{name:<9}{cells}{_show(top.get('p99_ms')):>14}{_show(capacity, '/s'):>13}")
+            steady = targets[name]["steady"].get("p99_ms")
+            print(
+                f"{name:<9}{cells}{_show(top.get('p99_ms')):>14}{_show(steady):>12}"
+                f"{_show(capacity, '/s'):>13}"
+            )
         for pair, entry in targets["ratios"].items():
             shown = ", ".join(f"{key} {value}" for key, value in entry.items() if value is not None)
             print(f"  {pair.replace('_', ' ')}: {shown}")

@@ -41,14 +41,14 @@ def bench(output: Path, *flags: str) -> tuple[subprocess.CompletedProcess[str], 
 
 
 def test_quick_run_measures_each_target_and_writes_json_and_plot(tmp_path: Path) -> None:
-    """--quick drives direct, bare and gateway closed and open loop, all answered, and writes
-    the JSON, the PNG and the gateway/bare ratios."""
+    """--quick drives direct, bare and gateway closed loop, steady and open loop, all answered,
+    and writes the JSON, the PNG and the gateway/bare ratios."""
     completed, document = bench(tmp_path, "--quick")
     assert document["targets_run"] == ["direct", "bare", "gateway"]
     runs = document["runs"]
     for target in ("direct", "bare", "gateway"):
         kinds = {row["kind"] for row in runs if row["target"] == target}
-        assert kinds == {"closed", "open"}, target
+        assert kinds == {"closed", "steady", "open"}, target
     for row in runs:
         assert row["ok"] > 0, row
         assert row["errors"] == 0, row
@@ -56,6 +56,9 @@ def test_quick_run_measures_each_target_and_writes_json_and_plot(tmp_path: Path)
     assert all(row.get("unfinished", 0) == 0 for row in runs)
     ratios = document["summary"]["non_streaming"]["ratios"]["gateway_over_bare"]
     assert ratios["requests_per_second_c8"] is not None
+    assert ratios["steady_p99_c32"] is not None
+    steady = [row for row in runs if row["kind"] == "steady"]
+    assert all(row["concurrency"] == 32 and row["p99_per_second_ms"] for row in steady)
     assert "gateway over bare" in completed.stdout
     assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -71,7 +74,8 @@ def test_streamed_run_with_the_bench_generator_instead_of_wrk(tmp_path: Path) ->
     assert document["plan"]["closed_loop_generator"] == "python"
     runs = document["runs"]
     assert {(row["target"], row["kind"]) for row in runs} == {
-        ("bare", "closed"), ("bare", "open"), ("gateway", "closed"), ("gateway", "open"),
+        ("bare", "closed"), ("bare", "steady"), ("bare", "open"),
+        ("gateway", "closed"), ("gateway", "steady"), ("gateway", "open"),
     }  # fmt: skip
     for row in runs:
         assert row["streaming"] is True
