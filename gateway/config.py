@@ -90,6 +90,18 @@ class ServerSettings(Section):
             return None
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_lag_target(cls, data: Any) -> Any:
+        """The event-loop lag target of earlier builds is named, not just refused as unknown."""
+        if isinstance(data, dict) and "load_shedding_target_lag_ms" in data:
+            raise ValueError(
+                "`load_shedding_target_lag_ms` is replaced by `load_shedding_target_delay_ms`: "
+                "the target is now how long a request may queue behind the worker's own work "
+                "(milliseconds of its CPU time), not how late its event loop runs"
+            )
+        return data
+
 
 class DatabaseSettings(Section):
     """Where the shared affinity store lives; no URL means the embedded single-machine Postgres.

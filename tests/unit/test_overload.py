@@ -3,6 +3,9 @@ clock."""
 
 from __future__ import annotations
 
+import pytest
+from pydantic import ValidationError
+
 from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.dispatch.permits import KeyLimits
@@ -188,3 +191,11 @@ def test_below_mean_compares_a_keys_requests_in_flight_with_the_mean_of_active_k
     limits.release(light)
     limits.release(light)  # one release too many changes nothing
     assert not limits.below_mean(heavy)
+
+
+def test_the_old_lag_target_setting_is_named_as_replaced() -> None:
+    """A config with the lag target of earlier builds gets an error naming its replacement."""
+    config = settings_dict({"a": "http://127.0.0.1:1"})
+    config["server"] = {"load_shedding_target_lag_ms": 10}
+    with pytest.raises(ValidationError, match="replaced by `load_shedding_target_delay_ms`"):
+        Settings.model_validate(config)
