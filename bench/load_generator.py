@@ -6,7 +6,10 @@ request, so the generator costs far less per request than the proxies it drives.
 request has an intended send time on a fixed schedule; it goes out then on an idle connection (a
 new one when none is idle), and its latency runs from that intended time to the last byte of the
 answer, so a stalled server is charged for every request it delayed (no coordinated omission).
-Prints one JSON line with the counts and percentiles.
+Only 200s count as `ok` and make the latency percentiles; every other answer or failure is an
+error, and 503s (a server shedding load) are also counted as `shed` with percentiles of their own,
+timed the same way, so how promptly a refusal arrives is measured too. Prints one JSON line with
+the counts and percentiles.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any, cast
 
 import uvloop
@@ -35,7 +39,7 @@ class Connection(asyncio.Protocol):
         """Idle until `send`; `lost` is told when the server closes."""
         self._lost = lost
         self._transport: asyncio.Transport | None = None
-        self._done: Callable[[bool], None] | None = None
+        self._done: Callable[[int], None] | None = None
         self._buffer = bytearray()
         self._status = 0
         self._length: int | None = None  # body length, or None for chunked
@@ -49,7 +53,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Fail the request in flight, if any, and leave the pool."""
         self._transport = None
-        self._finish(ok=False)
+        self._finish(0)
         self._lost(self)
 
     @property
@@ -57,8 +61,9 @@ class Connection(asyncio.Protocol):
         """Whether requests can still go out on this connection."""
         return self._transport is not None and not self._transport.is_closing()
 
-    def send(self, request: bytes, done: Callable[[bool], None]) -> None:
-        """Write one request; `done(ok)` is called when its answer has fully arrived."""
+    def send(self, request: bytes, done: Callable[[int], None]) -> None:
+        """Write one request; `done(status)` is called when its answer has fully arrived (0:
+        the connection was lost first)."""
         assert self._transport is not None
         self._done = done
         self._buffer.clear()
@@ -83,7 +88,7 @@ class Connection(asyncio.Protocol):
             self._position = end + 4
         if self._length is not None:
             if len(self._buffer) - self._position >= self._length:
-                self._finish(ok=self._status == 200)
+                self._finish(self._status)
             return
         while True:  # chunked: walk the chunk headers as far as the buffer goes
             line_end = self._buffer.find(b"\r\n", self._position)
@@ -92,17 +97,17 @@ class Connection(asyncio.Protocol):
             size = int(bytes(self._buffer[self._position : line_end]).split(b";")[0], 16)
             if size == 0:
                 if len(self._buffer) >= line_end + 4:
-                    self._finish(ok=self._status == 200)
+                    self._finish(self._status)
                 return
             following = line_end + 2 + size + 2
             if len(self._buffer) < following:
                 return
             self._position = following
 
-    def _finish(self, *, ok: bool) -> None:
+    def _finish(self, status: int) -> None:
         done, self._done = self._done, None
         if done is not None:
-            done(ok)
+            done(status)
 
     def close(self) -> None:
         """Close the connection."""
@@ -118,10 +123,12 @@ class Pool:
         self._host, self._port = host, port
         self._idle: list[Connection] = []
         self._all: set[Connection] = set()
-        self._waiting: deque[tuple[bytes, Callable[[bool], None]]] = deque()
+        self._waiting: deque[tuple[bytes, Callable[[int], None]]] = deque()
         self.connect_failures = 0
+        self.opened = 0  # connections opened (or tried)
+        self.connect_seconds: list[float] = []  # how long each successful connect took
 
-    def submit(self, request: bytes, done: Callable[[bool], None]) -> None:
+    def submit(self, request: bytes, done: Callable[[int], None]) -> None:
         """Send on an idle connection, a new one, or queue when at the ceiling."""
         while self._idle:
             connection = self._idle.pop()
@@ -133,22 +140,25 @@ class Pool:
             return
         asyncio.get_running_loop().create_task(self._open_and_send(request, done))
 
-    async def _open_and_send(self, request: bytes, done: Callable[[bool], None]) -> None:
+    async def _open_and_send(self, request: bytes, done: Callable[[int], None]) -> None:
         loop = asyncio.get_running_loop()
         connection = Connection(self._lost)
         self._all.add(connection)
+        self.opened += 1
+        started = time.perf_counter()
         try:
             await loop.create_connection(lambda: connection, self._host, self._port)
+            self.connect_seconds.append(time.perf_counter() - started)
         except OSError:
             self._all.discard(connection)
             self.connect_failures += 1
-            done(False)
+            done(0)
             return
         self._send(connection, request, done)
 
-    def _send(self, connection: Connection, request: bytes, done: Callable[[bool], None]) -> None:
-        def finished(ok: bool) -> None:
-            done(ok)
+    def _send(self, connection: Connection, request: bytes, done: Callable[[int], None]) -> None:
+        def finished(status: int) -> None:
+            done(status)
             if connection.open:
                 if self._waiting:
                     self._send(connection, *self._waiting.popleft())
@@ -202,23 +212,37 @@ async def open_loop(options: argparse.Namespace) -> dict[str, Any]:
     """Send at the intended times for the duration; latency from each intended time."""
     pool, request = Pool(options.host, options.port), build_request(options)
     latencies: list[float] = []
+    shed_latencies: list[float] = []
+    # Per step of intended send time: answers that were 200, 503, or other; slowest 200.
+    step = options.timeline_step
+    seconds: list[list[float]] = [[0, 0, 0, 0.0] for _ in range(int(options.duration / step) + 1)]
     lags: list[float] = []
-    counts = {"sent": 0, "ok": 0, "errors": 0}
+    counts = {"sent": 0, "ok": 0, "errors": 0, "shed": 0}
     outstanding: dict[int, float] = {}
     drained = asyncio.Event()
     total = int(options.rate * options.duration)
     start = time.perf_counter() + 0.01
 
-    def finisher(index: int, intended: float) -> Callable[[bool], None]:
-        def done(ok: bool) -> None:
+    def finisher(index: int, intended: float) -> Callable[[int], None]:
+        def done(status: int) -> None:
             outstanding.pop(index, None)
             if not outstanding and counts["sent"] == total:
                 drained.set()
-            if ok:
+            latency = time.perf_counter() - intended
+            second = seconds[min(len(seconds) - 1, int((intended - start) / step))]
+            if status == HTTPStatus.OK:
                 counts["ok"] += 1
-                latencies.append(time.perf_counter() - intended)
+                latencies.append(latency)
+                second[0] += 1
+                second[3] = max(second[3], latency)
+                return
+            counts["errors"] += 1
+            if status == HTTPStatus.SERVICE_UNAVAILABLE:
+                counts["shed"] += 1
+                shed_latencies.append(latency)
+                second[1] += 1
             else:
-                counts["errors"] += 1
+                second[2] += 1
 
         return done
 
@@ -250,9 +274,28 @@ async def open_loop(options: argparse.Namespace) -> dict[str, Any]:
         **counts,
         "unfinished": len(outstanding),
         "connect_failures": pool.connect_failures,
+        "connections": pool.opened,
+        **{f"connect_{name}": value for name, value in percentiles(pool.connect_seconds).items()},
         "achieved_rate": round(counts["ok"] / sent_seconds, 1),
         **percentiles(latencies),
+        **{f"shed_{name}": value for name, value in percentiles(shed_latencies).items()},
         "send_lag_p99_ms": percentiles(lags)["p99_ms"],
+        "generator_cpu_seconds": round(time.process_time(), 3),
+        **(
+            {
+                "timeline": [
+                    {
+                        "ok": int(ok),
+                        "shed": int(shed),
+                        "other": int(other),
+                        "max_ms": round(slowest * 1000, 1),
+                    }
+                    for ok, shed, other, slowest in seconds
+                ]
+            }
+            if options.timeline
+            else {}
+        ),
     }
 
 
@@ -275,13 +318,13 @@ async def closed_loop(options: argparse.Namespace) -> dict[str, Any]:
         connection = Connection(lambda _connection: None)
         await loop.create_connection(lambda: connection, options.host, options.port)
         while time.perf_counter() < stop_at and connection.open:
-            answered: asyncio.Future[bool] = loop.create_future()
+            answered: asyncio.Future[int] = loop.create_future()
             sent = time.perf_counter()
             connection.send(request, answered.set_result)
-            ok = await answered
+            status = await answered
             if sent < counted_from:
                 continue
-            if ok:
+            if status == HTTPStatus.OK:
                 counts["ok"] += 1
                 samples.append((sent, time.perf_counter() - sent))
             else:
@@ -326,6 +369,10 @@ def main() -> int:
     parser.add_argument(
         "--warmup", type=float, default=0.0, help="closed loop: seconds sent but not counted"
     )
+    parser.add_argument(
+        "--timeline", action="store_true", help="open loop: also counts per step of sending"
+    )
+    parser.add_argument("--timeline-step", type=float, default=1.0, help="seconds per step")
     options = parser.parse_args()
     runner = open_loop if options.mode == "open" else closed_loop
     print(json.dumps(uvloop.run(runner(options))), flush=True)

@@ -32,7 +32,7 @@ from gateway.edge.cors import Cors
 from gateway.edge.endpoints import ENDPOINTS, EndpointSpec
 from gateway.edge.errors import GatewayError, error_body, error_response
 from gateway.edge.openapi import OpenApiEndpoint
-from gateway.edge.overload import LagProbe, LoadShedder, SheddingPolicy
+from gateway.edge.overload import LoadShedder, OverloadGate, SheddingPolicy
 from gateway.edge.requestid import REQUEST_IDS, RequestIds, request_id_of
 from gateway.operations import admin
 from gateway.operations.metrics import Metrics, exposition
@@ -56,6 +56,8 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 STORE = web.AppKey("store", AffinityStore)
 AFFINITY = web.AppKey("affinity", SharedAffinity)
 LOAD = web.AppKey("load", LoadPoller)
+# Where each request meets the load shedder, before the app (see `gateway.edge.overload`).
+OVERLOAD_GATE = web.AppKey("overload_gate", OverloadGate)
 SHARES = web.AppKey("shares", ClusterShares)
 METRICS_DIRECTORY = web.AppKey("metrics_directory", str)
 GAUGE_REFRESH_SECONDS = 1.0
@@ -203,6 +205,11 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     )
     holder = RuntimeHolder(build_runtime(settings, state))
     app[RUNTIME] = holder
+
+    def light(request: web.BaseRequest) -> bool:
+        return holder.current.proxy.is_light(request)  # whatever the latest reload made it
+
+    app[OVERLOAD_GATE] = OverloadGate(shedder, light=light, request_id=app[REQUEST_IDS].new)
     app[RELOADER] = Reloader(holder, state, metrics)
 
     def current_keys() -> Iterable[Key]:
@@ -217,14 +224,8 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     app[SHARES] = shares
     await shares.start()
     await poller.start()
-    refresher = asyncio.create_task(_refresh_gauges(holder), name="gauge-refresher")
-    probe = None
-    if shedder is not None:
-        probe = LagProbe(shedder, report=app[METRICS].loop_lag.set)
-        probe.start()
+    refresher = asyncio.create_task(_refresh_gauges(holder, shedder), name="gauge-refresher")
     yield
-    if probe is not None:
-        await probe.stop()
     await stop_task(refresher)
     await shares.stop()
     await poller.stop()
@@ -232,23 +233,26 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
-def _shedder(settings: Settings, metrics: Metrics) -> LoadShedder | None:
-    """The worker's load shedder, or None when `server.load_shedding` is off."""
+def _shedder(settings: Settings, metrics: Metrics) -> LoadShedder:
+    """The worker's load shedder; with `server.load_shedding` off it measures and refuses
+    nothing."""
     server = settings.server
-    if not server.load_shedding:
-        return None
     policy = SheddingPolicy(
-        target_lag=server.load_shedding_target_lag_ms / 1000,
+        target=server.load_shedding_target_delay_ms / 1000,
         interval=server.load_shedding_interval_ms / 1000,
+        enabled=server.load_shedding,
     )
-    return LoadShedder(policy, on_shed=metrics.requests_shed.inc)
+    return LoadShedder(
+        policy, on_shed=metrics.requests_shed.inc, on_interval=metrics.queue_delay.set
+    )
 
 
-async def _refresh_gauges(holder: RuntimeHolder) -> None:
+async def _refresh_gauges(holder: RuntimeHolder, shedder: LoadShedder) -> None:
     # Each worker keeps its own state gauges current, so a scrape answered by any worker
-    # (multiprocess mode) sees all of them.
+    # (multiprocess mode) sees all of them; an idle worker's queue delay settles to 0.
     while True:
         holder.current.router.publish_gauges()
+        shedder.tick()
         await asyncio.sleep(GAUGE_REFRESH_SECONDS)
 
 

@@ -52,9 +52,13 @@ class ServerSettings(Section):
     upstream idle keep-alive timeout), then stops accepting and finishes in-flight requests up to
     `shutdown_timeout_seconds`.
 
-    With `load_shedding`, a worker whose event loop runs late by more than
-    `load_shedding_target_lag_ms` for a whole `load_shedding_interval_ms` answers a growing share
-    of new proxied requests 503 with `Retry-After` until it keeps up (see `gateway.edge.overload`).
+    With `load_shedding`, a worker whose requests each queued longer than
+    `load_shedding_target_delay_ms` (the worker's CPU time spent for others between a request's
+    head being read and its handler starting) all through a whole `load_shedding_interval_ms` is
+    overloaded: until a whole interval passes without such a wait, each new proxied request that
+    itself queued past the target is answered 503 with `Retry-After` at once (see
+    `gateway.edge.overload`). Off, the delay is still measured and published; nothing is
+    refused.
     """
 
     host: str = "0.0.0.0"
@@ -76,8 +80,8 @@ class ServerSettings(Section):
     request_compression: bool = False
     max_buffered_answer_bytes: PositiveInt = 256 * 1024 * 1024
     load_shedding: bool = False
-    load_shedding_target_lag_ms: PositiveFloat = 10.0
-    load_shedding_interval_ms: Annotated[float, Field(ge=10)] = 100.0
+    load_shedding_target_delay_ms: PositiveFloat = 5.0
+    load_shedding_interval_ms: Annotated[float, Field(ge=10)] = 50.0
 
     @field_validator("admin_token", mode="after")
     @classmethod
@@ -85,6 +89,18 @@ class ServerSettings(Section):
         if value is None or not value.get_secret_value():
             return None
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_lag_target(cls, data: Any) -> Any:
+        """The event-loop lag target of earlier builds is named, not just refused as unknown."""
+        if isinstance(data, dict) and "load_shedding_target_lag_ms" in data:
+            raise ValueError(
+                "`load_shedding_target_lag_ms` is replaced by `load_shedding_target_delay_ms`: "
+                "the target is now how long a request may queue behind the worker's own work "
+                "(milliseconds of its CPU time), not how late its event loop runs"
+            )
+        return data
 
 
 class DatabaseSettings(Section):

@@ -7,6 +7,9 @@ a request head that trickles in, no bound on a head's total size and no cap on o
 `GuardedRequestHandler` (aiohttp's handler with a deadline and a size bound for every request
 head); over the cap, a `RefusingProtocol` answers 503 and closes. The request body's deadline is
 the handler's to enforce (`body_read_timeout`), since only the handler knows when a body ends.
+Each connection also stamps when it read the end of each request head (in the loop thread's CPU
+time), and hands the request's wait since then to an `Admission` (the load shedder's gate) just
+before the app sees it.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import asyncio
 import enum
 import os
 import socket
+import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import cast
+from typing import Protocol, cast
 
 import structlog
 from aiohttp import web
@@ -39,6 +43,11 @@ AIOHTTP_LINGERING_SECONDS = 10.0
 # After answering an error at the transport level, keep reading (and dropping) what the client
 # still sends for this long, so the answer is not lost to a reset; then close.
 LINGER_SECONDS = 1.0
+# libuv (under uvloop) accepts one connection per loop iteration, and a busy worker's iterations
+# are long: a burst of new connections would wait in the kernel's accept queue for seconds, where
+# no queueing delay can be seen or shed. So after each accept, up to this many more are taken at
+# once (per listening socket and iteration).
+ACCEPT_BATCH = 64
 # A request head ends at an empty line; aiohttp's parser also accepts a bare LF as line end.
 HEAD_ENDS = (b"\n\n", b"\n\r\n")
 # How often a stopping site looks whether its connections have settled.
@@ -74,6 +83,17 @@ class ConnectionLimits:
         )
 
 
+class Admission(Protocol):
+    """Decides, as a request's handler is about to start, whether the app serves it."""
+
+    def admit(self, request: web.BaseRequest, delay: float) -> web.StreamResponse | None:
+        """None to serve it, or the response to answer instead; `delay`: how long it waited
+        since its head was read, in seconds of the loop thread's CPU time."""
+
+    def finished(self) -> None:
+        """The handler of a request it admitted returned."""
+
+
 class _Phase(enum.Enum):
     HEAD = "head"  # a request head is due: the deadline runs
     REQUEST = "request"  # the head arrived; the request is being answered
@@ -101,12 +121,20 @@ class GuardedRequestHandler(web.RequestHandler):
     misses it gets 408 and the connection closes (one that never sent a byte is just closed); a
     head over `max_header_bytes` gets 431. On a pipelined connection, heads after the first that
     arrived with it are left to aiohttp's keep-alive timer.
+
+    With an `admission`, each request is first put to it, with how long it waited since the
+    handler read the end of its head (the latest head, on a pipelined connection), counted in
+    the CPU time of the loop's thread: the work done for others meanwhile, not time the process
+    was not running.
     """
 
     __slots__ = (
         "__weakref__",
+        "_admission",
+        "_app_handler",
         "_close_after",
         "_deadline",
+        "_head_read_at",
         "_head_size",
         "_head_tail",
         "_on_lost",
@@ -121,6 +149,7 @@ class GuardedRequestHandler(web.RequestHandler):
         loop: asyncio.AbstractEventLoop,
         limits: ConnectionLimits,
         on_lost: Callable[[GuardedRequestHandler], None],
+        admission: Admission | None = None,
     ) -> None:
         line_limit = min(AIOHTTP_LINE_LIMIT, limits.max_header_bytes)
         super().__init__(
@@ -143,6 +172,12 @@ class GuardedRequestHandler(web.RequestHandler):
         self._head_tail = b""
         self._deadline: asyncio.TimerHandle | None = None
         self._close_after = False
+        self._head_read_at = 0.0
+        self._admission = admission
+        self._app_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]] | None = None
+        if admission is not None and self._request_handler is not None:
+            self._app_handler = self._request_handler
+            self._request_handler = self._admit
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start serving; the first head's deadline runs from now, so silent connections count."""
@@ -156,14 +191,33 @@ class GuardedRequestHandler(web.RequestHandler):
         self._on_lost(self)
 
     def data_received(self, data: bytes) -> None:
-        """Feed aiohttp's parser, watching the size and the end of a head on the way."""
+        """Feed aiohttp's parser, watching the size and the end of a head on the way, and
+        stamping when a head was read in full."""
         if self._phase is _Phase.CLOSING:
             return
+        read_at = time.thread_time()
         if self._phase is _Phase.IDLE and data:
             self._start_head()
         if self._phase is _Phase.HEAD and not self._watch_head(data):
             return
+        parsed = self._request_count
         super().data_received(data)
+        if self._request_count != parsed:
+            self._head_read_at = read_at
+
+    async def _admit(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Put the request to the admission, then to the app when admitted."""
+        assert self._admission is not None
+        assert self._app_handler is not None
+        refusal = self._admission.admit(request, time.thread_time() - self._head_read_at)
+        if refusal is None:
+            try:
+                return await self._app_handler(request)
+            finally:
+                self._admission.finished()
+        if not request.content.is_eof():
+            self._close_after = True  # the unread body is not waited for
+        return refusal
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
@@ -322,14 +376,18 @@ class GuardedSite(web.BaseSite):
     """A TCP site like aiohttp's `TCPSite`, whose connections get `ConnectionLimits`."""
 
     __slots__ = (
+        "_admission",
         "_bound_port",
+        "_connecting",
         "_connections",
+        "_drain_due",
         "_full",
         "_host",
         "_limits",
         "_listeners",
         "_port",
         "_reuse_port",
+        "_spares",
     )
 
     def __init__(
@@ -341,8 +399,10 @@ class GuardedSite(web.BaseSite):
         limits: ConnectionLimits,
         reuse_port: bool = False,
         backlog: int = 1024,
+        admission: Admission | None = None,
     ) -> None:
         super().__init__(runner, backlog=backlog)
+        self._admission = admission
         self._host = host
         self._port = port
         self._bound_port: int | None = None
@@ -352,6 +412,10 @@ class GuardedSite(web.BaseSite):
         self._connections: weakref.WeakSet[GuardedRequestHandler] = weakref.WeakSet()
         self._full = False
         self._listeners: list[socket.socket] = []
+        # Duplicates of the listening sockets, to accept from in batches (see `ACCEPT_BATCH`).
+        self._spares: list[socket.socket] = []
+        self._drain_due = False
+        self._connecting: set[asyncio.Task[None]] = set()
 
     @property
     def name(self) -> str:
@@ -371,6 +435,7 @@ class GuardedSite(web.BaseSite):
         )
         self._server = server
         self._listeners = list(server.sockets)
+        self._spares = [_duplicate(listener) for listener in self._listeners]
         if server.sockets:
             self._bound_port = server.sockets[0].getsockname()[1]
 
@@ -382,12 +447,14 @@ class GuardedSite(web.BaseSite):
         open (a duplicate descriptor) while the loop stops watching it, its queue is accepted
         until empty, and only then is it closed; the accepted connections are served as usual.
         """
-        held = [socket.socket(fileno=os.dup(listener.fileno())) for listener in self._listeners]
+        held = [_duplicate(listener) for listener in self._listeners]
         self._listeners = []
+        for spare in self._spares:
+            spare.close()
+        self._spares = []
         await super().stop()
         queued: list[socket.socket] = []
         for listener in held:
-            listener.setblocking(False)
             while True:
                 try:
                     connection, _ = listener.accept()
@@ -411,6 +478,9 @@ class GuardedSite(web.BaseSite):
             await asyncio.sleep(SETTLE_POLL_SECONDS)
 
     def _accept(self) -> asyncio.Protocol:
+        if self._spares and not self._drain_due:
+            self._drain_due = True
+            asyncio.get_running_loop().call_soon(self._drain)
         manager = self._runner.server
         if manager is None or len(self._connections) >= self._limits.max_connections:
             if not self._full:
@@ -425,9 +495,33 @@ class GuardedSite(web.BaseSite):
             loop=asyncio.get_running_loop(),
             limits=self._limits,
             on_lost=self._connections.discard,
+            admission=self._admission,
         )
         self._connections.add(handler)
         return handler
+
+    def _drain(self) -> None:
+        """Accept up to `ACCEPT_BATCH` more queued connections from each listening socket."""
+        self._drain_due = False
+        for spare in self._spares:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    connection, _ = spare.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as error:  # out of descriptors, or the like: the loop retries
+                    logger.warning("accept_failed", error=error.strerror)
+                    break
+                connection.setblocking(False)
+                task = asyncio.create_task(self._connect(connection))
+                self._connecting.add(task)
+                task.add_done_callback(self._connecting.discard)
+
+    async def _connect(self, connection: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self._accept, connection)
+        except OSError:
+            connection.close()
 
 
 def body_read_timeout(request: web.BaseRequest) -> float:
@@ -461,6 +555,13 @@ def raw_error_response(
     if retry_after is not None:
         lines.append(f"Retry-After: {retry_after}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
+
+
+def _duplicate(listener: socket.socket) -> socket.socket:
+    """A non-blocking socket on a duplicate of the listening socket's descriptor."""
+    duplicate = socket.socket(fileno=os.dup(listener.fileno()))
+    duplicate.setblocking(False)
+    return duplicate
 
 
 def _head_end(window: bytes, limit: int) -> int | None:

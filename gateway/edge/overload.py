@@ -1,113 +1,124 @@
 """Load shedding: past its capacity a worker answers new requests a prompt 503, not a queue.
 
-The scarce resource of a worker is its one event loop. Requests in flight are not: thousands of
-streams that wait on upstream tokens cost almost nothing, and one of them may rightly last
-minutes, so neither an in-flight cap nor a request-latency limit tells an idle crowd from an
-overload. What does is how late the loop runs a timer (its *lag*): a probe sleeps
-`PROBE_SECONDS` again and again and reports how much later than asked it woke. Work that waits in
-the loop's ready queue, or in socket buffers the loop has not read yet, delays the probe too.
+The signal is each request's *queueing delay*: the event loop's own CPU time spent between the
+moment the worker read the end of the request's head (`GuardedRequestHandler` stamps it) and the
+moment its handler starts, that is the work the worker did for others while this request
+waited. A worker that keeps up starts a handler within a fraction of a millisecond; the delay
+only grows when more work is ready than the loop gets through, which is a real queue. Thousands
+of idle streams add nothing to it, and, being CPU time of the loop's own thread, neither does
+CPU that other processes take from the worker (shedding would not give it back).
 
-As in CoDel, a burst is not an overload: only when the *smallest* lag seen over a whole
-`interval` (and at least `MIN_SAMPLES` probes) stays above `target_lag` is the worker
-overloaded. Then each new request is refused
-with probability `probability`, which grows each interval the overload persists (faster the
-further the lag is over the target) and shrinks each interval it does not, until it is 0 again.
-Requests already admitted are never cut. A key with fewer requests in flight on this worker than
-the mean of the keys that have some is refused with probability `probability²` instead, so a
-key that floods takes more of the refusals than one that does not.
+As in CoDel, a burst is not an overload: only when every request for a whole `interval` (and at
+least `MIN_SAMPLES` of them, health checks included) waited longer than `target` does the worker
+count as overloaded. While it is, a new proxied request whose own delay already exceeds the
+target is refused at once; the rest are admitted. So the requests a worker accepts never queued
+longer than the target (twice the target for a *light* key: one with fewer requests in flight
+on the worker than the mean of the keys that have some, so a key that floods takes more of the
+refusals). The worker stays overloaded until a whole interval passes in which no request waited
+longer than the target. And whatever the state, a request that queued longer than a whole
+interval is refused: that bounds the queueing of every accepted request from the first moment
+of an overload on, before a whole interval of it has been seen. Requests already admitted are
+never cut.
+
+The controller always runs, so the delay is published as a metric even with shedding off; then
+it only reports, and refuses nothing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
+from aiohttp import web
 
-from gateway.background import stop_task
+from gateway.edge.endpoints import ENDPOINTS, RESPONSE_ID
+from gateway.edge.errors import error_body
 
 logger = structlog.get_logger("gateway.edge.overload")
 
-# How often the probe measures the loop's lag: cheap (a timer wake-up), and at least ten
-# samples per interval.
-PROBE_SECONDS = 0.005
-# Each overloaded interval adds this much refusal probability per target's worth of lag
-# (at most `MAX_STEP_TARGETS` targets' worth), each calm one takes `EASE` away: fast up, so a
-# queue stops growing within a few intervals; slower down, so shedding does not flap.
-STEP = 0.05
-MAX_STEP_TARGETS = 4.0
-EASE = 0.02
-# Below half the target the queue is empty and the probability falls faster.
-CALM_EASE = 0.1
-# An interval is judged on at least this many samples: one long pause (a collection, a slow
-# synchronous call) is a single late sample, not a queue that stays.
-MIN_SAMPLES = 2
+# At least this many late requests in a row make an overload: a few late ones are not a queue.
+MIN_SAMPLES = 4
+# A light key's request is admitted while its delay is within this many targets.
+LIGHT_TARGETS = 2.0
+# Nothing is refused while fewer admitted requests than this are unfinished on the worker: too
+# few to make a queue of their own. What queues then is refusals, and clients that retry at once
+# (a closed loop) keep their number whatever is refused, so refusing more would only trade
+# answers for refusals until almost nothing is served.
+MIN_IN_FLIGHT = 16
 # Seconds a shed request is told to wait.
 RETRY_AFTER_SECONDS = 1
+OVERLOADED_BODY = error_body(503, "This gateway worker is overloaded; retry shortly.", "overloaded")
+# The proxied endpoints: fixed POST paths, and the stored responses' GET and DELETE.
+SHEDDABLE_POSTS = frozenset(spec.path for spec in ENDPOINTS if spec.method == "POST")
+RESPONSES_PREFIX = next(
+    spec.path.removesuffix(f"{{{RESPONSE_ID}}}") for spec in ENDPOINTS if spec.method == "GET"
+)
 
 
 @dataclass(frozen=True)
 class SheddingPolicy:
-    """When a worker counts as overloaded (see the module's description)."""
+    """When a worker counts as overloaded (see the module's description), and whether it then
+    refuses requests (`enabled`) or only reports."""
 
-    target_lag: float  # seconds
+    target: float  # seconds of queueing delay
     interval: float  # seconds
+    enabled: bool = True
 
 
 class LoadShedder:
-    """The overload controller of one worker: fed lag samples, it decides each admission."""
+    """The overload controller of one worker: it sees each request's delay and decides its
+    admission."""
 
     def __init__(
         self,
         policy: SheddingPolicy,
         *,
         clock: Callable[[], float] = time.monotonic,
-        chance: Callable[[], float] = random.random,
         on_shed: Callable[[], None] | None = None,
+        on_interval: Callable[[float], None] | None = None,
     ) -> None:
         self.policy = policy
-        self.probability = 0.0
-        self.lag = 0.0  # the smallest lag of the last whole interval, seconds
+        self.overloaded = False
+        self.delay = 0.0  # the smallest queueing delay of the last whole interval, seconds
         self.shed = 0  # requests refused so far
-        self.episodes = 0  # times shedding started
+        self.in_flight = 0  # admitted requests not finished yet
+        self.episodes = 0  # times the worker became overloaded
         self._clock = clock
-        self._chance = chance
         self._on_shed = on_shed
+        self._on_interval = on_interval
         self._window_started = clock()
-        self._window_lag = math.inf
+        self._window_smallest = math.inf
         self._window_samples = 0
+        self._window_late = False
+        self._late_since: float | None = None  # when the current run of late requests began
+        self._late_run = 0  # late requests in that run
         self._episode_shed = 0
 
     @property
-    def overloaded(self) -> bool:
-        """Whether new requests are being refused (with some probability) now."""
-        return self.probability > 0.0
+    def shedding(self) -> bool:
+        """Whether new requests that waited past the target are refused now."""
+        return self.overloaded and self.policy.enabled
 
-    def observe(self, lag: float) -> None:
-        """Take one probe's lag (seconds); at the end of each interval, adapt the probability."""
-        self._window_lag = min(self._window_lag, lag)
-        self._window_samples += 1
-        now = self._clock()
-        if now - self._window_started < self.policy.interval or self._window_samples < MIN_SAMPLES:
-            return
-        self._adapt(self._window_lag)
-        self._window_started = now
-        self._window_lag = math.inf
-        self._window_samples = 0
+    def admits(
+        self, delay: float, *, sheddable: bool, light: Callable[[], bool] | None = None
+    ) -> bool:
+        """Take one request's queueing delay (seconds) and decide whether it is served.
 
-    def admits(self, *, light: bool) -> bool:
-        """Whether to admit a new request; `light`: its key has fewer requests in flight than
-        the mean of the keys with some. A refusal is counted."""
-        probability = self.probability
-        if probability <= 0.0:
+        Only a `sheddable` request is ever refused; `light` (asked only when it matters) tells
+        whether its key is light. A refusal is counted.
+        """
+        self.observe(delay)
+        target = self.policy.target
+        if not sheddable or delay <= target or not self.policy.enabled:
             return True
-        if light:
-            probability *= probability
-        if self._chance() >= probability:
+        if delay <= self.policy.interval and (
+            not self.overloaded or self.in_flight < MIN_IN_FLIGHT
+        ):
+            return True
+        if delay <= target * LIGHT_TARGETS and light is not None and light():
             return True
         self.shed += 1
         self._episode_shed += 1
@@ -115,49 +126,94 @@ class LoadShedder:
             self._on_shed()
         return False
 
-    def _adapt(self, lag: float) -> None:
-        self.lag = lag
-        target = self.policy.target_lag
-        before = self.probability
-        if lag > target:
-            step = STEP * min(MAX_STEP_TARGETS, lag / target)
-            self.probability = min(1.0, before + step)
-        else:
-            ease = CALM_EASE if lag < target / 2 else EASE
-            self.probability = max(0.0, before - ease)
-        if before == 0.0 and self.probability > 0.0:
+    def observe(self, delay: float) -> None:
+        """Count one request's queueing delay: a run of late requests that lasts a whole
+        interval makes the worker overloaded."""
+        now = self._clock()
+        if now - self._window_started >= self.policy.interval:
+            self.tick()
+        self._window_smallest = min(self._window_smallest, delay)
+        self._window_samples += 1
+        if delay <= self.policy.target:
+            self._late_since = None
+            return
+        self._window_late = True
+        if self._late_since is None:
+            self._late_since = now
+            self._late_run = 0
+        self._late_run += 1
+        if (
+            not self.overloaded
+            and self._late_run >= MIN_SAMPLES
+            and now - self._late_since >= self.policy.interval
+        ):
+            self.overloaded = True
             self.episodes += 1
             self._episode_shed = 0
-            logger.warning("load_shedding_started", lag_ms=round(lag * 1000, 1))
-        elif before > 0.0 and self.probability == 0.0:
-            logger.info("load_shedding_stopped", shed=self._episode_shed)
+            logger.warning(
+                "overloaded", delay_ms=round(delay * 1000, 1), shedding=self.policy.enabled
+            )
+
+    def tick(self) -> None:
+        """Judge the current interval if it is over (called per request, and by a timer so an
+        idle worker's figures settle too)."""
+        now = self._clock()
+        if now - self._window_started < self.policy.interval:
+            return
+        self.delay = self._window_smallest if self._window_samples else 0.0
+        if self.overloaded and not self._window_late:
+            self.overloaded = False
+            logger.info("overload_ended", shed=self._episode_shed)
+        self._window_started = now
+        self._window_smallest = math.inf
+        self._window_samples = 0
+        self._window_late = False
+        if self._on_interval is not None:
+            self._on_interval(self.delay)
 
 
-class LagProbe:
-    """The owned background task that measures the loop's lag for a `LoadShedder`."""
+class OverloadGate:
+    """Where a request meets the shedder: as its handler is about to start, before the app
+    routes it. A refused request gets a prebuilt OpenAI-shaped 503 with `Retry-After`; its body
+    is never read and nothing about it is logged, so a refusal costs a small part of an answer.
 
-    def __init__(self, shedder: LoadShedder, *, report: Callable[[float], None]) -> None:
-        self._shedder = shedder
-        self._report = report
-        self._task: asyncio.Task[None] | None = None
+    Only new proxied requests are sheddable: health, readiness, metrics, admin, the model list
+    and the status page always reach the app.
+    """
 
-    def start(self) -> None:
-        """Start probing."""
-        self._task = asyncio.create_task(self._run(), name="loop-lag-probe")
+    def __init__(
+        self,
+        shedder: LoadShedder,
+        *,
+        light: Callable[[web.BaseRequest], bool],
+        request_id: Callable[[], str],
+    ) -> None:
+        self.shedder = shedder
+        self._light = light
+        self._request_id = request_id
 
-    async def stop(self) -> None:
-        """Stop probing."""
-        await stop_task(self._task)
-        self._task = None
+    def admit(self, request: web.BaseRequest, delay: float) -> web.Response | None:
+        """None to serve the request (counted in flight until `finished`), or the 503 to answer
+        instead; `delay`: the loop's CPU seconds spent since its head was read."""
+        shedder = self.shedder
+        if shedder.admits(delay, sheddable=sheddable(request), light=lambda: self._light(request)):
+            shedder.in_flight += 1
+            return None
+        return web.Response(
+            status=503,
+            body=OVERLOADED_BODY,
+            content_type="application/json",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS), "x-request-id": self._request_id()},
+        )
 
-    async def _run(self) -> None:
-        clock = time.perf_counter
-        published = clock()
-        while True:
-            asked = clock()
-            await asyncio.sleep(PROBE_SECONDS)
-            woke = clock()
-            self._shedder.observe(max(0.0, woke - asked - PROBE_SECONDS))
-            if woke - published >= self._shedder.policy.interval:
-                published = woke
-                self._report(self._shedder.lag)
+    def finished(self) -> None:
+        """An admitted request's handler returned."""
+        self.shedder.in_flight -= 1
+
+
+def sheddable(request: web.BaseRequest) -> bool:
+    """Whether the request is a new proxied one (an endpoint of the table)."""
+    path = request.raw_path.partition("?")[0]
+    if request.method == "POST":
+        return path in SHEDDABLE_POSTS
+    return path.startswith(RESPONSES_PREFIX) and request.method in {"GET", "DELETE"}

@@ -22,7 +22,7 @@ from gateway.edge.delivery import deliver
 from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
 from gateway.edge.errors import GatewayError, is_utf8
 from gateway.edge.model_names import AnswerRenamer, ModelRenamer, Renamer
-from gateway.edge.overload import RETRY_AFTER_SECONDS, LoadShedder
+from gateway.edge.overload import LoadShedder
 from gateway.edge.request_body import IDENTITY, check_encoding, content_encoding, decode_body
 from gateway.edge.request_log import RequestMetrics, record_request
 from gateway.edge.requestid import request_id_of
@@ -96,7 +96,7 @@ class Proxy:
         self.answer_budget = answer_budget
         self.shedder = shedder
 
-    def authenticate(self, request: web.Request) -> Key:
+    def authenticate(self, request: web.BaseRequest) -> Key:
         """The key of a `Bearer` Authorization header (or an `api-key` / `x-api-key` header),
         or a 401."""
         header = request.headers.get("Authorization", "")
@@ -138,32 +138,14 @@ class Proxy:
             return error.to_response({"x-request-id": request_id_of(request)})
         return None
 
-    async def proxy(self, request: web.Request, spec: EndpointSpec) -> web.StreamResponse:
-        """Proxy one request to an endpoint of the table; while the worker is overloaded, some
-        new requests get a 503 first (see `gateway.edge.overload`)."""
-        if self.shedder is not None and self.shedder.overloaded:
-            self._shed_or_admit(request)
-        return await self._proxy(request, spec)
-
-    def _shed_or_admit(self, request: web.Request) -> None:
-        """Refuse the request with a 503 when the shedder says so: before its body is read or
-        anything is logged, so a refusal costs a small part of an answer. A request without a
-        valid key is left to its 401."""
-        assert self.shedder is not None
+    def is_light(self, request: web.BaseRequest) -> bool:
+        """Whether the request's key has fewer requests in flight on this worker than the mean
+        of the keys that have some (False without a valid key): load shedding spares it more."""
         try:
             key = self.authenticate(request)
         except GatewayError:
-            return
-        if self.shedder.admits(light=self.key_limits.below_mean(key)):
-            return
-        if not request.content.is_eof():
-            close_after_response(request)
-        raise GatewayError(
-            503,
-            "This gateway worker is overloaded; retry shortly.",
-            "overloaded",
-            retry_after=RETRY_AFTER_SECONDS,
-        )
+            return False
+        return self.key_limits.below_mean(key)
 
     async def models(self, request: web.Request) -> web.Response:
         """`GET /v1/models`: the models this key may use, in OpenAI's list shape."""
@@ -270,7 +252,8 @@ class Proxy:
             )
         return Resolved(model=model, via_auto=via_auto)
 
-    async def _proxy(self, request: web.Request, spec: EndpointSpec) -> web.StreamResponse:
+    async def proxy(self, request: web.Request, spec: EndpointSpec) -> web.StreamResponse:
+        """Proxy one request to an endpoint of the table."""
         started_at = time.monotonic()
         request_id = request_id_of(request)
         record = DispatchRecord(

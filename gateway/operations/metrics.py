@@ -138,10 +138,11 @@ class Metrics:
             "New requests answered 503 (overloaded) by load shedding, before their body was read.",
             registry=self.registry,
         )
-        self.loop_lag = Gauge(
-            "gateway_event_loop_lag_seconds",
-            "How late a worker's event loop ran a timer: the smallest lag over the last shedding "
-            "interval (across workers: the highest).",
+        self.queue_delay = Gauge(
+            "gateway_queue_delay_seconds",
+            "The smallest queueing delay of a request (the event loop's CPU time between its head "
+            "being read and its handler starting) over a worker's last load-shedding interval "
+            "(across workers: the highest).",
             registry=self.registry,
             multiprocess_mode="livemax",
         )

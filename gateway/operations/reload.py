@@ -42,7 +42,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "server.max_header_count",
     "server.max_connections_per_worker",
     "server.load_shedding",
-    "server.load_shedding_target_lag_ms",
+    "server.load_shedding_target_delay_ms",
     "server.load_shedding_interval_ms",
     "database",
     "affinity",

@@ -51,7 +51,7 @@ class ProcessState:
     memory: RouterMemory
     answer_budget: AnswerBudget
     key_limits: KeyLimits = field(default_factory=KeyLimits)
-    shedder: LoadShedder | None = None  # None: load shedding is off
+    shedder: LoadShedder | None = None  # None: only in tests that build a state by hand
     recent: RecentDecisions = field(default_factory=lambda: RecentDecisions(RECENT_DECISIONS))
     # Fixed per process, so the random tiebreak between providers survives a reload.
     tiebreak_seed: int = field(default_factory=lambda: random.getrandbits(64))

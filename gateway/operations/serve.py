@@ -23,7 +23,14 @@ import structlog
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from gateway.app import LIFECYCLE, RELOADER, RUNTIME, create_app, create_metrics_app
+from gateway.app import (
+    LIFECYCLE,
+    OVERLOAD_GATE,
+    RELOADER,
+    RUNTIME,
+    create_app,
+    create_metrics_app,
+)
 from gateway.config import Settings
 from gateway.config_loading import ConfigError, load_config
 from gateway.edge.connections import ConnectionLimits, GuardedSite
@@ -97,7 +104,9 @@ async def serve_worker(
     gc.collect()
     gc.freeze()
     limits = ConnectionLimits.from_settings(settings.server)
-    site = GuardedSite(runner, host, port, limits=limits, reuse_port=reuse_port)
+    site = GuardedSite(
+        runner, host, port, limits=limits, reuse_port=reuse_port, admission=app[OVERLOAD_GATE]
+    )
     await site.start()
     metrics_runner = None
     if settings.server.metrics_port is not None:

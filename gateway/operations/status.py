@@ -86,14 +86,14 @@ class KeyShareRow:
 
 @dataclass(frozen=True)
 class OverloadRow:
-    """This worker's load shedding: whether it refuses new requests now, and why."""
+    """This worker's load: whether it is overloaded and refuses new requests now, and why."""
 
-    shedding: bool
-    probability: float  # the share of new requests refused now (a flooding key's)
-    lag_ms: float  # the event loop's smallest lag over the last interval
-    target_lag_ms: float
+    enabled: bool  # load shedding on; off, the overload is only reported
+    overloaded: bool
+    delay_ms: float  # the smallest queueing delay over the last interval
+    target_delay_ms: float
     shed: int  # requests refused since the worker started
-    episodes: int  # times shedding started
+    episodes: int  # times the worker became overloaded
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class StatusSnapshot:
     restart_needed: tuple[str, ...] = ()  # changed in the file, applied only by a restart
     key_shares: Sequence[KeyShareRow] = ()
     cluster_workers: int = 1  # live workers sharing the key limits, as last heard
-    overload: OverloadRow | None = None  # None: load shedding is off
+    overload: OverloadRow | None = None  # None: no load shedder (a state built by hand)
 
 
 async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) -> StatusSnapshot:
@@ -156,10 +156,10 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
         None
         if shedder is None
         else OverloadRow(
-            shedding=shedder.overloaded,
-            probability=round(shedder.probability, 3),
-            lag_ms=round(shedder.lag * 1000, 1),
-            target_lag_ms=shedder.policy.target_lag * 1000,
+            enabled=shedder.policy.enabled,
+            overloaded=shedder.overloaded,
+            delay_ms=round(shedder.delay * 1000, 1),
+            target_delay_ms=shedder.policy.target * 1000,
             shed=shedder.shed,
             episodes=shedder.episodes,
         )

@@ -143,17 +143,19 @@ def _summary_cards(snapshot: StatusSnapshot) -> str:
 
 def _overload(overload: OverloadRow | None) -> str:
     if overload is None:
-        return '<span id="overload" class="badge muted">shedding off</span>'
-    if overload.shedding:
+        return '<span id="overload" class="badge muted">not measured</span>'
+    if overload.overloaded and overload.enabled:
         badge = (
-            '<span id="overload" class="badge bad">overloaded: shedding '
-            f"{overload.probability:.0%} of new requests</span>"
+            '<span id="overload" class="badge bad">overloaded: shedding requests that waited '
+            f"over {_number(overload.target_delay_ms)} ms</span>"
         )
+    elif overload.overloaded:
+        badge = '<span id="overload" class="badge warn">overloaded (shedding off)</span>'
     else:
         badge = '<span id="overload" class="badge ok">keeping up</span>'
     return (
-        f'{badge}<div class="muted">loop lag {_number(overload.lag_ms)} ms '
-        f"(target {_number(overload.target_lag_ms)} ms) · {overload.shed} shed "
+        f'{badge}<div class="muted">queueing delay {_number(overload.delay_ms)} ms '
+        f"(target {_number(overload.target_delay_ms)} ms) · {overload.shed} shed "
         f"in {overload.episodes} episode(s)</div>"
     )
 

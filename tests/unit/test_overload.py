@@ -1,18 +1,27 @@
-"""The load shedder: a CoDel-like controller on event-loop lag, driven by a fake clock."""
+"""The load shedder: a CoDel-like controller on each request's queueing delay, driven by a fake
+clock."""
 
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.dispatch.permits import KeyLimits
-from gateway.edge.overload import MIN_SAMPLES, LoadShedder, SheddingPolicy
+from gateway.edge.overload import (
+    LIGHT_TARGETS,
+    MIN_IN_FLIGHT,
+    MIN_SAMPLES,
+    LoadShedder,
+    SheddingPolicy,
+)
 from tests.support.gateway import settings_dict
 
-TARGET = 0.010
-INTERVAL = 0.100
-PROBE = 0.005
+TARGET = 0.005
+INTERVAL = 0.050
+# Requests arrive this far apart in the tests.
+GAP = 0.002
 
 
 class FakeClock:
@@ -25,136 +34,141 @@ class FakeClock:
         return self.now
 
 
-class Dice:
-    """The shedder's random draws, chosen by the test."""
-
-    def __init__(self, value: float = 0.5) -> None:
-        self.value = value
-
-    def __call__(self) -> float:
-        return self.value
-
-
 def shedder(
-    clock: FakeClock, dice: Dice | None = None, counted: list[int] | None = None
+    clock: FakeClock,
+    *,
+    enabled: bool = True,
+    counted: list[int] | None = None,
+    published: list[float] | None = None,
 ) -> LoadShedder:
-    """A shedder with a 10 ms target over 100 ms intervals."""
-    return LoadShedder(
-        SheddingPolicy(target_lag=TARGET, interval=INTERVAL),
+    """A shedder with a 5 ms target over 50 ms intervals, busy enough to shed."""
+    shedding = LoadShedder(
+        SheddingPolicy(target=TARGET, interval=INTERVAL, enabled=enabled),
         clock=clock,
-        chance=dice or Dice(),
         on_shed=(lambda: counted.append(1)) if counted is not None else None,
+        on_interval=published.append if published is not None else None,
     )
+    shedding.in_flight = MIN_IN_FLIGHT
+    return shedding
 
 
-def run(shedding: LoadShedder, clock: FakeClock, lags: list[float]) -> None:
-    """Feed probe samples as the real probe would: each arrives its sleep plus its lag later."""
-    for lag in lags:
-        clock.now += PROBE + lag
-        shedding.observe(lag)
+def arrive(shedding: LoadShedder, clock: FakeClock, delays: list[float]) -> list[bool]:
+    """Requests with these queueing delays arrive `GAP` apart; whether each was admitted."""
+    admitted = []
+    for delay in delays:
+        clock.now += GAP
+        admitted.append(shedding.admits(delay, sheddable=True))
+    return admitted
 
 
-def overload(shedding: LoadShedder, clock: FakeClock, lag: float, intervals: int) -> None:
-    """Keep the loop late by `lag` on every probe for this many intervals."""
-    per_interval = max(MIN_SAMPLES, int(INTERVAL / (PROBE + lag)) + 1)
-    run(shedding, clock, [lag] * per_interval * intervals)
+def overload(shedding: LoadShedder, clock: FakeClock) -> None:
+    """Late requests for a whole interval: the worker becomes overloaded."""
+    arrive(shedding, clock, [TARGET * 3] * (int(INTERVAL / GAP) + MIN_SAMPLES))
+    assert shedding.overloaded
 
 
-def test_a_loop_that_keeps_up_sheds_nothing() -> None:
-    """Lag under the target, however long, never refuses a request."""
+def test_requests_that_queue_under_the_target_are_never_refused() -> None:
+    """Delays under the target, however many, never make an overload."""
     clock = FakeClock()
-    shedding = shedder(clock, Dice(0.0))
-    run(shedding, clock, [0.002, 0.008, 0.0, 0.009] * 100)
+    shedding = shedder(clock)
+    assert all(arrive(shedding, clock, [0.001, 0.004, 0.0, 0.005] * 200))
     assert not shedding.overloaded
-    assert shedding.admits(light=False)
     assert shedding.shed == 0
 
 
-def test_bursts_are_not_an_overload_while_the_smallest_lag_stays_low() -> None:
-    """Late probes in every interval do not count while one probe per interval is on time."""
+def test_a_burst_is_not_an_overload_while_some_request_in_each_interval_is_on_time() -> None:
+    """Late requests are admitted while no run of them lasts a whole interval."""
     clock = FakeClock()
-    shedding = shedder(clock, Dice(0.0))
-    run(shedding, clock, [0.080, 0.060, 0.001] * 40)
+    shedding = shedder(clock)
+    assert all(arrive(shedding, clock, ([0.030] * 20 + [0.001]) * 20))
     assert not shedding.overloaded
-    assert shedding.admits(light=False)
+    assert shedding.episodes == 0
 
 
-def test_one_long_pause_is_not_an_overload() -> None:
-    """A single stall longer than the interval is one sample: it alone does not start shedding."""
+def test_a_whole_interval_of_late_requests_is_an_overload_that_refuses_the_late_ones() -> None:
+    """Once every request waited over the target for an interval, a request that waited over
+    the target is refused and counted; one on time is admitted; requests that are not
+    sheddable (health, metrics, admin) are always admitted."""
     clock = FakeClock()
-    shedding = shedder(clock, Dice(0.0))
-    run(shedding, clock, [0.001] * 20)
-    run(shedding, clock, [1.5, 0.001, 0.001])
-    assert not shedding.overloaded
-
-
-def test_lag_over_the_target_for_an_interval_sheds_and_counts_with_a_503_budget() -> None:
-    """A whole interval over the target starts shedding: a draw under the probability is refused
-    and counted; one over it is admitted."""
-    clock = FakeClock()
-    dice = Dice()
     counted: list[int] = []
-    shedding = shedder(clock, dice, counted)
-    overload(shedding, clock, 0.030, intervals=1)
-    assert shedding.overloaded
+    shedding = shedder(clock, counted=counted)
+    overload(shedding, clock)
     assert shedding.episodes == 1
-    assert shedding.lag == pytest.approx(0.030)
-    probability = shedding.probability
-    assert 0 < probability < 1
-    dice.value = probability / 2
-    assert not shedding.admits(light=False)
-    dice.value = min(1.0, probability * 1.5)
-    assert shedding.admits(light=False)
-    assert shedding.shed == 1
-    assert counted == [1]
+    assert not shedding.admits(TARGET * 1.5, sheddable=True)
+    assert shedding.admits(TARGET * 0.5, sheddable=True)
+    assert shedding.admits(TARGET * 10, sheddable=False)
+    assert shedding.shed == len(counted) >= 1
 
 
-def test_the_probability_grows_while_the_overload_lasts_and_faster_when_further_over() -> None:
-    """Each overloaded interval raises the probability, up to refusing every new request; a lag
-    far over the target raises it faster than one just over it."""
-    slow_clock, fast_clock = FakeClock(), FakeClock()
-    mild, severe = shedder(slow_clock), shedder(fast_clock)
-    overload(mild, slow_clock, 0.012, intervals=2)
-    overload(severe, fast_clock, 0.060, intervals=2)
-    assert 0 < mild.probability < severe.probability
-    previous = severe.probability
-    overload(severe, fast_clock, 0.060, intervals=1)
-    assert severe.probability > previous
-    overload(severe, fast_clock, 0.060, intervals=20)
-    assert severe.probability == 1.0
-    assert not severe.admits(light=True)
-
-
-def test_shedding_stops_once_the_loop_keeps_up_again() -> None:
-    """Calm intervals lower the probability back to zero; then every request is admitted."""
+def test_a_light_key_may_wait_longer_before_it_is_refused() -> None:
+    """While overloaded, a light key's request is admitted up to twice the target."""
     clock = FakeClock()
-    shedding = shedder(clock, Dice(0.0))
-    overload(shedding, clock, 0.050, intervals=5)
-    assert shedding.overloaded
-    high = shedding.probability
-    run(shedding, clock, [0.007] * 40)  # under the target, above half of it: eases slowly
-    assert 0 < shedding.probability < high
-    run(shedding, clock, [0.0] * 2000)
+    shedding = shedder(clock)
+    overload(shedding, clock)
+    within = TARGET * (LIGHT_TARGETS - 0.5)
+    assert shedding.admits(within, sheddable=True, light=lambda: True)
+    assert not shedding.admits(within, sheddable=True, light=lambda: False)
+    assert not shedding.admits(TARGET * (LIGHT_TARGETS + 0.5), sheddable=True, light=lambda: True)
+
+
+def test_a_request_that_queued_a_whole_interval_is_refused_even_before_an_overload() -> None:
+    """The first requests of an overload cannot queue longer than an interval either."""
+    clock = FakeClock()
+    shedding = shedder(clock)
     assert not shedding.overloaded
-    assert shedding.admits(light=False)
-    overload(shedding, clock, 0.050, intervals=2)  # the first may still hold calm samples
+    assert not shedding.admits(INTERVAL * 1.5, sheddable=True)
+    assert shedding.admits(INTERVAL * 0.5, sheddable=True)
+
+
+def test_with_few_requests_in_flight_only_the_very_late_are_refused() -> None:
+    """Under `MIN_IN_FLIGHT` admitted requests, what queues is refusals: nothing within an
+    interval is refused, so clients that retry at once still get answers."""
+    clock = FakeClock()
+    shedding = shedder(clock)
+    overload(shedding, clock)
+    shedding.in_flight = MIN_IN_FLIGHT - 1
+    assert shedding.admits(TARGET * 3, sheddable=True)
+    assert not shedding.admits(INTERVAL * 1.5, sheddable=True)
+
+
+def test_the_overload_ends_after_an_interval_without_a_late_request() -> None:
+    """A whole interval in which no request waited over the target ends the overload, and
+    the next one is a new episode."""
+    clock = FakeClock()
+    shedding = shedder(clock)
+    overload(shedding, clock)
+    arrive(shedding, clock, [0.001] * (int(INTERVAL / GAP) * 2 + 2))
+    assert not shedding.overloaded
+    assert shedding.admits(TARGET * 3, sheddable=True)
+    overload(shedding, clock)
     assert shedding.episodes == 2
 
 
-def test_a_light_key_is_refused_less_often_than_a_heavy_one() -> None:
-    """A key below the mean in flight is refused with the probability squared: a draw between
-    the two refuses the heavy key and admits the light one."""
+def test_an_idle_worker_settles_and_publishes_each_interval() -> None:
+    """The smallest delay of each interval is published; with no requests, the timer's tick
+    ends an overload and publishes 0."""
     clock = FakeClock()
-    dice = Dice()
-    shedding = shedder(clock, dice)
-    overload(shedding, clock, 0.030, intervals=3)
-    probability = shedding.probability
-    assert 0 < probability < 1
-    dice.value = (probability + probability**2) / 2
-    assert shedding.admits(light=True)
-    assert not shedding.admits(light=False)
-    dice.value = probability**2 / 2
-    assert not shedding.admits(light=True)
+    published: list[float] = []
+    shedding = shedder(clock, published=published)
+    overload(shedding, clock)
+    assert published
+    assert published[-1] == TARGET * 3
+    for _ in range(2):  # the interval with the late requests, then an empty one
+        clock.now += INTERVAL * 1.1
+        shedding.tick()
+    assert not shedding.overloaded
+    assert published[-1] == 0.0
+    assert shedding.delay == 0.0
+
+
+def test_with_shedding_off_the_overload_is_reported_and_nothing_refused() -> None:
+    """Off, the controller still sees the overload but admits every request."""
+    clock = FakeClock()
+    shedding = shedder(clock, enabled=False)
+    overload(shedding, clock)
+    assert not shedding.shedding
+    assert shedding.admits(INTERVAL * 10, sheddable=True)
+    assert shedding.shed == 0
 
 
 def test_below_mean_compares_a_keys_requests_in_flight_with_the_mean_of_active_keys() -> None:
@@ -177,3 +191,11 @@ def test_below_mean_compares_a_keys_requests_in_flight_with_the_mean_of_active_k
     limits.release(light)
     limits.release(light)  # one release too many changes nothing
     assert not limits.below_mean(heavy)
+
+
+def test_the_old_lag_target_setting_is_named_as_replaced() -> None:
+    """A config with the lag target of earlier builds gets an error naming its replacement."""
+    config = settings_dict({"a": "http://127.0.0.1:1"})
+    config["server"] = {"load_shedding_target_lag_ms": 10}
+    with pytest.raises(ValidationError, match="replaced by `load_shedding_target_delay_ms`"):
+        Settings.model_validate(config)

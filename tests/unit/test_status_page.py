@@ -235,17 +235,26 @@ def test_each_limited_key_shows_this_workers_share() -> None:
 
 
 def test_the_load_card_says_whether_the_worker_sheds_and_why() -> None:
-    """Shedding shows the share refused, the loop lag against its target and the count; a worker
-    keeping up says so; with shedding off the card says that."""
+    """Overloaded, the card says it sheds requests that queued past the target, with the
+    queueing delay and the count; a worker keeping up says so; with shedding off an overload is
+    still shown, as not shed."""
     overload = OverloadRow(
-        shedding=True, probability=0.35, lag_ms=27.5, target_lag_ms=10.0, shed=1234, episodes=2
+        enabled=True,
+        overloaded=True,
+        delay_ms=27.5,
+        target_delay_ms=5.0,
+        shed=1234,
+        episodes=2,
     )
     shedding = render_status(replace(snapshot([provider("gpu-a")]), overload=overload))
-    assert "overloaded: shedding 35% of new requests" in shedding
-    assert "loop lag 27.5 ms (target 10 ms)" in shedding
+    assert "overloaded: shedding requests that waited over 5 ms" in shedding
+    assert "queueing delay 27.5 ms (target 5 ms)" in shedding
     assert "1234 shed in 2 episode(s)" in shedding
-    calm = replace(overload, shedding=False, probability=0.0, lag_ms=0.4)
+    calm = replace(overload, overloaded=False, delay_ms=0.4)
     keeping_up = render_status(replace(snapshot([provider("gpu-a")]), overload=calm))
     assert "keeping up" in keeping_up
     assert "overloaded" not in keeping_up
-    assert "shedding off" in render_status(snapshot([provider("gpu-a")]))
+    off = replace(overload, enabled=False)
+    assert "overloaded (shedding off)" in render_status(
+        replace(snapshot([provider("gpu-a")]), overload=off)
+    )
