@@ -48,6 +48,11 @@ LINGER_SECONDS = 1.0
 # no queueing delay can be seen or shed. So after each accept, up to this many more are taken at
 # once (per listening socket and iteration).
 ACCEPT_BATCH = 64
+# ... but only while the worker holds fewer connections than this share of its cap. Near the cap
+# a burst taken at once would be refused whole at the connection level (503), before the
+# requests it carries could be told apart (a flooding key's share is answered 429 from its
+# head), so the last stretch is accepted at libuv's pace, one per iteration, as refusals close.
+ACCEPT_BATCH_CEILING = 0.75
 # A request head ends at an empty line; aiohttp's parser also accepts a bare LF as line end.
 HEAD_ENDS = (b"\n\n", b"\n\r\n")
 # How often a stopping site looks whether its connections have settled.
@@ -501,10 +506,14 @@ class GuardedSite(web.BaseSite):
         return handler
 
     def _drain(self) -> None:
-        """Accept up to `ACCEPT_BATCH` more queued connections from each listening socket."""
+        """Accept up to `ACCEPT_BATCH` more queued connections from each listening socket, while
+        the worker stays under `ACCEPT_BATCH_CEILING` of its connection cap."""
         self._drain_due = False
+        ceiling = int(self._limits.max_connections * ACCEPT_BATCH_CEILING)
         for spare in self._spares:
-            for _ in range(ACCEPT_BATCH):
+            for _ in range(
+                min(ACCEPT_BATCH, ceiling - len(self._connections) - len(self._connecting))
+            ):
                 try:
                     connection, _ = spare.accept()
                 except (BlockingIOError, InterruptedError):
