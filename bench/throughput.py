@@ -8,7 +8,7 @@ run on core 1. Closed loop: wrk with `bench/throughput_chat.lua` at each concurr
 bench's own closed-loop generator when wrk is not installed). Open loop: `bench.load_generator`,
 which measures from each request's intended send time, stepping the rate up until p99 passes
 50 ms. Steady p99: at the highest concurrency, the bench's own closed loop after a second of
-warm-up, the median of each second's p99 (wrk's p99 of a whole run is set by the burst of its
+warm-up, the median of each second's p99 (wrk's p99 of a whole run can be set by the burst of its
 connections opening). Non-streaming and streaming; scenarios interleave the targets and repeat.
 CPU per request is the target's CPU time (`/proc/<pid>/stat`) over the requests it answered. Writes
 `docs/benchmarks/throughput.json` and `throughput.png` (rate vs p99 per target) and prints the
