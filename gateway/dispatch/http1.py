@@ -215,10 +215,6 @@ class Http1Connection(asyncio.Protocol):
                 broken = UpstreamBrokenError(f"the upstream's answer is malformed: {error}")
                 self._fail(broken, error)
 
-    def eof_received(self) -> bool | None:
-        """Close on the upstream's end of input (its answer, if close-delimited, ends here)."""
-        return None
-
     def pause_writing(self) -> None:
         """The socket's send buffer is full: a streamed body waits."""
         self._write_paused = True

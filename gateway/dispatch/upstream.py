@@ -223,8 +223,8 @@ class EventStreamFraming:
         """Note the next chunk; False when it makes one event longer than the limit."""
         if chunk.endswith(SSE_EVENT_ENDS):  # the usual chunk: whole events, nothing pending
             self._since_boundary = 0
-            long_enough = len(chunk) >= STREAM_TAIL_BYTES
-            self._tail = chunk[-STREAM_TAIL_BYTES:] if long_enough else self._window(chunk)
+            recent = chunk if len(chunk) >= STREAM_TAIL_BYTES else self._tail + chunk
+            self._tail = recent[-STREAM_TAIL_BYTES:]
             return True
         window = self._tail + chunk
         ends = [
@@ -238,9 +238,6 @@ class EventStreamFraming:
             self._since_boundary += len(chunk)
         self._tail = window[-STREAM_TAIL_BYTES:]
         return self._since_boundary <= self._max_event_bytes
-
-    def _window(self, chunk: bytes) -> bytes:
-        return (self._tail + chunk)[-STREAM_TAIL_BYTES:]
 
 
 async def read_rest(

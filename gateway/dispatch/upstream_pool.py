@@ -114,6 +114,11 @@ def request_head(
     return "".join(lines).encode("utf-8", "surrogateescape")
 
 
+def _spent(connection: Http1Connection, oldest: float) -> bool:
+    """Whether an idle connection can no longer be used: closed, or idle since before `oldest`."""
+    return connection.closed or connection.idle_since < oldest
+
+
 def default_tls_context() -> ssl.SSLContext:
     """The verifying TLS context aiohttp uses by default: the system's trust store."""
     context = ssl.create_default_context()
@@ -264,7 +269,7 @@ class UpstreamPool:
         oldest = asyncio.get_running_loop().time() - self._idle_seconds
         while connections:
             connection = connections.pop()
-            if not connection.closed and connection.idle_since >= oldest:
+            if not _spent(connection, oldest):
                 return connection
             connection.abort()
         return None
@@ -277,7 +282,7 @@ class UpstreamPool:
         for origin, connections in list(self._idle.items()):
             kept = []
             for connection in connections:
-                if connection.closed or connection.idle_since < oldest:
+                if _spent(connection, oldest):
                     connection.abort()
                 else:
                     kept.append(connection)

@@ -26,8 +26,8 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 # Why each needs a restart: the listener and its connection limits, the worker processes, the
 # request-size limit of the app, the database pool, the shared-affinity component, the upstream
-# client session, and the shape of the per-process memory (latency window, session table) and
-# of the load poller, and the load shedder with its probe.
+# clients, and the shape of the per-process memory (latency window, session table) and
+# of the load poller, and the load shedder.
 RESTART_ONLY: tuple[str, ...] = (
     "server.host",
     "server.port",
