@@ -243,7 +243,10 @@ def _shedder(settings: Settings, metrics: Metrics) -> LoadShedder:
         enabled=server.load_shedding,
     )
     return LoadShedder(
-        policy, on_shed=metrics.requests_shed.inc, on_interval=metrics.queue_delay.set
+        policy,
+        on_shed=metrics.requests_shed.inc,
+        on_interval=metrics.queue_delay.set,
+        on_rest=metrics.shedding_rests.inc,
     )
 
 

@@ -52,13 +52,13 @@ class ServerSettings(Section):
     upstream idle keep-alive timeout), then stops accepting and finishes in-flight requests up to
     `shutdown_timeout_seconds`.
 
-    With `load_shedding`, a worker whose requests each queued longer than
+    With `load_shedding` (on by default), a worker whose requests each queued longer than
     `load_shedding_target_delay_ms` (the worker's CPU time spent for others between a request's
     head being read and its handler starting) all through a whole `load_shedding_interval_ms` is
     overloaded: until a whole interval passes without such a wait, each new proxied request that
-    itself queued past the target is answered 503 with `Retry-After` at once (see
-    `gateway.edge.overload`). Off, the delay is still measured and published; nothing is
-    refused.
+    itself queued past the target is answered 503 with `Retry-After` at once, unless the refused
+    requests come straight back (see `gateway.edge.overload`). Off, the delay is still measured
+    and published; nothing is refused.
     """
 
     host: str = "0.0.0.0"
@@ -79,7 +79,7 @@ class ServerSettings(Section):
     cors_allow_origins: list[str] = Field(default_factory=list)
     request_compression: bool = False
     max_buffered_answer_bytes: PositiveInt = 256 * 1024 * 1024
-    load_shedding: bool = False
+    load_shedding: bool = True
     load_shedding_target_delay_ms: PositiveFloat = 5.0
     load_shedding_interval_ms: Annotated[float, Field(ge=10)] = 50.0
 

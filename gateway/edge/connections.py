@@ -98,6 +98,9 @@ class Admission(Protocol):
     def finished(self) -> None:
         """The handler of a request it admitted returned."""
 
+    def watch_connections(self, count: Callable[[], int]) -> None:
+        """Take how to count the worker's open client connections."""
+
 
 class _Phase(enum.Enum):
     HEAD = "head"  # a request head is due: the deadline runs
@@ -421,6 +424,8 @@ class GuardedSite(web.BaseSite):
         self._spares: list[socket.socket] = []
         self._drain_due = False
         self._connecting: set[asyncio.Task[None]] = set()
+        if admission is not None:
+            admission.watch_connections(self._connections.__len__)
 
     @property
     def name(self) -> str:

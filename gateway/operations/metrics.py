@@ -138,6 +138,12 @@ class Metrics:
             "New requests answered 503 (overloaded) by load shedding, before their body was read.",
             registry=self.registry,
         )
+        self.shedding_rests = Counter(
+            "gateway_shedding_rests",
+            "Times load shedding rested its refusals because the refused requests came straight "
+            "back (clients that resend at once, ignoring Retry-After).",
+            registry=self.registry,
+        )
         self.queue_delay = Gauge(
             "gateway_queue_delay_seconds",
             "The smallest queueing delay of a request (the event loop's CPU time between its head "

@@ -94,6 +94,8 @@ class OverloadRow:
     target_delay_ms: float
     shed: int  # requests refused since the worker started
     episodes: int  # times the worker became overloaded
+    resting: bool  # refusals rest: refused requests came straight back
+    rests: int
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,8 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
             target_delay_ms=shedder.policy.target * 1000,
             shed=shedder.shed,
             episodes=shedder.episodes,
+            resting=shedder.resting,
+            rests=shedder.rests,
         )
     )
     return StatusSnapshot(

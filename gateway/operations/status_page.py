@@ -144,7 +144,12 @@ def _summary_cards(snapshot: StatusSnapshot) -> str:
 def _overload(overload: OverloadRow | None) -> str:
     if overload is None:
         return '<span id="overload" class="badge muted">not measured</span>'
-    if overload.overloaded and overload.enabled:
+    if overload.overloaded and overload.enabled and overload.resting:
+        badge = (
+            '<span id="overload" class="badge warn">overloaded: refusals resting, refused '
+            "requests came straight back</span>"
+        )
+    elif overload.overloaded and overload.enabled:
         badge = (
             '<span id="overload" class="badge bad">overloaded: shedding requests that waited '
             f"over {_number(overload.target_delay_ms)} ms</span>"
@@ -156,7 +161,7 @@ def _overload(overload: OverloadRow | None) -> str:
     return (
         f'{badge}<div class="muted">queueing delay {_number(overload.delay_ms)} ms '
         f"(target {_number(overload.target_delay_ms)} ms) · {overload.shed} shed "
-        f"in {overload.episodes} episode(s)</div>"
+        f"in {overload.episodes} episode(s), refusals rested {overload.rests} time(s)</div>"
     )
 
 

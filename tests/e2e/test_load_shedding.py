@@ -1,10 +1,12 @@
 """A real `gateway serve` worker hit by a burst it cannot start at once sheds the requests that
 queued too long with a prompt OpenAI-shaped 503 + Retry-After, serves the rest, still answers
-its health endpoints, and serves again after."""
+its health endpoints, and serves again after; clients that resend at once are served, not
+answered with refusals."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -13,7 +15,14 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.support.gateway import TEST_KEY, GatewayProcess, chat_body, settings_dict
+from tests.support.gateway import (
+    PROJECT_ROOT,
+    TEST_KEY,
+    GatewayProcess,
+    chat_body,
+    free_port,
+    settings_dict,
+)
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 
@@ -38,15 +47,50 @@ async def node() -> AsyncIterator[SimulatorProcess]:
         yield simulator
 
 
-def raw_request() -> bytes:
-    """One chat request that asks the server to close the connection after its answer."""
+# Connections of the closed loop, each resending the moment it is answered, for this long.
+LOOP_CONNECTIONS = 128
+LOOP_SECONDS = 3.0
+
+
+@pytest.fixture
+async def fast_node() -> AsyncIterator[str]:
+    """The bench's fast upstream (canned answers, no framework) in its own process: far
+    cheaper per request than a gateway worker, so the worker is what a closed loop saturates."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.fast_upstream", "--port", str(port),
+        cwd=PROJECT_ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def listening() -> bool:
+                try:
+                    async with session.get(url + "/metrics") as response:
+                        return response.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await wait_until(listening, timeout=30, message="fast upstream up")
+        yield url
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+def raw_request(*, close: bool = True) -> bytes:
+    """One chat request; `close` asks the server to close the connection after its answer."""
     body = orjson.dumps(chat_body())
-    head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
-        f"Authorization: Bearer {TEST_KEY}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode() + body
+    head = [
+        "POST /v1/chat/completions HTTP/1.1",
+        "Host: gateway",
+        f"Authorization: Bearer {TEST_KEY}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *(["Connection: close"] if close else []),
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
 async def burst(url: str) -> list[tuple[int, dict[str, str], bytes]]:
@@ -130,5 +174,81 @@ async def test_a_burst_past_what_a_worker_can_start_is_partly_shed_with_503_and_
                 return await chat() == 200
 
             await wait_until(served, timeout=30, interval=0.1, message="serving again")
+    finally:
+        gateway.stop()
+
+
+async def closed_loop(url: str) -> list[int]:
+    """`LOOP_CONNECTIONS` keep-alive connections, each sending its next request the moment the
+    last is answered (503 included) for `LOOP_SECONDS`; every status."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    request = raw_request(close=False)
+    statuses: list[int] = []
+    deadline = asyncio.get_running_loop().time() + LOOP_SECONDS
+
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        try:
+            while asyncio.get_running_loop().time() < deadline:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                length = next(
+                    int(line.split(":", 1)[1])
+                    for line in lines
+                    if line.lower().startswith("content-length:")
+                )
+                await reader.readexactly(length)
+                statuses.append(int(lines[0].split()[1]))
+        finally:
+            writer.close()
+
+    async with asyncio.timeout(LOOP_SECONDS + 60):
+        await asyncio.gather(*(client() for _ in range(LOOP_CONNECTIONS)))
+    return statuses
+
+
+async def test_clients_that_resend_at_once_are_served_rather_than_refused(
+    fast_node: str, database_url: str, tmp_path: Path
+) -> None:
+    """A closed loop of connections that resend at once keeps the worker past its target
+    whatever is refused: after a few intervals of refusals the worker rests them (counted on
+    /metrics), so the loop gets mostly answers, not mostly refusals."""
+    config = settings_dict(
+        {"node-a": fast_node}, extra={"database": {"url": database_url}, "server": SHEDDING}
+    )
+    gateway = GatewayProcess(config, tmp_path, workers=1)
+    gateway.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def up() -> bool:
+                try:
+                    async with session.post(
+                        gateway.url + "/v1/chat/completions",
+                        data=orjson.dumps(chat_body()),
+                        headers=AUTH,
+                    ) as response:
+                        return response.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await wait_until(up, timeout=30, message="gateway up")
+            statuses = await closed_loop(gateway.url)
+            async with session.get(gateway.url + "/metrics") as metrics:
+                text = await metrics.text()
+        answered, refused = statuses.count(200), statuses.count(503)
+        assert answered + refused == len(statuses), set(statuses)
+        rests = [
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("gateway_shedding_rests_total")
+        ]
+        assert rests
+        assert rests[0] >= 1
+        assert refused > 0
+        assert answered > 2 * refused, (answered, refused)
     finally:
         gateway.stop()

@@ -206,11 +206,11 @@ async def test_a_request_admitted_before_the_overload_is_never_cut(
 async def test_with_load_shedding_off_the_delay_is_measured_and_nothing_is_shed(
     start_simulator: SimulatorFactory,
 ) -> None:
-    """`server.load_shedding` is off by default: a busy loop still serves every request, while
-    the queueing delay is measured and published."""
+    """With `server.load_shedding: false` a busy loop still serves every request, while the
+    queueing delay is measured and published."""
     node = await start_simulator("node-a")
-    settings = Settings.model_validate(settings_dict({"node-a": node.url}))
-    assert not settings.server.load_shedding
+    config = settings_dict({"node-a": node.url}, extra={"server": {"load_shedding": False}})
+    settings = Settings.model_validate(config)
     async with guarded_gateway(settings) as server:
         async with busy_loop():
             statuses = [(await chat(server))[0] for _ in range(10)]

@@ -10,9 +10,15 @@ from gateway.catalog import Catalog
 from gateway.config import Settings
 from gateway.dispatch.permits import KeyLimits
 from gateway.edge.overload import (
+    FUTILE_INTERVALS,
+    FUTILE_RATIO,
     LIGHT_TARGETS,
+    MAX_FUTILE_GROWTH,
+    MAX_REST_GROWTH,
+    MAX_REST_SECONDS,
     MIN_IN_FLIGHT,
     MIN_SAMPLES,
+    RETRY_AFTER_SECONDS,
     LoadShedder,
     SheddingPolicy,
 )
@@ -40,6 +46,7 @@ def shedder(
     enabled: bool = True,
     counted: list[int] | None = None,
     published: list[float] | None = None,
+    rested: list[int] | None = None,
 ) -> LoadShedder:
     """A shedder with a 5 ms target over 50 ms intervals, busy enough to shed."""
     shedding = LoadShedder(
@@ -47,6 +54,7 @@ def shedder(
         clock=clock,
         on_shed=(lambda: counted.append(1)) if counted is not None else None,
         on_interval=published.append if published is not None else None,
+        on_rest=(lambda: rested.append(1)) if rested is not None else None,
     )
     shedding.in_flight = MIN_IN_FLIGHT
     return shedding
@@ -131,6 +139,138 @@ def test_with_few_requests_in_flight_only_the_very_late_are_refused() -> None:
     assert not shedding.admits(INTERVAL * 1.5, sheddable=True)
 
 
+def intervals(shedding: LoadShedder, clock: FakeClock, count: int, delays: list[float]) -> None:
+    """`count` whole intervals, in each of which requests with these delays arrive evenly."""
+    for _ in range(count):
+        started = clock.now
+        for delay in delays:
+            clock.now += INTERVAL / len(delays) * 0.99
+            shedding.admits(delay, sheddable=True)
+        clock.now = started + INTERVAL
+
+
+# An interval of a closed loop past the target: every request late, all refused.
+STORM = [TARGET * 3] * 25
+
+
+def test_refusals_rest_when_refused_requests_come_straight_back() -> None:
+    """Intervals in a row in which refusals outnumber admissions `FUTILE_RATIO` to one (after
+    the overload's first moments) rest the refusals for `RETRY_AFTER_SECONDS`, counted: late
+    requests within an interval are admitted; then late requests are refused again, and
+    the next rest that follows soon lasts twice as long."""
+    clock = FakeClock()
+    rested: list[int] = []
+    shedding = shedder(clock, rested=rested)
+    overload(shedding, clock)
+    intervals(shedding, clock, FUTILE_INTERVALS, STORM)
+    shedding.tick()
+    assert not shedding.resting  # the first moments of an overload are not judged
+    intervals(shedding, clock, FUTILE_INTERVALS + 1, STORM)
+    assert shedding.resting
+    assert rested == [1]
+    assert shedding.rests == 1
+    shed = shedding.shed
+    assert shedding.admits(INTERVAL * 0.9, sheddable=True)
+    assert shedding.shed == shed
+    assert not shedding.admits(INTERVAL * 1.1, sheddable=True)
+    clock.now += RETRY_AFTER_SECONDS
+    assert not shedding.resting
+    assert shedding.overloaded
+    assert not shedding.admits(TARGET * 3, sheddable=True)
+    intervals(shedding, clock, FUTILE_INTERVALS + 1, STORM)
+    assert shedding.resting
+    clock.now += RETRY_AFTER_SECONDS
+    assert shedding.resting  # twice as long
+    clock.now += RETRY_AFTER_SECONDS
+    assert not shedding.resting
+
+
+def rest(shedding: LoadShedder, clock: FakeClock) -> None:
+    """Overload the shedder with a closed loop until its refusals rest."""
+    overload(shedding, clock)
+    intervals(shedding, clock, FUTILE_INTERVALS * 2 + 1, STORM)
+    assert shedding.resting
+
+
+def test_connections_that_grow_while_refusals_rest_end_the_rest() -> None:
+    """A closed loop keeps its connections; when they grow while refusals rest, the load is an
+    open-loop flood after all: the rest ends, and none begins again for `MAX_REST_SECONDS`."""
+    clock = FakeClock()
+    shedding = shedder(clock)
+    connections = [200]
+    shedding.connections = lambda: connections[0]
+    rest(shedding, clock)
+    connections[0] += MAX_REST_GROWTH
+    intervals(shedding, clock, 2, STORM)
+    assert shedding.resting
+    connections[0] += 1
+    intervals(shedding, clock, 1, STORM)
+    assert not shedding.resting
+    assert not shedding.admits(TARGET * 3, sheddable=True)
+    intervals(shedding, clock, int(MAX_REST_SECONDS / INTERVAL) - 2, STORM)
+    assert not shedding.resting
+    assert shedding.rests == 1
+    intervals(shedding, clock, FUTILE_INTERVALS + 2, STORM)  # one to see the connections settle
+    assert shedding.resting
+    assert shedding.rests == 2
+
+
+def test_refusals_while_connections_open_never_rest() -> None:
+    """A flood opens connections as it queues: intervals of refusals in which more than
+    `MAX_FUTILE_GROWTH` connections opened do not count towards a rest."""
+    clock = FakeClock()
+    shedding = shedder(clock)
+    connections = [100]
+    shedding.connections = lambda: connections[0]
+    overload(shedding, clock)
+    for _ in range(FUTILE_INTERVALS * 4):
+        connections[0] += MAX_FUTILE_GROWTH + 1
+        intervals(shedding, clock, 1, STORM)
+    assert shedding.rests == 0
+    for _ in range(FUTILE_INTERVALS * 2):
+        connections[0] += MAX_FUTILE_GROWTH
+        intervals(shedding, clock, 1, STORM)
+    assert shedding.rests == 1
+
+
+def test_refusals_that_shed_load_never_rest() -> None:
+    """An open-loop overload refuses fewer than `FUTILE_RATIO` per admission, with an odd
+    interval of nothing but refusals (the backlog of its first moments): refusals never rest."""
+    clock = FakeClock()
+    shedding = shedder(clock)
+    overload(shedding, clock)
+    between = [TARGET * 3] * (FUTILE_RATIO - 1) * 5 + [TARGET / 2] * 5
+    for _ in range(20):
+        intervals(shedding, clock, 1, STORM)
+        intervals(shedding, clock, FUTILE_INTERVALS - 1, between)
+    assert shedding.overloaded
+    assert shedding.rests == 0
+    assert not shedding.resting
+
+
+def test_rests_double_up_to_a_bound_and_start_over_after_a_calm() -> None:
+    """While refused requests keep coming back, each rest doubles up to `MAX_REST_SECONDS`;
+    after that long without one, the next rest is short again, overload or not in between."""
+    clock = FakeClock()
+    shedding = shedder(clock)
+    rest(shedding, clock)
+    lengths = []
+    for _ in range(6):
+        began = clock.now
+        while shedding.resting:
+            clock.now += 0.01
+        lengths.append(round(clock.now - began + INTERVAL))
+        intervals(shedding, clock, FUTILE_INTERVALS + 1, STORM)
+        assert shedding.resting
+    assert lengths == [1, 2, 4, 8, 8, 8]
+    assert MAX_REST_SECONDS == 8
+    clock.now += MAX_REST_SECONDS * 2
+    intervals(shedding, clock, FUTILE_INTERVALS + 1, STORM)
+    assert shedding.resting
+    clock.now += RETRY_AFTER_SECONDS
+    assert not shedding.resting
+
+
 def test_the_overload_ends_after_an_interval_without_a_late_request() -> None:
     """A whole interval in which no request waited over the target ends the overload, and
     the next one is a new episode."""
@@ -191,6 +331,13 @@ def test_below_mean_compares_a_keys_requests_in_flight_with_the_mean_of_active_k
     limits.release(light)
     limits.release(light)  # one release too many changes nothing
     assert not limits.below_mean(heavy)
+
+
+def test_load_shedding_is_on_by_default() -> None:
+    """A config that does not mention load shedding gets it, with the documented policy."""
+    server = Settings.model_validate(settings_dict({"a": "http://127.0.0.1:1"})).server
+    assert server.load_shedding
+    assert (server.load_shedding_target_delay_ms, server.load_shedding_interval_ms) == (5, 50)
 
 
 def test_the_old_lag_target_setting_is_named_as_replaced() -> None:

@@ -236,8 +236,8 @@ def test_each_limited_key_shows_this_workers_share() -> None:
 
 def test_the_load_card_says_whether_the_worker_sheds_and_why() -> None:
     """Overloaded, the card says it sheds requests that queued past the target, with the
-    queueing delay and the count; a worker keeping up says so; with shedding off an overload is
-    still shown, as not shed."""
+    queueing delay and the counts; resting refusals are said as such; a worker keeping up says
+    so; with shedding off an overload is still shown, as not shed."""
     overload = OverloadRow(
         enabled=True,
         overloaded=True,
@@ -245,11 +245,17 @@ def test_the_load_card_says_whether_the_worker_sheds_and_why() -> None:
         target_delay_ms=5.0,
         shed=1234,
         episodes=2,
+        resting=False,
+        rests=3,
     )
     shedding = render_status(replace(snapshot([provider("gpu-a")]), overload=overload))
     assert "overloaded: shedding requests that waited over 5 ms" in shedding
     assert "queueing delay 27.5 ms (target 5 ms)" in shedding
-    assert "1234 shed in 2 episode(s)" in shedding
+    assert "1234 shed in 2 episode(s), refusals rested 3 time(s)" in shedding
+    resting = render_status(
+        replace(snapshot([provider("gpu-a")]), overload=replace(overload, resting=True))
+    )
+    assert "overloaded: refusals resting, refused requests came straight back" in resting
     calm = replace(overload, overloaded=False, delay_ms=0.4)
     keeping_up = render_status(replace(snapshot([provider("gpu-a")]), overload=calm))
     assert "keeping up" in keeping_up
