@@ -104,6 +104,7 @@ def closed_loop(target: Target, concurrency: int, stream: bool, plan: Plan) -> d
             "generator": "wrk",
             "ok": ok,
             "errors": errors,
+            "refused": raw["status_errors"],  # non-2xx answers: 503s, if the gateway sheds
             "seconds": round(seconds_run, 3),
             "requests_per_second": round(ok / seconds_run, 1),
             **{f"{name}_ms": raw[f"{name}_us"] / 1000 for name in ("p50", "p90", "p99", "max")},
