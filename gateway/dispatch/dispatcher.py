@@ -34,7 +34,7 @@ from gateway.dispatch.upstream import (
     usable_answer,
 )
 from gateway.dispatch.upstream_pool import UpstreamPool, UpstreamResponse
-from gateway.edge.delivery import ClientStalledError, write_within
+from gateway.edge.delivery import ClientStalledError, HeldHeadResponse, write_last, write_within
 from gateway.edge.errors import GatewayError, sse_error_event
 from gateway.edge.model_names import Renamer
 
@@ -375,7 +375,9 @@ class Dispatcher:
         error event; a stream that ends cleanly passes through as it is, `[DONE]` or not.
         """
         headers = self._headers(job, provider, response)
-        downstream = web.StreamResponse(status=response.status, headers=headers)
+        # The head goes out with the first bytes; the last bytes with the stream's end, once
+        # the upstream's answer is all in: a stream that came in one read leaves in one write.
+        downstream = HeldHeadResponse(status=response.status, headers=headers)
         downstream.enable_chunked_encoding()
         record.status = response.status
         await downstream.prepare(request)
@@ -383,6 +385,8 @@ class Dispatcher:
         renamer = job.renamer(provider)
         last = b""
         chunk = first_chunk
+        head = True  # the head is still held
+        ended = False
         try:
             while chunk:
                 if not framing.accepts(chunk):
@@ -391,13 +395,18 @@ class Dispatcher:
                     )
                 if renamer is not None:
                     chunk = renamer.feed(chunk)
-                await write_within(request, downstream, chunk, self._write_timeout)
+                if response.at_eof:
+                    break  # the upstream is done: this chunk is the last
+                await write_within(request, downstream, chunk, self._write_timeout, head=head)
+                head = False
                 record.bytes_sent += len(chunk)
                 last = chunk or last
                 chunk = await response.read()
             if renamer is not None and (held := renamer.flush()):
-                await write_within(request, downstream, held, self._write_timeout)
-                record.bytes_sent += len(held)
+                chunk += held
+            if chunk:
+                ended = await write_last(request, downstream, chunk, self._write_timeout, head=head)
+                record.bytes_sent += len(chunk)
         except ClientStalledError:
             # The client stopped reading: it was dropped; the caller closes the upstream.
             record.client_disconnected = True
@@ -414,7 +423,8 @@ class Dispatcher:
             )
         self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
-        await downstream.write_eof()
+        if not ended:
+            await downstream.write_eof()
         return downstream
 
     async def _end_broken_stream(

@@ -60,8 +60,11 @@ class ProviderPermits:
             limit.interval = provider.min_start_interval_seconds
 
     def _limit(self, provider: str) -> _Limit:
-        # A provider a reload removed may still be named by a request that started before it.
-        return self._limits.setdefault(provider, _Limit(None, 0.0))
+        limit = self._limits.get(provider)
+        if limit is None:
+            # A provider a reload removed may still be named by a request that started before it.
+            limit = self._limits[provider] = _Limit(None, 0.0)
+        return limit
 
     def in_flight(self, provider: str) -> int:
         """Requests this process has in flight on the provider."""
@@ -71,7 +74,11 @@ class ProviderPermits:
         """Whether a request could take a permit for the provider right now."""
         limit = self._limit(provider)
         has_room = limit.maximum is None or limit.in_flight < limit.maximum
-        return has_room and not any(provider in waiter.providers for waiter in self._waiters)
+        if not has_room:
+            return False
+        return not self._waiters or not any(
+            provider in waiter.providers for waiter in self._waiters
+        )
 
     def try_acquire(self, provider: str) -> bool:
         """Take a permit if one is free and nobody is queued for it."""

@@ -27,11 +27,24 @@ class ClientStalledError(Exception):
     """The client accepted no bytes within the write deadline; its connection was aborted."""
 
 
+class HeldHeadResponse(web.StreamResponse):
+    """A streamed response whose head waits from `prepare` for its first bytes and goes out
+    with them in one write (aiohttp's `Response` holds its head the same way)."""
+
+    _send_headers_immediately = False
+
+
 async def write_within(
-    request: web.BaseRequest, response: web.StreamResponse, data: bytes, deadline: float
+    request: web.BaseRequest,
+    response: web.StreamResponse,
+    data: bytes,
+    deadline: float,
+    *,
+    head: bool = False,
 ) -> None:
-    """Write `data` to a started response, or drop the client and raise `ClientStalledError`."""
-    if _fits(request, len(data)):
+    """Write `data` to a started response, or drop the client and raise `ClientStalledError`;
+    `head`: the response's held head goes out with it."""
+    if _fits(request, len(data) + (HEAD_ALLOWANCE_BYTES if head else 0)):
         # The transport takes it without pausing, so the write cannot wait on the client: no
         # deadline to arm (a stream's chunks mostly take this path).
         await response.write(data)
@@ -42,6 +55,24 @@ async def write_within(
     except TimeoutError:
         drop_client(request)
         raise ClientStalledError from None
+
+
+async def write_last(
+    request: web.BaseRequest,
+    response: web.StreamResponse,
+    data: bytes,
+    deadline: float,
+    *,
+    head: bool = False,
+) -> bool:
+    """Write a started response's last bytes: with its end, in one write, when the transport
+    takes them without pausing (True: the response is ended); else as `write_within` does
+    (False: the response still needs its end)."""
+    if _fits(request, len(data) + (HEAD_ALLOWANCE_BYTES if head else 0)):
+        await response.write_eof(data)
+        return True
+    await write_within(request, response, data, deadline, head=head)
+    return False
 
 
 async def deliver(request: web.BaseRequest, response: web.StreamResponse, deadline: float) -> bool:

@@ -24,6 +24,8 @@ from gateway.dispatch.permits import ProviderPermits
 from gateway.operations.metrics import Metrics
 from gateway.routing.latency import LatencyTracker
 from gateway.routing.ordering import (
+    ONLY_REASON,
+    REASONS,
     OrderingRequest,
     ProviderState,
     Ranked,
@@ -128,6 +130,16 @@ class Router:
         self, context: RequestContext, candidates: Sequence[Provider]
     ) -> RoutingDecision:
         """Order one request's candidates, consulting the shared binding when the model has one."""
+        if len(candidates) == 1:
+            decided = self._lone_bound(context.key, context.model, candidates[0])
+            if decided is not None:
+                return decided
+        return await self._ordered(context, candidates)
+
+    async def _ordered(
+        self, context: RequestContext, candidates: Sequence[Provider]
+    ) -> RoutingDecision:
+        """The general decision: every signal gathered, the candidates ordered on them."""
         now = self._clock()
         key, model = context.key, context.model
         names = [provider.name for provider in candidates]
@@ -212,6 +224,23 @@ class Router:
             bound=bound,
             spilled=spilled,
         )
+
+    def _lone_bound(self, key: Key, model: str, provider: Provider) -> RoutingDecision | None:
+        """The decision for a lone candidate the key's shared binding holds in this process's
+        cache, when the key has no preference for the model; None for any other case.
+
+        It is the one `decide` reaches there: one candidate leaves nothing to order or spill
+        ("cooling" or "only"), and a binding to it is a hit.
+        """
+        if key.model_group_preferences.get(model) is not None:
+            return None
+        if self.catalog.stickiness(model) != "shared":
+            return None
+        binding = self.affinity.cached(key.id, model)
+        if binding is None or binding.provider != provider.name:
+            return None
+        reason = REASONS[0] if self.health.cooling(provider.name) else ONLY_REASON
+        return RoutingDecision(failover=[provider], reasons=[reason], affinity="hit", bound=binding)
 
     def affinity_header(self, decision: RoutingDecision, provider: Provider) -> AffinityKind:
         """`x-gateway-affinity` once the serving provider is known: a failover is a rebind."""
