@@ -132,7 +132,7 @@ class LoadShedder:
         self._futile_run = 0  # intervals in a row whose refusals outnumbered admissions
         self._rest = 0.0  # seconds of the last rest
         self._resting_until = -math.inf
-        self._no_rest_until = -math.inf  # after a rest that let the queue grow: none before
+        self._no_rest_until = -math.inf  # after a rest that ended early: none before this
         self.rests = 0  # times refusals rested so far
         self.connections: Callable[[], int] = lambda: 0  # the worker's open client connections
         self._rest_connections = 0  # open connections when the current rest began
@@ -140,7 +140,8 @@ class LoadShedder:
 
     @property
     def resting(self) -> bool:
-        """Whether refusals rest now: only requests past the resting bound are refused."""
+        """Whether refusals rest now: only requests that queued past a whole interval are
+        refused."""
         return self._clock() < self._resting_until
 
     @property
@@ -224,7 +225,7 @@ class LoadShedder:
         elif now < self._resting_until:
             opened = self.connections() - self._rest_connections
             if opened > MAX_REST_GROWTH:
-                self._end_rest(now, "connections grew while refusals rested")
+                self._end_rest(now)
         elif self.shedding and now >= self._no_rest_until:
             self._judge_refusals(now)
         self._window_started = now
@@ -266,12 +267,12 @@ class LoadShedder:
             reason="refused requests come straight back",
         )
 
-    def _end_rest(self, now: float, reason: str) -> None:
-        """The load grew while refusals rested, so they were shedding load (an open-loop flood,
-        not a closed loop): resume them, and do not rest again for a while."""
+    def _end_rest(self, now: float) -> None:
+        """Connections opened while refusals rested, so they were shedding load (a flood, not
+        a closed loop): resume them, and do not rest again for a while."""
         self._resting_until = now
         self._no_rest_until = now + MAX_REST_SECONDS
-        logger.warning("shedding_rest_ended", reason=reason)
+        logger.warning("shedding_rest_ended", reason="connections opened while refusals rested")
 
 
 class OverloadGate:
