@@ -33,7 +33,8 @@ from gateway.app import (
 )
 from gateway.config import Settings
 from gateway.config_loading import ConfigError, load_config
-from gateway.edge.connections import ConnectionLimits, GuardedSite
+from gateway.edge.connections import ConnectionLimits
+from gateway.edge.site import GuardedSite
 from gateway.operations.observability import configure_logging
 from gateway.operations.reload import keep_restart_only
 from gateway.selection.database import provisioned
@@ -70,7 +71,7 @@ async def serve_worker(
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain as a lame duck; SIGHUP reloads `config_path`.
 
-    Connections are guarded by the `server` section's limits (see `gateway.edge.connections`). With
+    Connections are guarded by the `server` section's limits (see `gateway.edge.site`). With
     `parent_pid`, the worker never outlives that process (see `die_with_parent`).
     """
     # Never outlive the supervisor, from the first moment on.

@@ -19,8 +19,9 @@ from yarl import URL
 
 from gateway.app import OVERLOAD_GATE, SETTINGS, create_app
 from gateway.config import Settings
-from gateway.edge.connections import ConnectionLimits, GuardedSite
+from gateway.edge.connections import ConnectionLimits
 from gateway.edge.overload import LoadShedder
+from gateway.edge.site import GuardedSite
 from gateway.simulator.options import Timing
 from tests.conftest import SimulatorFactory
 from tests.support.gateway import TEST_KEY, chat_body, settings_dict
