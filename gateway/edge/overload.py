@@ -68,7 +68,9 @@ RETRY_AFTER_SECONDS = 1
 # Refusals rest (see the module's description) after this many intervals in a row in which at
 # least `MIN_FUTILE_REFUSALS` requests were refused, and this many for each one admitted.
 FUTILE_RATIO = 3
-FUTILE_INTERVALS = 3
+FUTILE_INTERVALS = 2
+# ... not counting this many intervals at the start of an overload.
+ONSET_INTERVALS = 1
 MIN_FUTILE_REFUSALS = 16
 # A rest ends early once more than this many more client connections are open than when it
 # began: a closed loop keeps its number, an open-loop flood opens more as it queues.
@@ -205,7 +207,7 @@ class LoadShedder:
             self.episodes += 1
             self._episode_shed = 0
             # The backlog of an overload's first moments is refused whole, whatever the load.
-            self._futile_run = -FUTILE_INTERVALS
+            self._futile_run = -ONSET_INTERVALS
             self._judged_connections = self.connections()
             logger.warning(
                 "overloaded", delay_ms=round(delay * 1000, 1), shedding=self.policy.enabled

@@ -242,7 +242,7 @@ def test_refusals_that_shed_load_never_rest() -> None:
     between = [TARGET * 3] * (FUTILE_RATIO - 1) * 5 + [TARGET / 2] * 5
     for _ in range(20):
         intervals(shedding, clock, 1, STORM)
-        intervals(shedding, clock, FUTILE_INTERVALS - 1, between)
+        intervals(shedding, clock, FUTILE_INTERVALS, between)
     assert shedding.overloaded
     assert shedding.rests == 0
     assert not shedding.resting
