@@ -24,7 +24,7 @@ Refusing only sheds load that does not come straight back. Clients that send the
 the moment the last is answered, ignoring `Retry-After` (a closed loop), keep their number of
 requests in the worker whatever is refused, so once they queue past the target, refusing every
 late one only trades answers for refusals (measured, 128 such clients on one worker: 40 % of the
-answers, and seven refusals for each). So when, past an overload's first `FUTILE_INTERVALS`
+answers, and seven refusals for each). So when, past an overload's first `ONSET_INTERVALS`
 intervals, refusals outnumber admissions `FUTILE_RATIO` to one for `FUTILE_INTERVALS` intervals
 in a row while the worker's open connections stay put (an open-loop overload of 1.5x refuses a
 third of its requests, and a flood opens connections as it queues), refusals *rest*: for one
@@ -65,11 +65,11 @@ LIGHT_TARGETS = 2.0
 MIN_IN_FLIGHT = 16
 # Seconds a shed request is told to wait.
 RETRY_AFTER_SECONDS = 1
-# Refusals rest (see the module's description) after this many intervals in a row in which at
-# least `MIN_FUTILE_REFUSALS` requests were refused, and this many for each one admitted.
+# Refusals rest (see the module's description) when, for `FUTILE_INTERVALS` intervals in a row,
+# at least `MIN_FUTILE_REFUSALS` requests were refused and `FUTILE_RATIO` for each one admitted,
+# not counting an overload's first `ONSET_INTERVALS` intervals.
 FUTILE_RATIO = 3
 FUTILE_INTERVALS = 2
-# ... not counting this many intervals at the start of an overload.
 ONSET_INTERVALS = 1
 MIN_FUTILE_REFUSALS = 16
 # A rest ends early once more than this many more client connections are open than when it

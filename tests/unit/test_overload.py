@@ -239,7 +239,7 @@ def test_refusals_that_shed_load_never_rest() -> None:
     clock = FakeClock()
     shedding = shedder(clock)
     overload(shedding, clock)
-    between = [TARGET * 3] * (FUTILE_RATIO - 1) * 5 + [TARGET / 2] * 5
+    between = ([TARGET * 3] * (FUTILE_RATIO - 1) + [TARGET / 2] * 3) * 5
     for _ in range(20):
         intervals(shedding, clock, 1, STORM)
         intervals(shedding, clock, FUTILE_INTERVALS, between)
