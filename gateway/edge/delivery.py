@@ -44,7 +44,7 @@ async def write_within(
 ) -> None:
     """Write `data` to a started response, or drop the client and raise `ClientStalledError`;
     `head`: the response's held head goes out with it."""
-    if _fits(request, len(data) + (HEAD_ALLOWANCE_BYTES if head else 0)):
+    if _fits(request, len(data), head=head):
         # The transport takes it without pausing, so the write cannot wait on the client: no
         # deadline to arm (a stream's chunks mostly take this path).
         await response.write(data)
@@ -68,7 +68,7 @@ async def write_last(
     """Write a started response's last bytes: with its end, in one write, when the transport
     takes them without pausing (True: the response is ended); else as `write_within` does
     (False: the response still needs its end)."""
-    if _fits(request, len(data) + (HEAD_ALLOWANCE_BYTES if head else 0)):
+    if _fits(request, len(data), head=head):
         await response.write_eof(data)
         return True
     await write_within(request, response, data, deadline, head=head)
@@ -103,17 +103,19 @@ def _cannot_wait(request: web.BaseRequest, response: web.StreamResponse) -> bool
     body = response.body if isinstance(response, web.Response) else None
     if not isinstance(body, bytes | bytearray):
         return False
-    return _fits(request, len(body) + HEAD_ALLOWANCE_BYTES)
+    return _fits(request, len(body), head=True)
 
 
-def _fits(request: web.BaseRequest, size: int) -> bool:
-    """Whether `size` more bytes go into the client's transport without pausing it: writing is
-    not paused and they fit below the mark where it would pause."""
+def _fits(request: web.BaseRequest, size: int, *, head: bool) -> bool:
+    """Whether `size` more bytes (with the answer's head, if `head`) go into the client's
+    transport without pausing it: writing is not paused and they fit below the mark where it
+    would pause."""
     transport = request.transport
     if transport is None or request.protocol.writing_paused:
         return False
     _, high = transport.get_write_buffer_limits()
-    return transport.get_write_buffer_size() + size + CHUNK_FRAMING_BYTES < high
+    size += CHUNK_FRAMING_BYTES + (HEAD_ALLOWANCE_BYTES if head else 0)
+    return transport.get_write_buffer_size() + size < high
 
 
 def drop_client(request: web.BaseRequest) -> None:

@@ -176,7 +176,7 @@ class LoadShedder:
         target, interval = self.policy.target, self.policy.interval
         if delay <= target or not self.policy.enabled:
             return True
-        if self._clock() < self._resting_until:
+        if self.resting:
             return delay <= interval
         if delay <= interval and (not self.overloaded or self.in_flight < MIN_IN_FLIGHT):
             return True
@@ -222,7 +222,6 @@ class LoadShedder:
         self.delay = self._window_smallest if self._window_samples else 0.0
         if self.overloaded and not self._window_late:
             self.overloaded = False
-            self._futile_run = 0
             logger.info("overload_ended", shed=self._episode_shed)
         elif now < self._resting_until:
             opened = self.connections() - self._rest_connections
