@@ -93,6 +93,28 @@ def raw_request(*, close: bool = True) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+async def chat(session: aiohttp.ClientSession, url: str) -> int:
+    """The status of one chat request to the gateway at `url`."""
+    async with session.post(
+        url + "/v1/chat/completions", data=orjson.dumps(chat_body()), headers=AUTH
+    ) as response:
+        await response.read()
+        return response.status
+
+
+async def serving(session: aiohttp.ClientSession, url: str) -> bool:
+    """Whether the gateway at `url` answers a chat request 200 (False while it is not up)."""
+    try:
+        return await chat(session, url) == 200
+    except aiohttp.ClientConnectionError:
+        return False
+
+
+def samples(metrics: str, name: str) -> list[float]:
+    """The values of a metric's samples in a /metrics page."""
+    return [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name)]
+
+
 async def burst(url: str) -> list[tuple[int, dict[str, str], bytes]]:
     """Open `BURST` connections, then send a request on each at once; every answer."""
     parts = urlsplit(url)
@@ -130,23 +152,9 @@ async def test_a_burst_past_what_a_worker_can_start_is_partly_shed_with_503_and_
     gateway.start()
     try:
         async with aiohttp.ClientSession() as session:
-
-            async def chat() -> int:
-                async with session.post(
-                    gateway.url + "/v1/chat/completions",
-                    data=orjson.dumps(chat_body()),
-                    headers=AUTH,
-                ) as response:
-                    await response.read()
-                    return response.status
-
-            async def up() -> bool:
-                try:
-                    return await chat() == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await wait_until(up, timeout=30, message="gateway up")
+            await wait_until(
+                lambda: serving(session, gateway.url), timeout=30, message="gateway up"
+            )
             answers = await burst(gateway.url)
             statuses = [status for status, _, _ in answers]
             shed = [answer for answer in answers if answer[0] == 503]
@@ -163,15 +171,10 @@ async def test_a_burst_past_what_a_worker_can_start_is_partly_shed_with_503_and_
                 assert ready.status == 200
             async with session.get(gateway.url + "/metrics") as metrics:
                 text = await metrics.text()
-            counted = [
-                float(line.split()[-1])
-                for line in text.splitlines()
-                if line.startswith("gateway_requests_shed_total")
-            ]
-            assert counted == [len(shed)]
+            assert samples(text, "gateway_requests_shed_total") == [len(shed)]
 
             async def served() -> bool:
-                return await chat() == 200
+                return await chat(session, gateway.url) == 200
 
             await wait_until(served, timeout=30, interval=0.1, message="serving again")
     finally:
@@ -223,29 +226,15 @@ async def test_clients_that_resend_at_once_are_served_rather_than_refused(
     gateway.start()
     try:
         async with aiohttp.ClientSession() as session:
-
-            async def up() -> bool:
-                try:
-                    async with session.post(
-                        gateway.url + "/v1/chat/completions",
-                        data=orjson.dumps(chat_body()),
-                        headers=AUTH,
-                    ) as response:
-                        return response.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await wait_until(up, timeout=30, message="gateway up")
+            await wait_until(
+                lambda: serving(session, gateway.url), timeout=30, message="gateway up"
+            )
             statuses = await closed_loop(gateway.url)
             async with session.get(gateway.url + "/metrics") as metrics:
                 text = await metrics.text()
         answered, refused = statuses.count(200), statuses.count(503)
         assert answered + refused == len(statuses), set(statuses)
-        rests = [
-            float(line.split()[-1])
-            for line in text.splitlines()
-            if line.startswith("gateway_shedding_rests_total")
-        ]
+        rests = samples(text, "gateway_shedding_rests_total")
         assert rests
         assert rests[0] >= 1
         assert refused > 0

@@ -80,6 +80,16 @@ def chunked_body(raw: bytes) -> bytes:
         body, rest = body + rest[:size], rest[size + 2 :]
 
 
+async def held_stream(request: web.Request) -> tuple[HeldHeadResponse, list[int]]:
+    """A prepared chunked event stream whose head is held, and the sizes of its transport's
+    writes from before `prepare` on."""
+    response = HeldHeadResponse(headers={"Content-Type": "text/event-stream"})
+    response.enable_chunked_encoding()
+    sizes = counting(request)
+    await response.prepare(request)
+    return response, sizes
+
+
 async def test_a_one_chunk_stream_leaves_in_one_write(
     serve: Callable[[Handler], Any],
 ) -> None:
@@ -87,10 +97,7 @@ async def test_a_one_chunk_stream_leaves_in_one_write(
     seen: dict[str, Any] = {}
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        response = HeldHeadResponse(headers={"Content-Type": "text/event-stream"})
-        response.enable_chunked_encoding()
-        sizes = counting(request)
-        await response.prepare(request)
+        response, sizes = await held_stream(request)
         seen["after_prepare"] = list(sizes)
         seen["ended"] = await write_last(request, response, EVENT, DEADLINE, head=True)
         seen["writes"] = list(sizes)
@@ -109,10 +116,7 @@ async def test_the_head_leaves_with_the_first_chunk(serve: Callable[[Handler], A
     seen: dict[str, Any] = {}
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        response = HeldHeadResponse(headers={"Content-Type": "text/event-stream"})
-        response.enable_chunked_encoding()
-        sizes = counting(request)
-        await response.prepare(request)
+        response, sizes = await held_stream(request)
         await write_within(request, response, EVENT, DEADLINE, head=True)
         await write_within(request, response, EVENT, DEADLINE)
         seen["ended"] = await write_last(request, response, EVENT, DEADLINE)
@@ -134,9 +138,7 @@ async def test_last_bytes_past_the_high_water_mark_leave_the_end_to_the_caller(
     seen: dict[str, Any] = {}
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        response = HeldHeadResponse(headers={"Content-Type": "text/event-stream"})
-        response.enable_chunked_encoding()
-        await response.prepare(request)
+        response, _ = await held_stream(request)
         seen["ended"] = await write_last(request, response, large, DEADLINE, head=True)
         await response.write_eof()
         return response
