@@ -180,6 +180,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         catalog.providers,
         permits.in_flight,
         interval=settings.routing.load_poll_interval_seconds,
+        ttft_window_seconds=settings.routing.node_latency_window_seconds,
     )
     app[LOAD] = poller
     # Until the store grants shares, each key's limits are split among this replica's workers.

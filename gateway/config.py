@@ -172,6 +172,9 @@ class RoutingSettings(Section):
     latency_window_seconds: PositiveFloat = 900
     latency_band_fraction: PositiveFloat = 0.15
     latency_min_samples: Annotated[int, Field(ge=0)] = 20
+    latency_band_hysteresis: Annotated[float, Field(ge=0, lt=0.5)] = 0.25
+    latency_sample_max_age_seconds: PositiveFloat = 60
+    node_latency_window_seconds: PositiveFloat = 10
     session_ttl_seconds: PositiveFloat = 21600
     session_capacity: PositiveInt = 4096
     load_poll_interval_seconds: PositiveFloat = 1

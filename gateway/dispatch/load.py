@@ -1,11 +1,12 @@
-"""Polled upstream load (vLLM's running + waiting requests), and the spill rule built on it."""
+"""Polled upstream figures (vLLM's running + waiting requests, and its time-to-first-token
+histogram), and the spill rule built on the load."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
@@ -13,10 +14,15 @@ import structlog
 from gateway.background import stop_task
 from gateway.catalog import Provider
 from gateway.config import SpillSettings
+from gateway.routing.node_latency import NodeTtft
 
 logger = structlog.get_logger("gateway.dispatch.load")
 
 LOAD_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+# The TTFT histogram's running totals, as vLLM and SGLang name them.
+TTFT_SUMS = ("vllm:time_to_first_token_seconds_sum", "sglang:time_to_first_token_seconds_sum")
+TTFT_COUNTS = ("vllm:time_to_first_token_seconds_count", "sglang:time_to_first_token_seconds_count")
+_TTFT_METRICS = (*TTFT_SUMS, *TTFT_COUNTS)
 MAX_METRICS_BYTES = 4 * 1024 * 1024
 # A reading older than this many poll intervals is stale: fall back to local in-flight counts.
 STALE_AFTER_INTERVALS = 3
@@ -29,26 +35,42 @@ class Reading:
     load: float | None = None
     read_at: float = 0.0
     consecutive_failures: int = 0
+    ttft: NodeTtft = field(default_factory=NodeTtft)
 
 
-def parse_load(text: str) -> float | None:
-    """running + waiting from a Prometheus text page, summed over label sets; None if absent."""
-    total = 0.0
-    found = False
+@dataclass(frozen=True, slots=True)
+class NodeFigures:
+    """What one `/metrics` page says: the load, and the TTFT histogram's running totals (each
+    summed over label sets, None where the page has none)."""
+
+    load: float | None
+    ttft_seconds: float | None
+    ttft_count: float | None
+
+
+def parse_node_metrics(text: str) -> NodeFigures:
+    """Read the load (running + waiting) and the TTFT totals from a Prometheus text page."""
+    sums: dict[str, float] = {}
     for line in text.splitlines():
-        if not line.startswith(LOAD_METRICS):
+        if not line.startswith(("vllm:", "sglang:")):
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name not in LOAD_METRICS:
+        if name not in LOAD_METRICS and name not in _TTFT_METRICS:
             continue
         after_labels = line.rsplit("}", 1)[1] if "}" in line else line[len(name) :]
         fields = after_labels.split()
         try:
-            total += float(fields[0])
+            value = float(fields[0])
         except (IndexError, ValueError):
             continue
-        found = True
-    return total if found else None
+        group = "load" if name in LOAD_METRICS else "sum" if name in TTFT_SUMS else "count"
+        sums[group] = sums.get(group, 0.0) + value
+    return NodeFigures(sums.get("load"), sums.get("sum"), sums.get("count"))
+
+
+def parse_load(text: str) -> float | None:
+    """running + waiting from a Prometheus text page, summed over label sets; None if absent."""
+    return parse_node_metrics(text).load
 
 
 class LoadPoller:
@@ -61,9 +83,13 @@ class LoadPoller:
         in_flight: Callable[[str], int],
         *,
         interval: float,
+        ttft_window_seconds: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._session = session
+        self._ttft_window_seconds = ttft_window_seconds
+        self.polls = 0
+        """Completed poll rounds: derived views recompute when it moves."""
         self._providers = providers
         self._in_flight = in_flight
         self._interval = interval
@@ -92,6 +118,23 @@ class LoadPoller:
             and self._clock() - reading.read_at <= self._interval * STALE_AFTER_INTERVALS
         )
 
+    def node_ttft(self, provider: str) -> float | None:
+        """The node's own mean time to first token over the TTFT window; None when its polls
+        are stale or it started no request in the window."""
+        reading = self.readings.get(provider)
+        if reading is None:
+            return None
+        return reading.ttft.mean(
+            self._clock(), self._ttft_window_seconds, self._interval * STALE_AFTER_INTERVALS
+        )
+
+    def node_ttft_age(self, provider: str) -> float | None:
+        """Seconds since the node's TTFT totals were last read; None if never."""
+        reading = self.readings.get(provider)
+        if reading is None or not reading.ttft.readings:
+            return None
+        return self._clock() - reading.ttft.readings[-1][0]
+
     async def start(self) -> None:
         """Start polling."""
         self._task = asyncio.create_task(self._run(), name="load-poller")
@@ -104,6 +147,7 @@ class LoadPoller:
     async def poll_once(self) -> None:
         """Poll every provider concurrently, each bounded by the poll interval."""
         await asyncio.gather(*(self._poll(provider) for provider in self._providers.values()))
+        self.polls += 1
 
     async def _run(self) -> None:
         while True:
@@ -121,15 +165,18 @@ class LoadPoller:
                 if response.status != 200:
                     raise ValueError(f"status {response.status}")
                 body = await response.content.read(MAX_METRICS_BYTES)
-            load = parse_load(body.decode("utf-8", errors="replace"))
+            figures = parse_node_metrics(body.decode("utf-8", errors="replace"))
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
             reading.consecutive_failures += 1
             if reading.consecutive_failures == 1:
                 logger.info("load_poll_failed", provider=provider.name, error=type(error).__name__)
             return
+        now = self._clock()
         reading.consecutive_failures = 0
-        reading.load = load
-        reading.read_at = self._clock()
+        reading.load = figures.load
+        reading.read_at = now
+        if figures.ttft_seconds is not None and figures.ttft_count is not None:
+            reading.ttft.add(now, figures.ttft_seconds, figures.ttft_count)
 
 
 def should_spill(

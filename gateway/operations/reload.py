@@ -48,6 +48,8 @@ RESTART_ONLY: tuple[str, ...] = (
     "affinity",
     "routing.connect_timeout_seconds",
     "routing.latency_window_seconds",
+    "routing.latency_sample_max_age_seconds",
+    "routing.node_latency_window_seconds",
     "routing.session_ttl_seconds",
     "routing.session_capacity",
     "routing.load_poll_interval_seconds",

@@ -3,6 +3,12 @@
 A band is the provider's smoothed TTFT measured against the model's global mean, in steps of
 two tolerances: band 0 is ``global ± tolerance``, so near-average and unsampled providers tie
 and fall through to round robin instead of the fastest one winning every request.
+
+These are one process's own samples, for providers whose nodes publish no figures of their own
+(`gateway.routing.node_latency` has the fleet-wide view). A provider banded slow gets little new
+traffic and so few new samples: a series with no sample for `max_age_seconds` is dropped, so
+"no sample" reads as average, never as slow, and the provider is tried (and measured) again.
+A provider changes band with hysteresis, as the fleet view's do.
 """
 
 from __future__ import annotations
@@ -48,6 +54,20 @@ def score_band(score: float, global_mean: float, band_fraction: float) -> int:
     )
 
 
+def held_band(position: float, previous: int | None, hysteresis: float) -> int:
+    """The band for `position` (band widths from the reference), kept at `previous` unless the
+    position is `hysteresis` band widths inside another band (0 <= hysteresis < 0.5)."""
+    if previous is None:
+        return round_half_away_from_zero(position)
+    upward = math.floor(position + 0.5 - hysteresis)
+    if upward > previous:
+        return upward
+    downward = math.ceil(position - 0.5 + hysteresis)
+    if downward < previous:
+        return downward
+    return previous
+
+
 def _tolerance(global_mean: float, band_fraction: float) -> float:
     """Return the half-width of band 0: a fraction of the global mean, at least 1 ms."""
     return max(global_mean * band_fraction, MINIMUM_TOLERANCE_SECONDS)
@@ -81,6 +101,8 @@ class _Series:
 
     samples: deque[tuple[float, int]] = field(default_factory=deque)
     total_microseconds: int = 0
+    band: int | None = None
+    """The band last given, which hysteresis holds until the score is clearly in another."""
 
     def score(self, global_mean: float) -> float:
         """Return the series mean blended with `PRIOR_WEIGHT` samples of the global mean."""
@@ -102,6 +124,8 @@ class _ModelSamples:
     count: int = 0
     oldest_at: float = math.inf
     """A lower bound on the oldest sample time: nothing expires before it passes the cutoff."""
+    stale_check_at: float = math.inf
+    """No series can have gone stale (no sample for the maximum age) before this time."""
 
     def mean(self) -> float | None:
         """Return the mean over every sample of the model, None without samples."""
@@ -114,15 +138,21 @@ class LatencyTracker:
     """Keeps TTFT samples per (provider, model) with running totals; old samples expire lazily."""
 
     def __init__(
-        self, window_seconds: float, *, max_samples_per_series: int = MAX_SAMPLES_PER_SERIES
+        self,
+        window_seconds: float,
+        *,
+        max_samples_per_series: int = MAX_SAMPLES_PER_SERIES,
+        max_age_seconds: float = math.inf,
     ) -> None:
-        """Track samples younger than `window_seconds`, at most `max_samples_per_series` each."""
-        if window_seconds <= 0:
-            raise ValueError("window_seconds must be positive")
+        """Track samples younger than `window_seconds`, at most `max_samples_per_series` each;
+        a series whose newest sample is `max_age_seconds` old is dropped whole."""
+        if window_seconds <= 0 or max_age_seconds <= 0:
+            raise ValueError("window_seconds and max_age_seconds must be positive")
         if max_samples_per_series < 1:
             raise ValueError("max_samples_per_series must be at least 1")
         self._window_seconds = window_seconds
         self._max_samples_per_series = max_samples_per_series
+        self._max_age_seconds = max_age_seconds
         self._models: dict[str, _ModelSamples] = {}
 
     def record(self, provider: str, model: str, ttft_seconds: float, now: float) -> None:
@@ -137,6 +167,9 @@ class LatencyTracker:
         series = model_samples.series.get(provider)
         if series is None:
             series = model_samples.series[provider] = _Series()
+            model_samples.stale_check_at = min(
+                model_samples.stale_check_at, now + self._max_age_seconds
+            )
         if len(series.samples) >= self._max_samples_per_series:
             _, dropped = series.samples.popleft()
             series.total_microseconds -= dropped
@@ -165,8 +198,10 @@ class LatencyTracker:
         band_fraction: float,
         min_samples: int,
         enabled: bool,
+        hysteresis: float = 0.0,
     ) -> dict[str, int]:
-        """Return each provider's latency band for `model` (lower is faster, 0 is near average)."""
+        """Return each provider's latency band for `model` (lower is faster, 0 is near average);
+        a band moves only once the score is `hysteresis` band widths inside the new one."""
         bands = dict.fromkeys(providers, 0)
         if not enabled:
             return bands
@@ -185,7 +220,8 @@ class LatencyTracker:
             if series is not None and series.samples:
                 total = series.total_microseconds / _MICROSECONDS_PER_SECOND
                 score = (total + prior) / (len(series.samples) + PRIOR_WEIGHT)
-                bands[provider] = round_half_away_from_zero((score - global_mean) / band_width)
+                band = held_band((score - global_mean) / band_width, series.band, hysteresis)
+                series.band = bands[provider] = band
         return bands
 
     def snapshot(
@@ -211,7 +247,11 @@ class LatencyTracker:
                 score, band = None, 0
             else:
                 score = series.score(global_mean)
-                band = score_band(score, global_mean, band_fraction)
+                band = (
+                    series.band
+                    if series.band is not None
+                    else score_band(score, global_mean, band_fraction)
+                )
             entries.append(ProviderLatency(name, mean, count, score, band))
         return LatencySnapshot(
             model=model,
@@ -232,7 +272,10 @@ class LatencyTracker:
         return global_mean if global_mean is not None and math.isfinite(global_mean) else None
 
     def _expire(self, model_samples: _ModelSamples, now: float) -> None:
-        """Drop the model's samples that are `window_seconds` old or older."""
+        """Drop the model's samples that are `window_seconds` old or older, and every series
+        whose newest sample is `max_age_seconds` old or older."""
+        if now >= model_samples.stale_check_at:
+            self._drop_stale(model_samples, now)
         cutoff = now - self._window_seconds
         if model_samples.oldest_at > cutoff:
             return
@@ -247,3 +290,17 @@ class LatencyTracker:
             if samples:
                 oldest_at = min(oldest_at, samples[0][0])
         model_samples.oldest_at = oldest_at
+
+    def _drop_stale(self, model_samples: _ModelSamples, now: float) -> None:
+        """Drop whole series without a sample for `max_age_seconds`: their band is forgotten."""
+        cutoff = now - self._max_age_seconds
+        next_check = math.inf
+        for provider, series in list(model_samples.series.items()):
+            newest = series.samples[-1][0] if series.samples else -math.inf
+            if newest <= cutoff:
+                del model_samples.series[provider]
+                model_samples.total_microseconds -= series.total_microseconds
+                model_samples.count -= len(series.samples)
+            else:
+                next_check = min(next_check, newest + self._max_age_seconds)
+        model_samples.stale_check_at = next_check

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +23,7 @@ from gateway.dispatch.load import LoadPoller, should_spill
 from gateway.dispatch.permits import ProviderPermits
 from gateway.operations.metrics import Metrics
 from gateway.routing.latency import LatencyTracker
+from gateway.routing.node_latency import FleetBand, FleetLatency
 from gateway.routing.ordering import (
     ONLY_REASON,
     REASONS,
@@ -49,6 +50,7 @@ AffinityKind = Literal["hit", "miss", "rebound", "spill", "preferred", "degraded
 # Rules below these in the sort key only break ties, so candidates separated by them are
 # equally good: the claim lets cluster-wide spread choose among them.
 TIE_REASONS = frozenset({"least-recent", "tiebreak"})
+_NO_FLEET_BANDS: Mapping[str, FleetBand] = {}
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,11 @@ class RoutingDecision:
 
 @dataclass(frozen=True)
 class RouterMemory:
-    """What a process learns while routing: latency samples, session bindings, recent starts."""
+    """What a process learns while routing: latency samples and the nodes' own figures,
+    session bindings, recent starts."""
 
     latency: LatencyTracker
+    fleet: FleetLatency
     sessions: SessionTable
     starts: StartTracker
 
@@ -85,7 +89,11 @@ class RouterMemory:
     def fresh(cls, routing: RoutingSettings) -> RouterMemory:
         """Empty memory sized by the routing settings."""
         return cls(
-            latency=LatencyTracker(routing.latency_window_seconds),
+            latency=LatencyTracker(
+                routing.latency_window_seconds,
+                max_age_seconds=routing.latency_sample_max_age_seconds,
+            ),
+            fleet=FleetLatency(),
             sessions=SessionTable(routing.session_ttl_seconds, routing.session_capacity),
             starts=StartTracker(),
         )
@@ -114,6 +122,7 @@ class Router:
         # Given when a reload builds a new router: what this process learnt carries over.
         memory = memory or RouterMemory.fresh(routing)
         self.latency = memory.latency
+        self.fleet = memory.fleet
         self.sessions = memory.sessions
         self.starts = memory.starts
         self.health = health
@@ -170,7 +179,13 @@ class Router:
                 if binding is not None:
                     fallback = binding.provider
                 else:
-                    tier = self._agreed_tier(key.id, model, order(request), candidates)
+                    # Ranked on what every process sees alike (the nodes' own latency, not
+                    # this process's samples), so they all agree on the provider.
+                    shared = OrderingRequest(
+                        self._states(candidates, key, model, now, shared_only=True),
+                        preferred=preferred,
+                    )
+                    tier = self._agreed_tier(key.id, model, order(shared), candidates)
                     fallback = tier[0].provider
                 request = OrderingRequest(states, preferred=preferred, sticky=fallback)
             elif binding is not None and (preferred is None or binding.provider in preferred):
@@ -265,14 +280,52 @@ class Router:
 
     def bands(self, model: str, providers: Sequence[str], now: float) -> dict[str, int]:
         """The latency bands this process would use for the model (latency routing on)."""
-        return self.latency.bands(
-            model,
-            providers,
-            now,
-            band_fraction=self._routing.latency_band_fraction,
-            min_samples=self._routing.latency_min_samples,
-            enabled=True,
-        )
+        return self._bands(model, providers, now)
+
+    def fleet_bands(self, model: str) -> Mapping[str, FleetBand]:
+        """The model's bands made from the nodes' own figures, remade once per poll round."""
+        polls = self._poller.polls
+        if polls != self.fleet.polls:
+            routing = self._routing
+            self.fleet.update(
+                polls,
+                {
+                    model: {
+                        provider.name: seconds
+                        for provider in providers
+                        if (seconds := self._poller.node_ttft(provider.name)) is not None
+                    }
+                    for model, providers in self.catalog.serving.items()
+                },
+                band_fraction=routing.latency_band_fraction,
+                hysteresis=routing.latency_band_hysteresis,
+            )
+        return self.fleet.bands.get(model, _NO_FLEET_BANDS)
+
+    def _bands(
+        self, model: str, providers: Sequence[str], now: float, *, shared_only: bool = False
+    ) -> dict[str, int]:
+        """Each provider's band: from its node's own figure where it gives one, else from this
+        process's samples (none of those when `shared_only`: what other processes cannot see)."""
+        fleet = self.fleet_bands(model)
+        if shared_only:
+            bands = dict.fromkeys(providers, 0)
+        else:
+            bands = self.latency.bands(
+                model,
+                providers,
+                now,
+                band_fraction=self._routing.latency_band_fraction,
+                min_samples=self._routing.latency_min_samples,
+                enabled=True,
+                hysteresis=self._routing.latency_band_hysteresis,
+            )
+        if fleet:
+            for provider in providers:
+                entry = fleet.get(provider)
+                if entry is not None:
+                    bands[provider] = entry.band
+        return bands
 
     def load(self, provider: str) -> float:
         """The provider's current load as routing sees it."""
@@ -313,20 +366,21 @@ class Router:
             )
 
     def _states(
-        self, candidates: Sequence[Provider], key: Key, model: str, now: float
+        self,
+        candidates: Sequence[Provider],
+        key: Key,
+        model: str,
+        now: float,
+        *,
+        shared_only: bool = False,
     ) -> list[ProviderState]:
         # A lone candidate has no rival to be banded against: its band cannot change the order.
         bands = (
-            {}
-            if len(candidates) == 1
-            else self.latency.bands(
-                model,
-                [provider.name for provider in candidates],
-                now,
-                band_fraction=self._routing.latency_band_fraction,
-                min_samples=self._routing.latency_min_samples,
-                enabled=key.latency_routing,
+            self._bands(
+                model, [provider.name for provider in candidates], now, shared_only=shared_only
             )
+            if len(candidates) > 1 and key.latency_routing
+            else {}
         )
         return [
             ProviderState(

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-num-seqs", type=int, default=timing.max_num_seqs)
     parser.add_argument(
+        "--ttft-jitter-ms",
+        type=float,
+        default=timing.ttft_jitter_ms,
+        help="a random extra of up to this much on every TTFT",
+    )
+    parser.add_argument(
         "--cache-tokens", type=int, default=options.cache_tokens, help="prefix-cache capacity"
     )
     parser.add_argument(
@@ -96,6 +102,7 @@ def options_from_arguments(arguments: argparse.Namespace) -> SimulatorOptions:
             per_token_ms=arguments.per_token_ms,
             tokens_per_second=arguments.tokens_per_second,
             max_num_seqs=arguments.max_num_seqs,
+            ttft_jitter_ms=arguments.ttft_jitter_ms,
         ),
         cache_tokens=arguments.cache_tokens,
         default_max_tokens=arguments.default_max_tokens,

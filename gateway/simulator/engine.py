@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import random
 import time
 from collections import deque
 
@@ -72,6 +74,29 @@ class Sequence:
         self._engine.release(self.produced_tokens, finish_reason)
 
 
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+"""vLLM's bucket bounds for `vllm:time_to_first_token_seconds`."""
+
+
+class TtftHistogram:
+    """Time from a request's arrival to its first token, as vLLM's histogram counts it."""
+
+    def __init__(self) -> None:
+        """Start empty."""
+        self.bucket_counts = [0] * (len(TTFT_BUCKETS) + 1)  # the last one is +Inf
+        self.total_seconds = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        """Count one first token that came `seconds` after its request arrived."""
+        self.bucket_counts[bisect.bisect_left(TTFT_BUCKETS, seconds)] += 1
+        self.total_seconds += seconds
+        self.count += 1
+
+
 class Engine:
     """Admits at most `max_num_seqs` sequences at once; the rest wait in arrival order."""
 
@@ -87,6 +112,8 @@ class Engine:
         self.prefix_cache_queries_total = 0
         self.prefix_cache_hits_total = 0
         self.finished_total: dict[str, int] = {}
+        self.ttft = TtftHistogram()
+        self._random = random.Random()
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._resumed = asyncio.Event()
         self._resumed.set()
@@ -116,6 +143,7 @@ class Engine:
 
     async def start(self, prompt: Prompt, output_tokens: int, slow: float) -> Sequence:
         """Wait for a slot, look the prompt up in the prefix cache, and return the sequence."""
+        arrived_at = time.monotonic()
         await self._admit()
         try:
             if not self._resumed.is_set():
@@ -131,7 +159,13 @@ class Engine:
         self.prefix_cache_hits_total += cached_tokens
         timing = self.timing
         uncached_tokens = prompt.tokens - cached_tokens
-        ttft_seconds = (timing.base_ttft_ms + timing.per_token_ms * uncached_tokens) * slow / 1000.0
+        ttft_ms = timing.base_ttft_ms + timing.per_token_ms * uncached_tokens
+        if timing.ttft_jitter_ms:
+            ttft_ms += self._random.uniform(0.0, timing.ttft_jitter_ms)
+        ttft_seconds = ttft_ms * slow / 1000.0
+        # Observed when the first token's time is fixed, as arrival to first token: queueing
+        # for a slot included, like vLLM's own figure.
+        self.ttft.observe(time.monotonic() - arrived_at + ttft_seconds)
         interval_seconds = slow / timing.tokens_per_second if timing.tokens_per_second > 0 else 0.0
         return Sequence(
             self,

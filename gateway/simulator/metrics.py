@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from gateway.simulator.engine import TTFT_BUCKETS
 from gateway.simulator.state import SimulatorState
 
 LABELS = ("model_name", "engine")
@@ -75,6 +76,20 @@ class SimulatorCollector:
         for reason, count in sorted(engine.finished_total.items()):
             finished.add_metric([*labels, reason], count)
         yield finished
+        ttft = HistogramMetricFamily(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            labels=LABELS,
+        )
+        cumulative = 0
+        buckets = []
+        for bound, count in zip(
+            (*TTFT_BUCKETS, float("inf")), engine.ttft.bucket_counts, strict=True
+        ):
+            cumulative += count
+            buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+        ttft.add_metric(labels, buckets, engine.ttft.total_seconds)
+        yield ttft
 
 
 def metrics_registry(state: SimulatorState) -> CollectorRegistry:

@@ -24,17 +24,22 @@ class Mode(enum.StrEnum):
 class Timing:
     """Latency model: TTFT = base + per-token cost of the uncached prompt, then a token rate.
 
-    A `tokens_per_second` of zero means output is not paced at all.
+    A `tokens_per_second` of zero means output is not paced at all; `ttft_jitter_ms` adds a
+    uniformly drawn extra of up to that much to every TTFT (a node whose latency is noisy).
     """
 
     base_ttft_ms: float = 20.0
     per_token_ms: float = 0.05
     tokens_per_second: float = 100.0
     max_num_seqs: int = 256
+    ttft_jitter_ms: float = 0.0
 
     def __post_init__(self) -> None:
         """Reject negative times and a non-positive sequence bound."""
-        if self.base_ttft_ms < 0 or self.per_token_ms < 0 or self.tokens_per_second < 0:
+        if (
+            min(self.base_ttft_ms, self.per_token_ms, self.tokens_per_second, self.ttft_jitter_ms)
+            < 0
+        ):
             raise ValueError("timing values must not be negative")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")

@@ -1,0 +1,113 @@
+"""The fleet's latency view: each node's own time-to-first-token figures, and bands that hold.
+
+vLLM and SGLang count every request's time to first token (queueing included) in a histogram on
+`/metrics`. Every gateway process polls the same counters, so a node's mean over the last
+`window_seconds` is nearly the same figure in every process, whatever traffic each carries
+itself: bands made from it agree across the fleet and see a recovered node within one window.
+
+Bands change with hysteresis: a provider leaves its band only once its position (its distance
+from the model's reference, in band widths) is `hysteresis` band widths inside the new one, so
+noise around a boundary does not flap it back and forth.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gateway.routing.latency import MINIMUM_TOLERANCE_SECONDS, held_band
+
+
+@dataclass(slots=True)
+class NodeTtft:
+    """Cumulative (time, seconds, count) readings of one node's TTFT histogram over a window."""
+
+    readings: deque[tuple[float, float, float]] = field(default_factory=deque)
+
+    def add(self, now: float, total_seconds: float, count: float) -> None:
+        """Keep one reading; a counter that went back (the node restarted) starts afresh."""
+        readings = self.readings
+        if readings and (count < readings[-1][2] or total_seconds < readings[-1][1]):
+            readings.clear()
+        readings.append((now, total_seconds, count))
+
+    def mean(self, now: float, window_seconds: float, max_age_seconds: float) -> float | None:
+        """The node's mean TTFT over the last `window_seconds`; None without a first token in it,
+        or when the newest reading is older than `max_age_seconds` (the polls failed)."""
+        readings = self.readings
+        cutoff = now - window_seconds
+        # The base is the newest reading at least a window old, so the span covers the window.
+        while len(readings) > 2 and readings[1][0] <= cutoff:
+            readings.popleft()
+        if len(readings) < 2 or now - readings[-1][0] > max_age_seconds:
+            return None
+        _, base_seconds, base_count = readings[0]
+        _, last_seconds, last_count = readings[-1]
+        if last_count - base_count < 1:
+            return None
+        return (last_seconds - base_seconds) / (last_count - base_count)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetBand:
+    """One provider's band from its node's own figure, with the figure it was made from."""
+
+    band: int
+    ttft_seconds: float
+
+
+def fleet_bands(
+    figures: Mapping[str, float],
+    previous: Mapping[str, int],
+    *,
+    band_fraction: float,
+    hysteresis: float,
+) -> dict[str, FleetBand]:
+    """Band every provider with a node figure against the mean of those figures.
+
+    Each provider counts once in the reference, however much traffic it carries. With fewer than
+    two figures there is nothing to compare: every one is band 0.
+    """
+    if len(figures) < 2:
+        return {name: FleetBand(0, seconds) for name, seconds in figures.items()}
+    reference = sum(figures.values()) / len(figures)
+    width = 2 * max(reference * band_fraction, MINIMUM_TOLERANCE_SECONDS)
+    return {
+        name: FleetBand(
+            held_band((seconds - reference) / width, previous.get(name), hysteresis), seconds
+        )
+        for name, seconds in figures.items()
+    }
+
+
+@dataclass(slots=True)
+class FleetLatency:
+    """The fleet bands of every model, made once per poll round, and the bands they hold."""
+
+    polls: int = -1
+    """The poll round the bands were made from."""
+    bands: dict[str, dict[str, FleetBand]] = field(default_factory=dict)
+    """model → provider → band, for the providers whose node gave a figure."""
+
+    def update(
+        self,
+        polls: int,
+        figures: Mapping[str, Mapping[str, float]],
+        *,
+        band_fraction: float,
+        hysteresis: float,
+    ) -> None:
+        """Band each model's providers on `figures` (model → provider → node TTFT)."""
+        previous = self.bands
+        self.bands = {
+            model: fleet_bands(
+                by_provider,
+                {name: entry.band for name, entry in previous.get(model, {}).items()},
+                band_fraction=band_fraction,
+                hysteresis=hysteresis,
+            )
+            for model, by_provider in figures.items()
+            if by_provider
+        }
+        self.polls = polls
