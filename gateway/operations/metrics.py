@@ -160,6 +160,23 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+        self.latency_source = Gauge(
+            "gateway_latency_source",
+            "1 for where a provider's latency band comes from: `node` (the node's own TTFT "
+            "histogram), `own` (this worker's samples) or `none` (no fresh figure: band 0); "
+            "0 for the other two.",
+            ["provider", "source"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.latency_age = Gauge(
+            "gateway_latency_age_seconds",
+            "Age of the newest figure a provider's latency band comes from; 0 with source "
+            "`none` (across workers: the oldest).",
+            ["provider"],
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
 
 
 def exposition(metrics: Metrics, directory: str | None) -> bytes:

@@ -32,6 +32,8 @@ class ProviderRow:
     draining: bool = False
     # Failing, but its cooldown was withheld by `routing.max_cooling_fraction`.
     cooldown_withheld: bool = False
+    latency_source: str = "none"  # node (its own metrics), own (this worker's samples), none
+    latency_age_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
     for model, providers in catalog.serving.items():
         for provider, band in router.bands(model, [p.name for p in providers], now).items():
             bands[provider][model] = band
+    sources = {name: router.latency_source(name, now) for name in catalog.providers}
     rows = [
         ProviderRow(
             name=provider.name,
@@ -145,6 +148,8 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
             live_bindings=None if counts is None else counts.get(provider.routing_identity, 0),
             draining=provider.draining,
             cooldown_withheld=router.health.withholding(provider.name),
+            latency_source=sources[provider.name][0],
+            latency_age_seconds=sources[provider.name][1],
         )
         for provider in catalog.providers.values()
     ]

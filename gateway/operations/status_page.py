@@ -75,7 +75,8 @@ KEY_LIMIT_HEADINGS = (
 PROVIDER_LEGEND = (
     "Load: running + waiting requests as last polled from the node, else this worker's "
     "in-flight requests. Latency band: 0 is near the model's mean time to first token; "
-    "negative is faster, positive slower."
+    "negative is faster, positive slower; measured by the node's own metrics (the same in "
+    "every worker), else by this worker's samples, else none yet (band 0)."
 )
 
 DECISION_HEADINGS = (
@@ -222,7 +223,7 @@ def _provider_row(row: ProviderRow) -> str:
         ("", health),
         ("number", str(row.in_flight)),
         ("number", load),
-        ("", _bands(row.bands)),
+        ("", _bands(row.bands) + _latency_source(row)),
         ("number", bindings),
     )
     return f'<tr data-provider="{_text(row.name)}">{_cells(cells)}</tr>'
@@ -264,6 +265,17 @@ def _bands(bands: Mapping[str, int]) -> str:
         f'<span class="band"><code>{_text(model)}</code> '
         f'<span class="badge {_band_tone(band)}">{_band_label(band)}</span></span>'
         for model, band in sorted(bands.items())
+    )
+
+
+def _latency_source(row: ProviderRow) -> str:
+    sources = {"node": "node metrics", "own": "this worker's samples"}
+    source = sources.get(row.latency_source)
+    if source is None or row.latency_age_seconds is None:
+        return ' <span class="muted latency-source">(no fresh figure)</span>'
+    return (
+        f' <span class="muted latency-source">({_text(source)}, '
+        f"{row.latency_age_seconds:.1f} s old)</span>"
     )
 
 

@@ -181,6 +181,15 @@ class LatencyTracker:
         model_samples.count += 1
         model_samples.oldest_at = min(model_samples.oldest_at, now)
 
+    def newest_sample_at(self, provider: str) -> float | None:
+        """When the provider's newest sample (of any model) was taken; None without one."""
+        newest = [
+            series.samples[-1][0]
+            for model_samples in self._models.values()
+            if (series := model_samples.series.get(provider)) is not None and series.samples
+        ]
+        return max(newest, default=None)
+
     def forget(self, provider: str) -> None:
         """Drop every sample of a provider: after an outage its past latency says nothing."""
         for model_samples in self._models.values():

@@ -5,6 +5,9 @@ vLLM and SGLang count every request's time to first token (queueing included) in
 `window_seconds` is nearly the same figure in every process, whatever traffic each carries
 itself: bands made from it agree across the fleet and see a recovered node within one window.
 
+A figure needs `MIN_FIRST_TOKENS` first tokens in the window: a handful of requests says more
+about their prompts than about the node.
+
 Bands change with hysteresis: a provider leaves its band only once its position (its distance
 from the model's reference, in band widths) is `hysteresis` band widths inside the new one, so
 noise around a boundary does not flap it back and forth.
@@ -17,6 +20,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.routing.latency import MINIMUM_TOLERANCE_SECONDS, held_band
+
+MIN_FIRST_TOKENS = 10
+"""First tokens a node must have counted in the window for its mean to be a figure."""
+
+CLEARLY_SLOW_BAND = 2
+"""Without the store, only a node at least this many bands slow is ranked apart (see
+`shared_band`)."""
+
+
+def shared_band(band: int) -> int:
+    """The band a process uses when it cannot ask the store: 1 for a node clearly slow by its
+    own metrics, else 0. Every process must reach the same answer, and fleet figures differ a
+    little between processes (each reads at its own moment), so only a difference too large for
+    that to flip counts."""
+    return 1 if band >= CLEARLY_SLOW_BAND else 0
 
 
 @dataclass(slots=True)
@@ -33,8 +51,9 @@ class NodeTtft:
         readings.append((now, total_seconds, count))
 
     def mean(self, now: float, window_seconds: float, max_age_seconds: float) -> float | None:
-        """The node's mean TTFT over the last `window_seconds`; None without a first token in it,
-        or when the newest reading is older than `max_age_seconds` (the polls failed)."""
+        """The node's mean TTFT over the last `window_seconds`; None with fewer than
+        `MIN_FIRST_TOKENS` first tokens in it, or when the newest reading is older than
+        `max_age_seconds` (the polls failed)."""
         readings = self.readings
         cutoff = now - window_seconds
         # The base is the newest reading at least a window old, so the span covers the window.
@@ -44,7 +63,7 @@ class NodeTtft:
             return None
         _, base_seconds, base_count = readings[0]
         _, last_seconds, last_count = readings[-1]
-        if last_count - base_count < 1:
+        if last_count - base_count < MIN_FIRST_TOKENS:
             return None
         return (last_seconds - base_seconds) / (last_count - base_count)
 

@@ -23,7 +23,7 @@ from gateway.dispatch.load import LoadPoller, should_spill
 from gateway.dispatch.permits import ProviderPermits
 from gateway.operations.metrics import Metrics
 from gateway.routing.latency import LatencyTracker
-from gateway.routing.node_latency import FleetBand, FleetLatency
+from gateway.routing.node_latency import FleetBand, FleetLatency, shared_band
 from gateway.routing.ordering import (
     ONLY_REASON,
     REASONS,
@@ -46,6 +46,8 @@ from gateway.selection.affinity import CachedBinding, SharedAffinity
 
 logger = structlog.get_logger("gateway.selection.router")
 
+LatencySource = Literal["node", "own", "none"]
+LATENCY_SOURCES: tuple[LatencySource, ...] = ("node", "own", "none")
 AffinityKind = Literal["hit", "miss", "rebound", "spill", "preferred", "degraded", "none"]
 # Rules below these in the sort key only break ties, so candidates separated by them are
 # equally good: the claim lets cluster-wide spread choose among them.
@@ -277,6 +279,21 @@ class Router:
         for model, providers in self.catalog.serving.items():
             for provider, band in self.bands(model, [p.name for p in providers], now).items():
                 metrics.latency_band.labels(provider, model).set(band)
+        for name in self.catalog.providers:
+            source, age = self.latency_source(name, now)
+            for kind in LATENCY_SOURCES:
+                metrics.latency_source.labels(name, kind).set(1 if kind == source else 0)
+            metrics.latency_age.labels(name).set(age or 0.0)
+
+    def latency_source(self, provider: str, now: float) -> tuple[LatencySource, float | None]:
+        """Where the provider's band comes from, and the age of its newest figure: `node`
+        (the node's own metrics), `own` (this process's samples) or `none` (band 0)."""
+        if self._poller.node_ttft(provider) is not None:
+            return "node", self._poller.node_ttft_age(provider)
+        newest = self.latency.newest_sample_at(provider)
+        if newest is not None and now - newest < self._routing.latency_sample_max_age_seconds:
+            return "own", now - newest
+        return "none", None
 
     def bands(self, model: str, providers: Sequence[str], now: float) -> dict[str, int]:
         """The latency bands this process would use for the model (latency routing on)."""
@@ -306,20 +323,23 @@ class Router:
         self, model: str, providers: Sequence[str], now: float, *, shared_only: bool = False
     ) -> dict[str, int]:
         """Each provider's band: from its node's own figure where it gives one, else from this
-        process's samples (none of those when `shared_only`: what other processes cannot see)."""
+        process's samples. With `shared_only`, only what every process sees alike: a node its
+        own figures show clearly slow is band 1, every other provider band 0."""
         fleet = self.fleet_bands(model)
         if shared_only:
-            bands = dict.fromkeys(providers, 0)
-        else:
-            bands = self.latency.bands(
-                model,
-                providers,
-                now,
-                band_fraction=self._routing.latency_band_fraction,
-                min_samples=self._routing.latency_min_samples,
-                enabled=True,
-                hysteresis=self._routing.latency_band_hysteresis,
-            )
+            return {
+                provider: shared_band(entry.band) if (entry := fleet.get(provider)) else 0
+                for provider in providers
+            }
+        bands = self.latency.bands(
+            model,
+            providers,
+            now,
+            band_fraction=self._routing.latency_band_fraction,
+            min_samples=self._routing.latency_min_samples,
+            enabled=True,
+            hysteresis=self._routing.latency_band_hysteresis,
+        )
         if fleet:
             for provider in providers:
                 entry = fleet.get(provider)

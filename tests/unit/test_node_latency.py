@@ -8,7 +8,13 @@ from hypothesis import strategies as st
 
 from gateway.dispatch.load import parse_node_metrics
 from gateway.routing.latency import LatencyTracker, held_band
-from gateway.routing.node_latency import FleetLatency, NodeTtft, fleet_bands
+from gateway.routing.node_latency import (
+    MIN_FIRST_TOKENS,
+    FleetLatency,
+    NodeTtft,
+    fleet_bands,
+    shared_band,
+)
 from gateway.simulator.engine import TtftHistogram
 from gateway.simulator.metrics import metrics_registry, render_metrics
 from gateway.simulator.options import SimulatorOptions
@@ -88,8 +94,23 @@ def test_stale_readings_and_a_restarted_node_give_no_old_figure() -> None:
     assert node.mean(5.0, 10.0, 3.0) is None  # last read 4 s ago, 3 s allowed
     node.add(6.0, 0.5, 1)  # the node restarted
     assert node.mean(6.0, 10.0, 3.0) is None
-    node.add(7.0, 1.5, 3)
+    node.add(7.0, 6.5, 13)
     assert node.mean(7.0, 10.0, 3.0) == pytest.approx(0.5)
+
+
+def test_a_few_first_tokens_are_not_a_figure() -> None:
+    """Fewer than MIN_FIRST_TOKENS in the window say more about the prompts than the node."""
+    node = NodeTtft()
+    node.add(0.0, 0.0, 0)
+    node.add(1.0, 0.9, MIN_FIRST_TOKENS - 1)
+    assert node.mean(1.0, 10.0, 3.0) is None
+    node.add(2.0, 1.0, MIN_FIRST_TOKENS)
+    assert node.mean(2.0, 10.0, 3.0) == pytest.approx(1.0 / MIN_FIRST_TOKENS)
+
+
+def test_without_the_store_only_a_clearly_slow_node_is_ranked_apart() -> None:
+    """Shared bands: 1 from two bands slow on, 0 for everything nearer or faster."""
+    assert [shared_band(band) for band in (-3, -1, 0, 1, 2, 5)] == [0, 0, 0, 0, 1, 1]
 
 
 def test_fleet_bands_compare_each_node_once_against_the_mean_of_nodes() -> None:

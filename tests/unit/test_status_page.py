@@ -114,19 +114,48 @@ def test_every_provider_has_a_row_with_its_state() -> None:
     """Each provider appears once in #providers with identity, health, load, bands and bindings."""
     rows = [
         provider("gpu-a"),
-        provider("gpu-b", load=3.5, load_polled=False, bands={"llama": 2, "qwen": -1}),
+        provider(
+            "gpu-b",
+            load=3.5,
+            load_polled=False,
+            bands={"llama": 2, "qwen": -1},
+            latency_source="node",
+            latency_age_seconds=0.42,
+        ),
         provider("hosted-1", cooling_seconds=12.3, live_bindings=0),
         provider("gpu-c", cooldown_withheld=True),
     ]
     cells = table_rows(render_status(snapshot(rows)), "providers")
     assert [row[0] for row in cells] == ["gpu-a", "gpu-b", "hosted-1", "gpu-c"]
     gpu_a, gpu_b, hosted, withheld = cells
-    assert gpu_a[1:] == ["gpu-a-identity", "ok", "2", "7 (polled)", "llama band 0", "4"]
+    assert gpu_a[1:] == [
+        "gpu-a-identity",
+        "ok",
+        "2",
+        "7 (polled)",
+        "llama band 0 (no fresh figure)",
+        "4",
+    ]
     assert gpu_b[4] == "3.5 (in-flight, not polled)"
-    assert gpu_b[5] == "llama band +2qwen band -1"
+    assert gpu_b[5] == "llama band +2qwen band -1 (node metrics, 0.4 s old)"
     assert hosted[2] == "cooling, 12.3 s left"
     assert hosted[6] == "0"
     assert withheld[2] == "failing, cooldown withheld"
+
+
+def test_each_provider_shows_where_its_latency_comes_from_and_its_age() -> None:
+    """The band cell names its source (node metrics or this worker's samples) and its age."""
+    rows = [
+        provider("gpu-a", latency_source="node", latency_age_seconds=1.25),
+        provider("hosted-1", latency_source="own", latency_age_seconds=30.0),
+        provider("gpu-b"),
+    ]
+    cells = table_rows(render_status(snapshot(rows)), "providers")
+    assert [row[5] for row in cells] == [
+        "llama band 0 (node metrics, 1.2 s old)",
+        "llama band 0 (this worker's samples, 30.0 s old)",
+        "llama band 0 (no fresh figure)",
+    ]
 
 
 def test_store_down_shows_in_bindings_and_circuit() -> None:
