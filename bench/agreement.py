@@ -1,8 +1,10 @@
 """Agreement: do gateway processes started cold send each key to one node, even without the store?
 
 Run: gateway bench agreement [--gateways 8] [--keys 1000] [--requests 3] [--concurrency 32]
+                             [--nodes steady|instant|jittery] [--scenario NAME ...]
 
-Three simulators (a steady 100 ms to first token), `--gateways` single-worker `gateway serve`
+Three simulators (`--nodes`: a steady 100 ms to first token; instant answers; or 20-200 ms drawn
+afresh for every request), `--gateways` single-worker `gateway serve`
 processes started at once behind a real nginx, and `--keys` keys each sending `--requests`
 requests as soon as nginx answers. Three scenarios, one after the other on one machine:
 - store up: every gateway shares one Postgres (the product as designed);
@@ -12,7 +14,7 @@ requests as soon as nginx answers. Three scenarios, one after the other on one m
   count how often it reaches the node the store bound the key to.
 Reported: keys whose requests all reached one node, the affinity header counts, and for the
 partition the share of the partitioned gateway's requests on the bound node. Writes
-bench/results/agreement.json.
+bench/results/agreement.json (steady nodes, every scenario) or agreement_<nodes>.json.
 """
 
 from __future__ import annotations
@@ -49,9 +51,22 @@ from gateway.config import hash_key
 MODEL = "agreement-model"
 NODES = ("node-a", "node-b", "node-c")
 SCENARIOS = ("store up", "store down", "one partitioned")
-# A steady 100 ms time to first token, like a real node: latency bands then measure the nodes,
-# not this saturated host's scheduling noise around an instant answer.
-NODE_FLAGS = ("--base-ttft-ms", "100", "--per-token-ms", "0", "--tokens-per-second", "0")
+# The nodes' timing: a steady 100 ms to first token like a real node, instant answers (the
+# gateways' own samples are then only this host's scheduling noise), or a jittery 20-200 ms.
+NODE_FLAGS = {
+    "steady": ("--base-ttft-ms", "100", "--per-token-ms", "0", "--tokens-per-second", "0"),
+    "instant": ("--base-ttft-ms", "0", "--per-token-ms", "0", "--tokens-per-second", "0"),
+    "jittery": (
+        "--base-ttft-ms",
+        "20",
+        "--ttft-jitter-ms",
+        "180",
+        "--per-token-ms",
+        "0",
+        "--tokens-per-second",
+        "0",
+    ),
+}
 DEAD_DATABASE = "postgresql://postgres:unused@127.0.0.1:9/none"
 
 
@@ -62,7 +77,7 @@ async def fleet(
     """Simulators, one gateway per database URL (started together) and nginx in front; yields
     nginx's URL and each gateway's own URL once nginx answers."""
     with processes() as started:
-        nodes = await start_nodes(started, work, NODES, *NODE_FLAGS)
+        nodes = await start_nodes(started, work, NODES, *NODE_FLAGS[options.nodes])
         ports = []
         for index, url in enumerate(database_urls):
             directory = work / f"gateway-{index}"
@@ -165,7 +180,7 @@ async def run(options: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every scenario on a fresh Postgres database state, one after the other."""
     database = EmbeddedPostgres(work / "pgdata")
     results = {}
-    for scenario in SCENARIOS:
+    for scenario in options.scenario or SCENARIOS:
         database.start()
         connection = await asyncpg.connect(database.url)
         try:  # the tables exist after the first scenario's gateways migrated them
@@ -192,6 +207,8 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--requests", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--nodes", choices=sorted(NODE_FLAGS), default="steady")
+    parser.add_argument("--scenario", action="append", choices=SCENARIOS)
     options = parser.parse_args()
     if shutil.which(NGINX) is None:
         raise SystemExit(f"{NGINX} is needed (apt-get install nginx)")
@@ -205,7 +222,10 @@ def main() -> int:
             + ("" if extra is None else f"; partitioned gateway on the bound node {extra:.2%}")
             + f"  {row['affinity']} {row['statuses']}"
         )
-    write_results("agreement", {"options": vars(options), "results": results})
+    name = "agreement"
+    if options.nodes != "steady" or options.scenario:
+        name = f"agreement_{options.nodes}_{options.gateways}"
+    write_results(name, {"options": vars(options), "results": results})
     return 0
 
 
