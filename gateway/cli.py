@@ -21,6 +21,7 @@ BENCHMARKS = (
     "store_scale",
     "store_statements",
     "agreement",
+    "latency_bands",
     "latency_recovery",
     "operations",
     "throughput",

@@ -229,8 +229,12 @@ class LatencyTracker:
             if series is not None and series.samples:
                 total = series.total_microseconds / _MICROSECONDS_PER_SECOND
                 score = (total + prior) / (len(series.samples) + PRIOR_WEIGHT)
-                band = held_band((score - global_mean) / band_width, series.band, hysteresis)
-                series.band = bands[provider] = band
+                position = (score - global_mean) / band_width
+                band = series.band
+                # Most calls find the provider well inside its band: no call needed then.
+                if band is None or abs(position - band) >= 0.5 + hysteresis:
+                    band = series.band = held_band(position, band, hysteresis)
+                bands[provider] = band
         return bands
 
     def snapshot(

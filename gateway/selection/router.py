@@ -331,6 +331,8 @@ class Router:
                 provider: shared_band(entry.band) if (entry := fleet.get(provider)) else 0
                 for provider in providers
             }
+        if fleet and all(provider in fleet for provider in providers):
+            return {provider: fleet[provider].band for provider in providers}
         bands = self.latency.bands(
             model,
             providers,
