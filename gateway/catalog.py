@@ -9,6 +9,7 @@ from typing import Literal
 
 from gateway.config import KeySettings, ProviderSettings, Settings, hash_key
 from gateway.routing.automodel import AutoModelSpec
+from gateway.routing.conversations import Scope
 
 Stickiness = Literal["shared", "session", "none"]
 
@@ -112,6 +113,16 @@ class Catalog:
         self._stickiness: dict[str, Stickiness] = {
             model.name: model.stickiness for model in settings.models
         }
+        affinity = settings.affinity
+        self._scopes: dict[str, Scope] = {
+            model.name: model.affinity_scope
+            for model in settings.models
+            if model.affinity_scope is not None
+        }
+        self._default_scope: Scope = affinity.scope
+        secret = affinity.conversation_secret
+        self.conversation_secret = b"" if secret is None else secret.get_secret_value().encode()
+        self.conversation_head_bytes = affinity.conversation_head_bytes
         routing = settings.routing
         self._default_timeouts = Timeouts(
             connect_seconds=routing.connect_timeout_seconds,
@@ -155,6 +166,10 @@ class Catalog:
     def stickiness(self, model: str) -> Stickiness:
         """The model's stickiness mode (shared unless configured otherwise)."""
         return self._stickiness.get(model, "shared")
+
+    def affinity_scope(self, model: str) -> Scope:
+        """What one shared binding of the model holds: a key's requests, or a conversation's."""
+        return self._scopes.get(model, self._default_scope)
 
     def timeouts(self, model: str) -> Timeouts:
         """The model's upstream timeouts (the routing section's unless it overrides them)."""

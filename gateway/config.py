@@ -140,7 +140,11 @@ class SpillSettings(Section):
 
 
 class AffinitySettings(Section):
-    """Shared (key, model) bindings: TTLs, deadlines, breaker and background work."""
+    """Shared bindings: TTLs, deadlines, breaker and background work, and what one binding holds.
+
+    `scope` is the default of every model's `affinity_scope`: `key` binds `(key, model)`;
+    `conversation` binds `(key, model, conversation)` (see `gateway.routing.conversations`).
+    """
 
     ttl_seconds: PositiveFloat = 300
     local_cache_seconds: NonNegativeFloat = 5
@@ -153,6 +157,9 @@ class AffinitySettings(Section):
     janitor_interval_seconds: PositiveFloat = 60
     janitor_grace_seconds: NonNegativeFloat = 300
     spill: SpillSettings = SpillSettings()
+    scope: Literal["key", "conversation"] = "key"
+    conversation_secret: SecretStr | None = None
+    conversation_head_bytes: PositiveInt = 4096
 
 
 class RoutingSettings(Section):
@@ -221,10 +228,12 @@ class ModelSettings(Section):
 
     A timeout left out takes the `routing` section's value. `keep_upstream_model_ids` passes
     answers on with the upstream's model id instead of the public name the client asked for.
+    `affinity_scope` left out takes `affinity.scope`.
     """
 
     name: Name
     stickiness: Literal["shared", "session", "none"] = "shared"
+    affinity_scope: Literal["key", "conversation"] | None = None
     connect_timeout_seconds: PositiveFloat | None = None
     first_byte_timeout_seconds: PositiveFloat | None = None
     response_timeout_seconds: PositiveFloat | None = None

@@ -36,6 +36,7 @@ from gateway.routing.automodel import (
     normalize_mode,
     resolve,
 )
+from gateway.routing.conversations import conversation_of
 from gateway.routing.sessions import session_id_from
 from gateway.selection.router import RequestContext, Router, RoutingDecision
 
@@ -311,6 +312,7 @@ class Proxy:
                     404, f"No provider on this key's route serves `{asked}`.", "model_not_found"
                 )
             model = resolved.model if resolved is not None else None
+            stickiness = self.catalog.stickiness(model) if model is not None else "none"
             context = RequestContext(
                 request_id=request_id,
                 key=key,
@@ -318,7 +320,12 @@ class Proxy:
                 stream=parsed.stream,
                 session_id=(
                     session_id_from(request.headers, parsed.data)
-                    if model is not None and self.catalog.stickiness(model) == "session"
+                    if stickiness == "session"
+                    else None
+                ),
+                conversation=(
+                    self._conversation(request, key, model, parsed.data)
+                    if model is not None and stickiness == "shared" and pinned is None
                     else None
                 ),
             )
@@ -379,6 +386,20 @@ class Proxy:
                 status=status,
                 started_at=started_at,
             )
+
+    def _conversation(
+        self, request: web.Request, key: Key, model: str, body: Mapping[str, Any]
+    ) -> str | None:
+        """The request's conversation for its shared binding (see routing/conversations.py)."""
+        catalog = self.catalog
+        return conversation_of(
+            body,
+            request.headers,
+            scope=catalog.affinity_scope(model),
+            deployment_secret=catalog.conversation_secret,
+            key_digest=key.digest,
+            head_bytes=catalog.conversation_head_bytes,
+        )
 
     async def _pinned_provider(
         self, request: web.Request, spec: EndpointSpec, parsed: ClientRequest, key: Key

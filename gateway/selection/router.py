@@ -22,6 +22,7 @@ from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller, should_spill
 from gateway.dispatch.permits import ProviderPermits
 from gateway.operations.metrics import Metrics
+from gateway.routing.conversations import binding_model
 from gateway.routing.latency import LatencyTracker
 from gateway.routing.node_latency import FleetBand, FleetLatency, shared_band
 from gateway.routing.ordering import (
@@ -64,6 +65,13 @@ class RequestContext:
     model: str
     stream: bool
     session_id: str | None = None
+    conversation: str | None = None
+    """The conversation's keyed digest when its shared binding is per conversation."""
+
+    @property
+    def binding_model(self) -> str:
+        """What the shared binding is keyed on beside the key: the model (and conversation)."""
+        return binding_model(self.model, self.conversation)
 
 
 @dataclass(frozen=True)
@@ -142,7 +150,9 @@ class Router:
     ) -> RoutingDecision:
         """Order one request's candidates, consulting the shared binding when the model has one."""
         if len(candidates) == 1:
-            decided = self._lone_bound(context.key, context.model, candidates[0])
+            decided = self._lone_bound(
+                context.key, context.model, candidates[0], context.conversation
+            )
             if decided is not None:
                 return decided
         return await self._ordered(context, candidates)
@@ -170,7 +180,8 @@ class Router:
         kind: AffinityKind = "none"
         bound: CachedBinding | None = None
         if stickiness == "shared":
-            lookup = await self.affinity.lookup(key.id, model)
+            bound_model = context.binding_model
+            lookup = await self.affinity.lookup(key.id, bound_model)
             binding = lookup.binding
             if binding is not None and binding.provider not in names:
                 binding = None  # bound to a provider this request cannot use: a miss
@@ -187,7 +198,7 @@ class Router:
                         self._states(candidates, key, model, now, shared_only=True),
                         preferred=preferred,
                     )
-                    tier = self._agreed_tier(key.id, model, order(shared), candidates)
+                    tier = self._agreed_tier(key.id, bound_model, order(shared), candidates)
                     fallback = tier[0].provider
                 request = OrderingRequest(states, preferred=preferred, sticky=fallback)
             elif binding is not None and (preferred is None or binding.provider in preferred):
@@ -195,9 +206,9 @@ class Router:
             else:
                 overridden = binding is not None
                 acceptable = preferred if preferred is not None else names
-                tier = self._agreed_tier(key.id, model, order(request), candidates)
+                tier = self._agreed_tier(key.id, bound_model, order(request), candidates)
                 lookup = await self.affinity.claim(
-                    key.id, model, preferred=tier, acceptable=acceptable
+                    key.id, bound_model, preferred=tier, acceptable=acceptable
                 )
                 bound = lookup.binding
                 if lookup.degraded:
@@ -242,7 +253,9 @@ class Router:
             spilled=spilled,
         )
 
-    def _lone_bound(self, key: Key, model: str, provider: Provider) -> RoutingDecision | None:
+    def _lone_bound(
+        self, key: Key, model: str, provider: Provider, conversation: str | None = None
+    ) -> RoutingDecision | None:
         """The decision for a lone candidate the key's shared binding holds in this process's
         cache, when the key has no preference for the model; None for any other case.
 
@@ -253,7 +266,7 @@ class Router:
             return None
         if self.catalog.stickiness(model) != "shared":
             return None
-        binding = self.affinity.cached(key.id, model)
+        binding = self.affinity.cached(key.id, binding_model(model, conversation))
         if binding is None or binding.provider != provider.name:
             return None
         reason = REASONS[0] if self.health.cooling(provider.name) else ONLY_REASON
@@ -382,7 +395,7 @@ class Router:
         elif stickiness == "shared":
             self.affinity.served(
                 context.key.id,
-                context.model,
+                context.binding_model,
                 bound=decision.bound,
                 served=Candidate(provider.name, provider.routing_identity),
             )
