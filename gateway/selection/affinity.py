@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -23,12 +22,16 @@ from affinity_store.store import (
 )
 from gateway.config import AffinitySettings
 from gateway.operations.metrics import Metrics
+from gateway.selection.binding_cache import BindingCache
 from gateway.selection.breaker import Breaker, BreakerState
 from gateway.selection.deadlines import AdaptiveDeadline, await_within
 
 logger = structlog.get_logger("gateway.selection.affinity")
 
 LOCAL_CACHE_CAPACITY = 250_000
+# One key's share of the local copies: an application key with a binding per conversation
+# cannot push every other key's copies out.
+LOCAL_CACHE_PER_KEY = 50_000
 JANITOR_BATCH_SIZE = 1000
 JANITOR_TIMEOUT_SECONDS = 10.0
 RENEW_BATCH_SIZE = 500
@@ -121,7 +124,9 @@ class SharedAffinity:
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
-        self._cache: OrderedDict[tuple[str, str], CachedBinding] = OrderedDict()
+        self._cache: BindingCache[CachedBinding] = BindingCache(
+            LOCAL_CACHE_CAPACITY, LOCAL_CACHE_PER_KEY
+        )
         self._lookups: dict[tuple[str, str], asyncio.Future[Lookup | None]] = {}
         self._claims: dict[tuple[str, str], asyncio.Future[Lookup | None]] = {}
         self._queue: asyncio.Queue[_Renewal | _Rebind] = asyncio.Queue(settings.renew_queue_size)
@@ -144,7 +149,7 @@ class SharedAffinity:
 
     def changed(self, api_key_id: str, model: str) -> None:
         """Some process changed this binding: forget the local copy."""
-        self._cache.pop((api_key_id, model), None)
+        self._cache.pop((api_key_id, model))
 
     def publish_gauges(self) -> None:
         """Mirror whether copies of bindings are covered by the change feed into its gauge."""
@@ -208,7 +213,7 @@ class SharedAffinity:
             return entry
         now = self._clock()
         if now >= entry.expires_at:
-            del self._cache[key]
+            self._cache.pop(key)
             return None
         if fresh and now - entry.cached_at > self._settings.local_cache_seconds:
             return None
@@ -240,7 +245,7 @@ class SharedAffinity:
         except StoreError:
             return Lookup(self.cached(api_key_id, model, fresh=False), degraded=True)
         if binding is None:
-            self._cache.pop((api_key_id, model), None)
+            self._cache.pop((api_key_id, model))
             return Lookup(None)
         return Lookup(self._remember(binding, heard))
 
@@ -332,8 +337,11 @@ class SharedAffinity:
             return False
         # Until the rebind lands, this process already follows the provider that served.
         now = self._clock()
-        self._cache[(api_key_id, model)] = CachedBinding(
-            served.provider, served.routing_identity, now, now + self._settings.ttl_seconds
+        self._cache.put(
+            (api_key_id, model),
+            CachedBinding(
+                served.provider, served.routing_identity, now, now + self._settings.ttl_seconds
+            ),
         )
         self._enqueue(_Rebind(api_key_id, model, bound.provider, served))
         return True
@@ -350,10 +358,7 @@ class SharedAffinity:
             generation=self._vouching_generation() if heard == self._changes_heard() else None,
         )
         key = (binding.api_key_id, binding.model)
-        self._cache[key] = entry
-        self._cache.move_to_end(key)
-        while len(self._cache) > LOCAL_CACHE_CAPACITY:
-            self._cache.popitem(last=False)
+        self._cache.put(key, entry)
         return entry
 
     def _enqueue(self, item: _Renewal | _Rebind) -> bool:
@@ -471,7 +476,7 @@ class SharedAffinity:
                 entry.expires_at = now + ttl
                 entry.renewal_queued = False
             else:  # purged, or moved by another process: read it again next time
-                del self._cache[key]
+                self._cache.pop(key)
 
     async def _rebind(self, item: _Rebind) -> None:
         await self._call(
