@@ -155,6 +155,16 @@ class AffinitySettings(Section):
     spill: SpillSettings = SpillSettings()
 
 
+class UsageSettings(Section):
+    """Usage accounting: per-minute rollups in the store, written in batches off the hot path."""
+
+    enabled: bool = True
+    flush_interval_seconds: PositiveFloat = 10
+    retention_days: PositiveFloat = 35
+    max_pending_rows: PositiveInt = 100_000
+    janitor_interval_seconds: PositiveFloat = 300
+
+
 class RoutingSettings(Section):
     """Per-process routing: permits, failover, cooldowns, latency bands, sessions, timeouts.
 
@@ -341,6 +351,7 @@ class Settings(Section):
     server: ServerSettings = ServerSettings()
     database: DatabaseSettings = DatabaseSettings()
     affinity: AffinitySettings = AffinitySettings()
+    usage: UsageSettings = UsageSettings()
     routing: RoutingSettings = RoutingSettings()
     providers: Annotated[list[ProviderSettings], Field(min_length=1)]
     groups: dict[Name, list[Name]] = Field(default_factory=dict)
