@@ -55,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _migrate(options.config)
     if command == "bindings":
         return _bindings(options)
+    if command == "usage":
+        return _usage(options)
     if command == "demo":
         from gateway.operations.demo import run_demo  # noqa: PLC0415 - keep start-up lean
 
@@ -102,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     bindings.add_argument("--key", help="only this key id")
     bindings.add_argument("--model", help="only this model")
     bindings.add_argument("--limit", type=int, default=1000)
+    usage = commands.add_parser("usage", help="requests and tokens per key, model and provider")
+    usage.add_argument("--config", required=True, help="path to the YAML config")
+    usage.add_argument("--since", default="24h", help="how far back: 90m, 24h, 7d (default 24h)")
+    usage.add_argument(
+        "--by", default="key,model", help="group by some of key,model,provider,outcome"
+    )
+    usage.add_argument("--format", choices=("table", "csv", "json"), default="table")
     commands.add_parser("simulate", help="run the bundled vLLM-like upstream simulator")
     commands.add_parser(
         "bench", help=f"run a benchmark from a source checkout: {', '.join(BENCHMARKS)}"
@@ -217,6 +226,33 @@ def _bindings(options: argparse.Namespace) -> int:
             f"{row.api_key_id:<24} {row.model:<28} {row.provider:<20} "
             f"{row.routing_identity:<20} {row.ttl_remaining:.0f}s"
         )
+    return 0
+
+
+def _usage(options: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 - keep start-up lean
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from gateway.operations.usage_report import (  # noqa: PLC0415
+        grouped,
+        parse_groups,
+        parse_span,
+        render,
+    )
+    from gateway.selection.database import provisioned, usage_totals  # noqa: PLC0415
+
+    try:
+        span, by = parse_span(options.since), parse_groups(options.by)
+    except ValueError as error:
+        print(f"usage: {error}", file=sys.stderr)
+        return 2
+    loaded = _load_or_report(options.config)
+    if loaded is None:
+        return 1
+    since = datetime.now(UTC) - span
+    with provisioned(loaded.settings) as settings:
+        totals = asyncio.run(usage_totals(settings, since))
+    print(render(grouped(totals, by), by, options.format))
     return 0
 
 

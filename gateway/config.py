@@ -162,6 +162,16 @@ class AffinitySettings(Section):
     conversation_head_bytes: PositiveInt = 4096
 
 
+class UsageSettings(Section):
+    """Usage accounting: per-minute rollups in the store, written in batches off the hot path."""
+
+    enabled: bool = True
+    flush_interval_seconds: PositiveFloat = 10
+    retention_days: PositiveFloat = 35
+    max_pending_rows: PositiveInt = 100_000
+    janitor_interval_seconds: PositiveFloat = 300
+
+
 class RoutingSettings(Section):
     """Per-process routing: permits, failover, cooldowns, latency bands, sessions, timeouts.
 
@@ -353,6 +363,7 @@ class Settings(Section):
     server: ServerSettings = ServerSettings()
     database: DatabaseSettings = DatabaseSettings()
     affinity: AffinitySettings = AffinitySettings()
+    usage: UsageSettings = UsageSettings()
     routing: RoutingSettings = RoutingSettings()
     providers: Annotated[list[ProviderSettings], Field(min_length=1)]
     groups: dict[Name, list[Name]] = Field(default_factory=dict)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -15,6 +16,7 @@ from affinity_store.embedded import EmbeddedPostgres
 from affinity_store.migrate import apply_migrations
 from affinity_store.postgres import Pool, PostgresAffinityStore, create_pool
 from affinity_store.store import Binding, StoreError
+from affinity_store.usage import PostgresUsageStore, Tokens, UsageKey
 from gateway.config import Settings
 
 logger = structlog.get_logger("gateway.selection.database")
@@ -92,6 +94,12 @@ async def list_bindings(
         return await PostgresAffinityStore(pool).list_bindings(
             api_key_id=key_id, model=model, limit=limit, timeout=CLI_TIMEOUT_SECONDS
         )
+
+
+async def usage_totals(settings: Settings, since: datetime) -> dict[UsageKey, Tokens]:
+    """`gateway usage`: the rollups from minute `since` on, per (key, model, provider, outcome)."""
+    async with _command_pool(settings) as pool:
+        return await PostgresUsageStore(pool).usage_totals(since, timeout=CLI_TIMEOUT_SECONDS)
 
 
 @asynccontextmanager

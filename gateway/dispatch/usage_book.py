@@ -1,0 +1,152 @@
+"""Usage counted per minute in each worker, and added to the store's rollups off the request path.
+
+A finished request adds one request and its tokens to its minute's row in memory (no I/O). Every
+`flush_interval_seconds` the worker adds all its rows with one statement. At most
+`max_pending_rows` rows wait: past that a new row is dropped and counted, never an allocation
+that grows with the traffic. A flush that fails puts its rows back (within the same bound) for
+the next one. A worker that crashes loses what it counted since its last flush: at most one
+interval. A janitor deletes the minutes older than `retention_days`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from affinity_store.store import StoreError
+from affinity_store.usage import Tokens, UsageKey, UsageRow, UsageStore
+from gateway.background import stop_task
+from gateway.config import UsageSettings
+from gateway.dispatch.usage import Usage
+
+logger = structlog.get_logger("gateway.dispatch.usage_book")
+
+FLUSH_TIMEOUT_SECONDS = 5.0
+PURGE_BATCH_SIZE = 10_000
+PURGE_TIMEOUT_SECONDS = 10.0
+
+
+def minute_of(unix_seconds: float) -> datetime:
+    """The UTC minute a moment falls in."""
+    return datetime.fromtimestamp(unix_seconds - unix_seconds % 60, UTC)
+
+
+class UsageBook:
+    """This worker's counts since its last flush, per minute and `UsageKey`."""
+
+    def __init__(self, max_rows: int, *, clock: Callable[[], float] = time.time) -> None:
+        """Hold at most `max_rows` rows between flushes."""
+        self._max_rows = max_rows
+        self._clock = clock
+        self._rows: dict[tuple[datetime, UsageKey], Tokens] = {}
+        self.dropped = 0
+        """Requests not counted because the book was full."""
+
+    def add(self, key: UsageKey, usage: Usage | None) -> None:
+        """Count one finished request and the tokens its answer reported."""
+        tokens = (
+            Tokens(1)
+            if usage is None
+            else Tokens(1, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        )
+        self._add((minute_of(self._clock()), key), tokens)
+
+    def take(self) -> list[UsageRow]:
+        """Every row counted since the last take, leaving the book empty."""
+        rows, self._rows = self._rows, {}
+        return [UsageRow(minute, key, tokens) for (minute, key), tokens in rows.items()]
+
+    def put_back(self, rows: list[UsageRow]) -> None:
+        """Rows a flush could not write, for the next flush (what does not fit is dropped)."""
+        for row in rows:
+            self._add((row.minute, row.key), row.tokens)
+
+    def __len__(self) -> int:
+        """How many rows wait for the next flush."""
+        return len(self._rows)
+
+    def _add(self, slot: tuple[datetime, UsageKey], tokens: Tokens) -> None:
+        rows = self._rows
+        held = rows.get(slot)
+        if held is not None:
+            rows[slot] = held + tokens
+        elif len(rows) < self._max_rows:
+            rows[slot] = tokens
+        else:
+            self.dropped += tokens.requests
+
+
+class UsageFlusher:
+    """Adds the book's rows to the store every interval, and deletes expired minutes."""
+
+    def __init__(
+        self,
+        store: UsageStore,
+        book: UsageBook,
+        settings: UsageSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Flush `book` into `store` as `settings` say."""
+        self._store = store
+        self._book = book
+        self._settings = settings
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        self.flushes = 0
+
+    async def start(self) -> None:
+        """Start the background loop."""
+        self._task = asyncio.create_task(self._run(), name="usage-flusher")
+
+    async def stop(self) -> None:
+        """Stop the loop, then flush what is left once (bounded)."""
+        await stop_task(self._task)
+        self._task = None
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write every waiting row with one statement; on failure keep them for the next."""
+        rows = self._book.take()
+        if not rows:
+            return
+        try:
+            await self._store.add_usage(rows, timeout=FLUSH_TIMEOUT_SECONDS)
+        except StoreError as error:
+            self._book.put_back(rows)
+            if not self._failing:
+                logger.warning("usage_flush_failed", rows=len(rows), error=type(error).__name__)
+            self._failing = True
+            return
+        if self._failing:
+            logger.info("usage_flush_recovered", rows=len(rows))
+        self._failing = False
+        self.flushes += 1
+
+    async def purge(self) -> int:
+        """Delete a batch of the minutes older than the retention; how many rows went."""
+        before = datetime.fromtimestamp(self._clock(), UTC) - timedelta(
+            days=self._settings.retention_days
+        )
+        try:
+            return await self._store.purge_usage(
+                before, batch_size=PURGE_BATCH_SIZE, timeout=PURGE_TIMEOUT_SECONDS
+            )
+        except StoreError:
+            return 0
+
+    async def _run(self) -> None:
+        interval = self._settings.flush_interval_seconds
+        purge_every = max(1, round(self._settings.janitor_interval_seconds / interval))
+        rounds = 0
+        while True:
+            await asyncio.sleep(interval)
+            await self.flush()
+            rounds += 1
+            if rounds % purge_every == 0:
+                await self.purge()

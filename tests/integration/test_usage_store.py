@@ -1,0 +1,110 @@
+"""Usage rollups, one suite for every store: in memory, Postgres, and Postgres via PgBouncer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from affinity_store.postgres import create_pool
+from affinity_store.usage import (
+    MemoryUsageStore,
+    MinuteUsage,
+    PostgresUsageStore,
+    Tokens,
+    UsageKey,
+    UsageRow,
+    UsageStore,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+TIMEOUT = 5.0
+MINUTE = datetime(2026, 12, 6, 1, 0, tzinfo=UTC)
+ALICE = UsageKey("alice", "llama", "node-a", "ok")
+BOB = UsageKey("bob", "llama", "node-b", "ok")
+BOB_FAILED = UsageKey("bob", "llama", "node-b", "error")
+
+
+@pytest.fixture
+def memory_store() -> UsageStore:
+    """The in-memory twin."""
+    return MemoryUsageStore()
+
+
+@pytest.fixture
+async def postgres_store(database_url: str) -> AsyncIterator[UsageStore]:
+    """The Postgres store on a direct pool with the statement cache on."""
+    pool = await create_pool(database_url, min_size=1, max_size=2, statement_cache_size=100)
+    yield PostgresUsageStore(pool)
+    await pool.close()
+
+
+@pytest.fixture
+async def pgbouncer_store(pgbouncer_database_url: str) -> AsyncIterator[UsageStore]:
+    """The Postgres store through transaction-pooling PgBouncer, statement cache off."""
+    pool = await create_pool(pgbouncer_database_url, min_size=1, max_size=2, statement_cache_size=0)
+    yield PostgresUsageStore(pool)
+    await pool.close()
+
+
+@pytest.fixture(params=["memory", "postgres", "pgbouncer"])
+def store(request: pytest.FixtureRequest) -> UsageStore:
+    """Each usage store in turn."""
+    chosen: UsageStore = request.getfixturevalue(f"{request.param}_store")
+    return chosen
+
+
+async def test_rows_of_one_minute_and_key_add_up(store: UsageStore) -> None:
+    """Two workers' flushes of the same minute and key sum; other keys stay apart."""
+    await store.add_usage(
+        [
+            UsageRow(MINUTE, ALICE, Tokens(2, 100, 10, 40)),
+            UsageRow(MINUTE, BOB, Tokens(1, 5, 1, 0)),
+        ],
+        timeout=TIMEOUT,
+    )
+    await store.add_usage([UsageRow(MINUTE, ALICE, Tokens(3, 50, 5, 50))], timeout=TIMEOUT)
+    totals = await store.usage_totals(MINUTE, timeout=TIMEOUT)
+    assert totals == {ALICE: Tokens(5, 150, 15, 90), BOB: Tokens(1, 5, 1, 0)}
+
+
+async def test_totals_and_minutes_start_at_the_given_minute(store: UsageStore) -> None:
+    """Minutes before `since` are left out; per-minute sums come oldest first."""
+    rows = [
+        UsageRow(MINUTE - timedelta(minutes=2), ALICE, Tokens(1, 1, 1, 1)),
+        UsageRow(MINUTE, ALICE, Tokens(1, 10, 0, 5)),
+        UsageRow(MINUTE + timedelta(minutes=1), BOB, Tokens(2, 20, 0, 0)),
+        UsageRow(MINUTE + timedelta(minutes=1), BOB_FAILED, Tokens(1, 0, 0, 0)),
+    ]
+    await store.add_usage(rows, timeout=TIMEOUT)
+    assert await store.usage_totals(MINUTE, timeout=TIMEOUT) == {
+        ALICE: Tokens(1, 10, 0, 5),
+        BOB: Tokens(2, 20, 0, 0),
+        BOB_FAILED: Tokens(1, 0, 0, 0),
+    }
+    assert await store.usage_by_minute(MINUTE, timeout=TIMEOUT) == [
+        MinuteUsage(MINUTE, Tokens(1, 10, 0, 5)),
+        MinuteUsage(MINUTE + timedelta(minutes=1), Tokens(3, 20, 0, 0)),
+    ]
+
+
+async def test_purge_deletes_only_minutes_before_the_cutoff_in_batches(store: UsageStore) -> None:
+    """Expired minutes go, at most a batch per call; the rest stay."""
+    old = [
+        UsageRow(MINUTE - timedelta(days=40, minutes=index), ALICE, Tokens(1)) for index in range(5)
+    ]
+    await store.add_usage([*old, UsageRow(MINUTE, ALICE, Tokens(1))], timeout=TIMEOUT)
+    cutoff = MINUTE - timedelta(days=35)
+    assert await store.purge_usage(cutoff, batch_size=3, timeout=TIMEOUT) == 3
+    assert await store.purge_usage(cutoff, batch_size=3, timeout=TIMEOUT) == 2
+    assert await store.purge_usage(cutoff, batch_size=3, timeout=TIMEOUT) == 0
+    since = MINUTE - timedelta(days=60)
+    assert await store.usage_totals(since, timeout=TIMEOUT) == {ALICE: Tokens(1)}
+
+
+async def test_an_empty_flush_writes_nothing(store: UsageStore) -> None:
+    """No rows: no statement, no rows."""
+    await store.add_usage([], timeout=TIMEOUT)
+    assert await store.usage_totals(MINUTE - timedelta(days=1), timeout=TIMEOUT) == {}
