@@ -143,9 +143,10 @@ async def test_concurrent_failovers_are_capped_by_the_retry_budget(
             )
             # Nothing more moves until the retries are answered.
             refused = [task for task in requests if task.done()]
-            assert gates.count(2) == allowed
+            retried = gates.count(2)
             gates.second_gate.set()
             outcomes = await asyncio.gather(*requests)
+    assert retried == allowed
     statuses = Counter(status for status, _, _ in outcomes)
     assert statuses == {200: allowed, 500: in_flight - allowed}
     for task in refused:
