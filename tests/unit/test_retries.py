@@ -28,7 +28,8 @@ def test_the_limit_is_twenty_percent_of_the_requests_in_flight_and_at_least_thre
 
 def test_retries_past_the_limit_are_refused_until_one_ends() -> None:
     """Admitted retries hold their place until released (once, however often released)."""
-    in_flight, refusals = [10], []
+    in_flight = [10]
+    refusals: list[str] = []
     retries = budget(in_flight, refusals)
     slots = [retries.try_start() for _ in range(3)]
     assert all(slot is not None for slot in slots)
