@@ -154,7 +154,8 @@ class Dispatcher:
         An attempt after the first is a retry: made only within the worker's retry budget, and
         not at all once the request itself is the suspect (two providers failed it alike). When
         every candidate failed, or the request is the suspect, the error says
-        `x-should-retry: false` unless a resend would cost the upstreams nothing.
+        `x-should-retry: false`, unless it says when to come back (`Retry-After`) or a resend
+        would cost the upstreams nothing.
         """
         remaining = [provider for provider in providers if not self._health.cooling(provider.name)]
         if not remaining:
@@ -192,7 +193,8 @@ class Dispatcher:
         finally:
             blame.settle()
         error = exhausted(record.attempts)
-        if (not remaining or blame.request_suspected) and resend_is_futile(record.attempts):
+        tried = not remaining or blame.request_suspected
+        if tried and error.retry_after is None and resend_is_futile(record.attempts):
             # The gateway already did what a client's resend would: the OpenAI SDKs obey this.
             error.headers[SHOULD_RETRY] = "false"
         raise error

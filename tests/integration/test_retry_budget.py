@@ -305,3 +305,20 @@ async def test_no_provider_reachable_is_the_gateways_own_503_with_its_retry_afte
     assert (status, headers["Retry-After"]) == (503, "1")
     assert orjson.loads(body)["error"]["code"] == "upstream_unreachable"
     assert "x-should-retry" not in headers
+
+
+async def test_an_upstream_that_says_when_to_come_back_is_not_contradicted(
+    exit_stack: AsyncExitStack, start_gateway: GatewayFactory
+) -> None:
+    """The only provider answers 503 with `Retry-After: 12`: the client gets it as sent and no
+    `x-should-retry: false` (which would stop an SDK from honouring it)."""
+
+    async def warming(request: web.Request) -> web.StreamResponse:
+        body = {"error": {"message": "Warming up.", "type": "server_error"}}
+        return web.json_response(body, status=503, headers={"Retry-After": "12"})
+
+    server = await start_gateway(gateway_settings({"node-a": await upstream(exit_stack, warming)}))
+    async with aiohttp.ClientSession() as session:
+        status, headers, _ = await post(session, server)
+    assert (status, headers["Retry-After"]) == (503, "12")
+    assert "x-should-retry" not in headers
