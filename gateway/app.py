@@ -25,6 +25,7 @@ from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.key_shares import ShareBook
 from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.permits import KeyLimits, ProviderPermits
+from gateway.dispatch.retries import RetryBudget
 from gateway.dispatch.upstream import create_client_session
 from gateway.dispatch.upstream_pool import UpstreamPool
 from gateway.edge.connections import SERVER_NAME
@@ -200,6 +201,12 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         memory=RouterMemory.fresh(settings.routing),
         answer_budget=AnswerBudget(
             settings.server.max_buffered_answer_bytes, settings.routing.wait_timeout_seconds
+        ),
+        retries=RetryBudget(
+            settings.routing,
+            key_limits.in_flight_total,
+            on_retry=metrics.retries.inc,
+            on_refused=lambda reason: metrics.retries_refused.labels(reason).inc(),
         ),
         key_limits=key_limits,
         shedder=shedder,

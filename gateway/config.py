@@ -178,10 +178,16 @@ class RoutingSettings(Section):
     Failures a client's request could have caused (an upstream 5xx, a timeout) cool a provider
     only when they come from two keys, and never more than `max_cooling_fraction` of a model's
     providers at once; an unreachable provider or a 429 cools whatever the share.
+
+    Failover attempts beyond a request's first are a retry budget per worker: at most
+    `retry_budget_percent` % of its requests in flight, and never fewer than
+    `retry_budget_min_concurrent`, may be retrying at once (100: no budget).
     """
 
     wait_timeout_seconds: NonNegativeFloat = 5
     failover_budget: PositiveInt = 3
+    retry_budget_percent: Annotated[float, Field(ge=0, le=100)] = 20
+    retry_budget_min_concurrent: Annotated[int, Field(ge=0)] = 3
     allowed_fails: PositiveInt = 3
     cooldown_seconds: PositiveFloat = 5
     cooldown_max_seconds: PositiveFloat = 300

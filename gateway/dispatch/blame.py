@@ -9,7 +9,8 @@ Like a proxy's outlier detection, the gateway cools a provider only for what the
   credential, a redirect, a timeout after the upstream accepted the request): counts with the
   request's key, and only after the same request's other attempts have had their say. If another
   provider answered the same request with an error too, the request is the common factor and
-  none of these count; if no other provider answered it, or one answered 2xx, they count.
+  none of these count (and dispatch tries no further provider: a third would only fail it the
+  same way); if no other provider answered it, or one answered 2xx, they count.
 
 `ProviderHealth` then needs two keys in a run before key-attributed failures cool a provider.
 """
@@ -60,6 +61,13 @@ class RequestBlame:
         # Providers whose failure may be the request's: held until another provider answers.
         self._held: list[str] = []
         self._request_suspected = False
+
+    @property
+    def request_suspected(self) -> bool:
+        """Whether two providers failed this request in ways a request may cause (or one
+        answered it with an error): the request is the common factor, and failing over further
+        would only repeat it."""
+        return self._request_suspected
 
     def failed(self, provider: str, failure: RetryableAttemptError, *, connected: bool) -> None:
         """Let the provider's health learn from a failed attempt (now, or once it is known

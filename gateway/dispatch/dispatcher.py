@@ -22,6 +22,14 @@ from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.http1 import ConnectTimeoutError, UpstreamConnectError, UpstreamError
 from gateway.dispatch.outcomes import Attempt, RetryableAttemptError, exhausted, failed_status
 from gateway.dispatch.permits import ProviderPermits
+from gateway.dispatch.retries import (
+    BUDGET,
+    REQUEST_SUSPECTED,
+    SHOULD_RETRY,
+    RetryBudget,
+    RetrySlot,
+    resend_is_futile,
+)
 from gateway.dispatch.upstream import (
     EventStreamFraming,
     close_response,
@@ -58,6 +66,8 @@ class DispatchRecord:
     upstream_ttft_seconds: float | None = None
     bytes_sent: int = 0
     client_disconnected: bool = False
+    # Why no further provider was tried though some were left (a reason of `retries`), if so.
+    failover_stopped: str | None = None
     # The bytes of a non-streamed answer held in the worker's budget until it is sent.
     buffer: Reservation | None = None
 
@@ -111,6 +121,7 @@ class Dispatcher:
         health: ProviderHealth,
         permits: ProviderPermits,
         routing: RoutingSettings,
+        retries: RetryBudget,
         *,
         dropped_headers: frozenset[str],
         on_cooldown: Callable[[str], None],
@@ -121,6 +132,7 @@ class Dispatcher:
         self._health = health
         self._permits = permits
         self._failover_budget = routing.failover_budget
+        self._retries = retries
         self._wait_timeout = routing.wait_timeout_seconds
         self._dropped_headers = dropped_headers
         self._max_first_event_bytes = max_first_event_bytes
@@ -138,6 +150,12 @@ class Dispatcher:
         Cooling providers are skipped; each attempt takes a permit on the first provider left
         in the list that has one free, or waits in line for any of them. What a failed attempt
         teaches the providers' health is decided with the request's other attempts in view.
+
+        An attempt after the first is a retry: made only within the worker's retry budget, and
+        not at all once the request itself is the suspect (two providers failed it alike). When
+        every candidate failed, or the request is the suspect, the error says
+        `x-should-retry: false`, unless it says when to come back (`Retry-After`) or a resend
+        would cost the upstreams nothing.
         """
         remaining = [provider for provider in providers if not self._health.cooling(provider.name)]
         if not remaining:
@@ -153,20 +171,49 @@ class Dispatcher:
             # attempts, and nothing waits between them (a framework's per-attempt state costs
             # more than the whole rule).
             for _ in range(min(self._failover_budget, len(remaining))):
-                if record.attempts and not job.replayable():
-                    # A streamed upload past its kept copy cannot be sent again.
-                    break
-                provider = await self._take_permit(remaining)
-                remaining.remove(provider)
+                retry: RetrySlot | None = None
+                if record.attempts:
+                    retry = self._retry(job, blame, record)
+                    if retry is None:
+                        break
                 try:
-                    return await self._attempt(request, job, provider, record, blame)
-                except RetryableAttemptError:
-                    continue
+                    provider = await self._take_permit(remaining)
+                    remaining.remove(provider)
+                    try:
+                        return await self._attempt(
+                            request, job, provider, record, blame, retry=retry
+                        )
+                    except RetryableAttemptError:
+                        continue
+                    finally:
+                        self._permits.release(provider.name)
                 finally:
-                    self._permits.release(provider.name)
+                    if retry is not None:
+                        retry.release()
         finally:
             blame.settle()
-        raise exhausted(record.attempts)
+        error = exhausted(record.attempts)
+        tried = not remaining or blame.request_suspected
+        if tried and error.retry_after is None and resend_is_futile(record.attempts):
+            # The gateway already did what a client's resend would: the OpenAI SDKs obey this.
+            error.headers[SHOULD_RETRY] = "false"
+        raise error
+
+    def _retry(
+        self, job: DispatchRequest, blame: RequestBlame, record: DispatchRecord
+    ) -> RetrySlot | None:
+        """A place in the retry budget for the request's next attempt, or None: no retry."""
+        if not job.replayable():
+            # A streamed upload past its kept copy cannot be sent again.
+            return None
+        if blame.request_suspected:
+            self._retries.forgo(REQUEST_SUSPECTED)
+            record.failover_stopped = REQUEST_SUSPECTED
+            return None
+        retry = self._retries.try_start()
+        if retry is None:
+            record.failover_stopped = BUDGET
+        return retry
 
     async def _take_permit(self, remaining: list[Provider]) -> Provider:
         """The first provider with a free permit (waiting in line if needed), paced."""
@@ -195,6 +242,8 @@ class Dispatcher:
         provider: Provider,
         record: DispatchRecord,
         blame: RequestBlame,
+        *,
+        retry: RetrySlot | None,
     ) -> web.StreamResponse:
         body = job.body(provider)
         headers = upstream_headers(
@@ -260,6 +309,8 @@ class Dispatcher:
             raise
 
         blame.answered(is_success(response))
+        if retry is not None:
+            retry.release()  # answered: a stream no longer holds the retry budget
         record.ttft_seconds = first_byte_at - job.started_at
         record.upstream_ttft_seconds = first_byte_at - attempt_started
         record.served = provider

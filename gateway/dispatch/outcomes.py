@@ -24,7 +24,7 @@ AUTH_STATUSES = frozenset({401, 403})
 # How much of a failed upstream answer is read for its message.
 ERROR_BODY_BYTES = 64 * 1024
 MESSAGE_CHARACTERS = 500
-# The gateway's own pause before a client retries a request that failed upstream.
+# The gateway's own pause before a client resends a request no upstream could take.
 GATEWAY_RETRY_AFTER = 1.0
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 
@@ -152,20 +152,21 @@ def exhausted(attempts: Sequence[Attempt]) -> GatewayError:
 
     When every attempt failed with an upstream status, the last one's status and message reach
     the client; a refused provider credential is a 502 `upstream_auth_failed`. `Retry-After` is
-    the larger of the last upstream's (the largest of its forms) and the gateway's own — when
-    every provider rate limits, the soonest of theirs; a timeout carries none.
+    passed on only when an upstream sent one: the last upstream's (the largest of its forms), or
+    when every provider rate limits, the soonest of theirs. None is invented for a relayed error;
+    only when no upstream could be reached is it the gateway's own (`GATEWAY_RETRY_AFTER`).
     """
     reasons = {attempt.outcome for attempt in attempts}
     summary = ", ".join(f"{attempt.provider}: {attempt.outcome}" for attempt in attempts)
     last = attempts[-1]
-    own = max(GATEWAY_RETRY_AFTER, last.retry_after or 0.0)
+    upstreams = last.retry_after
     if last.outcome == "upstream_auth_failed":
         return GatewayError(
             502,
             f"The upstream refused the gateway's credential ({summary}); "
             "the operator must fix the provider's api_key.",
             "upstream_auth_failed",
-            retry_after=own,
+            retry_after=upstreams,
         )
     if reasons <= {"timeout", "connect_timeout"} and "timeout" in reasons:
         return GatewayError(504, f"No upstream answered in time ({summary}).", "upstream_timeout")
@@ -177,17 +178,23 @@ def exhausted(attempts: Sequence[Attempt]) -> GatewayError:
             429,
             f"{detail} ({summary})",
             "upstream_rate_limited",
-            retry_after=max(GATEWAY_RETRY_AFTER, min(waits)) if waits else GATEWAY_RETRY_AFTER,
+            retry_after=min(waits) if waits else None,
         )
     if all(attempt.outcome.startswith("http_") for attempt in attempts):
         assert last.status is not None  # an http_ outcome carries its status
         code = "upstream_error"
         detail = last.message or f"The upstream answered {last.status}."
-        return GatewayError(last.status, f"{detail} ({summary})", code, retry_after=own)
+        return GatewayError(last.status, f"{detail} ({summary})", code, retry_after=upstreams)
     if reasons <= {"connect_error", "connect_timeout"}:
         return GatewayError(
-            503, f"No upstream could be reached ({summary}).", "upstream_unreachable", retry_after=1
+            503,
+            f"No upstream could be reached ({summary}).",
+            "upstream_unreachable",
+            retry_after=GATEWAY_RETRY_AFTER,
         )
     return GatewayError(
-        502, f"No upstream gave a usable answer ({summary}).", "upstream_error", retry_after=own
+        502,
+        f"No upstream gave a usable answer ({summary}).",
+        "upstream_error",
+        retry_after=upstreams,
     )

@@ -211,6 +211,10 @@ class KeyLimits:
         share = self.shares.concurrency(key)
         return None if share is None else max(0, share - self.in_flight(key))
 
+    def in_flight_total(self) -> int:
+        """Every key's requests in flight in this process."""
+        return self._total
+
     def in_flight_by_id(self, api_key_id: str) -> int:
         """The requests in flight in this process for the key with this id."""
         return self._in_flight.get(api_key_id, 0)

@@ -96,6 +96,9 @@ def record_request(
         "ttft_ms": round(record.ttft_seconds * 1000, 2) if record.ttft_seconds else None,
         "bytes": record.bytes_sent,
     }
+    if record.failover_stopped is not None:
+        # Providers were left, but no retry was made: the budget, or the request was the suspect.
+        fields["failover_stopped"] = record.failover_stopped
     lines = json_lines()
     if lines is not None:  # the production chain: the same line, written without running it
         lines.info("request", fields)

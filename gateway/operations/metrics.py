@@ -57,6 +57,19 @@ class Metrics:
             ["provider", "outcome"],
             registry=self.registry,
         )
+        self.retries = Counter(
+            "gateway_retries",
+            "Failover attempts beyond a request's first, made within the worker's retry budget.",
+            registry=self.registry,
+        )
+        self.retries_refused = Counter(
+            "gateway_retries_refused",
+            "Failover retries not made though providers were left, by reason: budget (the "
+            "worker's retry budget was spent), request_suspected (two providers failed the "
+            "request alike).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.config_reloads = Counter(
             "gateway_config_reloads",
             "Config reloads by this worker, by result (applied, invalid, failed).",

@@ -3,8 +3,8 @@
 A `Runtime` is immutable: the settings, the catalog built from them, and the proxy, router and
 dispatcher that read them. A request takes the current runtime once, when it arrives, and uses it
 to the end, so a reload never changes the rules under a request in flight. What the process has
-learnt (cooldowns, latency samples, sessions, permits and in-flight counts, polled load, shared
-bindings) lives in `ProcessState` and carries over to every new runtime.
+learnt (cooldowns, latency samples, sessions, permits and in-flight counts, retries under way,
+polled load, shared bindings) lives in `ProcessState` and carries over to every new runtime.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from gateway.dispatch.dispatcher import Dispatcher
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.permits import KeyLimits, ProviderPermits, per_key_limit
+from gateway.dispatch.retries import RetryBudget
 from gateway.dispatch.upstream_pool import UpstreamPool
 from gateway.edge.overload import LoadShedder
 from gateway.edge.proxy import RECENT_DECISIONS, Proxy
@@ -50,6 +51,7 @@ class ProcessState:
     poller: LoadPoller
     memory: RouterMemory
     answer_budget: AnswerBudget
+    retries: RetryBudget  # retries under way carry over; a reload sets the budget's share
     key_limits: KeyLimits = field(default_factory=KeyLimits)
     shedder: LoadShedder | None = None  # None: only in tests that build a state by hand
     recent: RecentDecisions = field(default_factory=lambda: RecentDecisions(RECENT_DECISIONS))
@@ -110,6 +112,7 @@ def build_runtime(
         },
     )
     state.poller.track(catalog.providers)
+    state.retries.reconfigure(routing)
     state.key_limits.shares.track(catalog.keys.values())  # new limits: claimed at the next sync
     router = Router(
         catalog,
@@ -128,6 +131,7 @@ def build_runtime(
         state.health,
         state.permits,
         routing,
+        state.retries,
         dropped_headers=frozenset({routing.mode_header.lower()}),
         # A node that failed enough to cool down comes back as an unknown: neutral latency.
         on_cooldown=router.latency.forget,

@@ -133,7 +133,8 @@ async def test_upstream_server_error_keeps_its_status_and_message(
     start_simulator: SimulatorFactory, start_gateway: GatewayFactory
 ) -> None:
     """When every provider answers 5xx, the client gets the last upstream's status and message
-    in an OpenAI error (issue 12: it used to be rewritten to 502)."""
+    in an OpenAI error (issue 12: it used to be rewritten to 502), no Retry-After the upstream
+    did not send, and `x-should-retry: false` (issue 20: every candidate was tried)."""
     status, code = 500, "upstream_error"
     node = await start_simulator("node-a")
     await node.set_faults(error_rate=1.0)
@@ -144,7 +145,8 @@ async def test_upstream_server_error_keeps_its_status_and_message(
     assert answered == status
     assert_openai_error(body, code)
     assert orjson.loads(body)["error"]["message"].startswith("Simulated upstream failure.")
-    assert "Retry-After" in headers
+    assert "Retry-After" not in headers
+    assert headers["x-should-retry"] == "false"
     await node.set_faults(error_rate=0.0)
     await assert_still_serving(server)
 

@@ -67,3 +67,15 @@ def test_every_provider_rate_limiting_gives_the_soonest_retry_after() -> None:
         [Attempt("a", "http_429", 429, 5.0, "Slow down"), Attempt("b", "http_429", 429, 9.0)]
     )
     assert (error.status, error.code, error.retry_after) == (429, "upstream_rate_limited", 5.0)
+
+
+def test_no_retry_after_is_invented_for_a_relayed_error() -> None:
+    """Issue 20: without an upstream Retry-After the relayed error carries none (it used to
+    gain the gateway's 1 s); only the gateway's own 503 for unreachable upstreams has one."""
+    assert exhausted([Attempt("a", "http_500", 500, None, "Boom")]).retry_after is None
+    limited = [Attempt("a", "http_429", 429), Attempt("b", "http_429", 429)]
+    assert exhausted(limited).retry_after is None
+    assert exhausted([Attempt("a", "upstream_auth_failed", 401)]).retry_after is None
+    assert exhausted([Attempt("a", "invalid_response", 200)]).retry_after is None
+    unreachable = exhausted([Attempt("a", "connect_error"), Attempt("b", "connect_timeout")])
+    assert (unreachable.status, unreachable.retry_after) == (503, 1.0)
