@@ -30,6 +30,7 @@ pytestmark = pytest.mark.timeout(30)
 
 TTL = 300.0
 TIMEOUT = 5.0
+CAP = 1000  # stored responses a key keeps
 ALPHA = Candidate("alpha", "alpha")
 BETA = Candidate("beta", "beta")
 GAMMA = Candidate("gamma", "gamma")
@@ -142,7 +143,13 @@ async def test_lookup_misses_an_unknown_key(store: AffinityStore) -> None:
 async def test_lookup_returns_the_claimed_binding(store: AffinityStore) -> None:
     """After a claim, lookup returns that binding with its database expiry and TTL left."""
     claimed = await store.claim(
-        "k", "m", acceptable=EVERY_PROVIDER, preferred=[BETA], ttl_seconds=TTL, timeout=TIMEOUT
+        "k",
+        "m",
+        acceptable=EVERY_PROVIDER,
+        preferred=[BETA],
+        ttl_seconds=TTL,
+        max_per_key=CAP,
+        timeout=TIMEOUT,
     )
     found = await store.lookup("k", "m", timeout=TIMEOUT)
     assert found is not None
@@ -168,10 +175,22 @@ async def test_lookup_ignores_an_expired_binding(store: AffinityStore) -> None:
 async def test_claim_is_idempotent(store: AffinityStore) -> None:
     """Claiming again with another preference returns the existing provider unchanged."""
     first = await store.claim(
-        "k", "m", acceptable=EVERY_PROVIDER, preferred=[ALPHA], ttl_seconds=TTL, timeout=TIMEOUT
+        "k",
+        "m",
+        acceptable=EVERY_PROVIDER,
+        preferred=[ALPHA],
+        ttl_seconds=TTL,
+        max_per_key=CAP,
+        timeout=TIMEOUT,
     )
     second = await store.claim(
-        "k", "m", acceptable=EVERY_PROVIDER, preferred=[GAMMA], ttl_seconds=TTL, timeout=TIMEOUT
+        "k",
+        "m",
+        acceptable=EVERY_PROVIDER,
+        preferred=[GAMMA],
+        ttl_seconds=TTL,
+        max_per_key=CAP,
+        timeout=TIMEOUT,
     )
     assert second.provider == "alpha"
     assert second.expires_at == first.expires_at
@@ -183,7 +202,13 @@ async def test_claim_keeps_an_acceptable_binding_that_is_not_preferred_first(
     """An existing live binding in `acceptable` wins over the first preferred candidate."""
     await bind(store, "k", BETA)
     binding = await store.claim(
-        "k", "m", acceptable={"alpha", "beta"}, preferred=[ALPHA], ttl_seconds=TTL, timeout=TIMEOUT
+        "k",
+        "m",
+        acceptable={"alpha", "beta"},
+        preferred=[ALPHA],
+        ttl_seconds=TTL,
+        max_per_key=CAP,
+        timeout=TIMEOUT,
     )
     assert binding.provider == "beta"
 
@@ -192,7 +217,13 @@ async def test_claim_replaces_a_live_binding_that_is_not_acceptable(store: Affin
     """A live binding outside `acceptable` is replaced by a preferred candidate."""
     await bind(store, "k", BETA)
     binding = await store.claim(
-        "k", "m", acceptable={"gamma"}, preferred=[GAMMA], ttl_seconds=TTL, timeout=TIMEOUT
+        "k",
+        "m",
+        acceptable={"gamma"},
+        preferred=[GAMMA],
+        ttl_seconds=TTL,
+        max_per_key=CAP,
+        timeout=TIMEOUT,
     )
     assert binding.provider == "gamma"
     found = await store.lookup("k", "m", timeout=TIMEOUT)
@@ -205,7 +236,13 @@ async def test_claim_takes_over_an_expired_binding(store: AffinityStore) -> None
     await bind(store, "k", ALPHA)
     await backdate(store, "k", "alpha", seconds_ago=1)
     binding = await store.claim(
-        "k", "m", acceptable=EVERY_PROVIDER, preferred=[BETA], ttl_seconds=TTL, timeout=TIMEOUT
+        "k",
+        "m",
+        acceptable=EVERY_PROVIDER,
+        preferred=[BETA],
+        ttl_seconds=TTL,
+        max_per_key=CAP,
+        timeout=TIMEOUT,
     )
     assert binding.provider == "beta"
     assert binding.ttl_remaining > 0
@@ -254,7 +291,13 @@ async def test_claim_rejects_an_empty_preference(store: AffinityStore) -> None:
     """A claim with no candidate is a programming error."""
     with pytest.raises(ValueError, match="preferred"):
         await store.claim(
-            "k", "m", acceptable=EVERY_PROVIDER, preferred=[], ttl_seconds=TTL, timeout=TIMEOUT
+            "k",
+            "m",
+            acceptable=EVERY_PROVIDER,
+            preferred=[],
+            ttl_seconds=TTL,
+            max_per_key=CAP,
+            timeout=TIMEOUT,
         )
 
 
@@ -262,11 +305,15 @@ async def test_renew_extends_only_for_the_bound_provider(store: AffinityStore) -
     """Renew is a compare-and-set on the provider: the bound one extends, others change nothing."""
     await bind(store, "k", ALPHA)
     assert await store.renew("k", "m", provider="alpha", ttl_seconds=10, timeout=TIMEOUT)
-    assert not await store.renew("k", "m", provider="beta", ttl_seconds=TTL, timeout=TIMEOUT)
+    assert not await store.renew(
+        "k", "m", provider="beta", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+    )
     unchanged = await store.lookup("k", "m", timeout=TIMEOUT)
     assert unchanged is not None
     assert unchanged.ttl_remaining <= 10
-    assert await store.renew("k", "m", provider="alpha", ttl_seconds=TTL, timeout=TIMEOUT)
+    assert await store.renew(
+        "k", "m", provider="alpha", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+    )
     renewed = await store.lookup("k", "m", timeout=TIMEOUT)
     assert renewed is not None
     assert renewed.ttl_remaining > TTL - 5
@@ -274,7 +321,9 @@ async def test_renew_extends_only_for_the_bound_provider(store: AffinityStore) -
 
 async def test_renew_of_a_missing_binding_changes_nothing(store: AffinityStore) -> None:
     """Renewing a key that has no row returns False and creates nothing."""
-    assert not await store.renew("k", "m", provider="alpha", ttl_seconds=TTL, timeout=TIMEOUT)
+    assert not await store.renew(
+        "k", "m", provider="alpha", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+    )
     assert await store.lookup("k", "m", timeout=TIMEOUT) is None
 
 
@@ -282,7 +331,7 @@ async def test_rebind_moves_the_binding_from_the_old_provider(store: AffinitySto
     """Rebind from the bound provider moves the binding to the new candidate."""
     await bind(store, "k", ALPHA)
     assert await store.rebind(
-        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, timeout=TIMEOUT
+        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
     )
     found = await store.lookup("k", "m", timeout=TIMEOUT)
     assert found is not None
@@ -293,7 +342,7 @@ async def test_rebind_from_a_stale_provider_changes_nothing(store: AffinityStore
     """Rebind is a compare-and-set: naming a provider that is no longer bound does nothing."""
     await bind(store, "k", GAMMA)
     assert not await store.rebind(
-        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, timeout=TIMEOUT
+        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
     )
     found = await store.lookup("k", "m", timeout=TIMEOUT)
     assert found is not None
@@ -303,7 +352,7 @@ async def test_rebind_from_a_stale_provider_changes_nothing(store: AffinityStore
 async def test_rebind_creates_a_binding_when_none_exists(store: AffinityStore) -> None:
     """With no row at all, rebind inserts the new binding."""
     assert await store.rebind(
-        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, timeout=TIMEOUT
+        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
     )
     found = await store.lookup("k", "m", timeout=TIMEOUT)
     assert found is not None
@@ -314,9 +363,11 @@ async def test_late_renewal_for_the_old_provider_cannot_resurrect_it(store: Affi
     """After a rebind, a renewal queued for the old provider fails and the new binding stays."""
     await bind(store, "k", ALPHA)
     assert await store.rebind(
-        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, timeout=TIMEOUT
+        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
     )
-    assert not await store.renew("k", "m", provider="alpha", ttl_seconds=TTL, timeout=TIMEOUT)
+    assert not await store.renew(
+        "k", "m", provider="alpha", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+    )
     found = await store.lookup("k", "m", timeout=TIMEOUT)
     assert found is not None
     assert found.provider == "beta"
@@ -363,7 +414,13 @@ async def test_claim_replacing_a_binding_moves_its_count(store: AffinityStore) -
     """A claim that replaces an unacceptable binding counts it once, under the new identity."""
     await bind(store, "k", ALPHA)
     await store.claim(
-        "k", "m", acceptable={"beta"}, preferred=[BETA], ttl_seconds=TTL, timeout=TIMEOUT
+        "k",
+        "m",
+        acceptable={"beta"},
+        preferred=[BETA],
+        ttl_seconds=TTL,
+        max_per_key=CAP,
+        timeout=TIMEOUT,
     )
     counts = await store.count_bindings(["alpha", "beta"], timeout=TIMEOUT)
     assert counts == {"alpha": 0, "beta": 1}
@@ -373,10 +430,10 @@ async def test_rebind_moves_the_count_and_a_stale_rebind_does_not(store: Affinit
     """A rebind moves one count to the new identity; a compare-and-set miss moves nothing."""
     await bind(store, "k", ALPHA)
     assert await store.rebind(
-        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, timeout=TIMEOUT
+        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
     )
     assert not await store.rebind(
-        "k", "m", old_provider="alpha", new=GAMMA, ttl_seconds=TTL, timeout=TIMEOUT
+        "k", "m", old_provider="alpha", new=GAMMA, ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
     )
     counts = await store.count_bindings(["alpha", "beta", "gamma"], timeout=TIMEOUT)
     assert counts == {"alpha": 0, "beta": 1, "gamma": 0}
@@ -396,7 +453,7 @@ async def test_renew_many_renews_only_bindings_that_still_match(store: AffinityS
     found = await store.lookup("k1", "m", timeout=TIMEOUT)
     assert found is not None
     assert found.ttl_remaining > TTL - 5
-    assert await store.renew_many([], ttl_seconds=TTL, timeout=TIMEOUT) == set()
+    assert await store.renew_many([], ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT) == set()
 
 
 async def test_purge_deletes_only_bindings_expired_beyond_the_grace(store: AffinityStore) -> None:
@@ -491,22 +548,28 @@ async def test_claims_for_different_keys_pick_independent_bindings(store: Affini
 
 async def test_a_recorded_response_names_its_provider(store: AffinityStore) -> None:
     """`record_response` then `response_provider` gives the provider; unknown ids give None."""
-    await store.record_response("resp_1", "alpha", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT)
+    await store.record_response(
+        "resp_1", "alpha", api_key_id="k", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+    )
     assert await store.response_provider("resp_1", api_key_id="k", timeout=TIMEOUT) == "alpha"
     assert await store.response_provider("resp_unknown", api_key_id="k", timeout=TIMEOUT) is None
 
 
 async def test_recording_a_response_again_moves_it(store: AffinityStore) -> None:
     """A second record of the same id replaces the provider."""
-    await store.record_response("resp_2", "alpha", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT)
-    await store.record_response("resp_2", "beta", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT)
+    await store.record_response(
+        "resp_2", "alpha", api_key_id="k", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+    )
+    await store.record_response(
+        "resp_2", "beta", api_key_id="k", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+    )
     assert await store.response_provider("resp_2", api_key_id="k", timeout=TIMEOUT) == "beta"
 
 
 async def test_an_expired_response_binding_is_unknown(store: AffinityStore) -> None:
     """Once its TTL passed, a response id no longer names a provider (polled, bounded)."""
     await store.record_response(
-        "resp_3", "alpha", api_key_id="k", ttl_seconds=0.05, timeout=TIMEOUT
+        "resp_3", "alpha", api_key_id="k", ttl_seconds=0.05, max_per_key=CAP, timeout=TIMEOUT
     )
 
     async def expired() -> bool:
@@ -517,6 +580,71 @@ async def test_an_expired_response_binding_is_unknown(store: AffinityStore) -> N
 
 async def test_a_response_is_found_only_by_the_key_that_created_it(store: AffinityStore) -> None:
     """Another key asking for the same response id finds nothing."""
-    await store.record_response("resp_4", "alpha", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT)
+    await store.record_response(
+        "resp_4", "alpha", api_key_id="k", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+    )
     assert await store.response_provider("resp_4", api_key_id="k", timeout=TIMEOUT) == "alpha"
     assert await store.response_provider("resp_4", api_key_id="other", timeout=TIMEOUT) is None
+
+
+async def record(store: AffinityStore, response_id: str, provider: str, key: str, cap: int) -> bool:
+    """Record a response for `key`, keeping at most `cap` per key; whether it was written."""
+    return await store.record_response(
+        response_id, provider, api_key_id=key, ttl_seconds=TTL, max_per_key=cap, timeout=TIMEOUT
+    )
+
+
+async def test_another_key_cannot_take_over_a_response_id(store: AffinityStore) -> None:
+    """A second key recording the same id writes nothing: the creator still finds it on its
+    node, the other key finds nothing, and the id is taken for the other key only."""
+    assert await record(store, "resp_owned", "alpha", "creator", CAP)
+    assert not await record(store, "resp_owned", "beta", "intruder", CAP)
+    assert await store.response_provider("resp_owned", api_key_id="creator", timeout=TIMEOUT) == (
+        "alpha"
+    )
+    assert (
+        await store.response_provider("resp_owned", api_key_id="intruder", timeout=TIMEOUT) is None
+    )
+    assert await store.response_taken("resp_owned", api_key_id="intruder", timeout=TIMEOUT)
+    assert not await store.response_taken("resp_owned", api_key_id="creator", timeout=TIMEOUT)
+    assert not await store.response_taken("resp_free", api_key_id="intruder", timeout=TIMEOUT)
+
+
+async def test_an_expired_response_id_stays_its_creators(store: AffinityStore) -> None:
+    """Expired but not yet deleted, a response id is still not another key's to record."""
+    await store.record_response(
+        "resp_lapsed",
+        "alpha",
+        api_key_id="creator",
+        ttl_seconds=-1,
+        max_per_key=CAP,
+        timeout=TIMEOUT,
+    )
+    assert not await record(store, "resp_lapsed", "beta", "intruder", CAP)
+    assert await store.response_taken("resp_lapsed", api_key_id="intruder", timeout=TIMEOUT)
+
+
+async def test_a_key_keeps_only_its_newest_responses(store: AffinityStore) -> None:
+    """Past `max_per_key`, each new response of a key evicts that key's oldest; another key's
+    responses are untouched, and re-recording an id makes it the newest."""
+    key = f"capped-{time.monotonic_ns()}"
+    other = f"other-{time.monotonic_ns()}"
+    assert await record(store, f"{other}-0", "alpha", other, 2)
+    for index in range(3):
+        assert await record(store, f"{key}-{index}", "alpha", key, 3)
+    assert await record(store, f"{key}-0", "beta", key, 3)  # now the newest
+    assert await record(store, f"{key}-3", "alpha", key, 3)
+    assert await record(store, f"{key}-4", "alpha", key, 3)
+
+    async def found(response_id: str, owner: str) -> bool:
+        provider = await store.response_provider(response_id, api_key_id=owner, timeout=TIMEOUT)
+        return provider is not None
+
+    assert [await found(f"{key}-{index}", key) for index in range(5)] == [
+        True,
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert await found(f"{other}-0", other)
