@@ -143,13 +143,7 @@ async def test_lookup_misses_an_unknown_key(store: AffinityStore) -> None:
 async def test_lookup_returns_the_claimed_binding(store: AffinityStore) -> None:
     """After a claim, lookup returns that binding with its database expiry and TTL left."""
     claimed = await store.claim(
-        "k",
-        "m",
-        acceptable=EVERY_PROVIDER,
-        preferred=[BETA],
-        ttl_seconds=TTL,
-        max_per_key=CAP,
-        timeout=TIMEOUT,
+        "k", "m", acceptable=EVERY_PROVIDER, preferred=[BETA], ttl_seconds=TTL, timeout=TIMEOUT
     )
     found = await store.lookup("k", "m", timeout=TIMEOUT)
     assert found is not None
@@ -175,22 +169,10 @@ async def test_lookup_ignores_an_expired_binding(store: AffinityStore) -> None:
 async def test_claim_is_idempotent(store: AffinityStore) -> None:
     """Claiming again with another preference returns the existing provider unchanged."""
     first = await store.claim(
-        "k",
-        "m",
-        acceptable=EVERY_PROVIDER,
-        preferred=[ALPHA],
-        ttl_seconds=TTL,
-        max_per_key=CAP,
-        timeout=TIMEOUT,
+        "k", "m", acceptable=EVERY_PROVIDER, preferred=[ALPHA], ttl_seconds=TTL, timeout=TIMEOUT
     )
     second = await store.claim(
-        "k",
-        "m",
-        acceptable=EVERY_PROVIDER,
-        preferred=[GAMMA],
-        ttl_seconds=TTL,
-        max_per_key=CAP,
-        timeout=TIMEOUT,
+        "k", "m", acceptable=EVERY_PROVIDER, preferred=[GAMMA], ttl_seconds=TTL, timeout=TIMEOUT
     )
     assert second.provider == "alpha"
     assert second.expires_at == first.expires_at
@@ -202,13 +184,7 @@ async def test_claim_keeps_an_acceptable_binding_that_is_not_preferred_first(
     """An existing live binding in `acceptable` wins over the first preferred candidate."""
     await bind(store, "k", BETA)
     binding = await store.claim(
-        "k",
-        "m",
-        acceptable={"alpha", "beta"},
-        preferred=[ALPHA],
-        ttl_seconds=TTL,
-        max_per_key=CAP,
-        timeout=TIMEOUT,
+        "k", "m", acceptable={"alpha", "beta"}, preferred=[ALPHA], ttl_seconds=TTL, timeout=TIMEOUT
     )
     assert binding.provider == "beta"
 
@@ -217,13 +193,7 @@ async def test_claim_replaces_a_live_binding_that_is_not_acceptable(store: Affin
     """A live binding outside `acceptable` is replaced by a preferred candidate."""
     await bind(store, "k", BETA)
     binding = await store.claim(
-        "k",
-        "m",
-        acceptable={"gamma"},
-        preferred=[GAMMA],
-        ttl_seconds=TTL,
-        max_per_key=CAP,
-        timeout=TIMEOUT,
+        "k", "m", acceptable={"gamma"}, preferred=[GAMMA], ttl_seconds=TTL, timeout=TIMEOUT
     )
     assert binding.provider == "gamma"
     found = await store.lookup("k", "m", timeout=TIMEOUT)
@@ -236,13 +206,7 @@ async def test_claim_takes_over_an_expired_binding(store: AffinityStore) -> None
     await bind(store, "k", ALPHA)
     await backdate(store, "k", "alpha", seconds_ago=1)
     binding = await store.claim(
-        "k",
-        "m",
-        acceptable=EVERY_PROVIDER,
-        preferred=[BETA],
-        ttl_seconds=TTL,
-        max_per_key=CAP,
-        timeout=TIMEOUT,
+        "k", "m", acceptable=EVERY_PROVIDER, preferred=[BETA], ttl_seconds=TTL, timeout=TIMEOUT
     )
     assert binding.provider == "beta"
     assert binding.ttl_remaining > 0
@@ -291,13 +255,7 @@ async def test_claim_rejects_an_empty_preference(store: AffinityStore) -> None:
     """A claim with no candidate is a programming error."""
     with pytest.raises(ValueError, match="preferred"):
         await store.claim(
-            "k",
-            "m",
-            acceptable=EVERY_PROVIDER,
-            preferred=[],
-            ttl_seconds=TTL,
-            max_per_key=CAP,
-            timeout=TIMEOUT,
+            "k", "m", acceptable=EVERY_PROVIDER, preferred=[], ttl_seconds=TTL, timeout=TIMEOUT
         )
 
 
@@ -305,15 +263,11 @@ async def test_renew_extends_only_for_the_bound_provider(store: AffinityStore) -
     """Renew is a compare-and-set on the provider: the bound one extends, others change nothing."""
     await bind(store, "k", ALPHA)
     assert await store.renew("k", "m", provider="alpha", ttl_seconds=10, timeout=TIMEOUT)
-    assert not await store.renew(
-        "k", "m", provider="beta", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
-    )
+    assert not await store.renew("k", "m", provider="beta", ttl_seconds=TTL, timeout=TIMEOUT)
     unchanged = await store.lookup("k", "m", timeout=TIMEOUT)
     assert unchanged is not None
     assert unchanged.ttl_remaining <= 10
-    assert await store.renew(
-        "k", "m", provider="alpha", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
-    )
+    assert await store.renew("k", "m", provider="alpha", ttl_seconds=TTL, timeout=TIMEOUT)
     renewed = await store.lookup("k", "m", timeout=TIMEOUT)
     assert renewed is not None
     assert renewed.ttl_remaining > TTL - 5
@@ -321,9 +275,7 @@ async def test_renew_extends_only_for_the_bound_provider(store: AffinityStore) -
 
 async def test_renew_of_a_missing_binding_changes_nothing(store: AffinityStore) -> None:
     """Renewing a key that has no row returns False and creates nothing."""
-    assert not await store.renew(
-        "k", "m", provider="alpha", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
-    )
+    assert not await store.renew("k", "m", provider="alpha", ttl_seconds=TTL, timeout=TIMEOUT)
     assert await store.lookup("k", "m", timeout=TIMEOUT) is None
 
 
@@ -331,7 +283,7 @@ async def test_rebind_moves_the_binding_from_the_old_provider(store: AffinitySto
     """Rebind from the bound provider moves the binding to the new candidate."""
     await bind(store, "k", ALPHA)
     assert await store.rebind(
-        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, timeout=TIMEOUT
     )
     found = await store.lookup("k", "m", timeout=TIMEOUT)
     assert found is not None
@@ -342,7 +294,7 @@ async def test_rebind_from_a_stale_provider_changes_nothing(store: AffinityStore
     """Rebind is a compare-and-set: naming a provider that is no longer bound does nothing."""
     await bind(store, "k", GAMMA)
     assert not await store.rebind(
-        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, timeout=TIMEOUT
     )
     found = await store.lookup("k", "m", timeout=TIMEOUT)
     assert found is not None
@@ -352,7 +304,7 @@ async def test_rebind_from_a_stale_provider_changes_nothing(store: AffinityStore
 async def test_rebind_creates_a_binding_when_none_exists(store: AffinityStore) -> None:
     """With no row at all, rebind inserts the new binding."""
     assert await store.rebind(
-        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, timeout=TIMEOUT
     )
     found = await store.lookup("k", "m", timeout=TIMEOUT)
     assert found is not None
@@ -363,11 +315,9 @@ async def test_late_renewal_for_the_old_provider_cannot_resurrect_it(store: Affi
     """After a rebind, a renewal queued for the old provider fails and the new binding stays."""
     await bind(store, "k", ALPHA)
     assert await store.rebind(
-        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, timeout=TIMEOUT
     )
-    assert not await store.renew(
-        "k", "m", provider="alpha", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
-    )
+    assert not await store.renew("k", "m", provider="alpha", ttl_seconds=TTL, timeout=TIMEOUT)
     found = await store.lookup("k", "m", timeout=TIMEOUT)
     assert found is not None
     assert found.provider == "beta"
@@ -414,13 +364,7 @@ async def test_claim_replacing_a_binding_moves_its_count(store: AffinityStore) -
     """A claim that replaces an unacceptable binding counts it once, under the new identity."""
     await bind(store, "k", ALPHA)
     await store.claim(
-        "k",
-        "m",
-        acceptable={"beta"},
-        preferred=[BETA],
-        ttl_seconds=TTL,
-        max_per_key=CAP,
-        timeout=TIMEOUT,
+        "k", "m", acceptable={"beta"}, preferred=[BETA], ttl_seconds=TTL, timeout=TIMEOUT
     )
     counts = await store.count_bindings(["alpha", "beta"], timeout=TIMEOUT)
     assert counts == {"alpha": 0, "beta": 1}
@@ -430,10 +374,10 @@ async def test_rebind_moves_the_count_and_a_stale_rebind_does_not(store: Affinit
     """A rebind moves one count to the new identity; a compare-and-set miss moves nothing."""
     await bind(store, "k", ALPHA)
     assert await store.rebind(
-        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+        "k", "m", old_provider="alpha", new=BETA, ttl_seconds=TTL, timeout=TIMEOUT
     )
     assert not await store.rebind(
-        "k", "m", old_provider="alpha", new=GAMMA, ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+        "k", "m", old_provider="alpha", new=GAMMA, ttl_seconds=TTL, timeout=TIMEOUT
     )
     counts = await store.count_bindings(["alpha", "beta", "gamma"], timeout=TIMEOUT)
     assert counts == {"alpha": 0, "beta": 1, "gamma": 0}
@@ -453,7 +397,7 @@ async def test_renew_many_renews_only_bindings_that_still_match(store: AffinityS
     found = await store.lookup("k1", "m", timeout=TIMEOUT)
     assert found is not None
     assert found.ttl_remaining > TTL - 5
-    assert await store.renew_many([], ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT) == set()
+    assert await store.renew_many([], ttl_seconds=TTL, timeout=TIMEOUT) == set()
 
 
 async def test_purge_deletes_only_bindings_expired_beyond_the_grace(store: AffinityStore) -> None:

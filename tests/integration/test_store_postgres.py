@@ -153,13 +153,7 @@ async def test_lookup_answers_while_another_session_holds_the_key_lock(
     """A held advisory lock does not delay lookup: the hit path never takes it."""
     store = PostgresAffinityStore(postgres_pool)
     await store.claim(
-        "k",
-        "m",
-        acceptable={"alpha"},
-        preferred=[ALPHA],
-        ttl_seconds=TTL,
-        max_per_key=CAP,
-        timeout=TIMEOUT,
+        "k", "m", acceptable={"alpha"}, preferred=[ALPHA], ttl_seconds=TTL, timeout=TIMEOUT
     )
     async with control.transaction():
         await control.execute(
@@ -201,13 +195,7 @@ async def test_store_recovers_after_postgres_restarts(dedicated_postgres: Embedd
     try:
         store = PostgresAffinityStore(pool)
         await store.claim(
-            "k",
-            "m",
-            acceptable={"alpha"},
-            preferred=[ALPHA],
-            ttl_seconds=TTL,
-            max_per_key=CAP,
-            timeout=TIMEOUT,
+            "k", "m", acceptable={"alpha"}, preferred=[ALPHA], ttl_seconds=TTL, timeout=TIMEOUT
         )
         await asyncio.to_thread(dedicated_postgres.stop)
         for _ in range(3):
