@@ -111,7 +111,7 @@ async def ask(gateway: GatewayProcess, **fields: object) -> tuple[int, str]:
         aiohttp.ClientSession() as session,
         session.post(
             gateway.url + "/v1/chat/completions",
-            json=chat_body(**fields),
+            json={**chat_body(), **fields},
             headers={"Authorization": f"Bearer {TEST_KEY}"},
         ) as response,
     ):
