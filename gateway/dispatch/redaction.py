@@ -1,12 +1,15 @@
 """A provider's credential kept out of what reaches the client, in the forms an upstream that
 echoes its request shows it in.
 
-The forms: as sent; JSON-escaped, any character of it as `\\uXXXX` (hex in either case) or as a
-short escape (`\\"`, `\\\\`, `\\/`), so Python's ASCII-only JSON and wholly escaped copies too;
+The forms: as sent; as JSON encoders write it (minimal escapes; ASCII-only with `\\uXXXX` in lower
+or upper case hex; `<`, `>`, `&` escaped as Go does; `/` as `\\/`; and every character escaped);
 percent-encoded; and base64 (standard or URL-safe) at any alignment inside a longer base64 text
 (a `Basic` pair, an encoded dump of the request): there, every character that depends on the
 credential's bytes alone is replaced, the one or two at each end that mix in a neighbour's bits
-are left. Everything is replaced by `[redacted]`.
+are left. Each is replaced by `[redacted]`. Each form is a literal found at memchr speed (a
+pattern for arbitrary mixtures of escapes scanned 20 times slower); an upstream that means to
+leak its own credential can always encode it some other way, so the forms are those an honest
+upstream echoing its request produces.
 
 A successful answer is scanned only for a credential of at least `MIN_SCANNED_CHARS` characters:
 a shorter one is a placeholder such as vLLM's `EMPTY`, which ordinary text contains. Error bodies,
@@ -17,14 +20,14 @@ with a credential; `gateway bench redaction` measures it.
 from __future__ import annotations
 
 import base64
+import json
 import re
 from typing import overload
 from urllib.parse import quote
 
 REDACTED = b"[redacted]"
 MIN_SCANNED_CHARS = 8
-# Short JSON escapes of the characters that have one besides `\uXXXX`.
-_SHORT_ESCAPES = {'"': b'\\\\"', "\\": b"\\\\\\\\", "/": b"\\\\/"}
+_UPPER_HEX = re.compile(rb"(?<=\\u)[0-9a-f]{4}")
 
 
 class Redactor:
@@ -34,15 +37,13 @@ class Redactor:
         """Build the forms of `secret` once (a non-empty credential)."""
         raw = secret.encode("utf-8", "surrogateescape")
         self.scans_answers = len(secret) >= MIN_SCANNED_CHARS
-        literal = {raw, quote(secret, safe="").encode()}
-        literal.update(_base64_cores(raw))
+        forms = {raw, quote(secret, safe="").encode(), *_json_forms(secret), *_base64_cores(raw)}
         # Longest first: a form inside another is replaced as part of the longer one.
-        self._literal = sorted((form for form in literal if form), key=len, reverse=True)
-        self._escaped = re.compile(b"".join(_escaped_character(char) for char in secret))
-        # The bytes that open an escape: without them the escaped pattern cannot match anything
-        # the literal forms did not.
-        self._escape_openers = (b"\\u", *(b"\\" + c.encode() for c in '"\\/' if c in secret))
-        self._longest = max(len(self._literal[0]), 12 * len(secret))
+        ordered = sorted((form for form in forms if form), key=len, reverse=True)
+        # Forms with a `\u` escape are looked for only in data that has one.
+        self._plain = [form for form in ordered if b"\\u" not in form]
+        self._escaped = [form for form in ordered if b"\\u" in form]
+        self._longest = len(ordered[0])
 
     @property
     def longest_form(self) -> int:
@@ -56,11 +57,13 @@ class Redactor:
     def redact(self, data: bytes | bytearray) -> bytes | bytearray:
         """`data` with every form of the credential replaced (`data` itself, uncopied, when it
         holds none)."""
-        for form in self._literal:
+        for form in self._plain:
             if form in data:
                 data = data.replace(form, REDACTED)
-        if any(opener in data for opener in self._escape_openers) and self._escaped.search(data):
-            data = type(data)(self._escaped.sub(REDACTED, data))
+        if self._escaped and b"\\u" in data:
+            for form in self._escaped:
+                if form in data:
+                    data = data.replace(form, REDACTED)
         return data
 
     def redact_text(self, value: str) -> str:
@@ -91,7 +94,7 @@ class StreamRedactor:
         if data.endswith(b"\n") or not data:
             self._held = b""
             return data
-        keep_from = max(data.rfind(b"\n") + 1, len(data) - self._redactor.longest_form)
+        keep_from = max(data.rfind(b"\n") + 1, len(data) - self._redactor.longest_form + 1)
         self._held = data[keep_from:]
         return data[:keep_from]
 
@@ -101,28 +104,23 @@ class StreamRedactor:
         return held
 
 
-def _escaped_character(char: str) -> bytes:
-    """A pattern for one character of the credential as sent or JSON-escaped."""
-    options = [re.escape(char.encode("utf-8", "surrogateescape"))]
-    if char in _SHORT_ESCAPES:
-        options.append(_SHORT_ESCAPES[char])
-    code = ord(char)
-    units = [code] if code < 0x10000 else _surrogates(code)
-    options.append(b"".join(b"\\\\u" + _hex_either_case(unit) for unit in units))
-    return b"(?:" + b"|".join(options) + b")"
+def _json_forms(secret: str) -> set[bytes]:
+    """The credential inside a JSON string, as common encoders escape it."""
+    minimal = json.dumps(secret, ensure_ascii=False)[1:-1].encode("utf-8", "surrogateescape")
+    ascii_only = json.dumps(secret)[1:-1].encode()
+    html_safe = minimal.replace(b"<", b"\\u003c").replace(b">", b"\\u003e")
+    html_safe = html_safe.replace(b"&", b"\\u0026")
+    every = "".join(f"\\u{unit:04x}" for unit in _utf16_units(secret)).encode()
+    forms = {minimal, ascii_only, html_safe, every}
+    forms |= {_UPPER_HEX.sub(lambda hex_escape: hex_escape.group().upper(), form) for form in forms}
+    forms |= {form.replace(b"/", b"\\/") for form in forms}
+    return forms
 
 
-def _surrogates(code: int) -> list[int]:
-    offset = code - 0x10000
-    return [0xD800 + (offset >> 10), 0xDC00 + (offset & 0x3FF)]
-
-
-def _hex_either_case(unit: int) -> bytes:
-    """Four hex digits of `unit`, each letter in either case."""
-    return b"".join(
-        f"[{digit}{digit.upper()}]".encode() if digit.isalpha() else digit.encode()
-        for digit in f"{unit:04x}"
-    )
+def _utf16_units(text: str) -> list[int]:
+    """The UTF-16 code units of `text` (a surrogate pair beyond the BMP), as JSON escapes it."""
+    encoded = text.encode("utf-16-be", "surrogatepass")
+    return [int.from_bytes(encoded[at : at + 2], "big") for at in range(0, len(encoded), 2)]
 
 
 def _base64_cores(raw: bytes) -> set[bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from urllib.parse import quote
 
 import pytest
@@ -13,20 +14,43 @@ from gateway.dispatch.redaction import REDACTED, Redactor
 SECRET = 'sk-pa"ss/wo\\rd-é€😀-0123'
 
 
+def every_escape(text: str) -> str:
+    """Each UTF-16 unit of `text` as a JSON `\\u` escape."""
+    encoded = text.encode("utf-16-be")
+    return "".join(f"\\u{encoded[index : index + 2].hex()}" for index in range(0, len(encoded), 2))
+
+
+def upper_hex(escaped: str) -> str:
+    """The `\\u` escapes' hex digits in upper case."""
+    return re.sub(r"(?<=\\u)[0-9a-f]{4}", lambda digits: digits.group().upper(), escaped)
+
+
 @pytest.mark.parametrize(
     "form",
     [
         SECRET,
         json.dumps(SECRET)[1:-1],
+        upper_hex(json.dumps(SECRET)[1:-1]),
         json.dumps(SECRET, ensure_ascii=False)[1:-1],
         json.dumps(SECRET)[1:-1].replace("/", "\\/"),
-        "".join(f"\\u{ord(char):04x}" if char.isascii() else char for char in SECRET),
+        every_escape(SECRET),
+        upper_hex(every_escape(SECRET)),
         quote(SECRET, safe=""),
     ],
-    ids=["raw", "ascii-json", "json", "escaped-slash", "escaped-ascii", "percent"],
+    ids=[
+        "raw",
+        "ascii-json",
+        "ascii-json-upper",
+        "json",
+        "escaped-slash",
+        "every",
+        "every-upper",
+        "percent",
+    ],
 )
 def test_each_form_of_the_credential_is_replaced(form: str) -> None:
-    """As sent, JSON-escaped in any mixture of escapes, or percent-encoded: replaced whole."""
+    """As sent, JSON-escaped as encoders write it (any hex case), or percent-encoded: replaced
+    whole."""
     redacted = Redactor(SECRET).redact(b"before " + form.encode() + b" after")
     assert redacted == b"before " + REDACTED + b" after"
 
