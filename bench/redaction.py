@@ -1,7 +1,7 @@
 """Micro-benchmark of the credential redactor on successful answers: median microseconds per
-call on chat completions of about 1 KiB, 64 KiB and 1 MiB of seeded random words (as UTF-8,
-and with `\\u` escapes, which also look for the escaped forms), and on one streamed event, none holding the credential
-(the usual case), against a `bytes.find` of the raw credential (the floor of any scan).
+call on chat completions of about 1 KiB, 64 KiB and 1 MiB of seeded random words (as UTF-8, and
+with `\\u` escapes, which also look for the escaped forms), and on one streamed event, none
+holding the credential (the usual case), against one `bytes.find` of the raw credential.
 
 Run `gateway bench redaction`; prints a table and writes `bench/results/redaction.json`.
 """
