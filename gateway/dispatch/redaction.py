@@ -79,9 +79,9 @@ class Redactor:
 
 class StreamRedactor:
     """Redacts a stream chunk by chunk. A chunk that ends a line (every SSE event does) goes out
-    whole: no form holds a line break, so none spans it. Otherwise the bytes after the chunk's
-    last line break that could open a form are held for the next chunk (at most the longest
-    form's length), so an event is never held back, only part of a line."""
+    whole: no form holds a line break, so none spans it. Otherwise the end of the chunk's
+    unfinished line (at most one byte less than the longest form) waits for the next chunk, so
+    a finished event is never held back, only part of a line."""
 
     def __init__(self, redactor: Redactor) -> None:
         self._redactor = redactor
