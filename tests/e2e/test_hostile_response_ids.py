@@ -5,12 +5,15 @@ as the new response's id), and one key cannot grow the response table without bo
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from tests.conftest import SimulatorFactory
 from tests.e2e.test_hostile_clients import start_gateway_process
@@ -169,3 +172,35 @@ async def test_a_store_that_is_not_a_boolean_is_a_400(gateway: GatewayProcess) -
         )
     assert status == 400
     assert body["error"]["param"] == "store"
+
+
+async def test_an_answer_naming_another_keys_response_is_refused(
+    exit_stack: AsyncExitStack, database_url: str, tmp_path: Path
+) -> None:
+    """An upstream that gives every new response the same id (one that chose the id some other
+    way than `request_id`): the second key's answer is a 409, not recorded over the first
+    key's, and the first key still finds its response."""
+
+    async def same_id(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"id": "resp_fixed", "object": "response", "output": []})
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", same_id)
+    upstream = TestServer(app, host="127.0.0.1")
+    await upstream.start_server()
+    exit_stack.push_async_callback(upstream.close)
+    config = settings_dict(
+        {"fixed": str(upstream.make_url("")).rstrip("/")},
+        extra={"database": {"url": database_url}},
+    )
+    gateway = await start_gateway_process(config, tmp_path)
+    exit_stack.callback(gateway.stop)
+    async with aiohttp.ClientSession() as session:
+        status, _ = await call(session, gateway, "POST", "/v1/responses", TEST_KEY, create())
+        assert status == 200
+        status, refused = await call(session, gateway, "POST", "/v1/responses", OTHER_KEY, create())
+        assert status == 409
+        assert refused["error"]["code"] == "response_id_in_use"
+    assert await stored_rows(database_url, "team-a") == 1
+    assert await stored_rows(database_url, "team-b") == 0
