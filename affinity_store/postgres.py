@@ -330,13 +330,29 @@ class PostgresAffinityStore:
         *,
         api_key_id: str,
         ttl_seconds: float,
+        max_per_key: int,
         timeout: float,
-    ) -> None:
-        """Upsert `response id → provider` for the key, with its expiry."""
+    ) -> bool:
+        """Write `response id → provider` for the key in one statement (numbered, the key's
+        oldest beyond `max_per_key` evicted); False when the id is another key's."""
         async with store_boundary(timeout), self._pool.acquire() as connection:
-            await connection.execute(
-                self._queries.record_response, response_id, provider, ttl_seconds, api_key_id
+            written = await connection.fetchval(
+                self._queries.record_response,
+                response_id,
+                provider,
+                ttl_seconds,
+                api_key_id,
+                max_per_key,
             )
+        return written is True
+
+    async def response_taken(self, response_id: str, *, api_key_id: str, timeout: float) -> bool:
+        """Whether another key's response (live or not yet purged) holds the id, by primary key."""
+        async with store_boundary(timeout), self._pool.acquire() as connection:
+            taken: bool = await connection.fetchval(
+                self._queries.response_taken, response_id, api_key_id
+            )
+        return taken
 
     async def response_provider(
         self, response_id: str, *, api_key_id: str, timeout: float

@@ -33,6 +33,7 @@ class Queries:
     purge_expired_batch: str
     list_bindings: str
     record_response: str
+    response_taken: str
     response_provider: str
     register_worker: str
     own_shares: str

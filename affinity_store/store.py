@@ -185,9 +185,17 @@ class AffinityStore(Protocol):
         *,
         api_key_id: str,
         ttl_seconds: float,
+        max_per_key: int,
         timeout: float,
-    ) -> None:
-        """Remember that a stored response of the key lives on `provider`, for `ttl_seconds`."""
+    ) -> bool:
+        """Remember that a stored response of the key lives on `provider`, for `ttl_seconds`;
+        False (nothing written) when the id is another key's: a response stays its creator's.
+        The key keeps its newest `max_per_key` responses: a new one evicts its oldest."""
+        ...
+
+    async def response_taken(self, response_id: str, *, api_key_id: str, timeout: float) -> bool:
+        """Whether the id names another key's stored response (live or expired but not yet
+        deleted): such an id cannot be recorded for this key."""
         ...
 
     async def response_provider(

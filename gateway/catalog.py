@@ -5,9 +5,11 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from gateway.config import KeySettings, ProviderSettings, Settings, hash_key
+from gateway.dispatch.redaction import Redactor
 from gateway.routing.automodel import AutoModelSpec
 from gateway.routing.conversations import Scope
 
@@ -53,6 +55,11 @@ class Provider:
             min_start_interval_seconds=settings.min_start_interval_ms / 1000,
             draining=settings.draining,
         )
+
+    @cached_property
+    def redactor(self) -> Redactor | None:
+        """What keeps the credential out of answers (None without one); built on first use."""
+        return Redactor(self.credential) if self.credential else None
 
 
 @dataclass(frozen=True)

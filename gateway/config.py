@@ -153,6 +153,7 @@ class AffinitySettings(Section):
     breaker_cooloff_seconds: PositiveFloat = 10
     agreement_slack: NonNegativeFloat = 0.1
     responses_ttl_seconds: PositiveFloat = 3600
+    responses_max_per_key: PositiveInt = 100_000
     renew_queue_size: PositiveInt = 10000
     janitor_interval_seconds: PositiveFloat = 60
     janitor_grace_seconds: NonNegativeFloat = 300

@@ -37,7 +37,6 @@ from gateway.dispatch.upstream import (
     is_success,
     read_opening,
     read_rest,
-    redact,
     upstream_headers,
     usable_answer,
 )
@@ -271,7 +270,7 @@ class Dispatcher:
                     connect_timeout=timeouts.connect_seconds,
                     read_timeout=timeouts.first_byte_seconds if job.stream else None,
                 )
-                failure = await failed_status(response, provider.credential)
+                failure = await failed_status(response, provider.redactor)
                 if failure is not None:
                     raise failure
                 stream = job.stream or (
@@ -392,9 +391,10 @@ class Dispatcher:
         record.status = response.status
         renamer = job.renamer(provider) if is_success(response) else None
         answer = renamer.whole(body) if renamer is not None else body
-        if not is_success(response):
-            # An error may echo what the upstream received: never the provider's credential.
-            answer = redact(bytes(answer), provider.credential)
+        redactor = provider.redactor
+        if redactor is not None and (redactor.scans_answers or not is_success(response)):
+            # An answer may echo what the upstream received: never the provider's credential.
+            answer = redactor.redact(answer)
         record.bytes_sent = len(answer)
         return web.Response(
             status=response.status, body=answer, headers=self._headers(job, provider, response)
@@ -403,7 +403,7 @@ class Dispatcher:
     def _headers(
         self, job: DispatchRequest, provider: Provider, response: UpstreamResponse
     ) -> CIMultiDict[str]:
-        headers = downstream_headers(response.headers, provider.credential)
+        headers = downstream_headers(response.headers, provider.redactor)
         headers.update(job.response_headers(provider))
         headers["x-gateway-provider"] = provider.name
         headers["x-request-id"] = job.request_id
@@ -434,6 +434,8 @@ class Dispatcher:
         await downstream.prepare(request)
         framing = EventStreamFraming()
         renamer = job.renamer(provider)
+        scanned = provider.redactor
+        redactor = scanned.stream() if scanned is not None and scanned.scans_answers else None
         last = b""
         chunk = first_chunk
         head = True  # the head is still held
@@ -446,6 +448,8 @@ class Dispatcher:
                     )
                 if renamer is not None:
                     chunk = renamer.feed(chunk)
+                if redactor is not None:
+                    chunk = redactor.feed(chunk)
                 if response.at_eof:
                     break  # the upstream is done: this chunk is the last
                 await write_within(request, downstream, chunk, self._write_timeout, head=head)
@@ -454,7 +458,9 @@ class Dispatcher:
                 last = chunk or last
                 chunk = await response.read()
             if renamer is not None and (held := renamer.flush()):
-                chunk += held
+                chunk += redactor.feed(held) if redactor is not None else held
+            if redactor is not None:
+                chunk += redactor.flush()
             if chunk:
                 ended = await write_last(request, downstream, chunk, self._write_timeout, head=head)
                 record.bytes_sent += len(chunk)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from gateway.dispatch.http1 import UpstreamError
+from gateway.dispatch.redaction import Redactor
 from gateway.edge.errors import GatewayError
 
 if TYPE_CHECKING:
@@ -59,11 +60,11 @@ class Attempt:
 
 
 async def failed_status(
-    response: UpstreamResponse, secret: str | None = None
+    response: UpstreamResponse, redactor: Redactor | None = None
 ) -> RetryableAttemptError | None:
     """The failure for statuses the next provider may do better with (5xx, 408, 429, 401/403
-    and redirects), with the upstream's message (`secret` redacted) and Retry-After; None for
-    any other status."""
+    and redirects), with the upstream's message (the provider's credential redacted) and
+    Retry-After; None for any other status."""
     status = response.status
     if 300 <= status < 400:
         return RetryableAttemptError("redirect", status=status)
@@ -76,14 +77,14 @@ async def failed_status(
         retry_after=retry_after_seconds(response.headers),
         message=None
         if auth
-        else _redacted(upstream_message(await _bounded_body(response)), secret),
+        else _redacted(upstream_message(await _bounded_body(response)), redactor),
     )
 
 
-def _redacted(message: str | None, secret: str | None) -> str | None:
-    if message is None or not secret:
+def _redacted(message: str | None, redactor: Redactor | None) -> str | None:
+    if message is None or redactor is None:
         return message
-    return message.replace(secret, "[redacted]")
+    return redactor.redact_text(message)
 
 
 async def _bounded_body(response: UpstreamResponse) -> bytes:

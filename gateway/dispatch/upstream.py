@@ -13,6 +13,7 @@ from gateway.catalog import Provider
 from gateway.config import RoutingSettings
 from gateway.dispatch.http1 import UpstreamError
 from gateway.dispatch.outcomes import RetryableAttemptError
+from gateway.dispatch.redaction import Redactor
 from gateway.dispatch.upstream_pool import UpstreamResponse
 
 # Client headers that go upstream: what an OpenAI-compatible server reads, nothing else. The
@@ -27,7 +28,6 @@ UPSTREAM_ALLOWED = frozenset(
         "idempotency-key",
     }
 )
-REDACTED = "[redacted]"
 # Upstream response headers that reach the client, and those renamed on the way: an upstream's
 # own ids and timings are told apart from the gateway's; anything else (account rate limits,
 # organisation, cookies, server software) stays upstream.
@@ -89,22 +89,15 @@ def upstream_headers(
     return headers
 
 
-def redact(data: bytes, secret: str | None) -> bytes:
-    """`data` with every copy of `secret` (as sent, or JSON-escaped) replaced by `[redacted]`."""
-    if not secret:
-        return data
-    for form in {secret, orjson.dumps(secret).decode()[1:-1]}:
-        data = data.replace(form.encode(), REDACTED.encode())
-    return data
-
-
-def downstream_headers(upstream: CIMultiDictProxy[str], secret: str | None) -> CIMultiDict[str]:
+def downstream_headers(
+    upstream: CIMultiDictProxy[str], redactor: Redactor | None
+) -> CIMultiDict[str]:
     """The upstream response headers that may reach the client, through the allow-list, with
-    the provider's `secret` redacted from their values."""
+    the provider's credential redacted from their values."""
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lowered = name.lower()
-        shown = value.replace(secret, REDACTED) if secret else value
+        shown = redactor.redact_text(value) if redactor is not None else value
         if lowered in DOWNSTREAM_ALLOWED:
             headers.add(name, shown)
         elif lowered in DOWNSTREAM_RENAMED:

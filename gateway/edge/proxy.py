@@ -291,6 +291,7 @@ class Proxy:
                 raw = await self._read_body(request) if spec.body != "none" else b""
                 parsed = parse_request(spec, raw)
             pinned = await self._pinned_provider(request, spec, parsed, key)
+            storing = spec.stores_responses and await self.responses.admit(key, parsed.data)
             if parsed.model is not None:
                 resolved = self._resolve(request, key, parsed.model)
                 candidates = self.catalog.candidates(key, resolved.model)
@@ -344,6 +345,7 @@ class Proxy:
                 key=key,
                 started_at=started_at,
                 upload=upload,
+                storing=storing,
             )
             response = await self._dispatch(
                 request, job, decision=decision, record=record, pinned=pinned, parsed=parsed
@@ -446,6 +448,7 @@ class Proxy:
         key: Key,
         started_at: float,
         upload: Upload | None,
+        storing: bool,
     ) -> DispatchRequest:
         model = resolved.model if resolved is not None else None
         timeouts = self.catalog.timeouts(model or "")
@@ -457,7 +460,7 @@ class Proxy:
             return parsed.body_for(upstream) if upstream is not None else None
 
         async def on_answer(provider: Provider, opening: bytes | bytearray) -> None:
-            if spec.stores_responses:
+            if storing:
                 await self.responses.record(key, provider, opening, parsed.stream)
 
         return DispatchRequest(

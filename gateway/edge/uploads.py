@@ -20,6 +20,7 @@ REPLAY_CAP_BYTES = 32 * 1024 * 1024
 REPLAY_PIECE_BYTES = 256 * 1024
 
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+_PRINTABLE_ASCII = re.compile(r"[ -~]+")
 _FIELD_NAME = re.compile(rb'content-disposition:[^\r\n]*;\s*name="([^"]*)"', re.IGNORECASE)
 
 
@@ -143,7 +144,14 @@ async def open_upload(request: web.Request, *, max_body_bytes: int, replay_cap: 
         raise GatewayError(
             400, "This endpoint takes a multipart/form-data body.", "invalid_request"
         )
-    delimiter = b"--" + boundary.group(1).encode("latin-1")
+    if not _PRINTABLE_ASCII.fullmatch(boundary.group(1)):
+        # RFC 2046's boundaries are ASCII: anything else cannot delimit the parts as sent.
+        raise GatewayError(
+            400,
+            "The multipart boundary must be printable ASCII characters.",
+            "invalid_multipart_boundary",
+        )
+    delimiter = b"--" + boundary.group(1).encode("ascii")
     source = UploadSource(request, max_body_bytes=max_body_bytes, replay_cap=replay_cap)
     head = bytearray()
     while True:

@@ -52,7 +52,13 @@ async def create(request: web.Request) -> web.StreamResponse:
     if previous is not None and (not isinstance(previous, str) or previous not in stored):
         return finish(state, record, _not_found(str(previous)))
     number = len(stored) + 1
-    response_id = f"resp_{state.options.name}_{record.request_id.rsplit('-', 1)[-1]}"
+    # As vLLM does, a client's `request_id` becomes the response's id.
+    chosen = data.get("request_id")
+    response_id = (
+        chosen
+        if isinstance(chosen, str) and chosen
+        else f"resp_{state.options.name}_{record.request_id.rsplit('-', 1)[-1]}"
+    )
     text = " ".join(RESPONSE_WORDS) + f" {number}"
     input_tokens = len(word_tokens(_input_text(data.get("input"))))
     response = {
