@@ -13,6 +13,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
+from gateway.config import hash_key
 from tests.conftest import GatewayFactory
 from tests.support.conformance import Target, comparable, raw_call, sse_payloads
 from tests.support.gateway import TEST_KEY, build_settings
@@ -43,7 +44,7 @@ SCHEMA: dict[str, Any] = {
     },
 }
 CHAT = "/v1/chat/completions"
-Body = Callable[[str], dict[str, Any] | None]
+Body = Callable[[str], dict[str, Any] | bytes | None]
 
 # Each call: method, path, and the JSON body for a model name (None: no body).
 CASES: dict[str, tuple[str, str, Body]] = {
@@ -84,7 +85,11 @@ CASES: dict[str, tuple[str, str, Body]] = {
     "detokenize": ("POST", "/detokenize", lambda m: {"model": m, "tokens": [300, 301, 302]}),
     "detokenize without model": ("POST", "/detokenize", lambda m: {"tokens": [300, 301, 302]}),
     "tokenize without model": ("POST", "/tokenize", lambda m: {"prompt": "three words"}),
-    "models": ("GET", "/v1/models", lambda m: None),
+    # NaN is not JSON, but vLLM's parser reads it and answers with its parameter message.
+    "NaN parameter": (
+        "POST", CHAT,
+        lambda m: b'{"model": "%s", "messages": [], "temperature": NaN}' % m.encode(),
+    ),
     # The node runs the generate runner: embeddings answer FastAPI's 404 `detail` (passed on).
     "embeddings": ("POST", "/v1/embeddings", lambda m: {"model": m, "input": ["a b", "c"]}),
     "error 400 parameter": (
@@ -98,15 +103,24 @@ CASES: dict[str, tuple[str, str, Body]] = {
 
 # Differences the gateway still shows against vLLM (/work/helpers/vllm-diffs.md, issue 22);
 # strict, so each one fails once fixed and its marker must go.
-KNOWN_DIFFS: dict[str, str] = {}
+KNOWN_DIFFS: dict[str, str] = {
+    "tokenize without model": "issue 22 item 1: tokenize without model (gateway 400 missing_field)",
+    "detokenize without model": "issue 22 item 1: tokenize without model (gateway 400)",
+    "NaN parameter": "issue 22 item 2: NaN (gateway 400 invalid_json, not vLLM's message)",
+    "models max_model_len": "issue 22 item 3: /v1/models max_model_len (gateway drops it)",
+    "unknown model param": "issue 22 item 4: 404 unknown model names param `model` (gateway null)",
+    "renaming in content": "issue 22 item 5: renaming in content (detokenized text renamed)",
+}
 
 
 @pytest.fixture
 async def vllm_targets(vllm_node: VllmNode, start_gateway: GatewayFactory) -> tuple[Target, Target]:
     """The session's vLLM node directly, and a gateway naming it `tiny-llama`."""
-    server: TestServer = await start_gateway(
-        build_settings({"vllm": vllm_node.url}, model=PUBLIC_MODEL, upstream_model=VLLM_MODEL)
-    )
+    only_the_node = {
+        "providers": [{"name": "vllm", "url": vllm_node.url, "models": {PUBLIC_MODEL: VLLM_MODEL}}],
+        "keys": [{"id": "team-a", "key_sha256": hash_key(TEST_KEY), "models": ["*"]}],
+    }
+    server: TestServer = await start_gateway(build_settings({}, extra=only_the_node))
     direct = Target("direct", vllm_node.url, VLLM_MODEL, "unused-by-the-node")
     gateway = Target("gateway", str(server.make_url("")).rstrip("/"), PUBLIC_MODEL, TEST_KEY)
     return direct, gateway
@@ -121,9 +135,8 @@ async def both_ways(
         for target in targets:
             await reset_prefix_cache(session, node.url)
             payload = body(target.model)
-            status, headers, answer = await raw_call(
-                target, method, path, body=None if payload is None else orjson.dumps(payload)
-            )
+            sent = payload if isinstance(payload, bytes | None) else orjson.dumps(payload)
+            status, headers, answer = await raw_call(target, method, path, body=sent)
             kind = headers.get("Content-Type", "").split(";")[0]
             parsed = sse_payloads(answer) if kind == "text/event-stream" else orjson.loads(answer)
             answers[target.name] = (status, kind, comparable(parsed, target.model))
@@ -177,16 +190,54 @@ async def test_a_stream_with_usage_answers_alike(
     assert answers["direct"] == answers["gateway"]
 
 
-async def test_an_unknown_model_is_a_404_both_ways(vllm_targets: tuple[Target, Target]) -> None:
-    """A model nobody serves is a 404 naming `model` directly and through the gateway."""
+@pytest.mark.parametrize(
+    "case", [pytest.param(case, marks=known(case), id=case) for case in ("unknown model param",)]
+)
+async def test_an_unknown_model_is_a_404_naming_the_model_parameter(
+    vllm_targets: tuple[Target, Target], case: str
+) -> None:
+    """A model nobody serves is a 404 whose error names the `model` parameter, both ways (the
+    gateway answers it itself: its message and type are its own)."""
     answers = {}
     for target in vllm_targets:
-        status, _, body = await raw_call(
-            target,
-            "POST",
-            CHAT,
-            body=orjson.dumps({"model": "no-such-model", "messages": MESSAGES}),
-        )
-        answers[target.name] = (status, orjson.loads(body)["error"].get("param"))
+        body = orjson.dumps({"model": "no-such-model", "messages": MESSAGES})
+        status, _, answer = await raw_call(target, "POST", CHAT, body=body)
+        answers[target.name] = (status, orjson.loads(answer)["error"]["param"])
     assert answers["direct"] == (404, "model")
-    assert answers["gateway"][0] == 404
+    assert answers["gateway"] == answers["direct"]
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(case, marks=known(case), id=case) for case in ("models max_model_len",)]
+)
+async def test_the_model_list_carries_the_nodes_context_length(
+    vllm_targets: tuple[Target, Target], case: str
+) -> None:
+    """`GET /v1/models` through the gateway lists the public model with the node's
+    `max_model_len`, which tools read the context length from."""
+    direct, gateway = vllm_targets
+    _, _, listed = await raw_call(direct, "GET", "/v1/models")
+    assert orjson.loads(listed)["data"][0]["max_model_len"] == MAX_MODEL_LEN
+    status, _, listed = await raw_call(gateway, "GET", "/v1/models")
+    assert status == 200
+    entries = {entry["id"]: entry for entry in orjson.loads(listed)["data"]}
+    assert set(entries) == {PUBLIC_MODEL}
+    assert entries[PUBLIC_MODEL].get("max_model_len") == MAX_MODEL_LEN
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(case, marks=known(case), id=case) for case in ("renaming in content",)]
+)
+async def test_text_equal_to_the_upstream_id_is_not_renamed(
+    vllm_targets: tuple[Target, Target], case: str
+) -> None:
+    """Detokenizing the tokens of the upstream model id gives that text through the gateway too:
+    only the top-level `model` field is renamed, never generated text."""
+    direct, gateway = vllm_targets
+    body = orjson.dumps({"model": VLLM_MODEL, "prompt": VLLM_MODEL, "add_special_tokens": False})
+    _, _, tokenized = await raw_call(direct, "POST", "/tokenize", body=body)
+    tokens = orjson.loads(tokenized)["tokens"]
+    for target in (direct, gateway):
+        body = orjson.dumps({"model": target.model, "tokens": tokens})
+        status, _, answer = await raw_call(target, "POST", "/detokenize", body=body)
+        assert (status, orjson.loads(answer)) == (200, {"prompt": VLLM_MODEL})
