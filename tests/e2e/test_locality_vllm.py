@@ -4,6 +4,7 @@ of every phase on the session's one node, no thresholds."""
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,7 @@ from tests.support.vllm import VllmNode
 pytestmark = [pytest.mark.e2e, pytest.mark.real_engine, pytest.mark.timeout(300)]
 
 
-async def test_every_phase_runs_and_reads_vllms_own_counters(
-    vllm_node: VllmNode, tmp_path: Path
-) -> None:
+async def test_every_phase_runs_and_reads_vllms_own_counters(vllm_node: VllmNode) -> None:
     """Each phase serves every turn, reads vLLM's prefix-cache counters and usage, and keeps each
     user on one node (there is one)."""
     parser = argparse.ArgumentParser()
@@ -28,7 +27,10 @@ async def test_every_phase_runs_and_reads_vllms_own_counters(
         ["--users", "2", "--processes", "2", "--prompt-words", "40", "--node-url", vllm_node.url]
     )
     options.phases = list(locality_vllm.PHASES)
-    document = await locality_vllm.run(options, tmp_path)
+    # Not under pytest's tmp_path: a pytest starting elsewhere makes its root 0700 again, and the
+    # embedded Postgres (its own user) then loses its way into its data directory mid-run.
+    with tempfile.TemporaryDirectory(prefix="locality-vllm-") as work:
+        document = await locality_vllm.run(options, Path(work))
     assert set(document["results"]) == set(locality_vllm.PHASES)
     for row in document["results"].values():
         assert row["requests"] == 4
