@@ -10,9 +10,14 @@ from pathlib import Path
 import pytest
 
 from bench import locality_vllm
-from tests.support.vllm import VllmNode
+from tests.support.vllm import START_TIMEOUT_SECONDS, VllmNode
 
-pytestmark = [pytest.mark.e2e, pytest.mark.real_engine, pytest.mark.timeout(300)]
+# The first real-engine test also waits for the session's node to start.
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.real_engine,
+    pytest.mark.timeout(START_TIMEOUT_SECONDS + 240),
+]
 
 
 async def test_every_phase_runs_and_reads_vllms_own_counters(vllm_node: VllmNode) -> None:

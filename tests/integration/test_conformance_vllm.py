@@ -17,9 +17,16 @@ from gateway.config import hash_key
 from tests.conftest import GatewayFactory
 from tests.support.conformance import Target, comparable, raw_call, sse_payloads
 from tests.support.gateway import TEST_KEY, build_settings
-from tests.support.vllm import MAX_MODEL_LEN, VLLM_MODEL, VllmNode, reset_prefix_cache
+from tests.support.vllm import (
+    MAX_MODEL_LEN,
+    START_TIMEOUT_SECONDS,
+    VLLM_MODEL,
+    VllmNode,
+    reset_prefix_cache,
+)
 
-pytestmark = pytest.mark.real_engine
+# The first test also waits for the session's node to start (about a minute, more when loaded).
+pytestmark = [pytest.mark.real_engine, pytest.mark.timeout(START_TIMEOUT_SECONDS + 120)]
 
 PUBLIC_MODEL = "tiny-llama"
 MESSAGES: list[Any] = [{"role": "user", "content": "Say something about caches."}]
