@@ -6,12 +6,14 @@ side meets an emptied prefix cache, so `cached_tokens` and logprobs agree too.""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
+import openai
 import orjson
 import pytest
 from aiohttp.test_utils import TestServer
+from openai.types.chat import ChatCompletionFunctionToolParam
 
 from gateway.config import hash_key
 from tests.conftest import GatewayFactory
@@ -248,3 +250,49 @@ async def test_text_equal_to_the_upstream_id_is_not_renamed(
         body = orjson.dumps({"model": target.model, "tokens": tokens})
         status, _, answer = await raw_call(target, "POST", "/detokenize", body=body)
         assert (status, orjson.loads(answer)) == (200, {"prompt": VLLM_MODEL})
+
+
+async def test_the_async_sdk_parses_the_same_objects_both_ways(
+    vllm_node: VllmNode, vllm_targets: tuple[Target, Target]
+) -> None:
+    """The OpenAI SDK's chat, streamed chat with usage, completion and tool call parse to the
+    same objects directly and through the gateway."""
+    results: dict[str, list[Any]] = {}
+    async with aiohttp.ClientSession() as session:
+        for target in vllm_targets:
+            async with openai.AsyncOpenAI(
+                base_url=target.base_url, api_key=target.api_key, max_retries=0
+            ) as client:
+                await reset_prefix_cache(session, vllm_node.url)
+                chat = await client.chat.completions.create(
+                    model=target.model, messages=MESSAGES, max_tokens=6, temperature=0
+                )
+                stream = await client.chat.completions.create(
+                    model=target.model,
+                    messages=MESSAGES,
+                    max_tokens=4,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+                chunks = [chunk.model_dump() async for chunk in stream]
+                legacy = await client.completions.create(
+                    model=target.model, prompt="Once", max_tokens=3, temperature=0
+                )
+                tool = await client.chat.completions.create(
+                    model=target.model,
+                    messages=MESSAGES,
+                    max_tokens=24,
+                    temperature=0,
+                    tools=[cast(ChatCompletionFunctionToolParam, WEATHER_TOOL)],
+                    tool_choice="required",
+                )
+            results[target.name] = [
+                comparable(item, target.model)
+                for item in (chat.model_dump(), chunks, legacy.model_dump(), tool.model_dump())
+            ]
+    assert results["direct"][3]["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == (
+        "get_weather"
+    )
+    for left, right in zip(results["direct"], results["gateway"], strict=True):
+        assert left == right
