@@ -255,8 +255,8 @@ async def test_text_equal_to_the_upstream_id_is_not_renamed(
 async def test_the_async_sdk_parses_the_same_objects_both_ways(
     vllm_node: VllmNode, vllm_targets: tuple[Target, Target]
 ) -> None:
-    """The OpenAI SDK's chat, streamed chat with usage, completion and tool call parse to the
-    same objects directly and through the gateway."""
+    """The OpenAI SDK's chat, streamed chat with usage, completion and forced tool call parse to
+    the same objects directly and through the gateway."""
     results: dict[str, list[Any]] = {}
     async with aiohttp.ClientSession() as session:
         for target in vllm_targets:
@@ -291,8 +291,8 @@ async def test_the_async_sdk_parses_the_same_objects_both_ways(
                 comparable(item, target.model)
                 for item in (chat.model_dump(), chunks, legacy.model_dump(), tool.model_dump())
             ]
-    assert results["direct"][3]["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == (
-        "get_weather"
-    )
+    # A random model's forced call may be cut by max_tokens: vLLM then answers it as content or
+    # as a call depending on where the cut falls, so only the equality below is asserted.
+    assert results["direct"][1][-1]["usage"]["completion_tokens"] == 4
     for left, right in zip(results["direct"], results["gateway"], strict=True):
         assert left == right
