@@ -9,7 +9,11 @@ spread over workers and processes). Phases, each on emptied node caches and cold
 - one process: one `gateway serve --workers W` (its workers share its embedded Postgres);
 - 8 processes: that many gateway processes behind the shipped nginx, one shared Postgres;
 - per-process: the same 8 processes, each keeping bindings to itself (its own Postgres);
-- any-node: no stickiness, every request to whichever node the gateway picks.
+- any-node: no stickiness, every request to whichever node the gateway picks;
+- one key: every user behind one application key (`affinity.scope: key`), one process;
+- one key, conversations: the same with `affinity.scope: conversation`, one process;
+- one key, conversations, 8 processes: that, through 8 processes behind nginx.
+The one-key phases run when asked for (`--phase`).
 Reported per phase from vLLM's `/metrics` (`vllm:prefix_cache_hits_total` over
 `vllm:prefix_cache_queries_total`), from `usage.prompt_tokens_details.cached_tokens`, the time to
 first token p50/p90, and the share of users whose turns all landed on one node. Writes
@@ -49,22 +53,44 @@ from tests.support.vllm import VLLM_MODEL, VllmNode, prefix_cache_counters, rese
 
 MODEL = "tiny-llama"
 PHASES = ("one process", "8 processes", "per-process", "any-node")
+ONE_KEY_PHASES = ("one key", "one key, conversations", "one key, conversations, 8 processes")
+APP_KEY = "sk-locality-app"
+
+
+def key_of(phase: str, user: int) -> str:
+    """The client key a user sends in a phase: its own, or the application's."""
+    return APP_KEY if phase in ONE_KEY_PHASES else f"sk-locality-{user}"
+
+
+def processes_of(phase: str) -> str:
+    """How the phase's gateways run: `one` process, `shared` (8 on one Postgres) or `own`."""
+    if phase in {"one process", "one key", "one key, conversations"}:
+        return "one"
+    return "own" if phase == "per-process" else "shared"
+
+
 PLOT = PROJECT_ROOT / "docs" / "benchmarks" / "locality_vllm.png"
 
 
 def gateway_config(
     nodes: Mapping[str, str], options: argparse.Namespace, phase: str
 ) -> dict[str, Any]:
-    """The gateways' config for a phase: the nodes, one key per user, the model's stickiness."""
+    """The gateways' config for a phase: the nodes, the keys, the model's stickiness and scope."""
+    keys = (
+        [{"id": "app", "key_sha256": hash_key(APP_KEY)}]
+        if phase in ONE_KEY_PHASES
+        else [
+            {"id": f"user-{index}", "key_sha256": hash_key(f"sk-locality-{index}")}
+            for index in range(options.users)
+        ]
+    )
+    scope = "conversation" if "conversations" in phase else "key"
     return {
         "providers": [
             {"name": name, "url": url, "models": {MODEL: VLLM_MODEL}} for name, url in nodes.items()
         ],
-        "keys": [
-            {"id": f"user-{index}", "key_sha256": hash_key(f"sk-locality-{index}")}
-            for index in range(options.users)
-        ],
-        "affinity": {"lookup_timeout_ms": options.lookup_timeout_ms},
+        "keys": keys,
+        "affinity": {"lookup_timeout_ms": options.lookup_timeout_ms, "scope": scope},
         "models": [{"name": MODEL, "stickiness": "none" if phase == "any-node" else "shared"}],
         "server": {"drain_delay_seconds": 0, "shutdown_timeout_seconds": 5},
     }
@@ -78,7 +104,7 @@ async def gateways(
     config = gateway_config(nodes, options, phase)
     async with AsyncExitStack() as stack:
         with processes() as started:
-            if phase == "one process":
+            if processes_of(phase) == "one":
                 path = write_config(work / "gateway.yaml", config)
                 port = free_port()
                 command = gateway_command(path, port, workers=options.workers)
@@ -86,7 +112,7 @@ async def gateways(
                 await wait_ready(f"http://127.0.0.1:{port}/healthz", limit_seconds=120)
                 yield f"http://127.0.0.1:{port}"
                 return
-            if phase in {"8 processes", "any-node"}:
+            if processes_of(phase) == "shared":
                 database = EmbeddedPostgres(work / "shared-pgdata")
                 database.start()
                 stack.callback(database.stop)
@@ -112,7 +138,9 @@ def system_prompt(user: int, words: int) -> str:
     )
 
 
-async def conversation(front: str, user: int, options: argparse.Namespace) -> list[dict[str, Any]]:
+async def conversation(
+    front: str, user: int, options: argparse.Namespace, key: str
+) -> list[dict[str, Any]]:
     """One user's turns in order, each streamed on a new connection: node, TTFT, usage."""
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": system_prompt(user, options.prompt_words)}
@@ -137,7 +165,7 @@ async def conversation(front: str, user: int, options: argparse.Namespace) -> li
             async with session.post(
                 front + "/v1/chat/completions",
                 json=body,
-                headers={"Authorization": f"Bearer sk-locality-{user}"},
+                headers={"Authorization": f"Bearer {key}"},
             ) as response:
                 assert response.status == 200, await response.text()
                 node = response.headers.get("x-gateway-provider", "?")
@@ -180,7 +208,10 @@ async def run_phase(
         before = [await prefix_cache_counters(session, url) for url in nodes.values()]
         async with gateways(work, phase, nodes, options) as front:
             outcomes = await asyncio.gather(
-                *(conversation(front, user, options) for user in range(options.users))
+                *(
+                    conversation(front, user, options, key_of(phase, user))
+                    for user in range(options.users)
+                )
             )
         after = [await prefix_cache_counters(session, url) for url in nodes.values()]
 
@@ -200,6 +231,8 @@ async def run_phase(
         for outcome in outcomes
     ]
     ttfts = [turn["ttft_ms"] for turn in turns]
+    per_node = Counter(turn["node"] for turn in turns)
+    even = len(turns) / len(nodes)
     prompt = sum(turn["prompt_tokens"] for turn in turns)
     return {
         "requests": len(turns),
@@ -209,6 +242,8 @@ async def run_phase(
         if prompt
         else 0.0,
         "users_on_one_node": round(sum(share == 1.0 for share in shares) / len(shares), 3),
+        "requests_per_node": dict(sorted(per_node.items())),
+        "busiest_node_over_even": round(max(per_node.values()) / even, 3),
         "mean_share_on_one_node": round(statistics.fmean(shares), 3),
         "ttft_p50_ms": percentile(ttfts, 0.5),
         "ttft_p90_ms": percentile(ttfts, 0.9),
@@ -223,7 +258,16 @@ def goals(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         verdict["8_vs_one_process"] = round(rate["8 processes"] / rate["one process"], 3)
     if "8 processes" in rate and rate.get("any-node"):
         verdict["8_vs_any_node"] = round(rate["8 processes"] / rate["any-node"], 3)
-    shared = [p for p in ("one process", "8 processes") if p in results]
+    conversations = "one key, conversations"
+    if conversations in rate and rate.get("one process"):
+        verdict["one_key_conversations_vs_key_per_user"] = round(
+            rate[conversations] / rate["one process"], 3
+        )
+    shared = [
+        p
+        for p in ("one process", "8 processes", conversations, f"{conversations}, 8 processes")
+        if p in results
+    ]
     verdict["all_users_on_one_node_when_shared"] = all(
         results[p]["users_on_one_node"] == 1.0 for p in shared
     )
@@ -297,7 +341,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--kv-blocks", type=int, default=160, help="each node's KV cache")
     parser.add_argument("--node-url", action="append", default=[], help="use running nodes")
-    parser.add_argument("--phase", dest="phases", action="append", choices=PHASES)
+    parser.add_argument("--phase", dest="phases", action="append", choices=PHASES + ONE_KEY_PHASES)
     parser.add_argument("--output", default="locality_vllm", help="results name (bench/results)")
     parser.add_argument("--no-plot", action="store_true")
 
