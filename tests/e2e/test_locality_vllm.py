@@ -1,5 +1,5 @@
 """`gateway bench locality --engine vllm` runs end to end against a real vLLM node: a smoke run
-of every phase on the session's one node, no thresholds."""
+of every phase (the one-key phases too) on the session's one node, no thresholds."""
 
 from __future__ import annotations
 
@@ -31,12 +31,13 @@ async def test_every_phase_runs_and_reads_vllms_own_counters(vllm_node: VllmNode
     options = parser.parse_args(
         ["--users", "2", "--processes", "2", "--prompt-words", "40", "--node-url", vllm_node.url]
     )
-    options.phases = list(locality_vllm.PHASES)
+    phases = [*locality_vllm.PHASES, *locality_vllm.ONE_KEY_PHASES]
+    options.phases = phases
     # Not under pytest's tmp_path: a pytest starting elsewhere makes its root 0700 again, and the
     # embedded Postgres (its own user) then loses its way into its data directory mid-run.
     with tempfile.TemporaryDirectory(prefix="locality-vllm-") as work:
         document = await locality_vllm.run(options, Path(work))
-    assert set(document["results"]) == set(locality_vllm.PHASES)
+    assert set(document["results"]) == set(phases)
     for row in document["results"].values():
         assert row["requests"] == 4
         # The second turn repeats the first one's prompt: vLLM counted the queries.
