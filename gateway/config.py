@@ -23,6 +23,8 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+# Characters no header value may carry (every C0 control but HTAB, and DEL).
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -201,6 +203,15 @@ class ProviderSettings(Section):
     max_concurrency: PositiveInt | None = None
     min_start_interval_ms: NonNegativeFloat = 0
     draining: bool = False
+
+    @field_validator("api_key", mode="after")
+    @classmethod
+    def _header_safe_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # The key goes into every request's `Authorization` header: a line break or other
+        # control character would break (or smuggle into) the head. Never quote the key itself.
+        if value is not None and _CONTROL_CHARACTER.search(value.get_secret_value()):
+            raise ValueError("api_key contains a line break or another control character")
+        return value
 
     @property
     def identity(self) -> str:

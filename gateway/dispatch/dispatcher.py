@@ -19,8 +19,13 @@ from gateway.config import RoutingSettings
 from gateway.dispatch.answer_budget import Reservation
 from gateway.dispatch.blame import RequestBlame
 from gateway.dispatch.health import ProviderHealth
-from gateway.dispatch.http1 import ConnectTimeoutError, UpstreamConnectError, UpstreamError
-from gateway.dispatch.outcomes import Attempt, RetryableAttemptError, exhausted, failed_status
+from gateway.dispatch.outcomes import (
+    Attempt,
+    RetryableAttemptError,
+    exhausted,
+    failed_status,
+    outcome_of,
+)
 from gateway.dispatch.permits import ProviderPermits
 from gateway.dispatch.upstream import (
     EventStreamFraming,
@@ -32,6 +37,11 @@ from gateway.dispatch.upstream import (
     redact,
     upstream_headers,
     usable_answer,
+)
+from gateway.dispatch.upstream_errors import (
+    ConnectTimeoutError,
+    UpstreamError,
+    UpstreamTlsError,
 )
 from gateway.dispatch.upstream_pool import UpstreamPool, UpstreamResponse
 from gateway.edge.delivery import ClientStalledError, HeldHeadResponse, write_last, write_within
@@ -249,10 +259,13 @@ class Dispatcher:
         except UpstreamError as error:
             close_response(response)
             self._upload_failed(job)
-            broken = RetryableAttemptError("connect_error" if response is None else "payload_error")
-            # Only a connection never made is the provider's alone whatever was sent; one dropped
+            outcome = outcome_of(error, answered=response is not None)
+            if isinstance(error, UpstreamTlsError):
+                logger.warning("upstream_tls_failed", provider=provider.name, reason=error.reason)
+            broken = RetryableAttemptError(outcome)
+            # Only a request the upstream never saw is the provider's failure alone; one dropped
             # after the request went out may be that request's doing (see `blame`).
-            connected = not isinstance(error, UpstreamConnectError)
+            connected = outcome not in {"connect_error", "tls_error"}
             self._failed(record, provider, broken, blame, connected=connected)
             raise broken from error
         except BaseException:
@@ -438,7 +451,9 @@ class Dispatcher:
         blame: RequestBlame,
     ) -> web.StreamResponse:
         """End a started stream with an error event; a transport failure counts against the
-        provider (an oversized event does not: the upstream is there and answering)."""
+        provider (an oversized event does not: the upstream is there and answering). The
+        client's connection is kept: the event and the last chunk end the response cleanly, so
+        its next request on that connection does not race a close it was never told of."""
         if outcome == "dropped_mid_stream":
             blame.provider_fault(provider.name)
         record.attempts.append(Attempt(provider.name, outcome, record.status))
@@ -449,7 +464,6 @@ class Dispatcher:
         )
         code = "upstream_dropped" if outcome == "dropped_mid_stream" else "upstream_malformed"
         separator = b"" if last.endswith(b"\n\n") else b"\n\n"
-        downstream.force_close()
         await _write_quietly(downstream, separator + sse_error_event(message, code))
         return downstream
 

@@ -11,8 +11,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.catalog import Provider
 from gateway.config import RoutingSettings
-from gateway.dispatch.http1 import UpstreamError
 from gateway.dispatch.outcomes import RetryableAttemptError
+from gateway.dispatch.upstream_errors import UpstreamError
 from gateway.dispatch.upstream_pool import UpstreamResponse
 
 # Client headers that go upstream: what an OpenAI-compatible server reads, nothing else. The
@@ -44,6 +44,8 @@ MAX_SSE_EVENT_BYTES = 1024 * 1024
 SSE_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 STREAM_TAIL_BYTES = 64
 _LINE_END = re.compile(rb"[\r\n]")
+# What no header value may carry to the client (aiohttp refuses to write it): controls but HTAB.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _EVENT_END = re.compile(b"|".join(re.escape(separator) for separator in SSE_EVENT_ENDS))
 # JSON's whitespace, what may surround an answer's object.
 JSON_SPACE = b" \t\r\n"
@@ -100,9 +102,12 @@ def redact(data: bytes, secret: str | None) -> bytes:
 
 def downstream_headers(upstream: CIMultiDictProxy[str], secret: str | None) -> CIMultiDict[str]:
     """The upstream response headers that may reach the client, through the allow-list, with
-    the provider's `secret` redacted from their values."""
+    the provider's `secret` redacted from their values; a field with a control character in its
+    value is dropped (it cannot be written to the client)."""
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
+        if _CONTROL.search(value):
+            continue
         lowered = name.lower()
         shown = value.replace(secret, REDACTED) if secret else value
         if lowered in DOWNSTREAM_ALLOWED:

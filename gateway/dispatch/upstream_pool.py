@@ -6,9 +6,10 @@ pool limit; idle connections closed after IDLE_SECONDS; names resolved once per 
 the system's trust store; a connect timeout apart from the caller's read limits; a request head
 as the caller gave it (no `User-Agent`, no `Accept-Encoding` of its own, `Accept: */*` and a
 content type filled in as aiohttp does); redirects never followed and bodies never decoded (it
-does neither). An idempotent request that fails before any answer is sent again once, as aiohttp
-does. Answers are `UpstreamResponse`s read with `read()`, then released (`release()`, back to the
-pool when read to the end) or dropped (`close()`).
+does neither). A pooled connection is taken only while nothing waits on its socket. A request
+is sent again at most once, always on a new connection, and only where it cannot run twice: see
+`may_send_again`. Answers are `UpstreamResponse`s read with `read()`, then released
+(`release()`, back to the pool when read to the end) or dropped (`close()`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from urllib.parse import quote, unquote, urlsplit
 import aiohappyeyeballs
 from multidict import CIMultiDictProxy
 
-from gateway.dispatch.http1 import (
+from gateway.dispatch.http1 import Http1Connection, content_length_of, content_type_of
+from gateway.dispatch.upstream_errors import (
     ConnectTimeoutError,
-    Http1Connection,
+    RequestNotReadError,
     UpstreamBrokenError,
     UpstreamConnectError,
-    content_length_of,
-    content_type_of,
+    UpstreamMalformedError,
+    UpstreamTlsError,
 )
 
 IDLE_SECONDS: Final = 30.0
@@ -115,8 +117,32 @@ def request_head(
 
 
 def _spent(connection: Http1Connection, oldest: float) -> bool:
-    """Whether an idle connection can no longer be used: closed, or idle since before `oldest`."""
-    return connection.closed or connection.idle_since < oldest
+    """Whether an idle connection can no longer be used: idle since before `oldest`, closed, or
+    with something to read (the upstream's close on its way, or stray bytes)."""
+    return connection.idle_since < oldest or connection.stale()
+
+
+def may_send_again(
+    method: str, body: RequestBody, connection: Http1Connection, error: UpstreamBrokenError
+) -> bool:
+    """Whether a request whose exchange failed before its answer's head may be sent again, once,
+    on a new connection. The rule: never when the upstream may have run it, unless the method
+    says running it twice is harmless.
+
+    - A reused connection that ended before the upstream read the request (a keep-alive race:
+      the upstream closed it as the request was on its way, and the socket shows the request's
+      bytes were refused or never acknowledged; `RequestNotReadError`): any method. The
+      upstream never saw the request.
+    - A connection that closed before any answer, for an idempotent method (RFC 9110 9.2.2),
+      as aiohttp does: running it twice is harmless.
+    - Never a streamed body (it cannot be replayed here; the dispatcher decides on failover),
+      nor after a malformed answer (the upstream answered, wrongly).
+    """
+    if isinstance(body, AsyncIterator) or isinstance(error, UpstreamMalformedError):
+        return False
+    if isinstance(error, RequestNotReadError):
+        return connection.reused
+    return method in IDEMPOTENT and connection.closed
 
 
 def default_tls_context() -> ssl.SSLContext:
@@ -124,6 +150,13 @@ def default_tls_context() -> ssl.SSLContext:
     context = ssl.create_default_context()
     context.set_alpn_protocols(("http/1.1",))
     return context
+
+
+def _tls_reason(error: ssl.SSLError) -> str:
+    """Why a TLS handshake failed, in the TLS library's words (never certificate contents)."""
+    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
+        return f"certificate verify failed: {error.verify_message}"
+    return str(error.reason or error.strerror or type(error).__name__)
 
 
 class UpstreamResponse:
@@ -211,24 +244,27 @@ class UpstreamPool:
     ) -> UpstreamResponse:
         """Send a request to `base_url` + `target` and wait for the answer's head.
 
-        Raises UpstreamConnectError (no connection), ConnectTimeoutError, UpstreamBrokenError (the
-        connection failed after the request started out, or the answer's head is malformed) or
-        ReadTimeoutError (silence longer than `read_timeout` from the request's end; None: none).
+        Raises UpstreamConnectError (no connection; UpstreamTlsError for a failed handshake),
+        ConnectTimeoutError, UpstreamBrokenError (the connection failed after the request started
+        out: RequestNotReadError when the upstream closed before reading it, UpstreamMalformedError
+        when the answer's head cannot be relayed) or ReadTimeoutError (silence longer than
+        `read_timeout` from the request's end; None: none).
         """
         origin = self._origins.get(base_url)
         if origin is None:
             origin = self._origins[base_url] = parse_origin(base_url)
         head = request_head(origin, method, target, headers, body)
-        again = method in IDEMPOTENT and not isinstance(body, AsyncIterator)
+        again = True
         while True:
-            connection = self._pooled(origin) or await self._connect(origin, connect_timeout)
+            pooled = self._pooled(origin) if again else None
+            connection = pooled or await self._connect(origin, connect_timeout)
             try:
                 connection.begin(head, body, read_timeout)
                 await connection.head()
-            except UpstreamBrokenError:
-                dropped = connection.closed  # not a malformed answer: the connection went away
+            except UpstreamBrokenError as error:
+                resend = again and may_send_again(method, body, connection, error)
                 connection.abort()
-                if again and dropped:
+                if resend:
                     again = False
                     continue
                 raise
@@ -309,7 +345,11 @@ class UpstreamPool:
                     ssl=context,
                     server_hostname=origin.host if origin.tls else None,
                 )
-        except OSError as error:  # refused, unreachable, TLS verification or handshake
+        except ssl.SSLError as error:  # verification or handshake: the TLS library's reason
+            where = f"{origin.host}:{origin.port}"
+            reason = _tls_reason(error)
+            raise UpstreamTlsError(f"TLS with {where} failed: {reason}", reason) from error
+        except OSError as error:  # refused, unreachable, reset during the handshake
             where = f"{origin.host}:{origin.port}"
             if isinstance(error, TimeoutError) and error.errno is None:  # the limit, not the OS
                 raise ConnectTimeoutError(f"no connection to {where} in time") from None

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from gateway.dispatch.http1 import (
+from gateway.dispatch.upstream_errors import (
     ConnectTimeoutError,
     ReadTimeoutError,
     UpstreamBrokenError,
