@@ -2,7 +2,7 @@
 
 Two upstreams (issue 21, D1), each a raw-socket server in a process of its own:
 
-- `idle-close`: closes a connection after 50 ms idle; requests go one at a time, 40-60 ms apart,
+- `idle-close`: closes a connection after 50 ms idle; requests go one at a time, 47-53 ms apart,
   so many are sent just as the upstream closes.
 - `close-after-answer`: closes every connection right after its answer, without
   `Connection: close`; 20 requests at a time.
@@ -155,7 +155,7 @@ async def drive(send: Send, scenario: str) -> dict[str, Any]:
     if scenario == "idle-close":
         for request_id in ids:
             await one(request_id)
-            await asyncio.sleep(pace.uniform(IDLE_LIMIT - 0.01, IDLE_LIMIT + 0.01))
+            await asyncio.sleep(pace.uniform(IDLE_LIMIT - 0.003, IDLE_LIMIT + 0.003))
     else:
 
         async def worker() -> None:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -24,83 +22,15 @@ from gateway.dispatch.upstream_errors import (
 from gateway.dispatch.upstream_pool import UpstreamPool, UpstreamResponse
 from tests.support.gateway import free_port
 from tests.support.polling import wait_until
+from tests.support.raw_upstream import (
+    Exchange,
+    RawServer,
+    answering,
+    read_request,
+    self_signed,
+)
 
 JSON = [("Content-Type", "application/json")]
-
-
-@dataclass
-class Exchange:
-    """What one connection of the raw server received, request by request."""
-
-    requests: list[bytes] = field(default_factory=list)
-    closed: bool = False
-
-
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Exchange], Awaitable[None]]
-
-
-@dataclass
-class RawServer:
-    """A loopback server whose every connection runs `script`; it records each connection."""
-
-    script: Script
-    connections: list[Exchange] = field(default_factory=list)
-    url: str = ""
-
-    async def start(self, stack: AsyncExitStack) -> RawServer:
-        """Listen on a free port until the stack closes."""
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        stack.push_async_callback(server.wait_closed)
-        stack.callback(server.close)
-        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        exchange = Exchange()
-        self.connections.append(exchange)
-        try:
-            await self.script(reader, writer, exchange)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            exchange.closed = True
-            writer.close()
-
-
-async def read_request(reader: asyncio.StreamReader, exchange: Exchange) -> bytes:
-    """One request (head, and a Content-Length or chunked body), recorded and returned."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lowered = head.lower()
-    body = b""
-    if b"transfer-encoding: chunked" in lowered:
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            size = int(size_line.strip(), 16)
-            chunk = await reader.readexactly(size + 2)
-            body += size_line + chunk
-            if size == 0:
-                break
-    elif b"content-length:" in lowered:
-        length = int(lowered.split(b"content-length:")[1].split(b"\r\n")[0])
-        body = await reader.readexactly(length)
-    exchange.requests.append(head + body)
-    return head + body
-
-
-def answering(*answers: bytes, then_close: bool = False) -> Script:
-    """A script that answers each request in turn with the next of `answers`, as raw bytes."""
-
-    async def script(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exchange: Exchange
-    ) -> None:
-        for answer in answers:
-            await read_request(reader, exchange)
-            writer.write(answer)
-            await writer.drain()
-        if not then_close:
-            await reader.read()  # until the client closes
-
-    return script
 
 
 async def whole(response: UpstreamResponse) -> bytes:
@@ -424,21 +354,6 @@ async def test_an_unread_answer_stops_the_socket_being_read(
     first = await response.read()
     assert len(first) <= 4 * 1024 * 1024
     response.close()
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, made by the openssl command."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
-            *("-addext", "subjectAltName=IP:127.0.0.1"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 async def test_https_is_verified_by_default_and_served_with_a_trusted_certificate(
