@@ -43,7 +43,8 @@ from gateway.dispatch.upstream_errors import (
     UpstreamError,
     UpstreamTlsError,
 )
-from gateway.dispatch.upstream_pool import UpstreamPool, UpstreamResponse
+from gateway.dispatch.upstream_pool import UpstreamPool
+from gateway.dispatch.upstream_response import UpstreamResponse
 from gateway.edge.delivery import ClientStalledError, HeldHeadResponse, write_last, write_within
 from gateway.edge.errors import GatewayError, sse_error_event
 from gateway.edge.model_names import Renamer

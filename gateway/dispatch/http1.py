@@ -8,9 +8,10 @@ answer that was read to its end, whose request went out whole, that did not ask 
 that was followed by nothing, and taken again only while nothing waits on its socket.
 
 Statuses outside 100-599, and 101 (a switch of protocols cannot be proxied here), fail the
-exchange: they are not answers HTTP/1.1 can relay. A close before any byte of the answer is told
-apart by what the socket shows (`socket_state.request_refused`): a `RequestNotReadError` when the
-upstream closed before the request reached it, which is safe to send again.
+exchange: they are not answers HTTP/1.1 can relay. A close before any byte of the answer is a
+`RequestNotReadError` (safe to send again) when the upstream closed before the request reached
+it: a reset (what closing with unread bytes sends), or a close the socket shows did not take the
+request's bytes (`socket_state.request_refused`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ MAX_FIELD_BYTES: Final = 8190
 MAX_HEAD_BYTES: Final = MAX_HEADERS * 2 * MAX_FIELD_BYTES
 # Unread answer bytes past which the socket is not read (aiohttp's client: twice 64 KiB).
 HIGH_WATER: Final = 2 * 64 * 1024
-DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
 _CHUNK_END: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 
@@ -66,6 +66,7 @@ class Http1Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.exchanges = 0  # requests begun on this connection
+        self.idle_age = 0.0  # how long it had been idle when the current exchange began
         self._received = False  # a byte of the current exchange's answer arrived
         self._refused = False  # the upstream closed before the request reached it
         self._busy = False
@@ -126,6 +127,11 @@ class Http1Connection(asyncio.Protocol):
     def reused(self) -> bool:
         """Whether the current exchange is not the connection's first."""
         return self.exchanges > 1
+
+    @property
+    def answer_begun(self) -> bool:
+        """Whether any byte of the current exchange's answer arrived."""
+        return self._received
 
     def stale(self) -> bool:
         """Whether an idle connection cannot carry another request: closed, or its socket has
@@ -411,24 +417,3 @@ class Http1Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
-def content_type_of(headers: CIMultiDictProxy[str]) -> str:
-    """The media type of an answer, lower-cased, without parameters; aiohttp's default when it
-    names none or no valid one."""
-    raw = headers.get("Content-Type")
-    if raw is None:
-        return DEFAULT_CONTENT_TYPE
-    media = raw.partition(";")[0].strip().lower()
-    return media if media.count("/") == 1 else DEFAULT_CONTENT_TYPE
-
-
-def content_length_of(headers: CIMultiDictProxy[str]) -> int | None:
-    """The announced body length, if any and well-formed."""
-    raw = headers.get("Content-Length")
-    if raw is None:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        return None

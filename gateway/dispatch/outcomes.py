@@ -22,7 +22,7 @@ from gateway.dispatch.upstream_errors import (
 from gateway.edge.errors import GatewayError
 
 if TYPE_CHECKING:
-    from gateway.dispatch.upstream_pool import UpstreamResponse
+    from gateway.dispatch.upstream_response import UpstreamResponse
 
 RETRYABLE_STATUSES = frozenset({408, 429})
 # A provider's own credential refused: its misconfiguration, never the client's key.

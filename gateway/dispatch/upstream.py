@@ -13,7 +13,7 @@ from gateway.catalog import Provider
 from gateway.config import RoutingSettings
 from gateway.dispatch.outcomes import RetryableAttemptError
 from gateway.dispatch.upstream_errors import UpstreamError
-from gateway.dispatch.upstream_pool import UpstreamResponse
+from gateway.dispatch.upstream_response import UpstreamResponse
 
 # Client headers that go upstream: what an OpenAI-compatible server reads, nothing else. The
 # gateway sets `Authorization` (the provider's own credential), `x-request-id` and

@@ -15,6 +15,7 @@ is sent again at most once, always on a new connection, and only where it cannot
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import socket
 import ssl
@@ -25,9 +26,8 @@ from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohappyeyeballs
-from multidict import CIMultiDictProxy
 
-from gateway.dispatch.http1 import Http1Connection, content_length_of, content_type_of
+from gateway.dispatch.http1 import Http1Connection
 from gateway.dispatch.upstream_errors import (
     ConnectTimeoutError,
     RequestNotReadError,
@@ -36,10 +36,14 @@ from gateway.dispatch.upstream_errors import (
     UpstreamMalformedError,
     UpstreamTlsError,
 )
+from gateway.dispatch.upstream_response import UpstreamResponse
 
 IDLE_SECONDS: Final = 30.0
 DNS_TTL_SECONDS: Final = 60.0
 HAPPY_EYEBALLS_DELAY: Final = 0.25
+# After a keep-alive race, connections to that origin idle for longer than this share of the
+# idle time at which the upstream closed one are not used again (its idle limit is near).
+RACE_IDLE_SHARE: Final = 0.75
 # Methods aiohttp sends again once on a connection that failed before the answer (RFC 9112 9.3.1).
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -159,58 +163,6 @@ def _tls_reason(error: ssl.SSLError) -> str:
     return str(error.reason or error.strerror or type(error).__name__)
 
 
-class UpstreamResponse:
-    """An upstream's answer: its status and head, and its body read piece by piece."""
-
-    __slots__ = ("_connection", "_origin", "_pool", "headers", "status")
-
-    def __init__(self, pool: UpstreamPool, origin: Origin, connection: Http1Connection) -> None:
-        assert connection.headers is not None
-        self._pool = pool
-        self._origin = origin
-        self._connection: Http1Connection | None = connection
-        self.status = connection.status
-        self.headers: CIMultiDictProxy[str] = connection.headers
-
-    @property
-    def content_type(self) -> str:
-        """The media type, lower-cased, without parameters (`application/octet-stream` if none)."""
-        return content_type_of(self.headers)
-
-    @property
-    def content_length(self) -> int | None:
-        """The announced body length, if any."""
-        return content_length_of(self.headers)
-
-    async def read(self) -> bytes:
-        """The body's next bytes (what has arrived, waiting for some); b"" at its end. Raises
-        UpstreamBrokenError when the connection breaks or the body breaks its framing,
-        ReadTimeoutError after too long a silence."""
-        connection = self._connection
-        if connection is None:
-            return b""
-        return await connection.read()
-
-    @property
-    def at_eof(self) -> bool:
-        """Whether the body was read to its end."""
-        connection = self._connection
-        return connection is None or connection.at_eof
-
-    def release(self) -> None:
-        """Done with the answer: its connection goes back to the pool if it can carry another
-        request, and is closed otherwise."""
-        connection, self._connection = self._connection, None
-        if connection is not None and connection.finish():
-            self._pool.put(self._origin, connection)
-
-    def close(self) -> None:
-        """Drop the answer and its connection (an upstream still sending sees it at once)."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.abort()
-
-
 class UpstreamPool:
     """Keep-alive connections per origin, for the worker's lifetime."""
 
@@ -226,6 +178,8 @@ class UpstreamPool:
         self._dns_ttl = dns_ttl_seconds
         self._origins: dict[str, Origin] = {}
         self._idle: dict[Origin, list[Http1Connection]] = {}
+        # Per origin, the idle time past which a connection is not reused (learnt from races).
+        self._reuse_limits: dict[Origin, float] = {}
         self._addresses: dict[tuple[str, int], tuple[float, list[AddressInfo]]] = {}
         self._lookups: dict[tuple[str, int], asyncio.Task[list[AddressInfo]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -263,6 +217,7 @@ class UpstreamPool:
                 await connection.head()
             except UpstreamBrokenError as error:
                 resend = again and may_send_again(method, body, connection, error)
+                self._learn_from(origin, connection, error)
                 connection.abort()
                 if resend:
                     again = False
@@ -298,17 +253,34 @@ class UpstreamPool:
             lookup.cancel()
 
     def _pooled(self, origin: Origin) -> Http1Connection | None:
-        """The most recently used live idle connection to `origin`, if any."""
+        """The most recently used live idle connection to `origin`, if any, and not idle for
+        longer than the origin's learnt reuse limit."""
         connections = self._idle.get(origin)
         if not connections:
             return None
-        oldest = asyncio.get_running_loop().time() - self._idle_seconds
+        now = asyncio.get_running_loop().time()
+        oldest = now - min(self._idle_seconds, self._reuse_limits.get(origin, math.inf))
         while connections:
             connection = connections.pop()
             if not _spent(connection, oldest):
+                connection.idle_age = now - connection.idle_since
                 return connection
             connection.abort()
         return None
+
+    def _learn_from(
+        self, origin: Origin, connection: Http1Connection, error: UpstreamBrokenError
+    ) -> None:
+        """A reused connection that ended before any byte of its answer lost a keep-alive race:
+        the upstream closes connections idle for about as long as this one was. Connections to
+        it idle for longer than RACE_IDLE_SHARE of that are not reused from now on, so the race
+        is not run again (whether or not this request could be sent again)."""
+        if not connection.reused or connection.answer_begun:
+            return
+        if isinstance(error, UpstreamMalformedError):
+            return
+        limit = connection.idle_age * RACE_IDLE_SHARE
+        self._reuse_limits[origin] = min(limit, self._reuse_limits.get(origin, math.inf))
 
     def _sweep(self) -> None:
         """Close connections idle for longer than the idle limit; again later while any are left."""

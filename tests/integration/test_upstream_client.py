@@ -19,7 +19,8 @@ from gateway.dispatch.upstream_errors import (
     UpstreamBrokenError,
     UpstreamConnectError,
 )
-from gateway.dispatch.upstream_pool import UpstreamPool, UpstreamResponse
+from gateway.dispatch.upstream_pool import UpstreamPool
+from gateway.dispatch.upstream_response import UpstreamResponse
 from tests.support.gateway import free_port
 from tests.support.polling import wait_until
 from tests.support.raw_upstream import (
