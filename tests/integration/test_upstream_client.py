@@ -16,6 +16,7 @@ import uvloop
 from gateway.dispatch.upstream_errors import (
     ConnectTimeoutError,
     ReadTimeoutError,
+    RequestNotReadError,
     UpstreamBrokenError,
     UpstreamConnectError,
 )
@@ -29,7 +30,9 @@ from tests.support.raw_upstream import (
     answering,
     read_request,
     self_signed,
+    server_tls,
 )
+from tests.support.upstream_corpus import Trial, closing_as_the_next_request_arrives
 
 JSON = [("Content-Type", "application/json")]
 
@@ -413,3 +416,73 @@ def test_the_client_works_on_uvloop_as_gateway_serve_runs_it() -> None:
             return bodies, len(server.connections)
 
     assert uvloop.run(exchange_twice()) == (b"{}{}", 1)
+
+
+async def crossing_server(exit_stack: AsyncExitStack) -> RawServer:
+    """An upstream that answers, then closes its first connection as the next request arrives
+    (unread); later connections answer every request."""
+    trial = Trial(RawServer(answering()))
+    trial.server.script = closing_as_the_next_request_arrives(trial)
+    return await trial.server.start(exit_stack)
+
+
+async def test_a_streamed_body_the_upstream_closed_on_unread_is_not_sent_again(
+    exit_stack: AsyncExitStack, pool: UpstreamPool
+) -> None:
+    """A keep-alive race on a streamed body: RequestNotReadError (the dispatcher may fail over),
+    never a replay of a stream the pool cannot rewind."""
+    server = await crossing_server(exit_stack)
+    first = await post(pool, server.url)
+    assert await whole(first) == b"{}"
+    first.release()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield b"{}"
+
+    with pytest.raises(RequestNotReadError):
+        await post(pool, server.url, pieces())
+    assert len(server.connections) == 1
+    assert len(server.requests) == 1
+
+
+async def test_after_a_keep_alive_race_connections_idle_as_long_are_not_reused(
+    exit_stack: AsyncExitStack, pool: UpstreamPool
+) -> None:
+    """The race is answered by sending the request again on a new connection; from then on a
+    connection to that upstream idle for as long as the raced one is not reused (its idle
+    close is near), so the next request opens a new connection instead of racing again."""
+    server = await crossing_server(exit_stack)
+    loop = asyncio.get_running_loop()
+    first = await post(pool, server.url)
+    await whole(first)
+    released = loop.time()
+    first.release()
+    second = await post(pool, server.url)  # raced, then sent again on a new connection
+    raced_idle = loop.time() - released  # at least the raced connection's idle time
+    assert await whole(second) == b"{}"
+    second.release()
+    again = loop.time()
+    await wait_until(lambda: loop.time() - again > raced_idle, message="as long an idle time")
+    third = await post(pool, server.url)
+    assert await whole(third) == b"{}"
+    third.release()
+    assert len(server.connections) == 3
+    assert len(server.requests) == 3  # each request reached the upstream once
+
+
+async def test_a_private_ca_named_by_ssl_cert_file_is_trusted(
+    exit_stack: AsyncExitStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's way to trust a private CA: `SSL_CERT_FILE` in the gateway's environment
+    makes the default (verifying) client accept an upstream whose certificate that CA signs;
+    a proxy variable changes nothing (the upstream is connected directly)."""
+    cert, key = self_signed(tmp_path)
+    server = await RawServer(answering(LENGTH_ANSWER), tls=server_tls(cert, key)).start(exit_stack)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    trusting = UpstreamPool()
+    exit_stack.push_async_callback(trusting.close)
+    response = await post(trusting, server.url)
+    assert await whole(response) == b"{}"
+    response.release()
+    assert len(server.requests) == 1

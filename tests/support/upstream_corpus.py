@@ -110,10 +110,10 @@ def closing_as_the_next_request_arrives(trial: Trial) -> Script:
             await wait_until(lambda: _readable(sock), timeout=5, message="the next request")
             writer.transport.abort()  # a close with unread bytes: the kernel resets
             return
-        await read_request(reader, exchange)
-        writer.write(LENGTH)
-        await writer.drain()
-        await reader.read()
+        while True:
+            await read_request(reader, exchange)
+            writer.write(LENGTH)
+            await writer.drain()
 
     return script
 
