@@ -37,6 +37,7 @@ class Provider:
     max_concurrency: int | None
     min_start_interval_seconds: float
     draining: bool = False
+    tls_ca_file: str | None = None  # the CAs its https certificate is verified against
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> Provider:
@@ -51,6 +52,7 @@ class Provider:
             max_concurrency=settings.max_concurrency,
             min_start_interval_seconds=settings.min_start_interval_ms / 1000,
             draining=settings.draining,
+            tls_ca_file=settings.tls_ca_file,
         )
 
 

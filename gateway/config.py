@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import ssl
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -200,6 +201,7 @@ class ProviderSettings(Section):
     models: Annotated[dict[Name, Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     routing_identity: Name | None = None
     api_key: SecretStr | None = None
+    tls_ca_file: str | None = None
     max_concurrency: PositiveInt | None = None
     min_start_interval_ms: NonNegativeFloat = 0
     draining: bool = False
@@ -211,6 +213,22 @@ class ProviderSettings(Section):
         # control character would break (or smuggle into) the head. Never quote the key itself.
         if value is not None and _CONTROL_CHARACTER.search(value.get_secret_value()):
             raise ValueError("api_key contains a line break or another control character")
+        return value
+
+    @field_validator("tls_ca_file", mode="after")
+    @classmethod
+    def _usable_ca_file(cls, value: str | None) -> str | None:
+        # Checked here so check-config finds a missing or unreadable file, not the first request.
+        if value is None:
+            return None
+        try:
+            ssl.create_default_context(cafile=value)
+        except FileNotFoundError:
+            raise ValueError(f"tls_ca_file {value!r} does not exist") from None
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(
+                f"tls_ca_file {value!r} holds no usable PEM certificate: {error}"
+            ) from None
         return value
 
     @property

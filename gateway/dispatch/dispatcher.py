@@ -232,6 +232,7 @@ class Dispatcher:
                     body,
                     connect_timeout=timeouts.connect_seconds,
                     read_timeout=timeouts.first_byte_seconds if job.stream else None,
+                    tls_ca_file=provider.tls_ca_file,
                 )
                 failure = await failed_status(response, provider.credential)
                 if failure is not None:

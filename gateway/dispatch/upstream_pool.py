@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import socket
 import ssl
@@ -66,10 +67,11 @@ class Origin:
     prefix: str  # the base URL's path, before each request's own
     host_header: str
     basic_auth: str | None  # from credentials in the URL
+    tls_ca_file: str | None = None  # the CAs to verify against instead of the system's
 
 
-def parse_origin(base_url: str) -> Origin:
-    """The origin of an http(s) base URL."""
+def parse_origin(base_url: str, tls_ca_file: str | None = None) -> Origin:
+    """The origin of an http(s) base URL (verified against `tls_ca_file`'s CAs, if given)."""
     parts = urlsplit(base_url)
     tls = parts.scheme == "https"
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -89,6 +91,7 @@ def parse_origin(base_url: str) -> Origin:
         prefix=parts.path.rstrip("/"),
         host_header=shown if port == default else f"{shown}:{port}",
         basic_auth=basic,
+        tls_ca_file=tls_ca_file if tls else None,
     )
 
 
@@ -176,7 +179,10 @@ class UpstreamPool:
         self._ssl = ssl_context if ssl_context is not None else default_tls_context()
         self._idle_seconds = idle_seconds
         self._dns_ttl = dns_ttl_seconds
-        self._origins: dict[str, Origin] = {}
+        self._origins: dict[tuple[str, str | None], Origin] = {}
+        # Contexts for providers' own CA files, by path, with the modification time they were
+        # read at (a changed file is read again at the next connection).
+        self._ca_contexts: dict[str, tuple[int, ssl.SSLContext]] = {}
         self._idle: dict[Origin, list[Http1Connection]] = {}
         # Per origin, the idle time past which a connection is not reused (learnt from races).
         self._reuse_limits: dict[Origin, float] = {}
@@ -195,6 +201,7 @@ class UpstreamPool:
         *,
         connect_timeout: float | None,
         read_timeout: float | None = None,
+        tls_ca_file: str | None = None,
     ) -> UpstreamResponse:
         """Send a request to `base_url` + `target` and wait for the answer's head.
 
@@ -202,11 +209,13 @@ class UpstreamPool:
         ConnectTimeoutError, UpstreamBrokenError (the connection failed after the request started
         out: RequestNotReadError when the upstream closed before reading it, UpstreamMalformedError
         when the answer's head cannot be relayed) or ReadTimeoutError (silence longer than
-        `read_timeout` from the request's end; None: none).
+        `read_timeout` from the request's end; None: none). https is verified against the
+        system's CAs, or `tls_ca_file`'s.
         """
-        origin = self._origins.get(base_url)
+        origin = self._origins.get((base_url, tls_ca_file))
         if origin is None:
-            origin = self._origins[base_url] = parse_origin(base_url)
+            origin = parse_origin(base_url, tls_ca_file)
+            self._origins[base_url, tls_ca_file] = origin
         head = request_head(origin, method, target, headers, body)
         again = True
         while True:
@@ -305,12 +314,12 @@ class UpstreamPool:
         """A new connection (TLS for https), within `limit` seconds once the name is resolved."""
         addresses = await self._resolve(origin)
         loop = asyncio.get_running_loop()
+        context = self._tls_context(origin) if origin.tls else None
         try:
             async with asyncio.timeout(limit):
                 sock = await aiohappyeyeballs.start_connection(
                     addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, loop=loop
                 )
-                context = self._ssl if origin.tls else None
                 _, connection = await loop.create_connection(
                     lambda: Http1Connection(loop),
                     sock=sock,
@@ -327,6 +336,26 @@ class UpstreamPool:
                 raise ConnectTimeoutError(f"no connection to {where} in time") from None
             raise UpstreamConnectError(f"cannot connect to {where}") from error
         return connection
+
+    def _tls_context(self, origin: Origin) -> ssl.SSLContext:
+        """The context verifying `origin`: its own CA file's (read again once changed), or the
+        pool's."""
+        path = origin.tls_ca_file
+        if path is None:
+            return self._ssl
+        try:
+            modified = os.stat(path).st_mtime_ns
+            cached = self._ca_contexts.get(path)
+            if cached is not None and cached[0] == modified:
+                return cached[1]
+            context = ssl.create_default_context(cafile=path)
+        except (OSError, ssl.SSLError) as error:
+            reason = f"tls_ca_file unusable: {type(error).__name__}"
+            where = f"{origin.host}:{origin.port}"
+            raise UpstreamTlsError(f"TLS with {where} failed: {reason}", reason) from error
+        context.set_alpn_protocols(("http/1.1",))
+        self._ca_contexts[path] = (modified, context)
+        return context
 
     async def _resolve(self, origin: Origin) -> list[AddressInfo]:
         """The origin's addresses, cached for the DNS TTL; one look-up at a time per name."""

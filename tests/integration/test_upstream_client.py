@@ -5,6 +5,7 @@ interim answers, silence, streamed bodies, the request head, idle expiry, flow c
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -19,6 +20,7 @@ from gateway.dispatch.upstream_errors import (
     RequestNotReadError,
     UpstreamBrokenError,
     UpstreamConnectError,
+    UpstreamTlsError,
 )
 from gateway.dispatch.upstream_pool import UpstreamPool
 from gateway.dispatch.upstream_response import UpstreamResponse
@@ -46,11 +48,23 @@ async def whole(response: UpstreamResponse) -> bytes:
 
 
 async def post(
-    pool: UpstreamPool, url: str, body: bytes | AsyncIterator[bytes] | None = b"{}", **kwargs: float
+    pool: UpstreamPool,
+    url: str,
+    body: bytes | AsyncIterator[bytes] | None = b"{}",
+    *,
+    read_timeout: float | None = None,
+    tls_ca_file: str | None = None,
 ) -> UpstreamResponse:
     """A POST of `body` to `url`'s chat path with a 5 s connect limit."""
     return await pool.request(
-        "POST", url, "/v1/chat/completions", JSON, body, connect_timeout=5, **kwargs
+        "POST",
+        url,
+        "/v1/chat/completions",
+        JSON,
+        body,
+        connect_timeout=5,
+        read_timeout=read_timeout,
+        tls_ca_file=tls_ca_file,
     )
 
 
@@ -486,3 +500,27 @@ async def test_a_private_ca_named_by_ssl_cert_file_is_trusted(
     assert await whole(response) == b"{}"
     response.release()
     assert len(server.requests) == 1
+
+
+async def test_a_providers_tls_ca_file_is_what_its_certificate_is_verified_against(
+    exit_stack: AsyncExitStack, pool: UpstreamPool, tmp_path: Path
+) -> None:
+    """With `tls_ca_file`, an upstream whose certificate that file's CA signs is trusted by the
+    default pool, and the same upstream without it is refused (the system's CAs); a file that
+    changed is read again at the next connection."""
+    cert, key = self_signed(tmp_path)
+    server = await RawServer(
+        answering(LENGTH_ANSWER, LENGTH_ANSWER), tls=server_tls(cert, key)
+    ).start(exit_stack)
+    with pytest.raises(UpstreamTlsError) as refused:
+        await post(pool, server.url)
+    assert "certificate verify failed" in refused.value.reason
+    response = await post(pool, server.url, tls_ca_file=str(cert))
+    assert await whole(response) == b"{}"
+    response.close()
+    other, _ = self_signed(tmp_path / "other")
+    read_at = cert.stat().st_mtime_ns
+    cert.write_bytes(other.read_bytes())  # now names a CA that did not sign the server's
+    os.utime(cert, ns=(read_at + 10**9, read_at + 10**9))  # changed, whatever the clock's grain
+    with pytest.raises(UpstreamTlsError):
+        await post(pool, server.url, tls_ca_file=str(cert))

@@ -109,6 +109,7 @@ def reset(writer: asyncio.StreamWriter) -> None:
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 and its key, made by the openssl command."""
+    directory.mkdir(parents=True, exist_ok=True)
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
         [

@@ -141,6 +141,20 @@ def test_an_api_key_with_a_tab_or_non_ascii_text_is_accepted() -> None:
     assert settings.providers[0].api_key is not None
 
 
+def test_a_tls_ca_file_that_is_missing_or_not_pem_is_an_error_at_its_path(
+    tmp_path: Path,
+) -> None:
+    """`tls_ca_file` is read by check-config: a missing file or one with no PEM certificate is
+    an error at its path, not a failure at the first request."""
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate")
+    for path, words in ((tmp_path / "missing.pem", "does not exist"), (not_pem, "no usable PEM")):
+        text = MINIMAL.replace("    models:", f"    tls_ca_file: {path}\n    models:", 1)
+        problems = problems_of(text)
+        assert list(problems) == ["providers[0].tls_ca_file"]
+        assert words in problems["providers[0].tls_ca_file"]
+
+
 def test_missing_preference_group_is_a_warning_not_an_error() -> None:
     """A model-group preference naming an unknown group is skipped with a warning."""
     text = MINIMAL + "    model_group_preferences: {llama: no-such-group}\n"
