@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from tests.support.raw_upstream import self_signed, server_tls
 from tests.support.upstream_corpus import (
@@ -57,3 +58,24 @@ async def test_aiohttp_gives_the_outcome_the_table_says(
     what the table records with its reason."""
     outcomes, _ = await run_case(case, through_aiohttp, case.aiohttp_outcomes, exit_stack, tls_pair)
     assert tuple(outcomes) == case.aiohttp_outcomes
+
+
+def test_the_gateway_client_gives_the_same_outcomes_on_uvloop(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """`gateway serve` runs on uvloop, whose transports differ from asyncio's (how a close, a
+    reset and a failed write are reported): every case gives the table's outcome there too."""
+
+    async def every_case() -> dict[str, tuple[str, ...]]:
+        mismatches = {}
+        for case in CORPUS:
+            async with AsyncExitStack() as stack:
+                outcomes, server = await run_case(
+                    case, through_gateway_client, case.ours, stack, tls_pair
+                )
+                seen = len(server.requests)
+                if tuple(outcomes) != case.ours or case.requests_seen not in (None, seen):
+                    mismatches[case.name] = (*outcomes, f"{seen} seen")
+        return mismatches
+
+    assert uvloop.run(every_case()) == {}
