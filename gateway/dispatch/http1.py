@@ -10,8 +10,8 @@ that was followed by nothing, and taken again only while nothing waits on its so
 Statuses outside 100-599, and 101 (a switch of protocols cannot be proxied here), fail the
 exchange: they are not answers HTTP/1.1 can relay. A close before any byte of the answer is a
 `RequestNotReadError` (safe to send again) when the upstream closed before the request reached
-it: a reset (what closing with unread bytes sends), or a close the socket shows did not take the
-request's bytes (`socket_state.request_refused`).
+it: a kept connection's reset (what an idle close with unread bytes sends), or a close the
+socket shows did not take the request's bytes (`socket_state.request_refused`).
 """
 
 from __future__ import annotations
@@ -358,12 +358,12 @@ class Http1Connection(asyncio.Protocol):
 
     def _note_refusal(self, exc: Exception | None = None) -> None:
         """With the exchange's answer not begun, whether the upstream closed before the request
-        reached it: the socket says so, or the connection was reset (what a close with the
-        request unread sends; a write into a reset socket fails the same way)."""
+        reached it: the socket says so, or a kept connection was reset (what an idle close with
+        the request unread sends; a write into a reset socket fails the same way). A fresh
+        connection's reset is no keep-alive race: the upstream may have read the request."""
         if self._busy and not self._received and not self._refused and not self.closed:
-            self._refused = isinstance(
-                exc, ConnectionResetError | BrokenPipeError
-            ) or request_refused(self.transport)
+            reset = isinstance(exc, ConnectionResetError | BrokenPipeError)
+            self._refused = (reset and self.reused) or request_refused(self.transport)
 
     def _unexpected(self) -> None:
         """Bytes nobody asked for: the connection cannot be trusted with another request."""

@@ -509,16 +509,18 @@ async def test_a_broken_stream_keeps_the_client_connection_for_its_next_request(
             b"HTTP/1.1 999 Odd\r\nContent-Length: 2\r\n\r\n{}", "malformed_answer", id="status-999"
         ),
         pytest.param(b"", "dropped_after_send", id="closed-after-the-request"),
+        pytest.param(b"RESET", "dropped_after_send", id="reset-after-the-request"),
     ],
 )
 async def test_an_answer_that_may_have_run_is_a_502_without_retry_after(
     exit_stack: AsyncExitStack, start_gateway: GatewayFactory, answer: bytes, outcome: str
 ) -> None:
-    """A head that cannot be relayed (malformed, 101, a status outside 100-599) or a close after
-    the request went out (D3, D4): 502 `upstream_error` naming what happened, with no
+    """A head that cannot be relayed (malformed, 101, a status outside 100-599) or a close or
+    reset after the request went out (D3, D4): 502 `upstream_error` naming what happened, with no
     Retry-After (the request may have run); never 503 'could not be reached', never the odd
     status relayed."""
-    upstream = await raw_upstream(exit_stack, closing_at(answer))
+    reset = answer == b"RESET"
+    upstream = await raw_upstream(exit_stack, closing_at(b"" if reset else answer, by_reset=reset))
     server = await start_gateway(settings_for({"raw": upstream.url}))
     status, headers, body = await ask(str(server.make_url("")), stream=False)
     assert status == 502
