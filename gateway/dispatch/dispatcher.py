@@ -40,6 +40,7 @@ from gateway.dispatch.upstream import (
 )
 from gateway.dispatch.upstream_errors import (
     ConnectTimeoutError,
+    UpstreamConnectError,
     UpstreamError,
     UpstreamTlsError,
 )
@@ -265,9 +266,9 @@ class Dispatcher:
             if isinstance(error, UpstreamTlsError):
                 logger.warning("upstream_tls_failed", provider=provider.name, reason=error.reason)
             broken = RetryableAttemptError(outcome)
-            # Only a request the upstream never saw is the provider's failure alone; one dropped
+            # Only a connection never made is the provider's alone whatever was sent; one dropped
             # after the request went out may be that request's doing (see `blame`).
-            connected = outcome not in {"connect_error", "tls_error"}
+            connected = not isinstance(error, UpstreamConnectError)
             self._failed(record, provider, broken, blame, connected=connected)
             raise broken from error
         except BaseException:
