@@ -275,18 +275,28 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         response = await handler(request)
     except GatewayError as error:
-        return error.to_response(headers)
+        return _framed_as_begun(request, error.to_response(headers))
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        return _http_error(error, headers)
+        return _framed_as_begun(request, _http_error(error, headers))
     except Exception:
         logger.exception("unhandled_error", request_id=request_id, path=request.path)
-        return error_response(
+        failed = error_response(
             500, "The gateway failed to handle this request.", "internal_error", headers=headers
         )
+        return _framed_as_begun(request, failed)
     if not response.prepared:
         response.headers["x-request-id"] = request_id
+    return response
+
+
+def _framed_as_begun(request: web.Request, response: web.Response) -> web.Response:
+    """An error answer framed as the connection's writer already is: a streamed response that
+    failed in `prepare` (a head aiohttp would not write) left it chunked, so the error goes out
+    chunked too and its head says so (a `Content-Length` over chunks desyncs the client)."""
+    if getattr(request.writer, "chunked", False):
+        response.enable_chunked_encoding()
     return response
 
 

@@ -40,6 +40,7 @@ class Provider:
     max_concurrency: int | None
     min_start_interval_seconds: float
     draining: bool = False
+    tls_ca_file: str | None = None  # the CAs its https certificate is verified against
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> Provider:
@@ -54,6 +55,7 @@ class Provider:
             max_concurrency=settings.max_concurrency,
             min_start_interval_seconds=settings.min_start_interval_ms / 1000,
             draining=settings.draining,
+            tls_ca_file=settings.tls_ca_file,
         )
 
     @cached_property

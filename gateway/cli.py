@@ -26,6 +26,7 @@ BENCHMARKS = (
     "operations",
     "throughput",
     "redaction",
+    "keepalive_races",
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import ssl
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,8 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+# Characters no header value may carry (every C0 control but HTAB, and DEL).
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -225,9 +228,35 @@ class ProviderSettings(Section):
     models: Annotated[dict[Name, Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     routing_identity: Name | None = None
     api_key: SecretStr | None = None
+    tls_ca_file: str | None = None
     max_concurrency: PositiveInt | None = None
     min_start_interval_ms: NonNegativeFloat = 0
     draining: bool = False
+
+    @field_validator("api_key", mode="after")
+    @classmethod
+    def _header_safe_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # The key goes into every request's `Authorization` header: a line break or other
+        # control character would break (or smuggle into) the head. Never quote the key itself.
+        if value is not None and _CONTROL_CHARACTER.search(value.get_secret_value()):
+            raise ValueError("api_key contains a line break or another control character")
+        return value
+
+    @field_validator("tls_ca_file", mode="after")
+    @classmethod
+    def _usable_ca_file(cls, value: str | None) -> str | None:
+        # Checked here so check-config finds a missing or unreadable file, not the first request.
+        if value is None:
+            return None
+        try:
+            ssl.create_default_context(cafile=value)
+        except FileNotFoundError:
+            raise ValueError(f"tls_ca_file {value!r} does not exist") from None
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(
+                f"tls_ca_file {value!r} holds no usable PEM certificate: {error}"
+            ) from None
+        return value
 
     @property
     def identity(self) -> str:

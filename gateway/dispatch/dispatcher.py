@@ -19,8 +19,13 @@ from gateway.config import RoutingSettings
 from gateway.dispatch.answer_budget import Reservation
 from gateway.dispatch.blame import RequestBlame
 from gateway.dispatch.health import ProviderHealth
-from gateway.dispatch.http1 import ConnectTimeoutError, UpstreamConnectError, UpstreamError
-from gateway.dispatch.outcomes import Attempt, RetryableAttemptError, exhausted, failed_status
+from gateway.dispatch.outcomes import (
+    Attempt,
+    RetryableAttemptError,
+    exhausted,
+    failed_status,
+    outcome_of,
+)
 from gateway.dispatch.permits import ProviderPermits
 from gateway.dispatch.retries import (
     BUDGET,
@@ -40,7 +45,14 @@ from gateway.dispatch.upstream import (
     upstream_headers,
     usable_answer,
 )
-from gateway.dispatch.upstream_pool import UpstreamPool, UpstreamResponse
+from gateway.dispatch.upstream_errors import (
+    ConnectTimeoutError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTlsError,
+)
+from gateway.dispatch.upstream_pool import UpstreamPool
+from gateway.dispatch.upstream_response import UpstreamResponse
 from gateway.edge.delivery import ClientStalledError, HeldHeadResponse, write_last, write_within
 from gateway.edge.errors import GatewayError, sse_error_event
 from gateway.edge.model_names import Renamer
@@ -269,6 +281,7 @@ class Dispatcher:
                     body,
                     connect_timeout=timeouts.connect_seconds,
                     read_timeout=timeouts.first_byte_seconds if job.stream else None,
+                    tls_ca_file=provider.tls_ca_file,
                 )
                 failure = await failed_status(response, provider.redactor)
                 if failure is not None:
@@ -297,7 +310,10 @@ class Dispatcher:
         except UpstreamError as error:
             close_response(response)
             self._upload_failed(job)
-            broken = RetryableAttemptError("connect_error" if response is None else "payload_error")
+            outcome = outcome_of(error, answered=response is not None)
+            if isinstance(error, UpstreamTlsError):
+                logger.warning("upstream_tls_failed", provider=provider.name, reason=error.reason)
+            broken = RetryableAttemptError(outcome)
             # Only a connection never made is the provider's alone whatever was sent; one dropped
             # after the request went out may be that request's doing (see `blame`).
             connected = not isinstance(error, UpstreamConnectError)
@@ -495,7 +511,9 @@ class Dispatcher:
         blame: RequestBlame,
     ) -> web.StreamResponse:
         """End a started stream with an error event; a transport failure counts against the
-        provider (an oversized event does not: the upstream is there and answering)."""
+        provider (an oversized event does not: the upstream is there and answering). The
+        client's connection is kept: the event and the last chunk end the response cleanly, so
+        its next request on that connection does not race a close it was never told of."""
         if outcome == "dropped_mid_stream":
             blame.provider_fault(provider.name)
         record.attempts.append(Attempt(provider.name, outcome, record.status))
@@ -506,7 +524,6 @@ class Dispatcher:
         )
         code = "upstream_dropped" if outcome == "dropped_mid_stream" else "upstream_malformed"
         separator = b"" if last.endswith(b"\n\n") else b"\n\n"
-        downstream.force_close()
         await _write_quietly(downstream, separator + sse_error_event(message, code))
         return downstream
 

@@ -12,12 +12,18 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from gateway.dispatch.http1 import UpstreamError
 from gateway.dispatch.redaction import Redactor
+from gateway.dispatch.upstream_errors import (
+    RequestNotReadError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamMalformedError,
+    UpstreamTlsError,
+)
 from gateway.edge.errors import GatewayError
 
 if TYPE_CHECKING:
-    from gateway.dispatch.upstream_pool import UpstreamResponse
+    from gateway.dispatch.upstream_response import UpstreamResponse
 
 RETRYABLE_STATUSES = frozenset({408, 429})
 # A provider's own credential refused: its misconfiguration, never the client's key.
@@ -27,6 +33,9 @@ ERROR_BODY_BYTES = 64 * 1024
 MESSAGE_CHARACTERS = 500
 # The gateway's own pause before a client resends a request no upstream could take.
 GATEWAY_RETRY_AFTER = 1.0
+# Outcomes of attempts the upstream may have run (the request went out, no usable answer came):
+# the client is not invited to retry them at once.
+MAY_HAVE_RUN = frozenset({"dropped_after_send", "malformed_answer", "payload_error"})
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 
 
@@ -57,6 +66,23 @@ class Attempt:
     status: int | None = None
     retry_after: float | None = None
     message: str | None = None
+
+
+def outcome_of(error: UpstreamError, *, answered: bool) -> str:
+    """The outcome of an attempt the upstream client failed: `connect_error` (nothing reached
+    the upstream: no connection, or a close before it read the request), `tls_error` (the
+    handshake failed), `malformed_answer` (an answer head that cannot be relayed),
+    `dropped_after_send` (the connection ended after the request went out, before an answer),
+    `payload_error` (the answer's body broke)."""
+    if answered:
+        return "payload_error"
+    if isinstance(error, UpstreamTlsError):
+        return "tls_error"
+    if isinstance(error, UpstreamConnectError | RequestNotReadError):
+        return "connect_error"
+    if isinstance(error, UpstreamMalformedError):
+        return "malformed_answer"
+    return "dropped_after_send"
 
 
 async def failed_status(
@@ -154,8 +180,10 @@ def exhausted(attempts: Sequence[Attempt]) -> GatewayError:
     When every attempt failed with an upstream status, the last one's status and message reach
     the client; a refused provider credential is a 502 `upstream_auth_failed`. `Retry-After` is
     passed on only when an upstream sent one: the last upstream's (the largest of its forms), or
-    when every provider rate limits, the soonest of theirs. None is invented for a relayed error;
-    only when no upstream could be reached is it the gateway's own (`GATEWAY_RETRY_AFTER`).
+    when every provider rate limits, the soonest of theirs. None is invented for a relayed error,
+    nor for an attempt that may have run (`MAY_HAVE_RUN`). Nothing reached any upstream: 503
+    `upstream_unreachable` with the gateway's own `Retry-After` (`GATEWAY_RETRY_AFTER`), or 502
+    `upstream_tls_failed` when TLS failed.
     """
     reasons = {attempt.outcome for attempt in attempts}
     summary = ", ".join(f"{attempt.provider}: {attempt.outcome}" for attempt in attempts)
@@ -193,6 +221,16 @@ def exhausted(attempts: Sequence[Attempt]) -> GatewayError:
             "upstream_unreachable",
             retry_after=GATEWAY_RETRY_AFTER,
         )
+    if reasons <= {"connect_error", "connect_timeout", "tls_error"}:
+        return GatewayError(
+            502,
+            f"No TLS connection to the upstream could be made ({summary}); the operator must "
+            "fix the provider's certificate or trusted CAs.",
+            "upstream_tls_failed",
+        )
+    if reasons & MAY_HAVE_RUN:
+        # The request went out and may have run: a retry is the client's call, not an invitation.
+        return GatewayError(502, f"No upstream gave a usable answer ({summary}).", "upstream_error")
     return GatewayError(
         502,
         f"No upstream gave a usable answer ({summary}).",

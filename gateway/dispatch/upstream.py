@@ -11,10 +11,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.catalog import Provider
 from gateway.config import RoutingSettings
-from gateway.dispatch.http1 import UpstreamError
 from gateway.dispatch.outcomes import RetryableAttemptError
 from gateway.dispatch.redaction import Redactor
-from gateway.dispatch.upstream_pool import UpstreamResponse
+from gateway.dispatch.upstream_errors import UpstreamError
+from gateway.dispatch.upstream_response import UpstreamResponse
 
 # Client headers that go upstream: what an OpenAI-compatible server reads, nothing else. The
 # gateway sets `Authorization` (the provider's own credential), `x-request-id` and
@@ -44,6 +44,8 @@ MAX_SSE_EVENT_BYTES = 1024 * 1024
 SSE_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 STREAM_TAIL_BYTES = 64
 _LINE_END = re.compile(rb"[\r\n]")
+# What no header value may carry to the client (aiohttp refuses to write it): controls but HTAB.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _EVENT_END = re.compile(b"|".join(re.escape(separator) for separator in SSE_EVENT_ENDS))
 # JSON's whitespace, what may surround an answer's object.
 JSON_SPACE = b" \t\r\n"
@@ -93,9 +95,12 @@ def downstream_headers(
     upstream: CIMultiDictProxy[str], redactor: Redactor | None
 ) -> CIMultiDict[str]:
     """The upstream response headers that may reach the client, through the allow-list, with
-    the provider's credential redacted from their values."""
+    the provider's credential redacted from their values; a field with a control character in
+    its value is dropped (it cannot be written to the client)."""
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
+        if _CONTROL.search(value):
+            continue
         lowered = name.lower()
         shown = redactor.redact_text(value) if redactor is not None else value
         if lowered in DOWNSTREAM_ALLOWED:

@@ -121,6 +121,40 @@ def test_problems_never_echo_secret_values() -> None:
     assert "super-secret-token" not in str(caught.value)
 
 
+@pytest.mark.parametrize("secret", ["sk-up\r\nX-Evil: 1", "sk-up\n", "sk-\x00up", "sk-\x7fup"])
+def test_a_control_character_in_a_provider_api_key_is_refused_at_its_path(secret: str) -> None:
+    """A line break or another control character in `api_key` (here from the environment) would
+    break every request's head: check-config refuses it at its path, without quoting it."""
+    text = MINIMAL.replace("    models:", "    api_key: ${UPSTREAM_KEY}\n    models:", 1)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, {"UPSTREAM_KEY": secret})
+    problems = {problem.path: problem.message for problem in caught.value.problems}
+    assert list(problems) == ["providers[0].api_key"]
+    assert "control character" in problems["providers[0].api_key"]
+    assert "sk-" not in str(caught.value)
+
+
+def test_an_api_key_with_a_tab_or_non_ascii_text_is_accepted() -> None:
+    """Only control characters are refused: a tab or non-ASCII text may be part of a key."""
+    text = MINIMAL.replace("    models:", "    api_key: ${UPSTREAM_KEY}\n    models:", 1)
+    settings = parse_config(text, {"UPSTREAM_KEY": "sk-\tkey-é"}).settings
+    assert settings.providers[0].api_key is not None
+
+
+def test_a_tls_ca_file_that_is_missing_or_not_pem_is_an_error_at_its_path(
+    tmp_path: Path,
+) -> None:
+    """`tls_ca_file` is read by check-config: a missing file or one with no PEM certificate is
+    an error at its path, not a failure at the first request."""
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate")
+    for path, words in ((tmp_path / "missing.pem", "does not exist"), (not_pem, "no usable PEM")):
+        text = MINIMAL.replace("    models:", f"    tls_ca_file: {path}\n    models:", 1)
+        problems = problems_of(text)
+        assert list(problems) == ["providers[0].tls_ca_file"]
+        assert words in problems["providers[0].tls_ca_file"]
+
+
 def test_missing_preference_group_is_a_warning_not_an_error() -> None:
     """A model-group preference naming an unknown group is skipped with a warning."""
     text = MINIMAL + "    model_group_preferences: {llama: no-such-group}\n"
