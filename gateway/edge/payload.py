@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,14 +32,30 @@ class Payload:
         return replace_model(self.raw, upstream_model)
 
 
+def _parsed(raw: bytes) -> Any:
+    """The body as JSON; `NaN`, `Infinity` and `-Infinity` are accepted (read as null here).
+
+    vLLM parses bodies with Python's `json`, which takes these constants and leaves a value the
+    engine refuses with its own parameter message: the body goes on unchanged so the node can.
+    Anything else orjson refuses (broken syntax, invalid UTF-8, lone surrogates) stays a 400.
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=lambda constant: None)
+        orjson.dumps(data)  # what is left must be what orjson would have read
+    except (UnicodeDecodeError, ValueError, orjson.JSONEncodeError, RecursionError):
+        raise GatewayError(400, "The request body is not valid JSON.", "invalid_json") from None
+    return data
+
+
 def parse_payload(raw: bytes, endpoint: Endpoint) -> Payload:
     """Parse and check a request body; raise a 400 GatewayError naming the offending field."""
     if not raw.strip():
         raise GatewayError(400, "The request body is empty; send a JSON object.", "invalid_json")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise GatewayError(400, "The request body is not valid JSON.", "invalid_json") from None
+    data = _parsed(raw)
     if not isinstance(data, dict):
         raise GatewayError(400, "The request body must be a JSON object.", "invalid_request")
 

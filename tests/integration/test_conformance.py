@@ -325,3 +325,32 @@ async def test_raw_transcriptions_match_with_stream_after_the_file(
             "text": "30004 bytes of audio transcribed by node-a",
         }
     assert answers["direct"] == answers["gateway"]
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_a_non_finite_sampling_parameter_gets_the_nodes_own_400(
+    targets: Targets, constant: str
+) -> None:
+    """`NaN` or `Infinity` in a sampling parameter (JSON as Python reads it, as vLLM does) reaches
+    the node, whose 400 with its parameter message the client gets byte for byte."""
+    answers = []
+    for target in targets[:2]:
+        body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": %s}'
+        sent = body % (target.model.encode(), constant.encode())
+        status, _, answer = await raw_call(target, "POST", "/v1/chat/completions", body=sent)
+        answers.append((status, answer))
+    assert answers[0][0] == 400
+    assert b"temperature must be a finite number" in answers[0][1]
+    assert answers[0] == answers[1]
+
+
+async def test_a_malformed_body_is_still_the_gateways_400(targets: Targets) -> None:
+    """What no JSON parser accepts (a trailing comma, a lowercase `nan`) is refused at the
+    gateway as invalid JSON and never reaches the node."""
+    _, gateway, node = targets
+    await node.reset()
+    for sent in (b'{"model": "m", "messages": [],}', b'{"model": "m", "temperature": nan}'):
+        status, _, answer = await raw_call(gateway, "POST", "/v1/chat/completions", body=sent)
+        assert status == 400
+        assert orjson.loads(answer)["error"]["code"] == "invalid_json"
+    assert (await node.stats()).completion_requests == 0
