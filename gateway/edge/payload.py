@@ -21,12 +21,13 @@ class Payload:
 
     raw: bytes
     data: dict[str, Any]
-    model: str
+    model: str | None  # None: the endpoint allows leaving it out, and the body did
     stream: bool
 
     def for_upstream(self, upstream_model: str) -> bytes:
         """The body to send upstream: the client's bytes, with only the model id spliced in when
-        it differs (no other byte changes, so big integers and key order survive)."""
+        it differs or is missing (no other byte changes, so big integers and key order
+        survive)."""
         if upstream_model == self.model:
             return self.raw
         return replace_model(self.raw, upstream_model)
@@ -51,8 +52,9 @@ def _parsed(raw: bytes) -> Any:
     return data
 
 
-def parse_payload(raw: bytes, endpoint: Endpoint) -> Payload:
-    """Parse and check a request body; raise a 400 GatewayError naming the offending field."""
+def parse_payload(raw: bytes, endpoint: Endpoint, *, model_optional: bool = False) -> Payload:
+    """Parse and check a request body; raise a 400 GatewayError naming the offending field.
+    With `model_optional`, a body without `model` is valid (its `model` is None)."""
     if not raw.strip():
         raise GatewayError(400, "The request body is empty; send a JSON object.", "invalid_json")
     data = _parsed(raw)
@@ -60,11 +62,11 @@ def parse_payload(raw: bytes, endpoint: Endpoint) -> Payload:
         raise GatewayError(400, "The request body must be a JSON object.", "invalid_request")
 
     model = data.get("model")
-    if model is None:
+    if model is None and not model_optional:
         raise GatewayError(
             400, "You must provide a model parameter.", "missing_field", param="model"
         )
-    if not isinstance(model, str) or not model.strip():
+    if model is not None and (not isinstance(model, str) or not model.strip()):
         raise GatewayError(
             400, "`model` must be a non-empty string.", "invalid_type", param="model"
         )

@@ -290,8 +290,11 @@ class Proxy:
                 raw = await self._read_body(request) if spec.body != "none" else b""
                 parsed = parse_request(spec, raw)
             pinned = await self._pinned_provider(request, spec, parsed, key)
-            if parsed.model is not None:
-                resolved = self._resolve(request, key, parsed.model)
+            requested = parsed.model
+            if requested is None and spec.model_optional:
+                requested = self._default_model(key)
+            if requested is not None:
+                resolved = self._resolve(request, key, requested)
                 candidates = self.catalog.candidates(key, resolved.model)
                 if not candidates and self.catalog.only_draining(key, resolved.model):
                     raise GatewayError(
@@ -379,6 +382,15 @@ class Proxy:
                 status=status,
                 started_at=started_at,
             )
+
+    def _default_model(self, key: Key) -> str:
+        """The model for a body that may leave `model` out and did: the key's default."""
+        model = self.catalog.default_model(key)
+        if model is None:
+            raise GatewayError(
+                404, "No model is available to this key.", "model_not_found", param="model"
+            )
+        return model
 
     async def _pinned_provider(
         self, request: web.Request, spec: EndpointSpec, parsed: ClientRequest, key: Key

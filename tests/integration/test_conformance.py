@@ -39,9 +39,11 @@ RAW_CASES: dict[str, tuple[str, Callable[[str], dict[str, Any]]]] = {
 
 @pytest.fixture
 async def targets(start_simulator: SimulatorFactory, start_gateway: GatewayFactory) -> Targets:
-    """One node serving the upstream model id, and a gateway mapping the public name to it."""
+    """One node serving the upstream model id, and a gateway mapping the public name to it (the
+    first of its `models` section, so the default of a body without `model`)."""
     node = await start_simulator("node-a", models=[UPSTREAM_MODEL])
-    server = await start_gateway(build_settings({"node-a": node.url}))
+    settings = build_settings({"node-a": node.url}, extra={"models": [{"name": TEST_MODEL}]})
+    server = await start_gateway(settings)
     direct = Target("direct", node.url, UPSTREAM_MODEL, "unused-by-the-node")
     gateway = Target("gateway", str(server.make_url("")).rstrip("/"), TEST_MODEL, TEST_KEY)
     return direct, gateway, node
@@ -354,3 +356,25 @@ async def test_a_malformed_body_is_still_the_gateways_400(targets: Targets) -> N
         assert status == 400
         assert orjson.loads(answer)["error"]["code"] == "invalid_json"
     assert (await node.stats()).completion_requests == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/tokenize", {"prompt": "three little words"}), ("/detokenize", {"tokens": [1, 2, 3]})],
+)
+async def test_tokenize_and_detokenize_without_a_model_answer_as_the_node_does(
+    targets: Targets, path: str, body: dict[str, Any]
+) -> None:
+    """A body without `model` is answered 200 as vLLM answers it (its default model): the
+    gateway sends it to the key's default model, spliced in as its upstream id."""
+    direct, gateway, node = targets
+    answers = []
+    for target in (direct, gateway):
+        status, headers, answer = await raw_call(target, "POST", path, body=orjson.dumps(body))
+        answers.append((status, headers["Content-Type"], orjson.loads(answer)))
+    assert answers[0][0] == 200
+    assert answers[0] == answers[1]
+    assert orjson.loads((await node.stats()).last_request().body) == {
+        **body,
+        "model": UPSTREAM_MODEL,
+    }
