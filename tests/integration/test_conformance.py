@@ -337,12 +337,12 @@ async def test_a_non_finite_sampling_parameter_gets_the_nodes_own_400(
     the node, whose 400 with its parameter message the client gets byte for byte."""
     answers = []
     for target in targets[:2]:
-        body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": %s}'
+        body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "top_p": %s}'
         sent = body % (target.model.encode(), constant.encode())
         status, _, answer = await raw_call(target, "POST", "/v1/chat/completions", body=sent)
         answers.append((status, answer))
     assert answers[0][0] == 400
-    assert b"temperature must be a finite number" in answers[0][1]
+    assert b"top_p must be a finite number" in answers[0][1]
     assert answers[0] == answers[1]
 
 

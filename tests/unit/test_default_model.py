@@ -8,7 +8,7 @@ from gateway.catalog import Catalog
 from gateway.config import Settings, hash_key
 
 
-def catalog(keys: list[dict[str, Any]], models: list[str] = ()) -> Catalog:  # type: ignore[assignment]
+def catalog(keys: list[dict[str, Any]], models: tuple[str, ...] = ()) -> Catalog:
     """Two providers serving `alpha`, `beta` and `gamma`, with these keys and `models` order."""
     return Catalog(
         Settings.model_validate(
@@ -45,7 +45,7 @@ def test_a_key_listing_several_gets_the_first_it_lists_and_can_reach() -> None:
 
 def test_a_wildcard_key_gets_the_models_sections_first_then_the_first_by_name() -> None:
     """For `*`: the `models` section's order, else the first name."""
-    ordered = catalog([key(["*"])], models=["gamma", "beta"])
+    ordered = catalog([key(["*"])], models=("gamma", "beta"))
     assert ordered.default_model(ordered.keys["k"]) == "gamma"
     unordered = catalog([key(["*"])])
     assert unordered.default_model(unordered.keys["k"]) == "alpha"
