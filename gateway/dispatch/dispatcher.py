@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
 import aiohttp
@@ -20,7 +20,14 @@ from gateway.dispatch.answer_budget import Reservation
 from gateway.dispatch.blame import RequestBlame
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.http1 import ConnectTimeoutError, UpstreamConnectError, UpstreamError
-from gateway.dispatch.outcomes import Attempt, RetryableAttemptError, exhausted, failed_status
+from gateway.dispatch.outcomes import (
+    Attempt,
+    RetryableAttemptError,
+    UpstreamErrorAnswer,
+    exhausted,
+    failed_status,
+    relayed,
+)
 from gateway.dispatch.permits import ProviderPermits
 from gateway.dispatch.upstream import (
     EventStreamFraming,
@@ -60,6 +67,8 @@ class DispatchRecord:
     client_disconnected: bool = False
     # The bytes of a non-streamed answer held in the worker's budget until it is sent.
     buffer: Reservation | None = None
+    # The last attempt's upstream error answer (renamed, redacted), if it sent one.
+    upstream_answer: UpstreamErrorAnswer | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -166,7 +175,7 @@ class Dispatcher:
                     self._permits.release(provider.name)
         finally:
             blame.settle()
-        raise exhausted(record.attempts)
+        raise relayed(exhausted(record.attempts), record.attempts, record.upstream_answer)
 
     async def _take_permit(self, remaining: list[Provider]) -> Provider:
         """The first provider with a free permit (waiting in line if needed), paced."""
@@ -240,6 +249,8 @@ class Dispatcher:
         except RetryableAttemptError as failure:
             close_response(response)
             self._upload_failed(job)
+            if failure.answer is not None:
+                failure.answer = _relayable(failure.answer, job.renamer(provider), provider)
             self._failed(record, provider, failure, blame)
             raise
         except TimeoutError as error:
@@ -339,11 +350,14 @@ class Dispatcher:
         self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
         record.status = response.status
-        renamer = job.renamer(provider) if is_success(response) else None
-        answer = renamer.whole(body) if renamer is not None else body
-        if not is_success(response):
-            # An error may echo what the upstream received: never the provider's credential.
-            answer = redact(bytes(answer), provider.credential)
+        renamer = job.renamer(provider)
+        answer: bytes | bytearray = body
+        if is_success(response):
+            answer = renamer.whole(body) if renamer is not None else body
+        else:
+            answer = _relayable(
+                UpstreamErrorAnswer(response.status, None, bytes(body)), renamer, provider
+            ).body
         record.bytes_sent = len(answer)
         return web.Response(
             status=response.status, body=answer, headers=self._headers(job, provider, response)
@@ -463,6 +477,7 @@ class Dispatcher:
         connected: bool = True,
     ) -> None:
         """Note a failed attempt, and let the provider's health learn from it."""
+        record.upstream_answer = failure.answer
         record.attempts.append(
             Attempt(
                 provider.name, failure.reason, failure.status, failure.retry_after, failure.message
@@ -476,6 +491,15 @@ class Dispatcher:
                 detail="the provider's api_key is wrong or lacks access; failing over",
             )
         blame.failed(provider.name, failure, connected=connected)
+
+
+def _relayable(
+    answer: UpstreamErrorAnswer, renamer: Renamer | None, provider: Provider
+) -> UpstreamErrorAnswer:
+    """An upstream error answer as the client may see it: the upstream model id renamed, and
+    never the provider's credential (an error may echo what the upstream received)."""
+    body = renamer.error(answer.body) if renamer is not None else answer.body
+    return replace(answer, body=redact(bytes(body), provider.credential))
 
 
 async def _timed_from_upload_end(

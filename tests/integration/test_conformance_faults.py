@@ -234,8 +234,10 @@ ERROR_CASES = {
 async def test_upstream_errors_keep_their_status_message_and_retry_after(
     exit_stack: AsyncExitStack, start_gateway: GatewayFactory, case: str
 ) -> None:
-    """Every attempt failing upstream: the client sees the upstream's status and message (no
-    internal URL), and the largest Retry-After of the upstream's forms and the gateway's own."""
+    """Every attempt failing upstream: the client sees the upstream's status and its error body
+    byte for byte, as directly (issue 22: no longer rewritten, internal URLs included, as 4xx
+    bodies always were), and the largest Retry-After of the upstream's forms and the gateway's
+    own."""
     status, headers, lowest, highest = ERROR_CASES[case]
     sent = {name: http_date(20) if value == "DATE+20" else value for name, value in headers.items()}
     upstream = await fake_upstream(exit_stack, failing(status, sent))
@@ -250,9 +252,10 @@ async def test_upstream_errors_keep_their_status_message_and_retry_after(
                 await client.chat.completions.create(model=target.model, messages=MESSAGES)
         seen.append(raised.value)
     assert seen[1].status_code == seen[0].status_code == status
-    assert seen[1].message.startswith(f"Error code: {status} - ")
-    assert f"Upstream says {status}" in seen[1].message
-    assert "10.0.0.9" not in seen[1].message
+    assert seen[1].message == seen[0].message
+    assert seen[1].response.content == seen[0].response.content
+    assert seen[1].body == seen[0].body
+    assert "x-gateway-error" in seen[1].response.headers
     assert lowest <= int(seen[1].response.headers["Retry-After"]) <= highest
 
 
@@ -347,3 +350,47 @@ async def test_the_query_string_reaches_the_upstream_as_sent(
     )
     assert status == 200
     assert seen == [query]
+
+
+def vllm_error(status: int, shape: str) -> Behaviour:
+    """An upstream answering `status` in one of vLLM's (or FastAPI's, or a proxy's) error
+    shapes, naming the model id it was sent."""
+
+    async def behaviour(request: web.Request) -> web.StreamResponse:
+        model = (await request.json())["model"]
+        message = f"The model `{model}` cannot serve this: see {model}."
+        if shape == "html":
+            page = f"<html><body>{status} Bad Gateway ({model})</body></html>"
+            return web.Response(status=status, text=page, content_type="text/html")
+        if shape == "fastapi":
+            return web.json_response({"detail": message}, status=status)
+        body = {"object": "error", "message": message, "type": "BadRequestError", "param": None}
+        return web.json_response({**body, "code": status}, status=status)
+
+    return behaviour
+
+
+@pytest.mark.parametrize("status", [400, 404, 500, 503])
+@pytest.mark.parametrize("shape", ["vllm", "fastapi", "html"])
+async def test_upstream_error_bodies_pass_as_sent_with_only_the_model_renamed(
+    exit_stack: AsyncExitStack, start_gateway: GatewayFactory, status: int, shape: str
+) -> None:
+    """A 4xx passed on or a 5xx every attempt got: the client gets the upstream's status,
+    content type and body byte for byte as directly, except that the upstream model id reads as
+    the public name; no gateway summary or provider name in the body (it is in
+    `x-gateway-error` for a 5xx)."""
+    upstream = await fake_upstream(exit_stack, vllm_error(status, shape))
+    direct = Target("direct", upstream, UPSTREAM_MODEL, "unused")
+    gateway = gateway_target(await start_gateway(build_settings({"hidden-node": upstream})))
+    answers = []
+    for target in (direct, gateway):
+        answered, headers, body = await raw_call(
+            target, "POST", "/v1/chat/completions", body=chat(target.model)
+        )
+        answers.append((answered, headers["Content-Type"], body))
+        if target is gateway:
+            assert b"hidden-node" not in body
+            assert ("x-gateway-error" in headers) == (status >= 500)
+    expected = answers[0][2].replace(UPSTREAM_MODEL.encode(), TEST_MODEL.encode())
+    assert answers[0][2] != expected  # the upstream named its model
+    assert answers[1] == (status, answers[0][1], expected)
