@@ -41,7 +41,13 @@ from gateway.dispatch.upstream import (
     usable_answer,
 )
 from gateway.dispatch.upstream_pool import UpstreamPool, UpstreamResponse
-from gateway.edge.delivery import ClientStalledError, HeldHeadResponse, write_last, write_within
+from gateway.edge.delivery import (
+    ClientStalledError,
+    HeldHeadResponse,
+    end_incomplete,
+    write_last,
+    write_within,
+)
 from gateway.edge.errors import GatewayError, sse_error_event
 from gateway.edge.model_names import Renamer
 
@@ -405,7 +411,13 @@ class Dispatcher:
             while chunk:
                 if not framing.accepts(chunk):
                     return await self._end_broken_stream(
-                        downstream, provider, record, last, "malformed_stream", blame=blame
+                        request,
+                        downstream,
+                        provider,
+                        record,
+                        last,
+                        outcome="malformed_stream",
+                        blame=blame,
                     )
                 if renamer is not None:
                     chunk = renamer.feed(chunk)
@@ -433,7 +445,13 @@ class Dispatcher:
             return downstream
         except (UpstreamError, TimeoutError):
             return await self._end_broken_stream(
-                downstream, provider, record, last, "dropped_mid_stream", blame=blame
+                request,
+                downstream,
+                provider,
+                record,
+                last,
+                outcome="dropped_mid_stream",
+                blame=blame,
             )
         self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
@@ -443,16 +461,19 @@ class Dispatcher:
 
     async def _end_broken_stream(
         self,
+        request: web.Request,
         downstream: web.StreamResponse,
         provider: Provider,
         record: DispatchRecord,
         last: bytes,
-        outcome: str,
         *,
+        outcome: str,
         blame: RequestBlame,
     ) -> web.StreamResponse:
-        """End a started stream with an error event; a transport failure counts against the
-        provider (an oversized event does not: the upstream is there and answering)."""
+        """End a started stream with an error event, then an aborted transfer (no chunked end:
+        HTTP clients see the failure, as they would directly); a transport failure counts
+        against the provider (an oversized event does not: the upstream is there and
+        answering)."""
         if outcome == "dropped_mid_stream":
             blame.provider_fault(provider.name)
         record.attempts.append(Attempt(provider.name, outcome, record.status))
@@ -464,7 +485,9 @@ class Dispatcher:
         code = "upstream_dropped" if outcome == "dropped_mid_stream" else "upstream_malformed"
         separator = b"" if last.endswith(b"\n\n") else b"\n\n"
         downstream.force_close()
-        await _write_quietly(downstream, separator + sse_error_event(message, code))
+        with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+            await downstream.write(separator + sse_error_event(message, code))
+        end_incomplete(request)
         return downstream
 
     def _failed(
@@ -519,11 +542,3 @@ def _push(deadline: asyncio.Timeout, when: float) -> None:
     """Move an attempt's deadline, unless it has already fired or its attempt has moved on."""
     with contextlib.suppress(RuntimeError):
         deadline.reschedule(when)
-
-
-async def _write_quietly(downstream: web.StreamResponse, data: bytes) -> None:
-    try:
-        await downstream.write(data)
-        await downstream.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        pass

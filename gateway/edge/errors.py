@@ -112,11 +112,15 @@ def retry_after_value(seconds: float) -> str:
 
 
 def sse_error_event(message: str, code: str) -> bytes:
-    """An OpenAI-style error event that ends a stream that already started."""
+    """The OpenAI-style error of a stream that broke after it started, as a last `data:` line
+    left unterminated (no blank line after it): the transfer is then aborted. Whoever reads the
+    bytes (curl, a log) sees why; an SSE parser, which dispatches an event only at its blank
+    line, reports the broken connection instead — the OpenAI SDK raises `APIConnectionError`,
+    as it does when a node's stream breaks directly, so retry logic keyed on it still works."""
     payload = orjson.dumps(
         {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
     )
-    return b"data: " + payload + b"\n\n"
+    return b"data: " + payload + b"\n"
 
 
 def is_utf8(text: str) -> bool:

@@ -20,6 +20,7 @@ from gateway.dispatch.upstream import MAX_SSE_EVENT_BYTES
 from gateway.simulator import Faults
 from gateway.simulator.options import Mode
 from tests.conftest import GatewayFactory, SimulatorFactory
+from tests.support.conformance import post_until_broken
 from tests.support.gateway import TEST_KEY, TEST_MODEL, build_settings, chat_body
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
@@ -188,15 +189,20 @@ async def test_a_stream_that_goes_wrong_after_it_started_ends_with_an_error_even
     exit_stack: AsyncExitStack, start_gateway: GatewayFactory, rest: bytes
 ) -> None:
     """After the first event reached the client nothing is retried: the stream ends with an
-    OpenAI-style error event, and no oversized event is passed on."""
+    OpenAI-style error line and a broken transfer, and no oversized event is passed on."""
 
     async def behaviour(request: web.Request) -> web.StreamResponse:
         return await stream_then(request, rest)
 
     upstream = await start_fake_upstream(exit_stack, behaviour)
     server = await start_gateway(settings_for({"fake": upstream}))
-    status, headers, body = await ask(str(server.make_url("")), stream=True)
+    status, headers, body, broken = await post_until_broken(
+        str(server.make_url("/v1/chat/completions")),
+        orjson.dumps(chat_body(stream=True, max_tokens=4)),
+        AUTH,
+    )
     assert status == 200
+    assert broken
     assert headers["x-gateway-provider"] == "fake"
     assert body.startswith(FIRST_EVENT)
     assert body.count(b"x") <= MAX_SSE_EVENT_BYTES
