@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -16,6 +16,7 @@ from aiohttp import HttpVersion11, web
 from gateway.catalog import Catalog, Key, Provider
 from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.dispatcher import Dispatcher, DispatchRecord, DispatchRequest, RequestBody
+from gateway.dispatch.model_cards import ModelCards, model_object
 from gateway.dispatch.permits import KeyLimits, concurrency_headers
 from gateway.edge.connections import body_read_timeout, close_after_response
 from gateway.edge.delivery import deliver
@@ -78,6 +79,7 @@ class Proxy:
         write_timeout: float = 60.0,
         answer_budget: AnswerBudget | None = None,
         shedder: LoadShedder | None = None,
+        model_cards: ModelCards | None = None,
     ) -> None:
         self.catalog = catalog
         self.responses = responses
@@ -95,6 +97,7 @@ class Proxy:
         self._write_timeout = write_timeout
         self.answer_budget = answer_budget
         self.shedder = shedder
+        self.model_cards = model_cards
 
     def authenticate(self, request: web.BaseRequest) -> Key:
         """The key of a `Bearer` Authorization header (or an `api-key` / `x-api-key` header),
@@ -148,9 +151,10 @@ class Proxy:
         return self.key_limits.below_mean(key)
 
     async def models(self, request: web.Request) -> web.Response:
-        """`GET /v1/models`: the models this key may use, in OpenAI's list shape."""
+        """`GET /v1/models`: the models this key may use, in vLLM's list shape (with the
+        context length its nodes report)."""
         key = self.authenticate(request)
-        data = [_model_object(name) for name in self.catalog.models_for(key)]
+        data = await self._model_objects(key, self.catalog.models_for(key))
         return web.json_response({"object": "list", "data": data})
 
     async def model(self, request: web.Request) -> web.Response:
@@ -161,7 +165,14 @@ class Proxy:
             raise GatewayError(
                 404, f"The model `{name[:200]}` does not exist.", "model_not_found", param="model"
             )
-        return web.json_response(_model_object(name))
+        return web.json_response((await self._model_objects(key, [name]))[0])
+
+    async def _model_objects(self, key: Key, names: Sequence[str]) -> list[dict[str, Any]]:
+        """The entries for these public models, with what their providers' nodes report."""
+        serving = {name: self.catalog.candidates(key, name) for name in names}
+        providers = {provider.name: provider for found in serving.values() for provider in found}
+        cards = await self.model_cards.of(providers.values()) if self.model_cards else {}
+        return [model_object(name, serving[name], cards) for name in names]
 
     def _response_headers(
         self, decision: RoutingDecision, resolved: Resolved | None, key: Key
@@ -245,7 +256,9 @@ class Proxy:
             model = requested
             via_auto = False
         if not self.catalog.serves(model):
-            raise GatewayError(404, f"The model `{model[:200]}` does not exist.", "model_not_found")
+            raise GatewayError(
+                404, f"The model `{model[:200]}` does not exist.", "model_not_found", param="model"
+            )
         if not key.allows(model):
             raise GatewayError(
                 403, f"This key may not use the model `{model}`.", "model_not_allowed"
@@ -311,7 +324,10 @@ class Proxy:
             if not candidates:
                 asked = resolved.model if resolved else ""
                 raise GatewayError(
-                    404, f"No provider on this key's route serves `{asked}`.", "model_not_found"
+                    404,
+                    f"No provider on this key's route serves `{asked}`.",
+                    "model_not_found",
+                    param="model",
                 )
             model = resolved.model if resolved is not None else None
             context = RequestContext(
@@ -532,7 +548,3 @@ def _always() -> bool:
 
 def _no_failure() -> GatewayError | None:
     return None
-
-
-def _model_object(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "affinity-gateway"}

@@ -8,6 +8,8 @@ from typing import Any, Protocol
 import orjson
 
 JSON_CONTENT_TYPE = "application/json"
+# The context length the simulated node reports (`/v1/models`, `/tokenize`).
+MAX_MODEL_LEN = 8192
 SSE_CONTENT_TYPE = "text/event-stream"
 DONE_EVENT = b"data: [DONE]\n\n"
 
@@ -195,3 +197,17 @@ class CompletionShape:
         return self._envelope.event(
             [{"index": choice, "text": text, "logprobs": None, "finish_reason": finish_reason}]
         )
+
+
+def model_card(model: str, created: int, owner: str) -> dict[str, object]:
+    """One model as vLLM lists it: its path as `root`, no `parent` (not an adapter), and the
+    context length."""
+    return {
+        "id": model,
+        "object": "model",
+        "created": created,
+        "owned_by": owner,
+        "root": model,
+        "parent": None,
+        "max_model_len": MAX_MODEL_LEN,
+    }

@@ -378,3 +378,40 @@ async def test_tokenize_and_detokenize_without_a_model_answer_as_the_node_does(
         **body,
         "model": UPSTREAM_MODEL,
     }
+
+
+async def test_models_carry_the_nodes_context_length_root_and_parent(targets: Targets) -> None:
+    """`GET /v1/models` (and one model) through the gateway carries the node's `max_model_len`
+    and vLLM's `root` and `parent` fields, for the public name, as the node lists them; the
+    node's list is fetched once for both calls (kept a while)."""
+    direct, gateway, node = targets
+    await node.reset()
+    entries = {}
+    for target in (direct, gateway):
+        status, _, body = await raw_call(target, "GET", "/v1/models")
+        assert status == 200
+        listed = {entry["id"]: entry for entry in orjson.loads(body)["data"]}
+        status, _, one = await raw_call(target, "GET", f"/v1/models/{target.model}")
+        assert status == 200
+        assert orjson.loads(one) == {
+            **listed[target.model],
+            "created": orjson.loads(one)["created"],
+        }
+        entry = listed[target.model]
+        entries[target.name] = {
+            field: comparable(entry[field], target.model)
+            for field in ("id", "object", "root", "parent", "max_model_len")
+        }
+    assert entries["direct"]["max_model_len"] == 8192
+    assert entries["direct"] == entries["gateway"]
+    assert (await node.stats()).requests_by_path["/v1/models"] == 2  # direct once, gateway once
+
+
+async def test_an_unknown_model_is_a_404_naming_the_model_parameter(targets: Targets) -> None:
+    """The gateway's own 404 for a model it does not serve names `param: "model"`, as vLLM's
+    does (what SDK users key on)."""
+    _, gateway, _ = targets
+    body = orjson.dumps({"model": "nope", "messages": MESSAGES})
+    status, _, answer = await raw_call(gateway, "POST", "/v1/chat/completions", body=body)
+    assert status == 404
+    assert orjson.loads(answer)["error"]["param"] == "model"
