@@ -415,3 +415,44 @@ async def test_an_unknown_model_is_a_404_naming_the_model_parameter(targets: Tar
     status, _, answer = await raw_call(gateway, "POST", "/v1/chat/completions", body=body)
     assert status == 404
     assert orjson.loads(answer)["error"]["param"] == "model"
+
+
+async def test_the_sdks_responses_stream_helper_reads_the_stream_both_ways(
+    targets: Targets,
+) -> None:
+    """`client.responses.stream()` (which builds the response from `output_item.added`,
+    `content_part.added`, the deltas and the `*.done` events, in vLLM's order) gives the same
+    events, text and final response directly and through the gateway."""
+    results = {}
+    for target in targets[:2]:
+        await targets[2].reset(clear_cache=True)
+        async with (
+            openai.AsyncOpenAI(
+                base_url=target.base_url, api_key=target.api_key, max_retries=0
+            ) as client,
+            client.responses.stream(model=target.model, input="Hello there") as stream,
+        ):
+            kinds = [event.type async for event in stream]
+            final = await stream.get_final_response()
+        results[target.name] = (
+            kinds,
+            final.output_text.rsplit(" ", 1)[0],  # its last word numbers the node's responses
+            final.model == target.model,
+            comparable(final.model_dump(), target.model),
+        )
+    kinds = results["direct"][0]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert results["direct"][1]
+    assert results["direct"][2]
+    assert results["direct"] == results["gateway"]
