@@ -27,6 +27,14 @@ class InvalidRequestError(ValueError):
     """The body cannot be served; the message says why (it never echoes prompt text)."""
 
 
+class InvalidParameterError(InvalidRequestError):
+    """A sampling parameter vLLM's validation refuses, named as vLLM names it."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True, slots=True)
 class CompletionRequest:
     """What the simulator needs from a completion request."""
@@ -94,7 +102,10 @@ def _check_sampling(payload: dict[str, Any]) -> None:
     for name in SAMPLING_PARAMETERS:
         value = payload.get(name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidRequestError(f"{name} must be a finite number, got {value}.")
+            raise InvalidParameterError(
+                f"{name} must be a finite number, got {value}. (parameter={name}, value={value})",
+                name,
+            )
 
 
 def _max_tokens(payload: dict[str, Any], endpoint: Endpoint) -> int | None:

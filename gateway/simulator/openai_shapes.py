@@ -19,10 +19,12 @@ def sse_event(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def error_body(message: str, error_type: str, code: str | None) -> bytes:
-    """An OpenAI-shaped error body."""
+def error_body(
+    message: str, error_type: str, code: str | int | None, param: str | None = None
+) -> bytes:
+    """An OpenAI-shaped error body (vLLM's: its `code` is the status)."""
     return orjson.dumps(
-        {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+        {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     )
 
 

@@ -342,7 +342,9 @@ async def test_a_non_finite_sampling_parameter_gets_the_nodes_own_400(
         status, _, answer = await raw_call(target, "POST", "/v1/chat/completions", body=sent)
         answers.append((status, answer))
     assert answers[0][0] == 400
-    assert b"top_p must be a finite number" in answers[0][1]
+    error = orjson.loads(answers[0][1])["error"]
+    assert error["message"].startswith("top_p must be a finite number, got ")
+    assert (error["type"], error["param"], error["code"]) == ("BadRequestError", "top_p", 400)
     assert answers[0] == answers[1]
 
 
