@@ -394,3 +394,65 @@ async def test_upstream_error_bodies_pass_as_sent_with_only_the_model_renamed(
     expected = answers[0][2].replace(UPSTREAM_MODEL.encode(), TEST_MODEL.encode())
     assert answers[0][2] != expected  # the upstream named its model
     assert answers[1] == (status, answers[0][1], expected)
+
+
+def echoing_model_id(request_body: dict[str, Any]) -> dict[str, Any]:
+    """A chat answer whose generated text (content and a tool call's arguments) is the model
+    id the upstream was asked for."""
+    model = request_body["model"]
+    arguments = orjson.dumps({"model": model}).decode()
+    message = {
+        "role": "assistant",
+        "content": model,
+        "tool_calls": [
+            {"id": "t", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        ],
+    }
+    return {
+        "id": "chatcmpl-9",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+    }
+
+
+async def echo_the_model_id(request: web.Request) -> web.StreamResponse:
+    """An upstream whose model writes its own id, whole or as a stream of two chunks."""
+    sent = await request.json()
+    answer = echoing_model_id(sent)
+    if not sent.get("stream"):
+        return web.json_response(answer)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for text in (sent["model"], f" and {sent['model']}"):
+        await response.write(chunk(sent["model"], text))
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_generated_text_equal_to_the_upstream_id_reaches_the_client_unchanged(
+    exit_stack: AsyncExitStack, start_gateway: GatewayFactory, stream: bool
+) -> None:
+    """Text the model generated that equals its upstream id stays as generated; only the
+    top-level `model` (each chunk's) names the public model: the gateway's answer is the
+    direct one with exactly those values renamed."""
+    upstream = await fake_upstream(exit_stack, echo_the_model_id)
+    direct = Target("direct", upstream, UPSTREAM_MODEL, "unused")
+    gateway = gateway_target(await start_gateway(build_settings({"fake": upstream})))
+    bodies = []
+    for target in (direct, gateway):
+        status, _, body = await raw_call(
+            target, "POST", "/v1/chat/completions", body=chat(target.model, stream=stream)
+        )
+        assert status == 200
+        bodies.append(body)
+    expected = bodies[0]
+    for colon in (b":", b": "):  # json.dumps' spacing (whole), orjson's (chunks)
+        model_member = b'"model"' + colon + orjson.dumps(UPSTREAM_MODEL)
+        expected = expected.replace(model_member, b'"model"' + colon + orjson.dumps(TEST_MODEL))
+    assert expected != bodies[0]
+    assert bodies[1] == expected
+    assert UPSTREAM_MODEL.encode() in bodies[1]  # the generated text kept it
