@@ -76,13 +76,16 @@ class ModelCards:
         self._ttl = ttl
         self._clock = clock
         self._fetched: dict[str, _Fetched] = {}
+        self._lock = asyncio.Lock()
 
     async def of(self, providers: Iterable[Provider]) -> Mapping[str, Mapping[str, ModelCard]]:
         """The cards of each provider, by provider name, then upstream model id."""
         wanted = {provider.name: provider for provider in providers}
-        stale = [provider for provider in wanted.values() if self._stale(provider.name)]
-        if stale:
-            await asyncio.gather(*(self._fetch(provider) for provider in stale))
+        # One fetch at a time: listings that arrive together wait for it, not ask again.
+        async with self._lock:
+            stale = [provider for provider in wanted.values() if self._stale(provider.name)]
+            if stale:
+                await asyncio.gather(*(self._fetch(provider) for provider in stale))
         return {
             name: fetched.cards
             for name in wanted
