@@ -83,9 +83,10 @@ def parse_payload(raw: bytes, endpoint: Endpoint, *, model_optional: bool = Fals
             raise GatewayError(
                 400, "You must provide a messages parameter.", "missing_field", param="messages"
             )
-        if not isinstance(messages, list) or not messages:
+        # An empty array is the engine's to judge (vLLM takes it): only the shape is checked.
+        if not isinstance(messages, list):
             raise GatewayError(
-                400, "`messages` must be a non-empty array.", "invalid_type", param="messages"
+                400, "`messages` must be an array.", "invalid_type", param="messages"
             )
         if not all(isinstance(message, dict) for message in messages):
             raise GatewayError(

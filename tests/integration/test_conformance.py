@@ -458,3 +458,16 @@ async def test_the_sdks_responses_stream_helper_reads_the_stream_both_ways(
     assert results["direct"][1]
     assert results["direct"][2]
     assert results["direct"] == results["gateway"]
+
+
+async def test_an_empty_messages_array_is_the_nodes_to_judge(targets: Targets) -> None:
+    """`messages: []` (with `NaN` too, as vLLM is asked it) reaches the node, whose answer the
+    client gets as directly: the gateway checks only the shape routing needs."""
+    for extra in (b"", b', "temperature": NaN'):
+        answers = []
+        for target in targets[:2]:
+            sent = b'{"model": "%s", "messages": []%s}' % (target.model.encode(), extra)
+            status, _, answer = await raw_call(target, "POST", "/v1/chat/completions", body=sent)
+            answers.append((status, answer))
+        assert answers[0][0] == 400
+        assert answers[0] == answers[1]
