@@ -24,6 +24,7 @@ from gateway.dispatch.cluster_shares import ClusterShares
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.key_shares import ShareBook
 from gateway.dispatch.load import LoadPoller
+from gateway.dispatch.model_cards import ModelCards
 from gateway.dispatch.permits import KeyLimits, ProviderPermits
 from gateway.dispatch.retries import RetryBudget
 from gateway.dispatch.upstream import create_client_session
@@ -210,6 +211,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         ),
         key_limits=key_limits,
         shedder=shedder,
+        model_cards=ModelCards(session),
     )
     holder = RuntimeHolder(build_runtime(settings, state))
     app[RUNTIME] = holder

@@ -79,6 +79,7 @@ class Key:
     max_concurrency: int | None
     min_start_interval_seconds: float
     requests_per_minute: int | None = None
+    listed_models: tuple[str, ...] = ()  # `models` as the config lists them ("*" included)
 
     @classmethod
     def from_settings(cls, settings: KeySettings) -> Key:
@@ -95,6 +96,7 @@ class Key:
             max_concurrency=settings.max_concurrency,
             min_start_interval_seconds=settings.min_start_interval_ms / 1000,
             requests_per_minute=settings.requests_per_minute,
+            listed_models=tuple(settings.models),
         )
 
     def allows(self, model: str) -> bool:
@@ -149,6 +151,7 @@ class Catalog:
             )
             for model in settings.models
         }
+        self._model_order = tuple(model.name for model in settings.models)
         self._upstream_ids_kept = frozenset(
             model.name for model in settings.models if model.keep_upstream_model_ids
         )
@@ -218,6 +221,18 @@ class Catalog:
         return not self.candidates(key, model) and any(
             provider.draining for provider in self.serving.get(model, ())
         )
+
+    def default_model(self, key: Key) -> str | None:
+        """The model a body without `model` (tokenize, detokenize) goes to: the first model the
+        key lists that it can reach; for a `*` key, the first of the `models` section, then the
+        first by name. None when the key reaches no model."""
+        reachable = [
+            model for model in self.serving if key.allows(model) and self.candidates(key, model)
+        ]
+        order = [name for name in key.listed_models if name != "*"]
+        if key.models is None:
+            order += [*self._model_order, *sorted(reachable)]
+        return next((name for name in order if name in reachable), None)
 
     def models_for(self, key: Key) -> Sequence[str]:
         """Public model names this key may use, including its org's enabled auto model."""

@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     field_validator,
     model_validator,
@@ -120,6 +121,22 @@ class DatabaseSettings(Section):
     pool_max_size: PositiveInt = 10
     statement_cache_size: Annotated[int, Field(ge=0)] = 100
     apply_migrations_on_start: bool = True
+    # Set when `url` is an embedded server's, derived at start rather than configured.
+    _embedded_url: bool = PrivateAttr(default=False)
+
+    def with_embedded_url(self, url: str) -> DatabaseSettings:
+        """These settings pointing at an embedded Postgres's URL, marked as derived."""
+        derived = self.model_copy(update={"url": SecretStr(url)})
+        derived._embedded_url = True
+        return derived
+
+    def as_configured(self) -> DatabaseSettings:
+        """These settings as the config gave them: an embedded server's derived URL is none."""
+        if not self._embedded_url:
+            return self
+        configured = self.model_copy(update={"url": None})
+        configured._embedded_url = False
+        return configured
 
     @field_validator("url", "listen_url", mode="after")
     @classmethod

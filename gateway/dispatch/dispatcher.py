@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
 import aiohttp
@@ -22,9 +22,11 @@ from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.outcomes import (
     Attempt,
     RetryableAttemptError,
+    UpstreamErrorAnswer,
     exhausted,
     failed_status,
     outcome_of,
+    relayed,
 )
 from gateway.dispatch.permits import ProviderPermits
 from gateway.dispatch.retries import (
@@ -53,7 +55,13 @@ from gateway.dispatch.upstream_errors import (
 )
 from gateway.dispatch.upstream_pool import UpstreamPool
 from gateway.dispatch.upstream_response import UpstreamResponse
-from gateway.edge.delivery import ClientStalledError, HeldHeadResponse, write_last, write_within
+from gateway.edge.delivery import (
+    ClientStalledError,
+    HeldHeadResponse,
+    end_incomplete,
+    write_last,
+    write_within,
+)
 from gateway.edge.errors import GatewayError, sse_error_event
 from gateway.edge.model_names import Renamer
 
@@ -81,6 +89,8 @@ class DispatchRecord:
     failover_stopped: str | None = None
     # The bytes of a non-streamed answer held in the worker's budget until it is sent.
     buffer: Reservation | None = None
+    # The last attempt's upstream error answer (renamed, redacted), if it sent one.
+    upstream_answer: UpstreamErrorAnswer | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -203,7 +213,7 @@ class Dispatcher:
                         retry.release()
         finally:
             blame.settle()
-        error = exhausted(record.attempts)
+        error = relayed(exhausted(record.attempts), record.attempts, record.upstream_answer)
         tried = not remaining or blame.request_suspected
         if tried and error.retry_after is None and resend_is_futile(record.attempts):
             # The gateway already did what a client's resend would: the OpenAI SDKs obey this.
@@ -301,6 +311,8 @@ class Dispatcher:
         except RetryableAttemptError as failure:
             close_response(response)
             self._upload_failed(job)
+            if failure.answer is not None:
+                failure.answer = _relayable(failure.answer, job.renamer(provider), provider)
             self._failed(record, provider, failure, blame)
             raise
         except TimeoutError as error:
@@ -405,12 +417,18 @@ class Dispatcher:
         self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
         record.status = response.status
-        renamer = job.renamer(provider) if is_success(response) else None
-        answer = renamer.whole(body) if renamer is not None else body
-        redactor = provider.redactor
-        if redactor is not None and (redactor.scans_answers or not is_success(response)):
-            # An answer may echo what the upstream received: never the provider's credential.
-            answer = redactor.redact(answer)
+        renamer = job.renamer(provider)
+        answer: bytes | bytearray = body
+        if is_success(response):
+            answer = renamer.whole(body) if renamer is not None else body
+            redactor = provider.redactor
+            if redactor is not None and redactor.scans_answers:
+                # An answer may echo what the upstream received: never the provider's credential.
+                answer = redactor.redact(answer)
+        else:
+            answer = _relayable(
+                UpstreamErrorAnswer(response.status, None, bytes(body)), renamer, provider
+            ).body
         record.bytes_sent = len(answer)
         return web.Response(
             status=response.status, body=answer, headers=self._headers(job, provider, response)
@@ -460,7 +478,13 @@ class Dispatcher:
             while chunk:
                 if not framing.accepts(chunk):
                     return await self._end_broken_stream(
-                        downstream, provider, record, last, "malformed_stream", blame=blame
+                        request,
+                        downstream,
+                        provider,
+                        record,
+                        last,
+                        outcome="malformed_stream",
+                        blame=blame,
                     )
                 if renamer is not None:
                     chunk = renamer.feed(chunk)
@@ -492,7 +516,13 @@ class Dispatcher:
             return downstream
         except (UpstreamError, TimeoutError):
             return await self._end_broken_stream(
-                downstream, provider, record, last, "dropped_mid_stream", blame=blame
+                request,
+                downstream,
+                provider,
+                record,
+                last,
+                outcome="dropped_mid_stream",
+                blame=blame,
             )
         self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
@@ -502,18 +532,19 @@ class Dispatcher:
 
     async def _end_broken_stream(
         self,
+        request: web.Request,
         downstream: web.StreamResponse,
         provider: Provider,
         record: DispatchRecord,
         last: bytes,
-        outcome: str,
         *,
+        outcome: str,
         blame: RequestBlame,
     ) -> web.StreamResponse:
-        """End a started stream with an error event; a transport failure counts against the
-        provider (an oversized event does not: the upstream is there and answering). The
-        client's connection is kept: the event and the last chunk end the response cleanly, so
-        its next request on that connection does not race a close it was never told of."""
+        """End a started stream with an error event, then an aborted transfer (no chunked end:
+        HTTP clients see the failure, as they would directly, and know not to reuse the
+        connection); a transport failure counts against the provider (an oversized event does
+        not: the upstream is there and answering)."""
         if outcome == "dropped_mid_stream":
             blame.provider_fault(provider.name)
         record.attempts.append(Attempt(provider.name, outcome, record.status))
@@ -524,7 +555,10 @@ class Dispatcher:
         )
         code = "upstream_dropped" if outcome == "dropped_mid_stream" else "upstream_malformed"
         separator = b"" if last.endswith(b"\n\n") else b"\n\n"
-        await _write_quietly(downstream, separator + sse_error_event(message, code))
+        downstream.force_close()
+        with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+            await downstream.write(separator + sse_error_event(message, code))
+        end_incomplete(request)
         return downstream
 
     def _failed(
@@ -537,6 +571,7 @@ class Dispatcher:
         connected: bool = True,
     ) -> None:
         """Note a failed attempt, and let the provider's health learn from it."""
+        record.upstream_answer = failure.answer
         record.attempts.append(
             Attempt(
                 provider.name, failure.reason, failure.status, failure.retry_after, failure.message
@@ -550,6 +585,18 @@ class Dispatcher:
                 detail="the provider's api_key is wrong or lacks access; failing over",
             )
         blame.failed(provider.name, failure, connected=connected)
+
+
+def _relayable(
+    answer: UpstreamErrorAnswer, renamer: Renamer | None, provider: Provider
+) -> UpstreamErrorAnswer:
+    """An upstream error answer as the client may see it: the upstream model id renamed, and
+    never the provider's credential (an error may echo what the upstream received)."""
+    body = renamer.error(answer.body) if renamer is not None else answer.body
+    redactor = provider.redactor
+    return replace(
+        answer, body=redactor.redact(bytes(body)) if redactor is not None else bytes(body)
+    )
 
 
 async def _timed_from_upload_end(
@@ -569,11 +616,3 @@ def _push(deadline: asyncio.Timeout, when: float) -> None:
     """Move an attempt's deadline, unless it has already fired or its attempt has moved on."""
     with contextlib.suppress(RuntimeError):
         deadline.reschedule(when)
-
-
-async def _write_quietly(downstream: web.StreamResponse, data: bytes) -> None:
-    try:
-        await downstream.write(data)
-        await downstream.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        pass

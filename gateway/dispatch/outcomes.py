@@ -39,8 +39,19 @@ MAY_HAVE_RUN = frozenset({"dropped_after_send", "malformed_answer", "payload_err
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 
 
+@dataclass(frozen=True)
+class UpstreamErrorAnswer:
+    """An upstream's whole error answer (status, content type, body as it sent it), kept so the
+    client can get it unchanged when the request fails there."""
+
+    status: int
+    content_type: str | None
+    body: bytes
+
+
 class RetryableAttemptError(Exception):
-    """An attempt failed before anything reached the client; the next provider may be tried."""
+    """An attempt failed before anything reached the client; the next provider may be tried.
+    `answer` is the upstream's whole error answer, when it sent one and it was read in full."""
 
     def __init__(
         self,
@@ -49,12 +60,14 @@ class RetryableAttemptError(Exception):
         status: int | None = None,
         retry_after: float | None = None,
         message: str | None = None,
+        answer: UpstreamErrorAnswer | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
         self.retry_after = retry_after
         self.message = message
+        self.answer = answer
 
 
 @dataclass
@@ -97,13 +110,17 @@ async def failed_status(
     auth = status in AUTH_STATUSES
     if not (status >= 500 or status in RETRYABLE_STATUSES or auth):
         return None
+    retry_after = retry_after_seconds(response.headers)
+    if auth:
+        return RetryableAttemptError("upstream_auth_failed", status=status, retry_after=retry_after)
+    body, whole = await _bounded_body(response)
+    answer = UpstreamErrorAnswer(status, response.headers.get("Content-Type"), body)
     return RetryableAttemptError(
-        "upstream_auth_failed" if auth else f"http_{status}",
+        f"http_{status}",
         status=status,
-        retry_after=retry_after_seconds(response.headers),
-        message=None
-        if auth
-        else _redacted(upstream_message(await _bounded_body(response)), redactor),
+        retry_after=retry_after,
+        message=_redacted(upstream_message(body), redactor),
+        answer=answer if whole else None,
     )
 
 
@@ -113,14 +130,18 @@ def _redacted(message: str | None, redactor: Redactor | None) -> str | None:
     return redactor.redact_text(message)
 
 
-async def _bounded_body(response: UpstreamResponse) -> bytes:
+async def _bounded_body(response: UpstreamResponse) -> tuple[bytes, bool]:
+    """Up to ERROR_BODY_BYTES of the body, and whether that is all of it."""
     body = b""
     try:
-        while len(body) < ERROR_BODY_BYTES and (chunk := await response.read()):
+        while len(body) <= ERROR_BODY_BYTES:
+            chunk = await response.read()
+            if not chunk:
+                return body, True
             body += chunk
     except UpstreamError:
         pass
-    return body[:ERROR_BODY_BYTES]
+    return body[:ERROR_BODY_BYTES], False
 
 
 def upstream_message(body: bytes) -> str | None:
@@ -237,3 +258,19 @@ def exhausted(attempts: Sequence[Attempt]) -> GatewayError:
         "upstream_error",
         retry_after=upstreams,
     )
+
+
+def relayed(
+    error: GatewayError, attempts: Sequence[Attempt], answer: UpstreamErrorAnswer | None
+) -> GatewayError:
+    """`error`, answered with the last upstream's own error body when the error stands for it
+    (the same status: every attempt failed upstream, the last one with `answer`). The client
+    then gets that body byte for byte (but the model rename and a redacted credential), as it
+    would directly; the gateway's summary goes in `x-gateway-error`, never into the body."""
+    if answer is None or answer.status != error.status or error.code == "upstream_auth_failed":
+        return error
+    summary = ", ".join(f"{attempt.provider}: {attempt.outcome}" for attempt in attempts)
+    error.body = answer.body
+    error.content_type = answer.content_type
+    error.headers["x-gateway-error"] = f"{error.code}: every attempt failed upstream ({summary})"
+    return error

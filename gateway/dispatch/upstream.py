@@ -26,12 +26,17 @@ UPSTREAM_ALLOWED = frozenset(
         "accept",
         "openai-beta",  # OpenAI's opt-in to beta API shapes
         "idempotency-key",
+        # W3C trace context: distributed tracing goes on through the gateway.
+        "traceparent",
+        "tracestate",
     }
 )
 # Upstream response headers that reach the client, and those renamed on the way: an upstream's
 # own ids and timings are told apart from the gateway's; anything else (account rate limits,
 # organisation, cookies, server software) stays upstream.
 DOWNSTREAM_ALLOWED = frozenset({"content-type", "cache-control", "content-disposition"})
+# W3C trace context an upstream answers with (`traceresponse` is the draft's response header).
+DOWNSTREAM_TRACE_CONTEXT = frozenset({"traceparent", "tracestate", "traceresponse"})
 DOWNSTREAM_RENAMED = {
     "x-request-id": "x-upstream-request-id",
     "request-id": "x-upstream-request-id",
@@ -103,7 +108,7 @@ def downstream_headers(
             continue
         lowered = name.lower()
         shown = redactor.redact_text(value) if redactor is not None else value
-        if lowered in DOWNSTREAM_ALLOWED:
+        if lowered in DOWNSTREAM_ALLOWED or lowered in DOWNSTREAM_TRACE_CONTEXT:
             headers.add(name, shown)
         elif lowered in DOWNSTREAM_RENAMED:
             headers[DOWNSTREAM_RENAMED[lowered]] = shown

@@ -128,3 +128,12 @@ def drop_client(request: web.BaseRequest) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
     transport.abort()
+
+
+def end_incomplete(request: web.BaseRequest) -> None:
+    """End a started answer that cannot be completed: what is buffered is still sent, then the
+    connection closes without the chunked encoding's end, so the client sees a broken transfer
+    (an SSE reader the last event, an HTTP client an incomplete body), as it would directly."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -16,6 +16,7 @@ from aiohttp import HttpVersion11, web
 from gateway.catalog import Catalog, Key, Provider
 from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.dispatcher import Dispatcher, DispatchRecord, DispatchRequest, RequestBody
+from gateway.dispatch.model_cards import ModelCards, model_object
 from gateway.dispatch.permits import KeyLimits, concurrency_headers
 from gateway.edge.connections import body_read_timeout, close_after_response
 from gateway.edge.delivery import deliver
@@ -79,6 +80,7 @@ class Proxy:
         write_timeout: float = 60.0,
         answer_budget: AnswerBudget | None = None,
         shedder: LoadShedder | None = None,
+        model_cards: ModelCards | None = None,
     ) -> None:
         self.catalog = catalog
         self.responses = responses
@@ -96,6 +98,7 @@ class Proxy:
         self._write_timeout = write_timeout
         self.answer_budget = answer_budget
         self.shedder = shedder
+        self.model_cards = model_cards
 
     def authenticate(self, request: web.BaseRequest) -> Key:
         """The key of a `Bearer` Authorization header (or an `api-key` / `x-api-key` header),
@@ -149,9 +152,10 @@ class Proxy:
         return self.key_limits.below_mean(key)
 
     async def models(self, request: web.Request) -> web.Response:
-        """`GET /v1/models`: the models this key may use, in OpenAI's list shape."""
+        """`GET /v1/models`: the models this key may use, in vLLM's list shape (with the
+        context length its nodes report)."""
         key = self.authenticate(request)
-        data = [_model_object(name) for name in self.catalog.models_for(key)]
+        data = await self._model_objects(key, self.catalog.models_for(key))
         return web.json_response({"object": "list", "data": data})
 
     async def model(self, request: web.Request) -> web.Response:
@@ -162,7 +166,14 @@ class Proxy:
             raise GatewayError(
                 404, f"The model `{name[:200]}` does not exist.", "model_not_found", param="model"
             )
-        return web.json_response(_model_object(name))
+        return web.json_response((await self._model_objects(key, [name]))[0])
+
+    async def _model_objects(self, key: Key, names: Sequence[str]) -> list[dict[str, Any]]:
+        """The entries for these public models, with what their providers' nodes report."""
+        serving = {name: self.catalog.candidates(key, name) for name in names}
+        providers = {provider.name: provider for found in serving.values() for provider in found}
+        cards = await self.model_cards.of(providers.values()) if self.model_cards else {}
+        return [model_object(name, serving[name], cards) for name in names]
 
     def _response_headers(
         self, decision: RoutingDecision, resolved: Resolved | None, key: Key
@@ -246,7 +257,9 @@ class Proxy:
             model = requested
             via_auto = False
         if not self.catalog.serves(model):
-            raise GatewayError(404, f"The model `{model[:200]}` does not exist.", "model_not_found")
+            raise GatewayError(
+                404, f"The model `{model[:200]}` does not exist.", "model_not_found", param="model"
+            )
         if not key.allows(model):
             raise GatewayError(
                 403, f"This key may not use the model `{model}`.", "model_not_allowed"
@@ -292,8 +305,11 @@ class Proxy:
                 parsed = parse_request(spec, raw)
             pinned = await self._pinned_provider(request, spec, parsed, key)
             storing = spec.stores_responses and await self.responses.admit(key, parsed.data)
-            if parsed.model is not None:
-                resolved = self._resolve(request, key, parsed.model)
+            requested = parsed.model
+            if requested is None and spec.model_optional:
+                requested = self._default_model(key)
+            if requested is not None:
+                resolved = self._resolve(request, key, requested)
                 candidates = self.catalog.candidates(key, resolved.model)
                 if not candidates and self.catalog.only_draining(key, resolved.model):
                     raise GatewayError(
@@ -310,7 +326,10 @@ class Proxy:
             if not candidates:
                 asked = resolved.model if resolved else ""
                 raise GatewayError(
-                    404, f"No provider on this key's route serves `{asked}`.", "model_not_found"
+                    404,
+                    f"No provider on this key's route serves `{asked}`.",
+                    "model_not_found",
+                    param="model",
                 )
             model = resolved.model if resolved is not None else None
             stickiness = self.catalog.stickiness(model) if model is not None else "none"
@@ -402,6 +421,15 @@ class Proxy:
             key_digest=key.digest,
             head_bytes=catalog.conversation_head_bytes,
         )
+
+    def _default_model(self, key: Key) -> str:
+        """The model for a body that may leave `model` out and did: the key's default."""
+        model = self.catalog.default_model(key)
+        if model is None:
+            raise GatewayError(
+                404, "No model is available to this key.", "model_not_found", param="model"
+            )
+        return model
 
     async def _pinned_provider(
         self, request: web.Request, spec: EndpointSpec, parsed: ClientRequest, key: Key
@@ -544,7 +572,3 @@ def _always() -> bool:
 
 def _no_failure() -> GatewayError | None:
     return None
-
-
-def _model_object(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "affinity-gateway"}

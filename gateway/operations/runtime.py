@@ -21,6 +21,7 @@ from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.dispatcher import Dispatcher
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
+from gateway.dispatch.model_cards import ModelCards
 from gateway.dispatch.permits import KeyLimits, ProviderPermits, per_key_limit
 from gateway.dispatch.retries import RetryBudget
 from gateway.dispatch.upstream_pool import UpstreamPool
@@ -54,6 +55,7 @@ class ProcessState:
     retries: RetryBudget  # retries under way carry over; a reload sets the budget's share
     key_limits: KeyLimits = field(default_factory=KeyLimits)
     shedder: LoadShedder | None = None  # None: only in tests that build a state by hand
+    model_cards: ModelCards | None = None  # None: model lists carry no node-reported fields
     recent: RecentDecisions = field(default_factory=lambda: RecentDecisions(RECENT_DECISIONS))
     # Fixed per process, so the random tiebreak between providers survives a reload.
     tiebreak_seed: int = field(default_factory=lambda: random.getrandbits(64))
@@ -155,6 +157,7 @@ def build_runtime(
         write_timeout=routing.downstream_write_timeout_seconds,
         answer_budget=state.answer_budget,
         shedder=state.shedder,
+        model_cards=state.model_cards,
     )
     return Runtime(
         settings=settings,

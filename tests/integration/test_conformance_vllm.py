@@ -110,16 +110,10 @@ CASES: dict[str, tuple[str, str, Body]] = {
     ),
 }  # fmt: skip
 
-# Differences the gateway still shows against vLLM (/work/helpers/vllm-diffs.md, issue 22);
-# strict, so each one fails once fixed and its marker must go.
-KNOWN_DIFFS: dict[str, str] = {
-    "tokenize without model": "issue 22 item 1: tokenize without model (gateway 400 missing_field)",
-    "detokenize without model": "issue 22 item 1: tokenize without model (gateway 400)",
-    "NaN parameter": "issue 22 item 2: NaN (gateway 400 invalid_json, not vLLM's message)",
-    "models max_model_len": "issue 22 item 3: /v1/models max_model_len (gateway drops it)",
-    "unknown model param": "issue 22 item 4: 404 unknown model names param `model` (gateway null)",
-    "renaming in content": "issue 22 item 5: renaming in content (detokenized text renamed)",
-}
+# Differences the gateway still shows against vLLM, each a strict xfail naming its issue item
+# (so it fails once fixed and its marker must go). None is open: the issue 22 items (tokenize
+# without model, NaN, max_model_len, the 404's param, renaming in content) were fixed.
+KNOWN_DIFFS: dict[str, str] = {}
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from gateway.edge.requestid import REQUEST_IDS, RequestIds
 from gateway.simulator import Faults
 from gateway.simulator.options import Mode
 from tests.conftest import GatewayFactory, SimulatorFactory
+from tests.support.conformance import post_until_broken
 from tests.support.gateway import TEST_KEY, TEST_MODEL, build_settings, chat_body
 from tests.support.raw_upstream import (
     Exchange,
@@ -206,15 +207,20 @@ async def test_a_stream_that_goes_wrong_after_it_started_ends_with_an_error_even
     exit_stack: AsyncExitStack, start_gateway: GatewayFactory, rest: bytes
 ) -> None:
     """After the first event reached the client nothing is retried: the stream ends with an
-    OpenAI-style error event, and no oversized event is passed on."""
+    OpenAI-style error line and a broken transfer, and no oversized event is passed on."""
 
     async def behaviour(request: web.Request) -> web.StreamResponse:
         return await stream_then(request, rest)
 
     upstream = await start_fake_upstream(exit_stack, behaviour)
     server = await start_gateway(settings_for({"fake": upstream}))
-    status, headers, body = await ask(str(server.make_url("")), stream=True)
+    status, headers, body, broken = await post_until_broken(
+        str(server.make_url("/v1/chat/completions")),
+        orjson.dumps(chat_body(stream=True, max_tokens=4)),
+        AUTH,
+    )
     assert status == 200
+    assert broken
     assert headers["x-gateway-provider"] == "fake"
     assert body.startswith(FIRST_EVENT)
     assert body.count(b"x") <= MAX_SSE_EVENT_BYTES
@@ -457,12 +463,13 @@ async def test_an_error_after_a_streamed_head_was_prepared_is_framed_as_sent(
     assert orjson.loads(second_body)["object"] == "chat.completion"
 
 
-async def test_a_broken_stream_keeps_the_client_connection_for_its_next_request(
+async def test_a_broken_stream_is_an_aborted_transfer_and_the_clients_next_request_is_served(
     exit_stack: AsyncExitStack, start_gateway: GatewayFactory
 ) -> None:
-    """An upstream that drops mid-stream (D6): the client gets the error event at a clean end of
-    its response, and its next request on the same kept connection is answered (the gateway
-    used to close the connection without saying `Connection: close`)."""
+    """An upstream that drops mid-stream (D6, and issue 22's direct baseline): the client reads
+    the error line, then a transfer aborted without its chunked end, so a keep-alive client
+    knows not to reuse that connection; its next request through the same session is answered
+    (the gateway used to end the response as if complete and then close the connection)."""
 
     async def dropping(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exchange: Exchange
@@ -478,14 +485,22 @@ async def test_a_broken_stream_keeps_the_client_connection_for_its_next_request(
 
     upstream = await raw_upstream(exit_stack, dropping)
     server = await start_gateway(settings_for({"raw": upstream.url}))
-    (head, body), (second_head, second_body) = await two_on_one_connection(
-        str(server.make_url("")), chat(stream=True), chat(stream=False)
-    )
-    assert head.startswith(b"HTTP/1.1 200")
-    assert b"connection: close" not in head.lower()
-    assert orjson.loads(sse_events(body)[-1])["error"]["code"] == "upstream_dropped"
-    assert second_head.startswith(b"HTTP/1.1 200")
-    assert orjson.loads(second_body)["object"] == "chat.completion"
+    url = str(server.make_url("/v1/chat/completions"))
+    received: list[bytes] = []
+
+    async def read_stream(session: aiohttp.ClientSession) -> None:
+        async with session.post(url, data=chat(stream=True), headers=AUTH) as response:
+            assert response.status == 200
+            async for chunk in response.content.iter_any():
+                received.append(chunk)
+
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await read_stream(session)
+        assert b'"upstream_dropped"' in b"".join(received)
+        async with session.post(url, data=chat(stream=False), headers=AUTH) as response:
+            assert response.status == 200
+            assert (await response.json())["object"] == "chat.completion"
 
 
 @pytest.mark.parametrize(
