@@ -240,7 +240,9 @@ def _shedder(settings: Settings, metrics: Metrics) -> LoadShedder:
     nothing."""
     server = settings.server
     policy = SheddingPolicy(burst=server.load_shedding_burst_seconds, enabled=server.load_shedding)
-    return LoadShedder(policy, on_shed=metrics.requests_shed.inc, on_interval=metrics.queue_delay.set)
+    return LoadShedder(
+        policy, on_shed=metrics.requests_shed.inc, on_interval=metrics.queue_delay.set
+    )
 
 
 async def _refresh_gauges(holder: RuntimeHolder, shedder: LoadShedder) -> None:
