@@ -45,7 +45,6 @@ from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
-from aiohttp.abc import AbstractRouter
 
 from gateway.edge.endpoints import ENDPOINTS
 from gateway.edge.errors import error_body
@@ -198,7 +197,7 @@ class OverloadGate:
         self,
         shedder: LoadShedder,
         *,
-        router: AbstractRouter,
+        router: web.UrlDispatcher,
         light: Callable[[web.BaseRequest], bool],
         request_id: Callable[[], str],
     ) -> None:

@@ -15,6 +15,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from openai.types.chat import ChatCompletionUserMessageParam
 
 from tests.support.gateway import (
     PROJECT_ROOT,
@@ -173,7 +174,7 @@ async def test_a_burst_of_200_sdk_calls_is_served_whole(
             async with openai.AsyncOpenAI(
                 base_url=gateway.url + "/v1", api_key=TEST_KEY, max_retries=0
             ) as client:
-                message = {"role": "user", "content": "Say hi."}
+                message: ChatCompletionUserMessageParam = {"role": "user", "content": "Say hi."}
                 answers: list[object] = []
                 for _ in range(BATCHES):  # the later ones on the SDK's kept-alive connections
                     calls = [
