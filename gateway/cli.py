@@ -23,6 +23,7 @@ BENCHMARKS = (
     "agreement",
     "operations",
     "throughput",
+    "shedding",
 )
 
 
