@@ -219,7 +219,9 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     def light(request: web.BaseRequest) -> bool:
         return holder.current.proxy.is_light(request)  # whatever the latest reload made it
 
-    app[OVERLOAD_GATE] = OverloadGate(shedder, light=light, request_id=app[REQUEST_IDS].new)
+    app[OVERLOAD_GATE] = OverloadGate(
+        shedder, router=app.router, light=light, request_id=app[REQUEST_IDS].new
+    )
     app[RELOADER] = Reloader(holder, state, metrics)
 
     def current_keys() -> Iterable[Key]:
@@ -247,16 +249,9 @@ def _shedder(settings: Settings, metrics: Metrics) -> LoadShedder:
     """The worker's load shedder; with `server.load_shedding` off it measures and refuses
     nothing."""
     server = settings.server
-    policy = SheddingPolicy(
-        target=server.load_shedding_target_delay_ms / 1000,
-        interval=server.load_shedding_interval_ms / 1000,
-        enabled=server.load_shedding,
-    )
+    policy = SheddingPolicy(burst=server.load_shedding_burst_seconds, enabled=server.load_shedding)
     return LoadShedder(
-        policy,
-        on_shed=metrics.requests_shed.inc,
-        on_interval=metrics.queue_delay.set,
-        on_rest=metrics.shedding_rests.inc,
+        policy, on_shed=metrics.requests_shed.inc, on_interval=metrics.queue_delay.set
     )
 
 

@@ -27,6 +27,7 @@ BENCHMARKS = (
     "throughput",
     "redaction",
     "keepalive_races",
+    "shedding",
 )
 
 

@@ -38,6 +38,14 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# Load-shedding settings of earlier builds, all replaced by `load_shedding_burst_seconds`: a
+# config that still has them loads, with a warning that names the replacement (see
+# config_loading), so an upgrade never stops a gateway over a setting that no longer applies.
+REPLACED_SHEDDING_SETTINGS = frozenset(
+    {"load_shedding_target_lag_ms", "load_shedding_target_delay_ms", "load_shedding_interval_ms"}
+)
+
+
 class ServerSettings(Section):
     """The HTTP listener and its limits.
 
@@ -56,13 +64,12 @@ class ServerSettings(Section):
     upstream idle keep-alive timeout), then stops accepting and finishes in-flight requests up to
     `shutdown_timeout_seconds`.
 
-    With `load_shedding` (on by default), a worker whose requests each queued longer than
-    `load_shedding_target_delay_ms` (the worker's CPU time spent for others between a request's
-    head being read and its handler starting) all through a whole `load_shedding_interval_ms` is
-    overloaded: until a whole interval passes without such a wait, each new proxied request that
-    itself queued past the target is answered 503 with `Retry-After` at once, unless the refused
-    requests come straight back (see `gateway.edge.overload`). Off, the delay is still measured
-    and published; nothing is refused.
+    With `load_shedding` (on by default), a worker refuses only sustained overload: a burst whose
+    queue (the time between a request's head being read and its handler starting) drains within
+    `load_shedding_burst_seconds` is never refused; a queue that stands past it for a tenth of it
+    makes the worker overloaded, and until it drains each new proxied request that queued past a
+    quarter of it is answered 503 with `Retry-After` at once (see `gateway.edge.overload`). Off,
+    the delay is still measured and published; nothing is refused.
     """
 
     host: str = "0.0.0.0"
@@ -84,8 +91,7 @@ class ServerSettings(Section):
     request_compression: bool = False
     max_buffered_answer_bytes: PositiveInt = 256 * 1024 * 1024
     load_shedding: bool = True
-    load_shedding_target_delay_ms: PositiveFloat = 5.0
-    load_shedding_interval_ms: Annotated[float, Field(ge=10)] = 50.0
+    load_shedding_burst_seconds: Annotated[float, Field(ge=0.01)] = 1.0
 
     @field_validator("admin_token", mode="after")
     @classmethod
@@ -93,18 +99,6 @@ class ServerSettings(Section):
         if value is None or not value.get_secret_value():
             return None
         return value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _replaced_lag_target(cls, data: Any) -> Any:
-        """The event-loop lag target of earlier builds is named, not just refused as unknown."""
-        if isinstance(data, dict) and "load_shedding_target_lag_ms" in data:
-            raise ValueError(
-                "`load_shedding_target_lag_ms` is replaced by `load_shedding_target_delay_ms`: "
-                "the target is now how long a request may queue behind the worker's own work "
-                "(milliseconds of its CPU time), not how late its event loop runs"
-            )
-        return data
 
 
 class DatabaseSettings(Section):

@@ -151,17 +151,11 @@ class Metrics:
             "New requests answered 503 (overloaded) by load shedding, before their body was read.",
             registry=self.registry,
         )
-        self.shedding_rests = Counter(
-            "gateway_shedding_rests",
-            "Times load shedding rested its refusals because the refused requests came straight "
-            "back (clients that resend at once, ignoring Retry-After).",
-            registry=self.registry,
-        )
         self.queue_delay = Gauge(
             "gateway_queue_delay_seconds",
-            "The smallest queueing delay of a request (the event loop's CPU time between its head "
-            "being read and its handler starting) over a worker's last load-shedding interval "
-            "(across workers: the highest).",
+            "The smallest queueing delay of a request (the time between its head being read and "
+            "its handler starting) over a worker's last load-shedding interval (across workers: "
+            "the highest).",
             registry=self.registry,
             multiprocess_mode="livemax",
         )

@@ -93,11 +93,10 @@ class OverloadRow:
     enabled: bool  # load shedding on; off, the overload is only reported
     overloaded: bool
     delay_ms: float  # the smallest queueing delay over the last interval
-    target_delay_ms: float
+    burst_ms: float  # the burst allowance: a queue within it is never refused
+    level_ms: float  # while overloaded, requests that queued longer are refused
     shed: int  # requests refused since the worker started
     episodes: int  # times the worker became overloaded
-    resting: bool  # refusals rest: refused requests came straight back
-    rests: int
 
 
 @dataclass(frozen=True)
@@ -166,11 +165,10 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
             enabled=shedder.policy.enabled,
             overloaded=shedder.overloaded,
             delay_ms=round(shedder.delay * 1000, 1),
-            target_delay_ms=shedder.policy.target * 1000,
+            burst_ms=shedder.policy.burst * 1000,
+            level_ms=shedder.policy.level * 1000,
             shed=shedder.shed,
             episodes=shedder.episodes,
-            resting=shedder.resting,
-            rests=shedder.rests,
         )
     )
     return StatusSnapshot(

@@ -145,15 +145,10 @@ def _summary_cards(snapshot: StatusSnapshot) -> str:
 def _overload(overload: OverloadRow | None) -> str:
     if overload is None:
         return '<span id="overload" class="badge muted">not measured</span>'
-    if overload.overloaded and overload.enabled and overload.resting:
-        badge = (
-            '<span id="overload" class="badge warn">overloaded: refusals resting, refused '
-            "requests came straight back</span>"
-        )
-    elif overload.overloaded and overload.enabled:
+    if overload.overloaded and overload.enabled:
         badge = (
             '<span id="overload" class="badge bad">overloaded: shedding requests that waited '
-            f"over {_number(overload.target_delay_ms)} ms</span>"
+            f"over {_number(overload.level_ms)} ms</span>"
         )
     elif overload.overloaded:
         badge = '<span id="overload" class="badge warn">overloaded (shedding off)</span>'
@@ -161,8 +156,8 @@ def _overload(overload: OverloadRow | None) -> str:
         badge = '<span id="overload" class="badge ok">keeping up</span>'
     return (
         f'{badge}<div class="muted">queueing delay {_number(overload.delay_ms)} ms '
-        f"(target {_number(overload.target_delay_ms)} ms) · {overload.shed} shed "
-        f"in {overload.episodes} episode(s), refusals rested {overload.rests} time(s)</div>"
+        f"(burst allowance {_number(overload.burst_ms)} ms) · {overload.shed} shed "
+        f"in {overload.episodes} episode(s)</div>"
     )
 
 
