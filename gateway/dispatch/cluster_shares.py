@@ -114,7 +114,7 @@ class ClusterShares:
         if self.book.empty and not self._registered:
             return
         try:
-            if heartbeat or time.monotonic() - self._last_heartbeat >= HEARTBEAT_SECONDS:
+            if heartbeat or self.book.now() - self._last_heartbeat >= HEARTBEAT_SECONDS:
                 await self._heartbeat()
             await self._claim()
         except StoreError as error:
@@ -131,7 +131,7 @@ class ClusterShares:
         self._failing = False
 
     async def _heartbeat(self) -> None:
-        started = time.monotonic()
+        started = self.book.now()
         lapsed = self.book.lapsed()
         beat = await self.store.heartbeat(
             self.worker_id, ttl_seconds=WORKER_TTL_SECONDS, timeout=CALL_TIMEOUT_SECONDS

@@ -148,6 +148,10 @@ class ShareBook:
                 share.ceiling = share.fair = None
         return True
 
+    def now(self) -> float:
+        """The book's clock (monotonic seconds)."""
+        return self._clock()
+
     @property
     def registered(self) -> bool:
         """Whether the store counts this worker's grants now."""
@@ -310,7 +314,7 @@ class ShareBook:
         for name, share in self._shares.items():
             standing = shares.get(name)
             if standing is None:
-                dropped += share.granted > 0
+                dropped += share.granted > 0 and share.fair is not None
                 share.granted = share.held = 0
                 share.fair = share.ceiling = None
                 if name[1] == RATE:
