@@ -72,6 +72,8 @@ class ClusterShares:
         self._unit_timeout = unit_timeout
         self._on_unit = on_unit
         self._returns: set[asyncio.Task[None]] = set()
+        self._lapses_seen = 0
+        self._units_failing = False
         self._task: asyncio.Task[None] | None = None
         self._last_heartbeat = -float("inf")
         self._registered = False
@@ -132,7 +134,9 @@ class ClusterShares:
 
     async def _heartbeat(self) -> None:
         started = self.book.now()
-        lapsed = self.book.lapsed()
+        self.book.lapsed()
+        lapsed = self.book.lapses > self._lapses_seen
+        self._lapses_seen = self.book.lapses
         beat = await self.store.heartbeat(
             self.worker_id, ttl_seconds=WORKER_TTL_SECONDS, timeout=CALL_TIMEOUT_SECONDS
         )
@@ -190,7 +194,18 @@ class ClusterShares:
             pass
         except StoreError as error:
             self.book.wake.set()  # a lapsed registration: heartbeat soon
-            logger.info("key_unit_unanswered", error=type(error).__name__)
+            if not self._units_failing:
+                logger.warning(
+                    "key_units_unanswered",
+                    error=type(error).__name__,
+                    detail="requests past a key's concurrency share here get 503 until the "
+                    "store answers",
+                )
+            self._units_failing = True
+        else:
+            if self._units_failing and outcome is not Unit.NO_ANSWER:
+                logger.info("key_units_answered")
+                self._units_failing = False
         if self._on_unit is not None:
             self._on_unit(outcome, time.monotonic() - started)
         return outcome
