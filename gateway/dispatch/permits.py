@@ -285,10 +285,12 @@ class KeyLimits:
         return self._in_flight.get(key.id, 0)
 
     def remaining_concurrency(self, key: Key) -> int | None:
-        """How many more of the key's requests this worker would admit now, within its share of
-        the key's `max_concurrency` (None: no limit)."""
-        share = self.shares.concurrency(key)
-        return None if share is None else max(0, share - self.in_flight(key))
+        """The key's `max_concurrency` less its requests in flight on this worker (None: no
+        limit): what it may still have in flight at most, as this worker can tell without
+        asking the store (other workers' requests are not counted)."""
+        if key.max_concurrency is None:
+            return None
+        return max(0, key.max_concurrency - self.in_flight(key))
 
     def in_flight_by_id(self, api_key_id: str) -> int:
         """The requests in flight in this process for the key with this id."""
