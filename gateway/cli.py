@@ -23,6 +23,7 @@ BENCHMARKS = (
     "agreement",
     "operations",
     "throughput",
+    "key_limits",
 )
 
 
