@@ -185,11 +185,12 @@ class ClusterShares:
         flight (`in_flight`), within the unit deadline; on GRANTED the caller admits at once."""
         assert key.max_concurrency is not None
         started = time.monotonic()
+        arrived = self.book.now()
         outcome = Unit.NO_ANSWER
         try:
             async with asyncio.timeout(self._unit_timeout):
                 async with self.book.lock(key.id, CONCURRENCY):
-                    outcome = await self._claim_unit(key, in_flight(), started)
+                    outcome = await self._claim_unit(key, in_flight(), started, arrived)
         except TimeoutError:
             pass
         except StoreError as error:
@@ -210,14 +211,19 @@ class ClusterShares:
             self._on_unit(outcome, time.monotonic() - started)
         return outcome
 
-    async def _claim_unit(self, key: Key, busy: int, started: float) -> Unit:
-        """Under the share's lock: the unit, unless room appeared meanwhile."""
+    async def _claim_unit(self, key: Key, busy: int, started: float, arrived: float) -> Unit:
+        """Under the share's lock: the unit, unless room appeared meanwhile, or the answer of a
+        claim sent after this request arrived (a flood queued here costs one store call)."""
         assert key.max_concurrency is not None
         if busy < (self.book.concurrency(key) or 0):
             return Unit.GRANTED  # a give-back or claim ahead of this one left room
         if not self.book.registered:
             self.book.wake.set()
             return Unit.NO_ANSWER
+        full_since = self.book.full_since(key.id)
+        if full_since is not None and arrived <= full_since:
+            return Unit.AT_LIMIT
+        sent = self.book.now()
         remaining = self._unit_timeout - (time.monotonic() - started)
         answer = await self.store.claim_unit(
             key.id,
@@ -227,7 +233,7 @@ class ClusterShares:
             needed=busy + 1,
             timeout=max(remaining, 0.001),
         )
-        self.book.unit(key.id, answer.granted)
+        self.book.unit(key.id, answer.granted, full_since=None if answer.admitted else sent)
         return Unit.GRANTED if answer.admitted else Unit.AT_LIMIT
 
     def give_back(self, api_key_id: str) -> None:

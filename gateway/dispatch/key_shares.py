@@ -57,6 +57,9 @@ class _Share:
     floor: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     returning: bool = False  # a give-back of idle units is under way
+    # When the last unit claim that found the key's limit in use was sent (None: since then a
+    # unit was granted, or a request of the key ended here).
+    full_since: float | None = None
 
     @property
     def usable(self) -> int:
@@ -177,6 +180,7 @@ class ShareBook:
         if share is None:
             return False
         share.floor = min(share.floor, in_flight)
+        share.full_since = None
         if share.returning or share.granted <= max(in_flight, share.held):
             return False
         share.returning = True
@@ -195,11 +199,18 @@ class ShareBook:
         share.granted = keep
         return keep
 
-    def unit(self, api_key_id: str, granted: int) -> None:
-        """Under the share's lock: the store's answer to a unit claim, the worker's grant now."""
+    def unit(self, api_key_id: str, granted: int, *, full_since: float | None) -> None:
+        """Under the share's lock: the store's answer to a unit claim, the worker's grant now,
+        and when the claim was sent if it found the limit in use."""
         share = self._shares.get((api_key_id, CONCURRENCY))
         if share is not None:
             share.granted = granted
+            share.full_since = full_since
+
+    def full_since(self, api_key_id: str) -> float | None:
+        """When the last unit claim that found the key's limit in use was sent, if still so."""
+        share = self._shares.get((api_key_id, CONCURRENCY))
+        return None if share is None else share.full_since
 
     def unsynced(self, api_key_id: str, resource: str) -> None:
         """A write of the share failed: whatever the store holds, claim it afresh next beat."""

@@ -248,3 +248,60 @@ async def test_a_worker_whose_registration_lapsed_drops_its_grants() -> None:
         await first.admit(key)
     assert refused.value.status == 429
     assert first.in_flight(key) + second.in_flight(key) == 2
+
+
+class CountingUnits(MemoryAffinityStore):
+    """The in-memory twin, counting unit claims, which wait at a door until it opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unit_claims = 0
+        self.door = asyncio.Event()
+        self.door.set()
+
+    async def claim_unit(
+        self,
+        api_key_id: str,
+        resource: str,
+        worker_id: str,
+        *,
+        limit: int,
+        needed: int,
+        timeout: float,  # noqa: ASYNC109 - the store contract names it so
+    ) -> UnitGrant:
+        """Count, wait for the door, then claim."""
+        self.unit_claims += 1
+        await self.door.wait()
+        return await super().claim_unit(
+            api_key_id, resource, worker_id, limit=limit, needed=needed, timeout=timeout
+        )
+
+
+async def test_a_flood_at_a_key_in_use_elsewhere_costs_two_store_calls() -> None:
+    """Fifty requests arriving on a worker while its first unit claim is on its way, the key's
+    only unit held by another worker: all are 429, from that claim and one more, sent after the
+    others arrived (its answer covers them); a request arriving after that asks again."""
+    store = CountingUnits()
+    key = plain_key(max_concurrency=1)
+    limits, syncs = await _workers(store, key, 2)
+    await limits[0].admit(key)
+    store.unit_claims = 0
+    store.door.clear()
+    flood = [asyncio.create_task(limits[1].admit(key)) for _ in range(50)]
+    await wait_until(lambda: store.unit_claims == 1, message="the first claim sent")
+    store.door.set()  # every request of the flood arrived while it was on its way
+    outcomes = await asyncio.gather(*flood, return_exceptions=True)
+    assert all(isinstance(outcome, GatewayError) for outcome in outcomes)
+    assert store.unit_claims == 2
+    with pytest.raises(GatewayError):
+        await limits[1].admit(key)
+    assert store.unit_claims == 3
+    limits[0].release(key)
+
+    async def given_back() -> bool:
+        return sum(share.granted for share in await store.list_shares(timeout=TIMEOUT)) == 0
+
+    await wait_until(given_back, timeout=5, message="unit given back")
+    await limits[1].admit(key)
+    for sync in syncs:
+        await sync.stop()

@@ -104,7 +104,7 @@ def test_units_beyond_the_held_share_go_back_once_idle() -> None:
     key = plain_key(max_concurrency=4)
     book.track([key])
     book.granted(key.id, CONCURRENCY, 1, 4, 1)
-    book.unit(key.id, 3)
+    book.unit(key.id, 3, full_since=None)
     assert book.finished(key, 2)
     assert not book.finished(key, 1)  # one is under way already
     assert book.give_back(key.id, 1) == 1
