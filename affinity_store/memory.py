@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-from affinity_store.shares import ShareRow, grant, rotation_salt
+from affinity_store.shares import ShareRow, grant, rotation_salt, unit_grant
 from affinity_store.spread import choose_candidate
 from affinity_store.store import (
     LEAST_BOUND,
@@ -26,6 +26,7 @@ from affinity_store.store import (
     Spread,
     StoreError,
     StoreTimeout,
+    UnitGrant,
 )
 
 BindingKey = tuple[str, str]
@@ -392,6 +393,49 @@ class MemoryAffinityStore:
             )
             self._shares[(api_key_id, resource, worker_id)] = (granted, wanted)
             return ShareGrant(granted, fair)
+
+    async def claim_unit(
+        self,
+        api_key_id: str,
+        resource: str,
+        worker_id: str,
+        *,
+        limit: int,
+        needed: int,
+        timeout: float,
+    ) -> UnitGrant:
+        """Grant one more unit if the key has one free (one event-loop step, like the lock)."""
+        async with self._boundary(timeout):
+            now = self._clock()
+            if not self._live_worker(worker_id, now):
+                raise StoreError("this worker's registration lapsed: heartbeat before claiming")
+            mine, wanted = self._shares.get((api_key_id, resource, worker_id), (0, 0))
+            others = sum(
+                granted
+                for (key, kind, holder), (granted, _) in self._shares.items()
+                if key == api_key_id
+                and kind == resource
+                and holder != worker_id
+                and self._live_worker(holder, now)
+            )
+            granted = unit_grant(limit, needed, mine=mine, others=others)
+            if granted is not None and granted == mine:
+                return UnitGrant(mine, True)
+            self._shares[(api_key_id, resource, worker_id)] = (
+                mine if granted is None else granted,
+                max(wanted, needed),
+            )
+            return UnitGrant(mine, False) if granted is None else UnitGrant(granted, True)
+
+    async def release_units(
+        self, api_key_id: str, resource: str, worker_id: str, *, keep: int, timeout: float
+    ) -> None:
+        """Lower the worker's grant to `keep`."""
+        async with self._boundary(timeout):
+            share = (api_key_id, resource, worker_id)
+            if share in self._shares:
+                granted, wanted = self._shares[share]
+                self._shares[share] = (min(granted, keep), wanted)
 
     async def leave(self, worker_id: str, *, timeout: float) -> None:
         """Forget the worker and its shares."""

@@ -36,6 +36,7 @@ from affinity_store.store import (
     ShareGrant,
     Spread,
     StoreError,
+    UnitGrant,
 )
 
 Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
@@ -422,6 +423,43 @@ class PostgresAffinityStore:
                 queries.write_share, api_key_id, resource, worker_id, granted, wanted
             )
         return ShareGrant(granted, fair)
+
+    async def claim_unit(
+        self,
+        api_key_id: str,
+        resource: str,
+        worker_id: str,
+        *,
+        limit: int,
+        needed: int,
+        timeout: float,
+    ) -> UnitGrant:
+        """One statement (`gateway_claim_unit`) that takes the key's share lock, waiting for it
+        no longer than the call's deadline, and grants the unit if the key has one free."""
+        async with store_boundary(timeout), self._pool.acquire() as connection:
+            answer: int | None = await connection.fetchval(
+                self._queries.claim_unit,
+                api_key_id,
+                resource,
+                worker_id,
+                limit,
+                needed,
+                SHARES_NAMESPACE,
+                binding_lock_key(api_key_id, resource),
+                _duration_setting(timeout),
+            )
+        if answer is None:
+            raise StoreError("this worker's registration lapsed: heartbeat before claiming")
+        return UnitGrant(answer, True) if answer >= 0 else UnitGrant(-1 - answer, False)
+
+    async def release_units(
+        self, api_key_id: str, resource: str, worker_id: str, *, keep: int, timeout: float
+    ) -> None:
+        """Lower the worker's grant to `keep` in one UPDATE."""
+        async with store_boundary(timeout), self._pool.acquire() as connection:
+            await connection.execute(
+                self._queries.release_units, api_key_id, resource, worker_id, keep
+            )
 
     async def leave(self, worker_id: str, *, timeout: float) -> None:
         """Delete the worker's row and its shares."""

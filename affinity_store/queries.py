@@ -42,6 +42,8 @@ class Queries:
     lock_key_shares: str
     other_shares: str
     write_share: str
+    claim_unit: str
+    release_units: str
     leave: str
     list_shares: str
 

@@ -232,6 +232,16 @@ VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (api_key_id, resource, worker_id) DO UPDATE
 SET granted = excluded.granted, wanted = excluded.wanted;
 
+-- name: claim_unit
+-- $1 key id, $2 resource, $3 worker id, $4 limit, $5 units needed, $6/$7 the key's share lock,
+-- $8 how long to wait for it (see sql/0005_key_limit_units.sql).
+SELECT gateway_claim_unit($1, $2, $3, $4, $5, $6, $7, $8);
+
+-- name: release_units
+-- $1 key id, $2 resource, $3 worker id, $4 what it keeps: lowering a grant needs no lock.
+UPDATE key_limit_shares SET granted = least(granted, $4)
+WHERE api_key_id = $1 AND resource = $2 AND worker_id = $3;
+
 -- name: leave
 WITH shares AS (
     DELETE FROM key_limit_shares WHERE worker_id = $1

@@ -22,7 +22,7 @@ from gateway.config import Settings
 from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.cluster_shares import ClusterShares
 from gateway.dispatch.health import ProviderHealth
-from gateway.dispatch.key_shares import ShareBook
+from gateway.dispatch.key_shares import ShareBook, Unit
 from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.model_cards import ModelCards
 from gateway.dispatch.permits import KeyLimits, ProviderPermits
@@ -227,12 +227,19 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     def current_keys() -> Iterable[Key]:
         return holder.current.catalog.keys.values()  # whatever the latest reload made them
 
+    def unit_claimed(outcome: Unit, seconds: float) -> None:
+        metrics.key_units.labels(outcome.value).observe(seconds)
+
     shares = ClusterShares(
         app[STORE],
         key_limits.shares,
         keys=current_keys,
         in_flight=key_limits.in_flight_by_id,
+        unit_timeout=settings.affinity.claim_timeout_ms / 1000,
+        on_unit=unit_claimed,
     )
+    key_limits.units = shares
+    key_limits.on_refused = lambda reason: metrics.key_limit_refusals.labels(reason).inc()
     app[SHARES] = shares
     await shares.start()
     await poller.start()

@@ -28,6 +28,7 @@ BENCHMARKS = (
     "redaction",
     "keepalive_races",
     "shedding",
+    "key_limits",
 )
 
 

@@ -285,7 +285,7 @@ class Proxy:
             # holds a connection, so it counts from here (and a refusal needs no body).
             try:
                 key = self.authenticate(request)
-                self.key_limits.acquire(key, self._connections_per_key)
+                await self.key_limits.admit(key, self._connections_per_key)
                 admitted = key
             except GatewayError:
                 # A body nobody will read is not waited for: close once the refusal is out.

@@ -159,6 +159,20 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+        self.key_units = Histogram(
+            "gateway_key_unit_claim_seconds",
+            "Requests whose key's concurrency share here was spent, asking the store for one more "
+            "unit, by outcome (granted, at_limit, no_answer); the time the claim took.",
+            ["outcome"],
+            buckets=STORE_BUCKETS,
+            registry=self.registry,
+        )
+        self.key_limit_refusals = Counter(
+            "gateway_key_limit_refusals",
+            "Requests refused by their key's limits, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
         self.latency_band = Gauge(
             "gateway_latency_band",
             "A provider's latency band for a model: 0 near the mean, positive slower "
