@@ -19,11 +19,11 @@ from affinity_store.store import AffinityStore
 from gateway.background import stop_task
 from gateway.catalog import Catalog, Key
 from gateway.config import Settings
-from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.cluster_shares import ClusterShares
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.key_shares import ShareBook
 from gateway.dispatch.load import LoadPoller
+from gateway.dispatch.memory_budget import MemoryBudget
 from gateway.dispatch.permits import KeyLimits, ProviderPermits
 from gateway.dispatch.upstream import create_client_session
 from gateway.dispatch.upstream_pool import UpstreamPool
@@ -197,8 +197,10 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         permits=permits,
         poller=poller,
         memory=RouterMemory.fresh(settings.routing),
-        answer_budget=AnswerBudget(
-            settings.server.max_buffered_answer_bytes, settings.routing.wait_timeout_seconds
+        memory_budget=MemoryBudget(
+            settings.server.memory_budget_bytes,
+            settings.server.memory_share_per_key,
+            settings.routing.wait_timeout_seconds,
         ),
         key_limits=key_limits,
         shedder=shedder,

@@ -16,10 +16,10 @@ from multidict import CIMultiDict
 
 from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
-from gateway.dispatch.answer_budget import Reservation
 from gateway.dispatch.blame import RequestBlame
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.http1 import ConnectTimeoutError, UpstreamConnectError, UpstreamError
+from gateway.dispatch.memory_budget import Reservation
 from gateway.dispatch.outcomes import Attempt, RetryableAttemptError, exhausted, failed_status
 from gateway.dispatch.permits import ProviderPermits
 from gateway.dispatch.upstream import (
@@ -58,7 +58,8 @@ class DispatchRecord:
     upstream_ttft_seconds: float | None = None
     bytes_sent: int = 0
     client_disconnected: bool = False
-    # The bytes of a non-streamed answer held in the worker's budget until it is sent.
+    # The request's bytes in the worker's memory budget (its body, an upload's copy, a
+    # non-streamed answer), held until the request ends.
     buffer: Reservation | None = None
 
     @property
@@ -299,7 +300,7 @@ class Dispatcher:
             )
         except BaseException:
             if buffer is not None:
-                buffer.release()
+                buffer.release_use("answer")
             raise
 
     def _timed_out(

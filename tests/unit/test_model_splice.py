@@ -108,9 +108,7 @@ def encode(value: Any, chooser: random.Random) -> bytes:
 def encode_string(text: str, chooser: random.Random) -> bytes:
     """A JSON string for `text`, each character escaped as \\uXXXX at random."""
     pieces = [
-        b"\\u%04x" % ord(character)
-        if chooser.random() < 0.3
-        else orjson.dumps(character)[1:-1]
+        b"\\u%04x" % ord(character) if chooser.random() < 0.3 else orjson.dumps(character)[1:-1]
         for character in text
     ]
     return b'"' + b"".join(pieces) + b'"'
