@@ -201,6 +201,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
             settings.server.memory_budget_bytes,
             settings.server.memory_share_per_key,
             settings.routing.wait_timeout_seconds,
+            on_refusal=lambda use, reason: metrics.memory_refusals.labels(use, reason).inc(),
         ),
         key_limits=key_limits,
         shedder=shedder,
@@ -226,7 +227,9 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     app[SHARES] = shares
     await shares.start()
     await poller.start()
-    refresher = asyncio.create_task(_refresh_gauges(holder, shedder), name="gauge-refresher")
+    refresher = asyncio.create_task(
+        _refresh_gauges(holder, shedder, state.memory_budget, metrics), name="gauge-refresher"
+    )
     yield
     await stop_task(refresher)
     await shares.stop()
@@ -252,12 +255,18 @@ def _shedder(settings: Settings, metrics: Metrics) -> LoadShedder:
     )
 
 
-async def _refresh_gauges(holder: RuntimeHolder, shedder: LoadShedder) -> None:
+async def _refresh_gauges(
+    holder: RuntimeHolder, shedder: LoadShedder, budget: MemoryBudget, metrics: Metrics
+) -> None:
     # Each worker keeps its own state gauges current, so a scrape answered by any worker
     # (multiprocess mode) sees all of them; an idle worker's queue delay settles to 0.
+    def held(use: str, size: int) -> None:
+        metrics.memory_held.labels(use).set(size)
+
     while True:
         holder.current.router.publish_gauges()
         shedder.tick()
+        budget.publish(metrics.memory_budget.set, held)
         await asyncio.sleep(GAUGE_REFRESH_SECONDS)
 
 

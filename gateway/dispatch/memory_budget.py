@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Literal
 
 from gateway.edge.errors import GatewayError
@@ -36,8 +37,15 @@ class MemoryRefusedError(Exception):
 class MemoryBudget:
     """Bytes this worker holds for requests, at most `limit`, one key at most `share` of it."""
 
-    def __init__(self, limit: int, share: float, wait_seconds: float) -> None:
+    def __init__(
+        self,
+        limit: int,
+        share: float,
+        wait_seconds: float,
+        on_refusal: Callable[[Use, str], None] | None = None,
+    ) -> None:
         self.limit = limit
+        self._on_refusal = on_refusal
         self.key_limit = max(1, int(limit * share))
         self._wait_seconds = wait_seconds
         self._held = 0
@@ -45,6 +53,12 @@ class MemoryBudget:
         self._by_use: Counter[Use] = Counter()
         self._freed = asyncio.Event()
         self.refusals: Counter[tuple[Use, str]] = Counter()
+
+    def publish(self, budget: Callable[[float], None], held: Callable[[Use, int], None]) -> None:
+        """Report the budget and what is held for each use."""
+        budget(self.limit)
+        for use in USES:
+            held(use, self._by_use[use])
 
     @property
     def held(self) -> int:
@@ -76,7 +90,7 @@ class MemoryBudget:
     def _try_take(self, key_id: str, use: Use, size: int, own: int) -> MemoryRefusedError | None:
         refusal = self._refusal(key_id, size, own)
         if refusal is not None:
-            self.refusals[use, "key_share" if refusal.by_key else "worker"] += 1
+            self._refused(use, refusal)
             return refusal
         self._held += size
         self._by_key[key_id] += size
@@ -88,7 +102,7 @@ class MemoryBudget:
         while (refusal := self._refusal(key_id, size, own)) is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.refusals[use, "key_share" if refusal.by_key else "worker"] += 1
+                self._refused(use, refusal)
                 raise refusal
             self._freed.clear()
             try:
@@ -98,6 +112,12 @@ class MemoryBudget:
         self._held += size
         self._by_key[key_id] += size
         self._by_use[use] += size
+
+    def _refused(self, use: Use, refusal: MemoryRefusedError) -> None:
+        reason = "key_share" if refusal.by_key else "worker"
+        self.refusals[use, reason] += 1
+        if self._on_refusal is not None:
+            self._on_refusal(use, reason)
 
     def _give_back(self, key_id: str, use: Use, size: int) -> None:
         self._held -= size
