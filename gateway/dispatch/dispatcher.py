@@ -34,7 +34,13 @@ from gateway.dispatch.upstream import (
     usable_answer,
 )
 from gateway.dispatch.upstream_pool import UpstreamPool, UpstreamResponse
-from gateway.edge.delivery import ClientStalledError, HeldHeadResponse, write_last, write_within
+from gateway.edge.delivery import (
+    ClientStalledError,
+    HeldHeadResponse,
+    whole_answer,
+    write_last,
+    write_within,
+)
 from gateway.edge.errors import GatewayError, sse_error_event
 from gateway.edge.model_names import Renamer
 
@@ -346,9 +352,7 @@ class Dispatcher:
             # An error may echo what the upstream received: never the provider's credential.
             answer = redact(bytes(answer), provider.credential)
         record.bytes_sent = len(answer)
-        return web.Response(
-            status=response.status, body=answer, headers=self._headers(job, provider, response)
-        )
+        return whole_answer(response.status, answer, self._headers(job, provider, response))
 
     def _headers(
         self, job: DispatchRequest, provider: Provider, response: UpstreamResponse
