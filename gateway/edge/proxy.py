@@ -269,6 +269,7 @@ class Proxy:
         route: list[str] = []
         parsed: ClientRequest | None = None
         resolved: Resolved | None = None
+        upload: Upload | None = None
         status = 500
         try:
             # The key's limits are taken as soon as its head is in: a body that trickles in
@@ -286,7 +287,6 @@ class Proxy:
                 raise
             if spec.body != "none":
                 await _ask_for_body(request)
-            upload: Upload | None = None
             if spec.body == "multipart":
                 upload = await open_upload(
                     request,
@@ -370,6 +370,8 @@ class Proxy:
             record.client_disconnected = True
             raise
         finally:
+            if upload is not None:
+                upload.source.close()
             if record.buffer is not None:
                 record.buffer.release()
             if admitted is not None:

@@ -143,8 +143,11 @@ class UploadSource:
             self._memory.release_use("upload_copy")
 
     def close(self) -> None:
-        """The request is over: the copy is let go (whatever still refers to this source)."""
+        """The request is over: the copy is let go, and the failure's traceback (whose frames
+        refer to this source: a cycle only a garbage collection would free)."""
         self._drop_copy()
+        if self.failure is not None:
+            self.failure.__traceback__ = None
 
 
 class Upload:
