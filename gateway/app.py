@@ -19,11 +19,11 @@ from affinity_store.store import AffinityStore
 from gateway.background import stop_task
 from gateway.catalog import Catalog, Key
 from gateway.config import Settings
-from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.cluster_shares import ClusterShares
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.key_shares import ShareBook, Unit
 from gateway.dispatch.load import LoadPoller
+from gateway.dispatch.memory_budget import MemoryBudget
 from gateway.dispatch.model_cards import ModelCards
 from gateway.dispatch.permits import KeyLimits, ProviderPermits
 from gateway.dispatch.retries import RetryBudget
@@ -200,8 +200,11 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         permits=permits,
         poller=poller,
         memory=RouterMemory.fresh(settings.routing),
-        answer_budget=AnswerBudget(
-            settings.server.max_buffered_answer_bytes, settings.routing.wait_timeout_seconds
+        memory_budget=MemoryBudget(
+            settings.server.memory_budget_bytes,
+            settings.server.memory_share_per_key,
+            settings.routing.wait_timeout_seconds,
+            on_refusal=lambda use, reason: metrics.memory_refusals.labels(use, reason).inc(),
         ),
         retries=RetryBudget(
             settings.routing,
@@ -243,7 +246,9 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     app[SHARES] = shares
     await shares.start()
     await poller.start()
-    refresher = asyncio.create_task(_refresh_gauges(holder, shedder), name="gauge-refresher")
+    refresher = asyncio.create_task(
+        _refresh_gauges(holder, shedder, state.memory_budget, metrics), name="gauge-refresher"
+    )
     yield
     await stop_task(refresher)
     await shares.stop()
@@ -262,12 +267,18 @@ def _shedder(settings: Settings, metrics: Metrics) -> LoadShedder:
     )
 
 
-async def _refresh_gauges(holder: RuntimeHolder, shedder: LoadShedder) -> None:
+async def _refresh_gauges(
+    holder: RuntimeHolder, shedder: LoadShedder, budget: MemoryBudget, metrics: Metrics
+) -> None:
     # Each worker keeps its own state gauges current, so a scrape answered by any worker
     # (multiprocess mode) sees all of them; an idle worker's queue delay settles to 0.
+    def held(use: str, size: int) -> None:
+        metrics.memory_held.labels(use).set(size)
+
     while True:
         holder.current.router.publish_gauges()
         shedder.tick()
+        budget.publish(metrics.memory_budget.set, held)
         await asyncio.sleep(GAUGE_REFRESH_SECONDS)
 
 

@@ -59,6 +59,12 @@ class ServerSettings(Section):
     from their head until their answer ends (bodies still arriving included), may hold at most
     `max_connection_share_per_key` of that cap; past it they get 429 before their body is read.
 
+    What a worker holds in memory for requests (bodies being read, upload copies kept for a
+    failover, non-streamed answers read whole) is at most `memory_budget_bytes`, one key's at
+    most `memory_share_per_key` of it: past it a body gets 503 (429 for the key over its share)
+    before more of it is read, and an answer waits up to `routing.wait_timeout_seconds` first
+    (see `gateway.dispatch.memory_budget`). `max_buffered_answer_bytes` is its former name.
+
     On SIGTERM a worker fails `/readyz` and answers with `Connection: close` for
     `drain_delay_seconds` (match the Kubernetes `preStop` sleep; keep it above the load balancer's
     upstream idle keep-alive timeout), then stops accepting and finishes in-flight requests up to
@@ -89,7 +95,9 @@ class ServerSettings(Section):
     max_connection_share_per_key: Annotated[float, Field(gt=0, le=1)] = 0.5
     cors_allow_origins: list[str] = Field(default_factory=list)
     request_compression: bool = False
-    max_buffered_answer_bytes: PositiveInt = 256 * 1024 * 1024
+    memory_budget_bytes: PositiveInt = 256 * 1024 * 1024
+    memory_share_per_key: Annotated[float, Field(gt=0, le=1)] = 0.5
+    max_buffered_answer_bytes: PositiveInt | None = None  # the former name of the budget
     load_shedding: bool = True
     load_shedding_burst_seconds: Annotated[float, Field(ge=0.01)] = 1.0
 
@@ -99,6 +107,19 @@ class ServerSettings(Section):
         if value is None or not value.get_secret_value():
             return None
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_answer_budget(cls, data: Any) -> Any:
+        """`max_buffered_answer_bytes` (answers only, in earlier builds) sets the whole budget."""
+        if not isinstance(data, dict) or data.get("max_buffered_answer_bytes") is None:
+            return data
+        if "memory_budget_bytes" in data:
+            raise ValueError(
+                "`max_buffered_answer_bytes` is the former name of `memory_budget_bytes` (one "
+                "budget for request bodies, upload copies and buffered answers): set only that"
+            )
+        return {**data, "memory_budget_bytes": data["max_buffered_answer_bytes"]}
 
 
 class DatabaseSettings(Section):

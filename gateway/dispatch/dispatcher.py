@@ -16,9 +16,9 @@ from multidict import CIMultiDict
 
 from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
-from gateway.dispatch.answer_budget import Reservation
 from gateway.dispatch.blame import RequestBlame
 from gateway.dispatch.health import ProviderHealth
+from gateway.dispatch.memory_budget import Reservation
 from gateway.dispatch.outcomes import (
     Attempt,
     RetryableAttemptError,
@@ -59,6 +59,7 @@ from gateway.edge.delivery import (
     ClientStalledError,
     HeldHeadResponse,
     end_incomplete,
+    whole_answer,
     write_last,
     write_within,
 )
@@ -87,7 +88,8 @@ class DispatchRecord:
     client_disconnected: bool = False
     # Why no further provider was tried though some were left (a reason of `retries`), if so.
     failover_stopped: str | None = None
-    # The bytes of a non-streamed answer held in the worker's budget until it is sent.
+    # The request's bytes in the worker's memory budget (its body, an upload's copy, a
+    # non-streamed answer), held until the request ends.
     buffer: Reservation | None = None
     # The last attempt's upstream error answer (renamed, redacted), if it sent one.
     upstream_answer: UpstreamErrorAnswer | None = None
@@ -377,7 +379,7 @@ class Dispatcher:
             )
         except BaseException:
             if buffer is not None:
-                buffer.release()
+                buffer.release_use("answer")
             raise
 
     def _timed_out(
@@ -430,9 +432,7 @@ class Dispatcher:
                 UpstreamErrorAnswer(response.status, None, bytes(body)), renamer, provider
             ).body
         record.bytes_sent = len(answer)
-        return web.Response(
-            status=response.status, body=answer, headers=self._headers(job, provider, response)
-        )
+        return whole_answer(response.status, answer, self._headers(job, provider, response))
 
     def _headers(
         self, job: DispatchRequest, provider: Provider, response: UpstreamResponse

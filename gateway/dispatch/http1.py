@@ -50,14 +50,33 @@ class _RefusedAnswerError(Exception):
     """Raised inside the parser when an answer's head cannot be relayed (the exchange failed)."""
 
 
+class _ClosedParser:
+    """Stands for the parser of a closed connection: it is fed nothing more."""
+
+    def feed_data(self, data: bytes) -> None:
+        """Nothing is parsed once the connection closed."""
+
+    def get_status_code(self) -> int:
+        """No answer on a closed connection."""
+        return 0
+
+    def should_keep_alive(self) -> bool:
+        """A closed connection carries nothing more."""
+        return False
+
+
+_CLOSED_PARSER = _ClosedParser()
+
+
 class Http1Connection(asyncio.Protocol):
     """The protocol of one upstream connection; one exchange at a time."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._parser = httptools.HttpResponseParser(self)
+        parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | _ClosedParser = parser
         # Lenient as aiohttp's client parser is outside its debug mode.
-        self._parser.set_dangerous_leniencies(
+        parser.set_dangerous_leniencies(
             lenient_headers=True,
             lenient_optional_cr_before_lf=True,
             lenient_spaces_after_chunk_size=True,
@@ -185,9 +204,16 @@ class Http1Connection(asyncio.Protocol):
         return reusable
 
     def abort(self) -> None:
-        """Drop the connection at once (an unfinished exchange cannot be resumed)."""
+        """Drop the connection at once (an unfinished exchange cannot be resumed).
+
+        The failure raised to the reader is let go: its traceback holds the reader's frames
+        (the client's request, an upload's copy) and this connection, a cycle only a garbage
+        collection would free; a later read gets a failure of its own."""
         self.closed = True
         self._cancel_timer()
+        if self._error is not None:
+            self._error = type(self._error)(*self._error.args)
+        self._chunks.clear()
         writer, self._writer = self._writer, None
         if writer is not None and not writer.done():
             writer.cancel()
@@ -221,6 +247,8 @@ class Http1Connection(asyncio.Protocol):
         self._wake()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
+        # The last callback: the parser (which holds this protocol's methods) is not needed.
+        self._parser = _CLOSED_PARSER
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; a framing error fails the exchange, bytes after an answer drop it."""

@@ -1,8 +1,8 @@
-"""Model ids in raw JSON: splice the request's `model` value, rename the upstream id in answers
-(the `model` members only) and in error bodies.
+"""Model ids in raw JSON answers: the upstream id renamed to the public one in the `model`
+members only, and in error bodies (the request's side is `gateway.edge.model_splice`).
 
-Neither direction re-serialises a document: every other byte stays as the client or the
-upstream sent it (big integers, key order, spacing, escapes).
+No answer is re-serialised: every other byte stays as the upstream sent it (big integers, key
+order, spacing, escapes).
 """
 
 from __future__ import annotations
@@ -13,78 +13,6 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import orjson
-
-_WHITESPACE = re.compile(rb"[ \t\r\n]*")
-# The unrolled form: runs of plain bytes are matched at once, not one alternation per byte.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_SCALAR_END = re.compile(rb"[ \t\r\n,}\]]")
-_STRUCTURE = re.compile(rb'["{}\[\]]')
-
-
-def replace_model(raw: bytes, model: str) -> bytes:
-    """`raw` (a JSON object orjson accepted) with its top-level `model` value set to `model`.
-
-    The value's bytes are replaced in place; when the key appears more than once the last one
-    counts (as for the parser). Without a `model` key the object gains one at its end.
-    """
-    span = _model_value_span(raw)
-    value = orjson.dumps(model)
-    if span is None:
-        closing = raw.rstrip().rfind(b"}")
-        separator = b"," if raw[:closing].rstrip()[-1:] != b"{" else b""
-        return raw[:closing] + separator + b'"model":' + value + raw[closing:]
-    start, end = span
-    return raw[:start] + value + raw[end:]
-
-
-def _model_value_span(raw: bytes) -> tuple[int, int] | None:
-    position = _skip_space(raw, raw.find(b"{") + 1)
-    found: tuple[int, int] | None = None
-    while position < len(raw) and raw[position : position + 1] != b"}":
-        key = _STRING.match(raw, position)
-        if key is None:
-            return found
-        position = _skip_space(raw, key.end())
-        position = _skip_space(raw, position + 1)  # the colon
-        end = _value_end(raw, position)
-        if orjson.loads(key.group()) == "model":
-            found = (position, end)
-        position = _skip_space(raw, end)
-        if raw[position : position + 1] == b",":
-            position = _skip_space(raw, position + 1)
-    return found
-
-
-def _skip_space(raw: bytes, position: int) -> int:
-    match = _WHITESPACE.match(raw, position)
-    return match.end() if match else position
-
-
-def _value_end(raw: bytes, start: int) -> int:
-    first = raw[start : start + 1]
-    if first == b'"':
-        string = _STRING.match(raw, start)
-        assert string is not None  # the document parsed
-        return string.end()
-    if first not in (b"{", b"["):
-        scalar = _SCALAR_END.search(raw, start)
-        return scalar.start() if scalar else len(raw)
-    depth = 0
-    position = start
-    while True:
-        token = _STRUCTURE.search(raw, position)
-        assert token is not None  # the document parsed
-        mark = token.group()
-        if mark == b'"':
-            string = _STRING.match(raw, token.start())
-            assert string is not None
-            position = string.end()
-            continue
-        depth += 1 if mark in (b"{", b"[") else -1
-        position = token.end()
-        if depth == 0:
-            return position
-
 
 # The bytes before a renamed value that a stream chunk may have left in the previous chunk.
 CONTEXT_BYTES = 32

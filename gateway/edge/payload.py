@@ -9,7 +9,7 @@ from typing import Any, Literal
 import orjson
 
 from gateway.edge.errors import GatewayError
-from gateway.edge.model_names import replace_model
+from gateway.edge.model_splice import replace_model
 
 # What a JSON body must hold besides `model`: chat messages, a completion prompt, or nothing.
 Endpoint = Literal["chat", "completions", "model"]

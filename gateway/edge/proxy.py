@@ -14,8 +14,8 @@ import structlog
 from aiohttp import HttpVersion11, web
 
 from gateway.catalog import Catalog, Key, Provider
-from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.dispatcher import Dispatcher, DispatchRecord, DispatchRequest, RequestBody
+from gateway.dispatch.memory_budget import MemoryBudget, Reservation
 from gateway.dispatch.model_cards import ModelCards, model_object
 from gateway.dispatch.permits import KeyLimits, concurrency_headers
 from gateway.edge.connections import body_read_timeout, close_after_response
@@ -78,7 +78,7 @@ class Proxy:
         recent: RecentDecisions | None = None,
         request_compression: bool = False,
         write_timeout: float = 60.0,
-        answer_budget: AnswerBudget | None = None,
+        memory_budget: MemoryBudget | None = None,
         shedder: LoadShedder | None = None,
         model_cards: ModelCards | None = None,
     ) -> None:
@@ -96,7 +96,7 @@ class Proxy:
         self._mode_header = mode_header
         self._request_compression = request_compression
         self._write_timeout = write_timeout
-        self.answer_budget = answer_budget
+        self.memory_budget = memory_budget
         self.shedder = shedder
         self.model_cards = model_cards
 
@@ -208,23 +208,29 @@ class Proxy:
 
         return renamer
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        """The whole body: 413 past `max_body_bytes`, 408 when it is not all there in time."""
+    async def _read_body(self, request: web.Request, memory: Reservation | None) -> bytes:
+        """The whole body: 413 past `max_body_bytes`, 408 when it is not all there in time;
+        each piece counted in the worker's memory budget before it is kept (a declared length
+        at once, before any is read), 503/429 past it."""
         encoding = content_encoding(request.headers.get("Content-Encoding"))
         check_encoding(encoding, allowed=self._request_compression)
-        if request.content_length is not None and request.content_length > self._max_body_bytes:
+        length = request.content_length
+        if length is not None and length > self._max_body_bytes:
             raise too_large(self._max_body_bytes)
+        take = _taker(request, memory)
+        if take is not None and encoding in IDENTITY and length is not None:
+            take(length)
+            take = None  # the declared length is held: the pieces are within it
         timeout = body_read_timeout(request)
+        pieces = _pieces(request, self._max_body_bytes, take)
         try:
             if encoding in IDENTITY and request.content.is_eof():
                 # The whole body came with the head: nothing to wait for, no deadline to arm.
-                return await request.read()
+                return await _gather(pieces)
             async with asyncio.timeout(timeout):
                 if encoding in IDENTITY:
-                    return await request.read()
-                return await decode_body(
-                    _pieces(request, self._max_body_bytes), encoding, self._max_body_bytes
-                )
+                    return await _gather(pieces)
+                return await decode_body(pieces, encoding, self._max_body_bytes, take)
         except web.HTTPRequestEntityTooLarge:
             raise too_large(self._max_body_bytes) from None
         except TimeoutError:
@@ -270,15 +276,14 @@ class Proxy:
         """Proxy one request to an endpoint of the table."""
         started_at = time.monotonic()
         request_id = request_id_of(request)
-        record = DispatchRecord(
-            buffer=self.answer_budget.reservation() if self.answer_budget else None
-        )
+        record = DispatchRecord()
         key: Key | None = None
         admitted: Key | None = None
         affinity = "none"
         route: list[str] = []
         parsed: ClientRequest | None = None
         resolved: Resolved | None = None
+        upload: Upload | None = None
         status = 500
         try:
             # The key's limits are taken as soon as its head is in: a body that trickles in
@@ -287,6 +292,8 @@ class Proxy:
                 key = self.authenticate(request)
                 await self.key_limits.admit(key, self._connections_per_key)
                 admitted = key
+                if self.memory_budget is not None:
+                    record.buffer = self.memory_budget.reservation(key.id)
             except GatewayError:
                 # A body nobody will read is not waited for: close once the refusal is out.
                 if not request.content.is_eof():
@@ -294,14 +301,16 @@ class Proxy:
                 raise
             if spec.body != "none":
                 await _ask_for_body(request)
-            upload: Upload | None = None
             if spec.body == "multipart":
                 upload = await open_upload(
-                    request, max_body_bytes=self._max_body_bytes, replay_cap=REPLAY_CAP_BYTES
+                    request,
+                    max_body_bytes=self._max_body_bytes,
+                    replay_cap=REPLAY_CAP_BYTES,
+                    memory=record.buffer,
                 )
                 parsed = upload.request
             else:
-                raw = await self._read_body(request) if spec.body != "none" else b""
+                raw = await self._read_body(request, record.buffer) if spec.body != "none" else b""
                 parsed = parse_request(spec, raw)
             pinned = await self._pinned_provider(request, spec, parsed, key)
             storing = spec.stores_responses and await self.responses.admit(key, parsed.data)
@@ -389,6 +398,8 @@ class Proxy:
             record.client_disconnected = True
             raise
         finally:
+            if upload is not None:
+                upload.source.close()
             if record.buffer is not None:
                 record.buffer.release()
             if admitted is not None:
@@ -551,14 +562,42 @@ async def _ask_for_body(request: web.Request) -> None:
         request.writer.output_size = 0
 
 
-async def _pieces(request: web.Request, limit: int) -> AsyncIterator[bytes]:
-    """The body as it arrives, undecoded: 413 past `limit` bytes received."""
+async def _pieces(
+    request: web.Request, limit: int, take: Callable[[int], None] | None
+) -> AsyncIterator[bytes]:
+    """The body as it arrives, undecoded: 413 past `limit` bytes received; each piece counted
+    by `take` (the memory budget) before it is passed on."""
     received = 0
     async for piece in request.content.iter_any():
         received += len(piece)
         if received > limit:
-            raise too_large(limit)
+            close_after_response(request)
+            raise too_large(limit, close=True)
+        if take is not None:
+            take(len(piece))
         yield piece
+
+
+async def _gather(pieces: AsyncIterator[bytes]) -> bytes:
+    """A body's pieces, joined (one piece: as it came)."""
+    gathered = [piece async for piece in pieces]
+    return gathered[0] if len(gathered) == 1 else b"".join(gathered)
+
+
+def _taker(request: web.Request, memory: Reservation | None) -> Callable[[int], None] | None:
+    """Counts a request body's bytes in the memory budget; a refusal closes the connection (the
+    rest of the body is not read)."""
+    if memory is None:
+        return None
+
+    def take(size: int) -> None:
+        try:
+            memory.take_now("request_body", size)
+        except GatewayError:
+            close_after_response(request)
+            raise
+
+    return take
 
 
 def _response_id(request: web.Request, parsed: ClientRequest) -> str:

@@ -173,6 +173,28 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.memory_budget = Gauge(
+            "gateway_memory_budget_bytes",
+            "A worker's memory budget for requests (server.memory_budget_bytes; across workers: "
+            "the sum).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.memory_held = Gauge(
+            "gateway_memory_held_bytes",
+            "Bytes held in the memory budget now, by use: request_body, upload_copy, answer "
+            "(across workers: the sum).",
+            ["use"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.memory_refusals = Counter(
+            "gateway_memory_refusals",
+            "Bytes the memory budget refused, counted once per refusal, by use and reason "
+            "(worker: the budget was spent; key_share: the key's share was).",
+            ["use", "reason"],
+            registry=self.registry,
+        )
         self.latency_band = Gauge(
             "gateway_latency_band",
             "A provider's latency band for a model: 0 near the mean, positive slower "

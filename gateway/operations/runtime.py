@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from affinity_store.store import AffinityStore
 from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.dispatcher import Dispatcher
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
+from gateway.dispatch.memory_budget import MemoryBudget
 from gateway.dispatch.model_cards import ModelCards
 from gateway.dispatch.permits import KeyLimits, ProviderPermits, per_key_limit
 from gateway.dispatch.retries import RetryBudget
@@ -51,8 +51,8 @@ class ProcessState:
     permits: ProviderPermits
     poller: LoadPoller
     memory: RouterMemory
-    answer_budget: AnswerBudget
     retries: RetryBudget  # retries under way carry over; a reload sets the budget's share
+    memory_budget: MemoryBudget
     key_limits: KeyLimits = field(default_factory=KeyLimits)
     shedder: LoadShedder | None = None  # None: only in tests that build a state by hand
     model_cards: ModelCards | None = None  # None: model lists carry no node-reported fields
@@ -155,7 +155,7 @@ def build_runtime(
         recent=state.recent,
         request_compression=settings.server.request_compression,
         write_timeout=routing.downstream_write_timeout_seconds,
-        answer_budget=state.answer_budget,
+        memory_budget=state.memory_budget,
         shedder=state.shedder,
         model_cards=state.model_cards,
     )

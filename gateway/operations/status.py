@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from affinity_store.store import StoreError
+from gateway.dispatch.memory_budget import USES
 
 if TYPE_CHECKING:
     from gateway.operations.runtime import Runtime
@@ -100,6 +101,17 @@ class OverloadRow:
 
 
 @dataclass(frozen=True)
+class MemoryRow:
+    """This worker's memory budget for requests: its size, what is held, and the refusals."""
+
+    budget_bytes: int
+    key_share_bytes: int  # the most one key may hold
+    held_bytes: int
+    held_by_use: Mapping[str, int]  # request_body, upload_copy, answer
+    refusals: int  # since the worker started
+
+
+@dataclass(frozen=True)
 class StatusSnapshot:
     """Everything the status page renders."""
 
@@ -115,6 +127,7 @@ class StatusSnapshot:
     key_shares: Sequence[KeyShareRow] = ()
     cluster_workers: int = 1  # live workers sharing the key limits, as last heard
     overload: OverloadRow | None = None  # None: no load shedder (a state built by hand)
+    memory: MemoryRow | None = None  # None: no memory budget (a proxy built by hand)
 
 
 async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) -> StatusSnapshot:
@@ -171,6 +184,18 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
             episodes=shedder.episodes,
         )
     )
+    budget = runtime.proxy.memory_budget
+    memory = (
+        None
+        if budget is None
+        else MemoryRow(
+            budget_bytes=budget.limit,
+            key_share_bytes=budget.key_limit,
+            held_bytes=budget.held,
+            held_by_use={use: budget.held_for(use) for use in USES},
+            refusals=sum(budget.refusals.values()),
+        )
+    )
     return StatusSnapshot(
         worker_pid=os.getpid(),
         generated_at=time.time(),
@@ -183,4 +208,5 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
         key_shares=shares,
         cluster_workers=key_limits.shares.workers,
         overload=overload,
+        memory=memory,
     )
