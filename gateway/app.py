@@ -16,6 +16,7 @@ from affinity_store.memory import MemoryAffinityStore
 from affinity_store.notifications import BindingChanges
 from affinity_store.postgres import Pool, PostgresAffinityStore
 from affinity_store.store import AffinityStore
+from affinity_store.usage import MemoryUsageStore, PostgresUsageStore, UsageStore
 from gateway.background import stop_task
 from gateway.catalog import Catalog, Key
 from gateway.config import Settings
@@ -28,6 +29,7 @@ from gateway.dispatch.permits import KeyLimits, ProviderPermits
 from gateway.dispatch.retries import RetryBudget
 from gateway.dispatch.upstream import create_client_session
 from gateway.dispatch.upstream_pool import UpstreamPool
+from gateway.dispatch.usage_book import UsageBook, UsageFlusher
 from gateway.edge.connections import SERVER_NAME
 from gateway.edge.cors import Cors
 from gateway.edge.endpoints import ENDPOINTS, EndpointSpec
@@ -60,6 +62,8 @@ LOAD = web.AppKey("load", LoadPoller)
 # Where each request meets the load shedder, before the app (see `gateway.edge.overload`).
 OVERLOAD_GATE = web.AppKey("overload_gate", OverloadGate)
 SHARES = web.AppKey("shares", ClusterShares)
+USAGE_STORE = web.AppKey("usage_store", UsageStore)
+USAGE_BOOK = web.AppKey("usage_book", UsageBook)
 METRICS_DIRECTORY = web.AppKey("metrics_directory", str)
 GAUGE_REFRESH_SECONDS = 1.0
 WARM_UP_SECONDS = 10.0
@@ -73,11 +77,13 @@ def create_app(
     metrics: Metrics | None = None,
     store: AffinityStore | None = None,
     metrics_directory: str | None = None,
+    usage_store: UsageStore | None = None,
 ) -> web.Application:
     """The gateway application for one worker process.
 
     Bindings go to `store` when given, else to the Postgres at `database.url`; with neither,
-    they stay in this process (a warning says so). `metrics_directory` is set when several
+    they stay in this process (a warning says so). Usage rollups go to `usage_store` when
+    given, else to the same Postgres, else to memory. `metrics_directory` is set when several
     workers share their metrics (see `gateway.operations.metrics`).
     """
     cors = Cors(settings.server.cors_allow_origins) if settings.server.cors_allow_origins else None
@@ -98,6 +104,8 @@ def create_app(
         app[STORE] = store
     if metrics_directory is not None:
         app[METRICS_DIRECTORY] = metrics_directory
+    if usage_store is not None:
+        app[USAGE_STORE] = usage_store
     app.cleanup_ctx.append(store_context)
     app.cleanup_ctx.append(client_session_context)
 
@@ -158,12 +166,30 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
         await changes.start()
         affinity.follow(changes)
     await affinity.start()
+    flusher = _usage_flusher(app, pool)
+    if flusher is not None:
+        await flusher.start()
     yield
+    if flusher is not None:
+        await flusher.stop()  # its last flush, on the pool still open
     await affinity.stop()
     if changes is not None:
         await changes.stop()
     if pool is not None:
         await pool.close()
+
+
+def _usage_flusher(app: web.Application, pool: Pool | None) -> UsageFlusher | None:
+    """The worker's usage book (reached by requests through the process state) and the flusher
+    that adds it to the store; None with `usage.enabled: false`."""
+    usage = app[SETTINGS].usage
+    if not usage.enabled:
+        return None
+    if USAGE_STORE not in app:
+        app[USAGE_STORE] = PostgresUsageStore(pool) if pool is not None else MemoryUsageStore()
+    book = UsageBook(usage.max_pending_rows)
+    app[USAGE_BOOK] = book
+    return UsageFlusher(app[USAGE_STORE], book, usage)
 
 
 async def client_session_context(app: web.Application) -> AsyncIterator[None]:
@@ -210,6 +236,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         ),
         key_limits=key_limits,
         shedder=shedder,
+        usage_book=app.get(USAGE_BOOK),
     )
     holder = RuntimeHolder(build_runtime(settings, state))
     app[RUNTIME] = holder

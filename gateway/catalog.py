@@ -38,6 +38,7 @@ class Provider:
     max_concurrency: int | None
     min_start_interval_seconds: float
     draining: bool = False
+    stream_usage: bool = True
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> Provider:
@@ -52,6 +53,7 @@ class Provider:
             max_concurrency=settings.max_concurrency,
             min_start_interval_seconds=settings.min_start_interval_ms / 1000,
             draining=settings.draining,
+            stream_usage=settings.stream_usage,
         )
 
 

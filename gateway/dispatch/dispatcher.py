@@ -42,6 +42,7 @@ from gateway.dispatch.upstream import (
     usable_answer,
 )
 from gateway.dispatch.upstream_pool import UpstreamPool, UpstreamResponse
+from gateway.dispatch.usage import StreamUsage, Usage, usage_from_body
 from gateway.edge.delivery import ClientStalledError, HeldHeadResponse, write_last, write_within
 from gateway.edge.errors import GatewayError, sse_error_event
 from gateway.edge.model_names import Renamer
@@ -70,6 +71,8 @@ class DispatchRecord:
     failover_stopped: str | None = None
     # The bytes of a non-streamed answer held in the worker's budget until it is sent.
     buffer: Reservation | None = None
+    # The tokens the answer reported (a stream's: what it reported before it ended or broke).
+    usage: Usage | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -92,6 +95,8 @@ class DispatchRequest:
     A streamed upload says whether it can still be sent again (`replayable`) and why it could
     not be read (`body_failure`); with `stream_by_answer` a 2xx event stream is streamed even
     when the request did not say so. `key_id` names the client key, for blaming failures.
+    `strips_usage` says whether a provider's stream carries a usage event the gateway asked
+    for and the client did not: it is taken out of the client's stream.
     """
 
     request_id: str
@@ -110,6 +115,7 @@ class DispatchRequest:
     stream_by_answer: bool = False
     replayable: Callable[[], bool] = lambda: True
     body_failure: Callable[[], GatewayError | None] = lambda: None
+    strips_usage: Callable[[Provider], bool] = lambda provider: False
 
 
 class Dispatcher:
@@ -390,6 +396,8 @@ class Dispatcher:
         self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
         record.status = response.status
+        if is_success(response):
+            record.usage = usage_from_body(body)
         renamer = job.renamer(provider) if is_success(response) else None
         answer = renamer.whole(body) if renamer is not None else body
         if not is_success(response):
@@ -434,6 +442,7 @@ class Dispatcher:
         await downstream.prepare(request)
         framing = EventStreamFraming()
         renamer = job.renamer(provider)
+        usage = StreamUsage(strip=job.strips_usage(provider))
         last = b""
         chunk = first_chunk
         head = True  # the head is still held
@@ -444,17 +453,21 @@ class Dispatcher:
                     return await self._end_broken_stream(
                         downstream, provider, record, last, "malformed_stream", blame=blame
                     )
-                if renamer is not None:
+                chunk = usage.feed(chunk)
+                if renamer is not None and chunk:
                     chunk = renamer.feed(chunk)
                 if response.at_eof:
                     break  # the upstream is done: this chunk is the last
-                await write_within(request, downstream, chunk, self._write_timeout, head=head)
-                head = False
-                record.bytes_sent += len(chunk)
-                last = chunk or last
+                if chunk:  # (empty while an event is held to see whether it is usage only)
+                    await write_within(request, downstream, chunk, self._write_timeout, head=head)
+                    head = False
+                    record.bytes_sent += len(chunk)
+                    last = chunk
                 chunk = await response.read()
-            if renamer is not None and (held := renamer.flush()):
-                chunk += held
+            held = usage.flush()
+            if renamer is not None:
+                held = (renamer.feed(held) if held else b"") + renamer.flush()
+            chunk += held
             if chunk:
                 ended = await write_last(request, downstream, chunk, self._write_timeout, head=head)
                 record.bytes_sent += len(chunk)
@@ -472,6 +485,8 @@ class Dispatcher:
             return await self._end_broken_stream(
                 downstream, provider, record, last, "dropped_mid_stream", blame=blame
             )
+        finally:
+            record.usage = usage.usage  # what the stream reported, however it ended
         self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
         if not ended:

@@ -61,6 +61,19 @@ def usage_from_body(body: bytes | bytearray) -> Usage | None:
     return usage_of(value)
 
 
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+
+
+def with_usage_requested(body: bytes) -> bytes:
+    """The body with `"stream_options":{"include_usage":true},` spliced in right after its
+    opening brace (the body is a JSON object with at least `model`, so a comma always follows);
+    no other byte changes."""
+    opening = body.find(b"{")
+    if opening < 0:
+        return body
+    return body[: opening + 1] + _INCLUDE_USAGE + body[opening + 1 :]
+
+
 def asks_for_usage(body: dict[str, Any]) -> bool:
     """Whether a streamed request asked for the usage event itself."""
     options = body.get("stream_options")

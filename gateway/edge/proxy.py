@@ -17,6 +17,8 @@ from gateway.catalog import Catalog, Key, Provider
 from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.dispatcher import Dispatcher, DispatchRecord, DispatchRequest, RequestBody
 from gateway.dispatch.permits import KeyLimits, concurrency_headers
+from gateway.dispatch.usage import with_usage_requested
+from gateway.dispatch.usage_book import UsageBook
 from gateway.edge.connections import body_read_timeout, close_after_response
 from gateway.edge.delivery import deliver
 from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
@@ -79,6 +81,7 @@ class Proxy:
         write_timeout: float = 60.0,
         answer_budget: AnswerBudget | None = None,
         shedder: LoadShedder | None = None,
+        usage_book: UsageBook | None = None,
     ) -> None:
         self.catalog = catalog
         self.responses = responses
@@ -96,6 +99,8 @@ class Proxy:
         self._write_timeout = write_timeout
         self.answer_budget = answer_budget
         self.shedder = shedder
+        # None: usage accounting is off (no book, no usage asked of streams).
+        self.usage_book = usage_book
 
     def authenticate(self, request: web.BaseRequest) -> Key:
         """The key of a `Bearer` Authorization header (or an `api-key` / `x-api-key` header),
@@ -385,6 +390,7 @@ class Proxy:
                 record=record,
                 status=status,
                 started_at=started_at,
+                usage_book=self.usage_book,
             )
 
     def _conversation(
@@ -449,12 +455,25 @@ class Proxy:
     ) -> DispatchRequest:
         model = resolved.model if resolved is not None else None
         timeouts = self.catalog.timeouts(model or "")
+        # A stream's usage event is asked for when the client did not ask (and taken out again).
+        adds_usage = (
+            self.usage_book is not None
+            and parsed.stream
+            and spec.fields in ("chat", "completions")
+            and "stream_options" not in parsed.data
+        )
+
+        def strips_usage(provider: Provider) -> bool:
+            return adds_usage and provider.stream_usage
 
         def body(provider: Provider) -> RequestBody:
             upstream = provider.upstream_models[model] if model is not None else None
             if upload is not None and upstream is not None:
                 return upload.body_for(upstream)
-            return parsed.body_for(upstream) if upstream is not None else None
+            sent = parsed.body_for(upstream) if upstream is not None else None
+            if sent is not None and strips_usage(provider):
+                return with_usage_requested(sent)
+            return sent
 
         async def on_answer(provider: Provider, opening: bytes | bytearray) -> None:
             if spec.stores_responses:
@@ -479,6 +498,7 @@ class Proxy:
             stream_by_answer=upload is not None,
             replayable=(lambda: upload.source.replayable) if upload is not None else _always,
             body_failure=(lambda: upload.source.failure) if upload is not None else _no_failure,
+            strips_usage=strips_usage,
         )
 
     async def _dispatch(

@@ -24,6 +24,7 @@ from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.permits import KeyLimits, ProviderPermits, per_key_limit
 from gateway.dispatch.retries import RetryBudget
 from gateway.dispatch.upstream_pool import UpstreamPool
+from gateway.dispatch.usage_book import UsageBook
 from gateway.edge.overload import LoadShedder
 from gateway.edge.proxy import RECENT_DECISIONS, Proxy
 from gateway.edge.responses import ResponseBindings
@@ -54,6 +55,7 @@ class ProcessState:
     retries: RetryBudget  # retries under way carry over; a reload sets the budget's share
     key_limits: KeyLimits = field(default_factory=KeyLimits)
     shedder: LoadShedder | None = None  # None: only in tests that build a state by hand
+    usage_book: UsageBook | None = None  # None: usage accounting is off
     recent: RecentDecisions = field(default_factory=lambda: RecentDecisions(RECENT_DECISIONS))
     # Fixed per process, so the random tiebreak between providers survives a reload.
     tiebreak_seed: int = field(default_factory=lambda: random.getrandbits(64))
@@ -155,6 +157,7 @@ def build_runtime(
         write_timeout=routing.downstream_write_timeout_seconds,
         answer_budget=state.answer_budget,
         shedder=state.shedder,
+        usage_book=state.usage_book,
     )
     return Runtime(
         settings=settings,
