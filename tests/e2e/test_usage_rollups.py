@@ -65,6 +65,13 @@ async def gateways(
         yield node, started, connection
 
 
+async def rollup_totals(db: asyncpg.Connection) -> asyncpg.Record:
+    """The rollups' requests and tokens of the last day, summed."""
+    row = await db.fetchrow(TOTALS)
+    assert row is not None
+    return row
+
+
 async def node_counters(node: SimulatorProcess) -> dict[str, float]:
     """The node's token counters, as vLLM names them."""
     async with aiohttp.ClientSession() as session, session.get(f"{node.url}/metrics") as response:
@@ -134,10 +141,10 @@ async def test_rollups_of_two_replicas_of_two_workers_add_up_to_what_the_node_co
         after = await node_counters(node)
 
         async def all_flushed() -> bool:
-            return bool((await db.fetchrow(TOTALS))["requests"] == 48)
+            return bool((await rollup_totals(db))["requests"] == 48)
 
         await wait_until(all_flushed, timeout=20, message="48 requests in the rollups")
-        totals = await db.fetchrow(TOTALS)
+        totals = await rollup_totals(db)
         assert totals["prompt"] == after[COUNTERS[0]] - before[COUNTERS[0]] > 0
         assert totals["completion"] == after[COUNTERS[1]] - before[COUNTERS[1]] > 0
         assert totals["cached"] == after[COUNTERS[2]] - before[COUNTERS[2]] > 0
@@ -148,7 +155,7 @@ async def test_rollups_of_two_replicas_of_two_workers_add_up_to_what_the_node_co
             )
 
         await wait_until(purged, timeout=20, message="the expired minute purged")
-        assert (await db.fetchrow(TOTALS))["requests"] == 48
+        assert (await rollup_totals(db))["requests"] == 48
 
 
 def worker_pids(gateway: GatewayProcess) -> list[int]:
@@ -170,16 +177,16 @@ async def test_a_killed_worker_loses_at_most_its_last_interval(
         await send([gateway.url], range(8))
 
         async def flushed(count: int) -> bool:
-            return bool((await db.fetchrow(TOTALS))["requests"] >= count)
+            return bool((await rollup_totals(db))["requests"] >= count)
 
         await wait_until(lambda: flushed(8), timeout=10, message="the first 8 flushed")
         await send([gateway.url], range(8, 16))
         for pid in worker_pids(gateway):
             os.kill(pid, signal.SIGKILL)
-        kept = (await db.fetchrow(TOTALS))["requests"]
+        kept = (await rollup_totals(db))["requests"]
         assert 8 <= kept <= 16
         async with aiohttp.ClientSession() as session:
             await wait_until(lambda: answers(session, gateway.url), timeout=30, message="restart")
         await send([gateway.url], range(16, 24))
         await wait_until(lambda: flushed(kept + 8), timeout=10, message="the restarted workers")
-        assert (await db.fetchrow(TOTALS))["requests"] == kept + 8
+        assert (await rollup_totals(db))["requests"] == kept + 8
