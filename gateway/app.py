@@ -43,6 +43,7 @@ from gateway.operations.reload import Reloader
 from gateway.operations.runtime import Lifecycle, ProcessState, RuntimeHolder, build_runtime
 from gateway.operations.status import collect_status
 from gateway.operations.status_page import render_status
+from gateway.operations.usage_view import admin_usage as read_usage
 from gateway.selection.affinity import SharedAffinity
 from gateway.selection.database import database_url, describe_database, open_pool
 from gateway.selection.router import RouterMemory
@@ -123,6 +124,7 @@ def create_app(
     # Always routed: whether a token is set (and which) is read per request, so a reload applies.
     app.router.add_get("/admin/bindings", admin_bindings)
     app.router.add_get("/admin/status", admin_status)
+    app.router.add_get("/admin/usage", admin_usage)
     return app
 
 
@@ -406,12 +408,20 @@ async def admin_status(request: web.Request) -> web.Response:
     """`/admin/status` (admin token): this worker's view, as a small auto-refreshing page."""
     _check_admin(request)
     runtime = request.app[RUNTIME].current
-    snapshot = await collect_status(runtime, list(runtime.proxy.recent))
+    snapshot = await collect_status(
+        runtime, list(runtime.proxy.recent), request.app.get(USAGE_STORE)
+    )
     return web.Response(
         text=render_status(snapshot),
         content_type="text/html",
         headers={"Cache-Control": "no-store"},
     )
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    """`/admin/usage?since=24h&by=key,model` (admin token): the cluster's usage rollups."""
+    _check_admin(request)
+    return await read_usage(request, request.app.get(USAGE_STORE))
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from affinity_store.store import StoreError
+from affinity_store.usage import UsageStore
+from gateway.operations.usage_view import UsageSection, collect_usage
 
 if TYPE_CHECKING:
     from gateway.operations.runtime import Runtime
@@ -116,10 +118,16 @@ class StatusSnapshot:
     key_shares: Sequence[KeyShareRow] = ()
     cluster_workers: int = 1  # live workers sharing the key limits, as last heard
     overload: OverloadRow | None = None  # None: no load shedder (a state built by hand)
+    usage: UsageSection | None = None  # None: usage accounting is off
 
 
-async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) -> StatusSnapshot:
-    """Gather the snapshot; the binding counts are the only I/O, bounded and optional."""
+async def collect_status(
+    runtime: Runtime,
+    decisions: Sequence[RecentDecision],
+    usage_store: UsageStore | None = None,
+) -> StatusSnapshot:
+    """Gather the snapshot; the binding counts and the last hour's usage are the only I/O,
+    each bounded and optional."""
     router = runtime.router
     catalog = runtime.catalog
     identities = {provider.routing_identity for provider in catalog.providers.values()}
@@ -185,4 +193,9 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
         key_shares=shares,
         cluster_workers=key_limits.shares.workers,
         overload=overload,
+        usage=(
+            None
+            if usage_store is None
+            else await collect_usage(usage_store, timeout=STATUS_STORE_TIMEOUT_SECONDS)
+        ),
     )

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from html import escape
 
 from gateway.operations.status import OverloadRow, ProviderRow, RecentDecision, StatusSnapshot
+from gateway.operations.usage_view import render_usage
 
 # Inline on purpose: the page must work with no asset routes, no build step and no network.
 STYLE = """
@@ -117,6 +118,7 @@ def render_status(snapshot: StatusSnapshot) -> str:
             _summary_cards(snapshot),
             _providers_section(snapshot),
             _key_limits_section(snapshot),
+            render_usage(snapshot.usage),
             _decisions_section(snapshot),
             "</body>",
             "</html>",

@@ -3,6 +3,7 @@ asked for and taken out when the client did not ask, and the outcome of each req
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -15,7 +16,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from affinity_store.usage import MemoryUsageStore, Tokens, UsageKey
+from affinity_store.postgres import create_pool
+from affinity_store.usage import MemoryUsageStore, PostgresUsageStore, Tokens, UsageKey, UsageStore
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.simulator import Timing
@@ -25,11 +27,13 @@ from tests.support.polling import wait_until
 from tests.support.simulators import InProcessSimulator
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
+ADMIN_TOKEN = "admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 INCLUDE_USAGE = b'{"stream_options":{"include_usage":true},'
 CREATED = re.compile(rb'"created":\d+')
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
-UsageGateway = Callable[..., Awaitable[tuple[TestServer, MemoryUsageStore]]]
+UsageGateway = Callable[..., Awaitable[tuple[TestServer, Any]]]
 
 
 @pytest.fixture
@@ -37,10 +41,10 @@ def usage_gateway(exit_stack: AsyncExitStack) -> UsageGateway:
     """A gateway whose usage rollups go to an in-memory store, flushed every 50 ms."""
 
     async def start(
-        node: InProcessSimulator, **provider: Any
-    ) -> tuple[TestServer, MemoryUsageStore]:
+        node: InProcessSimulator, store: UsageStore | None = None, **provider: Any
+    ) -> tuple[TestServer, UsageStore]:
         settings = usage_settings(node, **provider)
-        store = MemoryUsageStore()
+        store = store or MemoryUsageStore()
         app = create_app(settings, usage_store=store)
         server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
         await server.start_server()
@@ -55,7 +59,10 @@ def usage_settings(node: InProcessSimulator, *, usage: bool = True, **provider: 
     settings = build_settings(
         {node.name: node.url},
         upstream_model=TEST_MODEL,
-        extra={"usage": {"enabled": usage, "flush_interval_seconds": 0.05}},
+        extra={
+            "usage": {"enabled": usage, "flush_interval_seconds": 0.05},
+            "server": {"admin_token": ADMIN_TOKEN},
+        },
     )
     if provider:
         (settings_provider,) = settings.providers
@@ -205,3 +212,101 @@ async def test_a_stream_the_client_cut_counts_as_cancelled(
         await response.content.readuntil(b"\n\n")
         response.close()
     assert (await recorded(store, "cancelled")).requests == 1
+
+
+async def test_admin_usage_lists_the_rollups_with_the_cli_s_filters(
+    start_simulator: SimulatorFactory, usage_gateway: UsageGateway
+) -> None:
+    """`/admin/usage` needs the admin token, groups by `by` since `since`, and refuses bad
+    filters with an OpenAI-shaped 400."""
+    node = await start_simulator("node-a")
+    server, store = await usage_gateway(node)
+    async with aiohttp.ClientSession() as session:
+        answer = orjson.loads(
+            await post(
+                session,
+                str(server.make_url("/v1/chat/completions")),
+                chat_body("admin view", max_tokens=3, model=TEST_MODEL),
+            )
+        )
+        await recorded(store)
+        url = str(server.make_url("/admin/usage"))
+        async with session.get(url) as refused:
+            assert refused.status == 401
+        async with session.get(
+            url, params={"since": "1h", "by": "key,provider"}, headers=ADMIN
+        ) as ok:
+            rows = await ok.json()
+        async with session.get(url, params={"since": "soon"}, headers=ADMIN) as bad:
+            error = (await bad.json())["error"]
+    assert rows == [
+        {
+            "key": "team-a",
+            "provider": "node-a",
+            "requests": 1,
+            "prompt_tokens": answer["usage"]["prompt_tokens"],
+            "completion_tokens": 3,
+            "cached_tokens": 0,
+        }
+    ]
+    assert bad.status == 400
+    assert error["param"] == "since"
+
+
+async def test_the_status_page_shows_the_last_hour_per_key_and_a_chart(
+    start_simulator: SimulatorFactory, usage_gateway: UsageGateway
+) -> None:
+    """The status page lists each key's requests, tokens and cached share, with an inline SVG
+    chart and no script."""
+    node = await start_simulator("node-a")
+    server, store = await usage_gateway(node)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            await post(
+                session,
+                str(server.make_url("/v1/chat/completions")),
+                chat_body("status usage", max_tokens=2, model=TEST_MODEL),
+            )
+        await recorded(store, requests=2)
+        async with session.get(str(server.make_url("/admin/status")), headers=ADMIN) as page:
+            html = await page.text()
+    row = re.search(r'<tr data-usage-key="team-a">(.*?)</tr>', html)
+    assert row is not None
+    cells = re.findall(r'<td class="number">([^<]*)</td>', row[1])
+    assert cells[0] == "2"
+    assert cells[2] == "4"
+    assert cells[3].endswith("%")
+    assert '<svg id="usage-chart"' in html
+    assert "<rect" in html
+    assert "<script" not in html
+    assert TEST_KEY not in html
+
+
+async def test_the_status_page_renders_when_the_usage_store_does_not_answer(
+    start_simulator: SimulatorFactory, usage_gateway: UsageGateway
+) -> None:
+    """A usage store that accepts connections and never answers: the page comes back within
+    its bound saying so, and `/admin/usage` answers 503."""
+    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    pool = await create_pool(
+        f"postgresql://nobody@127.0.0.1:{port}/none",
+        min_size=0,
+        max_size=1,
+        statement_cache_size=0,
+        connect_eagerly=False,
+    )
+    node = await start_simulator("node-a")
+    server, _ = await usage_gateway(node, PostgresUsageStore(pool))
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(str(server.make_url("/admin/status")), headers=ADMIN) as page:
+                html = await page.text()
+                assert page.status == 200
+            async with session.get(str(server.make_url("/admin/usage")), headers=ADMIN) as usage:
+                assert usage.status == 503
+    finally:
+        silent.close()
+        await pool.close()
+    assert 'id="usage"' in html
+    assert "store down" in html
