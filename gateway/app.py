@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -38,6 +39,7 @@ from gateway.edge.openapi import OpenApiEndpoint
 from gateway.edge.overload import LoadShedder, OverloadGate, SheddingPolicy
 from gateway.edge.requestid import REQUEST_IDS, RequestIds, request_id_of
 from gateway.operations import admin
+from gateway.operations.cluster_view import describe_worker
 from gateway.operations.metrics import Metrics, exposition
 from gateway.operations.reload import Reloader
 from gateway.operations.runtime import Lifecycle, ProcessState, RuntimeHolder, build_runtime
@@ -252,11 +254,25 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     def current_keys() -> Iterable[Key]:
         return holder.current.catalog.keys.values()  # whatever the latest reload made them
 
+    lifecycle = app[LIFECYCLE]
+
+    def snapshot() -> dict[str, Any]:
+        runtime = holder.current
+        health = runtime.router.health
+        return describe_worker(
+            in_flight=key_limits.in_flight_total(),
+            shedding=shedder.overloaded,
+            cooling=[name for name in runtime.catalog.providers if health.cooling(name)],
+            config_digest=runtime.digest,
+            draining=lifecycle.draining,
+        )
+
     shares = ClusterShares(
         app[STORE],
         key_limits.shares,
         keys=current_keys,
         in_flight=key_limits.in_flight_by_id,
+        snapshot=snapshot,
     )
     app[SHARES] = shares
     await shares.start()
@@ -409,7 +425,10 @@ async def admin_status(request: web.Request) -> web.Response:
     _check_admin(request)
     runtime = request.app[RUNTIME].current
     snapshot = await collect_status(
-        runtime, list(runtime.proxy.recent), request.app.get(USAGE_STORE)
+        runtime,
+        list(runtime.proxy.recent),
+        request.app.get(USAGE_STORE),
+        request.app[SHARES].worker_id,
     )
     return web.Response(
         text=render_status(snapshot),

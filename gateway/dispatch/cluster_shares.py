@@ -3,7 +3,9 @@
 Every `HEARTBEAT_SECONDS` the worker renews its registration in the store (live for
 `WORKER_TTL_SECONDS`), learns how many workers are live, and claims the shares whose demand
 changed (see `ShareBook.claims`); a request refused for want of share wakes it sooner. When the
-store cannot be reached the worker keeps the shares it last had.
+store cannot be reached the worker keeps the shares it last had. Given a `snapshot`, every
+heartbeat carries it (see `gateway.operations.cluster_view`) and the worker registers even
+when no key has a cluster-wide limit, so every worker's status page can show the cluster.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import structlog
 
@@ -50,13 +53,16 @@ class ClusterShares:
         keys: Callable[[], Iterable[Key]],
         in_flight: Callable[[str], int],
         worker_id: str | None = None,
+        snapshot: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
-        """`keys` lists the current config's keys; `in_flight` counts a key's requests here."""
+        """`keys` lists the current config's keys; `in_flight` counts a key's requests here;
+        `snapshot` describes this worker for its heartbeats."""
         self.store = store
         self.book = book
         self.worker_id = worker_id or new_worker_id()
         self._keys = keys
         self._in_flight = in_flight
+        self._snapshot = snapshot
         self._task: asyncio.Task[None] | None = None
         self._last_heartbeat = -float("inf")
         self._registered = False
@@ -91,10 +97,11 @@ class ClusterShares:
     async def sync(self, *, heartbeat: bool = False) -> None:
         """One round: a heartbeat when one is due (or asked for), then the book's claims.
 
-        Nothing at all while no key has a cluster-wide limit: the worker stays unregistered.
+        Without a snapshot to publish, nothing at all while no key has a cluster-wide limit:
+        the worker stays unregistered.
         """
         self.book.track(self._keys())
-        if self.book.empty and not self._registered:
+        if self.book.empty and not self._registered and self._snapshot is None:
             return
         try:
             if heartbeat or time.monotonic() - self._last_heartbeat >= HEARTBEAT_SECONDS:
@@ -116,7 +123,10 @@ class ClusterShares:
     async def _heartbeat(self) -> None:
         started = time.monotonic()
         beat = await self.store.heartbeat(
-            self.worker_id, ttl_seconds=WORKER_TTL_SECONDS, timeout=CALL_TIMEOUT_SECONDS
+            self.worker_id,
+            ttl_seconds=WORKER_TTL_SECONDS,
+            timeout=CALL_TIMEOUT_SECONDS,
+            snapshot=None if self._snapshot is None else self._snapshot(),
         )
         self._last_heartbeat = started
         self._registered = True
