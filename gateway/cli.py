@@ -25,6 +25,7 @@ BENCHMARKS = (
     "latency_recovery",
     "operations",
     "throughput",
+    "usage_accounting",
 )
 
 

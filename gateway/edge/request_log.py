@@ -100,7 +100,7 @@ def record_request(
             usage = record.usage
             usage_book.add(UsageKey(key.id, label, provider, outcome_of(record)), usage)
             if usage is not None:
-                _count_tokens(metrics, key.id, label, provider, usage)
+                count_tokens(metrics, key.id, label, provider, usage)
     fields = {
         "request_id": request_id,
         "key_id": key.id if key else None,
@@ -127,7 +127,7 @@ def record_request(
         logger.info("request", **fields)
 
 
-def _count_tokens(
+def count_tokens(
     metrics: RequestMetrics, key_id: str, model: str, provider: str, usage: Usage
 ) -> None:
     """Add an answer's tokens to `gateway_tokens_total` (kinds with none are not touched)."""
