@@ -252,7 +252,7 @@ def _usage(options: argparse.Namespace) -> int:
         return 1
     since = datetime.now(UTC) - span
     with provisioned(loaded.settings) as settings:
-        totals = asyncio.run(usage_totals(settings, since))
+        totals = asyncio.run(usage_totals(settings, since, by))
     print(render(grouped(totals, by), by, options.format))
     return 0
 
