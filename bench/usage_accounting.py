@@ -70,7 +70,6 @@ def per_request_cost(loops: int) -> dict[str, float]:
     whole, stream = _body_of(plain), _body_of(with_usage)
     metrics = RequestMetrics(Metrics())
     book = UsageBook(100_000)
-    key = UsageKey("bench", "bench-model", "fast", "ok")
     usage = usage_from_body(whole)
     assert usage is not None
 
@@ -86,7 +85,7 @@ def per_request_cost(loops: int) -> dict[str, float]:
         usage_from_body(whole)
 
     def account() -> None:
-        book.add(key, usage)
+        book.add(UsageKey("bench", "bench-model", "fast", "ok"), usage)
         count_tokens(metrics, "bench", "bench-model", "fast", usage)
 
     pieces = {"splice": splice, "stream_strip": strip, "whole_usage": read_whole, "book": account}
