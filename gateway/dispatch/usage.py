@@ -32,11 +32,16 @@ class Usage:
 
 
 def usage_of(value: object) -> Usage | None:
-    """A `usage` object's tokens; None unless it is an object with integer counts."""
+    """A `usage` object's tokens (chat and completions names, or the Responses API's
+    `input_tokens` / `output_tokens`); None unless it is an object with integer counts."""
     if not isinstance(value, dict):
         return None
-    prompt, completion = value.get("prompt_tokens", 0), value.get("completion_tokens", 0)
-    details = value.get("prompt_tokens_details")
+    if "input_tokens" in value:  # the Responses API's names
+        prompt, completion = value["input_tokens"], value.get("output_tokens", 0)
+        details = value.get("input_tokens_details")
+    else:
+        prompt, completion = value.get("prompt_tokens", 0), value.get("completion_tokens", 0)
+        details = value.get("prompt_tokens_details")
     cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
     cached = cached or 0
     # Plain checks rather than a generator: this runs once per answer.
