@@ -35,5 +35,6 @@ def translated_driver_errors(deadline_seconds: float | None = None) -> Iterator[
         raise StoreTimeout(f"store call hit a database timeout: {error}") from error
     except _UNAVAILABLE_ERRORS as error:
         raise StoreUnavailable(f"database unavailable: {error}") from error
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+    # InternalClientError: a pooled connection left mid-operation (seen after an outage).
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as error:
         raise StoreError(f"database error: {error}") from error

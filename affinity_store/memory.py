@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from affinity_store.shares import ShareRow, grant, rotation_salt
+from affinity_store.shares import ShareRow, grant, rotation_salt, unit_grant
 from affinity_store.spread import choose_candidate
 from affinity_store.store import (
     LEAST_BOUND,
@@ -27,6 +27,7 @@ from affinity_store.store import (
     Spread,
     StoreError,
     StoreTimeout,
+    UnitGrant,
     WorkerSnapshot,
 )
 
@@ -34,6 +35,16 @@ BindingKey = tuple[str, str]
 ShareKey = tuple[str, str, str]  # api_key_id, resource, worker_id
 RESPONSE_PURGE_GRACE = timedelta(minutes=5)
 RESPONSE_PURGE_BATCH = 10
+
+
+@dataclass(frozen=True)
+class _StoredResponse:
+    """One row of the in-memory response table."""
+
+    provider: str
+    expires_at: datetime
+    api_key_id: str
+    sequence: int
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,9 @@ class MemoryAffinityStore:
             weakref.WeakValueDictionary()
         )
         self._janitor_lock = asyncio.Lock()
-        self._responses: dict[str, tuple[str, datetime, str]] = {}
+        self._responses: dict[str, _StoredResponse] = {}  # in write order
+        self._responses_by_key: dict[str, dict[str, int]] = {}  # id -> number, oldest first
+        self._response_sequences: dict[str, int] = {}
         self._failure: StoreError | None = None
         self._workers: dict[str, datetime] = {}  # worker id -> expiry
         self._started: dict[str, datetime] = {}
@@ -269,19 +282,52 @@ class MemoryAffinityStore:
         *,
         api_key_id: str,
         ttl_seconds: float,
+        max_per_key: int,
         timeout: float,
-    ) -> None:
-        """Upsert `response id → provider` for the key, with its expiry."""
+    ) -> bool:
+        """Write `response id → provider` for the key, with its expiry and the key's next
+        number, evicting the key's responses numbered `max_per_key` or more below it; False
+        when the id is another key's."""
         async with self._boundary(timeout):
             now = self._clock()
             # As in Postgres: each write also deletes a few rows expired for a while (the oldest
             # writes come first in the dict, and every row has the same TTL).
             cutoff = now - RESPONSE_PURGE_GRACE
-            for key in list(itertools.islice(self._responses, RESPONSE_PURGE_BATCH)):
-                if self._responses[key][1] < cutoff:
-                    del self._responses[key]
+            for stored_id in list(itertools.islice(self._responses, RESPONSE_PURGE_BATCH)):
+                if stored_id != response_id and self._responses[stored_id].expires_at < cutoff:
+                    self._forget_response(stored_id)
+            existing = self._responses.get(response_id)
+            if existing is not None and existing.api_key_id != api_key_id:
+                return False
+            sequence = self._response_sequences.get(api_key_id, 0) + 1
+            self._response_sequences[api_key_id] = sequence
+            own = self._responses_by_key.setdefault(api_key_id, {})
+            for stored_id, number in list(own.items()):
+                if number > sequence - max_per_key:
+                    break
+                if stored_id != response_id:
+                    self._forget_response(stored_id)
+            self._responses.pop(response_id, None)
+            own.pop(response_id, None)
             expires_at = now + timedelta(seconds=ttl_seconds)
-            self._responses[response_id] = (provider, expires_at, api_key_id)
+            self._responses[response_id] = _StoredResponse(
+                provider, expires_at, api_key_id, sequence
+            )
+            own[response_id] = sequence
+            return True
+
+    def _forget_response(self, response_id: str) -> None:
+        stored = self._responses.pop(response_id)
+        own = self._responses_by_key[stored.api_key_id]
+        del own[response_id]
+        if not own:
+            del self._responses_by_key[stored.api_key_id]
+
+    async def response_taken(self, response_id: str, *, api_key_id: str, timeout: float) -> bool:
+        """Whether another key's response (live or not yet purged) holds the id."""
+        async with self._boundary(timeout):
+            stored = self._responses.get(response_id)
+            return stored is not None and stored.api_key_id != api_key_id
 
     async def response_provider(
         self, response_id: str, *, api_key_id: str, timeout: float
@@ -289,9 +335,9 @@ class MemoryAffinityStore:
         """The live provider of the key's stored response, or None."""
         async with self._boundary(timeout):
             stored = self._responses.get(response_id)
-            if stored is None or stored[1] <= self._clock() or stored[2] != api_key_id:
+            if stored is None or stored.expires_at <= self._clock():
                 return None
-            return stored[0]
+            return stored.provider if stored.api_key_id == api_key_id else None
 
     def _live_worker(self, worker_id: str, now: datetime) -> bool:
         expiry = self._workers.get(worker_id)
@@ -371,6 +417,49 @@ class MemoryAffinityStore:
                 for worker in sorted(self._workers)
                 if self._live_worker(worker, now)
             ]
+
+    async def claim_unit(
+        self,
+        api_key_id: str,
+        resource: str,
+        worker_id: str,
+        *,
+        limit: int,
+        needed: int,
+        timeout: float,
+    ) -> UnitGrant:
+        """Grant one more unit if the key has one free (one event-loop step, like the lock)."""
+        async with self._boundary(timeout):
+            now = self._clock()
+            if not self._live_worker(worker_id, now):
+                raise StoreError("this worker's registration lapsed: heartbeat before claiming")
+            mine, wanted = self._shares.get((api_key_id, resource, worker_id), (0, 0))
+            others = sum(
+                granted
+                for (key, kind, holder), (granted, _) in self._shares.items()
+                if key == api_key_id
+                and kind == resource
+                and holder != worker_id
+                and self._live_worker(holder, now)
+            )
+            granted = unit_grant(limit, needed, mine=mine, others=others)
+            if granted is not None and granted == mine:
+                return UnitGrant(mine, True)
+            self._shares[(api_key_id, resource, worker_id)] = (
+                mine if granted is None else granted,
+                max(wanted, needed),
+            )
+            return UnitGrant(mine, False) if granted is None else UnitGrant(granted, True)
+
+    async def release_units(
+        self, api_key_id: str, resource: str, worker_id: str, *, keep: int, timeout: float
+    ) -> None:
+        """Lower the worker's grant to `keep`."""
+        async with self._boundary(timeout):
+            share = (api_key_id, resource, worker_id)
+            if share in self._shares:
+                granted, wanted = self._shares[share]
+                self._shares[share] = (min(granted, keep), wanted)
 
     async def leave(self, worker_id: str, *, timeout: float) -> None:
         """Forget the worker and its shares."""

@@ -37,6 +37,7 @@ from affinity_store.store import (
     ShareGrant,
     Spread,
     StoreError,
+    UnitGrant,
     WorkerSnapshot,
 )
 
@@ -332,13 +333,29 @@ class PostgresAffinityStore:
         *,
         api_key_id: str,
         ttl_seconds: float,
+        max_per_key: int,
         timeout: float,
-    ) -> None:
-        """Upsert `response id → provider` for the key, with its expiry."""
+    ) -> bool:
+        """Write `response id → provider` for the key in one statement (numbered, the key's
+        oldest beyond `max_per_key` evicted); False when the id is another key's."""
         async with store_boundary(timeout), self._pool.acquire() as connection:
-            await connection.execute(
-                self._queries.record_response, response_id, provider, ttl_seconds, api_key_id
+            written = await connection.fetchval(
+                self._queries.record_response,
+                response_id,
+                provider,
+                ttl_seconds,
+                api_key_id,
+                max_per_key,
             )
+        return written is True
+
+    async def response_taken(self, response_id: str, *, api_key_id: str, timeout: float) -> bool:
+        """Whether another key's response (live or not yet purged) holds the id, by primary key."""
+        async with store_boundary(timeout), self._pool.acquire() as connection:
+            taken: bool = await connection.fetchval(
+                self._queries.response_taken, response_id, api_key_id
+            )
+        return taken
 
     async def response_provider(
         self, response_id: str, *, api_key_id: str, timeout: float
@@ -429,6 +446,43 @@ class PostgresAffinityStore:
                 queries.write_share, api_key_id, resource, worker_id, granted, wanted
             )
         return ShareGrant(granted, fair)
+
+    async def claim_unit(
+        self,
+        api_key_id: str,
+        resource: str,
+        worker_id: str,
+        *,
+        limit: int,
+        needed: int,
+        timeout: float,
+    ) -> UnitGrant:
+        """One statement (`gateway_claim_unit`) that takes the key's share lock, waiting for it
+        no longer than the call's deadline, and grants the unit if the key has one free."""
+        async with store_boundary(timeout), self._pool.acquire() as connection:
+            answer: int | None = await connection.fetchval(
+                self._queries.claim_unit,
+                api_key_id,
+                resource,
+                worker_id,
+                limit,
+                needed,
+                SHARES_NAMESPACE,
+                binding_lock_key(api_key_id, resource),
+                _duration_setting(timeout),
+            )
+        if answer is None:
+            raise StoreError("this worker's registration lapsed: heartbeat before claiming")
+        return UnitGrant(answer, True) if answer >= 0 else UnitGrant(-1 - answer, False)
+
+    async def release_units(
+        self, api_key_id: str, resource: str, worker_id: str, *, keep: int, timeout: float
+    ) -> None:
+        """Lower the worker's grant to `keep` in one UPDATE."""
+        async with store_boundary(timeout), self._pool.acquire() as connection:
+            await connection.execute(
+                self._queries.release_units, api_key_id, resource, worker_id, keep
+            )
 
     async def leave(self, worker_id: str, *, timeout: float) -> None:
         """Delete the worker's row and its shares."""

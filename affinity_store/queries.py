@@ -33,6 +33,7 @@ class Queries:
     purge_expired_batch: str
     list_bindings: str
     record_response: str
+    response_taken: str
     response_provider: str
     register_worker: str
     own_shares: str
@@ -42,6 +43,8 @@ class Queries:
     lock_key_shares: str
     other_shares: str
     write_share: str
+    claim_unit: str
+    release_units: str
     leave: str
     list_shares: str
 

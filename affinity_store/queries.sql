@@ -131,22 +131,46 @@ ORDER BY api_key_id, model
 LIMIT $3;
 
 -- name: record_response
--- $1 response id, $2 provider, $3 ttl in seconds, $4 the creating key's id. Each write also deletes a few rows expired
--- for a while, so the table stays near its live size without a janitor of its own.
+-- $1 response id, $2 provider, $3 ttl in seconds, $4 the creating key's id, $5 the most stored
+-- responses a key keeps. Returns true when written; no row when the id is another key's (an id
+-- stays its creator's: never taken over, refreshed or moved by another key). A written response
+-- takes the key's next number and evicts the key's responses numbered $5 or more below it (its
+-- oldest). Each write also deletes a few rows expired for a while, so the table stays near its
+-- live size without a janitor of its own.
 WITH purged AS (
     DELETE FROM response_bindings
     WHERE response_id IN (
         SELECT response_id FROM response_bindings
-        WHERE expires_at < now() - interval '5 minutes'
+        WHERE expires_at < now() - interval '5 minutes' AND response_id <> $1
         LIMIT 10
         FOR UPDATE SKIP LOCKED
     )
+),
+numbered AS (
+    INSERT INTO response_sequences AS sequences (api_key_id, last_sequence)
+    SELECT $4, 1
+    WHERE NOT EXISTS (
+        SELECT 1 FROM response_bindings WHERE response_id = $1 AND api_key_id <> $4
+    )
+    ON CONFLICT (api_key_id) DO UPDATE SET last_sequence = sequences.last_sequence + 1
+    RETURNING last_sequence
+),
+evicted AS (
+    DELETE FROM response_bindings
+    WHERE api_key_id = $4 AND response_id <> $1
+      AND sequence <= (SELECT last_sequence FROM numbered) - $5
 )
-INSERT INTO response_bindings (response_id, api_key_id, provider, expires_at)
-VALUES ($1, $4, $2, now() + make_interval(secs => $3::float8))
+INSERT INTO response_bindings AS bindings (response_id, api_key_id, provider, expires_at, sequence)
+SELECT $1, $4, $2, now() + make_interval(secs => $3::float8), last_sequence FROM numbered
 ON CONFLICT (response_id) DO UPDATE
-SET api_key_id = excluded.api_key_id, provider = excluded.provider,
-    expires_at = excluded.expires_at;
+SET provider = excluded.provider, expires_at = excluded.expires_at, sequence = excluded.sequence
+WHERE bindings.api_key_id = excluded.api_key_id
+RETURNING true;
+
+-- name: response_taken
+-- $1 response id, $2 a key's id: whether another key's response (live or not yet purged) holds
+-- the id.
+SELECT EXISTS (SELECT 1 FROM response_bindings WHERE response_id = $1 AND api_key_id <> $2);
 
 -- name: response_provider
 SELECT provider FROM response_bindings
@@ -213,6 +237,16 @@ INSERT INTO key_limit_shares (api_key_id, resource, worker_id, granted, wanted)
 VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (api_key_id, resource, worker_id) DO UPDATE
 SET granted = excluded.granted, wanted = excluded.wanted;
+
+-- name: claim_unit
+-- $1 key id, $2 resource, $3 worker id, $4 limit, $5 units needed, $6/$7 the key's share lock,
+-- $8 how long to wait for it (see sql/0005_key_limit_units.sql).
+SELECT gateway_claim_unit($1, $2, $3, $4, $5, $6, $7, $8);
+
+-- name: release_units
+-- $1 key id, $2 resource, $3 worker id, $4 what it keeps: lowering a grant needs no lock.
+UPDATE key_limit_shares SET granted = least(granted, $4)
+WHERE api_key_id = $1 AND resource = $2 AND worker_id = $3;
 
 -- name: leave
 WITH shares AS (

@@ -64,3 +64,14 @@ def grant(
     target = fair_shares(limit, wants, salt=salt)[worker_id]
     free = limit - sum(row.granted for row in others)
     return max(0, min(max(target, keep), free)), target
+
+
+def unit_grant(limit: int, needed: int, *, mine: int, others: int) -> int | None:
+    """A worker's grant once it asked for `needed` units of `limit` in all (one more than it has
+    in flight): what it holds when that is enough, `needed` when the other live workers' grants
+    (`others`) leave room, else None (the key's units are all held: refuse)."""
+    if mine >= needed:
+        return mine
+    if others + needed <= limit:
+        return needed
+    return None

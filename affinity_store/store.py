@@ -86,6 +86,14 @@ class ShareGrant:
 
 
 @dataclass(frozen=True)
+class UnitGrant:
+    """The answer to a worker asking for one more unit of a key's limit."""
+
+    granted: int  # the worker's grant now (unchanged when refused)
+    admitted: bool  # False: the key's grants across the live workers are at its limit
+
+
+@dataclass(frozen=True)
 class KeyShare:
     """One live worker's share of one key's limit."""
 
@@ -194,9 +202,17 @@ class AffinityStore(Protocol):
         *,
         api_key_id: str,
         ttl_seconds: float,
+        max_per_key: int,
         timeout: float,
-    ) -> None:
-        """Remember that a stored response of the key lives on `provider`, for `ttl_seconds`."""
+    ) -> bool:
+        """Remember that a stored response of the key lives on `provider`, for `ttl_seconds`;
+        False (nothing written) when the id is another key's: a response stays its creator's.
+        The key keeps its newest `max_per_key` responses: a new one evicts its oldest."""
+        ...
+
+    async def response_taken(self, response_id: str, *, api_key_id: str, timeout: float) -> bool:
+        """Whether the id names another key's stored response (live or expired but not yet
+        deleted): such an id cannot be recorded for this key."""
         ...
 
     async def response_provider(
@@ -239,6 +255,28 @@ class AffinityStore(Protocol):
         record what the worker wants of the key's `limit` and grant it
         its fair share, at least `keep` and never more than the other live shares leave free
         (see `shares.grant`); return the grant and the fair share."""
+        ...
+
+    async def claim_unit(
+        self,
+        api_key_id: str,
+        resource: str,
+        worker_id: str,
+        *,
+        limit: int,
+        needed: int,
+        timeout: float,
+    ) -> UnitGrant:
+        """In one statement under the key's lock (the worker must be registered and live, else
+        StoreError): raise the worker's grant to `needed` if it holds less and the other live
+        grants leave room (see `shares.unit_grant`); when they do not, record `needed` as its
+        want, so holders over their fair share give back at their next claim."""
+        ...
+
+    async def release_units(
+        self, api_key_id: str, resource: str, worker_id: str, *, keep: int, timeout: float
+    ) -> None:
+        """Lower the worker's grant of the key's limit to `keep` (no lock: it only frees)."""
         ...
 
     async def leave(self, worker_id: str, *, timeout: float) -> None:

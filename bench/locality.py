@@ -1,6 +1,7 @@
 """Locality: how often a user's next turn lands on the node that holds its context.
 
-Run: `python -m bench.locality [--keys 24] [--turns 10] [--workers 4]`.
+Run: `python -m bench.locality [--keys 24] [--turns 10] [--workers 4]`; with `--engine vllm`,
+on real vLLM nodes instead of simulators (`bench/locality_vllm.py`).
 
 Three simulators with a real cost for uncached prompt tokens, `--workers` gateway processes
 behind a real nginx (round robin across them, as a load balancer would), and `--keys` users each
@@ -30,6 +31,7 @@ from typing import Any
 import aiohttp
 
 from affinity_store.embedded import EmbeddedPostgres
+from bench import locality_vllm
 from bench.harness import (
     free_port,
     gateway_command,
@@ -213,7 +215,11 @@ def main() -> int:
         default=50,
         help="affinity.lookup_timeout_ms (on a saturated 2-core box 50 ms is often missed)",
     )
+    parser.add_argument("--engine", choices=("simulator", "vllm"), default="simulator")
+    locality_vllm.add_arguments(parser)
     options = parser.parse_args()
+    if options.engine == "vllm":
+        return locality_vllm.main(options)
     if shutil.which(NGINX) is None:
         raise SystemExit(f"{NGINX} is needed (apt-get install nginx)")
     with tempfile.TemporaryDirectory(prefix="bench-locality-") as work:

@@ -2,6 +2,7 @@
 every 30 s to a random one of W gateway workers, with and without the change feed.
 
 Run: gateway bench store_statements [--pairs 100000] [--workers 2] [--minutes 15] [--warm-up 5]
+                                   [--scope key|conversation]
 Each worker is the real `SharedAffinity` (its own pool, cache, renewal queue and, in `notify`
 mode, its own LISTEN connection) against a throwaway embedded Postgres; only the gateway's clock
 is simulated, so 15 minutes of traffic take far less. Every pair is bound before the run, with
@@ -9,7 +10,9 @@ the expiries of a fleet in steady state (0-300 s left); counted after a warm-up 
 worker sees nearly every pair once (those first look-ups are a worker's start-up cost): every
 call the workers make to the store (look-up, claim, batched renewal, rebind). `expire` mode is the
 plain 5 s local cache, measured on a tenth of the pairs (its ratio does not depend on the count).
-Prints a table and writes bench/results/store_statements.json.
+With `--scope conversation` the pairs are one application key's conversations (`m#<n>`), as
+`affinity.scope: conversation` binds them. Prints a table and writes
+bench/results/store_statements.json (store_statements_conversation.json).
 """
 
 # The store contract names its deadline parameter `timeout`; the counting twin keeps that name.
@@ -41,12 +44,25 @@ from gateway.selection.affinity import SharedAffinity
 PERIOD_SECONDS = 30
 CONCURRENCY = 64
 NODES = [Candidate(f"node-{index}", f"node-{index}") for index in range(3)]
-FILL = """
+FILL = {
+    "key": """
 INSERT INTO affinity_bindings (api_key_id, model, provider, routing_identity, expires_at)
 SELECT 'key-' || n, 'm', 'node-' || (n % 3), 'node-' || (n % 3),
        now() + random() * interval '300 seconds'
 FROM generate_series(0, $1::int - 1) AS n
-"""
+""",
+    "conversation": """
+INSERT INTO affinity_bindings (api_key_id, model, provider, routing_identity, expires_at)
+SELECT 'app', 'm#' || n, 'node-' || (n % 3), 'node-' || (n % 3),
+       now() + random() * interval '300 seconds'
+FROM generate_series(0, $1::int - 1) AS n
+""",
+}
+
+
+def pair_of(scope: str, pair: int) -> tuple[str, str]:
+    """The (key id, model) of pair number `pair` under `scope`."""
+    return (f"key-{pair}", "m") if scope == "key" else ("app", f"m#{pair}")
 
 
 class CountingStore(PostgresAffinityStore):
@@ -125,28 +141,37 @@ class VirtualClock:
             await asyncio.sleep(0.001)
 
 
-async def serve(affinity: SharedAffinity, key: str) -> None:
+async def serve(affinity: SharedAffinity, key: str, model: str) -> None:
     """What the router does for one request of a shared-stickiness model, then a success."""
-    lookup = await affinity.lookup(key, "m")
+    lookup = await affinity.lookup(key, model)
     bound = lookup.binding
     if bound is None:
         bound = (
-            await affinity.claim(key, "m", preferred=NODES, acceptable=[n.provider for n in NODES])
+            await affinity.claim(
+                key, model, preferred=NODES, acceptable=[n.provider for n in NODES]
+            )
         ).binding
     if bound is not None:
         affinity.served(
-            key, "m", bound=bound, served=Candidate(bound.provider, bound.routing_identity)
+            key, model, bound=bound, served=Candidate(bound.provider, bound.routing_identity)
         )
 
 
 async def run_mode(
-    url: str, mode: str, *, pairs: int, workers: int, minutes: float, warm_up: float
+    url: str,
+    mode: str,
+    *,
+    pairs: int,
+    workers: int,
+    minutes: float,
+    warm_up: float,
+    scope: str = "key",
 ) -> dict[str, object]:
     """One run: fresh bindings, W workers, the traffic, and what the store was asked."""
     connection = await asyncpg.connect(url)
     try:
         await connection.execute("TRUNCATE affinity_bindings, affinity_binding_counts")
-        await connection.execute(FILL, pairs)
+        await connection.execute(FILL[scope], pairs)
     finally:
         await connection.close()
     clock = VirtualClock()
@@ -188,7 +213,7 @@ async def run_mode(
             for start in range(0, len(due), CONCURRENCY):
                 await asyncio.gather(
                     *(
-                        serve(chooser.choice(shared), f"key-{pair}")
+                        serve(chooser.choice(shared), *pair_of(scope, pair))
                         for pair in due[start : start + CONCURRENCY]
                     )
                 )
@@ -208,6 +233,7 @@ async def run_mode(
     total = sum(calls.values())
     return {
         "mode": mode,
+        "scope": scope,
         "pairs": pairs,
         "workers": workers,
         "simulated_minutes": minutes,
@@ -219,7 +245,9 @@ async def run_mode(
     }
 
 
-async def run(pairs: int, workers: int, minutes: float, warm_up: float) -> list[dict[str, object]]:
+async def run(
+    pairs: int, workers: int, minutes: float, warm_up: float, scope: str
+) -> list[dict[str, object]]:
     """Both modes on one throwaway server."""
     with tempfile.TemporaryDirectory(prefix="bench-store-statements-") as directory:
         server = EmbeddedPostgres(Path(directory) / "pgdata")
@@ -233,7 +261,13 @@ async def run(pairs: int, workers: int, minutes: float, warm_up: float) -> list[
             results = []
             for mode, count in (("notify", pairs), ("expire", max(1, pairs // 10))):
                 result = await run_mode(
-                    server.url, mode, pairs=count, workers=workers, minutes=minutes, warm_up=warm_up
+                    server.url,
+                    mode,
+                    pairs=count,
+                    workers=workers,
+                    minutes=minutes,
+                    warm_up=warm_up,
+                    scope=scope,
                 )
                 print(result, flush=True)
                 results.append(result)
@@ -249,14 +283,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--minutes", type=float, default=15)
     parser.add_argument("--warm-up", type=float, default=5)
+    parser.add_argument("--scope", choices=("key", "conversation"), default="key")
     options = parser.parse_args()
-    results = asyncio.run(run(options.pairs, options.workers, options.minutes, options.warm_up))
+    results = asyncio.run(
+        run(options.pairs, options.workers, options.minutes, options.warm_up, options.scope)
+    )
     for result in results:
         print(
             f"{result['mode']:>7}: {result['pairs']} pairs, {result['requests']} requests, "
             f"{result['store_calls_per_request']} store calls per request"
         )
-    print(f"wrote {write_results('store_statements', {'runs': results})}")
+    name = "store_statements" if options.scope == "key" else "store_statements_conversation"
+    print(f"wrote {write_results(name, {'runs': results})}")
 
 
 if __name__ == "__main__":

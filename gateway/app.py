@@ -21,11 +21,12 @@ from affinity_store.usage import MemoryUsageStore, PostgresUsageStore, UsageStor
 from gateway.background import stop_task
 from gateway.catalog import Catalog, Key
 from gateway.config import Settings
-from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.cluster_shares import ClusterShares
 from gateway.dispatch.health import ProviderHealth
-from gateway.dispatch.key_shares import ShareBook
+from gateway.dispatch.key_shares import ShareBook, Unit
 from gateway.dispatch.load import LoadPoller
+from gateway.dispatch.memory_budget import MemoryBudget
+from gateway.dispatch.model_cards import ModelCards
 from gateway.dispatch.permits import KeyLimits, ProviderPermits
 from gateway.dispatch.retries import RetryBudget
 from gateway.dispatch.upstream import create_client_session
@@ -229,8 +230,11 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         permits=permits,
         poller=poller,
         memory=RouterMemory.fresh(settings.routing),
-        answer_budget=AnswerBudget(
-            settings.server.max_buffered_answer_bytes, settings.routing.wait_timeout_seconds
+        memory_budget=MemoryBudget(
+            settings.server.memory_budget_bytes,
+            settings.server.memory_share_per_key,
+            settings.routing.wait_timeout_seconds,
+            on_refusal=lambda use, reason: metrics.memory_refusals.labels(use, reason).inc(),
         ),
         retries=RetryBudget(
             settings.routing,
@@ -241,6 +245,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         key_limits=key_limits,
         shedder=shedder,
         usage_book=app.get(USAGE_BOOK),
+        model_cards=ModelCards(session),
     )
     holder = RuntimeHolder(build_runtime(settings, state))
     app[RUNTIME] = holder
@@ -248,7 +253,9 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     def light(request: web.BaseRequest) -> bool:
         return holder.current.proxy.is_light(request)  # whatever the latest reload made it
 
-    app[OVERLOAD_GATE] = OverloadGate(shedder, light=light, request_id=app[REQUEST_IDS].new)
+    app[OVERLOAD_GATE] = OverloadGate(
+        shedder, router=app.router, light=light, request_id=app[REQUEST_IDS].new
+    )
     app[RELOADER] = Reloader(holder, state, metrics)
 
     def current_keys() -> Iterable[Key]:
@@ -267,17 +274,26 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
             draining=lifecycle.draining,
         )
 
+    def unit_claimed(outcome: Unit, seconds: float) -> None:
+        metrics.key_units.labels(outcome.value).observe(seconds)
+
     shares = ClusterShares(
         app[STORE],
         key_limits.shares,
         keys=current_keys,
         in_flight=key_limits.in_flight_by_id,
         snapshot=snapshot,
+        unit_timeout=settings.affinity.claim_timeout_ms / 1000,
+        on_unit=unit_claimed,
     )
+    key_limits.units = shares
+    key_limits.on_refused = lambda reason: metrics.key_limit_refusals.labels(reason).inc()
     app[SHARES] = shares
     await shares.start()
     await poller.start()
-    refresher = asyncio.create_task(_refresh_gauges(holder, shedder), name="gauge-refresher")
+    refresher = asyncio.create_task(
+        _refresh_gauges(holder, shedder, state.memory_budget, metrics), name="gauge-refresher"
+    )
     yield
     await stop_task(refresher)
     await shares.stop()
@@ -290,25 +306,24 @@ def _shedder(settings: Settings, metrics: Metrics) -> LoadShedder:
     """The worker's load shedder; with `server.load_shedding` off it measures and refuses
     nothing."""
     server = settings.server
-    policy = SheddingPolicy(
-        target=server.load_shedding_target_delay_ms / 1000,
-        interval=server.load_shedding_interval_ms / 1000,
-        enabled=server.load_shedding,
-    )
+    policy = SheddingPolicy(burst=server.load_shedding_burst_seconds, enabled=server.load_shedding)
     return LoadShedder(
-        policy,
-        on_shed=metrics.requests_shed.inc,
-        on_interval=metrics.queue_delay.set,
-        on_rest=metrics.shedding_rests.inc,
+        policy, on_shed=metrics.requests_shed.inc, on_interval=metrics.queue_delay.set
     )
 
 
-async def _refresh_gauges(holder: RuntimeHolder, shedder: LoadShedder) -> None:
+async def _refresh_gauges(
+    holder: RuntimeHolder, shedder: LoadShedder, budget: MemoryBudget, metrics: Metrics
+) -> None:
     # Each worker keeps its own state gauges current, so a scrape answered by any worker
     # (multiprocess mode) sees all of them; an idle worker's queue delay settles to 0.
+    def held(use: str, size: int) -> None:
+        metrics.memory_held.labels(use).set(size)
+
     while True:
         holder.current.router.publish_gauges()
         shedder.tick()
+        budget.publish(metrics.memory_budget.set, held)
         await asyncio.sleep(GAUGE_REFRESH_SECONDS)
 
 
@@ -320,18 +335,28 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         response = await handler(request)
     except GatewayError as error:
-        return error.to_response(headers)
+        return _framed_as_begun(request, error.to_response(headers))
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        return _http_error(error, headers)
+        return _framed_as_begun(request, _http_error(error, headers))
     except Exception:
         logger.exception("unhandled_error", request_id=request_id, path=request.path)
-        return error_response(
+        failed = error_response(
             500, "The gateway failed to handle this request.", "internal_error", headers=headers
         )
+        return _framed_as_begun(request, failed)
     if not response.prepared:
         response.headers["x-request-id"] = request_id
+    return response
+
+
+def _framed_as_begun(request: web.Request, response: web.Response) -> web.Response:
+    """An error answer framed as the connection's writer already is: a streamed response that
+    failed in `prepare` (a head aiohttp would not write) left it chunked, so the error goes out
+    chunked too and its head says so (a `Content-Length` over chunks desyncs the client)."""
+    if getattr(request.writer, "chunked", False):
+        response.enable_chunked_encoding()
     return response
 
 

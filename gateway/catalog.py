@@ -5,9 +5,11 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from gateway.config import KeySettings, ProviderSettings, Settings, hash_key
+from gateway.dispatch.redaction import Redactor
 from gateway.routing.automodel import AutoModelSpec
 from gateway.routing.conversations import Scope
 
@@ -39,6 +41,7 @@ class Provider:
     min_start_interval_seconds: float
     draining: bool = False
     stream_usage: bool = True
+    tls_ca_file: str | None = None  # the CAs its https certificate is verified against
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> Provider:
@@ -54,7 +57,13 @@ class Provider:
             min_start_interval_seconds=settings.min_start_interval_ms / 1000,
             draining=settings.draining,
             stream_usage=settings.stream_usage,
+            tls_ca_file=settings.tls_ca_file,
         )
+
+    @cached_property
+    def redactor(self) -> Redactor | None:
+        """What keeps the credential out of answers (None without one); built on first use."""
+        return Redactor(self.credential) if self.credential else None
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ class Key:
     max_concurrency: int | None
     min_start_interval_seconds: float
     requests_per_minute: int | None = None
+    listed_models: tuple[str, ...] = ()  # `models` as the config lists them ("*" included)
 
     @classmethod
     def from_settings(cls, settings: KeySettings) -> Key:
@@ -88,6 +98,7 @@ class Key:
             max_concurrency=settings.max_concurrency,
             min_start_interval_seconds=settings.min_start_interval_ms / 1000,
             requests_per_minute=settings.requests_per_minute,
+            listed_models=tuple(settings.models),
         )
 
     def allows(self, model: str) -> bool:
@@ -142,6 +153,7 @@ class Catalog:
             )
             for model in settings.models
         }
+        self._model_order = tuple(model.name for model in settings.models)
         self._upstream_ids_kept = frozenset(
             model.name for model in settings.models if model.keep_upstream_model_ids
         )
@@ -211,6 +223,18 @@ class Catalog:
         return not self.candidates(key, model) and any(
             provider.draining for provider in self.serving.get(model, ())
         )
+
+    def default_model(self, key: Key) -> str | None:
+        """The model a body without `model` (tokenize, detokenize) goes to: the first model the
+        key lists that it can reach; for a `*` key, the first of the `models` section, then the
+        first by name. None when the key reaches no model."""
+        reachable = [
+            model for model in self.serving if key.allows(model) and self.candidates(key, model)
+        ]
+        order = [name for name in key.listed_models if name != "*"]
+        if key.models is None:
+            order += [*self._model_order, *sorted(reachable)]
+        return next((name for name in order if name in reachable), None)
 
     def models_for(self, key: Key) -> Sequence[str]:
         """Public model names this key may use, including its org's enabled auto model."""

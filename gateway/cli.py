@@ -26,6 +26,10 @@ BENCHMARKS = (
     "operations",
     "throughput",
     "usage_accounting",
+    "redaction",
+    "keepalive_races",
+    "shedding",
+    "key_limits",
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import ssl
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -12,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     field_validator,
     model_validator,
@@ -23,6 +25,8 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+# Characters no header value may carry (every C0 control but HTAB, and DEL).
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -32,6 +36,14 @@ class Section(BaseModel):
     """Base for every config section: frozen; unknown fields are errors, so typos never pass."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# Load-shedding settings of earlier builds, all replaced by `load_shedding_burst_seconds`: a
+# config that still has them loads, with a warning that names the replacement (see
+# config_loading), so an upgrade never stops a gateway over a setting that no longer applies.
+REPLACED_SHEDDING_SETTINGS = frozenset(
+    {"load_shedding_target_lag_ms", "load_shedding_target_delay_ms", "load_shedding_interval_ms"}
+)
 
 
 class ServerSettings(Section):
@@ -47,18 +59,23 @@ class ServerSettings(Section):
     from their head until their answer ends (bodies still arriving included), may hold at most
     `max_connection_share_per_key` of that cap; past it they get 429 before their body is read.
 
+    What a worker holds in memory for requests (bodies being read, upload copies kept for a
+    failover, non-streamed answers read whole) is at most `memory_budget_bytes`, one key's at
+    most `memory_share_per_key` of it: past it a body gets 503 (429 for the key over its share)
+    before more of it is read, and an answer waits up to `routing.wait_timeout_seconds` first
+    (see `gateway.dispatch.memory_budget`). `max_buffered_answer_bytes` is its former name.
+
     On SIGTERM a worker fails `/readyz` and answers with `Connection: close` for
     `drain_delay_seconds` (match the Kubernetes `preStop` sleep; keep it above the load balancer's
     upstream idle keep-alive timeout), then stops accepting and finishes in-flight requests up to
     `shutdown_timeout_seconds`.
 
-    With `load_shedding` (on by default), a worker whose requests each queued longer than
-    `load_shedding_target_delay_ms` (the worker's CPU time spent for others between a request's
-    head being read and its handler starting) all through a whole `load_shedding_interval_ms` is
-    overloaded: until a whole interval passes without such a wait, each new proxied request that
-    itself queued past the target is answered 503 with `Retry-After` at once, unless the refused
-    requests come straight back (see `gateway.edge.overload`). Off, the delay is still measured
-    and published; nothing is refused.
+    With `load_shedding` (on by default), a worker refuses only sustained overload: a burst whose
+    queue (the time between a request's head being read and its handler starting) drains within
+    `load_shedding_burst_seconds` is never refused; a queue that stands past it for a tenth of it
+    makes the worker overloaded, and until it drains each new proxied request that queued past a
+    quarter of it is answered 503 with `Retry-After` at once (see `gateway.edge.overload`). Off,
+    the delay is still measured and published; nothing is refused.
     """
 
     host: str = "0.0.0.0"
@@ -78,10 +95,11 @@ class ServerSettings(Section):
     max_connection_share_per_key: Annotated[float, Field(gt=0, le=1)] = 0.5
     cors_allow_origins: list[str] = Field(default_factory=list)
     request_compression: bool = False
-    max_buffered_answer_bytes: PositiveInt = 256 * 1024 * 1024
+    memory_budget_bytes: PositiveInt = 256 * 1024 * 1024
+    memory_share_per_key: Annotated[float, Field(gt=0, le=1)] = 0.5
+    max_buffered_answer_bytes: PositiveInt | None = None  # the former name of the budget
     load_shedding: bool = True
-    load_shedding_target_delay_ms: PositiveFloat = 5.0
-    load_shedding_interval_ms: Annotated[float, Field(ge=10)] = 50.0
+    load_shedding_burst_seconds: Annotated[float, Field(ge=0.01)] = 1.0
 
     @field_validator("admin_token", mode="after")
     @classmethod
@@ -92,15 +110,16 @@ class ServerSettings(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _replaced_lag_target(cls, data: Any) -> Any:
-        """The event-loop lag target of earlier builds is named, not just refused as unknown."""
-        if isinstance(data, dict) and "load_shedding_target_lag_ms" in data:
+    def _former_answer_budget(cls, data: Any) -> Any:
+        """`max_buffered_answer_bytes` (answers only, in earlier builds) sets the whole budget."""
+        if not isinstance(data, dict) or data.get("max_buffered_answer_bytes") is None:
+            return data
+        if "memory_budget_bytes" in data:
             raise ValueError(
-                "`load_shedding_target_lag_ms` is replaced by `load_shedding_target_delay_ms`: "
-                "the target is now how long a request may queue behind the worker's own work "
-                "(milliseconds of its CPU time), not how late its event loop runs"
+                "`max_buffered_answer_bytes` is the former name of `memory_budget_bytes` (one "
+                "budget for request bodies, upload copies and buffered answers): set only that"
             )
-        return data
+        return {**data, "memory_budget_bytes": data["max_buffered_answer_bytes"]}
 
 
 class DatabaseSettings(Section):
@@ -117,6 +136,22 @@ class DatabaseSettings(Section):
     pool_max_size: PositiveInt = 10
     statement_cache_size: Annotated[int, Field(ge=0)] = 100
     apply_migrations_on_start: bool = True
+    # Set when `url` is an embedded server's, derived at start rather than configured.
+    _embedded_url: bool = PrivateAttr(default=False)
+
+    def with_embedded_url(self, url: str) -> DatabaseSettings:
+        """These settings pointing at an embedded Postgres's URL, marked as derived."""
+        derived = self.model_copy(update={"url": SecretStr(url)})
+        derived._embedded_url = True
+        return derived
+
+    def as_configured(self) -> DatabaseSettings:
+        """These settings as the config gave them: an embedded server's derived URL is none."""
+        if not self._embedded_url:
+            return self
+        configured = self.model_copy(update={"url": None})
+        configured._embedded_url = False
+        return configured
 
     @field_validator("url", "listen_url", mode="after")
     @classmethod
@@ -153,6 +188,7 @@ class AffinitySettings(Section):
     breaker_cooloff_seconds: PositiveFloat = 10
     agreement_slack: NonNegativeFloat = 0.1
     responses_ttl_seconds: PositiveFloat = 3600
+    responses_max_per_key: PositiveInt = 100_000
     renew_queue_size: PositiveInt = 10000
     janitor_interval_seconds: PositiveFloat = 60
     janitor_grace_seconds: NonNegativeFloat = 300
@@ -224,12 +260,38 @@ class ProviderSettings(Section):
     models: Annotated[dict[Name, Annotated[str, Field(min_length=1)]], Field(min_length=1)]
     routing_identity: Name | None = None
     api_key: SecretStr | None = None
+    tls_ca_file: str | None = None
     max_concurrency: PositiveInt | None = None
     min_start_interval_ms: NonNegativeFloat = 0
     draining: bool = False
     # Ask this upstream for a stream's usage event when the client did not (vLLM accepts it);
     # false for an upstream that rejects `stream_options`.
     stream_usage: bool = True
+
+    @field_validator("api_key", mode="after")
+    @classmethod
+    def _header_safe_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # The key goes into every request's `Authorization` header: a line break or other
+        # control character would break (or smuggle into) the head. Never quote the key itself.
+        if value is not None and _CONTROL_CHARACTER.search(value.get_secret_value()):
+            raise ValueError("api_key contains a line break or another control character")
+        return value
+
+    @field_validator("tls_ca_file", mode="after")
+    @classmethod
+    def _usable_ca_file(cls, value: str | None) -> str | None:
+        # Checked here so check-config finds a missing or unreadable file, not the first request.
+        if value is None:
+            return None
+        try:
+            ssl.create_default_context(cafile=value)
+        except FileNotFoundError:
+            raise ValueError(f"tls_ca_file {value!r} does not exist") from None
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(
+                f"tls_ca_file {value!r} holds no usable PEM certificate: {error}"
+            ) from None
+        return value
 
     @property
     def identity(self) -> str:

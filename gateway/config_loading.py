@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from gateway.config import (
+    REPLACED_SHEDDING_SETTINGS,
     KeySettings,
     ModelSettings,
     OrgSettings,
@@ -82,6 +83,7 @@ def parse_config(text: str, environ: Mapping[str, str]) -> LoadedConfig:
 
     problems: list[Problem] = []
     data = _interpolate(raw, "", environ, problems)
+    retired = _retired_settings(data)
     settings: Settings | None = None
     try:
         settings = Settings.model_validate(data)
@@ -99,8 +101,28 @@ def parse_config(text: str, environ: Mapping[str, str]) -> LoadedConfig:
     problems.extend(cross_errors)
     if problems or settings is None:
         raise ConfigError(problems)
+    warnings.extend(retired)
     warnings.extend(security_warnings(settings))
     return LoadedConfig(settings=_with_database_url(settings, environ), warnings=warnings)
+
+
+def _retired_settings(data: dict[str, Any]) -> list[Problem]:
+    """Take settings of earlier builds out of `data`, each with a warning naming what replaced
+    it: they no longer apply, and an upgrade must not stop a gateway over them."""
+    server = data.get("server")
+    if not isinstance(server, dict):
+        return []
+    found = sorted(REPLACED_SHEDDING_SETTINGS & server.keys())
+    for name in found:
+        del server[name]
+    return [
+        Problem(
+            f"server.{name}",
+            "retired and ignored: `load_shedding_burst_seconds` replaces it (how long a burst "
+            "may queue without any refusal, default 1; only a queue that stands past it is shed)",
+        )
+        for name in found
+    ]
 
 
 def security_warnings(settings: Settings) -> list[Problem]:

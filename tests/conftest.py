@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -13,12 +14,14 @@ from gateway.app import create_app
 from gateway.config import Settings
 from tests.support.gateway import build_settings
 from tests.support.simulators import InProcessSimulator
+from tests.support.vllm import VllmNode
 
 # The test Postgres (env URL → testcontainers → embedded) serves every folder.
 pytest_plugins = ["tests.support.postgres"]
 
 GatewayFactory = Callable[[Settings], Awaitable[TestServer]]
 SimulatorFactory = Callable[..., Awaitable[InProcessSimulator]]
+VLLM_START_SECONDS: list[float] = []
 
 
 @pytest.fixture
@@ -59,3 +62,24 @@ async def one_node(
     node = await start_simulator("node-a")
     server = await start_gateway(build_settings({"node-a": node.url}))
     return node, server
+
+
+@pytest.fixture(scope="session")
+def vllm_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmNode]:
+    """One real vLLM node serving the tiny model for the whole session (fails, never skips,
+    when `scripts/setup-vllm` has not run)."""
+    directory = tmp_path_factory.mktemp("vllm")
+    url = os.environ.get("GATEWAY_TEST_VLLM_URL")
+    node = VllmNode.running_at(url, directory) if url else VllmNode(directory)
+    try:
+        node.start()
+        VLLM_START_SECONDS.append(node.start_seconds)
+        yield node
+    finally:
+        node.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say how long the session's vLLM node took to start, when one ran."""
+    for seconds in VLLM_START_SECONDS:
+        terminalreporter.write_line(f"vLLM node ready in {seconds:.1f} s")

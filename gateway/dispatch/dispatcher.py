@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
 import aiohttp
@@ -16,11 +16,18 @@ from multidict import CIMultiDict
 
 from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
-from gateway.dispatch.answer_budget import Reservation
 from gateway.dispatch.blame import RequestBlame
 from gateway.dispatch.health import ProviderHealth
-from gateway.dispatch.http1 import ConnectTimeoutError, UpstreamConnectError, UpstreamError
-from gateway.dispatch.outcomes import Attempt, RetryableAttemptError, exhausted, failed_status
+from gateway.dispatch.memory_budget import Reservation
+from gateway.dispatch.outcomes import (
+    Attempt,
+    RetryableAttemptError,
+    UpstreamErrorAnswer,
+    exhausted,
+    failed_status,
+    outcome_of,
+    relayed,
+)
 from gateway.dispatch.permits import ProviderPermits
 from gateway.dispatch.retries import (
     BUDGET,
@@ -37,13 +44,26 @@ from gateway.dispatch.upstream import (
     is_success,
     read_opening,
     read_rest,
-    redact,
     upstream_headers,
     usable_answer,
 )
-from gateway.dispatch.upstream_pool import UpstreamPool, UpstreamResponse
+from gateway.dispatch.upstream_errors import (
+    ConnectTimeoutError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTlsError,
+)
+from gateway.dispatch.upstream_pool import UpstreamPool
+from gateway.dispatch.upstream_response import UpstreamResponse
 from gateway.dispatch.usage import StreamUsage, Usage, usage_from_body
-from gateway.edge.delivery import ClientStalledError, HeldHeadResponse, write_last, write_within
+from gateway.edge.delivery import (
+    ClientStalledError,
+    HeldHeadResponse,
+    end_incomplete,
+    whole_answer,
+    write_last,
+    write_within,
+)
 from gateway.edge.errors import GatewayError, sse_error_event
 from gateway.edge.model_names import Renamer
 
@@ -69,10 +89,13 @@ class DispatchRecord:
     client_disconnected: bool = False
     # Why no further provider was tried though some were left (a reason of `retries`), if so.
     failover_stopped: str | None = None
-    # The bytes of a non-streamed answer held in the worker's budget until it is sent.
+    # The request's bytes in the worker's memory budget (its body, an upload's copy, a
+    # non-streamed answer), held until the request ends.
     buffer: Reservation | None = None
     # The tokens the answer reported (a stream's: what it reported before it ended or broke).
     usage: Usage | None = None
+    # The last attempt's upstream error answer (renamed, redacted), if it sent one.
+    upstream_answer: UpstreamErrorAnswer | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -198,7 +221,7 @@ class Dispatcher:
                         retry.release()
         finally:
             blame.settle()
-        error = exhausted(record.attempts)
+        error = relayed(exhausted(record.attempts), record.attempts, record.upstream_answer)
         tried = not remaining or blame.request_suspected
         if tried and error.retry_after is None and resend_is_futile(record.attempts):
             # The gateway already did what a client's resend would: the OpenAI SDKs obey this.
@@ -276,8 +299,9 @@ class Dispatcher:
                     body,
                     connect_timeout=timeouts.connect_seconds,
                     read_timeout=timeouts.first_byte_seconds if job.stream else None,
+                    tls_ca_file=provider.tls_ca_file,
                 )
-                failure = await failed_status(response, provider.credential)
+                failure = await failed_status(response, provider.redactor)
                 if failure is not None:
                     raise failure
                 stream = job.stream or (
@@ -295,6 +319,8 @@ class Dispatcher:
         except RetryableAttemptError as failure:
             close_response(response)
             self._upload_failed(job)
+            if failure.answer is not None:
+                failure.answer = _relayable(failure.answer, job.renamer(provider), provider)
             self._failed(record, provider, failure, blame)
             raise
         except TimeoutError as error:
@@ -304,7 +330,10 @@ class Dispatcher:
         except UpstreamError as error:
             close_response(response)
             self._upload_failed(job)
-            broken = RetryableAttemptError("connect_error" if response is None else "payload_error")
+            outcome = outcome_of(error, answered=response is not None)
+            if isinstance(error, UpstreamTlsError):
+                logger.warning("upstream_tls_failed", provider=provider.name, reason=error.reason)
+            broken = RetryableAttemptError(outcome)
             # Only a connection never made is the provider's alone whatever was sent; one dropped
             # after the request went out may be that request's doing (see `blame`).
             connected = not isinstance(error, UpstreamConnectError)
@@ -356,7 +385,7 @@ class Dispatcher:
             )
         except BaseException:
             if buffer is not None:
-                buffer.release()
+                buffer.release_use("answer")
             raise
 
     def _timed_out(
@@ -398,20 +427,25 @@ class Dispatcher:
         record.status = response.status
         if is_success(response):
             record.usage = usage_from_body(body)
-        renamer = job.renamer(provider) if is_success(response) else None
-        answer = renamer.whole(body) if renamer is not None else body
-        if not is_success(response):
-            # An error may echo what the upstream received: never the provider's credential.
-            answer = redact(bytes(answer), provider.credential)
+        renamer = job.renamer(provider)
+        answer: bytes | bytearray = body
+        if is_success(response):
+            answer = renamer.whole(body) if renamer is not None else body
+            redactor = provider.redactor
+            if redactor is not None and redactor.scans_answers:
+                # An answer may echo what the upstream received: never the provider's credential.
+                answer = redactor.redact(answer)
+        else:
+            answer = _relayable(
+                UpstreamErrorAnswer(response.status, None, bytes(body)), renamer, provider
+            ).body
         record.bytes_sent = len(answer)
-        return web.Response(
-            status=response.status, body=answer, headers=self._headers(job, provider, response)
-        )
+        return whole_answer(response.status, answer, self._headers(job, provider, response))
 
     def _headers(
         self, job: DispatchRequest, provider: Provider, response: UpstreamResponse
     ) -> CIMultiDict[str]:
-        headers = downstream_headers(response.headers, provider.credential)
+        headers = downstream_headers(response.headers, provider.redactor)
         headers.update(job.response_headers(provider))
         headers["x-gateway-provider"] = provider.name
         headers["x-request-id"] = job.request_id
@@ -443,6 +477,8 @@ class Dispatcher:
         framing = EventStreamFraming()
         renamer = job.renamer(provider)
         usage = StreamUsage(strip=job.strips_usage(provider))
+        scanned = provider.redactor
+        redactor = scanned.stream() if scanned is not None and scanned.scans_answers else None
         last = b""
         chunk = first_chunk
         head = True  # the head is still held
@@ -451,11 +487,19 @@ class Dispatcher:
             while chunk:
                 if not framing.accepts(chunk):
                     return await self._end_broken_stream(
-                        downstream, provider, record, last, "malformed_stream", blame=blame
+                        request,
+                        downstream,
+                        provider,
+                        record,
+                        last,
+                        outcome="malformed_stream",
+                        blame=blame,
                     )
                 chunk = usage.feed(chunk)
                 if renamer is not None and chunk:
                     chunk = renamer.feed(chunk)
+                if redactor is not None:
+                    chunk = redactor.feed(chunk)
                 if response.at_eof:
                     break  # the upstream is done: this chunk is the last
                 if chunk:  # (empty while an event is held to see whether it is usage only)
@@ -464,10 +508,14 @@ class Dispatcher:
                     record.bytes_sent += len(chunk)
                     last = chunk
                 chunk = await response.read()
-            held = usage.flush()
-            if renamer is not None:
-                held = (renamer.feed(held) if held else b"") + renamer.flush()
-            chunk += held
+            if held := usage.flush():
+                if renamer is not None:
+                    held = renamer.feed(held)
+                chunk += redactor.feed(held) if redactor is not None else held
+            if renamer is not None and (held := renamer.flush()):
+                chunk += redactor.feed(held) if redactor is not None else held
+            if redactor is not None:
+                chunk += redactor.flush()
             if chunk:
                 ended = await write_last(request, downstream, chunk, self._write_timeout, head=head)
                 record.bytes_sent += len(chunk)
@@ -483,7 +531,13 @@ class Dispatcher:
             return downstream
         except (UpstreamError, TimeoutError):
             return await self._end_broken_stream(
-                downstream, provider, record, last, "dropped_mid_stream", blame=blame
+                request,
+                downstream,
+                provider,
+                record,
+                last,
+                outcome="dropped_mid_stream",
+                blame=blame,
             )
         finally:
             record.usage = usage.usage  # what the stream reported, however it ended
@@ -495,16 +549,19 @@ class Dispatcher:
 
     async def _end_broken_stream(
         self,
+        request: web.Request,
         downstream: web.StreamResponse,
         provider: Provider,
         record: DispatchRecord,
         last: bytes,
-        outcome: str,
         *,
+        outcome: str,
         blame: RequestBlame,
     ) -> web.StreamResponse:
-        """End a started stream with an error event; a transport failure counts against the
-        provider (an oversized event does not: the upstream is there and answering)."""
+        """End a started stream with an error event, then an aborted transfer (no chunked end:
+        HTTP clients see the failure, as they would directly, and know not to reuse the
+        connection); a transport failure counts against the provider (an oversized event does
+        not: the upstream is there and answering)."""
         if outcome == "dropped_mid_stream":
             blame.provider_fault(provider.name)
         record.attempts.append(Attempt(provider.name, outcome, record.status))
@@ -516,7 +573,9 @@ class Dispatcher:
         code = "upstream_dropped" if outcome == "dropped_mid_stream" else "upstream_malformed"
         separator = b"" if last.endswith(b"\n\n") else b"\n\n"
         downstream.force_close()
-        await _write_quietly(downstream, separator + sse_error_event(message, code))
+        with contextlib.suppress(ConnectionResetError, aiohttp.ClientConnectionResetError):
+            await downstream.write(separator + sse_error_event(message, code))
+        end_incomplete(request)
         return downstream
 
     def _failed(
@@ -529,6 +588,7 @@ class Dispatcher:
         connected: bool = True,
     ) -> None:
         """Note a failed attempt, and let the provider's health learn from it."""
+        record.upstream_answer = failure.answer
         record.attempts.append(
             Attempt(
                 provider.name, failure.reason, failure.status, failure.retry_after, failure.message
@@ -542,6 +602,18 @@ class Dispatcher:
                 detail="the provider's api_key is wrong or lacks access; failing over",
             )
         blame.failed(provider.name, failure, connected=connected)
+
+
+def _relayable(
+    answer: UpstreamErrorAnswer, renamer: Renamer | None, provider: Provider
+) -> UpstreamErrorAnswer:
+    """An upstream error answer as the client may see it: the upstream model id renamed, and
+    never the provider's credential (an error may echo what the upstream received)."""
+    body = renamer.error(answer.body) if renamer is not None else answer.body
+    redactor = provider.redactor
+    return replace(
+        answer, body=redactor.redact(bytes(body)) if redactor is not None else bytes(body)
+    )
 
 
 async def _timed_from_upload_end(
@@ -561,11 +633,3 @@ def _push(deadline: asyncio.Timeout, when: float) -> None:
     """Move an attempt's deadline, unless it has already fired or its attempt has moved on."""
     with contextlib.suppress(RuntimeError):
         deadline.reschedule(when)
-
-
-async def _write_quietly(downstream: web.StreamResponse, data: bytes) -> None:
-    try:
-        await downstream.write(data)
-        await downstream.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        pass

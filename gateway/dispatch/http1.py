@@ -5,7 +5,13 @@ task of its own; the answer's head and body are parsed by `httptools` (llhttp, t
 wraps too), leniently as aiohttp's client is. Reading is flow-controlled: past HIGH_WATER buffered
 bytes the socket is not read until the reader catches up. A connection is reused only after an
 answer that was read to its end, whose request went out whole, that did not ask to close, and
-that was followed by nothing.
+that was followed by nothing, and taken again only while nothing waits on its socket.
+
+Statuses outside 100-599, and 101 (a switch of protocols cannot be proxied here), fail the
+exchange: they are not answers HTTP/1.1 can relay. A close before any byte of the answer is a
+`RequestNotReadError` (safe to send again) when the upstream closed before the request reached
+it: a kept connection's reset (what an idle close with unread bytes sends), or a close the
+socket shows did not take the request's bytes (`socket_state.request_refused`).
 """
 
 from __future__ import annotations
@@ -18,39 +24,48 @@ from typing import Final, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.dispatch.socket_state import readable, request_refused
+from gateway.dispatch.upstream_errors import (
+    ReadTimeoutError,
+    RequestNotReadError,
+    UpstreamBrokenError,
+    UpstreamMalformedError,
+)
+
 # Bounds of an answer's head, as aiohttp's client has them.
 MAX_HEADERS: Final = 128
 MAX_FIELD_BYTES: Final = 8190
 MAX_HEAD_BYTES: Final = MAX_HEADERS * 2 * MAX_FIELD_BYTES
 # Unread answer bytes past which the socket is not read (aiohttp's client: twice 64 KiB).
 HIGH_WATER: Final = 2 * 64 * 1024
-DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
 _CHUNK_END: Final = b"\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
-class UpstreamError(Exception):
-    """An upstream exchange failed (the counterpart of aiohttp's `ClientError`)."""
-
-
-class UpstreamConnectError(UpstreamError):
-    """No connection could be made: name resolution, refusal, TLS verification or handshake."""
-
-
-class UpstreamBrokenError(UpstreamError):
-    """The connection failed or the answer broke its framing after the request started out."""
-
-
-class ConnectTimeoutError(UpstreamError, TimeoutError):
-    """No connection within the connect timeout (a timeout, as aiohttp's are)."""
-
-
-class ReadTimeoutError(UpstreamError, TimeoutError):
-    """The upstream stayed silent for longer than the read timeout."""
-
-
 class _AnswerDoneError(Exception):
     """Raised inside the parser when bytes follow a finished answer."""
+
+
+class _RefusedAnswerError(Exception):
+    """Raised inside the parser when an answer's head cannot be relayed (the exchange failed)."""
+
+
+class _ClosedParser:
+    """Stands for the parser of a closed connection: it is fed nothing more."""
+
+    def feed_data(self, data: bytes) -> None:
+        """Nothing is parsed once the connection closed."""
+
+    def get_status_code(self) -> int:
+        """No answer on a closed connection."""
+        return 0
+
+    def should_keep_alive(self) -> bool:
+        """A closed connection carries nothing more."""
+        return False
+
+
+_CLOSED_PARSER = _ClosedParser()
 
 
 class Http1Connection(asyncio.Protocol):
@@ -58,9 +73,10 @@ class Http1Connection(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._parser = httptools.HttpResponseParser(self)
+        parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | _ClosedParser = parser
         # Lenient as aiohttp's client parser is outside its debug mode.
-        self._parser.set_dangerous_leniencies(
+        parser.set_dangerous_leniencies(
             lenient_headers=True,
             lenient_optional_cr_before_lf=True,
             lenient_spaces_after_chunk_size=True,
@@ -68,6 +84,10 @@ class Http1Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.exchanges = 0  # requests begun on this connection
+        self.idle_age = 0.0  # how long it had been idle when the current exchange began
+        self._received = False  # a byte of the current exchange's answer arrived
+        self._refused = False  # the upstream closed before the request reached it
         self._busy = False
         self._reusable = False
         self._sent = True
@@ -98,6 +118,9 @@ class Http1Connection(asyncio.Protocol):
         assert transport is not None
         assert not self._busy
         self._busy = True
+        self.exchanges += 1
+        self._received = False
+        self._refused = False
         self._reusable = False
         self._raw_headers = []
         self._head_bytes = 0
@@ -116,6 +139,23 @@ class Http1Connection(asyncio.Protocol):
             transport.write(head)
             self._sent = False
             self._writer = self._loop.create_task(self._send_stream(body))
+        # A write that failed at once (the socket was already reset) delivered nothing.
+        self._refused = transport.is_closing() and not self.closed
+
+    @property
+    def reused(self) -> bool:
+        """Whether the current exchange is not the connection's first."""
+        return self.exchanges > 1
+
+    @property
+    def answer_begun(self) -> bool:
+        """Whether any byte of the current exchange's answer arrived."""
+        return self._received
+
+    def stale(self) -> bool:
+        """Whether an idle connection cannot carry another request: closed, or its socket has
+        something to read (the upstream's close not yet seen, or bytes nobody asked for)."""
+        return self.closed or readable(self.transport)
 
     async def head(self) -> None:
         """Wait for the answer's head; raises an UpstreamError when it cannot come."""
@@ -164,9 +204,16 @@ class Http1Connection(asyncio.Protocol):
         return reusable
 
     def abort(self) -> None:
-        """Drop the connection at once (an unfinished exchange cannot be resumed)."""
+        """Drop the connection at once (an unfinished exchange cannot be resumed).
+
+        The failure raised to the reader is let go: its traceback holds the reader's frames
+        (the client's request, an upload's copy) and this connection, a cycle only a garbage
+        collection would free; a later read gets a failure of its own."""
         self.closed = True
         self._cancel_timer()
+        if self._error is not None:
+            self._error = type(self._error)(*self._error.args)
+        self._chunks.clear()
         writer, self._writer = self._writer, None
         if writer is not None and not writer.done():
             writer.cancel()
@@ -179,40 +226,52 @@ class Http1Connection(asyncio.Protocol):
         """Keep the transport (uvloop's is not an `asyncio.Transport` subclass, but acts as one)."""
         self.transport = cast("asyncio.Transport", transport)
 
+    def eof_received(self) -> bool | None:
+        """The upstream closed its side; with no answer begun, note whether it closed before
+        the request reached it (the socket still tells; the transport then closes)."""
+        self._note_refusal()
+        return None
+
     def connection_lost(self, exc: Exception | None) -> None:
         """The end of a close-delimited answer, or a broken exchange."""
+        self._note_refusal(exc)
         self.closed = True
         self._cancel_timer()
         if self._busy and not self._complete and self._error is None:
             if self.headers is not None and self._close_delimited():
                 self._complete = True
+            elif self._refused:
+                self._fail(RequestNotReadError("the upstream closed before reading the request"))
             else:
                 self._fail(UpstreamBrokenError("the upstream closed the connection"), exc)
         self._wake()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
+        # The last callback: the parser (which holds this protocol's methods) is not needed.
+        self._parser = _CLOSED_PARSER
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; a framing error fails the exchange, bytes after an answer drop it."""
         if not self._busy or self._complete:
             self._unexpected()
             return
+        self._received = True
         if self.headers is None:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
-                self._fail(UpstreamBrokenError("the upstream's answer head is too large"))
+                self._fail(UpstreamMalformedError("the upstream's answer head is too large"))
                 return
         if self._read_timeout is not None:
             self._last_read = self._loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(UpstreamBrokenError("the upstream switched protocols"))
+            self._fail(UpstreamMalformedError("the upstream switched protocols"))
         except httptools.HttpParserError as error:
             if isinstance(error.__context__, _AnswerDoneError) or self._complete:
                 self._unexpected()
-            else:
-                broken = UpstreamBrokenError(f"the upstream's answer is malformed: {error}")
+            elif not isinstance(error.__context__, _RefusedAnswerError):
+                broken = UpstreamMalformedError(f"the upstream's answer is malformed: {error}")
                 self._fail(broken, error)
 
     def pause_writing(self) -> None:
@@ -237,15 +296,19 @@ class Http1Connection(asyncio.Protocol):
         if self.headers is not None:
             return
         if len(self._raw_headers) >= MAX_HEADERS:
-            raise UpstreamBrokenError("the upstream sent too many header fields")
+            raise UpstreamMalformedError("the upstream sent too many header fields")
         if len(name) > MAX_FIELD_BYTES or len(value) > MAX_FIELD_BYTES:
-            raise UpstreamBrokenError("the upstream sent a header field that is too long")
+            raise UpstreamMalformedError("the upstream sent a header field that is too long")
         self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        """The head is in: an interim 1xx is skipped, anything else is the answer."""
+        """The head is in: an interim 1xx is skipped, a status that cannot be relayed (101, or
+        outside 100-599) fails the exchange, anything else is the answer."""
         status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
+        if status == 101 or not 100 <= status <= 599:
+            self._fail(UpstreamMalformedError(f"the upstream answered with status {status}"))
+            raise _RefusedAnswerError
+        if status < 200:
             self._raw_headers = []
             return
         self.status = status
@@ -306,12 +369,29 @@ class Http1Connection(asyncio.Protocol):
             self.abort()
 
     def _close_delimited(self) -> bool:
-        """Whether the answer's body runs until the connection closes (no length, not chunked)."""
+        """Whether the answer's body runs until the connection closes, as llhttp decides it
+        (RFC 9112 6.3): a `Transfer-Encoding` whose last coding is not `chunked`, or neither
+        that header nor a `Content-Length`."""
         headers = self.headers
         assert headers is not None
-        if "Content-Length" in headers:
-            return False
-        return "chunked" not in headers.get("Transfer-Encoding", "").lower()
+        codings = [
+            coding.strip().lower()
+            for value in headers.getall("Transfer-Encoding", ())
+            for coding in value.split(",")
+            if coding.strip()
+        ]
+        if codings or "Transfer-Encoding" in headers:
+            return not codings or codings[-1] != "chunked"
+        return "Content-Length" not in headers
+
+    def _note_refusal(self, exc: Exception | None = None) -> None:
+        """With the exchange's answer not begun, whether the upstream closed before the request
+        reached it: the socket says so, or a kept connection was reset (what an idle close with
+        the request unread sends; a write into a reset socket fails the same way). A fresh
+        connection's reset is no keep-alive race: the upstream may have read the request."""
+        if self._busy and not self._received and not self._refused and not self.closed:
+            reset = isinstance(exc, ConnectionResetError | BrokenPipeError)
+            self._refused = (reset and self.reused) or request_refused(self.transport)
 
     def _unexpected(self) -> None:
         """Bytes nobody asked for: the connection cannot be trusted with another request."""
@@ -365,24 +445,3 @@ class Http1Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
-def content_type_of(headers: CIMultiDictProxy[str]) -> str:
-    """The media type of an answer, lower-cased, without parameters; aiohttp's default when it
-    names none or no valid one."""
-    raw = headers.get("Content-Type")
-    if raw is None:
-        return DEFAULT_CONTENT_TYPE
-    media = raw.partition(";")[0].strip().lower()
-    return media if media.count("/") == 1 else DEFAULT_CONTENT_TYPE
-
-
-def content_length_of(headers: CIMultiDictProxy[str]) -> int | None:
-    """The announced body length, if any and well-formed."""
-    raw = headers.get("Content-Length")
-    if raw is None:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        return None

@@ -12,11 +12,18 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from gateway.dispatch.http1 import UpstreamError
+from gateway.dispatch.redaction import Redactor
+from gateway.dispatch.upstream_errors import (
+    RequestNotReadError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamMalformedError,
+    UpstreamTlsError,
+)
 from gateway.edge.errors import GatewayError
 
 if TYPE_CHECKING:
-    from gateway.dispatch.upstream_pool import UpstreamResponse
+    from gateway.dispatch.upstream_response import UpstreamResponse
 
 RETRYABLE_STATUSES = frozenset({408, 429})
 # A provider's own credential refused: its misconfiguration, never the client's key.
@@ -26,11 +33,25 @@ ERROR_BODY_BYTES = 64 * 1024
 MESSAGE_CHARACTERS = 500
 # The gateway's own pause before a client resends a request no upstream could take.
 GATEWAY_RETRY_AFTER = 1.0
+# Outcomes of attempts the upstream may have run (the request went out, no usable answer came):
+# the client is not invited to retry them at once.
+MAY_HAVE_RUN = frozenset({"dropped_after_send", "malformed_answer", "payload_error"})
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 
 
+@dataclass(frozen=True)
+class UpstreamErrorAnswer:
+    """An upstream's whole error answer (status, content type, body as it sent it), kept so the
+    client can get it unchanged when the request fails there."""
+
+    status: int
+    content_type: str | None
+    body: bytes
+
+
 class RetryableAttemptError(Exception):
-    """An attempt failed before anything reached the client; the next provider may be tried."""
+    """An attempt failed before anything reached the client; the next provider may be tried.
+    `answer` is the upstream's whole error answer, when it sent one and it was read in full."""
 
     def __init__(
         self,
@@ -39,12 +60,14 @@ class RetryableAttemptError(Exception):
         status: int | None = None,
         retry_after: float | None = None,
         message: str | None = None,
+        answer: UpstreamErrorAnswer | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
         self.retry_after = retry_after
         self.message = message
+        self.answer = answer
 
 
 @dataclass
@@ -58,42 +81,67 @@ class Attempt:
     message: str | None = None
 
 
+def outcome_of(error: UpstreamError, *, answered: bool) -> str:
+    """The outcome of an attempt the upstream client failed: `connect_error` (nothing reached
+    the upstream: no connection, or a close before it read the request), `tls_error` (the
+    handshake failed), `malformed_answer` (an answer head that cannot be relayed),
+    `dropped_after_send` (the connection ended after the request went out, before an answer),
+    `payload_error` (the answer's body broke)."""
+    if answered:
+        return "payload_error"
+    if isinstance(error, UpstreamTlsError):
+        return "tls_error"
+    if isinstance(error, UpstreamConnectError | RequestNotReadError):
+        return "connect_error"
+    if isinstance(error, UpstreamMalformedError):
+        return "malformed_answer"
+    return "dropped_after_send"
+
+
 async def failed_status(
-    response: UpstreamResponse, secret: str | None = None
+    response: UpstreamResponse, redactor: Redactor | None = None
 ) -> RetryableAttemptError | None:
     """The failure for statuses the next provider may do better with (5xx, 408, 429, 401/403
-    and redirects), with the upstream's message (`secret` redacted) and Retry-After; None for
-    any other status."""
+    and redirects), with the upstream's message (the provider's credential redacted) and
+    Retry-After; None for any other status."""
     status = response.status
     if 300 <= status < 400:
         return RetryableAttemptError("redirect", status=status)
     auth = status in AUTH_STATUSES
     if not (status >= 500 or status in RETRYABLE_STATUSES or auth):
         return None
+    retry_after = retry_after_seconds(response.headers)
+    if auth:
+        return RetryableAttemptError("upstream_auth_failed", status=status, retry_after=retry_after)
+    body, whole = await _bounded_body(response)
+    answer = UpstreamErrorAnswer(status, response.headers.get("Content-Type"), body)
     return RetryableAttemptError(
-        "upstream_auth_failed" if auth else f"http_{status}",
+        f"http_{status}",
         status=status,
-        retry_after=retry_after_seconds(response.headers),
-        message=None
-        if auth
-        else _redacted(upstream_message(await _bounded_body(response)), secret),
+        retry_after=retry_after,
+        message=_redacted(upstream_message(body), redactor),
+        answer=answer if whole else None,
     )
 
 
-def _redacted(message: str | None, secret: str | None) -> str | None:
-    if message is None or not secret:
+def _redacted(message: str | None, redactor: Redactor | None) -> str | None:
+    if message is None or redactor is None:
         return message
-    return message.replace(secret, "[redacted]")
+    return redactor.redact_text(message)
 
 
-async def _bounded_body(response: UpstreamResponse) -> bytes:
+async def _bounded_body(response: UpstreamResponse) -> tuple[bytes, bool]:
+    """Up to ERROR_BODY_BYTES of the body, and whether that is all of it."""
     body = b""
     try:
-        while len(body) < ERROR_BODY_BYTES and (chunk := await response.read()):
+        while len(body) <= ERROR_BODY_BYTES:
+            chunk = await response.read()
+            if not chunk:
+                return body, True
             body += chunk
     except UpstreamError:
         pass
-    return body[:ERROR_BODY_BYTES]
+    return body[:ERROR_BODY_BYTES], False
 
 
 def upstream_message(body: bytes) -> str | None:
@@ -153,8 +201,10 @@ def exhausted(attempts: Sequence[Attempt]) -> GatewayError:
     When every attempt failed with an upstream status, the last one's status and message reach
     the client; a refused provider credential is a 502 `upstream_auth_failed`. `Retry-After` is
     passed on only when an upstream sent one: the last upstream's (the largest of its forms), or
-    when every provider rate limits, the soonest of theirs. None is invented for a relayed error;
-    only when no upstream could be reached is it the gateway's own (`GATEWAY_RETRY_AFTER`).
+    when every provider rate limits, the soonest of theirs. None is invented for a relayed error,
+    nor for an attempt that may have run (`MAY_HAVE_RUN`). Nothing reached any upstream: 503
+    `upstream_unreachable` with the gateway's own `Retry-After` (`GATEWAY_RETRY_AFTER`), or 502
+    `upstream_tls_failed` when TLS failed.
     """
     reasons = {attempt.outcome for attempt in attempts}
     summary = ", ".join(f"{attempt.provider}: {attempt.outcome}" for attempt in attempts)
@@ -192,9 +242,35 @@ def exhausted(attempts: Sequence[Attempt]) -> GatewayError:
             "upstream_unreachable",
             retry_after=GATEWAY_RETRY_AFTER,
         )
+    if reasons <= {"connect_error", "connect_timeout", "tls_error"}:
+        return GatewayError(
+            502,
+            f"No TLS connection to the upstream could be made ({summary}); the operator must "
+            "fix the provider's certificate or trusted CAs.",
+            "upstream_tls_failed",
+        )
+    if reasons & MAY_HAVE_RUN:
+        # The request went out and may have run: a retry is the client's call, not an invitation.
+        return GatewayError(502, f"No upstream gave a usable answer ({summary}).", "upstream_error")
     return GatewayError(
         502,
         f"No upstream gave a usable answer ({summary}).",
         "upstream_error",
         retry_after=upstreams,
     )
+
+
+def relayed(
+    error: GatewayError, attempts: Sequence[Attempt], answer: UpstreamErrorAnswer | None
+) -> GatewayError:
+    """`error`, answered with the last upstream's own error body when the error stands for it
+    (the same status: every attempt failed upstream, the last one with `answer`). The client
+    then gets that body byte for byte (but the model rename and a redacted credential), as it
+    would directly; the gateway's summary goes in `x-gateway-error`, never into the body."""
+    if answer is None or answer.status != error.status or error.code == "upstream_auth_failed":
+        return error
+    summary = ", ".join(f"{attempt.provider}: {attempt.outcome}" for attempt in attempts)
+    error.body = answer.body
+    error.content_type = answer.content_type
+    error.headers["x-gateway-error"] = f"{error.code}: every attempt failed upstream ({summary})"
+    return error

@@ -8,9 +8,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from gateway.catalog import Key, Provider
-from gateway.dispatch.key_shares import CONCURRENCY, RATE, ShareBook
+from gateway.dispatch.key_shares import CONCURRENCY, RATE, ShareBook, Unit
 from gateway.edge.errors import GatewayError
 
 
@@ -137,9 +138,22 @@ class ProviderPermits:
         return sum(1 for waiter in self._waiters if not waiter.providers.isdisjoint(providers))
 
 
+class UnitAsker(Protocol):
+    """Who asks the store for one more unit of a key's concurrency, and returns idle ones."""
+
+    async def claim_unit(self, key: Key, in_flight: Callable[[], int]) -> Unit:
+        """One more unit than `in_flight`, or why not."""
+        ...
+
+    def give_back(self, api_key_id: str) -> None:
+        """Return the key's idle units beyond what the worker holds, in the background."""
+        ...
+
+
 class KeyLimits:
-    """Per-key limits at admission: over this worker's share of `max_concurrency` or
-    `requests_per_minute` (see `key_shares`), or the start interval, is a 429 at once."""
+    """Per-key limits at admission: over this worker's share of `max_concurrency` (once the store
+    has no unit to add to it) or of `requests_per_minute` (see `key_shares`), or the start
+    interval, is a 429 at once; a store that cannot say whether a unit is free, a 503."""
 
     def __init__(
         self, *, shares: ShareBook | None = None, clock: Callable[[], float] = time.monotonic
@@ -150,15 +164,48 @@ class KeyLimits:
         self._last_start: dict[str, float] = {}
         self._clock = clock
         self.shares = shares if shares is not None else ShareBook(clock=clock)
+        # Set once the cluster sync runs: a spent share then asks the store before refusing.
+        self.units: UnitAsker | None = None
+        self.on_refused: Callable[[str], None] | None = None  # hears each 429/503's reason
 
     def acquire(self, key: Key, connection_share: int | None = None) -> None:
-        """Admit a request for the key, or raise a 429 with a Retry-After.
+        """Admit a request for the key on this worker's shares alone, or raise a 429 with a
+        Retry-After (no store call: what `admit` does while the share has room).
 
         `connection_share` is how many requests one key may have in progress on this worker
         (see `per_key_limit`): a request whose body is still arriving holds a connection too.
         """
+        in_flight = self._check_connections(key, connection_share)
+        if not self._has_room(key, in_flight):
+            self.shares.refused(key, CONCURRENCY)
+            raise self._refusal(key, Unit.AT_LIMIT)
+        self._start(key, in_flight)
+
+    async def admit(self, key: Key, connection_share: int | None = None) -> None:
+        """As `acquire`, but a key whose share here is spent asks the store for one more unit
+        first: 429 only when the key's units are all held across the cluster, 503 when the
+        store does not answer in time."""
+        in_flight = self._check_connections(key, connection_share)
+        if self._has_room(key, in_flight):
+            self._start(key, in_flight)
+            return
+        if self.units is None:
+            self.acquire(key, connection_share)
+            return
+        outcome = await self.units.claim_unit(key, lambda: self.in_flight(key))
+        if outcome is not Unit.GRANTED:
+            raise self._refusal(key, outcome)
+        try:
+            self._start(key, self.in_flight(key))
+        except GatewayError:
+            self._maybe_give_back(key)
+            raise
+
+    def _check_connections(self, key: Key, connection_share: int | None) -> int:
+        """The key's requests in flight here, or a 429 past its share of the connections."""
         in_flight = self._in_flight.get(key.id, 0)
         if connection_share is not None and in_flight >= connection_share:
+            self._refused("connection_share")
             raise GatewayError(
                 429,
                 f"This key already has {connection_share} requests in progress on this gateway "
@@ -166,20 +213,46 @@ class KeyLimits:
                 "key_connection_share",
                 retry_after=1,
             )
+        return in_flight
+
+    def _has_room(self, key: Key, in_flight: int) -> bool:
         share = self.shares.concurrency(key)
-        if key.max_concurrency is not None and share is not None and in_flight >= share:
-            self.shares.refused(key, CONCURRENCY)
-            raise GatewayError(
-                429,
-                f"Too many concurrent requests for this key (limit {key.max_concurrency}).",
-                "key_concurrency_limit",
+        return key.max_concurrency is None or share is None or in_flight < share
+
+    def _refusal(self, key: Key, outcome: Unit) -> GatewayError:
+        """The 429 of a key whose units are all in use, or the 503 of an unanswered store."""
+        assert key.max_concurrency is not None
+        if outcome is Unit.NO_ANSWER:
+            self._refused("store_no_answer")
+            return GatewayError(
+                503,
+                f"This key's concurrency limit ({key.max_concurrency}) is counted across the "
+                "gateway's workers, and the store that counts it did not answer in time; "
+                "retry shortly.",
+                "key_limit_unavailable",
                 retry_after=1,
-                headers=concurrency_headers(key.max_concurrency, 0),
             )
+        self._refused("concurrency_at_limit")
+        return GatewayError(
+            429,
+            f"Too many concurrent requests for this key (limit {key.max_concurrency}): all "
+            "of them are in use across the gateway's workers.",
+            "key_concurrency_limit",
+            retry_after=1,
+            headers=concurrency_headers(key.max_concurrency, 0),
+        )
+
+    def _refused(self, reason: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(reason)
+
+    def _start(self, key: Key, in_flight: int) -> None:
+        """The start interval and the per-minute share, then count the request in."""
         now = self._clock()
         if key.min_start_interval_seconds > 0:
             wait = self._last_start.get(key.id, -math.inf) + key.min_start_interval_seconds - now
             if wait > 0:
+                self._refused("start_interval")
                 raise GatewayError(
                     429,
                     "Requests for this key are arriving faster than its start interval allows.",
@@ -189,6 +262,7 @@ class KeyLimits:
         wait = self.shares.take_token(key)
         if wait > 0:
             self.shares.refused(key, RATE)
+            self._refused("rate_share")
             raise GatewayError(
                 429,
                 f"Too many requests per minute for this key (limit {key.requests_per_minute}).",
@@ -201,15 +275,22 @@ class KeyLimits:
         self._total += 1
         self.shares.started(key, in_flight + 1)
 
+    def _maybe_give_back(self, key: Key) -> None:
+        """Idle units beyond the held share go back to the store (when a sync runs)."""
+        if self.units is not None and self.shares.finished(key, self.in_flight(key)):
+            self.units.give_back(key.id)
+
     def in_flight(self, key: Key) -> int:
         """The key's requests in flight in this process."""
         return self._in_flight.get(key.id, 0)
 
     def remaining_concurrency(self, key: Key) -> int | None:
-        """How many more of the key's requests this worker would admit now, within its share of
-        the key's `max_concurrency` (None: no limit)."""
-        share = self.shares.concurrency(key)
-        return None if share is None else max(0, share - self.in_flight(key))
+        """The key's `max_concurrency` less its requests in flight on this worker (None: no
+        limit): what it may still have in flight at most, as this worker can tell without
+        asking the store (other workers' requests are not counted)."""
+        if key.max_concurrency is None:
+            return None
+        return max(0, key.max_concurrency - self.in_flight(key))
 
     def in_flight_total(self) -> int:
         """Every key's requests in flight in this process."""
@@ -233,6 +314,8 @@ class KeyLimits:
             self._in_flight[key.id] = remaining
         else:
             self._in_flight.pop(key.id, None)
+        if key.max_concurrency is not None:
+            self._maybe_give_back(key)
 
 
 def per_key_limit(max_connections: int, share: float) -> int:

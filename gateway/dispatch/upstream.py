@@ -11,9 +11,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.catalog import Provider
 from gateway.config import RoutingSettings
-from gateway.dispatch.http1 import UpstreamError
 from gateway.dispatch.outcomes import RetryableAttemptError
-from gateway.dispatch.upstream_pool import UpstreamResponse
+from gateway.dispatch.redaction import Redactor
+from gateway.dispatch.upstream_errors import UpstreamError
+from gateway.dispatch.upstream_response import UpstreamResponse
 
 # Client headers that go upstream: what an OpenAI-compatible server reads, nothing else. The
 # gateway sets `Authorization` (the provider's own credential), `x-request-id` and
@@ -25,13 +26,17 @@ UPSTREAM_ALLOWED = frozenset(
         "accept",
         "openai-beta",  # OpenAI's opt-in to beta API shapes
         "idempotency-key",
+        # W3C trace context: distributed tracing goes on through the gateway.
+        "traceparent",
+        "tracestate",
     }
 )
-REDACTED = "[redacted]"
 # Upstream response headers that reach the client, and those renamed on the way: an upstream's
 # own ids and timings are told apart from the gateway's; anything else (account rate limits,
 # organisation, cookies, server software) stays upstream.
 DOWNSTREAM_ALLOWED = frozenset({"content-type", "cache-control", "content-disposition"})
+# W3C trace context an upstream answers with (`traceresponse` is the draft's response header).
+DOWNSTREAM_TRACE_CONTEXT = frozenset({"traceparent", "tracestate", "traceresponse"})
 DOWNSTREAM_RENAMED = {
     "x-request-id": "x-upstream-request-id",
     "request-id": "x-upstream-request-id",
@@ -44,6 +49,8 @@ MAX_SSE_EVENT_BYTES = 1024 * 1024
 SSE_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")
 STREAM_TAIL_BYTES = 64
 _LINE_END = re.compile(rb"[\r\n]")
+# What no header value may carry to the client (aiohttp refuses to write it): controls but HTAB.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _EVENT_END = re.compile(b"|".join(re.escape(separator) for separator in SSE_EVENT_ENDS))
 # JSON's whitespace, what may surround an answer's object.
 JSON_SPACE = b" \t\r\n"
@@ -89,23 +96,19 @@ def upstream_headers(
     return headers
 
 
-def redact(data: bytes, secret: str | None) -> bytes:
-    """`data` with every copy of `secret` (as sent, or JSON-escaped) replaced by `[redacted]`."""
-    if not secret:
-        return data
-    for form in {secret, orjson.dumps(secret).decode()[1:-1]}:
-        data = data.replace(form.encode(), REDACTED.encode())
-    return data
-
-
-def downstream_headers(upstream: CIMultiDictProxy[str], secret: str | None) -> CIMultiDict[str]:
+def downstream_headers(
+    upstream: CIMultiDictProxy[str], redactor: Redactor | None
+) -> CIMultiDict[str]:
     """The upstream response headers that may reach the client, through the allow-list, with
-    the provider's `secret` redacted from their values."""
+    the provider's credential redacted from their values; a field with a control character in
+    its value is dropped (it cannot be written to the client)."""
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
+        if _CONTROL.search(value):
+            continue
         lowered = name.lower()
-        shown = value.replace(secret, REDACTED) if secret else value
-        if lowered in DOWNSTREAM_ALLOWED:
+        shown = redactor.redact_text(value) if redactor is not None else value
+        if lowered in DOWNSTREAM_ALLOWED or lowered in DOWNSTREAM_TRACE_CONTEXT:
             headers.add(name, shown)
         elif lowered in DOWNSTREAM_RENAMED:
             headers[DOWNSTREAM_RENAMED[lowered]] = shown

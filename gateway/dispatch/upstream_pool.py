@@ -6,14 +6,17 @@ pool limit; idle connections closed after IDLE_SECONDS; names resolved once per 
 the system's trust store; a connect timeout apart from the caller's read limits; a request head
 as the caller gave it (no `User-Agent`, no `Accept-Encoding` of its own, `Accept: */*` and a
 content type filled in as aiohttp does); redirects never followed and bodies never decoded (it
-does neither). An idempotent request that fails before any answer is sent again once, as aiohttp
-does. Answers are `UpstreamResponse`s read with `read()`, then released (`release()`, back to the
-pool when read to the end) or dropped (`close()`).
+does neither). A pooled connection is taken only while nothing waits on its socket. A request
+is sent again at most once, always on a new connection, and only where it cannot run twice: see
+`may_send_again`. Answers are `UpstreamResponse`s read with `read()`, then released
+(`release()`, back to the pool when read to the end) or dropped (`close()`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 import re
 import socket
 import ssl
@@ -24,20 +27,24 @@ from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohappyeyeballs
-from multidict import CIMultiDictProxy
 
-from gateway.dispatch.http1 import (
+from gateway.dispatch.http1 import Http1Connection
+from gateway.dispatch.upstream_errors import (
     ConnectTimeoutError,
-    Http1Connection,
+    RequestNotReadError,
     UpstreamBrokenError,
     UpstreamConnectError,
-    content_length_of,
-    content_type_of,
+    UpstreamMalformedError,
+    UpstreamTlsError,
 )
+from gateway.dispatch.upstream_response import UpstreamResponse
 
 IDLE_SECONDS: Final = 30.0
 DNS_TTL_SECONDS: Final = 60.0
 HAPPY_EYEBALLS_DELAY: Final = 0.25
+# After a keep-alive race, connections to that origin idle for longer than this share of the
+# idle time at which the upstream closed one are not used again (its idle limit is near).
+RACE_IDLE_SHARE: Final = 0.75
 # Methods aiohttp sends again once on a connection that failed before the answer (RFC 9112 9.3.1).
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -60,10 +67,11 @@ class Origin:
     prefix: str  # the base URL's path, before each request's own
     host_header: str
     basic_auth: str | None  # from credentials in the URL
+    tls_ca_file: str | None = None  # the CAs to verify against instead of the system's
 
 
-def parse_origin(base_url: str) -> Origin:
-    """The origin of an http(s) base URL."""
+def parse_origin(base_url: str, tls_ca_file: str | None = None) -> Origin:
+    """The origin of an http(s) base URL (verified against `tls_ca_file`'s CAs, if given)."""
     parts = urlsplit(base_url)
     tls = parts.scheme == "https"
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -83,6 +91,7 @@ def parse_origin(base_url: str) -> Origin:
         prefix=parts.path.rstrip("/"),
         host_header=shown if port == default else f"{shown}:{port}",
         basic_auth=basic,
+        tls_ca_file=tls_ca_file if tls else None,
     )
 
 
@@ -115,8 +124,39 @@ def request_head(
 
 
 def _spent(connection: Http1Connection, oldest: float) -> bool:
-    """Whether an idle connection can no longer be used: closed, or idle since before `oldest`."""
-    return connection.closed or connection.idle_since < oldest
+    """Whether an idle connection can no longer be used: idle since before `oldest`, closed, or
+    with something to read (the upstream's close on its way, or stray bytes)."""
+    return connection.idle_since < oldest or connection.stale()
+
+
+def may_send_again(
+    method: str, body: RequestBody, connection: Http1Connection, error: UpstreamBrokenError
+) -> bool:
+    """Whether a request whose exchange failed before its answer's head may be sent again, once,
+    on a new connection. The rule: never when the upstream may have run it, unless the method
+    says running it twice is harmless.
+
+    - A reused connection that ended before the upstream read the request (a keep-alive race:
+      the upstream closed it as the request was on its way, and the socket shows the request's
+      bytes were refused or never acknowledged; `RequestNotReadError`): any method. The
+      upstream never saw the request.
+    - A reused connection the upstream closed cleanly before any byte of its answer: any method,
+      as Go's net/http resends a replayable request on a server-closed idle connection. The
+      upstream closing a kept-alive connection is nearly always the race: it read nothing, or it
+      dropped what it read with the connection. An upstream that reads a request and then closes
+      without a word gets it a second time; an honest client's request never fails for a race.
+    - A connection that closed before any answer, for an idempotent method (RFC 9110 9.2.2),
+      as aiohttp does: running it twice is harmless.
+    - Never a streamed body (it cannot be replayed here; the dispatcher decides on failover),
+      nor after a malformed answer (the upstream answered, wrongly).
+    """
+    if isinstance(body, AsyncIterator) or isinstance(error, UpstreamMalformedError):
+        return False
+    if isinstance(error, RequestNotReadError):
+        return connection.reused
+    if connection.reused and connection.closed:
+        return True
+    return method in IDEMPOTENT and connection.closed
 
 
 def default_tls_context() -> ssl.SSLContext:
@@ -126,56 +166,11 @@ def default_tls_context() -> ssl.SSLContext:
     return context
 
 
-class UpstreamResponse:
-    """An upstream's answer: its status and head, and its body read piece by piece."""
-
-    __slots__ = ("_connection", "_origin", "_pool", "headers", "status")
-
-    def __init__(self, pool: UpstreamPool, origin: Origin, connection: Http1Connection) -> None:
-        assert connection.headers is not None
-        self._pool = pool
-        self._origin = origin
-        self._connection: Http1Connection | None = connection
-        self.status = connection.status
-        self.headers: CIMultiDictProxy[str] = connection.headers
-
-    @property
-    def content_type(self) -> str:
-        """The media type, lower-cased, without parameters (`application/octet-stream` if none)."""
-        return content_type_of(self.headers)
-
-    @property
-    def content_length(self) -> int | None:
-        """The announced body length, if any."""
-        return content_length_of(self.headers)
-
-    async def read(self) -> bytes:
-        """The body's next bytes (what has arrived, waiting for some); b"" at its end. Raises
-        UpstreamBrokenError when the connection breaks or the body breaks its framing,
-        ReadTimeoutError after too long a silence."""
-        connection = self._connection
-        if connection is None:
-            return b""
-        return await connection.read()
-
-    @property
-    def at_eof(self) -> bool:
-        """Whether the body was read to its end."""
-        connection = self._connection
-        return connection is None or connection.at_eof
-
-    def release(self) -> None:
-        """Done with the answer: its connection goes back to the pool if it can carry another
-        request, and is closed otherwise."""
-        connection, self._connection = self._connection, None
-        if connection is not None and connection.finish():
-            self._pool.put(self._origin, connection)
-
-    def close(self) -> None:
-        """Drop the answer and its connection (an upstream still sending sees it at once)."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.abort()
+def _tls_reason(error: ssl.SSLError) -> str:
+    """Why a TLS handshake failed, in the TLS library's words (never certificate contents)."""
+    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
+        return f"certificate verify failed: {error.verify_message}"
+    return str(error.reason or error.strerror or type(error).__name__)
 
 
 class UpstreamPool:
@@ -191,8 +186,13 @@ class UpstreamPool:
         self._ssl = ssl_context if ssl_context is not None else default_tls_context()
         self._idle_seconds = idle_seconds
         self._dns_ttl = dns_ttl_seconds
-        self._origins: dict[str, Origin] = {}
+        self._origins: dict[tuple[str, str | None], Origin] = {}
+        # Contexts for providers' own CA files, by path, with the modification time they were
+        # read at (a changed file is read again at the next connection).
+        self._ca_contexts: dict[str, tuple[int, ssl.SSLContext]] = {}
         self._idle: dict[Origin, list[Http1Connection]] = {}
+        # Per origin, the idle time past which a connection is not reused (learnt from races).
+        self._reuse_limits: dict[Origin, float] = {}
         self._addresses: dict[tuple[str, int], tuple[float, list[AddressInfo]]] = {}
         self._lookups: dict[tuple[str, int], asyncio.Task[list[AddressInfo]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -208,27 +208,34 @@ class UpstreamPool:
         *,
         connect_timeout: float | None,
         read_timeout: float | None = None,
+        tls_ca_file: str | None = None,
     ) -> UpstreamResponse:
         """Send a request to `base_url` + `target` and wait for the answer's head.
 
-        Raises UpstreamConnectError (no connection), ConnectTimeoutError, UpstreamBrokenError (the
-        connection failed after the request started out, or the answer's head is malformed) or
-        ReadTimeoutError (silence longer than `read_timeout` from the request's end; None: none).
+        Raises UpstreamConnectError (no connection; UpstreamTlsError for a failed handshake),
+        ConnectTimeoutError, UpstreamBrokenError (the connection failed after the request started
+        out: RequestNotReadError when the upstream closed before reading it, UpstreamMalformedError
+        when the answer's head cannot be relayed) or ReadTimeoutError (silence longer than
+        `read_timeout` from the request's end; None: none). https is verified against the
+        system's CAs, or `tls_ca_file`'s.
         """
-        origin = self._origins.get(base_url)
+        origin = self._origins.get((base_url, tls_ca_file))
         if origin is None:
-            origin = self._origins[base_url] = parse_origin(base_url)
+            origin = parse_origin(base_url, tls_ca_file)
+            self._origins[base_url, tls_ca_file] = origin
         head = request_head(origin, method, target, headers, body)
-        again = method in IDEMPOTENT and not isinstance(body, AsyncIterator)
+        again = True
         while True:
-            connection = self._pooled(origin) or await self._connect(origin, connect_timeout)
+            pooled = self._pooled(origin) if again else None
+            connection = pooled or await self._connect(origin, connect_timeout)
             try:
                 connection.begin(head, body, read_timeout)
                 await connection.head()
-            except UpstreamBrokenError:
-                dropped = connection.closed  # not a malformed answer: the connection went away
+            except UpstreamBrokenError as error:
+                resend = again and may_send_again(method, body, connection, error)
+                self._learn_from(origin, connection, error)
                 connection.abort()
-                if again and dropped:
+                if resend:
                     again = False
                     continue
                 raise
@@ -262,17 +269,34 @@ class UpstreamPool:
             lookup.cancel()
 
     def _pooled(self, origin: Origin) -> Http1Connection | None:
-        """The most recently used live idle connection to `origin`, if any."""
+        """The most recently used live idle connection to `origin`, if any, and not idle for
+        longer than the origin's learnt reuse limit."""
         connections = self._idle.get(origin)
         if not connections:
             return None
-        oldest = asyncio.get_running_loop().time() - self._idle_seconds
+        now = asyncio.get_running_loop().time()
+        oldest = now - min(self._idle_seconds, self._reuse_limits.get(origin, math.inf))
         while connections:
             connection = connections.pop()
             if not _spent(connection, oldest):
+                connection.idle_age = now - connection.idle_since
                 return connection
             connection.abort()
         return None
+
+    def _learn_from(
+        self, origin: Origin, connection: Http1Connection, error: UpstreamBrokenError
+    ) -> None:
+        """A reused connection that ended before any byte of its answer lost a keep-alive race:
+        the upstream closes connections idle for about as long as this one was. Connections to
+        it idle for longer than RACE_IDLE_SHARE of that are not reused from now on, so the race
+        is not run again (whether or not this request could be sent again)."""
+        if not connection.reused or connection.answer_begun:
+            return
+        if isinstance(error, UpstreamMalformedError):
+            return
+        limit = connection.idle_age * RACE_IDLE_SHARE
+        self._reuse_limits[origin] = min(limit, self._reuse_limits.get(origin, math.inf))
 
     def _sweep(self) -> None:
         """Close connections idle for longer than the idle limit; again later while any are left."""
@@ -297,24 +321,48 @@ class UpstreamPool:
         """A new connection (TLS for https), within `limit` seconds once the name is resolved."""
         addresses = await self._resolve(origin)
         loop = asyncio.get_running_loop()
+        context = self._tls_context(origin) if origin.tls else None
         try:
             async with asyncio.timeout(limit):
                 sock = await aiohappyeyeballs.start_connection(
                     addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, loop=loop
                 )
-                context = self._ssl if origin.tls else None
                 _, connection = await loop.create_connection(
                     lambda: Http1Connection(loop),
                     sock=sock,
                     ssl=context,
                     server_hostname=origin.host if origin.tls else None,
                 )
-        except OSError as error:  # refused, unreachable, TLS verification or handshake
+        except ssl.SSLError as error:  # verification or handshake: the TLS library's reason
+            where = f"{origin.host}:{origin.port}"
+            reason = _tls_reason(error)
+            raise UpstreamTlsError(f"TLS with {where} failed: {reason}", reason) from error
+        except OSError as error:  # refused, unreachable, reset during the handshake
             where = f"{origin.host}:{origin.port}"
             if isinstance(error, TimeoutError) and error.errno is None:  # the limit, not the OS
                 raise ConnectTimeoutError(f"no connection to {where} in time") from None
             raise UpstreamConnectError(f"cannot connect to {where}") from error
         return connection
+
+    def _tls_context(self, origin: Origin) -> ssl.SSLContext:
+        """The context verifying `origin`: its own CA file's (read again once changed), or the
+        pool's."""
+        path = origin.tls_ca_file
+        if path is None:
+            return self._ssl
+        try:
+            modified = os.stat(path).st_mtime_ns
+            cached = self._ca_contexts.get(path)
+            if cached is not None and cached[0] == modified:
+                return cached[1]
+            context = ssl.create_default_context(cafile=path)
+        except (OSError, ssl.SSLError) as error:
+            reason = f"tls_ca_file unusable: {type(error).__name__}"
+            where = f"{origin.host}:{origin.port}"
+            raise UpstreamTlsError(f"TLS with {where} failed: {reason}", reason) from error
+        context.set_alpn_protocols(("http/1.1",))
+        self._ca_contexts[path] = (modified, context)
+        return context
 
     async def _resolve(self, origin: Origin) -> list[AddressInfo]:
         """The origin's addresses, cached for the DNS TTL; one look-up at a time per name."""

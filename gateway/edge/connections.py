@@ -6,15 +6,17 @@ a request head that trickles in and no bound on a head's total size: each connec
 `GuardedSite` (`gateway.edge.site`, which also caps their number) gets a `GuardedRequestHandler`,
 aiohttp's handler with a deadline and a size bound for every request head. The request body's
 deadline is the handler's to enforce (`body_read_timeout`), since only the handler knows when a
-body ends. Each connection also stamps when it read the end of each request head (in the loop
-thread's CPU time), and hands the request's wait since then to an `Admission` (the load
-shedder's gate) just before the app sees it.
+body ends. Each connection also stamps when the end of each request head arrived, and hands the
+request's wait since then to an `Admission` (the load shedder's gate) just before the app sees
+it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import socket
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -41,6 +43,11 @@ AIOHTTP_LINGERING_SECONDS = 10.0
 LINGER_SECONDS = 1.0
 # A request head ends at an empty line; aiohttp's parser also accepts a bare LF as line end.
 HEAD_ENDS = (b"\n\n", b"\n\r\n")
+# Linux's `struct tcp_info`: its size up to `tcpi_last_ack_recv`, and where `tcpi_last_data_recv`
+# (milliseconds since the last data segment arrived) lies in it.
+TCP_INFO = getattr(socket, "TCP_INFO", 11)
+TCP_INFO_BYTES = 60
+LAST_DATA_RECV = slice(52, 56)
 # The `Server` header of every answer: the product, never its version or aiohttp's.
 SERVER_NAME = "affinity-gateway"
 DEFAULT_BODY_READ_TIMEOUT_SECONDS: float = ServerSettings.model_fields[
@@ -75,15 +82,9 @@ class ConnectionLimits:
 class Admission(Protocol):
     """Decides, as a request's handler is about to start, whether the app serves it."""
 
-    def admit(self, request: web.BaseRequest, delay: float) -> web.StreamResponse | None:
+    async def admit(self, request: web.BaseRequest, delay: float) -> web.StreamResponse | None:
         """None to serve it, or the response to answer instead; `delay`: how long it waited
-        since its head was read, in seconds of the loop thread's CPU time."""
-
-    def finished(self) -> None:
-        """The handler of a request it admitted returned."""
-
-    def watch_connections(self, count: Callable[[], int]) -> None:
-        """Take how to count the worker's open client connections."""
+        since its head was read, in seconds."""
 
 
 class _Phase(enum.Enum):
@@ -114,10 +115,11 @@ class GuardedRequestHandler(web.RequestHandler):
     head over `max_header_bytes` gets 431. On a pipelined connection, heads after the first that
     arrived with it are left to aiohttp's keep-alive timer.
 
-    With an `admission`, each request is first put to it, with how long it waited since the
-    handler read the end of its head (the latest head, on a pipelined connection), counted in
-    the CPU time of the loop's thread: the work done for others meanwhile, not time the process
-    was not running.
+    With an `admission`, each request is first put to it, with how long it waited since the end
+    of its head arrived (the latest head, on a pipelined connection): the time the handler read
+    it, less how long its last bytes had waited in the kernel by then (`TCP_INFO`'s
+    `last_data_recv`). Past its capacity a worker's queue moves into the kernel (its accept
+    queue, its sockets' buffers), where the loop's own clock would not see it.
     """
 
     __slots__ = (
@@ -129,6 +131,7 @@ class GuardedRequestHandler(web.RequestHandler):
         "_head_read_at",
         "_head_size",
         "_head_tail",
+        "_kernel_socket",
         "_on_lost",
         "_phase",
         "limits",
@@ -165,6 +168,7 @@ class GuardedRequestHandler(web.RequestHandler):
         self._deadline: asyncio.TimerHandle | None = None
         self._close_after = False
         self._head_read_at = 0.0
+        self._kernel_socket: socket.socket | None = None
         self._admission = admission
         self._app_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]] | None = None
         if admission is not None and self._request_handler is not None:
@@ -174,6 +178,7 @@ class GuardedRequestHandler(web.RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start serving; the first head's deadline runs from now, so silent connections count."""
         super().connection_made(transport)
+        self._kernel_socket = transport.get_extra_info("socket")
         self._start_head()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -187,7 +192,7 @@ class GuardedRequestHandler(web.RequestHandler):
         stamping when a head was read in full."""
         if self._phase is _Phase.CLOSING:
             return
-        read_at = time.thread_time()
+        read_at = time.monotonic()
         if self._phase is _Phase.IDLE and data:
             self._start_head()
         if self._phase is _Phase.HEAD and not self._watch_head(data):
@@ -195,18 +200,27 @@ class GuardedRequestHandler(web.RequestHandler):
         parsed = self._request_count
         super().data_received(data)
         if self._request_count != parsed:
-            self._head_read_at = read_at
+            self._head_read_at = read_at - self._kernel_wait()
+
+    def _kernel_wait(self) -> float:
+        """Seconds since the connection's last data arrived in the kernel (0 when unknown)."""
+        if self._admission is None or self._kernel_socket is None:
+            return 0.0
+        try:
+            info = self._kernel_socket.getsockopt(socket.IPPROTO_TCP, TCP_INFO, TCP_INFO_BYTES)
+        except OSError:  # not TCP (a Unix socket), or gone
+            return 0.0
+        if len(info) < TCP_INFO_BYTES:
+            return 0.0
+        return int.from_bytes(info[LAST_DATA_RECV], sys.byteorder) / 1000
 
     async def _admit(self, request: web.BaseRequest) -> web.StreamResponse:
         """Put the request to the admission, then to the app when admitted."""
         assert self._admission is not None
         assert self._app_handler is not None
-        refusal = self._admission.admit(request, time.thread_time() - self._head_read_at)
+        refusal = await self._admission.admit(request, time.monotonic() - self._head_read_at)
         if refusal is None:
-            try:
-                return await self._app_handler(request)
-            finally:
-                self._admission.finished()
+            return await self._app_handler(request)
         if not request.content.is_eof():
             self._close_after = True  # the unread body is not waited for
         return refusal

@@ -18,11 +18,14 @@ EXPOSED_HEADERS = ", ".join(
         "x-gateway-provider",
         "x-gateway-affinity",
         "x-gateway-resolved-model",
+        "x-gateway-error",
         "x-upstream-request-id",
         "x-upstream-processing-ms",
         "x-ratelimit-limit-concurrency",
         "x-ratelimit-remaining-concurrency",
         "retry-after",
+        "traceparent",
+        "tracestate",
     )
 )
 PREFLIGHT_MAX_AGE_SECONDS = "600"

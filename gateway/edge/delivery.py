@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
@@ -25,6 +26,24 @@ RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 class ClientStalledError(Exception):
     """The client accepted no bytes within the write deadline; its connection was aborted."""
+
+
+# A whole answer past this size leaves in two writes, its head first (see `whole_answer`).
+HEAD_FIRST_BYTES = 64 * 1024
+
+
+class HeadFirstResponse(web.Response):
+    """A whole answer whose head is written on its own, then its body as it is: aiohttp joins a
+    held head and its body into one new buffer (on Python before 3.12.9), a second copy of a
+    large answer for as long as the client takes to read it."""
+
+    _send_headers_immediately = True
+
+
+def whole_answer(status: int, body: bytes | bytearray, headers: Mapping[str, str]) -> web.Response:
+    """The response for a whole answer: a large body is never copied on its way out."""
+    kind = HeadFirstResponse if len(body) > HEAD_FIRST_BYTES else web.Response
+    return kind(status=status, body=body, headers=headers)
 
 
 class HeldHeadResponse(web.StreamResponse):
@@ -128,3 +147,12 @@ def drop_client(request: web.BaseRequest) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
     transport.abort()
+
+
+def end_incomplete(request: web.BaseRequest) -> None:
+    """End a started answer that cannot be completed: what is buffered is still sent, then the
+    connection closes without the chunked encoding's end, so the client sees a broken transfer
+    (an SSE reader the last event, an HTTP client an incomplete body), as it would directly."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()

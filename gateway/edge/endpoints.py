@@ -21,7 +21,9 @@ RESPONSE_ID = "response_id"
 
 @dataclass(frozen=True)
 class EndpointSpec:
-    """One proxied endpoint; `fields` names what a JSON body must hold besides `model`."""
+    """One proxied endpoint; `fields` names what a JSON body must hold besides `model`;
+    `model_optional`: a body may leave `model` out (vLLM then uses its default model; the
+    gateway, the key's default model: see `Catalog.default_model`)."""
 
     method: str
     path: str
@@ -29,6 +31,7 @@ class EndpointSpec:
     stickiness: StickinessKind
     fields: Endpoint = "model"
     stores_responses: bool = False
+    model_optional: bool = False
 
 
 ENDPOINTS: tuple[EndpointSpec, ...] = (
@@ -37,8 +40,8 @@ ENDPOINTS: tuple[EndpointSpec, ...] = (
     EndpointSpec("POST", "/v1/embeddings", "json", "none"),
     EndpointSpec("POST", "/v1/rerank", "json", "none"),
     EndpointSpec("POST", "/v1/score", "json", "none"),
-    EndpointSpec("POST", "/tokenize", "json", "none"),
-    EndpointSpec("POST", "/detokenize", "json", "none"),
+    EndpointSpec("POST", "/tokenize", "json", "none", model_optional=True),
+    EndpointSpec("POST", "/detokenize", "json", "none", model_optional=True),
     EndpointSpec("POST", "/v1/audio/transcriptions", "multipart", "none"),
     EndpointSpec("POST", "/v1/responses", "json", "response", stores_responses=True),
     EndpointSpec("GET", f"/v1/responses/{{{RESPONSE_ID}}}", "none", "response"),
@@ -63,7 +66,7 @@ def parse_request(spec: EndpointSpec, raw: bytes) -> ClientRequest:
         return ClientRequest(None, False, {}, None, lambda upstream_model: None)
     if spec.body == "multipart":
         raise ValueError("multipart bodies are streamed through: see gateway.edge.uploads")
-    payload = parse_payload(raw, spec.fields)
+    payload = parse_payload(raw, spec.fields, model_optional=spec.model_optional)
     previous = payload.data.get("previous_response_id")
     if previous is not None and (not isinstance(previous, str) or not previous):
         raise GatewayError(

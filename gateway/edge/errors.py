@@ -25,7 +25,9 @@ ERROR_TYPES: Mapping[int, str] = {
 
 
 class GatewayError(Exception):
-    """An error the gateway answers itself, with its status, message and machine-readable code."""
+    """An error the gateway answers, with its status, message and machine-readable code; with
+    `body`, the answer is that body (an upstream's own error, relayed) and `message` only the
+    gateway's summary for its log and `x-gateway-error` header."""
 
     def __init__(
         self,
@@ -36,6 +38,8 @@ class GatewayError(Exception):
         retry_after: float | None = None,
         param: str | None = None,
         headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        content_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -44,9 +48,23 @@ class GatewayError(Exception):
         self.retry_after = retry_after
         self.param = param
         self.headers = dict(headers or {})
+        self.body = body
+        self.content_type = content_type
 
     def to_response(self, headers: Mapping[str, str] | None = None) -> web.Response:
-        """The JSON response for this error, with `Retry-After` when known."""
+        """The response for this error (OpenAI-shaped JSON, or the relayed body as it came),
+        with `Retry-After` when known."""
+        if self.body is not None:
+            response = web.Response(
+                status=self.status, body=self.body, headers={**self.headers, **(headers or {})}
+            )
+            if self.content_type is not None:
+                response.headers["Content-Type"] = self.content_type
+            else:
+                response.headers.pop("Content-Type", None)
+            if self.retry_after is not None:
+                response.headers["Retry-After"] = retry_after_value(self.retry_after)
+            return response
         return error_response(
             self.status,
             self.message,
@@ -84,16 +102,25 @@ def error_response(
         headers=headers,
     )
     if retry_after is not None:
-        response.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+        response.headers["Retry-After"] = retry_after_value(retry_after)
     return response
 
 
+def retry_after_value(seconds: float) -> str:
+    """`Retry-After` in whole seconds, rounded up, at least 1."""
+    return str(max(1, int(seconds + 0.999)))
+
+
 def sse_error_event(message: str, code: str) -> bytes:
-    """An OpenAI-style error event that ends a stream that already started."""
+    """The OpenAI-style error of a stream that broke after it started, as a last `data:` line
+    left unterminated (no blank line after it): the transfer is then aborted. Whoever reads the
+    bytes (curl, a log) sees why; an SSE parser, which dispatches an event only at its blank
+    line, reports the broken connection instead — the OpenAI SDK raises `APIConnectionError`,
+    as it does when a node's stream breaks directly, so retry logic keyed on it still works."""
     payload = orjson.dumps(
         {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
     )
-    return b"data: " + payload + b"\n\n"
+    return b"data: " + payload + b"\n"
 
 
 def is_utf8(text: str) -> bool:

@@ -1,7 +1,8 @@
-"""Model ids in raw JSON: splice the request's `model` value, rename the upstream id in answers.
+"""Model ids in raw JSON answers: the upstream id renamed to the public one in the `model`
+members only, and in error bodies (the request's side is `gateway.edge.model_splice`).
 
-Neither direction re-serialises a document: every other byte stays as the client or the
-upstream sent it (big integers, key order, spacing, escapes).
+No answer is re-serialised: every other byte stays as the upstream sent it (big integers, key
+order, spacing, escapes).
 """
 
 from __future__ import annotations
@@ -13,90 +14,85 @@ from typing import Protocol
 
 import orjson
 
-_WHITESPACE = re.compile(rb"[ \t\r\n]*")
-# The unrolled form: runs of plain bytes are matched at once, not one alternation per byte.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_SCALAR_END = re.compile(rb"[ \t\r\n,}\]]")
-_STRUCTURE = re.compile(rb'["{}\[\]]')
+# The bytes before a renamed value that a stream chunk may have left in the previous chunk.
+CONTEXT_BYTES = 32
+_SPACE_BYTES = frozenset(b" \t\r\n")
+_MODEL_KEY = b'"model"'
+_COMPACT_KEY = b'"model":'
+_COLON = ord(":")
+_BACKSLASH = ord("\\")
 
 
-def replace_model(raw: bytes, model: str) -> bytes:
-    """`raw` (a JSON object orjson accepted) with its top-level `model` value set to `model`.
-
-    The value's bytes are replaced in place; when the key appears more than once the last one
-    counts (as for the parser). Without a `model` key the object gains one at its end.
-    """
-    span = _model_value_span(raw)
-    value = orjson.dumps(model)
-    if span is None:
-        closing = raw.rstrip().rfind(b"}")
-        separator = b"," if raw[:closing].rstrip()[-1:] != b"{" else b""
-        return raw[:closing] + separator + b'"model":' + value + raw[closing:]
-    start, end = span
-    return raw[:start] + value + raw[end:]
-
-
-def _model_value_span(raw: bytes) -> tuple[int, int] | None:
-    position = _skip_space(raw, raw.find(b"{") + 1)
-    found: tuple[int, int] | None = None
-    while position < len(raw) and raw[position : position + 1] != b"}":
-        key = _STRING.match(raw, position)
-        if key is None:
-            return found
-        position = _skip_space(raw, key.end())
-        position = _skip_space(raw, position + 1)  # the colon
-        end = _value_end(raw, position)
-        if orjson.loads(key.group()) == "model":
-            found = (position, end)
-        position = _skip_space(raw, end)
-        if raw[position : position + 1] == b",":
-            position = _skip_space(raw, position + 1)
-    return found
+def _is_model_member(data: bytes | bytearray, position: int, before: bytes) -> bool:
+    """Whether the JSON string at `position` is the value of a `"model"` member (structure, not
+    text: inside a string every quote is escaped, so the bytes `"model":"…"` cannot occur there).
+    `before` holds what came just before `data` in a stream."""
+    if (
+        position > len(_COMPACT_KEY)
+        and data[position - len(_COMPACT_KEY) : position] == _COMPACT_KEY
+    ):
+        return data[position - len(_COMPACT_KEY) - 1] != _BACKSLASH  # the usual, compact form
+    if position < CONTEXT_BYTES and before:
+        data = before + bytes(data[:position])
+        position = len(data)
+    index = position - 1
+    while index >= 0 and data[index] in _SPACE_BYTES:
+        index -= 1
+    if index < 0 or data[index] != _COLON:
+        return False
+    index -= 1
+    while index >= 0 and data[index] in _SPACE_BYTES:
+        index -= 1
+    key_start = index - len(_MODEL_KEY) + 1
+    return (
+        key_start >= 0
+        and data[key_start : index + 1] == _MODEL_KEY
+        and (key_start == 0 or data[key_start - 1] != _BACKSLASH)
+    )
 
 
-def _skip_space(raw: bytes, position: int) -> int:
-    match = _WHITESPACE.match(raw, position)
-    return match.end() if match else position
-
-
-def _value_end(raw: bytes, start: int) -> int:
-    first = raw[start : start + 1]
-    if first == b'"':
-        string = _STRING.match(raw, start)
-        assert string is not None  # the document parsed
-        return string.end()
-    if first not in (b"{", b"["):
-        scalar = _SCALAR_END.search(raw, start)
-        return scalar.start() if scalar else len(raw)
-    depth = 0
-    position = start
-    while True:
-        token = _STRUCTURE.search(raw, position)
-        assert token is not None  # the document parsed
-        mark = token.group()
-        if mark == b'"':
-            string = _STRING.match(raw, token.start())
-            assert string is not None
-            position = string.end()
-            continue
-        depth += 1 if mark in (b"{", b"[") else -1
-        position = token.end()
-        if depth == 0:
-            return position
+def _renamed(
+    data: bytes | bytearray, needle: bytes, replacement: bytes, before: bytes = b""
+) -> bytes | bytearray:
+    """`data` with each `model` member whose value is `needle` given `replacement` instead (a
+    bytearray is edited in place: a large answer is not copied again)."""
+    found: list[int] = []
+    position = data.find(needle)
+    while position >= 0:
+        if _is_model_member(data, position, before):
+            found.append(position)
+        position = data.find(needle, position + len(needle))
+    if not found:
+        return data
+    if isinstance(data, bytearray):
+        for position in reversed(found):
+            data[position : position + len(needle)] = replacement
+        return data
+    pieces: list[bytes] = []
+    start = 0
+    for position in found:
+        pieces += (data[start:position], replacement)
+        start = position + len(needle)
+    pieces.append(data[start:])
+    return b"".join(pieces)
 
 
 class ModelRenamer:
-    """Replaces the exact JSON string of the upstream model id with the public one in a body or
-    a stream of chunks, holding back only a tail that could be the start of a split id."""
+    """Renames the upstream model id to the public one in an answer: only the value of `model`
+    members (each stream chunk's, a Responses event's `response.model`), never text the model
+    generated. A stream holds back only a tail that could be the start of a split id."""
 
     def __init__(self, upstream: str, public: str) -> None:
+        self._upstream = upstream
+        self._public = public
         self._needle = orjson.dumps(upstream)
         self._replacement = orjson.dumps(public)
         self._held = b""
+        self._before = b""
 
     def whole(self, body: bytes | bytearray) -> bytes | bytearray:
-        """A complete body with every occurrence renamed."""
-        return body.replace(self._needle, self._replacement)
+        """A complete body, its `model` members renamed."""
+        return _renamed(body, self._needle, self._replacement)
 
     def feed(self, chunk: bytes) -> bytes:
         """The next chunk of a stream, renamed; a possible partial id waits for the next one."""
@@ -105,17 +101,45 @@ class ModelRenamer:
         last = data.rfind(needle)
         settled = last + len(needle) if last >= 0 else 0
         hold_from = len(data)
-        for position in range(max(settled, len(data) - len(needle) + 1), len(data)):
-            if data[position] == 0x22 and needle.startswith(data[position:]):  # 0x22: '"'
+        # Only a quote in the last bytes can start a split id (there are few: no byte loop).
+        position = data.find(b'"', max(settled, len(data) - len(needle) + 1))
+        while position >= 0:
+            if needle.startswith(data[position:]):
                 hold_from = position
                 break
+            position = data.find(b'"', position + 1)
         self._held = data[hold_from:]
-        return data[:hold_from].replace(needle, self._replacement)
+        out = data[:hold_from]
+        renamed = _renamed(out, needle, self._replacement, self._before)
+        self._before = (
+            out[-CONTEXT_BYTES:]
+            if len(out) >= CONTEXT_BYTES
+            else (self._before + out)[-CONTEXT_BYTES:]
+        )
+        return bytes(renamed)
 
     def flush(self) -> bytes:
         """What is still held back once the stream ended."""
         held, self._held = self._held, b""
         return held
+
+    def error(self, body: bytes | bytearray) -> bytes | bytearray:
+        """An upstream error body with the upstream id renamed wherever it stands as a whole
+        name (messages quote it: "The model `x` does not exist")."""
+        return rename_in_error(body, {self._upstream: self._public})
+
+
+def rename_in_error(body: bytes | bytearray, names: Mapping[str, str]) -> bytes | bytearray:
+    """`body` with each upstream id of `names` (JSON-escaped, not part of a longer name)
+    replaced by its public name."""
+    for upstream, public in names.items():
+        escaped = orjson.dumps(upstream)[1:-1]
+        if escaped not in body:
+            continue
+        whole_name = re.compile(rb"(?<![\w./:@-])" + re.escape(escaped) + rb"(?![\w/:@-]|\.\w)")
+        replacement = orjson.dumps(public)[1:-1]
+        body = whole_name.sub(lambda _, name=replacement: name, body)
+    return body
 
 
 class Renamer(Protocol):
@@ -131,6 +155,10 @@ class Renamer(Protocol):
 
     def flush(self) -> bytes:
         """What is still held back once the stream ended."""
+        ...
+
+    def error(self, body: bytes | bytearray) -> bytes | bytearray:
+        """An upstream error body, renamed."""
         ...
 
 
@@ -176,3 +204,12 @@ class AnswerRenamer:
     def flush(self) -> bytes:
         """What is still held back once the stream ended."""
         return self._inner.flush() if self._inner is not None else b""
+
+    def error(self, body: bytes | bytearray) -> bytes | bytearray:
+        """An upstream error body with any upstream id the provider maps renamed."""
+        names = {
+            upstream: public
+            for upstream, public in self._public_names.items()
+            if not self._keeps(public)
+        }
+        return rename_in_error(body, names)

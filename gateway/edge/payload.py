@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 
 from gateway.edge.errors import GatewayError
-from gateway.edge.model_names import replace_model
+from gateway.edge.model_splice import replace_model
 
 # What a JSON body must hold besides `model`: chat messages, a completion prompt, or nothing.
 Endpoint = Literal["chat", "completions", "model"]
@@ -20,34 +21,52 @@ class Payload:
 
     raw: bytes
     data: dict[str, Any]
-    model: str
+    model: str | None  # None: the endpoint allows leaving it out, and the body did
     stream: bool
 
     def for_upstream(self, upstream_model: str) -> bytes:
         """The body to send upstream: the client's bytes, with only the model id spliced in when
-        it differs (no other byte changes, so big integers and key order survive)."""
+        it differs or is missing (no other byte changes, so big integers and key order
+        survive)."""
         if upstream_model == self.model:
             return self.raw
         return replace_model(self.raw, upstream_model)
 
 
-def parse_payload(raw: bytes, endpoint: Endpoint) -> Payload:
-    """Parse and check a request body; raise a 400 GatewayError naming the offending field."""
+def _parsed(raw: bytes) -> Any:
+    """The body as JSON; `NaN`, `Infinity` and `-Infinity` are accepted (read as null here).
+
+    vLLM parses bodies with Python's `json`, which takes these constants and leaves a value the
+    engine refuses with its own parameter message: the body goes on unchanged so the node can.
+    Anything else orjson refuses (broken syntax, invalid UTF-8, lone surrogates) stays a 400.
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=lambda constant: None)
+        orjson.dumps(data)  # what is left must be what orjson would have read
+    except (UnicodeDecodeError, ValueError, orjson.JSONEncodeError, RecursionError):
+        raise GatewayError(400, "The request body is not valid JSON.", "invalid_json") from None
+    return data
+
+
+def parse_payload(raw: bytes, endpoint: Endpoint, *, model_optional: bool = False) -> Payload:
+    """Parse and check a request body; raise a 400 GatewayError naming the offending field.
+    With `model_optional`, a body without `model` is valid (its `model` is None)."""
     if not raw.strip():
         raise GatewayError(400, "The request body is empty; send a JSON object.", "invalid_json")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise GatewayError(400, "The request body is not valid JSON.", "invalid_json") from None
+    data = _parsed(raw)
     if not isinstance(data, dict):
         raise GatewayError(400, "The request body must be a JSON object.", "invalid_request")
 
     model = data.get("model")
-    if model is None:
+    if model is None and not model_optional:
         raise GatewayError(
             400, "You must provide a model parameter.", "missing_field", param="model"
         )
-    if not isinstance(model, str) or not model.strip():
+    if model is not None and (not isinstance(model, str) or not model.strip()):
         raise GatewayError(
             400, "`model` must be a non-empty string.", "invalid_type", param="model"
         )
@@ -64,9 +83,10 @@ def parse_payload(raw: bytes, endpoint: Endpoint) -> Payload:
             raise GatewayError(
                 400, "You must provide a messages parameter.", "missing_field", param="messages"
             )
-        if not isinstance(messages, list) or not messages:
+        # An empty array is the engine's to judge (vLLM takes it): only the shape is checked.
+        if not isinstance(messages, list):
             raise GatewayError(
-                400, "`messages` must be a non-empty array.", "invalid_type", param="messages"
+                400, "`messages` must be an array.", "invalid_type", param="messages"
             )
         if not all(isinstance(message, dict) for message in messages):
             raise GatewayError(

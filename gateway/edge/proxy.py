@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -14,8 +14,9 @@ import structlog
 from aiohttp import HttpVersion11, web
 
 from gateway.catalog import Catalog, Key, Provider
-from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.dispatcher import Dispatcher, DispatchRecord, DispatchRequest, RequestBody
+from gateway.dispatch.memory_budget import MemoryBudget, Reservation
+from gateway.dispatch.model_cards import ModelCards, model_object
 from gateway.dispatch.permits import KeyLimits, concurrency_headers
 from gateway.dispatch.usage import with_usage_requested
 from gateway.dispatch.usage_book import UsageBook
@@ -79,9 +80,10 @@ class Proxy:
         recent: RecentDecisions | None = None,
         request_compression: bool = False,
         write_timeout: float = 60.0,
-        answer_budget: AnswerBudget | None = None,
+        memory_budget: MemoryBudget | None = None,
         shedder: LoadShedder | None = None,
         usage_book: UsageBook | None = None,
+        model_cards: ModelCards | None = None,
     ) -> None:
         self.catalog = catalog
         self.responses = responses
@@ -97,10 +99,11 @@ class Proxy:
         self._mode_header = mode_header
         self._request_compression = request_compression
         self._write_timeout = write_timeout
-        self.answer_budget = answer_budget
+        self.memory_budget = memory_budget
         self.shedder = shedder
         # None: usage accounting is off (no book, no usage asked of streams).
         self.usage_book = usage_book
+        self.model_cards = model_cards
 
     def authenticate(self, request: web.BaseRequest) -> Key:
         """The key of a `Bearer` Authorization header (or an `api-key` / `x-api-key` header),
@@ -154,9 +157,10 @@ class Proxy:
         return self.key_limits.below_mean(key)
 
     async def models(self, request: web.Request) -> web.Response:
-        """`GET /v1/models`: the models this key may use, in OpenAI's list shape."""
+        """`GET /v1/models`: the models this key may use, in vLLM's list shape (with the
+        context length its nodes report)."""
         key = self.authenticate(request)
-        data = [_model_object(name) for name in self.catalog.models_for(key)]
+        data = await self._model_objects(key, self.catalog.models_for(key))
         return web.json_response({"object": "list", "data": data})
 
     async def model(self, request: web.Request) -> web.Response:
@@ -167,7 +171,14 @@ class Proxy:
             raise GatewayError(
                 404, f"The model `{name[:200]}` does not exist.", "model_not_found", param="model"
             )
-        return web.json_response(_model_object(name))
+        return web.json_response((await self._model_objects(key, [name]))[0])
+
+    async def _model_objects(self, key: Key, names: Sequence[str]) -> list[dict[str, Any]]:
+        """The entries for these public models, with what their providers' nodes report."""
+        serving = {name: self.catalog.candidates(key, name) for name in names}
+        providers = {provider.name: provider for found in serving.values() for provider in found}
+        cards = await self.model_cards.of(providers.values()) if self.model_cards else {}
+        return [model_object(name, serving[name], cards) for name in names]
 
     def _response_headers(
         self, decision: RoutingDecision, resolved: Resolved | None, key: Key
@@ -202,23 +213,29 @@ class Proxy:
 
         return renamer
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        """The whole body: 413 past `max_body_bytes`, 408 when it is not all there in time."""
+    async def _read_body(self, request: web.Request, memory: Reservation | None) -> bytes:
+        """The whole body: 413 past `max_body_bytes`, 408 when it is not all there in time;
+        each piece counted in the worker's memory budget before it is kept (a declared length
+        at once, before any is read), 503/429 past it."""
         encoding = content_encoding(request.headers.get("Content-Encoding"))
         check_encoding(encoding, allowed=self._request_compression)
-        if request.content_length is not None and request.content_length > self._max_body_bytes:
+        length = request.content_length
+        if length is not None and length > self._max_body_bytes:
             raise too_large(self._max_body_bytes)
+        take = _taker(request, memory)
+        if take is not None and encoding in IDENTITY and length is not None:
+            take(length)
+            take = None  # the declared length is held: the pieces are within it
         timeout = body_read_timeout(request)
+        pieces = _pieces(request, self._max_body_bytes, take)
         try:
             if encoding in IDENTITY and request.content.is_eof():
                 # The whole body came with the head: nothing to wait for, no deadline to arm.
-                return await request.read()
+                return await _gather(pieces)
             async with asyncio.timeout(timeout):
                 if encoding in IDENTITY:
-                    return await request.read()
-                return await decode_body(
-                    _pieces(request, self._max_body_bytes), encoding, self._max_body_bytes
-                )
+                    return await _gather(pieces)
+                return await decode_body(pieces, encoding, self._max_body_bytes, take)
         except web.HTTPRequestEntityTooLarge:
             raise too_large(self._max_body_bytes) from None
         except TimeoutError:
@@ -251,7 +268,9 @@ class Proxy:
             model = requested
             via_auto = False
         if not self.catalog.serves(model):
-            raise GatewayError(404, f"The model `{model[:200]}` does not exist.", "model_not_found")
+            raise GatewayError(
+                404, f"The model `{model[:200]}` does not exist.", "model_not_found", param="model"
+            )
         if not key.allows(model):
             raise GatewayError(
                 403, f"This key may not use the model `{model}`.", "model_not_allowed"
@@ -262,23 +281,24 @@ class Proxy:
         """Proxy one request to an endpoint of the table."""
         started_at = time.monotonic()
         request_id = request_id_of(request)
-        record = DispatchRecord(
-            buffer=self.answer_budget.reservation() if self.answer_budget else None
-        )
+        record = DispatchRecord()
         key: Key | None = None
         admitted: Key | None = None
         affinity = "none"
         route: list[str] = []
         parsed: ClientRequest | None = None
         resolved: Resolved | None = None
+        upload: Upload | None = None
         status = 500
         try:
             # The key's limits are taken as soon as its head is in: a body that trickles in
             # holds a connection, so it counts from here (and a refusal needs no body).
             try:
                 key = self.authenticate(request)
-                self.key_limits.acquire(key, self._connections_per_key)
+                await self.key_limits.admit(key, self._connections_per_key)
                 admitted = key
+                if self.memory_budget is not None:
+                    record.buffer = self.memory_budget.reservation(key.id)
             except GatewayError:
                 # A body nobody will read is not waited for: close once the refusal is out.
                 if not request.content.is_eof():
@@ -286,18 +306,24 @@ class Proxy:
                 raise
             if spec.body != "none":
                 await _ask_for_body(request)
-            upload: Upload | None = None
             if spec.body == "multipart":
                 upload = await open_upload(
-                    request, max_body_bytes=self._max_body_bytes, replay_cap=REPLAY_CAP_BYTES
+                    request,
+                    max_body_bytes=self._max_body_bytes,
+                    replay_cap=REPLAY_CAP_BYTES,
+                    memory=record.buffer,
                 )
                 parsed = upload.request
             else:
-                raw = await self._read_body(request) if spec.body != "none" else b""
+                raw = await self._read_body(request, record.buffer) if spec.body != "none" else b""
                 parsed = parse_request(spec, raw)
             pinned = await self._pinned_provider(request, spec, parsed, key)
-            if parsed.model is not None:
-                resolved = self._resolve(request, key, parsed.model)
+            storing = spec.stores_responses and await self.responses.admit(key, parsed.data)
+            requested = parsed.model
+            if requested is None and spec.model_optional:
+                requested = self._default_model(key)
+            if requested is not None:
+                resolved = self._resolve(request, key, requested)
                 candidates = self.catalog.candidates(key, resolved.model)
                 if not candidates and self.catalog.only_draining(key, resolved.model):
                     raise GatewayError(
@@ -314,7 +340,10 @@ class Proxy:
             if not candidates:
                 asked = resolved.model if resolved else ""
                 raise GatewayError(
-                    404, f"No provider on this key's route serves `{asked}`.", "model_not_found"
+                    404,
+                    f"No provider on this key's route serves `{asked}`.",
+                    "model_not_found",
+                    param="model",
                 )
             model = resolved.model if resolved is not None else None
             stickiness = self.catalog.stickiness(model) if model is not None else "none"
@@ -349,6 +378,7 @@ class Proxy:
                 key=key,
                 started_at=started_at,
                 upload=upload,
+                storing=storing,
             )
             response = await self._dispatch(
                 request, job, decision=decision, record=record, pinned=pinned, parsed=parsed
@@ -373,6 +403,8 @@ class Proxy:
             record.client_disconnected = True
             raise
         finally:
+            if upload is not None:
+                upload.source.close()
             if record.buffer is not None:
                 record.buffer.release()
             if admitted is not None:
@@ -406,6 +438,15 @@ class Proxy:
             key_digest=key.digest,
             head_bytes=catalog.conversation_head_bytes,
         )
+
+    def _default_model(self, key: Key) -> str:
+        """The model for a body that may leave `model` out and did: the key's default."""
+        model = self.catalog.default_model(key)
+        if model is None:
+            raise GatewayError(
+                404, "No model is available to this key.", "model_not_found", param="model"
+            )
+        return model
 
     async def _pinned_provider(
         self, request: web.Request, spec: EndpointSpec, parsed: ClientRequest, key: Key
@@ -452,6 +493,7 @@ class Proxy:
         key: Key,
         started_at: float,
         upload: Upload | None,
+        storing: bool,
     ) -> DispatchRequest:
         model = resolved.model if resolved is not None else None
         timeouts = self.catalog.timeouts(model or "")
@@ -476,7 +518,7 @@ class Proxy:
             return sent
 
         async def on_answer(provider: Provider, opening: bytes | bytearray) -> None:
-            if spec.stores_responses:
+            if storing:
                 await self.responses.record(key, provider, opening, parsed.stream)
 
         return DispatchRequest(
@@ -540,14 +582,42 @@ async def _ask_for_body(request: web.Request) -> None:
         request.writer.output_size = 0
 
 
-async def _pieces(request: web.Request, limit: int) -> AsyncIterator[bytes]:
-    """The body as it arrives, undecoded: 413 past `limit` bytes received."""
+async def _pieces(
+    request: web.Request, limit: int, take: Callable[[int], None] | None
+) -> AsyncIterator[bytes]:
+    """The body as it arrives, undecoded: 413 past `limit` bytes received; each piece counted
+    by `take` (the memory budget) before it is passed on."""
     received = 0
     async for piece in request.content.iter_any():
         received += len(piece)
         if received > limit:
-            raise too_large(limit)
+            close_after_response(request)
+            raise too_large(limit, close=True)
+        if take is not None:
+            take(len(piece))
         yield piece
+
+
+async def _gather(pieces: AsyncIterator[bytes]) -> bytes:
+    """A body's pieces, joined (one piece: as it came)."""
+    gathered = [piece async for piece in pieces]
+    return gathered[0] if len(gathered) == 1 else b"".join(gathered)
+
+
+def _taker(request: web.Request, memory: Reservation | None) -> Callable[[int], None] | None:
+    """Counts a request body's bytes in the memory budget; a refusal closes the connection (the
+    rest of the body is not read)."""
+    if memory is None:
+        return None
+
+    def take(size: int) -> None:
+        try:
+            memory.take_now("request_body", size)
+        except GatewayError:
+            close_after_response(request)
+            raise
+
+    return take
 
 
 def _response_id(request: web.Request, parsed: ClientRequest) -> str:
@@ -561,7 +631,3 @@ def _always() -> bool:
 
 def _no_failure() -> GatewayError | None:
     return None
-
-
-def _model_object(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "affinity-gateway"}

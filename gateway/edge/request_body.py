@@ -10,7 +10,7 @@ received byte, and the upstream receives the decoded bytes without the header.
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from gateway.edge.errors import GatewayError
 
@@ -44,9 +44,15 @@ def check_encoding(encoding: str, *, allowed: bool) -> None:
     )
 
 
-async def decode_body(pieces: AsyncIterator[bytes], encoding: str, limit: int) -> bytes:
+async def decode_body(
+    pieces: AsyncIterator[bytes],
+    encoding: str,
+    limit: int,
+    take: Callable[[int], None] | None = None,
+) -> bytes:
     """The decoded body of the compressed `pieces`: 413 past `limit` decoded bytes or past
-    `MAX_RATIO`, 400 when the data is not valid for its coding."""
+    `MAX_RATIO`, 400 when the data is not valid for its coding; each decoded step counted by
+    `take` (the memory budget) before it is kept."""
     decoder = zlib.decompressobj(DECODERS[encoding])
     decoded = bytearray()
     received = 0
@@ -55,7 +61,10 @@ async def decode_body(pieces: AsyncIterator[bytes], encoding: str, limit: int) -
             received += len(piece)
             data = piece
             while data and not decoder.eof:
-                decoded += decoder.decompress(data, STEP_BYTES)
+                step = decoder.decompress(data, STEP_BYTES)
+                if take is not None:
+                    take(len(step))
+                decoded += step
                 data = decoder.unconsumed_tail
                 _check_size(len(decoded), received, limit)
             if decoder.eof and (decoder.unused_data or data):

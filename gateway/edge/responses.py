@@ -1,7 +1,18 @@
 """Responses API affinity: a stored response lives on the node that created it, so the store
-remembers `response id → provider` and follow-ups from any worker go there."""
+remembers `response id → provider` and follow-ups from any worker go there.
+
+A stored response belongs to the key that created it, for good: vLLM takes a client's
+`request_id` as the new response's id, so a request choosing the id of another key's response is
+refused before it reaches a node (it could overwrite that response there), and an answer whose
+id is another key's is refused rather than recorded. Only responses the node stores (`store`
+absent or true) are recorded, at most `affinity.responses_max_per_key` per key (a key's newest;
+a new one evicts its oldest).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import orjson
 import structlog
@@ -22,28 +33,52 @@ class ResponseBindings:
         self._store = store
         self._catalog = catalog
         self._ttl = settings.responses_ttl_seconds
+        self._max_per_key = settings.responses_max_per_key
         self._timeout = settings.claim_timeout_ms / 1000
+
+    async def admit(self, key: Key, data: Mapping[str, Any]) -> bool:
+        """Before a new response is made: whether the node will store it (a 400 for a `store`
+        that is not a boolean), and a 409 when the id it chooses is another key's response."""
+        stores = stored(data)
+        chosen = data.get("request_id")
+        if not isinstance(chosen, str) or not chosen:
+            return stores
+        try:
+            taken = await self._store.response_taken(
+                chosen, api_key_id=key.id, timeout=self._timeout
+            )
+        except StoreError:
+            raise unavailable() from None
+        if taken:
+            raise id_taken(chosen, param="request_id")
+        return stores
 
     async def record(
         self, key: Key, provider: Provider, opening: bytes | bytearray, stream: bool
     ) -> None:
-        """Remember the node of the response whose answer opens with `opening` (a whole JSON
-        body, or a stream's first event); a store failure is logged, never the client's."""
+        """Remember the node of the stored response whose answer opens with `opening` (a whole
+        JSON body, or a stream's first event); a store failure is logged, never the client's. A
+        409 instead of the answer when its id is another key's response."""
         response_id = response_id_in(opening, stream)
         if response_id is None:
             return
         try:
-            await self._store.record_response(
+            written = await self._store.record_response(
                 response_id,
                 provider.name,
                 api_key_id=key.id,
                 ttl_seconds=self._ttl,
+                max_per_key=self._max_per_key,
                 timeout=self._timeout,
             )
         except StoreError as error:
             logger.warning(
                 "response_binding_not_recorded", provider=provider.name, error=type(error).__name__
             )
+            return
+        if not written:
+            logger.warning("response_id_conflict", provider=provider.name, key_id=key.id)
+            raise id_taken(response_id, param=None)
 
     async def provider_of(self, key: Key, response_id: str) -> Provider:
         """The configured provider holding the key's response; a 404-style error when it is
@@ -54,12 +89,7 @@ class ResponseBindings:
                 response_id, api_key_id=key.id, timeout=self._timeout
             )
         except StoreError:
-            raise GatewayError(
-                503,
-                "The gateway cannot look up which node holds this response right now.",
-                "store_unavailable",
-                retry_after=1,
-            ) from None
+            raise unavailable() from None
         if name is None:
             raise GatewayError(
                 404,
@@ -72,6 +102,36 @@ class ResponseBindings:
         if provider is None:
             raise node_gone(response_id)
         return provider
+
+
+def stored(data: Mapping[str, Any]) -> bool:
+    """Whether a new response is to be stored on its node: `store` absent or true (vLLM stores
+    none for false or null); a 400 for any other value."""
+    store = data.get("store", True)
+    if store is not None and not isinstance(store, bool):
+        raise GatewayError(400, "`store` must be a boolean.", "invalid_type", param="store")
+    return store is True
+
+
+def id_taken(response_id: str, *, param: str | None) -> GatewayError:
+    """The refusal of a response id that is another key's response."""
+    return GatewayError(
+        409,
+        f"The response id `{response_id[:200]}` is already in use; choose another "
+        "(or send no `request_id`).",
+        "response_id_in_use",
+        param=param,
+    )
+
+
+def unavailable() -> GatewayError:
+    """The error when the store cannot say who holds a response."""
+    return GatewayError(
+        503,
+        "The gateway cannot look up which node holds this response right now.",
+        "store_unavailable",
+        retry_after=1,
+    )
 
 
 def node_gone(response_id: str) -> GatewayError:

@@ -119,8 +119,6 @@ class GuardedSite(web.BaseSite):
         self._spares: list[socket.socket] = []
         self._drain_due = False
         self._connecting: set[asyncio.Task[None]] = set()
-        if admission is not None:
-            admission.watch_connections(self._connections.__len__)
 
     @property
     def name(self) -> str:

@@ -1,6 +1,11 @@
 """A multipart upload streamed through: its head is read until the `model` field is known, the
 rest goes to the upstream as it arrives, with a bounded copy kept so a failed attempt can be
-replayed on the next provider (past the copy's cap, no failover for that request)."""
+replayed on the next provider (past the copy's cap, no failover for that request).
+
+The head is held in the worker's memory budget (503/429 past it, the connection closing); the copy
+only while the budget has room for it (else it is dropped: no failover, the upload goes on). The
+head is parsed as it arrives, each byte looked at once.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway.dispatch.memory_budget import Reservation
 from gateway.edge.connections import body_read_timeout, close_after_response
 from gateway.edge.endpoints import ClientRequest
 from gateway.edge.errors import GatewayError
@@ -20,6 +26,7 @@ REPLAY_CAP_BYTES = 32 * 1024 * 1024
 REPLAY_PIECE_BYTES = 256 * 1024
 
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+_PRINTABLE_ASCII = re.compile(r"[ -~]+")
 _FIELD_NAME = re.compile(rb'content-disposition:[^\r\n]*;\s*name="([^"]*)"', re.IGNORECASE)
 
 
@@ -27,8 +34,16 @@ class UploadSource:
     """The client's body, read on demand: the head (up to the `model` field) held whole, the
     bytes after it kept while the total stays within the replay cap."""
 
-    def __init__(self, request: web.Request, *, max_body_bytes: int, replay_cap: int) -> None:
+    def __init__(
+        self,
+        request: web.Request,
+        *,
+        max_body_bytes: int,
+        replay_cap: int,
+        memory: Reservation | None = None,
+    ) -> None:
         self._request = request
+        self._memory = memory
         self._max_body_bytes = max_body_bytes
         self._replay_cap = min(replay_cap, max_body_bytes)
         self._timeout = body_read_timeout(request)
@@ -99,17 +114,41 @@ class UploadSource:
             return b""
         self._read += len(chunk)
         if self._read > self._max_body_bytes:
-            close_after_response(self._request)
-            self._kept = bytearray()
-            self.failure = too_large(self._max_body_bytes, close=True)
-            raise self.failure
-        if not self._in_head and not self._dropped:
-            if self._read <= self._replay_cap:
+            self._fail(too_large(self._max_body_bytes, close=True))
+        if self._in_head:
+            if self._memory is not None:
+                try:
+                    self._memory.take_now("request_body", len(chunk))
+                except GatewayError as refused:
+                    self._fail(refused)
+        elif not self._dropped:
+            if self._read <= self._replay_cap and (
+                self._memory is None or self._memory.try_take("upload_copy", len(chunk))
+            ):
                 self._kept += chunk
             else:
-                self._dropped = True
-                self._kept = bytearray()
+                self._drop_copy()
         return chunk
+
+    def _fail(self, failure: GatewayError) -> None:
+        """The upload cannot go on: the copy is let go, the connection closes after the answer."""
+        close_after_response(self._request)
+        self._drop_copy()
+        self.failure = failure
+        raise failure
+
+    def _drop_copy(self) -> None:
+        self._dropped = True
+        self._kept = bytearray()
+        if self._memory is not None:
+            self._memory.release_use("upload_copy")
+
+    def close(self) -> None:
+        """The request is over: the copy is let go, and the failure's traceback (whose frames
+        refer to this source: a cycle only a garbage collection would free)."""
+        self._drop_copy()
+        if self.failure is not None:
+            self.failure.__traceback__ = None
 
 
 class Upload:
@@ -132,9 +171,16 @@ async def _chain(head: bytes, source: UploadSource) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def open_upload(request: web.Request, *, max_body_bytes: int, replay_cap: int) -> Upload:
+async def open_upload(
+    request: web.Request,
+    *,
+    max_body_bytes: int,
+    replay_cap: int,
+    memory: Reservation | None = None,
+) -> Upload:
     """Read a multipart form's head until its `model` field is complete (or the body ends);
-    400 when it is not a form or names no model, 413/408 as for any body."""
+    400 when it is not a form or names no model, 413/408 as for any body, 503/429 past the
+    memory budget."""
     if request.content_length is not None and request.content_length > max_body_bytes:
         raise too_large(max_body_bytes)
     content_type = request.headers.get("Content-Type", "")
@@ -143,20 +189,26 @@ async def open_upload(request: web.Request, *, max_body_bytes: int, replay_cap: 
         raise GatewayError(
             400, "This endpoint takes a multipart/form-data body.", "invalid_request"
         )
-    delimiter = b"--" + boundary.group(1).encode("latin-1")
-    source = UploadSource(request, max_body_bytes=max_body_bytes, replay_cap=replay_cap)
-    head = bytearray()
-    while True:
+    if not _PRINTABLE_ASCII.fullmatch(boundary.group(1)):
+        # RFC 2046's boundaries are ASCII: anything else cannot delimit the parts as sent.
+        raise GatewayError(
+            400,
+            "The multipart boundary must be printable ASCII characters.",
+            "invalid_multipart_boundary",
+        )
+    delimiter = b"--" + boundary.group(1).encode("ascii")
+    source = UploadSource(
+        request, max_body_bytes=max_body_bytes, replay_cap=replay_cap, memory=memory
+    )
+    head = FormHead(delimiter)
+    while "model" not in head.fields:
         chunk = await source.read_head()
-        head += chunk
-        window = head[-(len(chunk) + len(delimiter)) :]
-        if chunk and delimiter not in window:
-            continue
-        fields = form_fields(head, delimiter)
-        if "model" in fields or not chunk:
+        if not chunk:
             break
+        head.feed(chunk)
     source.finish_head()
-    raw = bytes(head)
+    raw = bytes(head.raw)
+    fields = head.fields
     del head
     return Upload(source, raw, form_request(raw, fields))
 
@@ -184,22 +236,39 @@ def form_request(raw: bytes, fields: dict[str, tuple[int, int]]) -> ClientReques
     return ClientRequest(model, stream, {}, None, body_for)
 
 
-def form_fields(raw: bytes | bytearray, delimiter: bytes) -> dict[str, tuple[int, int]]:
-    """Where each complete named part's value lies in the body (the last one of a name wins)."""
-    fields: dict[str, tuple[int, int]] = {}
-    position = raw.find(delimiter)
-    while position >= 0:
-        start = position + len(delimiter)
-        following = raw.find(delimiter, start)
-        if following < 0:
-            break
+class FormHead:
+    """A form's head as it arrives: where each complete named part's value lies (the last one of
+    a name wins). Each byte is searched once, however the head is cut into pieces."""
+
+    def __init__(self, delimiter: bytes) -> None:
+        self.raw = bytearray()
+        self.fields: dict[str, tuple[int, int]] = {}
+        self._delimiter = delimiter
+        self._part = -1  # where the delimiter opening the part not complete yet lies
+        self._searched = 0  # no delimiter starts before this, past `_part`
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next piece; the fields of every part it completes are noted."""
+        raw = self.raw
+        raw += chunk
+        delimiter = self._delimiter
+        while True:
+            found = raw.find(delimiter, self._searched)
+            if found < 0:
+                self._searched = max(self._searched, len(raw) - len(delimiter) + 1)
+                return
+            self._searched = found + len(delimiter)
+            if self._part >= 0:
+                self._note(self._part + len(delimiter), found)
+            self._part = found
+
+    def _note(self, start: int, following: int) -> None:
+        raw = self.raw
         head_end = raw.find(b"\r\n\r\n", start, following)
         name = _FIELD_NAME.search(raw, start, head_end) if head_end >= 0 else None
         if name is not None:
             value_end = following - 2 if raw[following - 2 : following] == b"\r\n" else following
-            fields[name.group(1).decode("utf-8", errors="replace")] = (head_end + 4, value_end)
-        position = following
-    return fields
+            self.fields[name.group(1).decode("utf-8", errors="replace")] = (head_end + 4, value_end)
 
 
 def too_large(limit: int, *, close: bool = False) -> GatewayError:

@@ -158,19 +158,49 @@ class Metrics:
             "New requests answered 503 (overloaded) by load shedding, before their body was read.",
             registry=self.registry,
         )
-        self.shedding_rests = Counter(
-            "gateway_shedding_rests",
-            "Times load shedding rested its refusals because the refused requests came straight "
-            "back (clients that resend at once, ignoring Retry-After).",
-            registry=self.registry,
-        )
         self.queue_delay = Gauge(
             "gateway_queue_delay_seconds",
-            "The smallest queueing delay of a request (the event loop's CPU time between its head "
-            "being read and its handler starting) over a worker's last load-shedding interval "
-            "(across workers: the highest).",
+            "The smallest queueing delay of a request (the time between its head being read and "
+            "its handler starting) over a worker's last load-shedding interval (across workers: "
+            "the highest).",
             registry=self.registry,
             multiprocess_mode="livemax",
+        )
+        self.key_units = Histogram(
+            "gateway_key_unit_claim_seconds",
+            "Requests whose key's concurrency share here was spent, asking the store for one more "
+            "unit, by outcome (granted, at_limit, no_answer); the time the claim took.",
+            ["outcome"],
+            buckets=STORE_BUCKETS,
+            registry=self.registry,
+        )
+        self.key_limit_refusals = Counter(
+            "gateway_key_limit_refusals",
+            "Requests refused by their key's limits, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.memory_budget = Gauge(
+            "gateway_memory_budget_bytes",
+            "A worker's memory budget for requests (server.memory_budget_bytes; across workers: "
+            "the sum).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.memory_held = Gauge(
+            "gateway_memory_held_bytes",
+            "Bytes held in the memory budget now, by use: request_body, upload_copy, answer "
+            "(across workers: the sum).",
+            ["use"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.memory_refusals = Counter(
+            "gateway_memory_refusals",
+            "Bytes the memory budget refused, counted once per refusal, by use and reason "
+            "(worker: the budget was spent; key_share: the key's share was).",
+            ["use", "reason"],
+            registry=self.registry,
         )
         self.latency_band = Gauge(
             "gateway_latency_band",

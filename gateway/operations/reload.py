@@ -16,7 +16,7 @@ from typing import Literal, TypeVar
 import structlog
 from pydantic import BaseModel
 
-from gateway.config import Settings
+from gateway.config import DatabaseSettings, Settings
 from gateway.config_loading import ConfigError, load_config
 from gateway.operations.metrics import Metrics
 from gateway.operations.runtime import ProcessState, RuntimeHolder, build_runtime
@@ -41,9 +41,11 @@ RESTART_ONLY: tuple[str, ...] = (
     "server.max_header_bytes",
     "server.max_header_count",
     "server.max_connections_per_worker",
+    "server.memory_budget_bytes",
+    "server.memory_share_per_key",
+    "server.max_buffered_answer_bytes",
     "server.load_shedding",
-    "server.load_shedding_target_delay_ms",
-    "server.load_shedding_interval_ms",
+    "server.load_shedding_burst_seconds",
     "database",
     "affinity",
     "usage",
@@ -60,12 +62,21 @@ ReloadResult = Literal["applied", "invalid", "failed"]
 
 
 def keep_restart_only(running: Settings, new: Settings) -> tuple[Settings, tuple[str, ...]]:
-    """`new`, with every restart-only field at its running value; and the fields that differ."""
-    differing = tuple(path for path in RESTART_ONLY if _get(new, path) != _get(running, path))
+    """`new`, with every restart-only field at its running value; and the fields the config
+    changed (a running value derived at start, the embedded Postgres's URL, is compared as the
+    config gave it)."""
+    differing = tuple(
+        path for path in RESTART_ONLY if _get(new, path) != _as_configured(_get(running, path))
+    )
     effective = new
-    for path in differing:
-        effective = _set(effective, path, _get(running, path))
+    for path in RESTART_ONLY:
+        if _get(new, path) != _get(running, path):
+            effective = _set(effective, path, _get(running, path))
     return effective, differing
+
+
+def _as_configured(value: object) -> object:
+    return value.as_configured() if isinstance(value, DatabaseSettings) else value
 
 
 def _get(settings: BaseModel, path: str) -> object:

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from affinity_store.store import AffinityStore
 from gateway.catalog import Catalog
 from gateway.config import Settings
-from gateway.dispatch.answer_budget import AnswerBudget
 from gateway.dispatch.dispatcher import Dispatcher
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
+from gateway.dispatch.memory_budget import MemoryBudget
+from gateway.dispatch.model_cards import ModelCards
 from gateway.dispatch.permits import KeyLimits, ProviderPermits, per_key_limit
 from gateway.dispatch.retries import RetryBudget
 from gateway.dispatch.upstream_pool import UpstreamPool
@@ -51,11 +52,12 @@ class ProcessState:
     permits: ProviderPermits
     poller: LoadPoller
     memory: RouterMemory
-    answer_budget: AnswerBudget
     retries: RetryBudget  # retries under way carry over; a reload sets the budget's share
+    memory_budget: MemoryBudget
     key_limits: KeyLimits = field(default_factory=KeyLimits)
     shedder: LoadShedder | None = None  # None: only in tests that build a state by hand
     usage_book: UsageBook | None = None  # None: usage accounting is off
+    model_cards: ModelCards | None = None  # None: model lists carry no node-reported fields
     recent: RecentDecisions = field(default_factory=lambda: RecentDecisions(RECENT_DECISIONS))
     # Fixed per process, so the random tiebreak between providers survives a reload.
     tiebreak_seed: int = field(default_factory=lambda: random.getrandbits(64))
@@ -155,9 +157,10 @@ def build_runtime(
         recent=state.recent,
         request_compression=settings.server.request_compression,
         write_timeout=routing.downstream_write_timeout_seconds,
-        answer_budget=state.answer_budget,
+        memory_budget=state.memory_budget,
         shedder=state.shedder,
         usage_book=state.usage_book,
+        model_cards=state.model_cards,
     )
     return Runtime(
         settings=settings,

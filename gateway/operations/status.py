@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from affinity_store.store import StoreError
 from affinity_store.usage import UsageStore
+from gateway.dispatch.memory_budget import USES
 from gateway.operations.cluster_view import ClusterSection, collect_cluster
 from gateway.operations.usage_view import UsageSection, collect_usage
 
@@ -97,11 +98,21 @@ class OverloadRow:
     enabled: bool  # load shedding on; off, the overload is only reported
     overloaded: bool
     delay_ms: float  # the smallest queueing delay over the last interval
-    target_delay_ms: float
+    burst_ms: float  # the burst allowance: a queue within it is never refused
+    level_ms: float  # while overloaded, requests that queued longer are refused
     shed: int  # requests refused since the worker started
     episodes: int  # times the worker became overloaded
-    resting: bool  # refusals rest: refused requests came straight back
-    rests: int
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """This worker's memory budget for requests: its size, what is held, and the refusals."""
+
+    budget_bytes: int
+    key_share_bytes: int  # the most one key may hold
+    held_bytes: int
+    held_by_use: Mapping[str, int]  # request_body, upload_copy, answer
+    refusals: int  # since the worker started
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,7 @@ class StatusSnapshot:
     overload: OverloadRow | None = None  # None: no load shedder (a state built by hand)
     usage: UsageSection | None = None  # None: usage accounting is off
     cluster: ClusterSection | None = None  # None: not asked for (a snapshot built by hand)
+    memory: MemoryRow | None = None  # None: no memory budget (a proxy built by hand)
 
 
 async def collect_status(
@@ -180,11 +192,22 @@ async def collect_status(
             enabled=shedder.policy.enabled,
             overloaded=shedder.overloaded,
             delay_ms=round(shedder.delay * 1000, 1),
-            target_delay_ms=shedder.policy.target * 1000,
+            burst_ms=shedder.policy.burst * 1000,
+            level_ms=shedder.policy.level * 1000,
             shed=shedder.shed,
             episodes=shedder.episodes,
-            resting=shedder.resting,
-            rests=shedder.rests,
+        )
+    )
+    budget = runtime.proxy.memory_budget
+    memory = (
+        None
+        if budget is None
+        else MemoryRow(
+            budget_bytes=budget.limit,
+            key_share_bytes=budget.key_limit,
+            held_bytes=budget.held,
+            held_by_use={use: budget.held_for(use) for use in USES},
+            refusals=sum(budget.refusals.values()),
         )
     )
     return StatusSnapshot(
@@ -201,6 +224,7 @@ async def collect_status(
         overload=overload,
         usage=usage,
         cluster=cluster,
+        memory=memory,
     )
 
 

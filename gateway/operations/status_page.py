@@ -7,7 +7,13 @@ from collections.abc import Iterable, Mapping
 from html import escape
 
 from gateway.operations.cluster_view import render_cluster
-from gateway.operations.status import OverloadRow, ProviderRow, RecentDecision, StatusSnapshot
+from gateway.operations.status import (
+    MemoryRow,
+    OverloadRow,
+    ProviderRow,
+    RecentDecision,
+    StatusSnapshot,
+)
 from gateway.operations.usage_view import render_usage
 
 # Inline on purpose: the page must work with no asset routes, no build step and no network.
@@ -142,6 +148,7 @@ def _summary_cards(snapshot: StatusSnapshot) -> str:
         + _card("In flight", str(in_flight))
         + _card("Recent requests", str(len(snapshot.decisions)))
         + _card("Load", _overload(snapshot.overload))
+        + _card("Memory", _memory(snapshot.memory))
         + _card("Config", _config(snapshot))
         + "</div>"
     )
@@ -150,15 +157,10 @@ def _summary_cards(snapshot: StatusSnapshot) -> str:
 def _overload(overload: OverloadRow | None) -> str:
     if overload is None:
         return '<span id="overload" class="badge muted">not measured</span>'
-    if overload.overloaded and overload.enabled and overload.resting:
-        badge = (
-            '<span id="overload" class="badge warn">overloaded: refusals resting, refused '
-            "requests came straight back</span>"
-        )
-    elif overload.overloaded and overload.enabled:
+    if overload.overloaded and overload.enabled:
         badge = (
             '<span id="overload" class="badge bad">overloaded: shedding requests that waited '
-            f"over {_number(overload.target_delay_ms)} ms</span>"
+            f"over {_number(overload.level_ms)} ms</span>"
         )
     elif overload.overloaded:
         badge = '<span id="overload" class="badge warn">overloaded (shedding off)</span>'
@@ -166,8 +168,27 @@ def _overload(overload: OverloadRow | None) -> str:
         badge = '<span id="overload" class="badge ok">keeping up</span>'
     return (
         f'{badge}<div class="muted">queueing delay {_number(overload.delay_ms)} ms '
-        f"(target {_number(overload.target_delay_ms)} ms) · {overload.shed} shed "
-        f"in {overload.episodes} episode(s), refusals rested {overload.rests} time(s)</div>"
+        f"(burst allowance {_number(overload.burst_ms)} ms) · {overload.shed} shed "
+        f"in {overload.episodes} episode(s)</div>"
+    )
+
+
+def _memory(memory: MemoryRow | None) -> str:
+    if memory is None:
+        return '<span id="memory" class="badge muted">no budget</span>'
+    mib = 1024 * 1024
+    used = memory.held_bytes / memory.budget_bytes if memory.budget_bytes else 0.0
+    tone = "bad" if used > 0.9 else "warn" if used > 0.5 else "ok"
+    uses = ", ".join(
+        f"{_text(use.replace('_', ' '))} {_number(round(size / mib, 1))}"
+        for use, size in memory.held_by_use.items()
+    )
+    return (
+        f'<span id="memory" class="badge {tone}">{_number(round(memory.held_bytes / mib, 1))} '
+        f"of {_number(round(memory.budget_bytes / mib, 1))} MiB held</span>"
+        f'<div class="muted">{uses} MiB · one key at most '
+        f"{_number(round(memory.key_share_bytes / mib, 1))} MiB · "
+        f"{memory.refusals} refusal(s)</div>"
     )
 
 

@@ -64,7 +64,11 @@ class SessionTable:
     Bindings sit in an ordered dict in last-write order; with one TTL for all, that is also
     expiry order, so expiring pops from the front. Each key also keeps its own sessions in
     last-write order: when the table is full, the key holding the most bindings loses its least
-    recently written one, so one key's flood of sessions evicts only its own. Times are
+    recently written one. So a key holding at most an equal split of the table (capacity ÷ the
+    keys holding sessions) never loses a session to another key's flood (after the write, the
+    largest key holds more than that), and one holding more is cut down to the split, never
+    below: stronger isolation cannot be had in a bounded table without refusing newcomers any
+    session while one key fills it. Times are
     monotonic seconds; a `now` earlier than the latest write is taken as
     that write's time, which keeps the order (and so the counts) exact.
     """

@@ -30,8 +30,8 @@ logger = structlog.get_logger("gateway.selection.affinity")
 
 LOCAL_CACHE_CAPACITY = 250_000
 # One key's share of the local copies: an application key with a binding per conversation
-# cannot push every other key's copies out.
-LOCAL_CACHE_PER_KEY = 50_000
+# cannot push every other key's copies out (a fifth of them always stays for the others).
+LOCAL_CACHE_PER_KEY = 200_000
 JANITOR_BATCH_SIZE = 1000
 JANITOR_TIMEOUT_SECONDS = 10.0
 RENEW_BATCH_SIZE = 500

@@ -10,7 +10,6 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import structlog
-from pydantic import SecretStr
 
 from affinity_store.embedded import EmbeddedPostgres
 from affinity_store.migrate import apply_migrations
@@ -140,7 +139,7 @@ def provisioned(settings: Settings) -> Iterator[Settings]:
     adopted = embedded.is_running()
     embedded.start()
     try:
-        database = settings.database.model_copy(update={"url": SecretStr(embedded.url)})
+        database = settings.database.with_embedded_url(embedded.url)
         yield settings.model_copy(update={"database": database})
     finally:
         if not adopted:

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from gateway.simulator import control, extras, responses_api
 from gateway.simulator.completions import chat_completions, completions
 from gateway.simulator.metrics import metrics_registry, render_metrics
-from gateway.simulator.openai_shapes import JSON_CONTENT_TYPE
+from gateway.simulator.openai_shapes import JSON_CONTENT_TYPE, model_card
 from gateway.simulator.state import STATE_KEY, SimulatorState
 
 NODE_HEADER = "x-simulator-node"
@@ -61,8 +61,7 @@ async def models(request: web.Request) -> web.Response:
     payload = {
         "object": "list",
         "data": [
-            {"id": model, "object": "model", "created": created, "owned_by": state.options.name}
-            for model, created in listed.items()
+            model_card(model, created, state.options.name) for model, created in listed.items()
         ],
     }
     return web.Response(body=orjson.dumps(payload), content_type=JSON_CONTENT_TYPE)

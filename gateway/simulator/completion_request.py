@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +20,19 @@ class Endpoint(enum.Enum):
     COMPLETION = "completion"
 
 
+SAMPLING_PARAMETERS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+
+
 class InvalidRequestError(ValueError):
     """The body cannot be served; the message says why (it never echoes prompt text)."""
+
+
+class InvalidParameterError(InvalidRequestError):
+    """A sampling parameter vLLM's validation refuses, named as vLLM names it."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +52,10 @@ def parse_completion_request(
     body: bytes, endpoint: Endpoint, default_max_tokens: int
 ) -> CompletionRequest:
     """Parse `body`, raising InvalidRequestError when it is not a usable request."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidRequestError("the body is not valid JSON") from None
+    payload = _loads(body)
     if not isinstance(payload, dict):
         raise InvalidRequestError("the body must be a JSON object")
+    _check_sampling(payload)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("model is required")
@@ -72,6 +83,29 @@ def parse_completion_request(
         max_tokens=default_max_tokens if max_tokens is None else max_tokens,
         max_tokens_given=max_tokens is not None,
     )
+
+
+def _loads(body: bytes) -> Any:
+    """The body as vLLM's server reads it (Python's `json`: `NaN` and `Infinity` are numbers)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InvalidRequestError("the body is not valid JSON") from None
+
+
+def _check_sampling(payload: dict[str, Any]) -> None:
+    """A sampling parameter must be a finite number, as vLLM's validation insists."""
+    for name in SAMPLING_PARAMETERS:
+        value = payload.get(name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidParameterError(
+                f"{name} must be a finite number, got {value}. (parameter={name}, value={value})",
+                name,
+            )
 
 
 def _max_tokens(payload: dict[str, Any], endpoint: Endpoint) -> int | None:

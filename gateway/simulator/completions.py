@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.simulator.completion_request import (
     CompletionRequest,
     Endpoint,
+    InvalidParameterError,
     InvalidRequestError,
     parse_completion_request,
 )
@@ -94,6 +95,11 @@ async def _answer(
         )
     try:
         parsed = parse_completion_request(record.body, endpoint, state.options.default_max_tokens)
+    except InvalidParameterError as error:
+        body = error_body(str(error), "BadRequestError", 400, error.param)
+        return await _send_error(
+            request, state, record, outcome=Outcome.REJECTED, status=400, body=body, headers=headers
+        )
     except InvalidRequestError as error:
         body = error_body(str(error), "invalid_request_error", None)
         return await _send_error(

@@ -18,7 +18,12 @@ from typing import Any
 import orjson
 from aiohttp import BodyPartReader, web
 
-from gateway.simulator.openai_shapes import JSON_CONTENT_TYPE, error_body
+from gateway.simulator.openai_shapes import (
+    JSON_CONTENT_TYPE,
+    MAX_MODEL_LEN,
+    error_body,
+    model_card,
+)
 from gateway.simulator.state import STATE_KEY, SimulatorState
 from gateway.simulator.stats import Outcome, RequestRecord
 
@@ -128,9 +133,7 @@ async def model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     if not state.serves(name) or (not state.options.models and name not in state.models_seen):
         return error_answer(404, f"The model `{name}` does not exist.", "NotFoundError")
-    return json_answer(
-        {"id": name, "object": "model", "created": 0, "owned_by": state.options.name}
-    )
+    return json_answer(model_card(name, 0, state.options.name))
 
 
 @unreadable_is_400
@@ -231,7 +234,12 @@ async def tokenize(request: web.Request) -> web.Response:
     if not isinstance(prompt, str):
         return finish(state, record, error_answer(400, "`prompt` is required.", "BadRequestError"))
     tokens = word_tokens(prompt)
-    payload = {"count": len(tokens), "max_model_len": 8192, "tokens": tokens, "token_strs": None}
+    payload = {
+        "count": len(tokens),
+        "max_model_len": MAX_MODEL_LEN,
+        "tokens": tokens,
+        "token_strs": None,
+    }
     return finish(state, record, json_answer(payload))
 
 

@@ -8,6 +8,8 @@ from typing import Any, Protocol
 import orjson
 
 JSON_CONTENT_TYPE = "application/json"
+# The context length the simulated node reports (`/v1/models`, `/tokenize`).
+MAX_MODEL_LEN = 8192
 SSE_CONTENT_TYPE = "text/event-stream"
 DONE_EVENT = b"data: [DONE]\n\n"
 
@@ -17,10 +19,12 @@ def sse_event(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def error_body(message: str, error_type: str, code: str | None) -> bytes:
-    """An OpenAI-shaped error body."""
+def error_body(
+    message: str, error_type: str, code: str | int | None, param: str | None = None
+) -> bytes:
+    """An OpenAI-shaped error body (vLLM's: its `code` is the status)."""
     return orjson.dumps(
-        {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+        {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     )
 
 
@@ -191,3 +195,17 @@ class CompletionShape:
         return self._envelope.event(
             [{"index": choice, "text": text, "logprobs": None, "finish_reason": finish_reason}]
         )
+
+
+def model_card(model: str, created: int, owner: str) -> dict[str, object]:
+    """One model as vLLM lists it: its path as `root`, no `parent` (not an adapter), and the
+    context length."""
+    return {
+        "id": model,
+        "object": "model",
+        "created": created,
+        "owned_by": owner,
+        "root": model,
+        "parent": None,
+        "max_model_len": MAX_MODEL_LEN,
+    }

@@ -52,7 +52,13 @@ async def create(request: web.Request) -> web.StreamResponse:
     if previous is not None and (not isinstance(previous, str) or previous not in stored):
         return finish(state, record, _not_found(str(previous)))
     number = len(stored) + 1
-    response_id = f"resp_{state.options.name}_{record.request_id.rsplit('-', 1)[-1]}"
+    # As vLLM does, a client's `request_id` becomes the response's id.
+    chosen = data.get("request_id")
+    response_id = (
+        chosen
+        if isinstance(chosen, str) and chosen
+        else f"resp_{state.options.name}_{record.request_id.rsplit('-', 1)[-1]}"
+    )
     text = " ".join(RESPONSE_WORDS) + f" {number}"
     input_tokens = len(word_tokens(_input_text(data.get("input"))))
     response = {
@@ -89,28 +95,57 @@ async def create(request: web.Request) -> web.StreamResponse:
     return await _stream(request, response, text, record)
 
 
+def stream_events(response: dict[str, Any], text: str) -> list[dict[str, Any]]:
+    """A response's events in vLLM's order (what the SDK's `responses.stream()` helper builds
+    its state from): created, in_progress, the message item and its text part added, one
+    delta per word, the text, part and item done, completed."""
+    started = {**response, "status": "in_progress", "output": [], "usage": None}
+    item_id = f"msg_{response['id']}"
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    message = {"type": "message", "id": item_id, "role": "assistant"}
+    part = {"type": "output_text", "annotations": [], "logprobs": []}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": started},
+        {"type": "response.in_progress", "response": started},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**message, "status": "in_progress", "content": []},
+        },
+        {"type": "response.content_part.added", **where, "part": {**part, "text": ""}},
+    ]
+    events.extend(
+        {
+            "type": "response.output_text.delta",
+            **where,
+            "delta": word if index == 0 else f" {word}",
+            "logprobs": [],
+        }
+        for index, word in enumerate(text.split())
+    )
+    done_part = {**part, "text": text}
+    events += [
+        {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **where, "part": done_part},
+        {
+            "type": "response.output_item.done",
+            "output_index": 0,
+            "item": {**message, "status": "completed", "content": [done_part]},
+        },
+        {"type": "response.completed", "response": response},
+    ]
+    return events
+
+
 async def _stream(
     request: web.Request, response: dict[str, Any], text: str, record: RequestRecord
 ) -> web.StreamResponse:
     state = request.app[STATE_KEY]
-    started = {**response, "status": "in_progress", "output": [], "usage": None}
-    events: list[dict[str, Any]] = [{"type": "response.created", "response": started}]
-    events.extend(
-        {
-            "type": "response.output_text.delta",
-            "item_id": f"msg_{response['id']}",
-            "output_index": 0,
-            "content_index": 0,
-            "delta": word if index == 0 else f" {word}",
-        }
-        for index, word in enumerate(text.split())
-    )
-    events.append({"type": "response.completed", "response": response})
     stream = web.StreamResponse(
         headers={"Content-Type": SSE_CONTENT_TYPE, "x-request-id": record.request_id}
     )
     await stream.prepare(request)
-    for number, event in enumerate(events):
+    for number, event in enumerate(stream_events(response, text)):
         payload = orjson.dumps({**event, "sequence_number": number})
         await stream.write(f"event: {event['type']}\n".encode() + b"data: " + payload + b"\n\n")
     await stream.write_eof()

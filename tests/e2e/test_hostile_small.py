@@ -161,3 +161,25 @@ async def test_no_answer_names_server_software_versions(
     assert b"\r\nserver: affinity-gateway\r\n" in response_head + b"\r\n"
     assert b"python" not in response_head
     assert b"aiohttp" not in response_head
+
+
+@pytest.mark.parametrize("boundary", [b"\xe2\x82\xac-euro", b"\xff\xfe", b"x\xf0\x9f\x92\xa5"])
+async def test_a_multipart_boundary_that_is_not_ascii_gets_400(
+    gateway: GatewayProcess, boundary: bytes
+) -> None:
+    """A form whose `boundary` holds bytes beyond ASCII (UTF-8 or not): an OpenAI-shaped 400
+    naming the boundary, never a 500."""
+    form = b"--" + boundary + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper\r\n'
+    form += b"--" + boundary + b"--\r\n"
+    request_head = (
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+        + f"Authorization: Bearer {TEST_KEY}\r\n".encode()
+        + b"Content-Type: multipart/form-data; boundary="
+        + boundary
+        + f"\r\nContent-Length: {len(form)}\r\n\r\n".encode()
+    )
+    status, body = parse_answer(await exchange(gateway.port, request_head, form))
+    assert status == 400
+    assert body["error"]["code"] == "invalid_multipart_boundary"
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "Traceback" not in gateway.log()

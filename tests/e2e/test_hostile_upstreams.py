@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +17,7 @@ from gateway.dispatch.dispatcher import MAX_RESPONSE_BYTES
 from gateway.simulator.options import Mode
 from tests.support.gateway import TEST_KEY, TEST_MODEL, GatewayProcess, chat_body, settings_dict
 from tests.support.polling import wait_until
+from tests.support.raw_upstream import Exchange, RawServer, read_request
 from tests.support.simulators import SimulatorProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -126,3 +128,67 @@ async def test_a_hostile_node_gets_502_or_504_every_time_and_the_worker_stays_bo
         f" -> {rss_after / 2**20:.1f} MiB"
     )
     assert rss_after - rss_before < RSS_GROWTH_LIMIT
+
+
+CHAT_ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}'
+KEEP_ALIVE_REQUESTS = 200
+KEEP_ALIVE_CONCURRENCY = 20
+
+
+async def test_an_upstream_closing_after_every_answer_without_saying_so_fails_no_request(
+    database_url: str, tmp_path: Path, exit_stack: AsyncExitStack
+) -> None:
+    """A real worker in front of an upstream that closes every connection after its answer,
+    without `Connection: close` (issue 21, D1), 20 clients at once: every request succeeds, and
+    each reaches the upstream exactly once (the worker used to reuse connections whose close was
+    on its way: about half failed)."""
+
+    async def close_after_answer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exchange: Exchange
+    ) -> None:
+        await read_request(reader, exchange)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(CHAT_ANSWER), CHAT_ANSWER)
+        )
+        await writer.drain()
+
+    upstream = await RawServer(close_after_answer).start(exit_stack)
+    config = settings_dict(
+        {"raw": upstream.url},
+        extra={
+            "database": {"url": database_url},
+            "routing": {"allowed_fails": 10_000},
+            "models": [{"name": TEST_MODEL, "stickiness": "none"}],
+        },
+    )
+    process = GatewayProcess(config, tmp_path)
+    process.start()
+    exit_stack.callback(process.stop)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def answers() -> bool:
+            try:
+                async with session.get(process.url + "/healthz") as response:
+                    return response.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await wait_until(answers, timeout=30, interval=0.05, message="the gateway to answer")
+        posted_before = len(posted(upstream))
+        queue = iter(range(KEEP_ALIVE_REQUESTS))
+
+        async def client() -> list[int]:
+            return [(await ask(session, process.url, stream=False))[0] for _ in queue]
+
+        statuses = await asyncio.wait_for(
+            asyncio.gather(*(client() for _ in range(KEEP_ALIVE_CONCURRENCY))), timeout=60
+        )
+    flat = [status for statuses_of_one in statuses for status in statuses_of_one]
+    assert flat == [200] * KEEP_ALIVE_REQUESTS
+    assert len(posted(upstream)) - posted_before == KEEP_ALIVE_REQUESTS
+
+
+def posted(upstream: RawServer) -> list[bytes]:
+    """The chat completions an upstream received (not the load poller's requests)."""
+    return [request for request in upstream.requests if request.startswith(b"POST ")]

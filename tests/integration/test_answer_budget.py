@@ -69,18 +69,18 @@ async def test_answers_over_the_workers_budget_wait_then_get_503(
     config = settings_dict(
         {"node-a": url},
         extra={
-            "server": {"max_buffered_answer_bytes": BUDGET},
+            "server": {"memory_budget_bytes": BUDGET, "memory_share_per_key": 1.0},
             "routing": {"wait_timeout_seconds": 0.3},
         },
     )
     server = await start_gateway(Settings.model_validate(config))
     gateway = str(server.make_url("")).rstrip("/")
     assert server.app is not None
-    budget = server.app[RUNTIME].proxy.answer_budget
+    budget = server.app[RUNTIME].proxy.memory_budget
     assert budget is not None
 
     async def first_answer_held() -> bool:
-        return budget.held >= len(PADDING)
+        return budget.held_for("answer") >= len(PADDING)
 
     async with aiohttp.ClientSession() as session:
         first = asyncio.create_task(chat(session, gateway))

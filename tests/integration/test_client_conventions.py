@@ -181,3 +181,49 @@ async def test_every_stream_event_names_the_auto_models_choice(
     chunks = [payload for payload in sse_payloads(answer) if payload != "[DONE]"]
     assert chunks
     assert {chunk["model"] for chunk in chunks} == {TEST_MODEL}
+
+
+TRACE_CONTEXT = {
+    "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "tracestate": "vendor=opaque,other=1",
+}
+
+
+async def test_trace_context_passes_through_both_ways_as_it_does_directly(
+    exit_stack: AsyncExitStack, start_gateway: GatewayFactory
+) -> None:
+    """`traceparent` and `tracestate` reach the upstream as the client sent them, and the
+    upstream's own trace context comes back to the client: the same directly and through the
+    gateway."""
+    seen: list[dict[str, str]] = []
+
+    async def traced(request: web.Request) -> web.StreamResponse:
+        seen.append({name: request.headers.get(name, "") for name in TRACE_CONTEXT})
+        answer = {"id": "c", "object": "chat.completion", "model": UPSTREAM_MODEL, "choices": []}
+        return web.json_response(
+            answer,
+            headers={
+                "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01",
+                "tracestate": "engine=1",
+            },
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", traced)
+    upstream = TestServer(app, host="127.0.0.1")
+    await upstream.start_server()
+    exit_stack.push_async_callback(upstream.close)
+    root = str(upstream.make_url("")).rstrip("/")
+    gateway = target(await start_gateway(build_settings({"hosted": root})))
+    direct = Target("direct", root, UPSTREAM_MODEL, "unused")
+    answered = []
+    for where in (direct, gateway):
+        body = orjson.dumps({"model": where.model, "messages": [{"role": "user", "content": "hi"}]})
+        status, headers, _ = await raw_call(
+            where, "POST", "/v1/chat/completions", body=body, headers=TRACE_CONTEXT
+        )
+        assert status == 200
+        answered.append({name: headers.get(name) for name in TRACE_CONTEXT})
+    assert seen == [TRACE_CONTEXT, TRACE_CONTEXT]
+    assert answered[0] == answered[1]
+    assert answered[1]["tracestate"] == "engine=1"

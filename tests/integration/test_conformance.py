@@ -39,9 +39,11 @@ RAW_CASES: dict[str, tuple[str, Callable[[str], dict[str, Any]]]] = {
 
 @pytest.fixture
 async def targets(start_simulator: SimulatorFactory, start_gateway: GatewayFactory) -> Targets:
-    """One node serving the upstream model id, and a gateway mapping the public name to it."""
+    """One node serving the upstream model id, and a gateway mapping the public name to it (the
+    first of its `models` section, so the default of a body without `model`)."""
     node = await start_simulator("node-a", models=[UPSTREAM_MODEL])
-    server = await start_gateway(build_settings({"node-a": node.url}))
+    settings = build_settings({"node-a": node.url}, extra={"models": [{"name": TEST_MODEL}]})
+    server = await start_gateway(settings)
     direct = Target("direct", node.url, UPSTREAM_MODEL, "unused-by-the-node")
     gateway = Target("gateway", str(server.make_url("")).rstrip("/"), TEST_MODEL, TEST_KEY)
     return direct, gateway, node
@@ -325,3 +327,147 @@ async def test_raw_transcriptions_match_with_stream_after_the_file(
             "text": "30004 bytes of audio transcribed by node-a",
         }
     assert answers["direct"] == answers["gateway"]
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_a_non_finite_sampling_parameter_gets_the_nodes_own_400(
+    targets: Targets, constant: str
+) -> None:
+    """`NaN` or `Infinity` in a sampling parameter (JSON as Python reads it, as vLLM does) reaches
+    the node, whose 400 with its parameter message the client gets byte for byte."""
+    answers = []
+    for target in targets[:2]:
+        body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "top_p": %s}'
+        sent = body % (target.model.encode(), constant.encode())
+        status, _, answer = await raw_call(target, "POST", "/v1/chat/completions", body=sent)
+        answers.append((status, answer))
+    assert answers[0][0] == 400
+    error = orjson.loads(answers[0][1])["error"]
+    assert error["message"].startswith("top_p must be a finite number, got ")
+    assert (error["type"], error["param"], error["code"]) == ("BadRequestError", "top_p", 400)
+    assert answers[0] == answers[1]
+
+
+async def test_a_malformed_body_is_still_the_gateways_400(targets: Targets) -> None:
+    """What no JSON parser accepts (a trailing comma, a lowercase `nan`) is refused at the
+    gateway as invalid JSON and never reaches the node."""
+    _, gateway, node = targets
+    await node.reset()
+    for sent in (b'{"model": "m", "messages": [],}', b'{"model": "m", "temperature": nan}'):
+        status, _, answer = await raw_call(gateway, "POST", "/v1/chat/completions", body=sent)
+        assert status == 400
+        assert orjson.loads(answer)["error"]["code"] == "invalid_json"
+    assert (await node.stats()).completion_requests == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/tokenize", {"prompt": "three little words"}), ("/detokenize", {"tokens": [1, 2, 3]})],
+)
+async def test_tokenize_and_detokenize_without_a_model_answer_as_the_node_does(
+    targets: Targets, path: str, body: dict[str, Any]
+) -> None:
+    """A body without `model` is answered 200 as vLLM answers it (its default model): the
+    gateway sends it to the key's default model, spliced in as its upstream id."""
+    direct, gateway, node = targets
+    answers = []
+    for target in (direct, gateway):
+        status, headers, answer = await raw_call(target, "POST", path, body=orjson.dumps(body))
+        answers.append((status, headers["Content-Type"], orjson.loads(answer)))
+    assert answers[0][0] == 200
+    assert answers[0] == answers[1]
+    assert orjson.loads((await node.stats()).last_request().body) == {
+        **body,
+        "model": UPSTREAM_MODEL,
+    }
+
+
+async def test_models_carry_the_nodes_context_length_root_and_parent(targets: Targets) -> None:
+    """`GET /v1/models` (and one model) through the gateway carries the node's `max_model_len`
+    and vLLM's `root` and `parent` fields, for the public name, as the node lists them; the
+    node's list is fetched once for both calls (kept a while)."""
+    direct, gateway, node = targets
+    await node.reset()
+    entries = {}
+    for target in (direct, gateway):
+        status, _, body = await raw_call(target, "GET", "/v1/models")
+        assert status == 200
+        listed = {entry["id"]: entry for entry in orjson.loads(body)["data"]}
+        status, _, one = await raw_call(target, "GET", f"/v1/models/{target.model}")
+        assert status == 200
+        assert orjson.loads(one) == {
+            **listed[target.model],
+            "created": orjson.loads(one)["created"],
+        }
+        entry = listed[target.model]
+        entries[target.name] = {
+            field: comparable(entry[field], target.model)
+            for field in ("id", "object", "root", "parent", "max_model_len")
+        }
+    assert entries["direct"]["max_model_len"] == 8192
+    assert entries["direct"] == entries["gateway"]
+    assert (await node.stats()).requests_by_path["/v1/models"] == 2  # direct once, gateway once
+
+
+async def test_an_unknown_model_is_a_404_naming_the_model_parameter(targets: Targets) -> None:
+    """The gateway's own 404 for a model it does not serve names `param: "model"`, as vLLM's
+    does (what SDK users key on)."""
+    _, gateway, _ = targets
+    body = orjson.dumps({"model": "nope", "messages": MESSAGES})
+    status, _, answer = await raw_call(gateway, "POST", "/v1/chat/completions", body=body)
+    assert status == 404
+    assert orjson.loads(answer)["error"]["param"] == "model"
+
+
+async def test_the_sdks_responses_stream_helper_reads_the_stream_both_ways(
+    targets: Targets,
+) -> None:
+    """`client.responses.stream()` (which builds the response from `output_item.added`,
+    `content_part.added`, the deltas and the `*.done` events, in vLLM's order) gives the same
+    events, text and final response directly and through the gateway."""
+    results = {}
+    for target in targets[:2]:
+        await targets[2].reset(clear_cache=True)
+        async with (
+            openai.AsyncOpenAI(
+                base_url=target.base_url, api_key=target.api_key, max_retries=0
+            ) as client,
+            client.responses.stream(model=target.model, input="Hello there") as stream,
+        ):
+            kinds = [event.type async for event in stream]
+            final = await stream.get_final_response()
+        results[target.name] = (
+            kinds,
+            final.output_text.rsplit(" ", 1)[0],  # its last word numbers the node's responses
+            final.model == target.model,
+            comparable(final.model_dump(), target.model),
+        )
+    kinds = results["direct"][0]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert results["direct"][1]
+    assert results["direct"][2]
+    assert results["direct"] == results["gateway"]
+
+
+async def test_an_empty_messages_array_is_the_nodes_to_judge(targets: Targets) -> None:
+    """`messages: []` (with `NaN` too, as vLLM is asked it) reaches the node, whose answer the
+    client gets as directly: the gateway checks only the shape routing needs."""
+    for extra in (b"", b', "temperature": NaN'):
+        answers = []
+        for target in targets[:2]:
+            sent = b'{"model": "%s", "messages": []%s}' % (target.model.encode(), extra)
+            status, _, answer = await raw_call(target, "POST", "/v1/chat/completions", body=sent)
+            answers.append((status, answer))
+        assert answers[0][0] == 400
+        assert answers[0] == answers[1]

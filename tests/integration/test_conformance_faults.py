@@ -235,9 +235,10 @@ ERROR_CASES: dict[str, tuple[int, dict[str, str], int | None, int | None]] = {
 async def test_upstream_errors_keep_their_status_message_and_retry_after(
     exit_stack: AsyncExitStack, start_gateway: GatewayFactory, case: str
 ) -> None:
-    """Every attempt failing upstream: the client sees the upstream's status and message (no
-    internal URL), and the largest Retry-After of the upstream's forms; none when the upstream
-    sent none (issue 20: the gateway used to add `Retry-After: 1` to a relayed 500)."""
+    """Every attempt failing upstream: the client sees the upstream's status and its error body
+    byte for byte, as directly (issue 22: no longer rewritten, internal URLs included, as 4xx
+    bodies always were), and the largest Retry-After of the upstream's forms; none when the
+    upstream sent none (issue 20: the gateway used to add `Retry-After: 1` to a relayed 500)."""
     status, headers, lowest, highest = ERROR_CASES[case]
     sent = {name: http_date(20) if value == "DATE+20" else value for name, value in headers.items()}
     upstream = await fake_upstream(exit_stack, failing(status, sent))
@@ -252,9 +253,10 @@ async def test_upstream_errors_keep_their_status_message_and_retry_after(
                 await client.chat.completions.create(model=target.model, messages=MESSAGES)
         seen.append(raised.value)
     assert seen[1].status_code == seen[0].status_code == status
-    assert seen[1].message.startswith(f"Error code: {status} - ")
-    assert f"Upstream says {status}" in seen[1].message
-    assert "10.0.0.9" not in seen[1].message
+    assert seen[1].message == seen[0].message
+    assert seen[1].response.content == seen[0].response.content
+    assert seen[1].body == seen[0].body
+    assert "x-gateway-error" in seen[1].response.headers
     if lowest is None or highest is None:
         assert "Retry-After" not in seen[1].response.headers
     else:
@@ -352,3 +354,109 @@ async def test_the_query_string_reaches_the_upstream_as_sent(
     )
     assert status == 200
     assert seen == [query]
+
+
+def vllm_error(status: int, shape: str) -> Behaviour:
+    """An upstream answering `status` in one of vLLM's (or FastAPI's, or a proxy's) error
+    shapes, naming the model id it was sent."""
+
+    async def behaviour(request: web.Request) -> web.StreamResponse:
+        model = (await request.json())["model"]
+        message = f"The model `{model}` cannot serve this: see {model}."
+        if shape == "html":
+            page = f"<html><body>{status} Bad Gateway ({model})</body></html>"
+            return web.Response(status=status, text=page, content_type="text/html")
+        if shape == "fastapi":
+            return web.json_response({"detail": message}, status=status)
+        body = {"object": "error", "message": message, "type": "BadRequestError", "param": None}
+        return web.json_response({**body, "code": status}, status=status)
+
+    return behaviour
+
+
+@pytest.mark.parametrize("status", [400, 404, 500, 503])
+@pytest.mark.parametrize("shape", ["vllm", "fastapi", "html"])
+async def test_upstream_error_bodies_pass_as_sent_with_only_the_model_renamed(
+    exit_stack: AsyncExitStack, start_gateway: GatewayFactory, status: int, shape: str
+) -> None:
+    """A 4xx passed on or a 5xx every attempt got: the client gets the upstream's status,
+    content type and body byte for byte as directly, except that the upstream model id reads as
+    the public name; no gateway summary or provider name in the body (it is in
+    `x-gateway-error` for a 5xx)."""
+    upstream = await fake_upstream(exit_stack, vllm_error(status, shape))
+    direct = Target("direct", upstream, UPSTREAM_MODEL, "unused")
+    gateway = gateway_target(await start_gateway(build_settings({"hidden-node": upstream})))
+    answers = []
+    for target in (direct, gateway):
+        answered, headers, body = await raw_call(
+            target, "POST", "/v1/chat/completions", body=chat(target.model)
+        )
+        answers.append((answered, headers["Content-Type"], body))
+        if target is gateway:
+            assert b"hidden-node" not in body
+            assert ("x-gateway-error" in headers) == (status >= 500)
+    expected = answers[0][2].replace(UPSTREAM_MODEL.encode(), TEST_MODEL.encode())
+    assert answers[0][2] != expected  # the upstream named its model
+    assert answers[1] == (status, answers[0][1], expected)
+
+
+def echoing_model_id(request_body: dict[str, Any]) -> dict[str, Any]:
+    """A chat answer whose generated text (content and a tool call's arguments) is the model
+    id the upstream was asked for."""
+    model = request_body["model"]
+    arguments = orjson.dumps({"model": model}).decode()
+    message = {
+        "role": "assistant",
+        "content": model,
+        "tool_calls": [
+            {"id": "t", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        ],
+    }
+    return {
+        "id": "chatcmpl-9",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+    }
+
+
+async def echo_the_model_id(request: web.Request) -> web.StreamResponse:
+    """An upstream whose model writes its own id, whole or as a stream of two chunks."""
+    sent = await request.json()
+    answer = echoing_model_id(sent)
+    if not sent.get("stream"):
+        return web.json_response(answer)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for text in (sent["model"], f" and {sent['model']}"):
+        await response.write(chunk(sent["model"], text))
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_generated_text_equal_to_the_upstream_id_reaches_the_client_unchanged(
+    exit_stack: AsyncExitStack, start_gateway: GatewayFactory, stream: bool
+) -> None:
+    """Text the model generated that equals its upstream id stays as generated; only the
+    top-level `model` (each chunk's) names the public model: the gateway's answer is the
+    direct one with exactly those values renamed."""
+    upstream = await fake_upstream(exit_stack, echo_the_model_id)
+    direct = Target("direct", upstream, UPSTREAM_MODEL, "unused")
+    gateway = gateway_target(await start_gateway(build_settings({"fake": upstream})))
+    bodies = []
+    for target in (direct, gateway):
+        status, _, body = await raw_call(
+            target, "POST", "/v1/chat/completions", body=chat(target.model, stream=stream)
+        )
+        assert status == 200
+        bodies.append(body)
+    expected = bodies[0]
+    for colon in (b":", b": "):  # json.dumps' spacing (whole), orjson's (chunks)
+        model_member = b'"model"' + colon + orjson.dumps(UPSTREAM_MODEL)
+        expected = expected.replace(model_member, b'"model"' + colon + orjson.dumps(TEST_MODEL))
+    assert expected != bodies[0]
+    assert bodies[1] == expected
+    assert UPSTREAM_MODEL.encode() in bodies[1]  # the generated text kept it

@@ -15,6 +15,7 @@ from gateway.app import AFFINITY, LOAD, METRICS, RUNTIME
 from gateway.config import Settings
 from gateway.simulator import Timing
 from tests.conftest import GatewayFactory, SimulatorFactory
+from tests.support.conformance import post_until_broken
 from tests.support.gateway import OTHER_KEY, TEST_KEY, TEST_MODEL, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import InProcessSimulator
@@ -209,15 +210,21 @@ async def test_consecutive_failures_cool_a_node_and_a_success_resets_the_count(
 async def test_dropped_stream_is_counted_as_a_provider_failure(
     start_simulator: SimulatorFactory, start_gateway: GatewayFactory
 ) -> None:
-    """A stream cut after some chunks ends with an error event and counts against the node."""
+    """A stream cut after some chunks ends with an error line and a broken transfer, and counts
+    against the node."""
     node = await start_simulator("node-a")
     await node.set_faults(drop_after_chunks=2)
     server = await gateway_for(start_gateway, [node])
-    async with aiohttp.ClientSession() as session:
-        status, _, body = await asyncio.wait_for(
-            post(session, server, chat_body(stream=True, max_tokens=8)), timeout=10
-        )
+    status, _, body, broken = await asyncio.wait_for(
+        post_until_broken(
+            str(server.make_url("/v1/chat/completions")),
+            orjson.dumps(chat_body(stream=True, max_tokens=8)),
+            AUTH,
+        ),
+        timeout=10,
+    )
     assert status == 200
+    assert broken
     assert body.rstrip().endswith(b"}")
     assert b'"upstream_dropped"' in body
     metrics = server.app[METRICS].registry

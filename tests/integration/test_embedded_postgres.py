@@ -8,6 +8,10 @@ import asyncpg
 import pytest
 
 from affinity_store.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from gateway.config import Settings
+from gateway.operations.reload import keep_restart_only
+from gateway.selection.database import provisioned
+from tests.support.gateway import settings_dict
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,3 +104,22 @@ async def test_logging_in_needs_the_generated_password(fresh_data_dir: Path) -> 
         with pytest.raises(asyncpg.InvalidPasswordError):
             await query(password_free, "SELECT 1")
         assert await query(server.url, "SELECT 1") == 1
+
+
+def test_reloading_an_unchanged_config_on_the_embedded_postgres_needs_no_restart(
+    fresh_data_dir: Path,
+) -> None:
+    """The embedded server's URL is derived at start, not configured: reloading the same config
+    (no URL) reports no `database` change and keeps the running URL; a config that now names a
+    URL is a change."""
+    config = settings_dict({"node-a": "http://127.0.0.1:9"})
+    config["database"] = {"embedded_data_dir": str(fresh_data_dir)}
+    configured = Settings.model_validate(config)
+    with provisioned(configured) as running:
+        assert running.database.url is not None
+        effective, restart_needed = keep_restart_only(running, configured)
+        assert restart_needed == ()
+        assert effective.database == running.database
+        config["database"]["url"] = "postgresql://elsewhere/db"
+        moved = Settings.model_validate(config)
+        assert keep_restart_only(running, moved)[1] == ("database",)

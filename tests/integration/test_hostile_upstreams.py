@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,13 +15,27 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
 
+from gateway.app import error_middleware
 from gateway.dispatch.dispatcher import MAX_RESPONSE_BYTES
 from gateway.dispatch.upstream import MAX_SSE_EVENT_BYTES
+from gateway.edge.requestid import REQUEST_IDS, RequestIds
 from gateway.simulator import Faults
 from gateway.simulator.options import Mode
 from tests.conftest import GatewayFactory, SimulatorFactory
+from tests.support.conformance import post_until_broken
 from tests.support.gateway import TEST_KEY, TEST_MODEL, build_settings, chat_body
+from tests.support.raw_upstream import (
+    Exchange,
+    RawServer,
+    Script,
+    answering,
+    read_request,
+    self_signed,
+    server_tls,
+)
+from tests.support.upstream_corpus import closing_at
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 FIRST_BYTE_TIMEOUT = 0.5
@@ -28,6 +43,10 @@ HOSTILE_MODES = [mode for mode in Mode if mode is not Mode.NORMAL]
 EXPECTED_STATUS: dict[Mode, int] = {
     mode: 504 if mode is Mode.HANG_AFTER_HEADERS else 502 for mode in HOSTILE_MODES
 }
+LENGTH_JSON_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 64\r\n\r\n"
+    b'{"id":"chatcmpl-2","object":"chat.completion","choices":[]}     '
+)
 # A well-formed first event, as a vLLM node sends it.
 FIRST_EVENT = (
     b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,'
@@ -188,15 +207,20 @@ async def test_a_stream_that_goes_wrong_after_it_started_ends_with_an_error_even
     exit_stack: AsyncExitStack, start_gateway: GatewayFactory, rest: bytes
 ) -> None:
     """After the first event reached the client nothing is retried: the stream ends with an
-    OpenAI-style error event, and no oversized event is passed on."""
+    OpenAI-style error line and a broken transfer, and no oversized event is passed on."""
 
     async def behaviour(request: web.Request) -> web.StreamResponse:
         return await stream_then(request, rest)
 
     upstream = await start_fake_upstream(exit_stack, behaviour)
     server = await start_gateway(settings_for({"fake": upstream}))
-    status, headers, body = await ask(str(server.make_url("")), stream=True)
+    status, headers, body, broken = await post_until_broken(
+        str(server.make_url("/v1/chat/completions")),
+        orjson.dumps(chat_body(stream=True, max_tokens=4)),
+        AUTH,
+    )
     assert status == 200
+    assert broken
     assert headers["x-gateway-provider"] == "fake"
     assert body.startswith(FIRST_EVENT)
     assert body.count(b"x") <= MAX_SSE_EVENT_BYTES
@@ -320,3 +344,224 @@ async def test_a_success_that_is_not_what_was_asked_for_is_a_502(
     assert status == 502
     assert_gateway_error(headers, body, "upstream_error")
     assert b"invalid_response" in body
+
+
+# -- issue 21: heads that cannot be relayed, drops after the request, TLS, broken streams
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+
+
+def sse_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def raw_upstream(exit_stack: AsyncExitStack, script: Script) -> RawServer:
+    """A raw-socket fake upstream running `script` on every connection."""
+    return await RawServer(script).start(exit_stack)
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 answer off a kept client connection: its head and its (de-chunked) body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lowered = head.lower()
+    if b"transfer-encoding: chunked" in lowered:
+        body = b""
+        while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+            body += (await reader.readexactly(size + 2))[:-2]
+        await reader.readuntil(b"\r\n")
+        return head, body
+    length = int(lowered.split(b"content-length:")[1].split(b"\r\n")[0])
+    return head, await reader.readexactly(length)
+
+
+async def two_on_one_connection(url: str, first: bytes, second: bytes) -> list[tuple[bytes, bytes]]:
+    """Two chat completions one after the other on one kept client connection (a keep-alive
+    client, raw): each answer's head and body."""
+    host, port = url.removeprefix("http://").rstrip("/").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    answers = []
+    try:
+        for body in (first, second):
+            writer.write(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+                b"Authorization: Bearer " + TEST_KEY.encode() + b"\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            answers.append(await asyncio.wait_for(read_answer(reader), 10))
+    finally:
+        writer.close()
+    return answers
+
+
+def posted(upstream: RawServer) -> list[bytes]:
+    """The requests an upstream received, less the load poller's."""
+    return [request for request in upstream.requests if request.startswith(b"POST ")]
+
+
+def chat(stream: bool) -> bytes:
+    """A chat completion request body."""
+    return orjson.dumps(chat_body(stream=stream, max_tokens=4))
+
+
+async def test_a_control_byte_in_an_upstream_header_leaves_the_client_connection_in_step(
+    exit_stack: AsyncExitStack, start_gateway: GatewayFactory
+) -> None:
+    """A streamed answer with a control byte in a header it relays (D2): the stream reaches the
+    client without that header, and the client's next request on the same connection works
+    (the gateway's 500 used to declare a length and be sent chunked, desyncing the client)."""
+    answer = SSE_HEAD + b"x-request-id: up\x01stream\r\n\r\n" + sse_chunk(FIRST_EVENT)
+    answer += sse_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+    upstream = await raw_upstream(exit_stack, answering(answer, LENGTH_JSON_ANSWER))
+    server = await start_gateway(settings_for({"raw": upstream.url}))
+    (head, body), (second_head, second_body) = await two_on_one_connection(
+        str(server.make_url("")), chat(stream=True), chat(stream=False)
+    )
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"x-upstream-request-id" not in head.lower()
+    assert body == FIRST_EVENT + b"data: [DONE]\n\n"
+    assert second_head.startswith(b"HTTP/1.1 200")
+    assert orjson.loads(second_body)["object"] == "chat.completion"
+
+
+async def test_an_error_after_a_streamed_head_was_prepared_is_framed_as_sent(
+    exit_stack: AsyncExitStack,
+) -> None:
+    """A handler whose streamed response fails in `prepare` (a head aiohttp refuses to write):
+    the gateway's 500 is sent chunked and says so, and the next request on the connection is
+    answered (D2)."""
+
+    async def failing(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("x-fail"):
+            response = web.StreamResponse(headers={"x-bad": "a\x01b"})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+        return web.json_response({"object": "chat.completion"})
+
+    app = web.Application(middlewares=[error_middleware])
+    app[REQUEST_IDS] = RequestIds()
+    app.router.add_post("/v1/chat/completions", failing)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    exit_stack.push_async_callback(server.close)
+    host, port = server.host, server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    exit_stack.callback(writer.close)
+    answers = []
+    for extra in (b"x-fail: 1\r\n", b""):
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: h\r\n%sContent-Length: 0\r\n\r\n" % extra
+        )
+        answers.append(await asyncio.wait_for(read_answer(reader), 10))
+    (head, body), (second_head, second_body) = answers
+    assert head.startswith(b"HTTP/1.1 500")
+    assert b"content-length" not in head.lower()
+    assert orjson.loads(body)["error"]["code"] == "internal_error"
+    assert second_head.startswith(b"HTTP/1.1 200")
+    assert orjson.loads(second_body)["object"] == "chat.completion"
+
+
+async def test_a_broken_stream_is_an_aborted_transfer_and_the_clients_next_request_is_served(
+    exit_stack: AsyncExitStack, start_gateway: GatewayFactory
+) -> None:
+    """An upstream that drops mid-stream (D6, and issue 22's direct baseline): the client reads
+    the error line, then a transfer aborted without its chunked end, so a keep-alive client
+    knows not to reuse that connection; its next request through the same session is answered
+    (the gateway used to end the response as if complete and then close the connection)."""
+
+    async def dropping(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exchange: Exchange
+    ) -> None:
+        while True:
+            request = await read_request(reader, exchange)
+            if b'"stream":true' in request:
+                writer.write(SSE_HEAD + b"\r\n" + sse_chunk(FIRST_EVENT))
+                await writer.drain()
+                return  # dropped mid-stream
+            writer.write(LENGTH_JSON_ANSWER)
+            await writer.drain()
+
+    upstream = await raw_upstream(exit_stack, dropping)
+    server = await start_gateway(settings_for({"raw": upstream.url}))
+    url = str(server.make_url("/v1/chat/completions"))
+    received: list[bytes] = []
+
+    async def read_stream(session: aiohttp.ClientSession) -> None:
+        async with session.post(url, data=chat(stream=True), headers=AUTH) as response:
+            assert response.status == 200
+            async for chunk in response.content.iter_any():
+                received.append(chunk)
+
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await read_stream(session)
+        assert b'"upstream_dropped"' in b"".join(received)
+        async with session.post(url, data=chat(stream=False), headers=AUTH) as response:
+            assert response.status == 200
+            assert (await response.json())["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "malformed_answer",
+            id="malformed-head",
+        ),
+        pytest.param(
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "malformed_answer", id="status-101"
+        ),
+        pytest.param(
+            b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\n{}", "malformed_answer", id="status-099"
+        ),
+        pytest.param(
+            b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\n{}", "malformed_answer", id="status-600"
+        ),
+        pytest.param(
+            b"HTTP/1.1 999 Odd\r\nContent-Length: 2\r\n\r\n{}", "malformed_answer", id="status-999"
+        ),
+        pytest.param(b"", "dropped_after_send", id="closed-after-the-request"),
+        pytest.param(b"RESET", "dropped_after_send", id="reset-after-the-request"),
+    ],
+)
+async def test_an_answer_that_may_have_run_is_a_502_without_retry_after(
+    exit_stack: AsyncExitStack, start_gateway: GatewayFactory, answer: bytes, outcome: str
+) -> None:
+    """A head that cannot be relayed (malformed, 101, a status outside 100-599) or a close or
+    reset after the request went out (D3, D4): 502 `upstream_error` naming what happened, with no
+    Retry-After (the request may have run); never 503 'could not be reached', never the odd
+    status relayed."""
+    reset = answer == b"RESET"
+    upstream = await raw_upstream(exit_stack, closing_at(b"" if reset else answer, by_reset=reset))
+    server = await start_gateway(settings_for({"raw": upstream.url}))
+    status, headers, body = await ask(str(server.make_url("")), stream=False)
+    assert status == 502
+    assert "Retry-After" not in headers
+    assert_gateway_error(headers, body, "upstream_error")
+    assert f"raw: {outcome}".encode() in body
+    assert len(posted(upstream)) == 1  # a POST is never sent twice
+
+
+async def test_an_untrusted_tls_upstream_is_a_tls_failure_logged_with_its_reason(
+    exit_stack: AsyncExitStack, start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """An https provider whose certificate is not trusted (D3): 502 `upstream_tls_failed` with
+    no Retry-After, and the log says why TLS failed; nothing was sent."""
+    cert, key = self_signed(tmp_path)
+    upstream = await RawServer(answering(LENGTH_JSON_ANSWER), tls=server_tls(cert, key)).start(
+        exit_stack
+    )
+    server = await start_gateway(settings_for({"tls": upstream.url}))
+    with capture_logs() as logs:
+        status, headers, body = await ask(str(server.make_url("")), stream=False)
+    assert status == 502
+    assert "Retry-After" not in headers
+    assert_gateway_error(headers, body, "upstream_tls_failed")
+    failures = [entry for entry in logs if entry["event"] == "upstream_tls_failed"]
+    assert failures
+    assert "certificate verify failed" in failures[0]["reason"]
+    assert failures[0]["provider"] == "tls"
+    assert not posted(upstream)

@@ -222,31 +222,34 @@ def _try(limits: KeyLimits, key: Key) -> bool:
 
 
 async def test_a_worker_cut_off_from_the_store_keeps_its_last_share() -> None:
-    """While the store is unreachable the worker enforces the share it last had."""
+    """While the store is unreachable the worker enforces the share it last had: what is in
+    use goes on, and a request past it is 503 (the store cannot say whether a unit is free)."""
     store = MemoryAffinityStore()
     key = plain_key(max_concurrency=6)
     limits = KeyLimits(shares=ShareBook(workers=1))
     sync = ClusterShares(
         store, limits.shares, keys=lambda: [key], in_flight=limits.in_flight_by_id, worker_id="w"
     )
-    other = ClusterShares(
-        store, ShareBook(workers=2), keys=lambda: [key], in_flight=lambda _: 0, worker_id="v"
-    )
-    await other.sync(heartbeat=True)
+    limits.units = sync
     await sync.sync(heartbeat=True)
-    await other.sync(heartbeat=True)
-    await sync.sync(heartbeat=True)
+    for _ in range(3):
+        await limits.admit(key)
     assert limits.shares.concurrency(key) == 3
     store.fail_with(StoreUnavailable("down"))
     await sync.sync()
     assert limits.shares.concurrency(key) == 3
-    assert [_try(limits, key) for _ in range(4)] == [True, True, True, False]
+    with pytest.raises(GatewayError) as unanswered:
+        await limits.admit(key)
+    assert (unanswered.value.status, unanswered.value.code) == (503, "key_limit_unavailable")
+    assert "did not answer" in str(unanswered.value)
+    assert limits.in_flight(key) == 3
 
 
-async def test_a_limit_a_reload_adds_is_refused_until_the_sync_claims_it(
+async def test_a_limit_a_reload_adds_holds_from_the_first_request(
     memory_store: AffinityStore,
 ) -> None:
-    """A synced worker never guesses a new limit's share: 0 (refused) until its next sync."""
+    """A synced worker never guesses a new limit's share: it holds none, asks the store for a
+    unit per request, and the limit holds from the first one."""
     unlimited = plain_key(max_concurrency=None)
     limits = KeyLimits(shares=ShareBook(workers=1))
     keys = [plain_key(max_concurrency=None, requests_per_minute=60)]
@@ -257,16 +260,18 @@ async def test_a_limit_a_reload_adds_is_refused_until_the_sync_claims_it(
         in_flight=limits.in_flight_by_id,
         worker_id="w",
     )
+    limits.units = sync
     await sync.sync(heartbeat=True)
-    limits.acquire(unlimited)
+    await limits.admit(unlimited)
     limits.release(unlimited)
-    limits.shares.wake.clear()
-    keys[:] = [plain_key(max_concurrency=3, requests_per_minute=60)]
+    keys[:] = [plain_key(max_concurrency=3)]
     limits.shares.track(keys)  # what a reload's new runtime does
-    assert limits.shares.wake.is_set()
-    assert not _try(limits, keys[0])
-    await sync.sync()
-    assert [_try(limits, keys[0]) for _ in range(4)] == [True, True, True, False]
+    assert limits.shares.concurrency(keys[0]) == 0
+    for _ in range(3):
+        await limits.admit(keys[0])
+    with pytest.raises(GatewayError) as refused:
+        await limits.admit(keys[0])
+    assert (refused.value.status, refused.value.code) == (429, "key_concurrency_limit")
 
 
 async def test_workers_expired_for_a_minute_are_forgotten_with_their_shares(
@@ -366,7 +371,11 @@ async def test_a_share_being_given_back_admits_nothing_beyond_what_it_keeps() ->
     sync = ClusterShares(
         store, limits.shares, keys=lambda: [key], in_flight=limits.in_flight_by_id, worker_id="a"
     )
-    await sync.sync(heartbeat=True)
+    await sync.sync(heartbeat=True)  # registered; idle, it holds nothing
+    taken = await store.claim_share(
+        key.id, CONCURRENCY, "a", limit=2, wanted=2, keep=0, timeout=TIMEOUT
+    )
+    limits.shares.granted(key.id, CONCURRENCY, taken.granted, taken.fair, 2)
     assert limits.shares.concurrency(key) == 2
     await ClusterShares(
         store, ShareBook(workers=2), keys=lambda: [key], in_flight=lambda _: 0, worker_id="b"

@@ -32,6 +32,8 @@ ADMIN_TOKEN = "admin-token-for-the-shedding-test"
 # Each turn of the hog keeps the loop busy this long (CPU time): every request read meanwhile
 # queues behind it, longer than a whole shedding interval.
 HOG_SECONDS = 0.08
+# A burst allowance well under a hog's turn, so requests that wait out turns are a standing queue.
+TIGHT = {"load_shedding": True, "load_shedding_burst_seconds": 0.02}
 
 
 class GuardedTestServer(TestServer):
@@ -131,7 +133,7 @@ async def test_a_worker_whose_requests_queue_sheds_them_promptly_and_recovers(
     settings = Settings.model_validate(
         settings_dict(
             {"node-a": node.url},
-            extra={"server": {"admin_token": ADMIN_TOKEN, "load_shedding": True}},
+            extra={"server": {"admin_token": ADMIN_TOKEN, **TIGHT}},
         )
     )
     async with guarded_gateway(settings) as server:
@@ -181,7 +183,7 @@ async def test_a_request_admitted_before_the_overload_is_never_cut(
     """A stream that started before the overload runs to its end while new requests are
     refused."""
     node = await start_simulator("node-a", timing=Timing(0, 0, 50, 64))
-    settings = settings_dict({"node-a": node.url}, extra={"server": {"load_shedding": True}})
+    settings = settings_dict({"node-a": node.url}, extra={"server": TIGHT})
     async with (
         guarded_gateway(Settings.model_validate(settings)) as server,
         aiohttp.ClientSession() as session,

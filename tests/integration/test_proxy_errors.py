@@ -132,19 +132,21 @@ async def test_body_over_the_limit_without_content_length_is_413(
 async def test_upstream_server_error_keeps_its_status_and_message(
     start_simulator: SimulatorFactory, start_gateway: GatewayFactory
 ) -> None:
-    """When every provider answers 5xx, the client gets the last upstream's status and message
-    in an OpenAI error (issue 12: it used to be rewritten to 502), no Retry-After the upstream
-    did not send, and `x-should-retry: false` (issue 20: every candidate was tried)."""
-    status, code = 500, "upstream_error"
+    """When every provider answers 5xx, the client gets the last upstream's status and its own
+    error body (issue 12: it used to be rewritten to 502; issue 22: the body is the upstream's,
+    the gateway's code and summary are in `x-gateway-error`), no Retry-After the upstream did
+    not send, and `x-should-retry: false` (issue 20: every candidate was tried)."""
     node = await start_simulator("node-a")
     await node.set_faults(error_rate=1.0)
     server = await start_gateway(build_settings({"node-a": node.url}))
     answered, headers, body = await call(
         server, "POST", "/v1/chat/completions", body=orjson.dumps(chat_body()), headers=AUTH
     )
-    assert answered == status
-    assert_openai_error(body, code)
-    assert orjson.loads(body)["error"]["message"].startswith("Simulated upstream failure.")
+    assert answered == 500
+    assert_openai_error(body, "simulated_error")
+    assert orjson.loads(body)["error"]["message"] == "Simulated upstream failure."
+    assert headers["x-gateway-error"].startswith("upstream_error: ")
+    assert "node-a: http_500" in headers["x-gateway-error"]
     assert "Retry-After" not in headers
     assert headers["x-should-retry"] == "false"
     await node.set_faults(error_rate=0.0)
@@ -163,7 +165,8 @@ async def test_upstream_rate_limit_is_a_429_and_cools_the_provider(
     )
     assert status == 429
     assert headers["Retry-After"] == "7"
-    assert_openai_error(body, "upstream_rate_limited")
+    assert_openai_error(body, "rate_limit_exceeded")  # the upstream's own body
+    assert headers["x-gateway-error"].startswith("upstream_rate_limited: ")
     await node.set_faults(rate_limit_retry_after=None)
     status, headers, body = await call(
         server, "POST", "/v1/chat/completions", body=orjson.dumps(chat_body()), headers=AUTH

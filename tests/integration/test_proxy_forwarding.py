@@ -12,6 +12,7 @@ from multidict import CIMultiDict
 
 from gateway.config import Settings
 from tests.conftest import GatewayFactory, SimulatorFactory
+from tests.support.conformance import post_until_broken
 from tests.support.gateway import (
     TEST_KEY,
     TEST_MODEL,
@@ -156,14 +157,21 @@ async def test_requests_without_stickiness_take_turns_across_providers(
 async def test_stream_dropped_mid_way_ends_with_an_error_event(
     start_simulator: SimulatorFactory, start_gateway: GatewayFactory
 ) -> None:
-    """Chunks already sent reach the client, then an OpenAI-style error event, then the end."""
+    """Chunks already sent reach the client, then an OpenAI-style error line, then a broken
+    transfer (no chunked end)."""
     node = await start_simulator("node-a")
     await node.set_faults(drop_after_chunks=3)
     server = await start_gateway(build_settings({"node-a": node.url}))
-    status, headers, body = await asyncio.wait_for(
-        post_chat(server, orjson.dumps(chat_body(stream=True, max_tokens=10))), timeout=10
+    status, headers, body, broken = await asyncio.wait_for(
+        post_until_broken(
+            str(server.make_url("/v1/chat/completions")),
+            orjson.dumps(chat_body(stream=True, max_tokens=10)),
+            AUTH,
+        ),
+        timeout=10,
     )
     assert status == 200
+    assert broken
     assert headers["x-gateway-provider"] == "node-a"
     events = [event for event in body.split(b"\n\n") if event.strip()]
     assert len(events) >= 2

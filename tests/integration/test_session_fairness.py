@@ -1,4 +1,5 @@
-"""One key flooding the per-process session table cannot evict another key's session."""
+"""One key flooding the per-process session table cannot evict the session of a key holding
+less than its equal split of the table."""
 
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.timeout(30)
 
 TTL = 300.0
 TIMEOUT = 5.0
+CAP = 1000  # stored responses a key keeps
 ALPHA = Candidate("alpha", "alpha")
 BETA = Candidate("beta", "beta")
 GAMMA = Candidate("gamma", "gamma")
@@ -491,22 +492,28 @@ async def test_claims_for_different_keys_pick_independent_bindings(store: Affini
 
 async def test_a_recorded_response_names_its_provider(store: AffinityStore) -> None:
     """`record_response` then `response_provider` gives the provider; unknown ids give None."""
-    await store.record_response("resp_1", "alpha", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT)
+    await store.record_response(
+        "resp_1", "alpha", api_key_id="k", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+    )
     assert await store.response_provider("resp_1", api_key_id="k", timeout=TIMEOUT) == "alpha"
     assert await store.response_provider("resp_unknown", api_key_id="k", timeout=TIMEOUT) is None
 
 
 async def test_recording_a_response_again_moves_it(store: AffinityStore) -> None:
     """A second record of the same id replaces the provider."""
-    await store.record_response("resp_2", "alpha", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT)
-    await store.record_response("resp_2", "beta", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT)
+    await store.record_response(
+        "resp_2", "alpha", api_key_id="k", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+    )
+    await store.record_response(
+        "resp_2", "beta", api_key_id="k", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+    )
     assert await store.response_provider("resp_2", api_key_id="k", timeout=TIMEOUT) == "beta"
 
 
 async def test_an_expired_response_binding_is_unknown(store: AffinityStore) -> None:
     """Once its TTL passed, a response id no longer names a provider (polled, bounded)."""
     await store.record_response(
-        "resp_3", "alpha", api_key_id="k", ttl_seconds=0.05, timeout=TIMEOUT
+        "resp_3", "alpha", api_key_id="k", ttl_seconds=0.05, max_per_key=CAP, timeout=TIMEOUT
     )
 
     async def expired() -> bool:
@@ -517,6 +524,71 @@ async def test_an_expired_response_binding_is_unknown(store: AffinityStore) -> N
 
 async def test_a_response_is_found_only_by_the_key_that_created_it(store: AffinityStore) -> None:
     """Another key asking for the same response id finds nothing."""
-    await store.record_response("resp_4", "alpha", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT)
+    await store.record_response(
+        "resp_4", "alpha", api_key_id="k", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+    )
     assert await store.response_provider("resp_4", api_key_id="k", timeout=TIMEOUT) == "alpha"
     assert await store.response_provider("resp_4", api_key_id="other", timeout=TIMEOUT) is None
+
+
+async def record(store: AffinityStore, response_id: str, provider: str, key: str, cap: int) -> bool:
+    """Record a response for `key`, keeping at most `cap` per key; whether it was written."""
+    return await store.record_response(
+        response_id, provider, api_key_id=key, ttl_seconds=TTL, max_per_key=cap, timeout=TIMEOUT
+    )
+
+
+async def test_another_key_cannot_take_over_a_response_id(store: AffinityStore) -> None:
+    """A second key recording the same id writes nothing: the creator still finds it on its
+    node, the other key finds nothing, and the id is taken for the other key only."""
+    assert await record(store, "resp_owned", "alpha", "creator", CAP)
+    assert not await record(store, "resp_owned", "beta", "intruder", CAP)
+    assert await store.response_provider("resp_owned", api_key_id="creator", timeout=TIMEOUT) == (
+        "alpha"
+    )
+    assert (
+        await store.response_provider("resp_owned", api_key_id="intruder", timeout=TIMEOUT) is None
+    )
+    assert await store.response_taken("resp_owned", api_key_id="intruder", timeout=TIMEOUT)
+    assert not await store.response_taken("resp_owned", api_key_id="creator", timeout=TIMEOUT)
+    assert not await store.response_taken("resp_free", api_key_id="intruder", timeout=TIMEOUT)
+
+
+async def test_an_expired_response_id_stays_its_creators(store: AffinityStore) -> None:
+    """Expired but not yet deleted, a response id is still not another key's to record."""
+    await store.record_response(
+        "resp_lapsed",
+        "alpha",
+        api_key_id="creator",
+        ttl_seconds=-1,
+        max_per_key=CAP,
+        timeout=TIMEOUT,
+    )
+    assert not await record(store, "resp_lapsed", "beta", "intruder", CAP)
+    assert await store.response_taken("resp_lapsed", api_key_id="intruder", timeout=TIMEOUT)
+
+
+async def test_a_key_keeps_only_its_newest_responses(store: AffinityStore) -> None:
+    """Past `max_per_key`, each new response of a key evicts that key's oldest; another key's
+    responses are untouched, and re-recording an id makes it the newest."""
+    key = f"capped-{time.monotonic_ns()}"
+    other = f"other-{time.monotonic_ns()}"
+    assert await record(store, f"{other}-0", "alpha", other, 2)
+    for index in range(3):
+        assert await record(store, f"{key}-{index}", "alpha", key, 3)
+    assert await record(store, f"{key}-0", "beta", key, 3)  # now the newest
+    assert await record(store, f"{key}-3", "alpha", key, 3)
+    assert await record(store, f"{key}-4", "alpha", key, 3)
+
+    async def found(response_id: str, owner: str) -> bool:
+        provider = await store.response_provider(response_id, api_key_id=owner, timeout=TIMEOUT)
+        return provider is not None
+
+    assert [await found(f"{key}-{index}", key) for index in range(5)] == [
+        True,
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert await found(f"{other}-0", other)

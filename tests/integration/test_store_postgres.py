@@ -28,6 +28,7 @@ pytestmark = pytest.mark.timeout(60)
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 TTL = 300.0
 TIMEOUT = 5.0
+CAP = 1000  # stored responses a key keeps
 ALPHA = Candidate("alpha", "alpha")
 
 _WAITING_FOR_LOCK = """
@@ -297,9 +298,16 @@ async def test_recording_a_response_deletes_long_expired_ones(
     store = PostgresAffinityStore(postgres_pool)
     for index in range(4):
         await store.record_response(
-            f"old-{index}", "alpha", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT
+            f"old-{index}",
+            "alpha",
+            api_key_id="k",
+            ttl_seconds=TTL,
+            max_per_key=CAP,
+            timeout=TIMEOUT,
         )
     await control.execute("UPDATE response_bindings SET expires_at = now() - interval '10 minutes'")
-    await store.record_response("new", "alpha", api_key_id="k", ttl_seconds=TTL, timeout=TIMEOUT)
+    await store.record_response(
+        "new", "alpha", api_key_id="k", ttl_seconds=TTL, max_per_key=CAP, timeout=TIMEOUT
+    )
     remaining = await control.fetch("SELECT response_id FROM response_bindings")
     assert [row["response_id"] for row in remaining] == ["new"]

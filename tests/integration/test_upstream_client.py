@@ -5,102 +5,38 @@ interim answers, silence, streamed bodies, the request head, idle expiry, flow c
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
-import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import uvloop
 
-from gateway.dispatch.http1 import (
+from gateway.dispatch.upstream_errors import (
     ConnectTimeoutError,
     ReadTimeoutError,
+    RequestNotReadError,
     UpstreamBrokenError,
     UpstreamConnectError,
+    UpstreamTlsError,
 )
-from gateway.dispatch.upstream_pool import UpstreamPool, UpstreamResponse
+from gateway.dispatch.upstream_pool import UpstreamPool
+from gateway.dispatch.upstream_response import UpstreamResponse
 from tests.support.gateway import free_port
 from tests.support.polling import wait_until
+from tests.support.raw_upstream import (
+    Exchange,
+    RawServer,
+    answering,
+    read_request,
+    self_signed,
+    server_tls,
+)
+from tests.support.upstream_corpus import Trial, closing_as_the_next_request_arrives
 
 JSON = [("Content-Type", "application/json")]
-
-
-@dataclass
-class Exchange:
-    """What one connection of the raw server received, request by request."""
-
-    requests: list[bytes] = field(default_factory=list)
-    closed: bool = False
-
-
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Exchange], Awaitable[None]]
-
-
-@dataclass
-class RawServer:
-    """A loopback server whose every connection runs `script`; it records each connection."""
-
-    script: Script
-    connections: list[Exchange] = field(default_factory=list)
-    url: str = ""
-
-    async def start(self, stack: AsyncExitStack) -> RawServer:
-        """Listen on a free port until the stack closes."""
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        stack.push_async_callback(server.wait_closed)
-        stack.callback(server.close)
-        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        exchange = Exchange()
-        self.connections.append(exchange)
-        try:
-            await self.script(reader, writer, exchange)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            exchange.closed = True
-            writer.close()
-
-
-async def read_request(reader: asyncio.StreamReader, exchange: Exchange) -> bytes:
-    """One request (head, and a Content-Length or chunked body), recorded and returned."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lowered = head.lower()
-    body = b""
-    if b"transfer-encoding: chunked" in lowered:
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            size = int(size_line.strip(), 16)
-            chunk = await reader.readexactly(size + 2)
-            body += size_line + chunk
-            if size == 0:
-                break
-    elif b"content-length:" in lowered:
-        length = int(lowered.split(b"content-length:")[1].split(b"\r\n")[0])
-        body = await reader.readexactly(length)
-    exchange.requests.append(head + body)
-    return head + body
-
-
-def answering(*answers: bytes, then_close: bool = False) -> Script:
-    """A script that answers each request in turn with the next of `answers`, as raw bytes."""
-
-    async def script(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exchange: Exchange
-    ) -> None:
-        for answer in answers:
-            await read_request(reader, exchange)
-            writer.write(answer)
-            await writer.drain()
-        if not then_close:
-            await reader.read()  # until the client closes
-
-    return script
 
 
 async def whole(response: UpstreamResponse) -> bytes:
@@ -112,11 +48,23 @@ async def whole(response: UpstreamResponse) -> bytes:
 
 
 async def post(
-    pool: UpstreamPool, url: str, body: bytes | AsyncIterator[bytes] | None = b"{}", **kwargs: float
+    pool: UpstreamPool,
+    url: str,
+    body: bytes | AsyncIterator[bytes] | None = b"{}",
+    *,
+    read_timeout: float | None = None,
+    tls_ca_file: str | None = None,
 ) -> UpstreamResponse:
     """A POST of `body` to `url`'s chat path with a 5 s connect limit."""
     return await pool.request(
-        "POST", url, "/v1/chat/completions", JSON, body, connect_timeout=5, **kwargs
+        "POST",
+        url,
+        "/v1/chat/completions",
+        JSON,
+        body,
+        connect_timeout=5,
+        read_timeout=read_timeout,
+        tls_ca_file=tls_ca_file,
     )
 
 
@@ -426,21 +374,6 @@ async def test_an_unread_answer_stops_the_socket_being_read(
     response.close()
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, made by the openssl command."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
-            *("-addext", "subjectAltName=IP:127.0.0.1"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
 async def test_https_is_verified_by_default_and_served_with_a_trusted_certificate(
     exit_stack: AsyncExitStack, tmp_path: Path
 ) -> None:
@@ -497,3 +430,97 @@ def test_the_client_works_on_uvloop_as_gateway_serve_runs_it() -> None:
             return bodies, len(server.connections)
 
     assert uvloop.run(exchange_twice()) == (b"{}{}", 1)
+
+
+async def crossing_server(exit_stack: AsyncExitStack) -> RawServer:
+    """An upstream that answers, then closes its first connection as the next request arrives
+    (unread); later connections answer every request."""
+    trial = Trial(RawServer(answering()))
+    trial.server.script = closing_as_the_next_request_arrives(trial)
+    return await trial.server.start(exit_stack)
+
+
+async def test_a_streamed_body_the_upstream_closed_on_unread_is_not_sent_again(
+    exit_stack: AsyncExitStack, pool: UpstreamPool
+) -> None:
+    """A keep-alive race on a streamed body: RequestNotReadError (the dispatcher may fail over),
+    never a replay of a stream the pool cannot rewind."""
+    server = await crossing_server(exit_stack)
+    first = await post(pool, server.url)
+    assert await whole(first) == b"{}"
+    first.release()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield b"{}"
+
+    with pytest.raises(RequestNotReadError):
+        await post(pool, server.url, pieces())
+    assert len(server.connections) == 1
+    assert len(server.requests) == 1
+
+
+async def test_after_a_keep_alive_race_connections_idle_as_long_are_not_reused(
+    exit_stack: AsyncExitStack, pool: UpstreamPool
+) -> None:
+    """The race is answered by sending the request again on a new connection; from then on a
+    connection to that upstream idle for as long as the raced one is not reused (its idle
+    close is near), so the next request opens a new connection instead of racing again."""
+    server = await crossing_server(exit_stack)
+    loop = asyncio.get_running_loop()
+    first = await post(pool, server.url)
+    await whole(first)
+    released = loop.time()
+    first.release()
+    second = await post(pool, server.url)  # raced, then sent again on a new connection
+    raced_idle = loop.time() - released  # at least the raced connection's idle time
+    assert await whole(second) == b"{}"
+    second.release()
+    again = loop.time()
+    await wait_until(lambda: loop.time() - again > raced_idle, message="as long an idle time")
+    third = await post(pool, server.url)
+    assert await whole(third) == b"{}"
+    third.release()
+    assert len(server.connections) == 3
+    assert len(server.requests) == 3  # each request reached the upstream once
+
+
+async def test_a_private_ca_named_by_ssl_cert_file_is_trusted(
+    exit_stack: AsyncExitStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's way to trust a private CA: `SSL_CERT_FILE` in the gateway's environment
+    makes the default (verifying) client accept an upstream whose certificate that CA signs;
+    a proxy variable changes nothing (the upstream is connected directly)."""
+    cert, key = self_signed(tmp_path)
+    server = await RawServer(answering(LENGTH_ANSWER), tls=server_tls(cert, key)).start(exit_stack)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    trusting = UpstreamPool()
+    exit_stack.push_async_callback(trusting.close)
+    response = await post(trusting, server.url)
+    assert await whole(response) == b"{}"
+    response.release()
+    assert len(server.requests) == 1
+
+
+async def test_a_providers_tls_ca_file_is_what_its_certificate_is_verified_against(
+    exit_stack: AsyncExitStack, pool: UpstreamPool, tmp_path: Path
+) -> None:
+    """With `tls_ca_file`, an upstream whose certificate that file's CA signs is trusted by the
+    default pool, and the same upstream without it is refused (the system's CAs); a file that
+    changed is read again at the next connection."""
+    cert, key = self_signed(tmp_path)
+    server = await RawServer(
+        answering(LENGTH_ANSWER, LENGTH_ANSWER), tls=server_tls(cert, key)
+    ).start(exit_stack)
+    with pytest.raises(UpstreamTlsError) as refused:
+        await post(pool, server.url)
+    assert "certificate verify failed" in refused.value.reason
+    response = await post(pool, server.url, tls_ca_file=str(cert))
+    assert await whole(response) == b"{}"
+    response.close()
+    other, _ = self_signed(tmp_path / "other")
+    read_at = cert.stat().st_mtime_ns
+    cert.write_bytes(other.read_bytes())  # now names a CA that did not sign the server's
+    os.utime(cert, ns=(read_at + 10**9, read_at + 10**9))  # changed, whatever the clock's grain
+    with pytest.raises(UpstreamTlsError):
+        await post(pool, server.url, tls_ca_file=str(cert))

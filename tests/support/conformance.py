@@ -82,3 +82,28 @@ async def raw_call(
         session.request(method, target.root + path, data=body, headers=sent) as response,
     ):
         return response.status, CIMultiDict(response.headers), await response.read()
+
+
+async def read_until_broken(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    """A response's body as far as it arrived, and whether its transfer broke before its end."""
+    received = b""
+    try:
+        async for piece in response.content.iter_any():
+            received += piece
+    except aiohttp.ClientPayloadError:
+        return received, True
+    return received, False
+
+
+async def post_until_broken(
+    url: str, body: bytes, headers: Mapping[str, str]
+) -> tuple[int, Mapping[str, str], bytes, bool]:
+    """POST `body` to `url`; status, headers, the body as far as it came, and whether its
+    transfer broke."""
+    sent = {"Content-Type": "application/json", **headers}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body, headers=sent) as response,
+    ):
+        received, broken = await read_until_broken(response)
+        return response.status, CIMultiDict(response.headers), received, broken

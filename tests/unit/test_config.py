@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import hash_key
+from gateway.config import REPLACED_SHEDDING_SETTINGS, hash_key
 from gateway.config_loading import ConfigError, parse_config
 
 EXAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "config.example.yaml"
@@ -63,7 +63,11 @@ def test_example_config_is_valid_once_its_placeholders_are_filled() -> None:
     assert settings.group_members()["h100-pool"] == frozenset({"gpu-a", "gpu-b"})
     assert settings.orgs[0].auto_model is not None
     assert settings.orgs[0].auto_model.aliases == {"build": "code", "plan": "architect"}
-    assert loaded.warnings == []
+    # The shared example may still name load-shedding settings this build retired: they load
+    # with a warning naming their replacement, and nothing else is warned about.
+    assert {problem.path for problem in loaded.warnings} <= {
+        f"server.{name}" for name in REPLACED_SHEDDING_SETTINGS
+    }
 
 
 def test_interpolation_uses_environment_and_defaults() -> None:
@@ -119,6 +123,40 @@ def test_problems_never_echo_secret_values() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(text, {})
     assert "super-secret-token" not in str(caught.value)
+
+
+@pytest.mark.parametrize("secret", ["sk-up\r\nX-Evil: 1", "sk-up\n", "sk-\x00up", "sk-\x7fup"])
+def test_a_control_character_in_a_provider_api_key_is_refused_at_its_path(secret: str) -> None:
+    """A line break or another control character in `api_key` (here from the environment) would
+    break every request's head: check-config refuses it at its path, without quoting it."""
+    text = MINIMAL.replace("    models:", "    api_key: ${UPSTREAM_KEY}\n    models:", 1)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, {"UPSTREAM_KEY": secret})
+    problems = {problem.path: problem.message for problem in caught.value.problems}
+    assert list(problems) == ["providers[0].api_key"]
+    assert "control character" in problems["providers[0].api_key"]
+    assert "sk-" not in str(caught.value)
+
+
+def test_an_api_key_with_a_tab_or_non_ascii_text_is_accepted() -> None:
+    """Only control characters are refused: a tab or non-ASCII text may be part of a key."""
+    text = MINIMAL.replace("    models:", "    api_key: ${UPSTREAM_KEY}\n    models:", 1)
+    settings = parse_config(text, {"UPSTREAM_KEY": "sk-\tkey-é"}).settings
+    assert settings.providers[0].api_key is not None
+
+
+def test_a_tls_ca_file_that_is_missing_or_not_pem_is_an_error_at_its_path(
+    tmp_path: Path,
+) -> None:
+    """`tls_ca_file` is read by check-config: a missing file or one with no PEM certificate is
+    an error at its path, not a failure at the first request."""
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate")
+    for path, words in ((tmp_path / "missing.pem", "does not exist"), (not_pem, "no usable PEM")):
+        text = MINIMAL.replace("    models:", f"    tls_ca_file: {path}\n    models:", 1)
+        problems = problems_of(text)
+        assert list(problems) == ["providers[0].tls_ca_file"]
+        assert words in problems["providers[0].tls_ca_file"]
 
 
 def test_missing_preference_group_is_a_warning_not_an_error() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from affinity_store.shares import ShareRow, fair_shares, grant
-from gateway.dispatch.key_shares import RATE, ShareBook
+from gateway.dispatch.key_shares import CONCURRENCY, RATE, ShareBook
 from gateway.dispatch.permits import KeyLimits
 from gateway.edge.errors import GatewayError
 from tests.support.keys import plain_key
@@ -64,3 +64,50 @@ def test_a_rate_share_of_nothing_refuses_and_asks_the_store_soon() -> None:
     with pytest.raises(GatewayError):
         limits.acquire(key)
     assert book.wake.is_set()
+
+
+def test_a_lapsed_registration_drops_every_concurrency_grant_once() -> None:
+    """Past the time the store counts its grants, a worker holds no unit of any key's
+    `max_concurrency`, and says it lapsed once; the next heartbeat makes it count again."""
+    now = [0.0]
+    book = ShareBook(workers=1, clock=lambda: now[0])
+    key = plain_key(max_concurrency=4)
+    book.track([key])
+    book.granted(key.id, CONCURRENCY, 3, 3, 3)
+    book.valid_until = 9.5
+    assert book.registered
+    assert book.concurrency(key) == 3
+    now[0] = 9.5
+    assert book.concurrency(key) == 0
+    assert (book.lapses, book.registered) == (1, False)
+    assert not book.lapsed()  # dropped once, not again
+    book.valid_until = 19.0
+    assert book.registered
+
+
+def test_a_heartbeat_lowers_or_drops_grants_but_never_raises_one() -> None:
+    """The heartbeat's read may predate a give-back: a grant it shows higher is not taken; one it
+    no longer shows was lost with a lapse and is dropped."""
+    book = ShareBook(workers=1, clock=lambda: 0.0)
+    first, second = plain_key("a", max_concurrency=4), plain_key("b", max_concurrency=4)
+    book.track([first, second])
+    book.granted("a", CONCURRENCY, 1, 2, 1)
+    book.granted("b", CONCURRENCY, 2, 2, 2)
+    assert book.standing({("a", CONCURRENCY): 3}) == 1
+    assert (book.concurrency(first), book.concurrency(second)) == (1, 0)
+
+
+def test_units_beyond_the_held_share_go_back_once_idle() -> None:
+    """A worker holding 1 for its steady load and 3 in all: when its requests end, a give-back
+    lowers the grant at once to what is in use or held; one give-back at a time."""
+    book = ShareBook(workers=1, clock=lambda: 0.0)
+    key = plain_key(max_concurrency=4)
+    book.track([key])
+    book.granted(key.id, CONCURRENCY, 1, 4, 1)
+    book.unit(key.id, 3, full_since=None)
+    assert book.finished(key, 2)
+    assert not book.finished(key, 1)  # one is under way already
+    assert book.give_back(key.id, 1) == 1
+    assert book.concurrency(key) == 1
+    assert book.give_back(key.id, 1) is None  # nothing more: the give-back is over
+    assert not book.finished(key, 0)  # the held unit stays

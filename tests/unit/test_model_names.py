@@ -1,41 +1,18 @@
-"""Model ids in raw JSON: the request's `model` spliced in place, the upstream id renamed in
-answers and streams split anywhere."""
+"""Model ids in raw JSON answers: the upstream id renamed in answers and streams split anywhere."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
 
-from gateway.edge.model_names import AnswerRenamer, ModelRenamer, replace_model
+from gateway.edge.model_names import AnswerRenamer, ModelRenamer
 
 UPSTREAM = "meta-llama/Llama-3.1-8B-Instruct"
 PUBLIC = "llama-3.1-8b"
 
 
-@pytest.mark.parametrize(
-    "template",
-    [
-        b'{"model":"%s","seed":18446744073709551616}',
-        b'{ "z" : [1, {"model": "inner"}], "model" : "%s" }',
-        b'{"mod\\u0065l":"%s","s":"}\\""}',
-        b'{"model":"a","model":"%s"}',
-        b'{"k":null,"model":"%s","t":true}',
-    ],
-    ids=["big-int", "nested-model-and-spacing", "escaped-key", "duplicate-key", "literals"],
-)
-def test_replace_model_changes_only_the_top_level_value(template: bytes) -> None:
-    """Only the top-level `model` value changes; every other byte stays as sent."""
-    assert replace_model(template % b"a", "X") == template % b"X"
-
-
-def test_replace_model_adds_the_key_to_an_object_without_one() -> None:
-    """An object without `model` gains it at its end (and stays valid JSON)."""
-    assert orjson.loads(replace_model(b'{"a": 1}', "X")) == {"a": 1, "model": "X"}
-    assert orjson.loads(replace_model(b"{}", "X")) == {"model": "X"}
-
-
 def test_a_whole_answer_names_the_public_model() -> None:
-    """Every exact JSON string of the upstream id is replaced; other text is untouched."""
+    """The `model` member names the public model; other text is untouched."""
     body = orjson.dumps({"model": UPSTREAM, "note": f"{UPSTREAM} is mentioned in text"})
     renamed = orjson.loads(ModelRenamer(UPSTREAM, PUBLIC).whole(body))
     assert renamed == {"model": PUBLIC, "note": f"{UPSTREAM} is mentioned in text"}
@@ -76,3 +53,56 @@ def test_a_stream_without_a_requested_model_is_renamed_by_its_first_event() -> N
     out = renamer.feed(first) + renamer.feed(later) + renamer.flush()
     assert orjson.dumps(UPSTREAM) not in out
     assert out.count(orjson.dumps(PUBLIC)) == 2
+
+
+def _chat_with_text(text: str) -> bytes:
+    """A chat answer whose generated content (and a tool call's arguments) is `text`."""
+    arguments = orjson.dumps({"model": text}).decode()
+    message = {"content": text, "tool_calls": [{"function": {"arguments": arguments}}]}
+    return orjson.dumps(
+        {"model": UPSTREAM, "choices": [{"message": message}], 'say "model': UPSTREAM}
+    )
+
+
+def test_generated_text_equal_to_the_upstream_id_is_never_renamed() -> None:
+    """Only `model` members are renamed: content, tool arguments and other keys whose value is
+    the upstream id keep it."""
+    body = _chat_with_text(UPSTREAM)
+    renamed = orjson.loads(ModelRenamer(UPSTREAM, PUBLIC).whole(body))
+    assert renamed == {**orjson.loads(body), "model": PUBLIC}
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 16, 33, 1000])
+def test_a_stream_of_generated_ids_split_anywhere_renames_only_model_members(size: int) -> None:
+    """However the stream is cut, each chunk's `model` is renamed and its content is not."""
+    event = b"data: " + _chat_with_text(UPSTREAM) + b"\n\n"
+    pretty = b'data: {"model" :\n "%s", "content": "%s"}\n\n' % (
+        UPSTREAM.encode(),
+        UPSTREAM.encode(),
+    )
+    stream = (event + pretty) * 3 + b"data: [DONE]\n\n"
+    renamer = ModelRenamer(UPSTREAM, PUBLIC)
+    pieces = [renamer.feed(stream[start : start + size]) for start in range(0, len(stream), size)]
+    out = b"".join(pieces) + renamer.flush()
+    whole = ModelRenamer(UPSTREAM, PUBLIC).whole(stream)
+    assert out == whole
+    assert whole.count(orjson.dumps(PUBLIC)) == 6
+    assert whole.count(UPSTREAM.encode()) == 12
+
+
+def test_error_bodies_rename_the_upstream_id_where_it_stands_as_a_name() -> None:
+    """An error message quoting the upstream id names the public model; a longer name that
+    merely starts with it does not change."""
+    body = orjson.dumps(
+        {
+            "message": f"The model `{UPSTREAM}` does not exist. Try {UPSTREAM}.",
+            "other": f"{UPSTREAM}-v2 and {UPSTREAM}.gguf",
+        }
+    )
+    renamed = orjson.loads(ModelRenamer(UPSTREAM, PUBLIC).error(body))
+    assert renamed == {
+        "message": f"The model `{PUBLIC}` does not exist. Try {PUBLIC}.",
+        "other": f"{UPSTREAM}-v2 and {UPSTREAM}.gguf",
+    }
+    stored = AnswerRenamer({UPSTREAM: PUBLIC}, keeps=lambda model: False)
+    assert orjson.loads(stored.error(body)) == renamed

@@ -1,31 +1,31 @@
-"""The load shedder: a CoDel-like controller on each request's queueing delay, driven by a fake
-clock."""
+"""The load shedder: a CoDel-style controller whose target is the burst allowance, on each
+request's queueing delay, driven by a fake clock; and what the gate counts as sheddable."""
 
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from gateway.catalog import Catalog
 from gateway.config import Settings
+from gateway.config_loading import parse_config
 from gateway.dispatch.permits import KeyLimits
+from gateway.edge.endpoints import ENDPOINTS
 from gateway.edge.overload import (
-    FUTILE_INTERVALS,
-    FUTILE_RATIO,
-    LIGHT_TARGETS,
-    MAX_FUTILE_GROWTH,
-    MAX_REST_GROWTH,
-    MAX_REST_SECONDS,
-    MIN_IN_FLIGHT,
+    LIGHT_LEVELS,
     MIN_SAMPLES,
-    RETRY_AFTER_SECONDS,
     LoadShedder,
+    OverloadGate,
     SheddingPolicy,
 )
 from tests.support.gateway import settings_dict
 
-TARGET = 0.005
-INTERVAL = 0.050
+BURST = 1.0
+POLICY = SheddingPolicy(burst=BURST)
+INTERVAL = POLICY.interval
+LEVEL = POLICY.level
 # Requests arrive this far apart in the tests.
 GAP = 0.002
 
@@ -46,240 +46,100 @@ def shedder(
     enabled: bool = True,
     counted: list[int] | None = None,
     published: list[float] | None = None,
-    rested: list[int] | None = None,
 ) -> LoadShedder:
-    """A shedder with a 5 ms target over 50 ms intervals, busy enough to shed."""
-    shedding = LoadShedder(
-        SheddingPolicy(target=TARGET, interval=INTERVAL, enabled=enabled),
+    """A shedder with a 1 s burst allowance."""
+    return LoadShedder(
+        SheddingPolicy(burst=BURST, enabled=enabled),
         clock=clock,
         on_shed=(lambda: counted.append(1)) if counted is not None else None,
         on_interval=published.append if published is not None else None,
-        on_rest=(lambda: rested.append(1)) if rested is not None else None,
     )
-    shedding.in_flight = MIN_IN_FLIGHT
-    return shedding
+
+
+def served(shedding: LoadShedder, delay: float, *, light: bool = False) -> bool:
+    """Whether a sheddable request with this delay is served."""
+    return shedding.admits(delay) or not shedding.refuses(delay, light=lambda: light)
 
 
 def arrive(shedding: LoadShedder, clock: FakeClock, delays: list[float]) -> list[bool]:
-    """Requests with these queueing delays arrive `GAP` apart; whether each was admitted."""
+    """Sheddable requests with these queueing delays arrive `GAP` apart; whether each was
+    served."""
     admitted = []
     for delay in delays:
         clock.now += GAP
-        admitted.append(shedding.admits(delay, sheddable=True))
+        admitted.append(served(shedding, delay))
     return admitted
 
 
 def overload(shedding: LoadShedder, clock: FakeClock) -> None:
-    """Late requests for a whole interval: the worker becomes overloaded."""
-    arrive(shedding, clock, [TARGET * 3] * (int(INTERVAL / GAP) + MIN_SAMPLES))
+    """Requests queued past the allowance for a whole interval: the worker becomes
+    overloaded."""
+    arrive(shedding, clock, [BURST * 1.2] * (int(INTERVAL / GAP) + MIN_SAMPLES))
     assert shedding.overloaded
 
 
-def test_requests_that_queue_under_the_target_are_never_refused() -> None:
-    """Delays under the target, however many, never make an overload."""
+def test_a_burst_that_drains_within_the_allowance_is_never_refused() -> None:
+    """A burst's queue rising to the allowance and draining, however many requests and for
+    however long each interval is late past the level, refuses nothing."""
     clock = FakeClock()
     shedding = shedder(clock)
-    assert all(arrive(shedding, clock, [0.001, 0.004, 0.0, 0.005] * 200))
+    rising = [BURST * step / 1000 for step in range(1001)]
+    assert all(arrive(shedding, clock, rising + rising[::-1]))
     assert not shedding.overloaded
     assert shedding.shed == 0
 
 
-def test_a_burst_is_not_an_overload_while_some_request_in_each_interval_is_on_time() -> None:
-    """Late requests are admitted while no run of them lasts a whole interval."""
-    clock = FakeClock()
-    shedding = shedder(clock)
-    assert all(arrive(shedding, clock, ([0.030] * 20 + [0.001]) * 20))
-    assert not shedding.overloaded
-    assert shedding.episodes == 0
-
-
-def test_a_whole_interval_of_late_requests_is_an_overload_that_refuses_the_late_ones() -> None:
-    """Once every request waited over the target for an interval, a request that waited over
-    the target is refused and counted; one on time is admitted; requests that are not
-    sheddable (health, metrics, admin) are always admitted."""
+def test_a_standing_queue_past_the_allowance_is_an_overload_that_refuses_the_late() -> None:
+    """Once every request queued past the allowance for an interval, a request that queued past
+    the shedding level is refused and one within it served; requests that are not sheddable
+    never meet `refuses`."""
     clock = FakeClock()
     counted: list[int] = []
     shedding = shedder(clock, counted=counted)
+    assert all(arrive(shedding, clock, [BURST * 1.2] * (int(INTERVAL / GAP) - 1)))
+    assert not shedding.overloaded  # not yet a whole interval
     overload(shedding, clock)
-    assert shedding.episodes == 1
-    assert not shedding.admits(TARGET * 1.5, sheddable=True)
-    assert shedding.admits(TARGET * 0.5, sheddable=True)
-    assert shedding.admits(TARGET * 10, sheddable=False)
-    assert shedding.shed == len(counted) >= 1
+    before = shedding.shed
+    assert not served(shedding, LEVEL * 1.5)
+    assert served(shedding, LEVEL * 0.5)
+    assert shedding.admits(LEVEL * 0.5)
+    assert not shedding.admits(BURST * 3)
+    assert shedding.shed == before + 1
+    assert len(counted) == shedding.shed
+
+
+def test_a_request_back_under_the_level_breaks_the_run() -> None:
+    """Late requests with one back under the level among them are a passing queue: no
+    overload, however long it goes on."""
+    clock = FakeClock()
+    shedding = shedder(clock)
+    pattern = [BURST * 1.5] * int(INTERVAL / GAP / 2) + [LEVEL / 2]
+    assert all(arrive(shedding, clock, pattern * 20))
+    assert not shedding.overloaded
 
 
 def test_a_light_key_may_wait_longer_before_it_is_refused() -> None:
-    """While overloaded, a light key's request is admitted up to twice the target."""
+    """While overloaded, a light key's request is served up to `LIGHT_LEVELS` levels."""
     clock = FakeClock()
     shedding = shedder(clock)
     overload(shedding, clock)
-    within = TARGET * (LIGHT_TARGETS - 0.5)
-    assert shedding.admits(within, sheddable=True, light=lambda: True)
-    assert not shedding.admits(within, sheddable=True, light=lambda: False)
-    assert not shedding.admits(TARGET * (LIGHT_TARGETS + 0.5), sheddable=True, light=lambda: True)
+    within = LEVEL * (LIGHT_LEVELS - 0.5)
+    assert served(shedding, within, light=True)
+    assert not served(shedding, within, light=False)
+    assert not served(shedding, LEVEL * (LIGHT_LEVELS + 0.5), light=True)
 
 
-def test_a_request_that_queued_a_whole_interval_is_refused_even_before_an_overload() -> None:
-    """The first requests of an overload cannot queue longer than an interval either."""
-    clock = FakeClock()
-    shedding = shedder(clock)
-    assert not shedding.overloaded
-    assert not shedding.admits(INTERVAL * 1.5, sheddable=True)
-    assert shedding.admits(INTERVAL * 0.5, sheddable=True)
-
-
-def test_with_few_requests_in_flight_only_the_very_late_are_refused() -> None:
-    """Under `MIN_IN_FLIGHT` admitted requests, what queues is refusals: nothing within an
-    interval is refused, so clients that retry at once still get answers."""
+def test_the_overload_ends_after_an_interval_without_a_request_past_the_level() -> None:
+    """A whole interval in which no request waited past the level ends the overload, and the
+    next one is a new episode; requests between the level and the allowance keep it."""
     clock = FakeClock()
     shedding = shedder(clock)
     overload(shedding, clock)
-    shedding.in_flight = MIN_IN_FLIGHT - 1
-    assert shedding.admits(TARGET * 3, sheddable=True)
-    assert not shedding.admits(INTERVAL * 1.5, sheddable=True)
-
-
-def intervals(shedding: LoadShedder, clock: FakeClock, count: int, delays: list[float]) -> None:
-    """`count` whole intervals, in each of which requests with these delays arrive evenly."""
-    for _ in range(count):
-        started = clock.now
-        for delay in delays:
-            clock.now += INTERVAL / len(delays) * 0.99
-            shedding.admits(delay, sheddable=True)
-        clock.now = started + INTERVAL
-
-
-# An interval of a closed loop past the target: every request late, all refused.
-STORM = [TARGET * 3] * 25
-
-
-def test_refusals_rest_when_refused_requests_come_straight_back() -> None:
-    """Intervals in a row in which refusals outnumber admissions `FUTILE_RATIO` to one (after
-    the overload's first moments) rest the refusals for `RETRY_AFTER_SECONDS`, counted: late
-    requests within an interval are admitted; then late requests are refused again, and
-    the next rest that follows soon lasts twice as long."""
-    clock = FakeClock()
-    rested: list[int] = []
-    shedding = shedder(clock, rested=rested)
-    overload(shedding, clock)
-    intervals(shedding, clock, FUTILE_INTERVALS, STORM)
-    shedding.tick()
-    assert not shedding.resting  # the first moments of an overload are not judged
-    intervals(shedding, clock, FUTILE_INTERVALS + 1, STORM)
-    assert shedding.resting
-    assert rested == [1]
-    assert shedding.rests == 1
-    shed = shedding.shed
-    assert shedding.admits(INTERVAL * 0.9, sheddable=True)
-    assert shedding.shed == shed
-    assert not shedding.admits(INTERVAL * 1.1, sheddable=True)
-    clock.now += RETRY_AFTER_SECONDS
-    assert not shedding.resting
+    arrive(shedding, clock, [LEVEL * 1.5] * (int(INTERVAL / GAP) * 3))
     assert shedding.overloaded
-    assert not shedding.admits(TARGET * 3, sheddable=True)
-    intervals(shedding, clock, FUTILE_INTERVALS + 1, STORM)
-    assert shedding.resting
-    clock.now += RETRY_AFTER_SECONDS
-    assert shedding.resting  # twice as long
-    clock.now += RETRY_AFTER_SECONDS
-    assert not shedding.resting
-
-
-def rest(shedding: LoadShedder, clock: FakeClock) -> None:
-    """Overload the shedder with a closed loop until its refusals rest."""
-    overload(shedding, clock)
-    intervals(shedding, clock, FUTILE_INTERVALS * 2 + 1, STORM)
-    assert shedding.resting
-
-
-def test_connections_that_grow_while_refusals_rest_end_the_rest() -> None:
-    """A closed loop keeps its connections; when they grow while refusals rest, the load is an
-    open-loop flood after all: the rest ends, and none begins again for `MAX_REST_SECONDS`."""
-    clock = FakeClock()
-    shedding = shedder(clock)
-    connections = [200]
-    shedding.connections = lambda: connections[0]
-    rest(shedding, clock)
-    connections[0] += MAX_REST_GROWTH
-    intervals(shedding, clock, 2, STORM)
-    assert shedding.resting
-    connections[0] += 1
-    intervals(shedding, clock, 1, STORM)
-    assert not shedding.resting
-    assert not shedding.admits(TARGET * 3, sheddable=True)
-    intervals(shedding, clock, int(MAX_REST_SECONDS / INTERVAL) - 2, STORM)
-    assert not shedding.resting
-    assert shedding.rests == 1
-    intervals(shedding, clock, FUTILE_INTERVALS + 2, STORM)  # one to see the connections settle
-    assert shedding.resting
-    assert shedding.rests == 2
-
-
-def test_refusals_while_connections_open_never_rest() -> None:
-    """A flood opens connections as it queues: intervals of refusals in which more than
-    `MAX_FUTILE_GROWTH` connections opened do not count towards a rest."""
-    clock = FakeClock()
-    shedding = shedder(clock)
-    connections = [100]
-    shedding.connections = lambda: connections[0]
-    overload(shedding, clock)
-    for _ in range(FUTILE_INTERVALS * 4):
-        connections[0] += MAX_FUTILE_GROWTH + 1
-        intervals(shedding, clock, 1, STORM)
-    assert shedding.rests == 0
-    for _ in range(FUTILE_INTERVALS * 2):
-        connections[0] += MAX_FUTILE_GROWTH
-        intervals(shedding, clock, 1, STORM)
-    assert shedding.rests == 1
-
-
-def test_refusals_that_shed_load_never_rest() -> None:
-    """An open-loop overload refuses fewer than `FUTILE_RATIO` per admission, with an odd
-    interval of nothing but refusals (the backlog of its first moments): refusals never rest."""
-    clock = FakeClock()
-    shedding = shedder(clock)
-    overload(shedding, clock)
-    between = ([TARGET * 3] * (FUTILE_RATIO - 1) + [TARGET / 2] * 3) * 5
-    for _ in range(20):
-        intervals(shedding, clock, 1, STORM)
-        intervals(shedding, clock, FUTILE_INTERVALS, between)
-    assert shedding.overloaded
-    assert shedding.rests == 0
-    assert not shedding.resting
-
-
-def test_rests_double_up_to_a_bound_and_start_over_after_a_calm() -> None:
-    """While refused requests keep coming back, each rest doubles up to `MAX_REST_SECONDS`;
-    after that long without one, the next rest is short again, overload or not in between."""
-    clock = FakeClock()
-    shedding = shedder(clock)
-    rest(shedding, clock)
-    lengths = []
-    for _ in range(6):
-        began = clock.now
-        while shedding.resting:
-            clock.now += 0.01
-        lengths.append(round(clock.now - began + INTERVAL))
-        intervals(shedding, clock, FUTILE_INTERVALS + 1, STORM)
-        assert shedding.resting
-    assert lengths == [1, 2, 4, 8, 8, 8]
-    assert MAX_REST_SECONDS == 8
-    clock.now += MAX_REST_SECONDS * 2
-    intervals(shedding, clock, FUTILE_INTERVALS + 1, STORM)
-    assert shedding.resting
-    clock.now += RETRY_AFTER_SECONDS
-    assert not shedding.resting
-
-
-def test_the_overload_ends_after_an_interval_without_a_late_request() -> None:
-    """A whole interval in which no request waited over the target ends the overload, and
-    the next one is a new episode."""
-    clock = FakeClock()
-    shedding = shedder(clock)
-    overload(shedding, clock)
     arrive(shedding, clock, [0.001] * (int(INTERVAL / GAP) * 2 + 2))
     assert not shedding.overloaded
-    assert shedding.admits(TARGET * 3, sheddable=True)
+    assert served(shedding, BURST * 0.9)
     overload(shedding, clock)
     assert shedding.episodes == 2
 
@@ -292,7 +152,7 @@ def test_an_idle_worker_settles_and_publishes_each_interval() -> None:
     shedding = shedder(clock, published=published)
     overload(shedding, clock)
     assert published
-    assert published[-1] == TARGET * 3
+    assert published[-1] == BURST * 1.2
     for _ in range(2):  # the interval with the late requests, then an empty one
         clock.now += INTERVAL * 1.1
         shedding.tick()
@@ -307,8 +167,54 @@ def test_with_shedding_off_the_overload_is_reported_and_nothing_refused() -> Non
     shedding = shedder(clock, enabled=False)
     overload(shedding, clock)
     assert not shedding.shedding
-    assert shedding.admits(INTERVAL * 10, sheddable=True)
+    assert shedding.admits(BURST * 10)
     assert shedding.shed == 0
+
+
+def gate() -> OverloadGate:
+    """A gate over an app with the proxied routes and a health route, overloaded."""
+    app = web.Application()
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response()
+
+    for spec in ENDPOINTS:
+        app.router.add_route(spec.method, spec.path, handler)
+    app.router.add_get("/healthz", handler)
+    clock = FakeClock()
+    shedding = shedder(clock)
+    overload(shedding, clock)
+    return OverloadGate(shedding, router=app.router, light=lambda _: False, request_id=lambda: "r")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "sheddable"),
+    [
+        ("POST", "/v1/chat/completions", True),
+        ("POST", "/v1/chat/%63ompletions", True),
+        ("POST", "/v1/%63hat/completions?x=1", True),
+        ("POST", "/v1/embeddings", True),
+        ("GET", "/v1/responses/resp_1", True),
+        ("DELETE", "/v1/responses/%72esp_1", True),
+        ("GET", "/healthz", False),
+        ("GET", "/%68ealthz", False),
+        ("GET", "/v1/chat/completions", False),  # 405: no proxied route
+        ("POST", "/v1/chat/completions/x", False),  # 404
+    ],
+)
+async def test_sheddable_requests_are_told_by_the_route_the_router_matches(
+    method: str, path: str, sheddable: bool
+) -> None:
+    """Whether a request is sheddable follows the route the app's router matches after its own
+    decoding of the path, so a percent-encoded proxied path is shed like the plain one."""
+    overloaded = gate()
+    request = make_mocked_request(method, path)
+    assert await overloaded.sheddable(request) is sheddable
+    refusal = await overloaded.admit(request, BURST * 2)
+    assert (refusal is not None) is sheddable
+    if refusal is not None:
+        assert refusal.status == 503
+        assert refusal.headers["Retry-After"] == "1"
 
 
 def test_below_mean_compares_a_keys_requests_in_flight_with_the_mean_of_active_keys() -> None:
@@ -334,15 +240,22 @@ def test_below_mean_compares_a_keys_requests_in_flight_with_the_mean_of_active_k
 
 
 def test_load_shedding_is_on_by_default() -> None:
-    """A config that does not mention load shedding gets it, with the documented policy."""
+    """A config that does not mention load shedding gets it, with a 1 s burst allowance."""
     server = Settings.model_validate(settings_dict({"a": "http://127.0.0.1:1"})).server
     assert server.load_shedding
-    assert (server.load_shedding_target_delay_ms, server.load_shedding_interval_ms) == (5, 50)
+    assert server.load_shedding_burst_seconds == 1.0
 
 
-def test_the_old_lag_target_setting_is_named_as_replaced() -> None:
-    """A config with the lag target of earlier builds gets an error naming its replacement."""
+@pytest.mark.parametrize(
+    "old",
+    ["load_shedding_target_lag_ms", "load_shedding_target_delay_ms", "load_shedding_interval_ms"],
+)
+def test_the_old_shedding_settings_load_with_a_warning_naming_their_replacement(old: str) -> None:
+    """A config with a shedding setting of earlier builds still loads (an upgrade never stops a
+    gateway over it), with a warning at its path naming `load_shedding_burst_seconds`."""
     config = settings_dict({"a": "http://127.0.0.1:1"})
-    config["server"] = {"load_shedding_target_lag_ms": 10}
-    with pytest.raises(ValidationError, match="replaced by `load_shedding_target_delay_ms`"):
-        Settings.model_validate(config)
+    config["server"] = {old: 10}
+    loaded = parse_config(yaml.safe_dump(config), {})
+    assert loaded.settings.server.load_shedding_burst_seconds == 1.0
+    (warning,) = [problem for problem in loaded.warnings if problem.path == f"server.{old}"]
+    assert "load_shedding_burst_seconds" in warning.message

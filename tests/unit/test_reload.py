@@ -130,3 +130,16 @@ def test_health_keeps_cooldowns_of_providers_that_stay() -> None:
     assert health.cooling("node-a")
     assert not health.cooling("node-b")
     assert health.failed("node-b")  # allowed_fails is 1 now: one failure cools
+
+
+def test_a_derived_embedded_database_url_is_not_a_configured_change() -> None:
+    """A running embedded Postgres's URL was derived, not configured: the same config (no URL)
+    needs no restart and keeps it; a configured URL that was dropped still needs one."""
+    configured = settings()
+    embedded = configured.database.with_embedded_url("postgresql://postgres:pw@127.0.0.1:5999/db")
+    running = configured.model_copy(update={"database": embedded})
+    effective, restart_needed = keep_restart_only(running, configured)
+    assert restart_needed == ()
+    assert effective.database == embedded
+    named = settings(database={"url": "postgresql://postgres:pw@127.0.0.1:5999/db"})
+    assert keep_restart_only(named, configured)[1] == ("database",)

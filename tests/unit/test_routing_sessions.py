@@ -283,3 +283,22 @@ def test_eviction_takes_from_the_key_holding_the_most() -> None:
     assert table.get("a", "a-1", now=5.0) == "n"
     assert table.get("b", "b-1", now=5.0) is None
     assert table.get("b", "b-2", now=5.0) == "n"
+
+
+def sessions_of(table: SessionTable, key_id: str, count: int, now: float) -> int:
+    """How many of the key's sessions `s-0` … `s-{count-1}` are still bound."""
+    return sum(table.get(key_id, f"s-{number}", now) is not None for number in range(count))
+
+
+@pytest.mark.parametrize(("victim", "kept"), [(2048, 2048), (1000, 1000), (3000, 2048)])
+def test_a_flood_cuts_a_victim_to_an_equal_split_and_never_below(victim: int, kept: int) -> None:
+    """Another key's flood into a full 4,096-entry table: a victim holding up to its equal
+    split (4,096 ÷ 2 keys) keeps every session; one holding more is cut to exactly that split
+    (the guarantee a bounded table allows, as the README says), never below."""
+    table = SessionTable(ttl_seconds=3600, capacity=4096)
+    for number in range(victim):
+        table.bind("victim", f"s-{number}", "node-b", "node-b", now=number / 1000)
+    for number in range(20_000):
+        table.bind("flooder", f"s-{number}", "node-a", "node-a", now=10.0 + number / 1000)
+    assert sessions_of(table, "victim", victim, now=40.0) == kept
+    assert len(table) == 4096

@@ -264,27 +264,22 @@ def test_each_limited_key_shows_this_workers_share() -> None:
 
 
 def test_the_load_card_says_whether_the_worker_sheds_and_why() -> None:
-    """Overloaded, the card says it sheds requests that queued past the target, with the
-    queueing delay and the counts; resting refusals are said as such; a worker keeping up says
-    so; with shedding off an overload is still shown, as not shed."""
+    """Overloaded, the card says it sheds requests that queued past the shedding level, with
+    the queueing delay, the burst allowance and the counts; a worker keeping up says so; with
+    shedding off an overload is still shown, as not shed."""
     overload = OverloadRow(
         enabled=True,
         overloaded=True,
-        delay_ms=27.5,
-        target_delay_ms=5.0,
+        delay_ms=1275.5,
+        burst_ms=1000.0,
+        level_ms=250.0,
         shed=1234,
         episodes=2,
-        resting=False,
-        rests=3,
     )
     shedding = render_status(replace(snapshot([provider("gpu-a")]), overload=overload))
-    assert "overloaded: shedding requests that waited over 5 ms" in shedding
-    assert "queueing delay 27.5 ms (target 5 ms)" in shedding
-    assert "1234 shed in 2 episode(s), refusals rested 3 time(s)" in shedding
-    resting = render_status(
-        replace(snapshot([provider("gpu-a")]), overload=replace(overload, resting=True))
-    )
-    assert "overloaded: refusals resting, refused requests came straight back" in resting
+    assert "overloaded: shedding requests that waited over 250 ms" in shedding
+    assert "queueing delay 1275.5 ms (burst allowance 1000 ms)" in shedding
+    assert "1234 shed in 2 episode(s)" in shedding
     calm = replace(overload, overloaded=False, delay_ms=0.4)
     keeping_up = render_status(replace(snapshot([provider("gpu-a")]), overload=calm))
     assert "keeping up" in keeping_up
