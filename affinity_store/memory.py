@@ -9,9 +9,10 @@ import asyncio
 import contextlib
 import itertools
 import weakref
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from affinity_store.shares import ShareRow, grant, rotation_salt, unit_grant
 from affinity_store.spread import choose_candidate
@@ -27,6 +28,7 @@ from affinity_store.store import (
     StoreError,
     StoreTimeout,
     UnitGrant,
+    WorkerSnapshot,
 )
 
 BindingKey = tuple[str, str]
@@ -77,6 +79,8 @@ class MemoryAffinityStore:
         self._response_sequences: dict[str, int] = {}
         self._failure: StoreError | None = None
         self._workers: dict[str, datetime] = {}  # worker id -> expiry
+        self._started: dict[str, datetime] = {}
+        self._snapshots: dict[str, dict[str, Any]] = {}
         self._shares: dict[ShareKey, tuple[int, int]] = {}  # granted, wanted
 
     def fail_with(self, error: StoreError | None) -> None:
@@ -339,14 +343,24 @@ class MemoryAffinityStore:
         expiry = self._workers.get(worker_id)
         return expiry is not None and expiry > now
 
-    async def heartbeat(self, worker_id: str, *, ttl_seconds: float, timeout: float) -> Heartbeat:
-        """Renew the worker (its shares lapse if it had expired); return the live workers and
-        its standing shares."""
+    async def heartbeat(
+        self,
+        worker_id: str,
+        *,
+        ttl_seconds: float,
+        timeout: float,
+        snapshot: Mapping[str, Any] | None = None,
+    ) -> Heartbeat:
+        """Renew the worker with its snapshot (its shares lapse if it had expired); return the
+        live workers and its standing shares."""
         async with self._boundary(timeout):
             now = self._clock()
             if not self._live_worker(worker_id, now):
                 self._drop_shares(worker_id)
             self._workers[worker_id] = now + timedelta(seconds=ttl_seconds)
+            self._started.setdefault(worker_id, now)
+            if snapshot is not None:
+                self._snapshots[worker_id] = dict(snapshot)
             shares = {
                 (api_key_id, resource): granted
                 for (api_key_id, resource, holder), (granted, _) in self._shares.items()
@@ -393,6 +407,16 @@ class MemoryAffinityStore:
             )
             self._shares[(api_key_id, resource, worker_id)] = (granted, wanted)
             return ShareGrant(granted, fair)
+
+    async def worker_snapshots(self, *, timeout: float) -> list[WorkerSnapshot]:
+        """Every live worker with its last snapshot, by worker id."""
+        async with self._boundary(timeout):
+            now = self._clock()
+            return [
+                WorkerSnapshot(worker, self._started[worker], self._snapshots.get(worker))
+                for worker in sorted(self._workers)
+                if self._live_worker(worker, now)
+            ]
 
     async def claim_unit(
         self,
@@ -441,6 +465,8 @@ class MemoryAffinityStore:
         """Forget the worker and its shares."""
         async with self._boundary(timeout):
             self._workers.pop(worker_id, None)
+            self._started.pop(worker_id, None)
+            self._snapshots.pop(worker_id, None)
             self._drop_shares(worker_id)
 
     async def list_shares(self, *, timeout: float) -> list[KeyShare]:

@@ -9,10 +9,11 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
-from typing import TypeAlias
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from typing import Any, TypeAlias
 
 import asyncpg
+import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from affinity_store.driver_errors import translated_driver_errors
@@ -37,6 +38,7 @@ from affinity_store.store import (
     Spread,
     StoreError,
     UnitGrant,
+    WorkerSnapshot,
 )
 
 Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
@@ -365,12 +367,20 @@ class PostgresAffinityStore:
             )
         return provider
 
-    async def heartbeat(self, worker_id: str, *, ttl_seconds: float, timeout: float) -> Heartbeat:
-        """Renew the worker's row (its shares lapse if it had expired); read its standing shares
-        and the live workers (three statements, one row written)."""
+    async def heartbeat(
+        self,
+        worker_id: str,
+        *,
+        ttl_seconds: float,
+        timeout: float,
+        snapshot: Mapping[str, Any] | None = None,
+    ) -> Heartbeat:
+        """Renew the worker's row with its snapshot (its shares lapse if it had expired); read
+        its standing shares and the live workers (three statements, one row written)."""
         queries = self._queries
+        text = None if snapshot is None else orjson.dumps(snapshot).decode()
         async with store_boundary(timeout), self._pool.acquire() as connection:
-            await connection.execute(queries.register_worker, worker_id, ttl_seconds)
+            await connection.execute(queries.register_worker, worker_id, ttl_seconds, text)
             shares = await connection.fetch(queries.own_shares, worker_id)
             workers = await connection.fetch(queries.live_workers)
         return Heartbeat(
@@ -379,6 +389,19 @@ class PostgresAffinityStore:
                 (record["api_key_id"], record["resource"]): record["granted"] for record in shares
             },
         )
+
+    async def worker_snapshots(self, *, timeout: float) -> list[WorkerSnapshot]:
+        """Every live worker with its last snapshot, by worker id (one statement)."""
+        async with store_boundary(timeout), self._pool.acquire() as connection:
+            records = await connection.fetch(self._queries.worker_snapshots)
+        return [
+            WorkerSnapshot(
+                record["worker_id"],
+                record["started_at"],
+                None if record["snapshot"] is None else orjson.loads(record["snapshot"]),
+            )
+            for record in records
+        ]
 
     async def claim_share(
         self,

@@ -38,6 +38,7 @@ class Queries:
     register_worker: str
     own_shares: str
     live_workers: str
+    worker_snapshots: str
     worker_is_live: str
     lock_key_shares: str
     other_shares: str

@@ -177,7 +177,7 @@ SELECT provider FROM response_bindings
 WHERE response_id = $1 AND api_key_id = $2 AND expires_at > now();
 
 -- name: register_worker
--- $1 worker id, $2 ttl in seconds. Registers or renews the worker. A worker whose row had expired
+-- $1 worker id, $2 ttl in seconds, $3 its snapshot (JSON text, or NULL to keep the last). Registers or renews the worker. A worker whose row had expired
 -- (or was gone) loses its shares: others may have been granted them meanwhile. Workers expired for
 -- over a minute are forgotten with their shares (expired, they already count for nothing).
 WITH previous AS (
@@ -200,15 +200,21 @@ forgotten AS (
 forgotten_shares AS (
     DELETE FROM key_limit_shares WHERE worker_id IN (SELECT worker_id FROM forgotten)
 )
-INSERT INTO gateway_workers (worker_id, expires_at)
-VALUES ($1, now() + make_interval(secs => $2::float8))
-ON CONFLICT (worker_id) DO UPDATE SET expires_at = excluded.expires_at;
+INSERT INTO gateway_workers (worker_id, expires_at, snapshot)
+VALUES ($1, now() + make_interval(secs => $2::float8), $3::text::jsonb)
+ON CONFLICT (worker_id) DO UPDATE SET
+    expires_at = excluded.expires_at,
+    snapshot = coalesce(excluded.snapshot, gateway_workers.snapshot);
 
 -- name: own_shares
 SELECT api_key_id, resource, granted FROM key_limit_shares WHERE worker_id = $1;
 
 -- name: live_workers
 SELECT worker_id FROM gateway_workers WHERE expires_at > now() ORDER BY worker_id;
+
+-- name: worker_snapshots
+SELECT worker_id, started_at, snapshot::text AS snapshot
+FROM gateway_workers WHERE expires_at > now() ORDER BY worker_id;
 
 -- name: worker_is_live
 SELECT coalesce(bool_or(expires_at > now()), false) FROM gateway_workers WHERE worker_id = $1;

@@ -5,10 +5,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,15 @@ class Heartbeat:
 
     workers: tuple[str, ...]
     shares: dict[tuple[str, str], int]  # (api_key_id, resource) -> granted, those still standing
+
+
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """A live worker as its last heartbeat described itself (`snapshot` is None before any)."""
+
+    worker_id: str
+    started_at: datetime
+    snapshot: Mapping[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -213,11 +222,22 @@ class AffinityStore(Protocol):
         created by another key."""
         ...
 
-    async def heartbeat(self, worker_id: str, *, ttl_seconds: float, timeout: float) -> Heartbeat:
+    async def heartbeat(
+        self,
+        worker_id: str,
+        *,
+        ttl_seconds: float,
+        timeout: float,
+        snapshot: Mapping[str, Any] | None = None,
+    ) -> Heartbeat:
         """Register or renew the worker for `ttl_seconds`; return the live workers (itself
         included) and its shares that still stand. A worker whose registration had expired
         loses its shares: they count for nothing once it expired, and may have been granted
-        to others."""
+        to others. A `snapshot` (small, JSON-serialisable) replaces the worker's last one."""
+        ...
+
+    async def worker_snapshots(self, *, timeout: float) -> list[WorkerSnapshot]:
+        """Every live worker with its last snapshot, by worker id."""
         ...
 
     async def claim_share(

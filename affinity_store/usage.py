@@ -9,13 +9,16 @@ from a given minute on. Times are UTC; a row's minute is truncated to the minute
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Protocol
 
 from affinity_store.postgres import Pool, store_boundary
 from affinity_store.queries import load_query_set
+
+# The fields rollups can be grouped by, in `UsageKey`'s order.
+GROUPS = ("key", "model", "provider", "outcome")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +74,11 @@ class UsageStore(Protocol):
         """Add every row's counts to its minute's row, in one statement."""
         ...
 
-    async def usage_totals(self, since: datetime, *, timeout: float) -> dict[UsageKey, Tokens]:
-        """Counts from minute `since` on, summed per `UsageKey`."""
+    async def usage_totals(
+        self, since: datetime, *, timeout: float, by: Collection[str] = GROUPS
+    ) -> dict[UsageKey, Tokens]:
+        """Counts from minute `since` on, summed per `UsageKey`; the fields not named in `by`
+        (of `GROUPS`) are `""`, summed over."""
         ...
 
     async def usage_by_minute(self, since: datetime, *, timeout: float) -> list[MinuteUsage]:
@@ -121,10 +127,13 @@ class PostgresUsageStore:
         async with store_boundary(timeout), self._pool.acquire() as connection:
             await connection.execute(self._queries.add_usage, *_columns(rows))
 
-    async def usage_totals(self, since: datetime, *, timeout: float) -> dict[UsageKey, Tokens]:
-        """Counts from minute `since` on, summed per `UsageKey`."""
+    async def usage_totals(
+        self, since: datetime, *, timeout: float, by: Collection[str] = GROUPS
+    ) -> dict[UsageKey, Tokens]:
+        """Counts from minute `since` on, summed per `UsageKey` (the fields not in `by`: `""`)."""
+        kept = [group in by for group in GROUPS]
         async with store_boundary(timeout), self._pool.acquire() as connection:
-            records = await connection.fetch(self._queries.usage_totals, since)
+            records = await connection.fetch(self._queries.usage_totals, since, *kept)
         return {
             UsageKey(
                 record["api_key_id"], record["model"], record["provider"], record["outcome"]
@@ -178,12 +187,20 @@ class MemoryUsageStore:
             slot = (row.minute, row.key)
             self.rows[slot] = self.rows.get(slot, Tokens()) + row.tokens
 
-    async def usage_totals(self, since: datetime, *, timeout: float) -> dict[UsageKey, Tokens]:
-        """Counts from minute `since` on, summed per `UsageKey`."""
+    async def usage_totals(
+        self, since: datetime, *, timeout: float, by: Collection[str] = GROUPS
+    ) -> dict[UsageKey, Tokens]:
+        """Counts from minute `since` on, summed per `UsageKey` (the fields not in `by`: `""`)."""
         totals: dict[UsageKey, Tokens] = {}
         for (minute, key), tokens in self.rows.items():
             if minute >= since:
-                totals[key] = totals.get(key, Tokens()) + tokens
+                kept = UsageKey(
+                    key.api_key_id if "key" in by else "",
+                    key.model if "model" in by else "",
+                    key.provider if "provider" in by else "",
+                    key.outcome if "outcome" in by else "",
+                )
+                totals[kept] = totals.get(kept, Tokens()) + tokens
         return totals
 
     async def usage_by_minute(self, since: datetime, *, timeout: float) -> list[MinuteUsage]:

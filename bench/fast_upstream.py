@@ -2,9 +2,11 @@
 
 Run: `python -m bench.fast_upstream --port 9000`. It answers every POST with a small
 `chat.completion` (or, when the body asks for `"stream": true`, a few SSE chunks then
-`data: [DONE]`), and GET /metrics with a vLLM-style load gauge. A raw asyncio protocol on uvloop
-with HTTP/1.1 keep-alive and no framework, so one core serves far more requests than any proxy in
-front of it: the "direct" target of `gateway bench throughput` is this process on its own core.
+`data: [DONE]`, with vLLM's usage-only chunk before it when the body asks for
+`stream_options.include_usage`), and GET /metrics with a vLLM-style load gauge. A raw asyncio
+protocol on uvloop with HTTP/1.1 keep-alive and no framework, so one core serves far more
+requests than any proxy in front of it: the "direct" target of `gateway bench throughput` is this
+process on its own core.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import uvloop
 MODEL = "bench-model"
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 STREAM = re.compile(rb'"stream"\s*:\s*true')
+INCLUDE_USAGE = re.compile(rb'"include_usage"\s*:\s*true')
+USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
 
 
 def _completion() -> bytes:
@@ -38,7 +42,7 @@ def _completion() -> bytes:
                     "finish_reason": "stop",
                 }
             ],
-            "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
+            "usage": USAGE,
         },
         separators=(",", ":"),
     ).encode()
@@ -55,13 +59,26 @@ def _chunk(delta: dict[str, str], finish: str | None) -> bytes:
     return b"data: " + json.dumps(document, separators=(",", ":")).encode() + b"\n\n"
 
 
+def _usage_chunk() -> bytes:
+    document = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": MODEL,
+        "choices": [],
+        "usage": USAGE,
+    }
+    return b"data: " + json.dumps(document, separators=(",", ":")).encode() + b"\n\n"
+
+
 def _chunked(parts: list[bytes]) -> bytes:
     framed = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts)
     return framed + b"0\r\n\r\n"
 
 
-def responses() -> tuple[bytes, bytes, bytes]:
-    """The canned non-streamed, streamed and /metrics answers, whole HTTP responses."""
+def responses() -> tuple[bytes, bytes, bytes, bytes]:
+    """The canned non-streamed, streamed, streamed-with-usage and /metrics answers, whole HTTP
+    responses."""
     body = _completion()
     plain = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
         len(body),
@@ -73,24 +90,26 @@ def responses() -> tuple[bytes, bytes, bytes]:
         _chunk({}, "stop"),
         b"data: [DONE]\n\n",
     ]
-    streamed = (
+    head = (
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-        b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunked(events)
+        b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
+    streamed = head + _chunked(events)
+    with_usage = head + _chunked([*events[:-1], _usage_chunk(), events[-1]])
     gauge = f'vllm:num_requests_running{{model_name="{MODEL}"}} 0.0\n'.encode()
     metrics = (
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(gauge), gauge)
     )
-    return plain, streamed, metrics
+    return plain, streamed, with_usage, metrics
 
 
 class Upstream(asyncio.Protocol):
     """One keep-alive connection: parse request heads and bodies, answer each from the cans."""
 
-    def __init__(self, cans: tuple[bytes, bytes, bytes]) -> None:
+    def __init__(self, cans: tuple[bytes, bytes, bytes, bytes]) -> None:
         """Start with an empty buffer."""
-        self._plain, self._streamed, self._metrics = cans
+        self._plain, self._streamed, self._with_usage, self._metrics = cans
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
 
@@ -115,7 +134,8 @@ class Upstream(asyncio.Protocol):
             if head.startswith(b"GET"):
                 answers.append(self._metrics)
             elif STREAM.search(buffer, head_end + 4, end):
-                answers.append(self._streamed)
+                usage = INCLUDE_USAGE.search(buffer, head_end + 4, end)
+                answers.append(self._with_usage if usage else self._streamed)
             else:
                 answers.append(self._plain)
             buffer = buffer[end:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -16,6 +17,7 @@ from affinity_store.memory import MemoryAffinityStore
 from affinity_store.notifications import BindingChanges
 from affinity_store.postgres import Pool, PostgresAffinityStore
 from affinity_store.store import AffinityStore
+from affinity_store.usage import MemoryUsageStore, PostgresUsageStore, UsageStore
 from gateway.background import stop_task
 from gateway.catalog import Catalog, Key
 from gateway.config import Settings
@@ -29,6 +31,7 @@ from gateway.dispatch.permits import KeyLimits, ProviderPermits
 from gateway.dispatch.retries import RetryBudget
 from gateway.dispatch.upstream import create_client_session
 from gateway.dispatch.upstream_pool import UpstreamPool
+from gateway.dispatch.usage_book import UsageBook, UsageFlusher
 from gateway.edge.connections import SERVER_NAME
 from gateway.edge.cors import Cors
 from gateway.edge.endpoints import ENDPOINTS, EndpointSpec
@@ -37,11 +40,13 @@ from gateway.edge.openapi import OpenApiEndpoint
 from gateway.edge.overload import LoadShedder, OverloadGate, SheddingPolicy
 from gateway.edge.requestid import REQUEST_IDS, RequestIds, request_id_of
 from gateway.operations import admin
+from gateway.operations.cluster_view import describe_worker
 from gateway.operations.metrics import Metrics, exposition
 from gateway.operations.reload import Reloader
 from gateway.operations.runtime import Lifecycle, ProcessState, RuntimeHolder, build_runtime
 from gateway.operations.status import collect_status
 from gateway.operations.status_page import render_status
+from gateway.operations.usage_view import admin_usage as read_usage
 from gateway.selection.affinity import SharedAffinity
 from gateway.selection.database import database_url, describe_database, open_pool
 from gateway.selection.router import RouterMemory
@@ -61,6 +66,8 @@ LOAD = web.AppKey("load", LoadPoller)
 # Where each request meets the load shedder, before the app (see `gateway.edge.overload`).
 OVERLOAD_GATE = web.AppKey("overload_gate", OverloadGate)
 SHARES = web.AppKey("shares", ClusterShares)
+USAGE_STORE = web.AppKey("usage_store", UsageStore)
+USAGE_BOOK = web.AppKey("usage_book", UsageBook)
 METRICS_DIRECTORY = web.AppKey("metrics_directory", str)
 GAUGE_REFRESH_SECONDS = 1.0
 WARM_UP_SECONDS = 10.0
@@ -74,11 +81,13 @@ def create_app(
     metrics: Metrics | None = None,
     store: AffinityStore | None = None,
     metrics_directory: str | None = None,
+    usage_store: UsageStore | None = None,
 ) -> web.Application:
     """The gateway application for one worker process.
 
     Bindings go to `store` when given, else to the Postgres at `database.url`; with neither,
-    they stay in this process (a warning says so). `metrics_directory` is set when several
+    they stay in this process (a warning says so). Usage rollups go to `usage_store` when
+    given, else to the same Postgres, else to memory. `metrics_directory` is set when several
     workers share their metrics (see `gateway.operations.metrics`).
     """
     cors = Cors(settings.server.cors_allow_origins) if settings.server.cors_allow_origins else None
@@ -99,6 +108,8 @@ def create_app(
         app[STORE] = store
     if metrics_directory is not None:
         app[METRICS_DIRECTORY] = metrics_directory
+    if usage_store is not None:
+        app[USAGE_STORE] = usage_store
     app.cleanup_ctx.append(store_context)
     app.cleanup_ctx.append(client_session_context)
 
@@ -116,6 +127,7 @@ def create_app(
     # Always routed: whether a token is set (and which) is read per request, so a reload applies.
     app.router.add_get("/admin/bindings", admin_bindings)
     app.router.add_get("/admin/status", admin_status)
+    app.router.add_get("/admin/usage", admin_usage)
     return app
 
 
@@ -159,12 +171,30 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
         await changes.start()
         affinity.follow(changes)
     await affinity.start()
+    flusher = _usage_flusher(app, pool)
+    if flusher is not None:
+        await flusher.start()
     yield
+    if flusher is not None:
+        await flusher.stop()  # its last flush, on the pool still open
     await affinity.stop()
     if changes is not None:
         await changes.stop()
     if pool is not None:
         await pool.close()
+
+
+def _usage_flusher(app: web.Application, pool: Pool | None) -> UsageFlusher | None:
+    """The worker's usage book (reached by requests through the process state) and the flusher
+    that adds it to the store; None with `usage.enabled: false`."""
+    usage = app[SETTINGS].usage
+    if not usage.enabled:
+        return None
+    if USAGE_STORE not in app:
+        app[USAGE_STORE] = PostgresUsageStore(pool) if pool is not None else MemoryUsageStore()
+    book = UsageBook(usage.max_pending_rows)
+    app[USAGE_BOOK] = book
+    return UsageFlusher(app[USAGE_STORE], book, usage)
 
 
 async def client_session_context(app: web.Application) -> AsyncIterator[None]:
@@ -214,6 +244,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         ),
         key_limits=key_limits,
         shedder=shedder,
+        usage_book=app.get(USAGE_BOOK),
         model_cards=ModelCards(session),
     )
     holder = RuntimeHolder(build_runtime(settings, state))
@@ -230,6 +261,19 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     def current_keys() -> Iterable[Key]:
         return holder.current.catalog.keys.values()  # whatever the latest reload made them
 
+    lifecycle = app[LIFECYCLE]
+
+    def snapshot() -> dict[str, Any]:
+        runtime = holder.current
+        health = runtime.router.health
+        return describe_worker(
+            in_flight=key_limits.in_flight_total(),
+            shedding=shedder.overloaded,
+            cooling=[name for name in runtime.catalog.providers if health.cooling(name)],
+            config_digest=runtime.digest,
+            draining=lifecycle.draining,
+        )
+
     def unit_claimed(outcome: Unit, seconds: float) -> None:
         metrics.key_units.labels(outcome.value).observe(seconds)
 
@@ -238,6 +282,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         key_limits.shares,
         keys=current_keys,
         in_flight=key_limits.in_flight_by_id,
+        snapshot=snapshot,
         unit_timeout=settings.affinity.claim_timeout_ms / 1000,
         on_unit=unit_claimed,
     )
@@ -404,12 +449,23 @@ async def admin_status(request: web.Request) -> web.Response:
     """`/admin/status` (admin token): this worker's view, as a small auto-refreshing page."""
     _check_admin(request)
     runtime = request.app[RUNTIME].current
-    snapshot = await collect_status(runtime, list(runtime.proxy.recent))
+    snapshot = await collect_status(
+        runtime,
+        list(runtime.proxy.recent),
+        request.app.get(USAGE_STORE),
+        request.app[SHARES].worker_id,
+    )
     return web.Response(
         text=render_status(snapshot),
         content_type="text/html",
         headers={"Cache-Control": "no-store"},
     )
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    """`/admin/usage?since=24h&by=key,model` (admin token): the cluster's usage rollups."""
+    _check_admin(request)
+    return await read_usage(request, request.app.get(USAGE_STORE))
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -40,6 +40,7 @@ class Provider:
     max_concurrency: int | None
     min_start_interval_seconds: float
     draining: bool = False
+    stream_usage: bool = True
     tls_ca_file: str | None = None  # the CAs its https certificate is verified against
 
     @classmethod
@@ -55,6 +56,7 @@ class Provider:
             max_concurrency=settings.max_concurrency,
             min_start_interval_seconds=settings.min_start_interval_ms / 1000,
             draining=settings.draining,
+            stream_usage=settings.stream_usage,
             tls_ca_file=settings.tls_ca_file,
         )
 

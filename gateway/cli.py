@@ -25,6 +25,7 @@ BENCHMARKS = (
     "latency_recovery",
     "operations",
     "throughput",
+    "usage_accounting",
     "redaction",
     "keepalive_races",
     "shedding",
@@ -255,7 +256,7 @@ def _usage(options: argparse.Namespace) -> int:
         return 1
     since = datetime.now(UTC) - span
     with provisioned(loaded.settings) as settings:
-        totals = asyncio.run(usage_totals(settings, since))
+        totals = asyncio.run(usage_totals(settings, since, by))
     print(render(grouped(totals, by), by, options.format))
     return 0
 

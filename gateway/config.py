@@ -264,6 +264,9 @@ class ProviderSettings(Section):
     max_concurrency: PositiveInt | None = None
     min_start_interval_ms: NonNegativeFloat = 0
     draining: bool = False
+    # Ask this upstream for a stream's usage event when the client did not (vLLM accepts it);
+    # false for an upstream that rejects `stream_options`.
+    stream_usage: bool = True
 
     @field_validator("api_key", mode="after")
     @classmethod

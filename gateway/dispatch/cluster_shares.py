@@ -5,6 +5,9 @@ Off the request path, every `HEARTBEAT_SECONDS` the worker renews its registrati
 demand changed (see `ShareBook.claims`); a request refused for want of share wakes it sooner.
 When the store cannot be reached the worker keeps the shares it last had, until its registration
 would have expired: then it drops its concurrency grants (the store may give them to others).
+Given a `snapshot`, every heartbeat carries it (see `gateway.operations.cluster_view`) and the
+worker registers even when no key has a cluster-wide limit, so every worker's status page can
+show the cluster.
 
 On the request path, only when a request finds its key's concurrency share spent: one store
 statement asks for one more unit (`claim_unit`), within the claim deadline, and units beyond
@@ -19,7 +22,8 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import structlog
 
@@ -59,16 +63,19 @@ class ClusterShares:
         keys: Callable[[], Iterable[Key]],
         in_flight: Callable[[str], int],
         worker_id: str | None = None,
+        snapshot: Callable[[], Mapping[str, Any]] | None = None,
         unit_timeout: float = UNIT_TIMEOUT_SECONDS,
         on_unit: Callable[[Unit, float], None] | None = None,
     ) -> None:
         """`keys` lists the current config's keys; `in_flight` counts a key's requests here;
-        `on_unit` hears each unit claim's outcome and seconds taken."""
+        `snapshot` describes this worker for its heartbeats; `on_unit` hears each unit claim's
+        outcome and seconds taken."""
         self.store = store
         self.book = book
         self.worker_id = worker_id or new_worker_id()
         self._keys = keys
         self._in_flight = in_flight
+        self._snapshot = snapshot
         self._unit_timeout = unit_timeout
         self._on_unit = on_unit
         self._returns: set[asyncio.Task[None]] = set()
@@ -110,10 +117,11 @@ class ClusterShares:
     async def sync(self, *, heartbeat: bool = False) -> None:
         """One round: a heartbeat when one is due (or asked for), then the book's claims.
 
-        Nothing at all while no key has a cluster-wide limit: the worker stays unregistered.
+        Without a snapshot to publish, nothing at all while no key has a cluster-wide limit:
+        the worker stays unregistered.
         """
         self.book.track(self._keys())
-        if self.book.empty and not self._registered:
+        if self.book.empty and not self._registered and self._snapshot is None:
             return
         try:
             if heartbeat or self.book.now() - self._last_heartbeat >= HEARTBEAT_SECONDS:
@@ -138,7 +146,10 @@ class ClusterShares:
         lapsed = self.book.lapses > self._lapses_seen
         self._lapses_seen = self.book.lapses
         beat = await self.store.heartbeat(
-            self.worker_id, ttl_seconds=WORKER_TTL_SECONDS, timeout=CALL_TIMEOUT_SECONDS
+            self.worker_id,
+            ttl_seconds=WORKER_TTL_SECONDS,
+            timeout=CALL_TIMEOUT_SECONDS,
+            snapshot=None if self._snapshot is None else self._snapshot(),
         )
         self._last_heartbeat = started
         self._registered = True

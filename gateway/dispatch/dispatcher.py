@@ -55,6 +55,7 @@ from gateway.dispatch.upstream_errors import (
 )
 from gateway.dispatch.upstream_pool import UpstreamPool
 from gateway.dispatch.upstream_response import UpstreamResponse
+from gateway.dispatch.usage import StreamUsage, Usage, usage_from_body
 from gateway.edge.delivery import (
     ClientStalledError,
     HeldHeadResponse,
@@ -91,6 +92,8 @@ class DispatchRecord:
     # The request's bytes in the worker's memory budget (its body, an upload's copy, a
     # non-streamed answer), held until the request ends.
     buffer: Reservation | None = None
+    # The tokens the answer reported (a stream's: what it reported before it ended or broke).
+    usage: Usage | None = None
     # The last attempt's upstream error answer (renamed, redacted), if it sent one.
     upstream_answer: UpstreamErrorAnswer | None = None
 
@@ -115,6 +118,8 @@ class DispatchRequest:
     A streamed upload says whether it can still be sent again (`replayable`) and why it could
     not be read (`body_failure`); with `stream_by_answer` a 2xx event stream is streamed even
     when the request did not say so. `key_id` names the client key, for blaming failures.
+    `strips_usage` says whether a provider's stream carries a usage event the gateway asked
+    for and the client did not: it is taken out of the client's stream.
     """
 
     request_id: str
@@ -133,6 +138,7 @@ class DispatchRequest:
     stream_by_answer: bool = False
     replayable: Callable[[], bool] = lambda: True
     body_failure: Callable[[], GatewayError | None] = lambda: None
+    strips_usage: Callable[[Provider], bool] = lambda provider: False
 
 
 class Dispatcher:
@@ -419,6 +425,8 @@ class Dispatcher:
         self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
         record.status = response.status
+        if is_success(response):
+            record.usage = usage_from_body(body)
         renamer = job.renamer(provider)
         answer: bytes | bytearray = body
         if is_success(response):
@@ -468,6 +476,7 @@ class Dispatcher:
         await downstream.prepare(request)
         framing = EventStreamFraming()
         renamer = job.renamer(provider)
+        usage = StreamUsage(strip=job.strips_usage(provider))
         scanned = provider.redactor
         redactor = scanned.stream() if scanned is not None and scanned.scans_answers else None
         last = b""
@@ -486,17 +495,23 @@ class Dispatcher:
                         outcome="malformed_stream",
                         blame=blame,
                     )
-                if renamer is not None:
+                chunk = usage.feed(chunk)
+                if renamer is not None and chunk:
                     chunk = renamer.feed(chunk)
                 if redactor is not None:
                     chunk = redactor.feed(chunk)
                 if response.at_eof:
                     break  # the upstream is done: this chunk is the last
-                await write_within(request, downstream, chunk, self._write_timeout, head=head)
-                head = False
-                record.bytes_sent += len(chunk)
-                last = chunk or last
+                if chunk:  # (empty while an event is held to see whether it is usage only)
+                    await write_within(request, downstream, chunk, self._write_timeout, head=head)
+                    head = False
+                    record.bytes_sent += len(chunk)
+                    last = chunk
                 chunk = await response.read()
+            if held := usage.flush():
+                if renamer is not None:
+                    held = renamer.feed(held)
+                chunk += redactor.feed(held) if redactor is not None else held
             if renamer is not None and (held := renamer.flush()):
                 chunk += redactor.feed(held) if redactor is not None else held
             if redactor is not None:
@@ -524,6 +539,8 @@ class Dispatcher:
                 outcome="dropped_mid_stream",
                 blame=blame,
             )
+        finally:
+            record.usage = usage.usage  # what the stream reported, however it ended
         self._health.succeeded(provider.name)
         record.attempts.append(Attempt(provider.name, "ok", response.status))
         if not ended:

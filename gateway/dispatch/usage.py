@@ -32,16 +32,24 @@ class Usage:
 
 
 def usage_of(value: object) -> Usage | None:
-    """A `usage` object's tokens; None unless it is an object with integer counts."""
+    """A `usage` object's tokens (chat and completions names, or the Responses API's
+    `input_tokens` / `output_tokens`); None unless it is an object with integer counts."""
     if not isinstance(value, dict):
         return None
-    prompt, completion = value.get("prompt_tokens", 0), value.get("completion_tokens", 0)
-    details = value.get("prompt_tokens_details")
+    if "input_tokens" in value:  # the Responses API's names
+        prompt, completion = value["input_tokens"], value.get("output_tokens", 0)
+        details = value.get("input_tokens_details")
+    else:
+        prompt, completion = value.get("prompt_tokens", 0), value.get("completion_tokens", 0)
+        details = value.get("prompt_tokens_details")
     cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
-    counts = (prompt, completion, cached or 0)
-    if not all(isinstance(count, int) and count >= 0 for count in counts):
+    cached = cached or 0
+    # Plain checks rather than a generator: this runs once per answer.
+    if not (isinstance(prompt, int) and isinstance(completion, int) and isinstance(cached, int)):
         return None
-    return Usage(*counts)
+    if prompt < 0 or completion < 0 or cached < 0:
+        return None
+    return Usage(prompt, completion, cached)
 
 
 def usage_from_body(body: bytes | bytearray) -> Usage | None:
@@ -51,7 +59,14 @@ def usage_from_body(body: bytes | bytearray) -> Usage | None:
         index = body.rfind(_USAGE, 0, index)
     if index < 0:
         return None
-    tail = bytes(body[index + len(_USAGE) :]).decode("utf-8", "replace").lstrip()
+    # The usual answer ends with `"usage":{...}}`: that object alone, parsed by orjson.
+    rest = bytes(body[index + len(_USAGE) :]).rstrip()
+    if rest.endswith(b"}") and rest.lstrip().startswith(b":"):
+        try:
+            return usage_of(orjson.loads(rest.lstrip()[1:-1]))
+        except orjson.JSONDecodeError:
+            pass  # `usage` was not the last key: read the value alone, below
+    tail = rest.decode("utf-8", "replace").lstrip()
     if not tail.startswith(":"):
         return None
     try:
@@ -59,6 +74,19 @@ def usage_from_body(body: bytes | bytearray) -> Usage | None:
     except ValueError:
         return None
     return usage_of(value)
+
+
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+
+
+def with_usage_requested(body: bytes) -> bytes:
+    """The body with `"stream_options":{"include_usage":true},` spliced in right after its
+    opening brace (the body is a JSON object with at least `model`, so a comma always follows);
+    no other byte changes."""
+    opening = body.find(b"{")
+    if opening < 0:
+        return body
+    return body[: opening + 1] + _INCLUDE_USAGE + body[opening + 1 :]
 
 
 def asks_for_usage(body: dict[str, Any]) -> bool:
@@ -86,11 +114,14 @@ class StreamUsage:
                 self._read_events(chunk)
             return chunk
         data = self._held + chunk if self._held else chunk
-        end = data.rfind(b"\n\n")
-        complete, rest = (data[: end + 2], data[end + 2 :]) if end >= 0 else (b"", data)
-        if len(rest) > MAX_HELD_EVENT_BYTES:
-            complete, rest = data, b""
-        self._held = rest
+        if data.endswith(b"\n\n"):  # the usual case: a chunk of whole events
+            complete, self._held = data, b""
+        else:
+            end = data.rfind(b"\n\n")
+            complete, rest = (data[: end + 2], data[end + 2 :]) if end >= 0 else (b"", data)
+            if len(rest) > MAX_HELD_EVENT_BYTES:
+                complete, rest = data, b""
+            self._held = rest
         if _USAGE not in complete:
             return complete
         return self._without_usage_events(complete)
@@ -108,12 +139,24 @@ class StreamUsage:
                 self._note(line)
 
     def _without_usage_events(self, data: bytes) -> bytes:
+        """`data` (whole events) without its usage-only events; only the events that mention
+        `"usage"` are looked at, the rest pass as they are."""
         kept = []
-        for event in data.split(b"\n\n"):
-            if _USAGE in event and self._is_usage_only(event):
-                continue
-            kept.append(event)
-        return b"\n\n".join(kept)
+        start = 0  # where the bytes not yet kept begin
+        index = data.find(_USAGE)
+        while index >= 0:
+            previous = data.rfind(b"\n\n", 0, index)
+            opening = 0 if previous < 0 else previous + 2
+            closing = data.find(b"\n\n", index)
+            end = len(data) if closing < 0 else closing + 2
+            if self._is_usage_only(data[opening:end]):
+                kept.append(data[start:opening])
+                start = end
+            index = data.find(_USAGE, end)
+        if not kept:
+            return data
+        kept.append(data[start:])
+        return b"".join(kept)
 
     def _is_usage_only(self, event: bytes) -> bool:
         """Note the event's usage; True when it is the usage-only event to take out."""

@@ -36,48 +36,63 @@ def minute_of(unix_seconds: float) -> datetime:
 
 
 class UsageBook:
-    """This worker's counts since its last flush, per minute and `UsageKey`."""
+    """This worker's counts since its last flush, per minute and `UsageKey`.
+
+    On the request path a row is a list of four counts under (minute number, key), added to in
+    place: no object is made per request once its row exists.
+    """
 
     def __init__(self, max_rows: int, *, clock: Callable[[], float] = time.time) -> None:
         """Hold at most `max_rows` rows between flushes."""
         self._max_rows = max_rows
         self._clock = clock
-        self._rows: dict[tuple[datetime, UsageKey], Tokens] = {}
+        # (Unix minute number, key) -> [requests, prompt, completion, cached]
+        self._rows: dict[tuple[int, UsageKey], list[int]] = {}
         self.dropped = 0
         """Requests not counted because the book was full."""
 
     def add(self, key: UsageKey, usage: Usage | None) -> None:
         """Count one finished request and the tokens its answer reported."""
-        tokens = (
-            Tokens(1)
-            if usage is None
-            else Tokens(1, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
-        )
-        self._add((minute_of(self._clock()), key), tokens)
+        slot = (int(self._clock()) // 60, key)
+        counts = self._rows.get(slot)
+        if counts is None:
+            if len(self._rows) >= self._max_rows:
+                self.dropped += 1
+                return
+            counts = self._rows[slot] = [0, 0, 0, 0]
+        counts[0] += 1
+        if usage is not None:
+            counts[1] += usage.prompt_tokens
+            counts[2] += usage.completion_tokens
+            counts[3] += usage.cached_tokens
 
     def take(self) -> list[UsageRow]:
         """Every row counted since the last take, leaving the book empty."""
         rows, self._rows = self._rows, {}
-        return [UsageRow(minute, key, tokens) for (minute, key), tokens in rows.items()]
+        return [
+            UsageRow(datetime.fromtimestamp(minute * 60, UTC), key, Tokens(*counts))
+            for (minute, key), counts in rows.items()
+        ]
 
     def put_back(self, rows: list[UsageRow]) -> None:
         """Rows a flush could not write, for the next flush (what does not fit is dropped)."""
         for row in rows:
-            self._add((row.minute, row.key), row.tokens)
+            slot = (int(row.minute.timestamp()) // 60, row.key)
+            counts = self._rows.get(slot)
+            tokens = row.tokens
+            if counts is None:
+                if len(self._rows) >= self._max_rows:
+                    self.dropped += tokens.requests
+                    continue
+                counts = self._rows[slot] = [0, 0, 0, 0]
+            counts[0] += tokens.requests
+            counts[1] += tokens.prompt_tokens
+            counts[2] += tokens.completion_tokens
+            counts[3] += tokens.cached_tokens
 
     def __len__(self) -> int:
         """How many rows wait for the next flush."""
         return len(self._rows)
-
-    def _add(self, slot: tuple[datetime, UsageKey], tokens: Tokens) -> None:
-        rows = self._rows
-        held = rows.get(slot)
-        if held is not None:
-            rows[slot] = held + tokens
-        elif len(rows) < self._max_rows:
-            rows[slot] = tokens
-        else:
-            self.dropped += tokens.requests
 
 
 class UsageFlusher:

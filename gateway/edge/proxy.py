@@ -18,6 +18,8 @@ from gateway.dispatch.dispatcher import Dispatcher, DispatchRecord, DispatchRequ
 from gateway.dispatch.memory_budget import MemoryBudget, Reservation
 from gateway.dispatch.model_cards import ModelCards, model_object
 from gateway.dispatch.permits import KeyLimits, concurrency_headers
+from gateway.dispatch.usage import with_usage_requested
+from gateway.dispatch.usage_book import UsageBook
 from gateway.edge.connections import body_read_timeout, close_after_response
 from gateway.edge.delivery import deliver
 from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
@@ -80,6 +82,7 @@ class Proxy:
         write_timeout: float = 60.0,
         memory_budget: MemoryBudget | None = None,
         shedder: LoadShedder | None = None,
+        usage_book: UsageBook | None = None,
         model_cards: ModelCards | None = None,
     ) -> None:
         self.catalog = catalog
@@ -98,6 +101,8 @@ class Proxy:
         self._write_timeout = write_timeout
         self.memory_budget = memory_budget
         self.shedder = shedder
+        # None: usage accounting is off (no book, no usage asked of streams).
+        self.usage_book = usage_book
         self.model_cards = model_cards
 
     def authenticate(self, request: web.BaseRequest) -> Key:
@@ -417,6 +422,7 @@ class Proxy:
                 record=record,
                 status=status,
                 started_at=started_at,
+                usage_book=self.usage_book,
             )
 
     def _conversation(
@@ -491,12 +497,25 @@ class Proxy:
     ) -> DispatchRequest:
         model = resolved.model if resolved is not None else None
         timeouts = self.catalog.timeouts(model or "")
+        # A stream's usage event is asked for when the client did not ask (and taken out again).
+        adds_usage = (
+            self.usage_book is not None
+            and parsed.stream
+            and spec.fields in ("chat", "completions")
+            and "stream_options" not in parsed.data
+        )
+
+        def strips_usage(provider: Provider) -> bool:
+            return adds_usage and provider.stream_usage
 
         def body(provider: Provider) -> RequestBody:
             upstream = provider.upstream_models[model] if model is not None else None
             if upload is not None and upstream is not None:
                 return upload.body_for(upstream)
-            return parsed.body_for(upstream) if upstream is not None else None
+            sent = parsed.body_for(upstream) if upstream is not None else None
+            if sent is not None and strips_usage(provider):
+                return with_usage_requested(sent)
+            return sent
 
         async def on_answer(provider: Provider, opening: bytes | bytearray) -> None:
             if storing:
@@ -521,6 +540,7 @@ class Proxy:
             stream_by_answer=upload is not None,
             replayable=(lambda: upload.source.replayable) if upload is not None else _always,
             body_failure=(lambda: upload.source.failure) if upload is not None else _no_failure,
+            strips_usage=strips_usage,
         )
 
     async def _dispatch(

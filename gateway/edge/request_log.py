@@ -6,8 +6,11 @@ import time
 
 import structlog
 
+from affinity_store.usage import UsageKey
 from gateway.catalog import Key
 from gateway.dispatch.dispatcher import DispatchRecord
+from gateway.dispatch.usage import Usage
+from gateway.dispatch.usage_book import UsageBook
 from gateway.operations.metric_children import Children
 from gateway.operations.metrics import Metrics
 from gateway.operations.observability import json_lines
@@ -28,6 +31,14 @@ class RequestMetrics:
         self.ttft = Children(metrics.ttft)
         self.attempts = Children(metrics.upstream_attempts)
         self.affinity = Children(metrics.affinity_results)
+        self.tokens = Children(metrics.tokens)
+
+
+def outcome_of(record: DispatchRecord) -> str:
+    """How a request ended, for its usage rollup: ok, cancelled (by the client), or error."""
+    if record.client_disconnected:
+        return "cancelled"
+    return "ok" if record.succeeded else "error"
 
 
 def record_request(
@@ -44,11 +55,15 @@ def record_request(
     record: DispatchRecord,
     status: int,
     started_at: float,
+    usage_book: UsageBook | None = None,
 ) -> None:
     """Add the request to the recent decisions, count it in the metrics and log its line.
 
     A request is counted once its model is resolved; one to an endpoint that names no model
     (`GET`/`DELETE /v1/responses/{id}`) once its key is known, with the model label `""`.
+    With a usage book, it also goes into the book by outcome with the tokens its answer
+    reported (what a broken or cut stream reported before it ended), and the tokens into
+    `gateway_tokens_total` by key id.
     """
     duration = time.monotonic() - started_at
     attempts = [f"{attempt.provider}:{attempt.outcome}" for attempt in record.attempts]
@@ -80,6 +95,12 @@ def record_request(
             metrics.ttft.of(label, served).observe(record.ttft_seconds)
         for attempt in record.attempts:
             metrics.attempts.of(attempt.provider, attempt.outcome).inc()
+        if usage_book is not None and key is not None:
+            provider = served or "none"
+            usage = record.usage
+            usage_book.add(UsageKey(key.id, label, provider, outcome_of(record)), usage)
+            if usage is not None:
+                count_tokens(metrics, key.id, label, provider, usage)
     fields = {
         "request_id": request_id,
         "key_id": key.id if key else None,
@@ -104,3 +125,16 @@ def record_request(
         lines.info("request", fields)
     else:
         logger.info("request", **fields)
+
+
+def count_tokens(
+    metrics: RequestMetrics, key_id: str, model: str, provider: str, usage: Usage
+) -> None:
+    """Add an answer's tokens to `gateway_tokens_total` (kinds with none are not touched)."""
+    for kind, count in (
+        ("prompt", usage.prompt_tokens),
+        ("completion", usage.completion_tokens),
+        ("cached", usage.cached_tokens),
+    ):
+        if count:
+            metrics.tokens.of(key_id, model, provider, kind).inc(count)

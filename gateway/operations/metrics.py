@@ -51,6 +51,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.tokens = Counter(
+            "gateway_tokens",
+            "Tokens the upstreams reported, by configured key id, model, provider and kind "
+            "(prompt, completion, cached: prompt tokens served from the node's cache).",
+            ["key", "model", "provider", "kind"],
+            registry=self.registry,
+        )
         self.upstream_attempts = Counter(
             "gateway_upstream_attempts",
             "Attempts sent to providers, by outcome (ok, or the reason it failed).",

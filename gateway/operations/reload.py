@@ -27,7 +27,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 # Why each needs a restart: the listener and its connection limits, the worker processes, the
 # request-size limit of the app, the database pool, the shared-affinity component, the upstream
 # clients, and the shape of the per-process memory (latency window, session table) and
-# of the load poller, and the load shedder.
+# of the load poller, and the load shedder; the usage book and its flusher.
 RESTART_ONLY: tuple[str, ...] = (
     "server.host",
     "server.port",
@@ -48,6 +48,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "server.load_shedding_burst_seconds",
     "database",
     "affinity",
+    "usage",
     "routing.connect_timeout_seconds",
     "routing.latency_window_seconds",
     "routing.latency_sample_max_age_seconds",

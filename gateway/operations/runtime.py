@@ -25,6 +25,7 @@ from gateway.dispatch.model_cards import ModelCards
 from gateway.dispatch.permits import KeyLimits, ProviderPermits, per_key_limit
 from gateway.dispatch.retries import RetryBudget
 from gateway.dispatch.upstream_pool import UpstreamPool
+from gateway.dispatch.usage_book import UsageBook
 from gateway.edge.overload import LoadShedder
 from gateway.edge.proxy import RECENT_DECISIONS, Proxy
 from gateway.edge.responses import ResponseBindings
@@ -55,6 +56,7 @@ class ProcessState:
     memory_budget: MemoryBudget
     key_limits: KeyLimits = field(default_factory=KeyLimits)
     shedder: LoadShedder | None = None  # None: only in tests that build a state by hand
+    usage_book: UsageBook | None = None  # None: usage accounting is off
     model_cards: ModelCards | None = None  # None: model lists carry no node-reported fields
     recent: RecentDecisions = field(default_factory=lambda: RecentDecisions(RECENT_DECISIONS))
     # Fixed per process, so the random tiebreak between providers survives a reload.
@@ -157,6 +159,7 @@ def build_runtime(
         write_timeout=routing.downstream_write_timeout_seconds,
         memory_budget=state.memory_budget,
         shedder=state.shedder,
+        usage_book=state.usage_book,
         model_cards=state.model_cards,
     )
     return Runtime(

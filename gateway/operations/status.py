@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import deque
@@ -10,7 +11,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from affinity_store.store import StoreError
+from affinity_store.usage import UsageStore
 from gateway.dispatch.memory_budget import USES
+from gateway.operations.cluster_view import ClusterSection, collect_cluster
+from gateway.operations.usage_view import UsageSection, collect_usage
 
 if TYPE_CHECKING:
     from gateway.operations.runtime import Runtime
@@ -127,11 +131,20 @@ class StatusSnapshot:
     key_shares: Sequence[KeyShareRow] = ()
     cluster_workers: int = 1  # live workers sharing the key limits, as last heard
     overload: OverloadRow | None = None  # None: no load shedder (a state built by hand)
+    usage: UsageSection | None = None  # None: usage accounting is off
+    cluster: ClusterSection | None = None  # None: not asked for (a snapshot built by hand)
     memory: MemoryRow | None = None  # None: no memory budget (a proxy built by hand)
 
 
-async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) -> StatusSnapshot:
-    """Gather the snapshot; the binding counts are the only I/O, bounded and optional."""
+async def collect_status(
+    runtime: Runtime,
+    decisions: Sequence[RecentDecision],
+    usage_store: UsageStore | None = None,
+    worker_id: str | None = None,
+) -> StatusSnapshot:
+    """Gather the snapshot; the binding counts, the last hour's usage and the live workers
+    (with `worker_id`, this worker's id in the store) are the only I/O, each bounded and
+    optional."""
     router = runtime.router
     catalog = runtime.catalog
     identities = {provider.routing_identity for provider in catalog.providers.values()}
@@ -170,6 +183,7 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
         KeyShareRow(key_id, limit_name, limit, share, key_limits.in_flight_by_id(key_id))
         for (key_id, limit_name), (share, limit) in sorted(key_limits.shares.snapshot().items())
     ]
+    usage, cluster = await _usage_and_cluster(runtime, usage_store, worker_id)
     shedder = runtime.proxy.shedder
     overload = (
         None
@@ -208,5 +222,26 @@ async def collect_status(runtime: Runtime, decisions: Sequence[RecentDecision]) 
         key_shares=shares,
         cluster_workers=key_limits.shares.workers,
         overload=overload,
+        usage=usage,
+        cluster=cluster,
         memory=memory,
     )
+
+
+async def _usage_and_cluster(
+    runtime: Runtime, usage_store: UsageStore | None, worker_id: str | None
+) -> tuple[UsageSection | None, ClusterSection | None]:
+    """The page's cluster-wide reads, side by side, each within the status timeout."""
+
+    async def usage() -> UsageSection | None:
+        if usage_store is None:
+            return None
+        return await collect_usage(usage_store, timeout=STATUS_STORE_TIMEOUT_SECONDS)
+
+    async def cluster() -> ClusterSection | None:
+        if worker_id is None:
+            return None
+        store = runtime.router.affinity.store
+        return await collect_cluster(store, worker_id, timeout=STATUS_STORE_TIMEOUT_SECONDS)
+
+    return await asyncio.gather(usage(), cluster())

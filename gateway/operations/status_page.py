@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterable, Mapping
 from html import escape
 
+from gateway.operations.cluster_view import render_cluster
 from gateway.operations.status import (
     MemoryRow,
     OverloadRow,
@@ -13,6 +14,7 @@ from gateway.operations.status import (
     RecentDecision,
     StatusSnapshot,
 )
+from gateway.operations.usage_view import render_usage
 
 # Inline on purpose: the page must work with no asset routes, no build step and no network.
 STYLE = """
@@ -118,11 +120,14 @@ def render_status(snapshot: StatusSnapshot) -> str:
             "<header>",
             "<h1>affinity-gateway status</h1>",
             f'<span class="meta">worker pid {snapshot.worker_pid} · generated {generated}'
-            f" · refreshes every {refresh} s · this worker's view only</span>",
+            f" · refreshes every {refresh} s · cluster and usage: every worker; the rest: "
+            "this worker's view</span>",
             "</header>",
+            render_cluster(snapshot.cluster),
             _summary_cards(snapshot),
             _providers_section(snapshot),
             _key_limits_section(snapshot),
+            render_usage(snapshot.usage),
             _decisions_section(snapshot),
             "</body>",
             "</html>",

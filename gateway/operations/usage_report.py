@@ -10,9 +10,8 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
-from affinity_store.usage import Tokens, UsageKey
+from affinity_store.usage import GROUPS, Tokens, UsageKey
 
-GROUPS = ("key", "model", "provider", "outcome")
 COUNTS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens")
 _SPAN = re.compile(r"^(?P<amount>[1-9][0-9]{0,5})(?P<unit>[mhd])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days"}

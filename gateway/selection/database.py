@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -95,10 +95,14 @@ async def list_bindings(
         )
 
 
-async def usage_totals(settings: Settings, since: datetime) -> dict[UsageKey, Tokens]:
-    """`gateway usage`: the rollups from minute `since` on, per (key, model, provider, outcome)."""
+async def usage_totals(
+    settings: Settings, since: datetime, by: Sequence[str]
+) -> dict[UsageKey, Tokens]:
+    """`gateway usage`: the rollups from minute `since` on, per the `by` fields."""
     async with _command_pool(settings) as pool:
-        return await PostgresUsageStore(pool).usage_totals(since, timeout=CLI_TIMEOUT_SECONDS)
+        return await PostgresUsageStore(pool).usage_totals(
+            since, timeout=CLI_TIMEOUT_SECONDS, by=by
+        )
 
 
 @asynccontextmanager

@@ -212,10 +212,10 @@ class _Reply:
         self.shape: ResponseShape
         if parsed.endpoint is Endpoint.CHAT:
             completion_id = f"chatcmpl-{record.request_id}"
-            self.shape = ChatShape(completion_id, created, parsed.model, parsed.include_usage)
+            self.shape = ChatShape(completion_id, created, parsed.model)
         else:
             completion_id = f"cmpl-{record.request_id}"
-            self.shape = CompletionShape(completion_id, created, parsed.model, parsed.include_usage)
+            self.shape = CompletionShape(completion_id, created, parsed.model)
 
     async def whole(self, request: web.Request, headers: Mapping[str, str]) -> web.Response:
         """Wait for the last token, then send the complete response."""

@@ -65,13 +65,10 @@ class ResponseShape(Protocol):
 class _Envelope:
     """The fields every chunk of one response repeats, serialized once per response."""
 
-    def __init__(
-        self, completion_id: str, created: int, model: str, chunk_object: str, include_usage: bool
-    ) -> None:
+    def __init__(self, completion_id: str, created: int, model: str, chunk_object: str) -> None:
         self.completion_id = completion_id
         self.created = created
         self.model = model
-        self._include_usage = include_usage
         # Chunks differ only in their choices, so every other field is serialized once here.
         self._head = (
             b'data: {"id":'
@@ -84,26 +81,25 @@ class _Envelope:
             + orjson.dumps(model)
             + b',"choices":'
         )
-        self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
 
     def event(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
-        """One chunk as an SSE event; `usage` (null until the end) appears only when asked for."""
-        tail = (b',"usage":' + orjson.dumps(usage) + b"}\n\n") if self._include_usage else b"}\n\n"
+        """One chunk as an SSE event; `usage` only on the usage event. Like vLLM (whose chunks
+        leave unset fields out), other chunks carry no `usage` key, not even `null`, unless
+        continuous usage stats are on, which the simulator does not do."""
+        tail = (b',"usage":' + orjson.dumps(usage) + b"}\n\n") if usage is not None else b"}\n\n"
         return self._head + orjson.dumps(choices) + tail
 
     def serialized_event(self, choices: bytes) -> bytes:
         """One chunk as an SSE event, from its choices already serialized as a JSON array."""
-        return self._head + choices + self._tail
+        return self._head + choices + b"}\n\n"
 
 
 class ChatShape:
     """Shapes of `/v1/chat/completions`."""
 
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(self, completion_id: str, created: int, model: str) -> None:
         """Bind the fields every chunk repeats."""
-        self._envelope = _Envelope(
-            completion_id, created, model, "chat.completion.chunk", include_usage
-        )
+        self._envelope = _Envelope(completion_id, created, model, "chat.completion.chunk")
 
     def body(self, texts: Sequence[str], finish_reason: str, usage: dict[str, Any]) -> bytes:
         """The `chat.completion` object."""
@@ -155,9 +151,9 @@ class ChatShape:
 class CompletionShape:
     """Shapes of the legacy `/v1/completions`."""
 
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(self, completion_id: str, created: int, model: str) -> None:
         """Bind the fields every chunk repeats."""
-        self._envelope = _Envelope(completion_id, created, model, "text_completion", include_usage)
+        self._envelope = _Envelope(completion_id, created, model, "text_completion")
 
     def body(self, texts: Sequence[str], finish_reason: str, usage: dict[str, Any]) -> bytes:
         """The `text_completion` object."""

@@ -1,10 +1,12 @@
-"""`/admin/status` in a real headless Chromium: the provider table renders; no token, no page."""
+"""`/admin/status` in a real headless Chromium: the provider table renders, every worker of a
+2-process gateway shows; no token, no page."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import itertools
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,17 @@ from aiohttp.test_utils import TestServer
 from gateway.config import Settings
 from gateway.simulator import Faults
 from tests.conftest import GatewayFactory, SimulatorFactory
-from tests.support.gateway import OTHER_KEY, TEST_KEY, TEST_MODEL, chat_body, settings_dict
+from tests.support.gateway import (
+    OTHER_KEY,
+    TEST_KEY,
+    TEST_MODEL,
+    GatewayProcess,
+    answers,
+    chat_body,
+    settings_dict,
+)
 from tests.support.polling import wait_until
+from tests.support.simulators import SimulatorProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -192,3 +203,58 @@ async def test_status_page_is_refused_without_the_admin_token(
         tmp_path / "profile-denied", "--dump-dom", status_url(server, token=None)
     )
     assert 'id="providers"' not in run.stdout
+
+
+async def test_status_page_shows_every_worker_of_a_two_process_gateway_in_chromium(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`gateway serve --workers 2` on Postgres: whichever worker answers, the browser's DOM
+    holds a card for each of the two workers, its own marked, the cluster totals, and the
+    usage section with the key's requests."""
+    async with SimulatorProcess("node-a") as node:
+        config = settings_dict(
+            {"node-a": node.url},
+            extra={
+                "server": {"admin_token": ADMIN_TOKEN},
+                "usage": {"flush_interval_seconds": 0.2},
+            },
+        )
+        config["database"] = {"url": database_url, "pool_min_size": 1, "pool_max_size": 4}
+        directory = tmp_path / "gateway"
+        directory.mkdir()
+        gateway = GatewayProcess(config, directory, workers=2)
+        gateway.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                await wait_until(lambda: answers(session, gateway.url), timeout=60, message="up")
+                async with session.post(
+                    gateway.url + "/v1/chat/completions",
+                    data=orjson.dumps(chat_body("Hello, cluster")),
+                    headers={"Authorization": f"Bearer {TEST_KEY}"},
+                ) as response:
+                    assert response.status == 200
+                    await response.read()
+
+                async def both_workers_and_the_request() -> bool:
+                    async with session.get(
+                        gateway.url + "/admin/status",
+                        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                    ) as page:
+                        html = await page.text()
+                    return html.count("data-worker=") == 2 and 'data-usage-key="team-a"' in html
+
+                await wait_until(both_workers_and_the_request, timeout=30, message="2 workers")
+            url = f"http://operator:{ADMIN_TOKEN}@127.0.0.1:{gateway.port}/admin/status"
+            run = await run_chromium(tmp_path / "profile-cluster", "--dump-dom", url)
+        finally:
+            gateway.stop()
+    assert run.exit_code == 0, run.stderr[-2000:]
+    dom = run.stdout
+    assert 'id="cluster-totals"' in dom, dom[:2000]
+    cards = re.findall(r'data-worker="[^"]+" data-own="(true|false)"', dom)
+    assert sorted(cards) == ["false", "true"]
+    pids = set(re.findall(r"pid (\d+)</div>", dom))
+    assert len(pids) == 2
+    assert '<svg id="usage-chart"' in dom
+    assert TEST_KEY not in dom
+    assert "Hello, cluster" not in dom

@@ -46,6 +46,24 @@ def store(request: pytest.FixtureRequest) -> AffinityStore:
     return chosen
 
 
+async def test_a_heartbeat_s_snapshot_is_read_back_for_every_live_worker(
+    store: AffinityStore,
+) -> None:
+    """Each live worker's last snapshot is read back by worker id; a heartbeat without one keeps
+    the last; a worker that left is not listed."""
+    await store.heartbeat("w1", ttl_seconds=TTL, timeout=TIMEOUT, snapshot={"in_flight": 3})
+    await store.heartbeat("w2", ttl_seconds=TTL, timeout=TIMEOUT)
+    await store.heartbeat("w3", ttl_seconds=TTL, timeout=TIMEOUT, snapshot={"cooling": ["a"]})
+    await store.heartbeat("w1", ttl_seconds=TTL, timeout=TIMEOUT)
+    await store.leave("w3", timeout=TIMEOUT)
+    rows = await store.worker_snapshots(timeout=TIMEOUT)
+    assert [(row.worker_id, row.snapshot) for row in rows] == [
+        ("w1", {"in_flight": 3}),
+        ("w2", None),
+    ]
+    assert all(row.started_at.tzinfo is not None for row in rows)
+
+
 async def test_heartbeats_list_live_workers_and_a_leaver_is_gone_at_once(
     store: AffinityStore,
 ) -> None:

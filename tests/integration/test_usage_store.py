@@ -108,3 +108,22 @@ async def test_an_empty_flush_writes_nothing(store: UsageStore) -> None:
     """No rows: no statement, no rows."""
     await store.add_usage([], timeout=TIMEOUT)
     assert await store.usage_totals(MINUTE - timedelta(days=1), timeout=TIMEOUT) == {}
+
+
+async def test_totals_keep_apart_only_the_fields_asked_for(store: UsageStore) -> None:
+    """Grouped by key only, a key's models, providers and outcomes are summed, under `""`."""
+    await store.add_usage(
+        [
+            UsageRow(MINUTE, ALICE, Tokens(1, 10, 1, 5)),
+            UsageRow(MINUTE, BOB, Tokens(2, 20, 2, 0)),
+            UsageRow(MINUTE, BOB_FAILED, Tokens(1, 4, 0, 0)),
+        ],
+        timeout=TIMEOUT,
+    )
+    totals = await store.usage_totals(MINUTE, timeout=TIMEOUT, by=("key",))
+    assert totals == {
+        UsageKey("alice", "", "", ""): Tokens(1, 10, 1, 5),
+        UsageKey("bob", "", "", ""): Tokens(3, 24, 2, 0),
+    }
+    by_outcome = await store.usage_totals(MINUTE, timeout=TIMEOUT, by=("provider", "outcome"))
+    assert by_outcome[UsageKey("", "", "node-b", "ok")] == Tokens(2, 20, 2, 0)

@@ -102,3 +102,31 @@ def test_content_events_that_mention_usage_are_kept() -> None:
     reader = StreamUsage(strip=True)
     assert reader.feed(mention + DONE) == mention + DONE
     assert reader.usage is None
+
+
+def test_a_responses_api_answer_s_input_and_output_tokens_are_read() -> None:
+    """The Responses API names its counts `input_tokens` and `output_tokens`: they count too."""
+    body = orjson.dumps(
+        {
+            "id": "resp_1",
+            "output": [],
+            "usage": {
+                "input_tokens": 30,
+                "input_tokens_details": {"cached_tokens": 16},
+                "output_tokens": 7,
+                "total_tokens": 37,
+            },
+        }
+    )
+    assert usage_from_body(body) == Usage(30, 7, 16)
+
+
+def test_a_stripped_stream_keeps_every_other_byte_when_the_usage_event_comes_alone() -> None:
+    """The usage event arriving alone at the end, after a partial event: the client's bytes are
+    the stream without it, separators included."""
+    reader = StreamUsage(strip=True)
+    first, second = chunk("a"), chunk("b")
+    passed = reader.feed(first + second[:10]) + reader.feed(second[10:])
+    passed += reader.feed(usage_event()) + reader.feed(b"data: [DONE]\n\n") + reader.flush()
+    assert passed == first + second + b"data: [DONE]\n\n"
+    assert reader.usage == Usage(12, 3, 4)
