@@ -239,7 +239,7 @@ class Dispatcher:
             self._retries.forgo(REQUEST_SUSPECTED)
             record.failover_stopped = REQUEST_SUSPECTED
             return None
-        retry = self._retries.try_start()
+        retry = self._retries.try_start(after=record.attempts[-1].outcome)
         if retry is None:
             record.failover_stopped = BUDGET
         return retry

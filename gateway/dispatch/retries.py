@@ -8,7 +8,10 @@ begins (a stream's first event, a whole answer) or it fails; a stream a retry fo
 streaming without holding the budget. A retry the budget refuses is not made: the request
 answers with the error its last provider gave.
 
-The first attempt never asks the budget: a request served at once costs it nothing.
+The first attempt never asks the budget: a request served at once costs it nothing. Nor does a
+retry after a connection that was never made (refused, unreachable, timed out connecting): the
+request reached no upstream, so sending it to the next adds no load anywhere, and a node that
+dies under load must not turn a third of the requests in flight into errors.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ REQUEST_SUSPECTED = "request_suspected"
 # Outcomes a resend would not repeat against an upstream: a refused connection costs the
 # provider nothing, and a 429 cools the provider for as long as it asked (see `health`).
 _HARMLESS_TO_RESEND = frozenset({"connect_error", "connect_timeout", "http_429"})
+# Outcomes after which the next provider is tried outside the budget: nothing reached an upstream.
+_NOTHING_SENT = frozenset({"connect_error", "connect_timeout"})
 
 # What an OpenAI SDK honours before its own retry rules (`x-should-retry: true|false`).
 SHOULD_RETRY = "x-should-retry"
@@ -40,8 +45,9 @@ class RetrySlot:
 
     __slots__ = ("_budget",)
 
-    def __init__(self, budget: RetryBudget) -> None:
-        self._budget: RetryBudget | None = budget
+    def __init__(self, budget: RetryBudget | None) -> None:
+        """A place in `budget`, or (None) a retry that needs none."""
+        self._budget = budget
 
     def release(self) -> None:
         """The retry's answer began, or it failed: it no longer counts against the budget."""
@@ -85,8 +91,12 @@ class RetryBudget:
         """How many retries may be under way at once with the requests in flight now."""
         return max(self._floor, math.floor(self._share * self._in_flight() + 1e-9))
 
-    def try_start(self) -> RetrySlot | None:
-        """A place for one more retry, or None (counted as a refusal) when the budget is spent."""
+    def try_start(self, after: str | None = None) -> RetrySlot | None:
+        """A place for one more retry, or None (counted as a refusal) when the budget is spent;
+        a retry `after` a connection never made needs no place (it is counted as a retry)."""
+        if after in _NOTHING_SENT:
+            self._on_retry()
+            return RetrySlot(None)
         if self._active >= self.limit():
             self._on_refused(BUDGET)
             return None

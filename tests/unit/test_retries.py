@@ -74,3 +74,20 @@ def test_a_resend_is_futile_unless_every_failure_was_harmless_to_repeat() -> Non
     assert resend_is_futile([refused, Attempt("b", "http_500", 500)])
     assert resend_is_futile([Attempt("a", "timeout")])
     assert resend_is_futile([Attempt("a", "upstream_auth_failed", 401)])
+
+
+def test_a_retry_after_a_connection_never_made_needs_no_place_in_the_budget() -> None:
+    """A node that dies under load: requests that could not connect go on to the next provider
+    even with the budget spent (nothing reached an upstream); an upstream 500 still waits."""
+    in_flight = [10]
+    refusals: list[str] = []
+    retries = budget(in_flight, refusals)
+    held = [retries.try_start() for _ in range(3)]
+    assert all(slot is not None for slot in held)
+    for outcome in ("connect_error", "connect_timeout"):
+        free = retries.try_start(after=outcome)
+        assert free is not None
+        free.release()
+    assert retries.active == 3
+    assert retries.try_start(after="http_500") is None
+    assert refusals == [BUDGET]
