@@ -128,6 +128,16 @@ class LoadPoller:
             self._clock(), self._ttft_window_seconds, self._interval * STALE_AFTER_INTERVALS
         )
 
+    def publishes_ttft(self, provider: str) -> bool:
+        """Whether the provider's node publishes a TTFT histogram that is read fresh."""
+        reading = self.readings.get(provider)
+        return (
+            reading is not None
+            and bool(reading.ttft.readings)
+            and self._clock() - reading.ttft.readings[-1][0]
+            <= self._interval * STALE_AFTER_INTERVALS
+        )
+
     def node_ttft_age(self, provider: str) -> float | None:
         """Seconds since the node's TTFT totals were last read; None if never."""
         reading = self.readings.get(provider)

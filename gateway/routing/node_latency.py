@@ -108,16 +108,21 @@ class FleetLatency:
     """The poll round the bands were made from."""
     bands: dict[str, dict[str, FleetBand]] = field(default_factory=dict)
     """model → provider → band, for the providers whose node gave a figure."""
+    publishing: frozenset[str] = frozenset()
+    """Providers whose nodes publish a TTFT histogram: their band is the node's, or 0 while the
+    node has no figure (too little traffic), never this process's own samples."""
 
     def update(
         self,
         polls: int,
         figures: Mapping[str, Mapping[str, float]],
         *,
+        publishing: frozenset[str] = frozenset(),
         band_fraction: float,
         hysteresis: float,
     ) -> None:
         """Band each model's providers on `figures` (model → provider → node TTFT)."""
+        self.publishing = publishing
         previous = self.bands
         self.bands = {
             model: fleet_bands(

@@ -303,6 +303,8 @@ class Router:
         (the node's own metrics), `own` (this process's samples) or `none` (band 0)."""
         if self._poller.node_ttft(provider) is not None:
             return "node", self._poller.node_ttft_age(provider)
+        if self._poller.publishes_ttft(provider):
+            return "none", None  # the node's own view, with too little traffic for a figure
         newest = self.latency.newest_sample_at(provider)
         if newest is not None and now - newest < self._routing.latency_sample_max_age_seconds:
             return "own", now - newest
@@ -327,6 +329,9 @@ class Router:
                     }
                     for model, providers in self.catalog.serving.items()
                 },
+                publishing=frozenset(
+                    name for name in self.catalog.providers if self._poller.publishes_ttft(name)
+                ),
                 band_fraction=routing.latency_band_fraction,
                 hysteresis=routing.latency_band_hysteresis,
             )
@@ -335,17 +340,24 @@ class Router:
     def _bands(
         self, model: str, providers: Sequence[str], now: float, *, shared_only: bool = False
     ) -> dict[str, int]:
-        """Each provider's band: from its node's own figure where it gives one, else from this
-        process's samples. With `shared_only`, only what every process sees alike: a node its
-        own figures show clearly slow is band 1, every other provider band 0."""
+        """Each provider's band: where its node publishes a TTFT histogram, from the node's own
+        figure (0 while too little traffic makes none); else from this process's samples. With
+        `shared_only`, only what every process sees alike: a node its own figures show clearly
+        slow is band 1, every other provider band 0."""
         fleet = self.fleet_bands(model)
         if shared_only:
             return {
                 provider: shared_band(entry.band) if (entry := fleet.get(provider)) else 0
                 for provider in providers
             }
-        if fleet and all(provider in fleet for provider in providers):
-            return {provider: fleet[provider].band for provider in providers}
+        publishing = self.fleet.publishing
+        if publishing and all(provider in publishing for provider in providers):
+            # Every node speaks for itself: a node without a figure yet (too little traffic
+            # in its window) is band 0, never slow on this process's stale samples.
+            return {
+                provider: entry.band if (entry := fleet.get(provider)) else 0
+                for provider in providers
+            }
         bands = self.latency.bands(
             model,
             providers,
@@ -355,11 +367,11 @@ class Router:
             enabled=True,
             hysteresis=self._routing.latency_band_hysteresis,
         )
-        if fleet:
+        if publishing:
             for provider in providers:
-                entry = fleet.get(provider)
-                if entry is not None:
-                    bands[provider] = entry.band
+                if provider in publishing:
+                    entry = fleet.get(provider)
+                    bands[provider] = entry.band if entry is not None else 0
         return bands
 
     def load(self, provider: str) -> float:

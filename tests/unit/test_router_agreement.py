@@ -141,3 +141,32 @@ async def test_the_nodes_own_figures_steer_every_worker_alike(
     assert first_picks == second_picks
     assert set(first_picks) == {"node-a", "node-b"}
     assert first.bands(TEST_MODEL, list(NODES), clock.now)["node-c"] > 0
+
+
+async def test_a_node_that_publishes_but_has_too_little_traffic_is_band_zero(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A node whose own histogram is read but shows too few first tokens for a figure is band 0,
+    never slow on this process's old samples (it would get no traffic, so never a figure)."""
+    clock = Clock()
+    router = build_router(session, 1, clock)
+    record_noise(router, "node-b", clock)  # own samples: node-a and node-c slower than node-b
+    for name in NODES:
+        for _ in range(200):
+            router.latency.record(name, TEST_MODEL, 0.5 if name == "node-a" else 0.01, clock.now)
+    assert (
+        router.latency.bands(
+            TEST_MODEL, list(NODES), clock.now, band_fraction=0.15, min_samples=20, enabled=True
+        )["node-a"]
+        > 0
+    )
+    feed_node_figures(router, {"node-b": 0.1, "node-c": 0.1}, clock)
+    idle = router._poller.readings["node-a"]
+    idle.ttft.add(clock.now - 1, 1.0, 5)
+    idle.ttft.add(clock.now, 1.0, 5)  # read fresh, no first token in its window
+    router._poller.polls += 1
+    assert router.bands(TEST_MODEL, list(NODES), clock.now) == {
+        "node-a": 0,
+        "node-b": 0,
+        "node-c": 0,
+    }
