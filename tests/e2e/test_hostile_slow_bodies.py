@@ -291,18 +291,21 @@ async def test_one_key_holds_at_most_its_share_of_a_workers_connections(
         for _ in range(4):
             held.append(await SlowBody.open(gateway.port, slow_head(TEST_KEY)))
 
-        # The four heads are in once a fifth request is refused: they are read in order of
-        # arrival, and nothing else holds this key's places.
+        # Heads on different connections are not read in a fixed order: a probe may be read
+        # before the last of the four and admitted in its place (that one then gets the 429).
+        # So the probe is kept as one of the key's slow bodies when it is admitted, an answered
+        # one is dropped, and the probe is repeated until four are held and a fifth is refused.
         async def fifth_refused() -> bool:
-            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            held[:] = [request for request in held if not request.answer.done()]
+            while len(held) < 4:
+                held.append(await SlowBody.open(gateway.port, slow_head(TEST_KEY)))
+            probe = await SlowBody.open(gateway.port, slow_head(TEST_KEY))
             try:
-                writer.write(slow_head(TEST_KEY))
-                await writer.drain()
-                answer = await asyncio.wait_for(read_until_closed(reader), 1.0)
+                answer = await asyncio.wait_for(asyncio.shield(probe.answer), 1.0)
             except TimeoutError:
-                return False  # admitted: one of the four was not counted yet
-            finally:
-                writer.close()
+                held.append(probe)  # admitted: one of the four was not counted yet
+                return False
+            probe.close()
             status, body = parse_answer(answer)
             assert status == 429
             assert_openai_error(body, "key_connection_share")
