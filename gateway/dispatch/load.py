@@ -68,11 +68,6 @@ def parse_node_metrics(text: str) -> NodeFigures:
     return NodeFigures(sums.get("load"), sums.get("sum"), sums.get("count"))
 
 
-def parse_load(text: str) -> float | None:
-    """running + waiting from a Prometheus text page, summed over label sets; None if absent."""
-    return parse_node_metrics(text).load
-
-
 class LoadPoller:
     """Polls every provider's `/metrics` in the background; never on a request's path."""
 
@@ -131,11 +126,8 @@ class LoadPoller:
     def publishes_ttft(self, provider: str) -> bool:
         """Whether the provider's node publishes a TTFT histogram that is read fresh."""
         reading = self.readings.get(provider)
-        return (
-            reading is not None
-            and bool(reading.ttft.readings)
-            and self._clock() - reading.ttft.readings[-1][0]
-            <= self._interval * STALE_AFTER_INTERVALS
+        return reading is not None and reading.ttft.fresh(
+            self._clock(), self._interval * STALE_AFTER_INTERVALS
         )
 
     def node_ttft_age(self, provider: str) -> float | None:

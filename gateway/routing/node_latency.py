@@ -50,6 +50,10 @@ class NodeTtft:
             readings.clear()
         readings.append((now, total_seconds, count))
 
+    def fresh(self, now: float, max_age_seconds: float) -> bool:
+        """Whether the newest reading is at most `max_age_seconds` old."""
+        return bool(self.readings) and now - self.readings[-1][0] <= max_age_seconds
+
     def mean(self, now: float, window_seconds: float, max_age_seconds: float) -> float | None:
         """The node's mean TTFT over the last `window_seconds`; None with fewer than
         `MIN_FIRST_TOKENS` first tokens in it, or when the newest reading is older than
@@ -59,7 +63,7 @@ class NodeTtft:
         # The base is the newest reading at least a window old, so the span covers the window.
         while len(readings) > 2 and readings[1][0] <= cutoff:
             readings.popleft()
-        if len(readings) < 2 or now - readings[-1][0] > max_age_seconds:
+        if len(readings) < 2 or not self.fresh(now, max_age_seconds):
             return None
         _, base_seconds, base_count = readings[0]
         _, last_seconds, last_count = readings[-1]
@@ -68,34 +72,24 @@ class NodeTtft:
         return (last_seconds - base_seconds) / (last_count - base_count)
 
 
-@dataclass(frozen=True, slots=True)
-class FleetBand:
-    """One provider's band from its node's own figure, with the figure it was made from."""
-
-    band: int
-    ttft_seconds: float
-
-
 def fleet_bands(
     figures: Mapping[str, float],
     previous: Mapping[str, int],
     *,
     band_fraction: float,
     hysteresis: float,
-) -> dict[str, FleetBand]:
+) -> dict[str, int]:
     """Band every provider with a node figure against the mean of those figures.
 
     Each provider counts once in the reference, however much traffic it carries. With fewer than
     two figures there is nothing to compare: every one is band 0.
     """
     if len(figures) < 2:
-        return {name: FleetBand(0, seconds) for name, seconds in figures.items()}
+        return dict.fromkeys(figures, 0)
     reference = sum(figures.values()) / len(figures)
     width = 2 * max(reference * band_fraction, MINIMUM_TOLERANCE_SECONDS)
     return {
-        name: FleetBand(
-            held_band((seconds - reference) / width, previous.get(name), hysteresis), seconds
-        )
+        name: held_band((seconds - reference) / width, previous.get(name), hysteresis)
         for name, seconds in figures.items()
     }
 
@@ -106,7 +100,7 @@ class FleetLatency:
 
     polls: int = -1
     """The poll round the bands were made from."""
-    bands: dict[str, dict[str, FleetBand]] = field(default_factory=dict)
+    bands: dict[str, dict[str, int]] = field(default_factory=dict)
     """model → provider → band, for the providers whose node gave a figure."""
     publishing: frozenset[str] = frozenset()
     """Providers whose nodes publish a TTFT histogram: their band is the node's, or 0 while the
@@ -127,7 +121,7 @@ class FleetLatency:
         self.bands = {
             model: fleet_bands(
                 by_provider,
-                {name: entry.band for name, entry in previous.get(model, {}).items()},
+                previous.get(model, {}),
                 band_fraction=band_fraction,
                 hysteresis=hysteresis,
             )

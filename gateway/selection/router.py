@@ -24,7 +24,7 @@ from gateway.dispatch.permits import ProviderPermits
 from gateway.operations.metrics import Metrics
 from gateway.routing.conversations import binding_model
 from gateway.routing.latency import LatencyTracker
-from gateway.routing.node_latency import FleetBand, FleetLatency, shared_band
+from gateway.routing.node_latency import FleetLatency, shared_band
 from gateway.routing.ordering import (
     ONLY_REASON,
     REASONS,
@@ -53,7 +53,7 @@ AffinityKind = Literal["hit", "miss", "rebound", "spill", "preferred", "degraded
 # Rules below these in the sort key only break ties, so candidates separated by them are
 # equally good: the claim lets cluster-wide spread choose among them.
 TIE_REASONS = frozenset({"least-recent", "tiebreak"})
-_NO_FLEET_BANDS: Mapping[str, FleetBand] = {}
+_NO_FLEET_BANDS: Mapping[str, int] = {}
 
 
 @dataclass(frozen=True)
@@ -314,7 +314,7 @@ class Router:
         """The latency bands this process would use for the model (latency routing on)."""
         return self._bands(model, providers, now)
 
-    def fleet_bands(self, model: str) -> Mapping[str, FleetBand]:
+    def fleet_bands(self, model: str) -> Mapping[str, int]:
         """The model's bands made from the nodes' own figures, remade once per poll round."""
         polls = self._poller.polls
         if polls != self.fleet.polls:
@@ -346,18 +346,12 @@ class Router:
         slow is band 1, every other provider band 0."""
         fleet = self.fleet_bands(model)
         if shared_only:
-            return {
-                provider: shared_band(entry.band) if (entry := fleet.get(provider)) else 0
-                for provider in providers
-            }
+            return {provider: shared_band(fleet.get(provider, 0)) for provider in providers}
         publishing = self.fleet.publishing
         if publishing and all(provider in publishing for provider in providers):
             # Every node speaks for itself: a node without a figure yet (too little traffic
             # in its window) is band 0, never slow on this process's stale samples.
-            return {
-                provider: entry.band if (entry := fleet.get(provider)) else 0
-                for provider in providers
-            }
+            return {provider: fleet.get(provider, 0) for provider in providers}
         bands = self.latency.bands(
             model,
             providers,
@@ -370,8 +364,7 @@ class Router:
         if publishing:
             for provider in providers:
                 if provider in publishing:
-                    entry = fleet.get(provider)
-                    bands[provider] = entry.band if entry is not None else 0
+                    bands[provider] = fleet.get(provider, 0)
         return bands
 
     def load(self, provider: str) -> float:
