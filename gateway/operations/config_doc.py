@@ -110,7 +110,9 @@ def _table(
             if not section[1]:
                 description = f"see [`{nested}`](#{_slug(nested)}). {description}"
             default = "required" if name in required else "see the section"
-            if section[1] and name not in required:
+            if name not in required and (
+                section[1] or model_class.model_fields[name].get_default() is None
+            ):
                 default = _default(model_class, name)
             lines.append(f"| `{name}` | {kind} | {default} | {_cell(description)} |")
             continue
@@ -142,10 +144,12 @@ def _one_type(spec: dict[str, Any]) -> str:
     elif kind == "array":
         kind = f"list of {_one_type(spec.get('items', {}))}"
     elif kind == "object":
+        patterned = spec.get("patternProperties", {})
         values: dict[str, Any] = spec.get("additionalProperties") or next(
-            iter(spec.get("patternProperties", {}).values()), {}
+            iter(patterned.values()), {}
         )
-        kind = f"map of name to {_one_type(values)}" if values else "map"
+        keys = "name" if NAME_PATTERN in patterned else "string"
+        kind = f"map of {keys} to {_one_type(values)}" if values else "map"
     elif spec.get("format"):
         kind = f"{kind} ({spec['format']})"
     bounds = [
