@@ -108,3 +108,12 @@ def test_the_checker_sees_links_the_way_github_does(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     assert broken(page) == ["missing.md: no such file", "#nowhere: no heading with that anchor"]
+
+
+def test_readme_is_a_front_door_that_maps_every_page() -> None:
+    """README.md stays within 300 lines and links to every docs/*.md page."""
+    readme = PROJECT_ROOT / "README.md"
+    assert len(readme.read_text(encoding="utf-8").splitlines()) <= 300
+    linked = {(readme.parent / target.partition("#")[0]).resolve() for target in links(readme)}
+    unmapped = [page.name for page in pages()[1:] if page.resolve() not in linked]
+    assert unmapped == []
