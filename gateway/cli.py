@@ -1,4 +1,5 @@
-"""The `gateway` command: serve, reload, check-config, config-schema, hash-key, simulate, demo."""
+"""The `gateway` command: serve, reload, check-config, config-schema, config-doc, hash-key,
+simulate, demo."""
 
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(options.file)
     if command == "config-schema":
         return _config_schema()
+    if command == "config-doc":
+        return _config_doc()
     if command == "hash-key":
         return _hash_key()
     if command == "migrate":
@@ -99,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("hash-key", help="read a client key on stdin and print its SHA-256")
     commands.add_parser(
         "config-schema", help="print the config file's JSON Schema (docs/config.schema.json)"
+    )
+    commands.add_parser(
+        "config-doc", help="print the configuration reference (docs/configuration.md)"
     )
 
     migrate = commands.add_parser("migrate", help="apply pending database migrations")
@@ -184,6 +190,13 @@ def _config_schema() -> int:
     from gateway.operations.config_schema import config_schema_json  # noqa: PLC0415 - keep start-up lean
 
     sys.stdout.write(config_schema_json())
+    return 0
+
+
+def _config_doc() -> int:
+    from gateway.operations.config_doc import config_doc  # noqa: PLC0415 - keep start-up lean
+
+    sys.stdout.write(config_doc())
     return 0
 
 

@@ -35,7 +35,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 class Section(BaseModel):
     """Base for every config section: frozen; unknown fields are errors, so typos never pass."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 # Load-shedding settings of earlier builds, all replaced by `load_shedding_burst_seconds`: a
@@ -79,27 +79,59 @@ class ServerSettings(Section):
     """
 
     host: str = "0.0.0.0"
+    """Listen address (`gateway serve --host` overrides it)."""
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    """Listen port, shared by every worker (`SO_REUSEPORT`; `--port` overrides it)."""
     workers: Annotated[int, Field(ge=1, le=256)] = 2
+    """Worker processes on the port (`--workers` overrides it)."""
     max_body_bytes: PositiveInt = 10 * 1024 * 1024
+    """Larger request bodies get 413."""
     admin_token: SecretStr | None = None
+    """Enables `/admin/*` and the status page, given as a bearer token or HTTP Basic password;
+    empty: admin endpoints off.
+    """
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    """Serve `/metrics` on this port instead (not facing clients)."""
     shutdown_timeout_seconds: PositiveFloat = 30.0
+    """After the drain delay, in-flight requests (streams too) get this long to finish."""
     drain_delay_seconds: NonNegativeFloat = 5.0
+    """SIGTERM: fail `/readyz` and close each answered connection this long, then stop accepting."""
     header_read_timeout_seconds: PositiveFloat = 10.0
+    """Request line + headers must arrive within this (a new connection: from accept); else 408."""
     body_read_timeout_seconds: PositiveFloat = 60.0
+    """The whole body within this; else 408 and the connection closes."""
     keepalive_timeout_seconds: PositiveFloat = 75.0
+    """Idle keep-alive connections close; keep above the load balancer's upstream idle timeout."""
     max_header_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024
+    """Request line + headers; more, or one line over 8190 bytes, gets 431."""
     max_header_count: PositiveInt = 100
+    """More headers get 431."""
     max_connections_per_worker: PositiveInt = 1024
+    """More connections get 503 + Retry-After; allow twice this many open files."""
     max_connection_share_per_key: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """One key's requests in progress per worker (bodies still arriving included): at most this
+    share of `max_connections_per_worker`; more get 429 before their body.
+    """
     cors_allow_origins: list[str] = Field(default_factory=list)
+    """E.g. `["https://app.example.com"]` or `["*"]`; empty: no CORS headers."""
     request_compression: bool = False
+    """False: a request with `Content-Encoding` other than `identity` gets 415."""
     memory_budget_bytes: PositiveInt = 256 * 1024 * 1024
+    """Per worker: request bodies being read, upload copies kept for failover and non-streamed
+    answers, together; past it 503 (see security.md, "Hostile clients and upstreams").
+    """
     memory_share_per_key: Annotated[float, Field(gt=0, le=1)] = 0.5
-    max_buffered_answer_bytes: PositiveInt | None = None  # the former name of the budget
+    """One key's share of that budget; past it 429 `key_memory_share`."""
+    max_buffered_answer_bytes: PositiveInt | None = None
+    """The former name of `memory_budget_bytes`: it still sets the budget."""
     load_shedding: bool = True
+    """Under sustained overload a worker answers new requests 503 + Retry-After instead of queueing
+    them (see security.md, "Load shedding"); false: it only measures.
+    """
     load_shedding_burst_seconds: Annotated[float, Field(ge=0.01)] = 1.0
+    """A burst whose queue drains within this is never refused; a queue standing past it is shed (at
+    least 0.01).
+    """
 
     @field_validator("admin_token", mode="after")
     @classmethod
@@ -130,12 +162,23 @@ class DatabaseSettings(Section):
     """
 
     url: SecretStr | None = None
+    """Empty or omitted (no database section at all): `DATABASE_URL`, else the embedded Postgres."""
     listen_url: SecretStr | None = None
+    """A direct connection for binding-change notifications (LISTEN); empty: `url`. Set it when
+    `url` is a PgBouncer in transaction mode.
+    """
     embedded_data_dir: str = ".gateway/pgdata"
+    """Where the embedded Postgres keeps its data when no URL is given."""
     pool_min_size: Annotated[int, Field(ge=0)] = 2
+    """Connections each worker's pool keeps open."""
     pool_max_size: PositiveInt = 10
+    """A worker opens this many connections before it accepts traffic."""
     statement_cache_size: Annotated[int, Field(ge=0)] = 100
+    """0 behind PgBouncer in transaction mode."""
     apply_migrations_on_start: bool = True
+    """Workers apply pending migrations at start-up, exactly once between them (`gateway migrate`
+    does it on demand).
+    """
     # Set when `url` is an embedded server's, derived at start rather than configured.
     _embedded_url: bool = PrivateAttr(default=False)
 
@@ -171,7 +214,9 @@ class SpillSettings(Section):
     """When a bound provider is loaded enough to skip it for one request."""
 
     min_load: NonNegativeFloat = 32
+    """A bound provider's load (running + waiting requests) must exceed this to be skipped."""
     ratio: Annotated[float, Field(ge=1)] = 1.5
+    """... and this many times the least-loaded candidate's load."""
 
 
 class AffinitySettings(Section):
@@ -182,30 +227,58 @@ class AffinitySettings(Section):
     """
 
     ttl_seconds: PositiveFloat = 300
+    """How long a shared binding lives without being used (renewed after successes)."""
     local_cache_seconds: NonNegativeFloat = 5
+    """How long a worker's copy of a binding is trusted while the change feed is not verified
+    (see design.md, "Renewals and changes, off the request path").
+    """
     lookup_timeout_ms: PositiveFloat = 50
+    """The floor of a binding look-up's deadline (stretched adaptively on a slow store)."""
     claim_timeout_ms: PositiveFloat = 500
+    """The floor of a claim's deadline (also the deadline of a key-limit unit claim)."""
     breaker_cooloff_seconds: PositiveFloat = 10
+    """After three store failures in a row, requests route on local state this long before a probe.
+
+    """
     agreement_slack: NonNegativeFloat = 0.1
+    """A claim keeps the rendezvous winner unless it holds this share (and at least 2) more bindings
+    than the least-bound candidate.
+    """
     responses_ttl_seconds: PositiveFloat = 3600
+    """How long a stored `/v1/responses` id keeps its node."""
     responses_max_per_key: PositiveInt = 100_000
+    """Stored `/v1/responses` ids kept per key; a key's new one evicts its oldest."""
     renew_queue_size: PositiveInt = 10000
+    """Renewals and rebinds waiting to be written; past it a new one is dropped and counted."""
     janitor_interval_seconds: PositiveFloat = 60
+    """How often a worker's janitor deletes expired bindings (one worker at a time)."""
     janitor_grace_seconds: NonNegativeFloat = 300
+    """Bindings are deleted this long after they expire."""
     spill: SpillSettings = SpillSettings()
+    """When a bound provider is loaded enough to skip it for one request."""
     scope: Literal["key", "conversation"] = "key"
+    """`key` or `conversation`: what one shared binding holds (models override it with
+    `affinity_scope`).
+    """
     conversation_secret: SecretStr | None = None
+    """Optional; keys the conversation digests of this deployment."""
     conversation_head_bytes: PositiveInt = 4096
+    """Completions: how much of the prompt names its conversation."""
 
 
 class UsageSettings(Section):
     """Usage accounting: per-minute rollups in the store, written in batches off the hot path."""
 
     enabled: bool = True
+    """False: nothing is asked of upstreams, nothing written."""
     flush_interval_seconds: PositiveFloat = 10
+    """One statement per worker per interval; a crash loses at most this."""
     retention_days: PositiveFloat = 35
+    """Older minutes are deleted by the janitor."""
     max_pending_rows: PositiveInt = 100_000
+    """Rows a worker holds between flushes; past that requests go uncounted."""
     janitor_interval_seconds: PositiveFloat = 300
+    """How often each worker deletes rollups past `retention_days`."""
 
 
 class RoutingSettings(Section):
@@ -221,28 +294,58 @@ class RoutingSettings(Section):
     """
 
     wait_timeout_seconds: NonNegativeFloat = 5
+    """How long a request waits in FIFO order when every candidate's permits are taken; then 503."""
     failover_budget: PositiveInt = 3
+    """Most providers tried for one request."""
     retry_budget_percent: Annotated[float, Field(ge=0, le=100)] = 20
+    """Per worker, at most this share (%) of its requests in flight may be failing over at once;
+    100: no budget.
+    """
     retry_budget_min_concurrent: Annotated[int, Field(ge=0)] = 3
+    """... and never fewer than this many."""
     allowed_fails: PositiveInt = 3
+    """Consecutive failures that cool a provider."""
     cooldown_seconds: PositiveFloat = 5
+    """The first cooldown after `allowed_fails` failures; doubled on each further one."""
     cooldown_max_seconds: PositiveFloat = 300
+    """The longest cooldown, a 429's `Retry-After` included."""
     max_cooling_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """The most of a model's providers that may cool at once for failures other than unreachable or
+    429; 0: none, 1: no limit.
+    """
     latency_window_seconds: PositiveFloat = 900
+    """This worker's own TTFT samples (providers whose nodes publish no TTFT histogram)."""
     latency_band_fraction: PositiveFloat = 0.15
+    """Band 0 is the model's mean TTFT ± this fraction."""
     latency_min_samples: Annotated[int, Field(ge=0)] = 20
+    """Own samples of a model this worker needs before it bands its providers on them."""
     latency_band_hysteresis: Annotated[float, Field(ge=0, lt=0.5)] = 0.25
+    """A provider changes band only this many band widths inside the new one."""
     latency_sample_max_age_seconds: PositiveFloat = 60
+    """Own samples: a provider with none this long is unbanded (0) and tried again."""
     node_latency_window_seconds: PositiveFloat = 10
+    """Nodes' own TTFT histograms (vLLM, SGLang `/metrics`): the span of each node's figure."""
     session_ttl_seconds: PositiveFloat = 21600
+    """How long a session binding (`stickiness: session`) lives unused."""
     session_capacity: PositiveInt = 4096
+    """Per worker; when full, the key holding the most sessions loses its least recently written
+    one: a key holding at most an equal split (capacity ÷ keys holding sessions) never loses one to
+    another key.
+    """
     load_poll_interval_seconds: PositiveFloat = 1
+    """How often each worker reads every provider's `/metrics` (load and TTFT)."""
     connect_timeout_seconds: PositiveFloat = 5
+    """Connecting to an upstream; a connect failure fails over."""
     first_byte_timeout_seconds: PositiveFloat = 120
+    """Streams: silence before the first event, and between chunks."""
     response_timeout_seconds: PositiveFloat = 600
+    """Non-streamed answers: the whole answer (vLLM sends nothing until done)."""
     retry_after_timeout: bool = False
+    """Replay a request that timed out after the upstream accepted it."""
     downstream_write_timeout_seconds: PositiveFloat = 60
+    """A client that accepts no bytes this long is dropped and its upstream cancelled."""
     mode_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,100}$")] = "x-gateway-mode"
+    """The request header an org's `auto` model reads the mode from."""
 
     @model_validator(mode="after")
     def _cooldown_bounds(self) -> RoutingSettings:
@@ -255,18 +358,31 @@ class ProviderSettings(Section):
     """One upstream endpoint: a vLLM/SGLang node or one hosted account."""
 
     name: Name
+    """The provider's name: what logs, metrics and `x-gateway-provider` show."""
     url: AnyHttpUrl
+    """The upstream's base URL."""
     group: Name | None = None
+    """A group this provider belongs to (routes and preferences name groups)."""
     models: Annotated[dict[Name, Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    """Public name → upstream id."""
     routing_identity: Name | None = None
+    """Default: the name; aliases of one account share it."""
     api_key: SecretStr | None = None
+    """Sent upstream as the bearer token, never logged."""
     tls_ca_file: str | None = None
+    """https verified against these CAs, not the system's."""
     max_concurrency: PositiveInt | None = None
+    """Per process; default: no limit."""
     min_start_interval_ms: NonNegativeFloat = 0
+    """Per process: the least time between two requests started on this provider."""
     draining: bool = False
-    # Ask this upstream for a stream's usage event when the client did not (vLLM accepts it);
-    # false for an upstream that rejects `stream_options`.
+    """True: no new requests, bindings or sessions; in-flight ones finish; keys move on their next
+    request.
+    """
     stream_usage: bool = True
+    """Ask streams for their usage event (taken out again); false if the upstream rejects
+    `stream_options`.
+    """
 
     @field_validator("api_key", mode="after")
     @classmethod
@@ -313,24 +429,36 @@ class ModelSettings(Section):
     """
 
     name: Name
+    """The public model name."""
     stickiness: Literal["shared", "session", "none"] = "shared"
+    """`shared` (the shared binding), `session` (the per-process session table) or `none`."""
     affinity_scope: Literal["key", "conversation"] | None = None
+    """`key` or `conversation`; default: `affinity.scope`."""
     connect_timeout_seconds: PositiveFloat | None = None
+    """Default: the routing section's."""
     first_byte_timeout_seconds: PositiveFloat | None = None
+    """Default: the routing section's."""
     response_timeout_seconds: PositiveFloat | None = None
+    """Default: the routing section's."""
     keep_upstream_model_ids: bool = False
+    """True: answers keep the upstream's model id."""
 
 
 class AutoModelSettings(Section):
     """An org's virtual model that picks a concrete model from the request's mode."""
 
     enabled: bool = False
+    """A disabled or missing auto model is a 400 that says so."""
     name: Name = "auto"
+    """The virtual model's public name."""
     fallback_model: Name | None = None
+    """The model for a missing or unknown mode."""
     routes: dict[str, str] = Field(default_factory=dict)
+    """Mode → model."""
     aliases: dict[str, str] = Field(
         default_factory=lambda: {"build": "code", "plan": "architect"},
     )
+    """One-way mode aliases, resolved when no route matches exactly."""
 
     def spec(self) -> AutoModelSpec:
         """The plain value the routing policy resolves and validates."""
@@ -347,15 +475,20 @@ class OrgSettings(Section):
     """An organisation owning keys."""
 
     name: Name
+    """The org's name, which keys name in `org`."""
     auto_model: AutoModelSettings | None = None
+    """The org's `auto` model, if any."""
 
 
 class RouteSettings(Section):
     """How a key's candidates are narrowed: all of them, one group, or one fixed provider."""
 
     strategy: Literal["auto", "group", "fixed"] = "auto"
+    """`auto` (every candidate), `group` or `fixed`."""
     group: Name | None = None
+    """With `strategy: group`: the group."""
     fixed: Name | None = None
+    """With `strategy: fixed`: the provider."""
 
     @model_validator(mode="after")
     def _target_matches_strategy(self) -> RouteSettings:
@@ -376,16 +509,29 @@ class KeySettings(Section):
     """A client API key, held only as its SHA-256 digest."""
 
     id: Name
+    """Stable id: what logs and metrics show."""
     org: Name | None = None
+    """The org the key belongs to."""
     key_sha256: str | None = None
+    """The key's SHA-256 (`gateway hash-key`); give this or `key`."""
     key: SecretStr | None = None
+    """The key itself, e.g. `${ACME_CI_KEY}` (hashed at load, never kept); prefer `key_sha256` in
+    production.
+    """
     models: Annotated[list[str], Field(min_length=1)] = Field(default_factory=lambda: ["*"])
+    """Public model names the key may use; `*`: all."""
     route: RouteSettings = RouteSettings()
+    """How the key's candidates are narrowed."""
     model_group_preferences: dict[Name, Name] = Field(default_factory=dict)
+    """Model → group preferred for it while a member is available."""
     latency_routing: bool = True
+    """Order candidates by latency band."""
     max_concurrency: PositiveInt | None = None
+    """Across every worker and replica (see security.md, "Cluster-wide key limits")."""
     requests_per_minute: PositiveInt | None = None
+    """Across every worker and replica; default: no limit."""
     min_start_interval_ms: NonNegativeFloat = 0
+    """Per worker."""
 
     @model_validator(mode="before")
     @classmethod
@@ -432,15 +578,25 @@ class Settings(Section):
     """The whole validated configuration."""
 
     server: ServerSettings = ServerSettings()
+    """The HTTP listener and its limits."""
     database: DatabaseSettings = DatabaseSettings()
+    """Where the shared affinity store lives."""
     affinity: AffinitySettings = AffinitySettings()
+    """Shared bindings: what they hold, how long, and the store's deadlines."""
     usage: UsageSettings = UsageSettings()
+    """Per-minute token rollups per key; restart to change."""
     routing: RoutingSettings = RoutingSettings()
+    """Per-process routing: failover, cooldowns, latency bands, sessions, timeouts."""
     providers: Annotated[list[ProviderSettings], Field(min_length=1)]
+    """At least one."""
     groups: dict[Name, list[Name]] = Field(default_factory=dict)
+    """Extra groups beyond each provider's `group`."""
     models: list[ModelSettings] = Field(default_factory=list)
+    """Optional; unlisted served models are `shared`."""
     orgs: list[OrgSettings] = Field(default_factory=list)
+    """Organisations owning keys, each with its optional `auto` model."""
     keys: list[KeySettings] = Field(default_factory=list)
+    """Client API keys, held only as their SHA-256 digests."""
 
     def group_members(self) -> Mapping[str, frozenset[str]]:
         """Every group: each provider's `group` plus the explicit `groups` section."""

@@ -487,7 +487,7 @@ async def test_after_a_keep_alive_race_connections_idle_as_long_are_not_reused(
 async def test_a_private_ca_named_by_ssl_cert_file_is_trusted(
     exit_stack: AsyncExitStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The README's way to trust a private CA: `SSL_CERT_FILE` in the gateway's environment
+    """docs/design.md's way to trust a private CA: `SSL_CERT_FILE` in the gateway's environment
     makes the default (verifying) client accept an upstream whose certificate that CA signs;
     a proxy variable changes nothing (the upstream is connected directly)."""
     cert, key = self_signed(tmp_path)

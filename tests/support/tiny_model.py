@@ -42,8 +42,13 @@ CHAT_TEMPLATE = (
 
 
 def corpus() -> list[str]:
-    """The repository's Markdown and Python sources, in a fixed order: the tokenizer's text."""
-    paths = sorted(PROJECT_ROOT.glob("*.md")) + sorted((PROJECT_ROOT / "gateway").glob("*.py"))
+    """The repository's Markdown (README and docs/) and Python sources, in a fixed order: the
+    tokenizer's text."""
+    paths = [
+        *sorted(PROJECT_ROOT.glob("*.md")),
+        *sorted((PROJECT_ROOT / "docs").glob("*.md")),
+        *sorted((PROJECT_ROOT / "gateway").glob("*.py")),
+    ]
     return [path.read_text(encoding="utf-8") for path in paths]
 
 

@@ -3,7 +3,7 @@
 `scripts/setup-vllm` installs the environment and builds the model; `scripts/test` runs it, so
 CI always has both. Without them a test that asks for a node fails with the command to run,
 never skips. The node runs vLLM's own command line with the flags its quirks need on the CPU
-(README, "A real vLLM"): `VLLM_TARGET_DEVICE=cpu`, a block size that is a multiple of 32, a
+(docs/testing.md, "A real vLLM"): `VLLM_TARGET_DEVICE=cpu`, a block size that is a multiple of 32, a
 bounded KV cache, `cached_tokens` in usage and the dev-mode `/reset_prefix_cache`.
 """
 

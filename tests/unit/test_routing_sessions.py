@@ -294,7 +294,7 @@ def sessions_of(table: SessionTable, key_id: str, count: int, now: float) -> int
 def test_a_flood_cuts_a_victim_to_an_equal_split_and_never_below(victim: int, kept: int) -> None:
     """Another key's flood into a full 4,096-entry table: a victim holding up to its equal
     split (4,096 ÷ 2 keys) keeps every session; one holding more is cut to exactly that split
-    (the guarantee a bounded table allows, as the README says), never below."""
+    (the guarantee a bounded table allows, as docs/design.md says), never below."""
     table = SessionTable(ttl_seconds=3600, capacity=4096)
     for number in range(victim):
         table.bind("victim", f"s-{number}", "node-b", "node-b", now=number / 1000)
