@@ -28,9 +28,9 @@ from typing import Any
 import structlog
 
 from affinity_store.store import AffinityStore, StoreError
-from gateway.background import stop_task
 from gateway.catalog import Key
 from gateway.dispatch.key_shares import CONCURRENCY, ShareBook, Unit
+from gateway.shared.background import stop_task
 
 logger = structlog.get_logger("gateway.dispatch.cluster_shares")
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
-from gateway.background import stop_task
 from gateway.catalog import Provider
 from gateway.config import SpillSettings
 from gateway.routing.node_latency import NodeTtft
+from gateway.shared.background import stop_task
 
 logger = structlog.get_logger("gateway.dispatch.load")
 

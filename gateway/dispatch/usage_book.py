@@ -19,9 +19,9 @@ import structlog
 
 from affinity_store.store import StoreError
 from affinity_store.usage import Tokens, UsageKey, UsageRow, UsageStore
-from gateway.background import stop_task
 from gateway.config import UsageSettings
 from gateway.dispatch.usage import Usage
+from gateway.shared.background import stop_task
 
 logger = structlog.get_logger("gateway.dispatch.usage_book")
 

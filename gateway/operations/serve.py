@@ -35,9 +35,9 @@ from gateway.config import Settings
 from gateway.config_loading import ConfigError, load_config
 from gateway.edge.connections import ConnectionLimits
 from gateway.edge.site import GuardedSite
-from gateway.operations.observability import configure_logging
 from gateway.operations.reload import keep_restart_only
 from gateway.selection.database import provisioned
+from gateway.shared.observability import configure_logging
 
 logger = structlog.get_logger("gateway.operations.serve")
 

@@ -21,10 +21,10 @@ from affinity_store.store import (
     StoreTimeout,
 )
 from gateway.config import AffinitySettings
-from gateway.operations.metrics import Metrics
 from gateway.selection.binding_cache import BindingCache
 from gateway.selection.breaker import Breaker, BreakerState
 from gateway.selection.deadlines import AdaptiveDeadline, await_within
+from gateway.shared.metrics import Metrics
 
 logger = structlog.get_logger("gateway.selection.affinity")
 
