@@ -47,7 +47,7 @@ from gateway.operations.usage_view import admin_usage as read_usage
 from gateway.selection.affinity import SharedAffinity
 from gateway.selection.database import database_url, describe_database, open_pool
 from gateway.selection.router import RouterMemory
-from gateway.shared.background import stop_task
+from gateway.shared.background import every, stop_task
 from gateway.shared.errors import GatewayError, error_body, error_response
 from gateway.shared.metrics import Metrics, exposition
 
@@ -320,11 +320,12 @@ async def _refresh_gauges(
     def held(use: str, size: int) -> None:
         metrics.memory_held.labels(use).set(size)
 
-    while True:
+    async def refresh() -> None:
         holder.current.router.publish_gauges()
         shedder.tick()
         budget.publish(metrics.memory_budget.set, held)
-        await asyncio.sleep(GAUGE_REFRESH_SECONDS)
+
+    await every("gauge-refresher", refresh, interval=GAUGE_REFRESH_SECONDS)
 
 
 @web.middleware
