@@ -25,6 +25,7 @@ from affinity_store.driver_errors import translated_driver_errors
 from affinity_store.postgres import Pool
 from affinity_store.queries import load_queries
 from affinity_store.store import StoreError
+from gateway.shared.background import Backoff, keep_retrying, stop_task
 
 logger = structlog.get_logger("affinity_store.notifications")
 
@@ -32,7 +33,7 @@ CHANNEL = "affinity_binding_changed"
 PING_PREFIX = "ping:"
 PING_INTERVAL_SECONDS = 10.0
 PING_TIMEOUT_SECONDS = 2.0
-RECONNECT_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0)
+RECONNECT_BACKOFF = Backoff((0.5, 1.0, 2.0, 5.0, 10.0))
 CONNECT_TIMEOUT_SECONDS = 5.0
 
 OnChange = Callable[[str, str], None]
@@ -64,37 +65,40 @@ class BindingChanges:
 
     async def stop(self) -> None:
         """Stop listening and close the connection."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         await self._close()
         self._set_verified(False)
 
     async def _run(self) -> None:
-        failures = 0
-        while True:
-            try:
-                if self._connection is None or self._connection.is_closed():
-                    await self._connect()
-                await self._ping()
-                failures = 0
-                self._lost.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._lost.wait(), PING_INTERVAL_SECONDS)
-            except (StoreError, TimeoutError) as error:
-                if self.verified:
-                    logger.warning(
-                        "binding_notifications_lost",
-                        error=type(error).__name__,
-                        detail="local binding copies expire after local_cache_seconds again",
-                    )
-                self._set_verified(False)
-                await self._close()
-                delay = RECONNECT_BACKOFF_SECONDS[min(failures, len(RECONNECT_BACKOFF_SECONDS) - 1)]
-                failures += 1
-                await asyncio.sleep(delay)
+        """Keep listening; after a failed round, reconnect following RECONNECT_BACKOFF."""
+        await keep_retrying(
+            "binding-changes",
+            self._listen,
+            retry_on=(StoreError, TimeoutError),
+            backoff=RECONNECT_BACKOFF,
+        )
+
+    async def _listen(self) -> None:
+        """One round: connect if need be, prove the channel with a ping, then wait for the next
+        ping or a lost connection. A failure leaves the listener unverified and disconnected."""
+        try:
+            if self._connection is None or self._connection.is_closed():
+                await self._connect()
+            await self._ping()
+            self._lost.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), PING_INTERVAL_SECONDS)
+        except (StoreError, TimeoutError) as error:
+            if self.verified:
+                logger.warning(
+                    "binding_notifications_lost",
+                    error=type(error).__name__,
+                    detail="local binding copies expire after local_cache_seconds again",
+                )
+            self._set_verified(False)
+            await self._close()
+            raise
 
     async def _connect(self) -> None:
         with translated_driver_errors(CONNECT_TIMEOUT_SECONDS):

@@ -44,8 +44,8 @@ from bench.harness import (
     write_results,
 )
 from gateway.config import AffinitySettings, hash_key
-from gateway.operations.metrics import Metrics
 from gateway.selection.affinity import SharedAffinity
+from gateway.shared.metrics import Metrics
 
 MODEL = "bench-model"
 NODES = ("node-a", "node-b", "node-c")

@@ -31,9 +31,9 @@ from gateway.config import AffinitySettings, Settings
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.permits import ProviderPermits
-from gateway.operations.metrics import Metrics
 from gateway.selection.affinity import SharedAffinity
 from gateway.selection.router import Router
+from gateway.shared.metrics import Metrics
 
 MODEL = "bands-model"
 NODES = ("node-a", "node-b", "node-c")

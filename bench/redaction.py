@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from gateway.dispatch.redaction import Redactor
+from gateway.shared.redaction import Redactor
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "redaction.json"
 CREDENTIAL = "sk-live-3f9c2a7b1e0d4c6f8a2b5e7d9c1a3f5b"

@@ -38,8 +38,8 @@ from affinity_store.postgres import Pool, PostgresAffinityStore, create_pool
 from affinity_store.store import LEAST_BOUND, Binding, Candidate, Renewal, Spread
 from bench.harness import write_results
 from gateway.config import AffinitySettings
-from gateway.operations.metrics import Metrics
 from gateway.selection.affinity import SharedAffinity
+from gateway.shared.metrics import Metrics
 
 PERIOD_SECONDS = 30
 CONCURRENCY = 64

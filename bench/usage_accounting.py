@@ -41,7 +41,7 @@ from gateway.config import Settings, UsageSettings
 from gateway.dispatch.usage import StreamUsage, usage_from_body, with_usage_requested
 from gateway.dispatch.usage_book import UsageBook, UsageFlusher
 from gateway.edge.request_log import RequestMetrics, count_tokens
-from gateway.operations.metrics import Metrics
+from gateway.shared.metrics import Metrics
 
 ADMIN_TOKEN = secrets.token_urlsafe(24)
 BODY = b'{"model":"bench-model","messages":[{"role":"user","content":"hi"}],"stream":true}'

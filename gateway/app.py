@@ -18,7 +18,6 @@ from affinity_store.notifications import BindingChanges
 from affinity_store.postgres import Pool, PostgresAffinityStore
 from affinity_store.store import AffinityStore
 from affinity_store.usage import MemoryUsageStore, PostgresUsageStore, UsageStore
-from gateway.background import stop_task
 from gateway.catalog import Catalog, Key
 from gateway.config import Settings
 from gateway.dispatch.cluster_shares import ClusterShares
@@ -35,13 +34,11 @@ from gateway.dispatch.usage_book import UsageBook, UsageFlusher
 from gateway.edge.connections import SERVER_NAME
 from gateway.edge.cors import Cors
 from gateway.edge.endpoints import ENDPOINTS, EndpointSpec
-from gateway.edge.errors import GatewayError, error_body, error_response
 from gateway.edge.openapi import OpenApiEndpoint
 from gateway.edge.overload import LoadShedder, OverloadGate, SheddingPolicy
 from gateway.edge.requestid import REQUEST_IDS, RequestIds, request_id_of
 from gateway.operations import admin
 from gateway.operations.cluster_view import describe_worker
-from gateway.operations.metrics import Metrics, exposition
 from gateway.operations.reload import Reloader
 from gateway.operations.runtime import Lifecycle, ProcessState, RuntimeHolder, build_runtime
 from gateway.operations.status import collect_status
@@ -50,6 +47,9 @@ from gateway.operations.usage_view import admin_usage as read_usage
 from gateway.selection.affinity import SharedAffinity
 from gateway.selection.database import database_url, describe_database, open_pool
 from gateway.selection.router import RouterMemory
+from gateway.shared.background import every, stop_task
+from gateway.shared.errors import GatewayError, error_body, error_response
+from gateway.shared.metrics import Metrics, exposition
 
 logger = structlog.get_logger("gateway.app")
 
@@ -88,7 +88,7 @@ def create_app(
     Bindings go to `store` when given, else to the Postgres at `database.url`; with neither,
     they stay in this process (a warning says so). Usage rollups go to `usage_store` when
     given, else to the same Postgres, else to memory. `metrics_directory` is set when several
-    workers share their metrics (see `gateway.operations.metrics`).
+    workers share their metrics (see `gateway.shared.metrics`).
     """
     cors = Cors(settings.server.cors_allow_origins) if settings.server.cors_allow_origins else None
     app = web.Application(
@@ -320,11 +320,12 @@ async def _refresh_gauges(
     def held(use: str, size: int) -> None:
         metrics.memory_held.labels(use).set(size)
 
-    while True:
+    async def refresh() -> None:
         holder.current.router.publish_gauges()
         shedder.tick()
         budget.publish(metrics.memory_budget.set, held)
-        await asyncio.sleep(GAUGE_REFRESH_SECONDS)
+
+    await every("gauge-refresher", refresh, interval=GAUGE_REFRESH_SECONDS)
 
 
 @web.middleware

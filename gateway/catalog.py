@@ -9,9 +9,9 @@ from functools import cached_property
 from typing import Literal
 
 from gateway.config import KeySettings, ProviderSettings, Settings, hash_key
-from gateway.dispatch.redaction import Redactor
 from gateway.routing.automodel import AutoModelSpec
 from gateway.routing.conversations import Scope
+from gateway.shared.redaction import Redactor
 
 Stickiness = Literal["shared", "session", "none"]
 

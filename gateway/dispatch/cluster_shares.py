@@ -28,9 +28,9 @@ from typing import Any
 import structlog
 
 from affinity_store.store import AffinityStore, StoreError
-from gateway.background import stop_task
 from gateway.catalog import Key
 from gateway.dispatch.key_shares import CONCURRENCY, ShareBook, Unit
+from gateway.shared.background import every, stop_task
 
 logger = structlog.get_logger("gateway.dispatch.cluster_shares")
 
@@ -104,15 +104,22 @@ class ClusterShares:
                 await self.store.leave(self.worker_id, timeout=CALL_TIMEOUT_SECONDS)
 
     async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.book.wake.wait(), timeout=HEARTBEAT_SECONDS)
-                await asyncio.sleep(MIN_WAKE_SECONDS)
-            self.book.wake.clear()
-            try:
-                await self.sync()
-            except Exception:
-                logger.exception("key_shares_sync_failed")
+        """A sync every heartbeat, or sooner once the book asks for one."""
+        await every(
+            "key-limit-shares",
+            self.sync,
+            interval=HEARTBEAT_SECONDS,
+            wait_first=True,
+            sleep=self._until_due,
+        )
+
+    async def _until_due(self, heartbeat: float) -> None:
+        """Wait for the next heartbeat, or for the book's wake-up and a moment more (so one
+        sync takes what a burst of requests asked for)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.book.wake.wait(), timeout=heartbeat)
+            await asyncio.sleep(MIN_WAKE_SECONDS)
+        self.book.wake.clear()
 
     async def sync(self, *, heartbeat: bool = False) -> None:
         """One round: a heartbeat when one is due (or asked for), then the book's claims.

@@ -17,6 +17,14 @@ from multidict import CIMultiDict
 from gateway.catalog import Provider, Timeouts
 from gateway.config import RoutingSettings
 from gateway.dispatch.blame import RequestBlame
+from gateway.dispatch.delivery import (
+    ClientStalledError,
+    HeldHeadResponse,
+    end_incomplete,
+    whole_answer,
+    write_last,
+    write_within,
+)
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.memory_budget import Reservation
 from gateway.dispatch.outcomes import (
@@ -29,6 +37,7 @@ from gateway.dispatch.outcomes import (
     relayed,
 )
 from gateway.dispatch.permits import ProviderPermits
+from gateway.dispatch.renamer import Renamer
 from gateway.dispatch.retries import (
     BUDGET,
     REQUEST_SUSPECTED,
@@ -56,16 +65,7 @@ from gateway.dispatch.upstream_errors import (
 from gateway.dispatch.upstream_pool import UpstreamPool
 from gateway.dispatch.upstream_response import UpstreamResponse
 from gateway.dispatch.usage import StreamUsage, Usage, usage_from_body
-from gateway.edge.delivery import (
-    ClientStalledError,
-    HeldHeadResponse,
-    end_incomplete,
-    whole_answer,
-    write_last,
-    write_within,
-)
-from gateway.edge.errors import GatewayError, sse_error_event
-from gateway.edge.model_names import Renamer
+from gateway.shared.errors import GatewayError, sse_error_event
 
 logger = structlog.get_logger("gateway.dispatch.dispatcher")
 

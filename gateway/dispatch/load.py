@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
-from gateway.background import stop_task
 from gateway.catalog import Provider
 from gateway.config import SpillSettings
 from gateway.routing.node_latency import NodeTtft
+from gateway.shared.background import every, stop_task
 
 logger = structlog.get_logger("gateway.dispatch.load")
 
@@ -152,9 +152,8 @@ class LoadPoller:
         self.polls += 1
 
     async def _run(self) -> None:
-        while True:
-            await self.poll_once()
-            await asyncio.sleep(self._interval)
+        """A poll at once, then one every poll interval."""
+        await every("load-poller", self.poll_once, interval=self._interval)
 
     async def _poll(self, provider: Provider) -> None:
         # A reload may replace the readings while this poll runs: it updates the one it started.

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Literal
 
-from gateway.edge.errors import GatewayError
+from gateway.shared.errors import GatewayError
 
 # What the bytes are held for (the `use` label of the metrics).
 Use = Literal["request_body", "upload_copy", "answer"]

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from gateway.dispatch.redaction import Redactor
 from gateway.dispatch.upstream_errors import (
     RequestNotReadError,
     UpstreamConnectError,
@@ -20,7 +19,8 @@ from gateway.dispatch.upstream_errors import (
     UpstreamMalformedError,
     UpstreamTlsError,
 )
-from gateway.edge.errors import GatewayError
+from gateway.shared.errors import GatewayError
+from gateway.shared.redaction import Redactor
 
 if TYPE_CHECKING:
     from gateway.dispatch.upstream_response import UpstreamResponse

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from gateway.catalog import Key, Provider
 from gateway.dispatch.key_shares import CONCURRENCY, RATE, ShareBook, Unit
-from gateway.edge.errors import GatewayError
+from gateway.shared.errors import GatewayError
 
 
 @dataclass

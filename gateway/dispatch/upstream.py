@@ -12,9 +12,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.catalog import Provider
 from gateway.config import RoutingSettings
 from gateway.dispatch.outcomes import RetryableAttemptError
-from gateway.dispatch.redaction import Redactor
 from gateway.dispatch.upstream_errors import UpstreamError
 from gateway.dispatch.upstream_response import UpstreamResponse
+from gateway.shared.redaction import Redactor
 
 # Client headers that go upstream: what an OpenAI-compatible server reads, nothing else. The
 # gateway sets `Authorization` (the provider's own credential), `x-request-id` and

@@ -3,14 +3,12 @@ then released (its connection back to the pool) or dropped."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final, Protocol
 
 from multidict import CIMultiDictProxy
 
 from gateway.dispatch.http1 import Http1Connection
-
-if TYPE_CHECKING:
-    from gateway.dispatch.upstream_pool import Origin
+from gateway.dispatch.origin import Origin
 
 DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
 

@@ -19,9 +19,9 @@ import structlog
 
 from affinity_store.store import StoreError
 from affinity_store.usage import Tokens, UsageKey, UsageRow, UsageStore
-from gateway.background import stop_task
 from gateway.config import UsageSettings
 from gateway.dispatch.usage import Usage
+from gateway.shared.background import every, stop_task
 
 logger = structlog.get_logger("gateway.dispatch.usage_book")
 
@@ -156,12 +156,16 @@ class UsageFlusher:
             return 0
 
     async def _run(self) -> None:
+        """A flush every flush interval; a purge every janitor interval, after its flush."""
         interval = self._settings.flush_interval_seconds
         purge_every = max(1, round(self._settings.janitor_interval_seconds / interval))
         rounds = 0
-        while True:
-            await asyncio.sleep(interval)
+
+        async def flush_round() -> None:
+            nonlocal rounds
             await self.flush()
             rounds += 1
             if rounds % purge_every == 0:
                 await self.purge()
+
+        await every("usage-flusher", flush_round, interval=interval, wait_first=True)

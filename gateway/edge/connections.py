@@ -30,7 +30,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from gateway.config import ServerSettings
-from gateway.edge.errors import error_body, error_response
+from gateway.shared.errors import error_body, error_response
 
 logger = structlog.get_logger("gateway.edge.connections")
 

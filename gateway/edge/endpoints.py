@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from gateway.edge.errors import GatewayError
 from gateway.edge.payload import Endpoint, parse_payload
+from gateway.shared.errors import GatewayError
 
 BodyKind = Literal["json", "multipart", "none"]
 StickinessKind = Literal["model", "none", "response"]

@@ -1,6 +1,8 @@
 """Model ids in raw JSON answers: the upstream id renamed to the public one in the `model`
 members only, and in error bodies (the request's side is `gateway.edge.model_splice`).
 
+Both renamers satisfy `gateway.dispatch.renamer.Renamer`, the shape dispatch asks for.
+
 No answer is re-serialised: every other byte stays as the upstream sent it (big integers, key
 order, spacing, escapes).
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Mapping
-from typing import Protocol
 
 import orjson
 
@@ -140,26 +141,6 @@ def rename_in_error(body: bytes | bytearray, names: Mapping[str, str]) -> bytes 
         replacement = orjson.dumps(public)[1:-1]
         body = whole_name.sub(lambda _, name=replacement: name, body)
     return body
-
-
-class Renamer(Protocol):
-    """Rewrites model ids in an answer: a whole body, or a stream chunk by chunk."""
-
-    def whole(self, body: bytes | bytearray) -> bytes | bytearray:
-        """A complete body, renamed."""
-        ...
-
-    def feed(self, chunk: bytes) -> bytes:
-        """The next chunk of a stream, renamed."""
-        ...
-
-    def flush(self) -> bytes:
-        """What is still held back once the stream ended."""
-        ...
-
-    def error(self, body: bytes | bytearray) -> bytes | bytearray:
-        """An upstream error body, renamed."""
-        ...
 
 
 class AnswerRenamer:

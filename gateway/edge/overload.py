@@ -47,7 +47,7 @@ import structlog
 from aiohttp import web
 
 from gateway.edge.endpoints import ENDPOINTS
-from gateway.edge.errors import error_body
+from gateway.shared.errors import error_body
 
 logger = structlog.get_logger("gateway.edge.overload")
 

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 import orjson
 
-from gateway.edge.errors import GatewayError
 from gateway.edge.model_splice import replace_model
+from gateway.shared.errors import GatewayError
 
 # What a JSON body must hold besides `model`: chat messages, a completion prompt, or nothing.
 Endpoint = Literal["chat", "completions", "model"]

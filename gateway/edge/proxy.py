@@ -14,25 +14,23 @@ import structlog
 from aiohttp import HttpVersion11, web
 
 from gateway.catalog import Catalog, Key, Provider
+from gateway.dispatch.delivery import deliver
 from gateway.dispatch.dispatcher import Dispatcher, DispatchRecord, DispatchRequest, RequestBody
 from gateway.dispatch.memory_budget import MemoryBudget, Reservation
 from gateway.dispatch.model_cards import ModelCards, model_object
 from gateway.dispatch.permits import KeyLimits, concurrency_headers
+from gateway.dispatch.renamer import Renamer
 from gateway.dispatch.usage import with_usage_requested
 from gateway.dispatch.usage_book import UsageBook
 from gateway.edge.connections import body_read_timeout, close_after_response
-from gateway.edge.delivery import deliver
 from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
-from gateway.edge.errors import GatewayError, is_utf8
-from gateway.edge.model_names import AnswerRenamer, ModelRenamer, Renamer
+from gateway.edge.model_names import AnswerRenamer, ModelRenamer
 from gateway.edge.overload import LoadShedder
 from gateway.edge.request_body import IDENTITY, check_encoding, content_encoding, decode_body
 from gateway.edge.request_log import RequestMetrics, record_request
 from gateway.edge.requestid import request_id_of
 from gateway.edge.responses import ResponseBindings, node_gone
 from gateway.edge.uploads import REPLAY_CAP_BYTES, Upload, open_upload, too_large
-from gateway.operations.metrics import Metrics
-from gateway.operations.status import RecentDecisions
 from gateway.routing.automodel import (
     AutoModelDisabled,
     InvalidAutoRoute,
@@ -42,10 +40,12 @@ from gateway.routing.automodel import (
 from gateway.routing.conversations import conversation_of
 from gateway.routing.sessions import session_id_from
 from gateway.selection.router import RequestContext, Router, RoutingDecision
+from gateway.shared.decisions import RECENT_DECISIONS, RecentDecisions
+from gateway.shared.errors import GatewayError, is_utf8
+from gateway.shared.metrics import Metrics
 
 logger = structlog.get_logger("gateway.edge.proxy")
 
-RECENT_DECISIONS = 50
 
 # nginx's convention for "the client closed the connection before the answer was complete".
 CLIENT_CLOSED_REQUEST = 499

@@ -12,7 +12,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import AsyncIterator, Callable
 
-from gateway.edge.errors import GatewayError
+from gateway.shared.errors import GatewayError
 
 # Decoders by `Content-Encoding` token: zlib's window bits for each container.
 DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}

@@ -11,10 +11,10 @@ from gateway.catalog import Key
 from gateway.dispatch.dispatcher import DispatchRecord
 from gateway.dispatch.usage import Usage
 from gateway.dispatch.usage_book import UsageBook
-from gateway.operations.metric_children import Children
-from gateway.operations.metrics import Metrics
-from gateway.operations.observability import json_lines
-from gateway.operations.status import RecentDecisions
+from gateway.shared.decisions import RecentDecisions
+from gateway.shared.metric_children import Children
+from gateway.shared.metrics import Metrics
+from gateway.shared.observability import json_lines
 
 logger = structlog.get_logger("gateway.edge.proxy")
 

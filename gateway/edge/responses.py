@@ -21,7 +21,7 @@ from affinity_store.store import AffinityStore, StoreError
 from gateway.catalog import Catalog, Key, Provider
 from gateway.config import AffinitySettings
 from gateway.dispatch.upstream import first_event
-from gateway.edge.errors import GatewayError
+from gateway.shared.errors import GatewayError
 
 logger = structlog.get_logger("gateway.edge.responses")
 

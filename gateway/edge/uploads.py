@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.dispatch.memory_budget import Reservation
 from gateway.edge.connections import body_read_timeout, close_after_response
 from gateway.edge.endpoints import ClientRequest
-from gateway.edge.errors import GatewayError
+from gateway.shared.errors import GatewayError
 
 # The most of an upload kept in memory for a replay on failover (and never over max_body_bytes).
 REPLAY_CAP_BYTES = 32 * 1024 * 1024

@@ -8,7 +8,7 @@ import hmac
 from aiohttp import web
 
 from affinity_store.store import AffinityStore, StoreError
-from gateway.edge.errors import GatewayError, is_utf8
+from gateway.shared.errors import GatewayError, is_utf8
 
 ADMIN_TIMEOUT_SECONDS = 2.0
 MAX_LISTED = 10_000

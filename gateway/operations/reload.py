@@ -18,8 +18,8 @@ from pydantic import BaseModel
 
 from gateway.config import DatabaseSettings, Settings
 from gateway.config_loading import ConfigError, load_config
-from gateway.operations.metrics import Metrics
 from gateway.operations.runtime import ProcessState, RuntimeHolder, build_runtime
+from gateway.shared.metrics import Metrics
 
 logger = structlog.get_logger("gateway.operations.reload")
 ModelT = TypeVar("ModelT", bound=BaseModel)

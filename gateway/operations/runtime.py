@@ -27,12 +27,12 @@ from gateway.dispatch.retries import RetryBudget
 from gateway.dispatch.upstream_pool import UpstreamPool
 from gateway.dispatch.usage_book import UsageBook
 from gateway.edge.overload import LoadShedder
-from gateway.edge.proxy import RECENT_DECISIONS, Proxy
+from gateway.edge.proxy import Proxy
 from gateway.edge.responses import ResponseBindings
-from gateway.operations.metrics import Metrics
-from gateway.operations.status import RecentDecisions
 from gateway.selection.affinity import SharedAffinity
 from gateway.selection.router import Router, RouterMemory
+from gateway.shared.decisions import RECENT_DECISIONS, RecentDecisions
+from gateway.shared.metrics import Metrics
 
 
 def settings_digest(settings: Settings) -> str:

@@ -35,14 +35,15 @@ from gateway.config import Settings
 from gateway.config_loading import ConfigError, load_config
 from gateway.edge.connections import ConnectionLimits
 from gateway.edge.site import GuardedSite
-from gateway.operations.observability import configure_logging
 from gateway.operations.reload import keep_restart_only
 from gateway.selection.database import provisioned
+from gateway.shared.background import Backoff, log_retry
+from gateway.shared.observability import configure_logging
 
 logger = structlog.get_logger("gateway.operations.serve")
 
 # Worker restarts back off so a worker that dies at start-up cannot spin the supervisor.
-RESTART_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0)
+RESTART_BACKOFF = Backoff((0.5, 1.0, 2.0, 5.0))
 MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 # prctl(2) option: the signal this process gets when its parent dies.
 PR_SET_PDEATHSIG = 1
@@ -389,8 +390,9 @@ class Supervisor:
                 multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
                     process.pid, self._metrics_directory
                 )
-            delay = RESTART_BACKOFF_SECONDS[min(self._restarts, len(RESTART_BACKOFF_SECONDS) - 1)]
+            delay = RESTART_BACKOFF.delay(self._restarts)
             self._restarts += 1
+            log_retry("worker-restart", self._restarts, delay, "WorkerExited")
             time.sleep(delay)
             self._processes[index] = self._spawn()
             logger.info("worker_restarted", pid=self._processes[index].pid)

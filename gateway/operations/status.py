@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +14,7 @@ from affinity_store.usage import UsageStore
 from gateway.dispatch.memory_budget import USES
 from gateway.operations.cluster_view import ClusterSection, collect_cluster
 from gateway.operations.usage_view import UsageSection, collect_usage
+from gateway.shared.decisions import RecentDecision
 
 if TYPE_CHECKING:
     from gateway.operations.runtime import Runtime
@@ -39,45 +39,6 @@ class ProviderRow:
     cooldown_withheld: bool = False
     latency_source: str = "none"  # node (its own metrics), own (this worker's samples), none
     latency_age_seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class RecentDecision:
-    """One recent request: ids and outcome, never a key or a prompt."""
-
-    at: float  # Unix time
-    request_id: str
-    key_id: str | None
-    model: str | None
-    provider: str | None
-    affinity: str
-    attempts: tuple[str, ...]
-    status: int
-    duration_ms: float
-
-
-# A RecentDecision's fields in order, as a request records them (a tuple costs far less to make).
-DecisionFields = tuple[
-    float, str, str | None, str | None, str | None, str, tuple[str, ...], int, float
-]
-
-
-class RecentDecisions:
-    """The last requests' decisions, kept as tuples and read as `RecentDecision` rows."""
-
-    def __init__(self, limit: int) -> None:
-        self._rows: deque[DecisionFields] = deque(maxlen=limit)
-
-    def add(self, fields: DecisionFields) -> None:
-        """Keep one request's decision (`RecentDecision`'s fields in order), the oldest going."""
-        self._rows.append(fields)
-
-    def __iter__(self) -> Iterator[RecentDecision]:
-        """The kept decisions, oldest first."""
-        return (RecentDecision(*fields) for fields in list(self._rows))
-
-    def __len__(self) -> int:
-        return len(self._rows)
 
 
 @dataclass(frozen=True)

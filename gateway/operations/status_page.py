@@ -11,10 +11,10 @@ from gateway.operations.status import (
     MemoryRow,
     OverloadRow,
     ProviderRow,
-    RecentDecision,
     StatusSnapshot,
 )
 from gateway.operations.usage_view import render_usage
+from gateway.shared.decisions import RecentDecision
 
 # Inline on purpose: the page must work with no asset routes, no build step and no network.
 STYLE = """

@@ -21,8 +21,8 @@ from aiohttp import web
 
 from affinity_store.store import StoreError
 from affinity_store.usage import MinuteUsage, Tokens, UsageStore
-from gateway.edge.errors import GatewayError
 from gateway.operations.usage_report import grouped, parse_groups, parse_span
+from gateway.shared.errors import GatewayError
 
 ADMIN_USAGE_TIMEOUT_SECONDS = 2.0
 DEFAULT_SINCE = "24h"

@@ -21,10 +21,11 @@ from affinity_store.store import (
     StoreTimeout,
 )
 from gateway.config import AffinitySettings
-from gateway.operations.metrics import Metrics
 from gateway.selection.binding_cache import BindingCache
 from gateway.selection.breaker import Breaker, BreakerState
 from gateway.selection.deadlines import AdaptiveDeadline, await_within
+from gateway.shared.background import every, stop_task
+from gateway.shared.metrics import Metrics
 
 logger = structlog.get_logger("gateway.selection.affinity")
 
@@ -192,10 +193,7 @@ class SharedAffinity:
     async def stop(self) -> None:
         """Cancel the background tasks and wait for them."""
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
         self._tasks = []
 
     def cached(self, api_key_id: str, model: str, *, fresh: bool = True) -> CachedBinding | None:
@@ -492,10 +490,17 @@ class SharedAffinity:
         )
 
     async def _janitor(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.janitor_interval_seconds)
-            if not self.breaker.allow():
-                continue
+        """A purge of long-expired bindings every janitor interval."""
+        await every(
+            "affinity-janitor",
+            self._purge_expired,
+            interval=self._settings.janitor_interval_seconds,
+            wait_first=True,
+        )
+
+    async def _purge_expired(self) -> None:
+        """One janitor round (none while the store's breaker is open)."""
+        if self.breaker.allow():
             with contextlib.suppress(StoreError):
                 deleted = await self._call(
                     "purge",

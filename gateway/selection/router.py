@@ -21,7 +21,6 @@ from gateway.config import RoutingSettings, SpillSettings
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller, should_spill
 from gateway.dispatch.permits import ProviderPermits
-from gateway.operations.metrics import Metrics
 from gateway.routing.conversations import binding_model
 from gateway.routing.latency import LatencyTracker
 from gateway.routing.node_latency import FleetLatency, shared_band
@@ -44,6 +43,7 @@ from gateway.routing.preferences import (
 from gateway.routing.rendezvous import rendezvous_order
 from gateway.routing.sessions import SessionTable
 from gateway.selection.affinity import CachedBinding, SharedAffinity
+from gateway.shared.metrics import Metrics
 
 logger = structlog.get_logger("gateway.selection.router")
 

@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from gateway.operations.observability import configure_logging
+from gateway.shared.observability import configure_logging
 from gateway.simulator.options import Faults, Mode, SimulatorOptions, Timing
 from gateway.simulator.server import SimulatorServer
 

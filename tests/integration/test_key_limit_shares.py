@@ -16,7 +16,7 @@ from gateway.catalog import Key
 from gateway.dispatch.cluster_shares import ClusterShares
 from gateway.dispatch.key_shares import CONCURRENCY, ShareBook
 from gateway.dispatch.permits import KeyLimits
-from gateway.edge.errors import GatewayError
+from gateway.shared.errors import GatewayError
 from tests.support.keys import plain_key
 
 pytestmark = pytest.mark.timeout(60)

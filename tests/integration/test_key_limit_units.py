@@ -18,7 +18,7 @@ from gateway.catalog import Key
 from gateway.dispatch.cluster_shares import WORKER_TTL_SECONDS, ClusterShares
 from gateway.dispatch.key_shares import CONCURRENCY, ShareBook
 from gateway.dispatch.permits import KeyLimits
-from gateway.edge.errors import GatewayError
+from gateway.shared.errors import GatewayError
 from tests.support.keys import plain_key
 from tests.support.polling import wait_until
 

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.edge.delivery import HeldHeadResponse, write_last, write_within
+from gateway.dispatch.delivery import HeldHeadResponse, write_last, write_within
 
 EVENT = b'data: {"id":"x"}\n\n'
 DEADLINE = 5.0

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from prometheus_client.metrics import MetricWrapperBase
 
-from gateway.operations.metrics import Metrics
+from gateway.shared.metrics import Metrics
 
 TARGET_LABELS = frozenset({"job", "instance"})
 PROMQL_KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "inf", "nan"})
@@ -16,7 +16,7 @@ PROMQL_KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "inf", "na
 
 @dataclass(frozen=True)
 class Family:
-    """One metric family of `gateway.operations.metrics.Metrics`, as registered."""
+    """One metric family of `gateway.shared.metrics.Metrics`, as registered."""
 
     name: str
     kind: str

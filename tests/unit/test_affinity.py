@@ -23,9 +23,9 @@ from affinity_store.store import (
     StoreUnavailable,
 )
 from gateway.config import AffinitySettings
-from gateway.operations.metrics import Metrics
 from gateway.selection.affinity import SharedAffinity
 from gateway.selection.breaker import Breaker
+from gateway.shared.metrics import Metrics
 from tests.support.polling import wait_until
 
 A = Candidate("node-a", "node-a")

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.config import ServerSettings
 from gateway.dispatch.permits import KeyLimits, per_key_limit
-from gateway.edge.errors import GatewayError
+from gateway.shared.errors import GatewayError
 from tests.support.keys import plain_key
 
 

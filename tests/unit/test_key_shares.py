@@ -7,7 +7,7 @@ import pytest
 from affinity_store.shares import ShareRow, fair_shares, grant
 from gateway.dispatch.key_shares import CONCURRENCY, RATE, ShareBook
 from gateway.dispatch.permits import KeyLimits
-from gateway.edge.errors import GatewayError
+from gateway.shared.errors import GatewayError
 from tests.support.keys import plain_key
 
 

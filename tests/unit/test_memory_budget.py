@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.dispatch.delivery import HEAD_FIRST_BYTES, HeadFirstResponse, whole_answer
 from gateway.dispatch.memory_budget import MemoryBudget
-from gateway.edge.delivery import HEAD_FIRST_BYTES, HeadFirstResponse, whole_answer
-from gateway.edge.errors import GatewayError
+from gateway.shared.errors import GatewayError
 
 
 async def test_a_key_past_its_share_gets_429_and_the_worker_past_its_limit_503() -> None:

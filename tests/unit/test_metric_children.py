@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter
 
-from gateway.operations.metric_children import Children
+from gateway.shared.metric_children import Children
 
 
 def _family() -> Counter:

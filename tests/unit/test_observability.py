@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import structlog
 
-from gateway.operations.observability import IsoTimeStamper, RepeatLimiter, configure_logging
+from gateway.shared.observability import IsoTimeStamper, RepeatLimiter, configure_logging
 
 
 def test_identical_warnings_pass_once_per_interval_and_count_the_rest() -> None:

@@ -9,8 +9,8 @@ import schemathesis
 from schemathesis.core.result import Err
 
 from gateway.app import create_app
-from gateway.edge.errors import ERROR_TYPES
 from gateway.edge.openapi import load_spec
+from gateway.shared.errors import ERROR_TYPES
 from tests.support.gateway import build_settings
 
 METHODS = ("get", "post", "put", "patch", "delete")

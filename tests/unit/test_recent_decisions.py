@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.operations.status import DecisionFields, RecentDecision, RecentDecisions
+from gateway.shared.decisions import DecisionFields, RecentDecision, RecentDecisions
 
 
 def _fields(request_id: str) -> DecisionFields:

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import pytest
 
-from gateway.dispatch.redaction import REDACTED, Redactor
+from gateway.shared.redaction import REDACTED, Redactor
 
 SECRET = 'sk-pa"ss/wo\\rd-é€😀-0123'
 

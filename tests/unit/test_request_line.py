@@ -13,9 +13,9 @@ from gateway.catalog import Provider
 from gateway.dispatch.dispatcher import DispatchRecord
 from gateway.dispatch.outcomes import Attempt
 from gateway.edge import request_log
-from gateway.operations.metrics import Metrics
-from gateway.operations.observability import configure_logging, json_lines
-from gateway.operations.status import RecentDecisions
+from gateway.shared.decisions import RecentDecisions
+from gateway.shared.metrics import Metrics
+from gateway.shared.observability import configure_logging, json_lines
 from tests.support.keys import plain_key
 
 STAMP = re.compile(rb'"timestamp":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"')

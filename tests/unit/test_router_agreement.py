@@ -14,9 +14,9 @@ from gateway.config import AffinitySettings, Settings
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.permits import ProviderPermits
-from gateway.operations.metrics import Metrics
 from gateway.selection.affinity import SharedAffinity
 from gateway.selection.router import RequestContext, Router
+from gateway.shared.metrics import Metrics
 from tests.support.gateway import TEST_MODEL, settings_dict
 
 NODES = {

@@ -12,10 +12,10 @@ from gateway.operations.status import (
     KeyShareRow,
     OverloadRow,
     ProviderRow,
-    RecentDecision,
     StatusSnapshot,
 )
 from gateway.operations.status_page import render_status
+from gateway.shared.decisions import RecentDecision
 
 HOSTILE = "<script>alert('x')</script>&\""
 
