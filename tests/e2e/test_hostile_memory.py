@@ -242,7 +242,7 @@ async def test_stalled_bodies_and_uploads_of_one_key_stay_within_the_memory_budg
 
 
 # Retention the allocator keeps after the uploads' objects are gone (measured 6-25 MiB over the
-# baseline after the cycle fixes; the issue's goal of 10 % is not reliably met, see issue 21's note).
+# baseline after the cycle fixes; the issue's goal of 10 % is not reliably met, issue 21).
 # Before them, the 8 uploads' copies (72 MiB) stayed referenced: 41 MiB and more over.
 ALLOCATOR_RETENTION = 32 * MIB
 
