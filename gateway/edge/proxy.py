@@ -15,7 +15,8 @@ from aiohttp import HttpVersion11, web
 
 from gateway.catalog import Catalog, Key, Provider
 from gateway.dispatch.delivery import deliver
-from gateway.dispatch.dispatcher import Dispatcher, DispatchRecord, DispatchRequest, RequestBody
+from gateway.dispatch.dispatcher import Dispatcher
+from gateway.dispatch.job import DispatchRecord, DispatchRequest, RequestBody
 from gateway.dispatch.memory_budget import MemoryBudget, Reservation
 from gateway.dispatch.model_cards import ModelCards, model_object
 from gateway.dispatch.permits import KeyLimits, concurrency_headers

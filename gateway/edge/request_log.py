@@ -8,7 +8,7 @@ import structlog
 
 from affinity_store.usage import UsageKey
 from gateway.catalog import Key
-from gateway.dispatch.dispatcher import DispatchRecord
+from gateway.dispatch.job import DispatchRecord
 from gateway.dispatch.usage import Usage
 from gateway.dispatch.usage_book import UsageBook
 from gateway.shared.decisions import RecentDecisions

@@ -13,7 +13,7 @@ import orjson
 import psutil
 import pytest
 
-from gateway.dispatch.dispatcher import MAX_RESPONSE_BYTES
+from gateway.dispatch.whole_relay import MAX_RESPONSE_BYTES
 from gateway.simulator.options import Mode
 from tests.support.gateway import TEST_KEY, TEST_MODEL, GatewayProcess, chat_body, settings_dict
 from tests.support.polling import wait_until

@@ -18,8 +18,8 @@ from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from gateway.app import error_middleware
-from gateway.dispatch.dispatcher import MAX_RESPONSE_BYTES
 from gateway.dispatch.upstream import MAX_SSE_EVENT_BYTES
+from gateway.dispatch.whole_relay import MAX_RESPONSE_BYTES
 from gateway.edge.requestid import REQUEST_IDS, RequestIds
 from gateway.simulator import Faults
 from gateway.simulator.options import Mode

@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from gateway.catalog import Provider
-from gateway.dispatch.dispatcher import DispatchRecord
+from gateway.dispatch.job import DispatchRecord
 from gateway.dispatch.outcomes import Attempt
 from gateway.edge import request_log
 from gateway.shared.decisions import RecentDecisions
