@@ -295,6 +295,8 @@ class Router:
             metrics.provider_in_flight.labels(name).set(self.permits.in_flight(name))
             metrics.provider_cooldown.labels(name).set(self.health.cooling_remaining(name))
             metrics.provider_load.labels(name).set(self._poller.load(name))
+            capacity = self._poller.cache_capacity(name)
+            metrics.provider_cache_tokens.labels(name).set(-1 if capacity is None else capacity)
         for model, providers in self.catalog.serving.items():
             for provider, band in self.bands(model, [p.name for p in providers], now).items():
                 metrics.latency_band.labels(provider, model).set(band)
