@@ -24,6 +24,14 @@ SHARES_NAMESPACE = 0x41464E4B
 The ASCII bytes "AFNK" as a big-endian int32; written shares of one key's limit queue on it.
 """
 
+SPREAD_NAMESPACE = 0x41464E53
+"""Namespace of a spread group's lock: `(SPREAD_NAMESPACE, binding_lock_key(group, ""))`.
+
+The ASCII bytes "AFNS" as a big-endian int32. A claim that names a spread group takes it after
+its binding's lock (never the other way round), just before it reads the counts, so claims of
+one group choose one at a time.
+"""
+
 MIGRATION_LOCK_KEY = 1
 """Key in `MAINTENANCE_NAMESPACE` held while migrations are applied."""
 

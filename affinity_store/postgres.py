@@ -22,6 +22,7 @@ from affinity_store.locks import (
     MAINTENANCE_NAMESPACE,
     NAMESPACE,
     SHARES_NAMESPACE,
+    SPREAD_NAMESPACE,
     binding_lock_key,
 )
 from affinity_store.queries import Queries, load_queries
@@ -153,7 +154,8 @@ class PostgresAffinityStore:
         spread: Spread = LEAST_BOUND,
     ) -> Binding:
         """Return the live acceptable binding or bind a preferred candidate chosen by `spread`
-        over the counters, in one short transaction under the key's advisory lock."""
+        over the counters, in one short transaction under the key's advisory lock (and, when
+        the spread names a group, the group's lock, taken second)."""
         if not preferred:
             raise ValueError("claim needs at least one preferred candidate")
         queries = self._queries
@@ -161,6 +163,11 @@ class PostgresAffinityStore:
             live = existing is not None and existing["ttl_remaining"] > 0
             if live and existing is not None and existing["provider"] in acceptable:
                 return _binding_from_record(existing)
+            if spread.group is not None:
+                # Claims of one group read the counts one at a time: each sees the last's.
+                await connection.execute(
+                    queries.lock_binding, SPREAD_NAMESPACE, binding_lock_key(spread.group, "")
+                )
             identities = sorted({candidate.routing_identity for candidate in preferred})
             records = await connection.fetch(queries.count_bindings, identities)
             counts = {record["routing_identity"]: record["bindings"] for record in records}

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -33,16 +33,28 @@ class Binding:
 
 @dataclass(frozen=True)
 class Spread:
-    """How many more bindings the first candidate may hold than the least-bound one.
+    """How a claim spreads new bindings over its candidates.
 
-    The allowance is `share` of the least-bound candidate's count, and at least `minimum`.
-    The default (no allowance) binds the least-bound candidate, earliest on ties.
+    `share`/`minimum`: how many more bindings the first candidate may hold than the least-bound
+    one: `share` of the least-bound count, and at least `minimum`. The default (no allowance)
+    binds the least-bound candidate, earliest on ties.
+
+    `weights`: each routing identity's capacity (its node's KV cache in tokens) where known;
+    counts are compared per unit of capacity, so a node with twice the cache takes twice the
+    bindings, and a weight of 0 (a full cache) takes none while any candidate has room.
+    Identities without a weight count as the mean of the known ones.
+
+    `group`: claims naming the same group choose one at a time (in Postgres, under one more
+    advisory lock taken after the binding's own), so simultaneous claims of one key's new
+    conversations each see the others' bindings; None for a claim that need not wait.
     """
 
     share: float = 0.0
     minimum: int = 0
+    weights: Mapping[str, float] = field(default_factory=dict)
+    group: str | None = None
 
-    def allowance(self, least: int) -> float:
+    def allowance(self, least: float) -> float:
         """The extra bindings the first candidate may hold over `least`."""
         return max(float(self.minimum), self.share * least)
 

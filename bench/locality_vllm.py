@@ -281,8 +281,10 @@ async def run(options: argparse.Namespace, work: Path) -> dict[str, Any]:
         if options.node_url:
             nodes = {f"node-{index}": url for index, url in enumerate(options.node_url)}
         else:
-            for _ in range(options.nodes):
-                node = VllmNode(work / "vllm", kv_blocks=options.kv_blocks)
+            sizes = [int(size) for size in options.node_kv_blocks.split(",") if size]
+            for index in range(options.nodes):
+                blocks = sizes[index] if index < len(sizes) else options.kv_blocks
+                node = VllmNode(work / "vllm", kv_blocks=blocks)
                 node.launch()
                 started.append(node)
             for node in started:
@@ -340,6 +342,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--kv-blocks", type=int, default=160, help="each node's KV cache")
+    parser.add_argument(
+        "--node-kv-blocks",
+        default="",
+        help="each node's KV cache in blocks, comma-separated (unequal nodes; else --kv-blocks)",
+    )
     parser.add_argument("--node-url", action="append", default=[], help="use running nodes")
     parser.add_argument("--phase", dest="phases", action="append", choices=PHASES + ONE_KEY_PHASES)
     parser.add_argument("--output", default="locality_vllm", help="results name (bench/results)")

@@ -4,6 +4,7 @@ histogram), and the spill rule built on the load."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,13 @@ LOAD_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 TTFT_SUMS = ("vllm:time_to_first_token_seconds_sum", "sglang:time_to_first_token_seconds_sum")
 TTFT_COUNTS = ("vllm:time_to_first_token_seconds_count", "sglang:time_to_first_token_seconds_count")
 _TTFT_METRICS = (*TTFT_SUMS, *TTFT_COUNTS)
+# KV-cache usage: vLLM v1's name, and v0's (still in older builds).
+CACHE_USAGE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+CACHE_CONFIG_METRIC = "vllm:cache_config_info"
+# Whole label names only: vLLM also reports `effective_attention_block_size` and the like.
+_CACHE_CONFIG_LABELS = re.compile(r'(?:^|[{,])(num_gpu_blocks|block_size)="([0-9]+)"')
+# A node whose running sequences hold this share of its KV cache takes no new conversations.
+CACHE_FULL_USAGE = 0.9
 MAX_METRICS_BYTES = 4 * 1024 * 1024
 # A reading older than this many poll intervals is stale: fall back to local in-flight counts.
 STALE_AFTER_INTERVALS = 3
@@ -36,26 +44,50 @@ class Reading:
     read_at: float = 0.0
     consecutive_failures: int = 0
     ttft: NodeTtft = field(default_factory=NodeTtft)
+    cache_tokens: float | None = None
+    cache_usage: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class NodeFigures:
-    """What one `/metrics` page says: the load, and the TTFT histogram's running totals (each
-    summed over label sets, None where the page has none)."""
+    """What one `/metrics` page says: the load, the TTFT histogram's running totals (each
+    summed over label sets), the KV cache's size in tokens (summed over engines) and its usage
+    (the fullest engine's); None where the page has none."""
 
     load: float | None
     ttft_seconds: float | None
     ttft_count: float | None
+    cache_tokens: float | None = None
+    cache_usage: float | None = None
+
+
+def _cache_tokens(line: str) -> float | None:
+    """Tokens one engine's KV cache holds, from a `vllm:cache_config_info` line's labels."""
+    labels = dict(_CACHE_CONFIG_LABELS.findall(line.split("}", 1)[0]))
+    if "num_gpu_blocks" not in labels or "block_size" not in labels:
+        return None  # vLLM reports `None` blocks before the cache is sized
+    return float(int(labels["num_gpu_blocks"]) * int(labels["block_size"]))
 
 
 def parse_node_metrics(text: str) -> NodeFigures:
-    """Read the load (running + waiting) and the TTFT totals from a Prometheus text page."""
+    """Read the load (running + waiting), the TTFT totals and the KV cache's size and usage
+    from a Prometheus text page."""
     sums: dict[str, float] = {}
+    usage: float | None = None
     for line in text.splitlines():
         if not line.startswith(("vllm:", "sglang:")):
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name not in LOAD_METRICS and name not in _TTFT_METRICS:
+        if name == CACHE_CONFIG_METRIC:
+            tokens = _cache_tokens(line)
+            if tokens is not None:
+                sums["cache"] = sums.get("cache", 0.0) + tokens
+            continue
+        if (
+            name not in LOAD_METRICS
+            and name not in _TTFT_METRICS
+            and name not in CACHE_USAGE_METRICS
+        ):
             continue
         after_labels = line.rsplit("}", 1)[1] if "}" in line else line[len(name) :]
         fields = after_labels.split()
@@ -63,9 +95,14 @@ def parse_node_metrics(text: str) -> NodeFigures:
             value = float(fields[0])
         except (IndexError, ValueError):
             continue
+        if name in CACHE_USAGE_METRICS:
+            usage = value if usage is None else max(usage, value)
+            continue
         group = "load" if name in LOAD_METRICS else "sum" if name in TTFT_SUMS else "count"
         sums[group] = sums.get(group, 0.0) + value
-    return NodeFigures(sums.get("load"), sums.get("sum"), sums.get("count"))
+    return NodeFigures(
+        sums.get("load"), sums.get("sum"), sums.get("count"), sums.get("cache"), usage
+    )
 
 
 class LoadPoller:
@@ -112,6 +149,16 @@ class LoadPoller:
             and reading.load is not None
             and self._clock() - reading.read_at <= self._interval * STALE_AFTER_INTERVALS
         )
+
+    def cache_capacity(self, provider: str) -> float | None:
+        """The node's KV cache as a claim weighs it: its size in tokens, 0 when it is nearly
+        full (its running sequences hold `CACHE_FULL_USAGE` of it: a new conversation would
+        evict the bound ones' prefixes), None when its polls are stale or it reports no size."""
+        reading = self.readings.get(provider)
+        if reading is None or reading.cache_tokens is None or not self.is_polled(provider):
+            return None
+        usage = reading.cache_usage
+        return 0.0 if usage is not None and usage >= CACHE_FULL_USAGE else reading.cache_tokens
 
     def node_ttft(self, provider: str) -> float | None:
         """The node's own mean time to first token over the TTFT window; None when its polls
@@ -176,6 +223,8 @@ class LoadPoller:
         reading.consecutive_failures = 0
         reading.load = figures.load
         reading.read_at = now
+        reading.cache_tokens = figures.cache_tokens
+        reading.cache_usage = figures.cache_usage
         if figures.ttft_seconds is not None and figures.ttft_count is not None:
             reading.ttft.add(now, figures.ttft_seconds, figures.ttft_count)
 

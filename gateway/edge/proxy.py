@@ -63,6 +63,44 @@ class Resolved:
     via_auto: bool
 
 
+def routing_context(
+    catalog: Catalog,
+    spec: EndpointSpec,
+    *,
+    request_id: str,
+    key: Key,
+    model: str | None,
+    stream: bool,
+    headers: Mapping[str, str],
+    body: Mapping[str, Any],
+    pinned: bool,
+) -> RequestContext:
+    """What the router routes a request by. Only a sticky endpoint (chat, completions) of a
+    sticky model reads a session id or computes the conversation's digest: embeddings,
+    tokenize and the other least-loaded endpoints, and requests pinned to a stored response,
+    never do the work."""
+    sticky = model is not None and spec.stickiness != "none" and not pinned
+    stickiness = catalog.stickiness(model) if sticky and model is not None else "none"
+    conversation = None
+    if stickiness == "shared" and model is not None:
+        conversation = conversation_of(
+            body,
+            headers,
+            scope=catalog.affinity_scope(model),
+            deployment_secret=catalog.conversation_secret,
+            key_digest=key.digest,
+            head_bytes=catalog.conversation_head_bytes,
+        )
+    return RequestContext(
+        request_id=request_id,
+        key=key,
+        model=model or "",
+        stream=stream,
+        session_id=session_id_from(headers, body) if stickiness == "session" else None,
+        conversation=conversation,
+    )
+
+
 class Proxy:
     """Owns the per-process pieces a request passes through and answers proxied requests."""
 
@@ -347,22 +385,16 @@ class Proxy:
                     param="model",
                 )
             model = resolved.model if resolved is not None else None
-            stickiness = self.catalog.stickiness(model) if model is not None else "none"
-            context = RequestContext(
+            context = routing_context(
+                self.catalog,
+                spec,
                 request_id=request_id,
                 key=key,
-                model=model or "",
+                model=model,
                 stream=parsed.stream,
-                session_id=(
-                    session_id_from(request.headers, parsed.data)
-                    if stickiness == "session"
-                    else None
-                ),
-                conversation=(
-                    self._conversation(request, key, model, parsed.data)
-                    if model is not None and stickiness == "shared" and pinned is None
-                    else None
-                ),
+                headers=request.headers,
+                body=parsed.data,
+                pinned=pinned is not None,
             )
             decision = await self._decide(spec, context, candidates, pinned)
             affinity = decision.affinity
@@ -425,20 +457,6 @@ class Proxy:
                 started_at=started_at,
                 usage_book=self.usage_book,
             )
-
-    def _conversation(
-        self, request: web.Request, key: Key, model: str, body: Mapping[str, Any]
-    ) -> str | None:
-        """The request's conversation for its shared binding (see routing/conversations.py)."""
-        catalog = self.catalog
-        return conversation_of(
-            body,
-            request.headers,
-            scope=catalog.affinity_scope(model),
-            deployment_secret=catalog.conversation_secret,
-            key_digest=key.digest,
-            head_bytes=catalog.conversation_head_bytes,
-        )
 
     def _default_model(self, key: Key) -> str:
         """The model for a body that may leave `model` out and did: the key's default."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -254,12 +255,20 @@ class SharedAffinity:
         *,
         preferred: Sequence[Candidate],
         acceptable: Collection[str],
+        weights: Mapping[str, float] | None = None,
+        group: str | None = None,
     ) -> Lookup:
-        """Bind on a miss; concurrent misses for one (key, model) here share one claim."""
+        """Bind on a miss; concurrent misses for one (key, model) here share one claim.
+
+        `weights` (capacity per routing identity) and `group` shape the claim's spread (see
+        `Spread`)."""
+        spread = self._spread
+        if weights or group is not None:
+            spread = dataclasses.replace(spread, weights=weights or {}, group=group)
         return await self._collapsed(
             self._claims,
             (api_key_id, model),
-            lambda: self._claim(api_key_id, model, preferred, acceptable),
+            lambda: self._claim(api_key_id, model, preferred, acceptable, spread),
         )
 
     @staticmethod
@@ -296,6 +305,7 @@ class SharedAffinity:
         model: str,
         preferred: Sequence[Candidate],
         acceptable: Collection[str],
+        spread: Spread,
     ) -> Lookup:
         if not self.breaker.allow():
             return Lookup(None, degraded=True)
@@ -310,7 +320,7 @@ class SharedAffinity:
                     preferred=preferred,
                     ttl_seconds=self._settings.ttl_seconds,
                     timeout=limit,
-                    spread=self._spread,
+                    spread=spread,
                 ),
             )
         except StoreError:

@@ -208,7 +208,13 @@ class Router:
                 acceptable = preferred if preferred is not None else names
                 tier = self._agreed_tier(key.id, bound_model, order(request), candidates)
                 lookup = await self.affinity.claim(
-                    key.id, bound_model, preferred=tier, acceptable=acceptable
+                    key.id,
+                    bound_model,
+                    preferred=tier,
+                    acceptable=acceptable,
+                    weights=self._cache_weights(tier),
+                    # One key's new conversations choose one at a time, each seeing the last.
+                    group=None if context.conversation is None else f"{key.id}\n{model}",
                 )
                 bound = lookup.binding
                 if lookup.degraded:
@@ -289,6 +295,8 @@ class Router:
             metrics.provider_in_flight.labels(name).set(self.permits.in_flight(name))
             metrics.provider_cooldown.labels(name).set(self.health.cooling_remaining(name))
             metrics.provider_load.labels(name).set(self._poller.load(name))
+            capacity = self._poller.cache_capacity(name)
+            metrics.provider_cache_tokens.labels(name).set(-1 if capacity is None else capacity)
         for model, providers in self.catalog.serving.items():
             for provider, band in self.bands(model, [p.name for p in providers], now).items():
                 metrics.latency_band.labels(provider, model).set(band)
@@ -370,6 +378,15 @@ class Router:
     def load(self, provider: str) -> float:
         """The provider's current load as routing sees it."""
         return self._poller.load(provider)
+
+    def _cache_weights(self, tier: Sequence[Candidate]) -> dict[str, float]:
+        """Each candidate node's KV-cache capacity where it reports one (0: nearly full)."""
+        weights: dict[str, float] = {}
+        for candidate in tier:
+            capacity = self._poller.cache_capacity(candidate.provider)
+            if capacity is not None:
+                weights[candidate.routing_identity] = capacity
+        return weights
 
     def load_is_polled(self, provider: str) -> bool:
         """Whether that load was polled from the provider (else it is local in-flight)."""

@@ -153,6 +153,14 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+        self.provider_cache_tokens = Gauge(
+            "gateway_provider_cache_tokens",
+            "A provider's KV cache in tokens as new conversations' claims weigh it: its size, 0 "
+            "when nearly full (it takes no new ones), -1 when it reports none.",
+            ["provider"],
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
         self.requests_shed = Counter(
             "gateway_requests_shed",
             "New requests answered 503 (overloaded) by load shedding, before their body was read.",

@@ -71,7 +71,7 @@ class Sequence:
         if self._finished:
             return
         self._finished = True
-        self._engine.release(self.produced_tokens, finish_reason)
+        self._engine.release(self.produced_tokens, finish_reason, self.prompt_tokens)
 
 
 TTFT_BUCKETS = (
@@ -105,6 +105,8 @@ class Engine:
         self.timing = timing
         self.cache = cache
         self.running = 0
+        self.held_tokens = 0
+        """Prompt tokens of the admitted sequences: the KV cache they hold (vLLM's usage)."""
         self.peak_running = 0
         self.peak_waiting = 0
         self.prompt_tokens_total = 0
@@ -155,6 +157,7 @@ class Engine:
         for chain in prompt.chains:
             cached_tokens += self.cache.match_and_insert(chain)
         self.prompt_tokens_total += prompt.tokens
+        self.held_tokens += prompt.tokens
         self.prefix_cache_queries_total += prompt.tokens
         self.prefix_cache_hits_total += cached_tokens
         timing = self.timing
@@ -180,9 +183,11 @@ class Engine:
         """Cache `chain` without counting a query, as vLLM caches a finished sequence's output."""
         self.cache.match_and_insert(chain)
 
-    def release(self, produced_tokens: int, finish_reason: str) -> None:
-        """Count a finished sequence and hand its slot to the oldest waiter, if any."""
+    def release(self, produced_tokens: int, finish_reason: str, prompt_tokens: int = 0) -> None:
+        """Count a finished sequence, free the cache its prompt held, and hand its slot to the
+        oldest waiter, if any."""
         self.generation_tokens_total += produced_tokens
+        self.held_tokens -= prompt_tokens
         self.finished_total[finish_reason] = self.finished_total.get(finish_reason, 0) + 1
         waiters = self._waiters
         while waiters:

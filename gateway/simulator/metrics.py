@@ -12,6 +12,8 @@ from gateway.simulator.engine import TTFT_BUCKETS
 from gateway.simulator.state import SimulatorState
 
 LABELS = ("model_name", "engine")
+BLOCK_SIZE = 16
+"""The block size the node reports in `vllm:cache_config_info` (vLLM's default)."""
 
 
 class SimulatorCollector:
@@ -22,7 +24,8 @@ class SimulatorCollector:
         self._state = state
 
     def collect(self) -> Iterator[Metric]:
-        """The current values; `extra_waiting` is added to the waiting gauge to fake load."""
+        """The current values; `extra_waiting` is added to the waiting gauge to fake load, and
+        `kv_cache_usage` replaces the KV-cache usage when set."""
         state = self._state
         engine = state.engine
         labels = [state.metrics_model_name, "0"]
@@ -44,8 +47,21 @@ class SimulatorCollector:
             "vllm:kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent.", labels=LABELS
         )
         capacity = engine.cache.capacity_tokens
-        usage.add_metric(labels, engine.cache.used_tokens / capacity if capacity else 0.0)
+        reported = state.faults.kv_cache_usage
+        if reported is None:
+            # As vLLM counts it: the blocks running sequences hold (cached blocks no running
+            # sequence uses are free to evict, so they do not count).
+            reported = min(1.0, engine.held_tokens / capacity) if capacity else 0.0
+        usage.add_metric(labels, reported)
         yield usage
+        # vLLM's cache configuration as an info gauge (labels hold the values, the value is 1).
+        config = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            labels=("block_size", "num_gpu_blocks", "enable_prefix_caching", "engine"),
+        )
+        config.add_metric([str(BLOCK_SIZE), str(capacity // BLOCK_SIZE), "True", "0"], 1.0)
+        yield config
         counters = (
             (
                 "vllm:prefix_cache_queries",

@@ -61,6 +61,8 @@ class Faults:
     rate_limit_retry_after: int | None = None
     drop_after_chunks: int | None = None
     extra_waiting: int = 0
+    # The KV-cache usage `/metrics` reports instead of the running sequences' (0 to 1).
+    kv_cache_usage: float | None = None
     # While true, admitted sequences wait before their first token: tests use it to pin
     # requests in flight without timing.
     hold: bool = False
@@ -80,6 +82,8 @@ class Faults:
             raise ValueError("drop_after_chunks must not be negative")
         if self.extra_waiting < 0:
             raise ValueError("extra_waiting must not be negative")
+        if self.kv_cache_usage is not None and not 0.0 <= self.kv_cache_usage <= 1.0:
+            raise ValueError("kv_cache_usage must be between 0 and 1")
         if self.error_on_text == "":
             raise ValueError("error_on_text must not be empty")
 
@@ -103,6 +107,10 @@ def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number")
     return float(value)
+
+
+def _optional_number(name: str, value: Any) -> float | None:
+    return None if value is None else _number(name, value)
 
 
 def _count(name: str, value: Any) -> int:
@@ -141,6 +149,7 @@ _FAULT_CHECKS: Mapping[str, Callable[[str, Any], Any]] = {
     "rate_limit_retry_after": _optional_count,
     "drop_after_chunks": _optional_count,
     "extra_waiting": _count,
+    "kv_cache_usage": _optional_number,
     "hold": _flag,
     "mode": _mode,
     "error_on_text": _optional_text,

@@ -40,13 +40,26 @@ def body(conversation: int, turn: int) -> dict[str, Any]:
     return {"model": TEST_MODEL, "messages": messages, "max_tokens": 2}
 
 
-async def run(tmp_path: Path, database_url: str) -> tuple[dict[int, set[str]], Counter[str]]:
-    """24 conversations x 4 turns behind one key, each turn sent to a random gateway process."""
+async def cache_weighed(session: aiohttp.ClientSession, url: str, node: str, tokens: int) -> bool:
+    """Whether the gateway's claims weigh `node`'s KV cache as `tokens` (its /metrics says so)."""
+    async with session.get(url + "/metrics") as response:
+        page = await response.text()
+    return f'gateway_provider_cache_tokens{{provider="{node}"}} {float(tokens)}' in page
+
+
+async def run(
+    tmp_path: Path, database_url: str, *, full: str | None = None
+) -> tuple[dict[int, set[str]], Counter[str]]:
+    """24 conversations x 4 turns behind one key, each turn sent to a random gateway process;
+    the `full` node reports a nearly full KV cache before the first turn."""
     async with AsyncExitStack() as stack:
         nodes = [
             await stack.enter_async_context(SimulatorProcess(name))
             for name in ("node-a", "node-b", "node-c")
         ]
+        for node in nodes:
+            if node.name == full:
+                await node.set_faults(kv_cache_usage=0.95)
         config = settings_dict({node.name: node.url for node in nodes})
         config["database"] = {"url": database_url, "pool_min_size": 1, "pool_max_size": 4}
         config["affinity"] = {
@@ -73,6 +86,14 @@ async def run(tmp_path: Path, database_url: str) -> tuple[dict[int, set[str]], C
                     timeout=60,
                     message=f"gateway on {gateway.port}",
                 )
+                if full is not None:
+                    await wait_until(
+                        lambda gateway=gateway: cache_weighed(  # type: ignore[misc]
+                            session, gateway.url, full, 0
+                        ),
+                        timeout=30,
+                        message=f"gateway on {gateway.port} reading {full}'s full cache",
+                    )
 
             async def send(conversation: int, turn: int) -> None:
                 gateway = chooser.choice(gateways)
@@ -96,12 +117,25 @@ async def test_one_key_spreads_its_conversations_and_keeps_each_on_one_node(
     database_url: str, tmp_path: Path
 ) -> None:
     """Scope conversation, 4 gateway processes, one Postgres: all 3 nodes take conversations,
-    none more than 1.5x its even share, and each conversation's turns reach one node."""
+    none more than 1.3x its even share (new conversations of the key claim one at a time), and
+    each conversation's turns reach one node."""
     nodes_of, requests = await run(tmp_path, database_url)
     assert {key: nodes for key, nodes in nodes_of.items() if len(nodes) > 1} == {}
     assert set(requests) == {"node-a", "node-b", "node-c"}
     even = CONVERSATIONS * TURNS / 3
-    assert max(requests.values()) <= 1.5 * even, requests
+    assert max(requests.values()) <= 1.3 * even, requests
+
+
+async def test_a_node_whose_cache_is_nearly_full_takes_no_new_conversation(
+    database_url: str, tmp_path: Path
+) -> None:
+    """node-c reports 95 % of its KV cache in use (vllm:kv_cache_usage_perc): the key's new
+    conversations spread over node-a and node-b alone, each still on one node."""
+    nodes_of, requests = await run(tmp_path, database_url, full="node-c")
+    assert {key: nodes for key, nodes in nodes_of.items() if len(nodes) > 1} == {}
+    assert set(requests) == {"node-a", "node-b"}, requests
+    even = CONVERSATIONS * TURNS / 2
+    assert max(requests.values()) <= 1.3 * even, requests
 
 
 async def test_without_the_store_conversations_agree_by_rendezvous(tmp_path: Path) -> None:

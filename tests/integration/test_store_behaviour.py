@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections import Counter
@@ -13,7 +14,7 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
-from affinity_store.locks import NAMESPACE, binding_lock_key
+from affinity_store.locks import NAMESPACE, SPREAD_NAMESPACE, binding_lock_key
 from affinity_store.memory import MemoryAffinityStore
 from affinity_store.postgres import PostgresAffinityStore, create_pool
 from affinity_store.store import (
@@ -592,3 +593,108 @@ async def test_a_key_keeps_only_its_newest_responses(store: AffinityStore) -> No
         True,
     ]
     assert await found(f"{other}-0", other)
+
+
+async def test_claim_spreads_by_capacity(store: AffinityStore) -> None:
+    """A node with twice the KV cache takes twice the new bindings."""
+    spread = Spread(weights={"alpha": 2000.0, "beta": 1000.0})
+    for index in range(30):
+        await store.claim(
+            f"key-{index}",
+            "m",
+            acceptable=EVERY_PROVIDER,
+            preferred=[BETA, ALPHA] if index % 2 else [ALPHA, BETA],
+            ttl_seconds=TTL,
+            timeout=TIMEOUT,
+            spread=spread,
+        )
+    counts = await store.count_bindings(["alpha", "beta"], timeout=TIMEOUT)
+    assert counts == {"alpha": 20, "beta": 10}
+
+
+async def test_a_full_candidate_takes_no_new_binding(store: AffinityStore) -> None:
+    """Weight 0 (a nearly full cache): the claim passes over it, even when it is preferred
+    first and holds the fewest bindings; when every candidate is full, the first wins."""
+    await bind(store, "k0", BETA)
+    full_alpha = Spread(weights={"alpha": 0.0, "beta": 1000.0, "gamma": 1000.0})
+    chosen = [
+        (
+            await store.claim(
+                f"k{index}",
+                "m",
+                acceptable=EVERY_PROVIDER,
+                preferred=[ALPHA, BETA, GAMMA],
+                ttl_seconds=TTL,
+                timeout=TIMEOUT,
+                spread=full_alpha,
+            )
+        ).provider
+        for index in range(1, 5)
+    ]
+    assert Counter(chosen) == Counter({"gamma": 2, "beta": 2})
+    all_full = Spread(weights={"alpha": 0.0, "beta": 0.0})
+    binding = await store.claim(
+        "k9",
+        "m",
+        acceptable=EVERY_PROVIDER,
+        preferred=[ALPHA, BETA],
+        ttl_seconds=TTL,
+        timeout=TIMEOUT,
+        spread=all_full,
+    )
+    assert binding.provider == "alpha"
+
+
+@pytest.fixture(params=["postgres", "pgbouncer"])
+def sql_harness(request: pytest.FixtureRequest) -> StoreHarness:
+    """Each Postgres store in turn (the memory twin chooses in one step: nothing to queue)."""
+    chosen: StoreHarness = request.getfixturevalue(f"{request.param}_harness")
+    return chosen
+
+
+async def test_claims_of_one_spread_group_choose_one_at_a_time(
+    sql_harness: StoreHarness, database_url: str
+) -> None:
+    """Simultaneous claims of one key's new conversations (one spread group) queue on the
+    group's lock and each sees the bindings the earlier ones made: no pile-up on one node."""
+    harness = sql_harness
+    candidates = [Candidate(name, f"group-{name}") for name in ("p1", "p2", "p3")]
+    spread = Spread(group="app\nm")
+    holder = await asyncpg.connect(database_url)
+    try:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute(
+            "SELECT pg_advisory_xact_lock($1, $2)",
+            SPREAD_NAMESPACE,
+            binding_lock_key("app\nm", ""),
+        )
+        claims = [
+            asyncio.create_task(
+                harness.store.claim(
+                    "app",
+                    f"m#conversation-{index}",
+                    acceptable=EVERY_PROVIDER,
+                    preferred=candidates,
+                    ttl_seconds=TTL,
+                    timeout=TIMEOUT,
+                    spread=spread,
+                )
+            )
+            for index in range(4)
+        ]
+
+        async def all_waiting() -> bool:
+            waiting = await holder.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND classid::int8 = $1",
+                SPREAD_NAMESPACE,
+            )
+            return bool(waiting == len(claims))
+
+        await wait_until(all_waiting, timeout=10, message="every claim waiting on the group")
+        await transaction.rollback()
+        providers = Counter(binding.provider for binding in await asyncio.gather(*claims))
+    finally:
+        await holder.close()
+    assert providers == Counter({"p1": 2, "p2": 1, "p3": 1})
