@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -110,7 +111,9 @@ async def test_totals_from_any_moment_equal_the_sum_of_its_minutes(store: UsageS
     """Read from minutes, 10-minute spans and hours, the totals from any moment (on or between
     minute, span and hour boundaries) equal the sum of the minutes from that moment on."""
     rows = [
-        UsageRow(MINUTE + timedelta(minutes=minute), key, Tokens(1, minute + 100, minute % 7, key_index))
+        UsageRow(
+            MINUTE + timedelta(minutes=minute), key, Tokens(1, minute + 100, minute % 7, key_index)
+        )
         for minute in range(-75, 140, 4)
         for key_index, key in enumerate((ALICE, BOB, BOB_FAILED))
         if (minute + key_index) % 3
@@ -168,3 +171,34 @@ async def test_totals_keep_apart_only_the_fields_asked_for(store: UsageStore) ->
     }
     by_outcome = await store.usage_totals(MINUTE, timeout=TIMEOUT, by=("provider", "outcome"))
     assert by_outcome[UsageKey("", "", "node-b", "ok")] == Tokens(2, 20, 2, 0)
+
+
+async def test_concurrent_flushes_over_the_same_rows_in_any_order_all_count(
+    database_url: str,
+) -> None:
+    """Six workers flushing the same keys' minutes at once, each listing them in its own order,
+    wait for each other's rows, never deadlock, and every count lands."""
+    keys = [UsageKey(f"key-{index}", "llama", "node-a", "ok") for index in range(40)]
+    rows = [
+        UsageRow(MINUTE + timedelta(minutes=minute), key, Tokens(1, 2, 3, 1))
+        for minute in range(3)
+        for key in keys
+    ]
+    orders = [rows, rows[::-1], rows[1::2] + rows[::2], rows[::-2] + rows[-2::-2]] * 2
+    pool = await create_pool(database_url, min_size=6, max_size=6, statement_cache_size=0)
+    try:
+        store = PostgresUsageStore(pool)
+        for _ in range(5):
+            await asyncio.gather(*(store.add_usage(order, timeout=TIMEOUT) for order in orders))
+        totals = await store.usage_totals(MINUTE, timeout=TIMEOUT, by=())
+        minutes = await store.usage_by_minute(MINUTE, timeout=TIMEOUT)
+    finally:
+        await pool.close()
+    flushes = 5 * len(orders)
+    assert totals == {UsageKey("", "", "", ""): _times(len(rows) * flushes)}
+    assert [usage.tokens for usage in minutes] == [_times(len(keys) * flushes)] * 3
+
+
+def _times(count: int) -> Tokens:
+    """`count` rows of Tokens(1, 2, 3, 1), summed."""
+    return Tokens(count, 2 * count, 3 * count, count)
