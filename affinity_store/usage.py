@@ -22,6 +22,8 @@ from affinity_store.queries import load_query_set
 
 # The fields rollups can be grouped by, in `UsageKey`'s order.
 GROUPS = ("key", "model", "provider", "outcome")
+# Their columns, in the same order.
+_COLUMNS = ("api_key_id", "model", "provider", "outcome")
 # The spans rows are pre-added over besides the minute, in minutes, finest first; each divides
 # the next (the migration and `usage.sql` name the same two).
 SPAN_MINUTES = (10, 60)
@@ -164,9 +166,14 @@ class PostgresUsageStore:
         self, since: datetime, *, timeout: float, by: Collection[str] = GROUPS
     ) -> dict[UsageKey, Tokens]:
         """Counts from minute `since` on, summed per `UsageKey` (the fields not in `by`: `""`)."""
-        kept = [group in by for group in GROUPS]
+        query = self._queries.usage_totals.format_map(
+            {
+                group: column if group in by else "''::text"
+                for group, column in zip(GROUPS, _COLUMNS, strict=True)
+            }
+        )
         async with store_boundary(timeout), self._pool.acquire() as connection:
-            records = await connection.fetch(self._queries.usage_totals, *read_bounds(since), *kept)
+            records = await connection.fetch(query, *read_bounds(since))
         return {
             UsageKey(
                 record["api_key_id"], record["model"], record["provider"], record["outcome"]

@@ -64,12 +64,13 @@ ON CONFLICT (minute) DO UPDATE SET
 -- name: usage_totals
 -- From minute $1 on, as minutes up to $2, 10-minute spans from $2 up to $3 and hours from $3 on
 -- ($2 and $3: the first 10-minute and hour boundaries at or after $1): per key, at most 9
--- minutes, 5 spans and the hours. $4..$7: whether to keep the key, model, provider and outcome
--- apart; a field not kept is '' and summed over (fewer groups: a cheaper aggregate).
-SELECT CASE WHEN $4 THEN api_key_id ELSE '' END AS api_key_id,
-       CASE WHEN $5 THEN model ELSE '' END AS model,
-       CASE WHEN $6 THEN provider ELSE '' END AS provider,
-       CASE WHEN $7 THEN outcome ELSE '' END AS outcome,
+-- minutes, 5 spans and the hours. {key}, {model}, {provider} and {outcome} are filled in before
+-- it runs (usage.py): the field's column when kept apart, else '' (summed over), so a plan the
+-- server keeps for the statement groups by the fields asked for only.
+SELECT {key} AS api_key_id,
+       {model} AS model,
+       {provider} AS provider,
+       {outcome} AS outcome,
        sum(requests)::bigint AS requests,
        sum(prompt_tokens)::bigint AS prompt_tokens,
        sum(completion_tokens)::bigint AS completion_tokens,
