@@ -1,7 +1,10 @@
 """Usage rollups per minute and (key, model, provider, outcome): Postgres and in-memory twins.
 
 Workers add their counts in batches (one statement per flush, whatever the rows); readers sum
-from a given minute on. Times are UTC; a row's minute is truncated to the minute.
+from a given minute on. Times are UTC; a row's minute is truncated to the minute. The same
+statement adds every row to its 10-minute and hour spans (`SPAN_MINUTES`) and to its minute's
+total over every key, so a read from any moment sums per key at most 9 minutes, 5 spans of 10
+minutes and the whole hours after them, and the per-minute chart reads one row per minute.
 """
 
 # The store contract takes a per-call `timeout`, enforced with asyncio.timeout.
@@ -9,16 +12,23 @@ from a given minute on. Times are UTC; a row's minute is truncated to the minute
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime
-from typing import Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Protocol, TypeVar
 
 from affinity_store.postgres import Pool, store_boundary
 from affinity_store.queries import load_query_set
 
 # The fields rollups can be grouped by, in `UsageKey`'s order.
 GROUPS = ("key", "model", "provider", "outcome")
+# Their columns, in the same order.
+_COLUMNS = ("api_key_id", "model", "provider", "outcome")
+# The spans rows are pre-added over besides the minute, in minutes, finest first; each divides
+# the next (the migration and `usage.sql` name the same two).
+SPAN_MINUTES = (10, 60)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+Slot = TypeVar("Slot")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +96,8 @@ class UsageStore(Protocol):
         ...
 
     async def purge_usage(self, before: datetime, *, batch_size: int, timeout: float) -> int:
-        """Delete at most `batch_size` rows of minutes before `before`; return how many."""
+        """Delete at most `batch_size` expired rows of each table (the minutes before `before`,
+        the spans that start before it, the minutes' totals); return how many went."""
         ...
 
 
@@ -98,6 +109,30 @@ class UsageQueries:
     usage_totals: str
     usage_by_minute: str
     purge_usage: str
+
+
+def span_start(moment: datetime, span_minutes: int) -> datetime:
+    """The start of the span of `span_minutes` that `moment` falls in (spans count from the
+    Unix epoch, UTC)."""
+    width = span_minutes * 60
+    seconds = (moment - _EPOCH) // timedelta(seconds=1)
+    return _EPOCH + timedelta(seconds=seconds - seconds % width)
+
+
+def read_bounds(since: datetime) -> tuple[datetime, datetime, datetime]:
+    """Where a read from `since` on takes minutes, 10-minute spans and hours from: the first
+    minute at or after `since`, then the first span boundary of each width at or after that."""
+    bounds = [_ceil(since, 1)]
+    for span_minutes in SPAN_MINUTES:
+        bounds.append(_ceil(bounds[-1], span_minutes))
+    first_minute, first_ten, first_hour = bounds
+    return first_minute, first_ten, first_hour
+
+
+def _ceil(moment: datetime, span_minutes: int) -> datetime:
+    """The first boundary of spans of `span_minutes` at or after `moment`."""
+    start = span_start(moment, span_minutes)
+    return start if start == moment else start + timedelta(minutes=span_minutes)
 
 
 def _columns(rows: Sequence[UsageRow]) -> list[list[object]]:
@@ -131,9 +166,14 @@ class PostgresUsageStore:
         self, since: datetime, *, timeout: float, by: Collection[str] = GROUPS
     ) -> dict[UsageKey, Tokens]:
         """Counts from minute `since` on, summed per `UsageKey` (the fields not in `by`: `""`)."""
-        kept = [group in by for group in GROUPS]
+        query = self._queries.usage_totals.format_map(
+            {
+                group: column if group in by else "''::text"
+                for group, column in zip(GROUPS, _COLUMNS, strict=True)
+            }
+        )
         async with store_boundary(timeout), self._pool.acquire() as connection:
-            records = await connection.fetch(self._queries.usage_totals, since, *kept)
+            records = await connection.fetch(query, *read_bounds(since))
         return {
             UsageKey(
                 record["api_key_id"], record["model"], record["provider"], record["outcome"]
@@ -164,56 +204,86 @@ class PostgresUsageStore:
         ]
 
     async def purge_usage(self, before: datetime, *, batch_size: int, timeout: float) -> int:
-        """Delete at most `batch_size` rows of minutes before `before`; return how many."""
+        """Delete at most `batch_size` expired rows of each table; return how many went."""
         async with store_boundary(timeout), self._pool.acquire() as connection:
-            status = await connection.execute(self._queries.purge_usage, before, batch_size)
-        return int(status.rsplit(" ", 1)[1])
+            gone = await connection.fetchval(self._queries.purge_usage, before, batch_size)
+        return int(gone)
 
 
 class MemoryUsageStore:
-    """The in-memory twin, for tests and the store's shared suite."""
+    """The in-memory twin, for tests and the store's shared suite: the same three tables."""
 
     def __init__(self) -> None:
         """Start empty."""
         self.rows: dict[tuple[datetime, UsageKey], Tokens] = {}
+        self.spans: dict[tuple[int, datetime, UsageKey], Tokens] = {}
+        self.minute_totals: dict[datetime, Tokens] = {}
         self.adds = 0
 
     async def add_usage(self, rows: Sequence[UsageRow], *, timeout: float) -> None:
-        """Add every row's counts to its minute's row."""
+        """Add every row's counts to its minute's row, its spans and its minute's total."""
         if not rows:
             return
         self.adds += 1
         for row in rows:
-            slot = (row.minute, row.key)
-            self.rows[slot] = self.rows.get(slot, Tokens()) + row.tokens
+            _add(self.rows, (row.minute, row.key), row.tokens)
+            for span_minutes in SPAN_MINUTES:
+                slot = (span_minutes, span_start(row.minute, span_minutes), row.key)
+                _add(self.spans, slot, row.tokens)
+            _add(self.minute_totals, row.minute, row.tokens)
 
     async def usage_totals(
         self, since: datetime, *, timeout: float, by: Collection[str] = GROUPS
     ) -> dict[UsageKey, Tokens]:
-        """Counts from minute `since` on, summed per `UsageKey` (the fields not in `by`: `""`)."""
+        """Counts from minute `since` on, summed per `UsageKey` (the fields not in `by`: `""`),
+        from the same minutes and spans as Postgres's."""
+        first_minute, first_ten, first_hour = read_bounds(since)
+        counted = [
+            (key, tokens)
+            for (minute, key), tokens in self.rows.items()
+            if first_minute <= minute < first_ten
+        ]
+        for (span_minutes, start, key), tokens in self.spans.items():
+            if (span_minutes == 10 and first_ten <= start < first_hour) or (
+                span_minutes == 60 and start >= first_hour
+            ):
+                counted.append((key, tokens))
         totals: dict[UsageKey, Tokens] = {}
-        for (minute, key), tokens in self.rows.items():
-            if minute >= since:
-                kept = UsageKey(
-                    key.api_key_id if "key" in by else "",
-                    key.model if "model" in by else "",
-                    key.provider if "provider" in by else "",
-                    key.outcome if "outcome" in by else "",
-                )
-                totals[kept] = totals.get(kept, Tokens()) + tokens
+        for key, tokens in counted:
+            kept = UsageKey(
+                key.api_key_id if "key" in by else "",
+                key.model if "model" in by else "",
+                key.provider if "provider" in by else "",
+                key.outcome if "outcome" in by else "",
+            )
+            _add(totals, kept, tokens)
         return totals
 
     async def usage_by_minute(self, since: datetime, *, timeout: float) -> list[MinuteUsage]:
         """Counts from minute `since` on, summed per minute, oldest first."""
-        minutes: dict[datetime, Tokens] = {}
-        for (minute, _), tokens in self.rows.items():
-            if minute >= since:
-                minutes[minute] = minutes.get(minute, Tokens()) + tokens
-        return [MinuteUsage(minute, tokens) for minute, tokens in sorted(minutes.items())]
+        return [
+            MinuteUsage(minute, tokens)
+            for minute, tokens in sorted(self.minute_totals.items())
+            if minute >= since
+        ]
 
     async def purge_usage(self, before: datetime, *, batch_size: int, timeout: float) -> int:
-        """Delete at most `batch_size` rows of minutes before `before`; return how many."""
-        doomed = [slot for slot in self.rows if slot[0] < before][:batch_size]
-        for slot in doomed:
-            del self.rows[slot]
-        return len(doomed)
+        """Delete at most `batch_size` expired rows of each table; return how many went."""
+        return (
+            _purge(self.rows, lambda slot: slot[0] < before, batch_size)
+            + _purge(self.spans, lambda slot: slot[1] < before, batch_size)
+            + _purge(self.minute_totals, lambda minute: minute < before, batch_size)
+        )
+
+
+def _add(table: dict[Slot, Tokens], slot: Slot, tokens: Tokens) -> None:
+    """Add `tokens` to `table[slot]`."""
+    table[slot] = table.get(slot, Tokens()) + tokens
+
+
+def _purge(table: dict[Slot, Tokens], expired: Callable[[Slot], bool], batch_size: int) -> int:
+    """Delete at most `batch_size` of the table's expired slots; return how many went."""
+    doomed = [slot for slot in table if expired(slot)][:batch_size]
+    for slot in doomed:
+        del table[slot]
+    return len(doomed)

@@ -152,7 +152,7 @@ async def fill(pool: Pool, keys: int, minutes: int) -> float:
                 batch = []
     await store.add_usage(batch, timeout=60)
     async with pool.acquire() as connection:
-        await connection.execute("ANALYZE usage_rollups")
+        await connection.execute("ANALYZE usage_rollups, usage_span_rollups, usage_minute_totals")
     return time.perf_counter() - started
 
 

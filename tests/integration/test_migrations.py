@@ -7,6 +7,8 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import AsyncIterator
+from dataclasses import astuple
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -16,6 +18,7 @@ from affinity_store.embedded import find_free_port
 from affinity_store.migrate import apply_migrations, load_migrations
 from affinity_store.postgres import create_pool
 from affinity_store.store import StoreUnavailable
+from affinity_store.usage import PostgresUsageStore, Tokens, UsageKey, UsageRow
 from tests.support.postgres import PostgresForTests
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
@@ -142,3 +145,40 @@ def test_the_wheel_ships_the_sql_files(tmp_path: Path) -> None:
         assert f"affinity_store/sql/{migration.name}" in names
     assert "affinity_store/queries.sql" in names
     assert "affinity_store/migration_ledger.sql" in names
+
+
+async def test_the_migration_adds_up_the_minutes_counted_before_it(
+    empty_database_url: str,
+) -> None:
+    """Minutes written before the spans' migration are read back whole after it."""
+    migrations = load_migrations()
+    spans = next(index for index, m in enumerate(migrations) if m.name == "0009_usage_spans.sql")
+    minute_zero = datetime(2026, 12, 6, 1, 0, tzinfo=UTC)
+    keys = (UsageKey("alice", "llama", "node-a", "ok"), UsageKey("bob", "llama", "node-b", "ok"))
+    rows = [
+        UsageRow(minute_zero + timedelta(minutes=minute), key, Tokens(1, minute + 71, 1, 0))
+        for minute in range(-70, 70, 7)
+        for key in keys
+    ]
+    pool = await create_pool(empty_database_url, min_size=1, max_size=1, statement_cache_size=0)
+    try:
+        await apply_migrations(pool, migrations=migrations[:spans])
+        async with pool.acquire() as connection:
+            await connection.executemany(
+                "INSERT INTO usage_rollups VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                [(row.minute, *astuple(row.key), *astuple(row.tokens)) for row in rows],
+            )
+        await apply_migrations(pool)
+        store = PostgresUsageStore(pool)
+        since = minute_zero - timedelta(minutes=65, seconds=30)
+        expected: dict[UsageKey, Tokens] = {}
+        for row in rows:
+            if row.minute >= since:
+                expected[row.key] = expected.get(row.key, Tokens()) + row.tokens
+        assert await store.usage_totals(since, timeout=5) == expected
+        assert sum(
+            (usage.tokens for usage in await store.usage_by_minute(since, timeout=5)),
+            Tokens(),
+        ) == sum(expected.values(), Tokens())
+    finally:
+        await pool.close()

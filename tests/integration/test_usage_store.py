@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -90,18 +91,61 @@ async def test_totals_and_minutes_start_at_the_given_minute(store: UsageStore) -
     ]
 
 
-async def test_purge_deletes_only_minutes_before_the_cutoff_in_batches(store: UsageStore) -> None:
-    """Expired minutes go, at most a batch per call; the rest stay."""
+async def test_purge_deletes_only_rows_before_the_cutoff_in_batches(store: UsageStore) -> None:
+    """Expired rows of every table go, at most a batch of each per call; the rest stay."""
     old = [
         UsageRow(MINUTE - timedelta(days=40, minutes=index), ALICE, Tokens(1)) for index in range(5)
     ]
     await store.add_usage([*old, UsageRow(MINUTE, ALICE, Tokens(1))], timeout=TIMEOUT)
     cutoff = MINUTE - timedelta(days=35)
-    assert await store.purge_usage(cutoff, batch_size=3, timeout=TIMEOUT) == 3
-    assert await store.purge_usage(cutoff, batch_size=3, timeout=TIMEOUT) == 2
+    # 5 minute rows, 4 spans (the 00:50 and 01:00 tens, the 00:00 and 01:00 hours), 5 totals.
+    assert await store.purge_usage(cutoff, batch_size=3, timeout=TIMEOUT) == 3 + 3 + 3
+    assert await store.purge_usage(cutoff, batch_size=3, timeout=TIMEOUT) == 2 + 1 + 2
     assert await store.purge_usage(cutoff, batch_size=3, timeout=TIMEOUT) == 0
     since = MINUTE - timedelta(days=60)
     assert await store.usage_totals(since, timeout=TIMEOUT) == {ALICE: Tokens(1)}
+    assert await store.usage_by_minute(since, timeout=TIMEOUT) == [MinuteUsage(MINUTE, Tokens(1))]
+
+
+async def test_totals_from_any_moment_equal_the_sum_of_its_minutes(store: UsageStore) -> None:
+    """Read from minutes, 10-minute spans and hours, the totals from any moment (on or between
+    minute, span and hour boundaries) equal the sum of the minutes from that moment on."""
+    rows = [
+        UsageRow(
+            MINUTE + timedelta(minutes=minute), key, Tokens(1, minute + 100, minute % 7, key_index)
+        )
+        for minute in range(-75, 140, 4)
+        for key_index, key in enumerate((ALICE, BOB, BOB_FAILED))
+        if (minute + key_index) % 3
+    ]
+    # Two flushes, the second adding to rows and spans the first wrote.
+    await store.add_usage(rows[::2], timeout=TIMEOUT)
+    await store.add_usage(rows[1::2], timeout=TIMEOUT)
+    for offset in (-80, -75, -61, -60, -59, -50, -31, -1, 0, 1, 9, 10, 59, 60, 61, 137, 200):
+        for seconds in (0, 1, 59):
+            since = MINUTE + timedelta(minutes=offset, seconds=seconds)
+            expected: dict[UsageKey, Tokens] = {}
+            for row in rows:
+                if row.minute >= since:
+                    expected[row.key] = expected.get(row.key, Tokens()) + row.tokens
+            assert await store.usage_totals(since, timeout=TIMEOUT) == expected, since
+            minutes: dict[datetime, Tokens] = {}
+            for row in rows:
+                if row.minute >= since:
+                    minutes[row.minute] = minutes.get(row.minute, Tokens()) + row.tokens
+            assert await store.usage_by_minute(since, timeout=TIMEOUT) == [
+                MinuteUsage(minute, tokens) for minute, tokens in sorted(minutes.items())
+            ], since
+
+
+async def test_rows_of_one_minute_and_key_in_one_flush_add_up(store: UsageStore) -> None:
+    """The same minute and key twice in one flush: summed, not refused."""
+    row = UsageRow(MINUTE, ALICE, Tokens(1, 10, 1, 5))
+    await store.add_usage([row, row], timeout=TIMEOUT)
+    assert await store.usage_totals(MINUTE, timeout=TIMEOUT) == {ALICE: Tokens(2, 20, 2, 10)}
+    assert await store.usage_by_minute(MINUTE, timeout=TIMEOUT) == [
+        MinuteUsage(MINUTE, Tokens(2, 20, 2, 10))
+    ]
 
 
 async def test_an_empty_flush_writes_nothing(store: UsageStore) -> None:
@@ -127,3 +171,34 @@ async def test_totals_keep_apart_only_the_fields_asked_for(store: UsageStore) ->
     }
     by_outcome = await store.usage_totals(MINUTE, timeout=TIMEOUT, by=("provider", "outcome"))
     assert by_outcome[UsageKey("", "", "node-b", "ok")] == Tokens(2, 20, 2, 0)
+
+
+async def test_concurrent_flushes_over_the_same_rows_in_any_order_all_count(
+    database_url: str,
+) -> None:
+    """Six workers flushing the same keys' minutes at once, each listing them in its own order,
+    wait for each other's rows, never deadlock, and every count lands."""
+    keys = [UsageKey(f"key-{index}", "llama", "node-a", "ok") for index in range(40)]
+    rows = [
+        UsageRow(MINUTE + timedelta(minutes=minute), key, Tokens(1, 2, 3, 1))
+        for minute in range(3)
+        for key in keys
+    ]
+    orders = [rows, rows[::-1], rows[1::2] + rows[::2], rows[::-2] + rows[-2::-2]] * 2
+    pool = await create_pool(database_url, min_size=6, max_size=6, statement_cache_size=0)
+    try:
+        store = PostgresUsageStore(pool)
+        for _ in range(5):
+            await asyncio.gather(*(store.add_usage(order, timeout=TIMEOUT) for order in orders))
+        totals = await store.usage_totals(MINUTE, timeout=TIMEOUT, by=())
+        minutes = await store.usage_by_minute(MINUTE, timeout=TIMEOUT)
+    finally:
+        await pool.close()
+    flushes = 5 * len(orders)
+    assert totals == {UsageKey("", "", "", ""): _times(len(rows) * flushes)}
+    assert [usage.tokens for usage in minutes] == [_times(len(keys) * flushes)] * 3
+
+
+def _times(count: int) -> Tokens:
+    """`count` rows of Tokens(1, 2, 3, 1), summed."""
+    return Tokens(count, 2 * count, 3 * count, count)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from affinity_store.store import StoreUnavailable
-from affinity_store.usage import MemoryUsageStore, Tokens, UsageKey, UsageRow
+from affinity_store.usage import MemoryUsageStore, Tokens, UsageKey, UsageRow, span_start
 from gateway.config import UsageSettings
 from gateway.dispatch.usage import Usage
 from gateway.dispatch.usage_book import UsageBook, UsageFlusher, minute_of
@@ -95,7 +95,8 @@ async def test_a_failed_flush_keeps_its_rows_for_the_next() -> None:
 
 
 async def test_the_janitor_deletes_minutes_past_the_retention() -> None:
-    """Rows older than retention_days go; younger ones stay."""
+    """Rows older than retention_days go (the minute, its two spans, its total); younger ones
+    stay."""
     clock = Clock()
     store = MemoryUsageStore()
     old = minute_of(NOON) - timedelta(days=2)
@@ -104,5 +105,10 @@ async def test_the_janitor_deletes_minutes_past_the_retention() -> None:
         timeout=1,
     )
     flusher = UsageFlusher(store, UsageBook(10), UsageSettings(retention_days=1), clock=clock)
-    assert await flusher.purge() == 1
+    assert await flusher.purge() == 4
     assert list(store.rows) == [(minute_of(NOON), ALICE)]
+    assert {start for _, start, _ in store.spans} == {
+        span_start(minute_of(NOON), 10),
+        span_start(minute_of(NOON), 60),
+    }
+    assert list(store.minute_totals) == [minute_of(NOON)]
