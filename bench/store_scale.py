@@ -31,6 +31,17 @@ from bench.harness import write_results
 CANDIDATES = [Candidate(f"node-{index}", f"node-{index}") for index in range(3)]
 ACCEPTABLE = {candidate.provider for candidate in CANDIDATES}
 AGREEMENT = Spread(share=0.1, minimum=2)
+# What the router passes: a conversation's claim also weighs the nodes' caches and takes its
+# key's spread-group lock, so one key's new conversations choose one at a time.
+SPREAD = {
+    "key": AGREEMENT,
+    "conversation": Spread(
+        share=0.1,
+        minimum=2,
+        weights={candidate.provider: 28_800.0 for candidate in CANDIDATES},
+        group="app\nm",
+    ),
+}
 
 FILL = {
     "key": """
@@ -93,7 +104,7 @@ async def measure_size(
             preferred=CANDIDATES,
             ttl_seconds=300,
             timeout=5,
-            spread=AGREEMENT,
+            spread=SPREAD[scope],
         )
         claim_samples.append(time.perf_counter() - started)
     chooser = random.Random(size)
