@@ -20,9 +20,10 @@ from gateway.dispatch.model_cards import ModelCards, model_object
 from gateway.dispatch.permits import KeyLimits, concurrency_headers
 from gateway.dispatch.usage import with_usage_requested
 from gateway.dispatch.usage_book import UsageBook
+from gateway.edge.body_parse import read_request
 from gateway.edge.connections import body_read_timeout, close_after_response
 from gateway.edge.delivery import deliver
-from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
+from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec
 from gateway.edge.errors import GatewayError, is_utf8
 from gateway.edge.model_names import AnswerRenamer, ModelRenamer, Renamer
 from gateway.edge.overload import LoadShedder
@@ -316,7 +317,7 @@ class Proxy:
                 parsed = upload.request
             else:
                 raw = await self._read_body(request, record.buffer) if spec.body != "none" else b""
-                parsed = parse_request(spec, raw)
+                parsed = await read_request(spec, raw, self.catalog.conversation_head_bytes)
             pinned = await self._pinned_provider(request, spec, parsed, key)
             storing = spec.stores_responses and await self.responses.admit(key, parsed.data)
             requested = parsed.model
@@ -358,7 +359,7 @@ class Proxy:
                     else None
                 ),
                 conversation=(
-                    self._conversation(request, key, model, parsed.data)
+                    self._conversation(request, key, model, parsed)
                     if model is not None and stickiness == "shared" and pinned is None
                     else None
                 ),
@@ -426,17 +427,18 @@ class Proxy:
             )
 
     def _conversation(
-        self, request: web.Request, key: Key, model: str, body: Mapping[str, Any]
+        self, request: web.Request, key: Key, model: str, parsed: ClientRequest
     ) -> str | None:
         """The request's conversation for its shared binding (see routing/conversations.py)."""
         catalog = self.catalog
         return conversation_of(
-            body,
+            parsed.data,
             request.headers,
             scope=catalog.affinity_scope(model),
             deployment_secret=catalog.conversation_secret,
             key_digest=key.digest,
             head_bytes=catalog.conversation_head_bytes,
+            known_head=parsed.known_head,
         )
 
     def _default_model(self, key: Key) -> str:
