@@ -6,7 +6,7 @@ keys: a body of a million distinct keys takes ~200 ms to parse, an array of 2.7 
 ~450 ms, whatever parser runs it (orjson holds the GIL, so a thread would stall the loop just
 the same). What a body can cost is bounded from above at C speed before parsing: every `{`,
 `[` and `:` (even inside a string) may be a container or a key, every `,` another value. A body
-under `INLINE_BUDGET_NS` by that bound (every body under ~80 KiB; a 9 MB conversation of long
+under `INLINE_BUDGET_NS` by that bound (every body under 40 KB; a 9 MB conversation of long
 messages) is parsed here; any other goes to one helper process per worker, which parses and
 checks it as the inline path does and answers with only what routing reads (the top-level
 scalars, the conversation's stable head, where `model`'s value lies): the worker keeps serving
@@ -28,9 +28,9 @@ from gateway.edge.model_splice import model_value_span
 from gateway.edge.payload import Payload
 from gateway.routing.conversations import stable_head
 
-HEAVY_TOKEN_NS = 250
-"""The most one `{`, `[` or `:` costs the parse (a new distinct key: a string, a hash, a dict
-insert; an empty array, with the collector's share), measured ~180-200 ns."""
+HEAVY_TOKEN_NS = 500
+"""The most one `{`, `[` or `:` costs the parse: a new distinct key (a string, a hash, a dict
+insert) measured ~200 ns, an empty array with the cyclic collector's share up to ~500 ns."""
 
 LIGHT_TOKEN_NS = 12
 """The most one other value costs (a number, a string, `null`), measured ~10 ns."""

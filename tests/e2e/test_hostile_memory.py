@@ -39,9 +39,10 @@ DECLARED_BYTES = 10_000_000
 SENT_BYTES = 9_990_000
 ATTACKERS = 48
 BOUNDARY = "hostile-boundary"
-# How long /healthz may take while the worker handles the million-key body: the parse of the
-# body itself (orjson, C) takes a few hundred ms; the model splice of old took seconds.
-HEALTHZ_WITHIN = 3.0
+# How long /healthz may take while the worker handles the million-key body: it is parsed in the
+# helper process (the worker spends ~30 ms counting and handing it over); parsed in the worker,
+# /healthz waited 0.4-0.7 s (the model splice of old: seconds).
+HEALTHZ_WITHIN = 0.3
 
 GatewayFactory = Callable[..., Awaitable[GatewayProcess]]
 
@@ -139,8 +140,8 @@ async def test_a_body_of_a_million_keys_leaves_the_worker_answering(
     gateway_factory: GatewayFactory, upstream: tuple[FakeUpstream, str]
 ) -> None:
     """An 8 MB chat body with 1.4 M top-level keys, for a model whose upstream id differs: the
-    upstream gets it with only the model spliced, and /healthz answers all along within a
-    few seconds (the old per-key walk held the worker for seconds)."""
+    upstream gets it with only the model spliced, and /healthz answers all along, each within
+    0.3 s (the body is parsed in the helper process; parsed in the worker, 0.4-0.7 s)."""
     fake, _ = upstream
     gateway = await gateway_factory(max_body_bytes=16 * MIB)
     filler = b",".join(b'"%x":1' % index for index in range(1_400_000))
