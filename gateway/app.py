@@ -40,6 +40,7 @@ from gateway.edge.errors import GatewayError, error_body, error_response
 from gateway.edge.openapi import OpenApiEndpoint
 from gateway.edge.overload import LoadShedder, OverloadGate, SheddingPolicy
 from gateway.edge.requestid import REQUEST_IDS, RequestIds, request_id_of
+from gateway.edge.uploads import live_uploads
 from gateway.operations import admin
 from gateway.operations.cluster_view import describe_worker
 from gateway.operations.metrics import Metrics, exposition
@@ -331,6 +332,9 @@ async def _refresh_gauges(
         holder.current.router.publish_gauges()
         shedder.tick()
         budget.publish(metrics.memory_budget.set, held)
+        metrics.live_uploads.set(live_uploads())
+        # After the gauges: what a request gave back is freed by now (see dispatch/allocator).
+        budget.trimmer.settle(budget.held)
         await asyncio.sleep(GAUGE_REFRESH_SECONDS)
 
 
