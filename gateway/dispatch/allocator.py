@@ -7,7 +7,9 @@ over its baseline with no object left holding them. `malloc_trim(0)` returns eve
 it walks the heap (a few ms for hundreds of MB), so it runs at most once per gauge refresh: when
 `TRIM_AFTER_BYTES` of budgeted memory were given back since the last one, or when the traffic
 that held some is over (nothing held now, at least `TRIM_IDLE_BYTES` given back), so what the
-last requests freed is returned too.
+last requests freed is returned too. What is freed just after (the closing connections' buffers,
+the rest of a body read and dropped) is returned by `FOLLOW_UPS` more trims at the next
+refreshes while nothing is held.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ TRIM_AFTER_BYTES = 8 * 1024 * 1024
 
 TRIM_IDLE_BYTES = 1024 * 1024
 """Given back since the last trim: with nothing held any more, enough for one more trim."""
+
+FOLLOW_UPS = 3
+"""Refreshes after a trim that trim again while nothing is held."""
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -44,6 +49,7 @@ class Trimmer:
     def __init__(self, trim: Callable[[int], int] | None = _TRIM) -> None:
         self._trim = trim
         self._given_back = 0
+        self._follow_ups = 0
         self.trims = 0
 
     def given_back(self, size: int) -> None:
@@ -52,9 +58,15 @@ class Trimmer:
 
     def settle(self, held: int) -> bool:
         """Trim if enough was given back since the last trim (less will do when nothing is
-        `held` now); whether it did."""
+        `held` now), or as a follow-up of a recent one; whether it did."""
+        if self._trim is None:
+            return False
         enough = TRIM_AFTER_BYTES if held else TRIM_IDLE_BYTES
-        if self._given_back < enough or self._trim is None:
+        if self._given_back >= enough:
+            self._follow_ups = FOLLOW_UPS
+        elif held == 0 and self._follow_ups > 0:
+            self._follow_ups -= 1
+        else:
             return False
         self._given_back = 0
         self._trim(0)

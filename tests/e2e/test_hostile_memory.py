@@ -243,9 +243,9 @@ async def test_stalled_bodies_and_uploads_of_one_key_stay_within_the_memory_budg
 
 
 # The issue's goal: RSS back within 10 % of its baseline 10 s after the traffic stops. The
-# worker trims the allocator once a request gives back 8 MiB (gateway/dispatch/allocator.py);
-# without the trim glibc kept 20-26 MiB of the freed copies, and before the cycle fixes the 8
-# uploads' copies (72 MiB) stayed referenced.
+# worker trims the allocator once the requests' memory is given back (gateway/dispatch/
+# allocator.py); without the trims glibc kept 1-13 MiB of what they freed 10 s on, and before the
+# cycle fixes the 8 uploads' copies (72 MiB) stayed referenced.
 SETTLED_WITHIN = 0.10
 
 

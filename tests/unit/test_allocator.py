@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.dispatch.allocator import TRIM_AFTER_BYTES, TRIM_IDLE_BYTES, Trimmer
+from gateway.dispatch.allocator import FOLLOW_UPS, TRIM_AFTER_BYTES, TRIM_IDLE_BYTES, Trimmer
 from gateway.dispatch.memory_budget import MemoryBudget
 
 MIB = 1024 * 1024
@@ -57,3 +57,16 @@ def test_the_memory_budget_counts_what_requests_give_back() -> None:
     reservation.release()
     assert budget.trimmer.settle(budget.held)
     assert calls == [0]
+
+
+def test_a_trim_is_followed_by_a_few_more_while_nothing_is_held() -> None:
+    """After a trim, the next FOLLOW_UPS refreshes with nothing held trim again, then stop."""
+    trimmer, calls = counting_trimmer()
+    trimmer.given_back(TRIM_AFTER_BYTES)
+    assert trimmer.settle(held=MIB)
+    assert not trimmer.settle(held=MIB)  # a request holds memory: no follow-up yet
+    assert [trimmer.settle(held=0) for _ in range(FOLLOW_UPS + 2)] == [True] * FOLLOW_UPS + [
+        False,
+        False,
+    ]
+    assert len(calls) == 1 + FOLLOW_UPS
