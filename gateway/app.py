@@ -31,12 +31,14 @@ from gateway.dispatch.retries import RetryBudget
 from gateway.dispatch.upstream import create_client_session
 from gateway.dispatch.upstream_pool import UpstreamPool
 from gateway.dispatch.usage_book import UsageBook, UsageFlusher
+from gateway.edge.body_parse import close_pool
 from gateway.edge.connections import SERVER_NAME
 from gateway.edge.cors import Cors
 from gateway.edge.endpoints import ENDPOINTS, EndpointSpec
 from gateway.edge.openapi import OpenApiEndpoint
 from gateway.edge.overload import LoadShedder, OverloadGate, SheddingPolicy
 from gateway.edge.requestid import REQUEST_IDS, RequestIds, request_id_of
+from gateway.edge.uploads import live_uploads
 from gateway.operations import admin
 from gateway.operations.cluster_view import describe_worker
 from gateway.operations.reload import Reloader
@@ -112,6 +114,7 @@ def create_app(
         app[USAGE_STORE] = usage_store
     app.cleanup_ctx.append(store_context)
     app.cleanup_ctx.append(client_session_context)
+    app.on_cleanup.append(_close_parser)
 
     for spec in ENDPOINTS:
         app.router.add_route(
@@ -195,6 +198,11 @@ def _usage_flusher(app: web.Application, pool: Pool | None) -> UsageFlusher | No
     book = UsageBook(usage.max_pending_rows)
     app[USAGE_BOOK] = book
     return UsageFlusher(app[USAGE_STORE], book, usage)
+
+
+async def _close_parser(app: web.Application) -> None:
+    """Stop the body parser's helper process, if a body needed it."""
+    close_pool()
 
 
 async def client_session_context(app: web.Application) -> AsyncIterator[None]:
@@ -324,6 +332,9 @@ async def _refresh_gauges(
         holder.current.router.publish_gauges()
         shedder.tick()
         budget.publish(metrics.memory_budget.set, held)
+        metrics.live_uploads.set(live_uploads())
+        # After the gauges: what a request gave back is freed by now (see dispatch/allocator).
+        budget.trimmer.settle(budget.held)
 
     await every("gauge-refresher", refresh, interval=GAUGE_REFRESH_SECONDS)
 

@@ -28,6 +28,7 @@ BENCHMARKS = (
     "throughput",
     "usage_accounting",
     "redaction",
+    "body_parse",
     "keepalive_races",
     "shedding",
     "key_limits",

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Literal
 
+from gateway.dispatch.allocator import Trimmer
 from gateway.shared.errors import GatewayError
 
 # What the bytes are held for (the `use` label of the metrics).
@@ -53,6 +54,7 @@ class MemoryBudget:
         self._by_use: Counter[Use] = Counter()
         self._freed = asyncio.Event()
         self.refusals: Counter[tuple[Use, str]] = Counter()
+        self.trimmer = Trimmer()
 
     def publish(self, budget: Callable[[float], None], held: Callable[[Use, int], None]) -> None:
         """Report the budget and what is held for each use."""
@@ -120,6 +122,7 @@ class MemoryBudget:
             self._on_refusal(use, reason)
 
     def _give_back(self, key_id: str, use: Use, size: int) -> None:
+        self.trimmer.given_back(size)
         self._held -= size
         self._by_use[use] -= size
         self._by_key[key_id] -= size

@@ -58,6 +58,9 @@ class ClientRequest:
     data: dict[str, Any]
     previous_response_id: str | None
     body_for: Callable[[str], bytes | None]
+    # (head_bytes, the conversation's stable head) when computed where the body was parsed;
+    # None: computed from `data` when needed.
+    known_head: tuple[int, bytes | None] | None = None
 
 
 def parse_request(spec: EndpointSpec, raw: bytes) -> ClientRequest:

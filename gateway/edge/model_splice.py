@@ -49,14 +49,17 @@ _AS_ARRAYS = bytes.maketrans(b"{}\x00", b"[]0")
 _COMMAS = ((b"][", b"],["), (b"]0", b"],0"), (b"0[", b"0,["), (b"00", b"0,0"), (b"00", b"0,0"))
 
 
-def replace_model(raw: bytes, model: str, *, has_model: bool = True) -> bytes:
+def replace_model(
+    raw: bytes, model: str, *, has_model: bool = True, span: tuple[int, int] | None = None
+) -> bytes:
     """`raw` (a JSON object orjson accepted) with its top-level `model` value set to `model`.
 
     The value's bytes are replaced in place; when the key appears more than once the last one
     counts (as for the parser). An object without a top-level `model` (`has_model=False`, as
-    its parse told) gains one at its end.
+    its parse told) gains one at its end. `span`: the value's place, when already found.
     """
-    span = model_value_span(raw) if has_model else None
+    if span is None and has_model:
+        span = model_value_span(raw)
     value = orjson.dumps(model)
     if span is None:
         closing = raw.rstrip().rfind(b"}")

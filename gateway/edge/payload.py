@@ -23,6 +23,9 @@ class Payload:
     data: dict[str, Any]
     model: str | None  # None: the endpoint allows leaving it out, and the body did
     stream: bool
+    # Where `model`'s value lies in `raw`, when found already (a body parsed in the helper);
+    # None: found at the splice, if one is needed.
+    model_span: tuple[int, int] | None = None
 
     def for_upstream(self, upstream_model: str) -> bytes:
         """The body to send upstream: the client's bytes, with only the model id spliced in when
@@ -30,7 +33,7 @@ class Payload:
         survive)."""
         if upstream_model == self.model:
             return self.raw
-        return replace_model(self.raw, upstream_model)
+        return replace_model(self.raw, upstream_model, span=self.model_span)
 
 
 def _parsed(raw: bytes) -> Any:

@@ -23,8 +23,9 @@ from gateway.dispatch.permits import KeyLimits, concurrency_headers
 from gateway.dispatch.renamer import Renamer
 from gateway.dispatch.usage import with_usage_requested
 from gateway.dispatch.usage_book import UsageBook
+from gateway.edge.body_parse import read_request
 from gateway.edge.connections import body_read_timeout, close_after_response
-from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec, parse_request
+from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec
 from gateway.edge.model_names import AnswerRenamer, ModelRenamer
 from gateway.edge.overload import LoadShedder
 from gateway.edge.request_body import IDENTITY, check_encoding, content_encoding, decode_body
@@ -74,11 +75,13 @@ def routing_context(
     headers: Mapping[str, str],
     body: Mapping[str, Any],
     pinned: bool,
+    known_head: tuple[int, bytes | None] | None = None,
 ) -> RequestContext:
     """What the router routes a request by. Only a sticky endpoint (chat, completions) of a
     sticky model reads a session id or computes the conversation's digest: embeddings,
     tokenize and the other least-loaded endpoints, and requests pinned to a stored response,
-    never do the work."""
+    never do the work. `known_head`: the conversation's stable head, when the body's parse
+    already took it (a costly body parsed in the helper process)."""
     sticky = model is not None and spec.stickiness != "none" and not pinned
     stickiness = catalog.stickiness(model) if sticky and model is not None else "none"
     conversation = None
@@ -90,6 +93,7 @@ def routing_context(
             deployment_secret=catalog.conversation_secret,
             key_digest=key.digest,
             head_bytes=catalog.conversation_head_bytes,
+            known_head=known_head,
         )
     return RequestContext(
         request_id=request_id,
@@ -355,7 +359,7 @@ class Proxy:
                 parsed = upload.request
             else:
                 raw = await self._read_body(request, record.buffer) if spec.body != "none" else b""
-                parsed = parse_request(spec, raw)
+                parsed = await read_request(spec, raw, self.catalog.conversation_head_bytes)
             pinned = await self._pinned_provider(request, spec, parsed, key)
             storing = spec.stores_responses and await self.responses.admit(key, parsed.data)
             requested = parsed.model
@@ -395,6 +399,7 @@ class Proxy:
                 headers=request.headers,
                 body=parsed.data,
                 pinned=pinned is not None,
+                known_head=parsed.known_head,
             )
             decision = await self._decide(spec, context, candidates, pinned)
             affinity = decision.affinity

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import weakref
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -28,6 +29,14 @@ REPLAY_PIECE_BYTES = 256 * 1024
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _PRINTABLE_ASCII = re.compile(r"[ -~]+")
 _FIELD_NAME = re.compile(rb'content-disposition:[^\r\n]*;\s*name="([^"]*)"', re.IGNORECASE)
+
+
+_LIVE: weakref.WeakSet[UploadSource] = weakref.WeakSet()
+
+
+def live_uploads() -> int:
+    """How many uploads' sources are still in memory (being read, or never let go)."""
+    return len(_LIVE)
 
 
 class UploadSource:
@@ -56,6 +65,7 @@ class UploadSource:
         self._eof = False
         self._in_head = True
         self.failure: GatewayError | None = None
+        _LIVE.add(self)
 
     @property
     def replayable(self) -> bool:

@@ -54,17 +54,28 @@ def conversation_of(
     deployment_secret: bytes,
     key_digest: str,
     head_bytes: int,
+    known_head: tuple[int, bytes | None] | None = None,
 ) -> str | None:
-    """The request's conversation value, or None when it has none (the key's binding then)."""
+    """The request's conversation value, or None when it has none (the key's binding then).
+    `known_head`: the stable head already taken (with the `head_bytes` it was taken at)."""
     explicit = _explicit(body, headers)
     if explicit is not None:
         message = b"explicit\0" + explicit.encode("utf-8", "surrogatepass")
-    elif scope == "conversation" and (head := stable_head(body, head_bytes)) is not None:
+    elif scope == "conversation" and (head := _head(body, head_bytes, known_head)) is not None:
         message = b"head\0" + head
     else:
         return None
     secret = binding_secret(deployment_secret, key_digest)
     return hmac.new(secret, message, hashlib.sha256).hexdigest()[:DIGEST_HEX_CHARACTERS]
+
+
+def _head(
+    body: Mapping[str, Any], head_bytes: int, known: tuple[int, bytes | None] | None
+) -> bytes | None:
+    """The stable head: the one already taken at this length, else taken from the body."""
+    if known is not None and known[0] == head_bytes:
+        return known[1]
+    return stable_head(body, head_bytes)
 
 
 def binding_model(model: str, conversation: str | None) -> str:

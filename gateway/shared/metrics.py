@@ -203,6 +203,13 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self.live_uploads = Gauge(
+            "gateway_memory_live_uploads",
+            "Uploads whose objects are still in memory: those being streamed, plus any a finished "
+            "request left behind (a leak when it stays above 0 with no upload under way).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self.memory_refusals = Counter(
             "gateway_memory_refusals",
             "Bytes the memory budget refused, counted once per refusal, by use and reason "
