@@ -17,7 +17,7 @@ from gateway.catalog import Catalog, Key, Provider
 from gateway.dispatch.dispatcher import Dispatcher, DispatchRecord, DispatchRequest, RequestBody
 from gateway.dispatch.memory_budget import MemoryBudget, Reservation
 from gateway.dispatch.model_cards import ModelCards, model_object
-from gateway.dispatch.permits import KeyLimits, concurrency_headers
+from gateway.dispatch.permits import ConnectionShare, KeyLimits, concurrency_headers
 from gateway.dispatch.usage import with_usage_requested
 from gateway.dispatch.usage_book import UsageBook
 from gateway.edge.connections import body_read_timeout, close_after_response
@@ -75,7 +75,7 @@ class Proxy:
         responses: ResponseBindings,
         max_body_bytes: int,
         mode_header: str,
-        connections_per_key: int,
+        connections_per_key: ConnectionShare,
         key_limits: KeyLimits | None = None,
         recent: RecentDecisions | None = None,
         request_compression: bool = False,

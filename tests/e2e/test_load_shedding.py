@@ -1,5 +1,5 @@
-"""A real `gateway serve` worker serves a burst of 200 OpenAI SDK calls whole and a closed loop
-without a refusal; a queue standing past its burst allowance is shed with a prompt OpenAI-shaped
+"""A real `gateway serve` worker serves a burst of 200 OpenAI SDK calls whole, one key's batch
+past its connection share (1,000 at two workers) whole, and a closed loop without a refusal; a queue standing past its burst allowance is shed with a prompt OpenAI-shaped
 503 + Retry-After, whether the flood's path is plain or percent-encoded, while health endpoints
 answer and the worker serves again after."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -218,6 +219,42 @@ async def test_a_burst_of_200_arriving_at_once_is_served_whole(
                 text = await metrics.text()
         assert statuses == [200] * (BATCH * BATCHES)
         assert samples(text, "gateway_requests_shed_total") == [0]
+    finally:
+        gateway.stop()
+
+
+# One batch client's requests at once from one key: past the key's default share of a worker's
+# connections (512 of 1,024), within the point where the worker is crowded (768).
+ONE_WORKER_BATCH = 600
+# ... and at two workers, the issue's goal.
+TWO_WORKER_BATCH = 1000
+
+
+@pytest.mark.parametrize(("workers", "count"), [(1, ONE_WORKER_BATCH), (2, TWO_WORKER_BATCH)])
+async def test_one_keys_batch_past_its_connection_share_is_served_whole(
+    workers: int, count: int, nodes: list[SimulatorProcess], database_url: str, tmp_path: Path
+) -> None:
+    """600 requests at once from one key at a one-worker gateway, and 1,000 at a two-worker
+    one (default settings, nodes answering in ~50 ms), are all answered 200: the key's share of
+    a worker's connections applies only once the worker is crowded."""
+    config = settings_dict(
+        {node.name: node.url for node in nodes}, extra={"database": {"url": database_url}}
+    )
+    gateway = GatewayProcess(config, tmp_path, workers=workers)
+    gateway.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            # Every worker listening, so the kernel spreads the connections over all of them.
+            await wait_until(
+                lambda: len(gateway.events("worker_started")) == workers,
+                timeout=30,
+                message="every worker listening",
+            )
+            await wait_until(
+                lambda: serving(session, gateway.url), timeout=30, message="gateway up"
+            )
+            statuses = [status for status, _, _ in await flood(gateway.url, count=count)]
+        assert Counter(statuses) == {200: count}
     finally:
         gateway.stop()
 
