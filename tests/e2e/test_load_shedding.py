@@ -1,7 +1,8 @@
 """A real `gateway serve` worker serves a burst of 200 OpenAI SDK calls whole, one key's batch
-past its connection share (1,000 at two workers) whole, and a closed loop without a refusal; a queue standing past its burst allowance is shed with a prompt OpenAI-shaped
-503 + Retry-After, whether the flood's path is plain or percent-encoded, while health endpoints
-answer and the worker serves again after."""
+past its connection share (1,000 at two workers) whole, and a closed loop without a refusal; a
+queue standing past its burst allowance is shed with a prompt OpenAI-shaped 503 + Retry-After,
+whether the flood's path is plain or percent-encoded, while health endpoints answer and the
+worker serves again after."""
 
 from __future__ import annotations
 
