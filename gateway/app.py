@@ -254,7 +254,11 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         return holder.current.proxy.is_light(request)  # whatever the latest reload made it
 
     app[OVERLOAD_GATE] = OverloadGate(
-        shedder, router=app.router, light=light, request_id=app[REQUEST_IDS].new
+        shedder,
+        router=app.router,
+        light=light,
+        request_id=app[REQUEST_IDS].new,
+        draining=lambda: app[LIFECYCLE].draining,
     )
     app[RELOADER] = Reloader(holder, state, metrics)
 

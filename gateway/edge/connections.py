@@ -218,6 +218,8 @@ class GuardedRequestHandler(web.RequestHandler):
         if (
             self._admission is None
             or transport is None
+            or self._force_close
+            or self._close
             or self._messages
             or self._request_in_progress
             or self._payload_parser is not None

@@ -215,8 +215,12 @@ class OverloadGate:
         router: web.UrlDispatcher,
         light: Callable[[web.BaseRequest], bool],
         request_id: Callable[[], str],
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`draining()`: whether the worker is draining (its answers then close their
+        connections, so no refusal is made before the app's response hooks see it)."""
         self.shedder = shedder
+        self._draining = draining
         self._router = router
         self._light = light
         self._request_id = request_id
@@ -245,11 +249,11 @@ class OverloadGate:
         light key's is refused (so its key need not be known), and only when `data` is exactly
         one whole request on a proxied route, in its plain spelling, framed by a
         `Content-Length` alone. Every other request takes the usual path (`admit`), which
-        decides the same way from the parsed request.
+        decides the same way from the parsed request. Nor while the worker drains.
         """
         shedder = self.shedder
         shedder.tick()
-        if not shedder.shedding or not plain_sheddable_request(data):
+        if not shedder.shedding or self._draining() or not plain_sheddable_request(data):
             return None
         waited = delay()
         if waited <= shedder.policy.level * LIGHT_LEVELS:

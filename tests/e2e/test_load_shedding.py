@@ -304,6 +304,65 @@ async def test_a_flood_past_the_allowance_is_shed_with_503_whatever_its_path_spe
         gateway.stop()
 
 
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One answer framed by `Content-Length` on a kept-alive connection: status and body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(
+        int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:")
+    )
+    return int(lines[0].split()[1]), await reader.readexactly(length)
+
+
+async def test_a_shed_request_on_a_kept_alive_connection_leaves_it_usable(
+    node: SimulatorProcess, database_url: str, tmp_path: Path
+) -> None:
+    """A flood of plain keep-alive chat requests past the allowance gets some 503 `overloaded`;
+    each refused connection stays open, and once the overload is over its next request on the
+    same connection is served 200."""
+    config = settings_dict(
+        {"node-a": node.url}, extra={"database": {"url": database_url}, "server": SHEDDING}
+    )
+    gateway = GatewayProcess(config, tmp_path, workers=1)
+    gateway.start()
+    connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_until(
+                lambda: serving(session, gateway.url), timeout=30, message="gateway up"
+            )
+            connections = [
+                await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(FLOOD)
+            ]
+            request = raw_request(close=False)
+            for _, writer in connections:
+                writer.write(request)
+            async with asyncio.timeout(60):
+                answers = await asyncio.gather(*(read_answer(reader) for reader, _ in connections))
+            refused = [
+                connection
+                for connection, (status, _) in zip(connections, answers, strict=True)
+                if status == 503
+            ]
+            assert refused, [status for status, _ in answers]
+            assert {status for status, _ in answers} == {200, 503}
+            assert {
+                orjson.loads(body)["error"]["code"] for status, body in answers if status == 503
+            } == {"overloaded"}
+            await wait_until(
+                lambda: serving(session, gateway.url), timeout=30, message="served again"
+            )
+            for reader, writer in refused[:20]:
+                writer.write(request)
+                async with asyncio.timeout(30):
+                    status, _ = await read_answer(reader)
+                assert status == 200
+    finally:
+        for _, writer in connections:
+            writer.close()
+        gateway.stop()
+
+
 async def closed_loop(url: str) -> list[int]:
     """`LOOP_CONNECTIONS` keep-alive connections, each sending its next request the moment the
     last is answered (503 included) for `LOOP_SECONDS`; every status."""

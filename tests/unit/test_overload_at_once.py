@@ -86,3 +86,11 @@ def test_a_worker_not_shedding_refuses_nothing_and_reads_no_delay() -> None:
         raise AssertionError("the delay was read")
 
     assert overloaded.refusal_at_once(request(), delay) is None
+
+
+def test_a_draining_worker_leaves_every_refusal_to_the_parsed_path() -> None:
+    """While the worker drains (its answers close their connections), nothing is refused
+    before parsing."""
+    overloaded = gate()
+    overloaded._draining = lambda: True
+    assert overloaded.refusal_at_once(request(), lambda: LEVEL * LIGHT_LEVELS * 1.1) is None
