@@ -254,11 +254,7 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
         return holder.current.proxy.is_light(request)  # whatever the latest reload made it
 
     app[OVERLOAD_GATE] = OverloadGate(
-        shedder,
-        router=app.router,
-        light=light,
-        request_id=app[REQUEST_IDS].new,
-        draining=lambda: app[LIFECYCLE].draining,
+        shedder, router=app.router, light=light, request_id=app[REQUEST_IDS].new
     )
     app[RELOADER] = Reloader(holder, state, metrics)
 

@@ -86,11 +86,6 @@ class Admission(Protocol):
         """None to serve it, or the response to answer instead; `delay`: how long it waited
         since its head was read, in seconds."""
 
-    def refusal_at_once(self, data: bytes, delay: Callable[[], float]) -> bytes | None:
-        """Before aiohttp parses it: the complete answer refusing the one whole request in
-        `data` (head and body, nothing more), or None to parse and `admit` it as usual;
-        `delay()`: how long it waited since its head arrived, in seconds."""
-
 
 class _Phase(enum.Enum):
     HEAD = "head"  # a request head is due: the deadline runs
@@ -200,39 +195,12 @@ class GuardedRequestHandler(web.RequestHandler):
         read_at = time.monotonic()
         if self._phase is _Phase.IDLE and data:
             self._start_head()
-        fresh = self._phase is _Phase.HEAD and self._head_size == 0
         if self._phase is _Phase.HEAD and not self._watch_head(data):
-            return
-        if fresh and self._phase is _Phase.REQUEST and self._refused_at_once(data, read_at):
             return
         parsed = self._request_count
         super().data_received(data)
         if self._request_count != parsed:
             self._head_read_at = read_at - self._kernel_wait()
-
-    def _refused_at_once(self, data: bytes, read_at: float) -> bool:
-        """Whether the admission refused the request in `data` before aiohttp parsed it (a
-        refusal then costs a fraction of a parsed one): only on a connection with nothing else
-        in progress, so answers keep their order; the connection stays open for the next."""
-        transport = self.transport
-        if (
-            self._admission is None
-            or transport is None
-            or self._force_close
-            or self._close
-            or self._messages
-            or self._request_in_progress
-            or self._payload_parser is not None
-        ):
-            return False
-        refusal = self._admission.refusal_at_once(data, lambda: read_at - self._kernel_wait())
-        if refusal is None:
-            return False
-        transport.write(refusal)
-        self._phase = _Phase.IDLE
-        # aiohttp saw no request: its keep-alive clock counts from this answer, as from its own.
-        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
-        return True
 
     def _kernel_wait(self) -> float:
         """Seconds since the connection's last data arrived in the kernel (0 when unknown)."""

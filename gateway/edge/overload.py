@@ -46,7 +46,6 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
-from gateway.edge.connections import SERVER_NAME
 from gateway.edge.endpoints import ENDPOINTS
 from gateway.edge.errors import error_body
 
@@ -65,20 +64,6 @@ RETRY_AFTER_SECONDS = 1
 OVERLOADED_BODY = error_body(503, "This gateway worker is overloaded; retry shortly.", "overloaded")
 # The proxied routes, as the app's router matches them: method and resource pattern.
 SHEDDABLE_ROUTES = frozenset((spec.method, spec.path) for spec in ENDPOINTS)
-# The request lines of the proxied routes with a fixed path, spelled exactly as the router's
-# patterns (anything else, percent-encoded or with a query, is parsed and matched first).
-SHEDDABLE_LINES = frozenset(
-    f"{method} {path} HTTP/1.1".encode("ascii")
-    for method, path in SHEDDABLE_ROUTES
-    if "{" not in path
-)
-# Headers that change how a request is framed or answered: such a request is parsed first.
-FRAMING_HEADERS = frozenset((b"transfer-encoding", b"expect", b"connection", b"upgrade"))
-OVERLOADED_HEAD = (
-    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    f"Content-Length: {len(OVERLOADED_BODY)}\r\nRetry-After: {RETRY_AFTER_SECONDS}\r\n"
-    f"Server: {SERVER_NAME}\r\nx-request-id: "
-).encode("ascii")
 
 
 @dataclass(frozen=True)
@@ -215,12 +200,8 @@ class OverloadGate:
         router: web.UrlDispatcher,
         light: Callable[[web.BaseRequest], bool],
         request_id: Callable[[], str],
-        draining: Callable[[], bool] = lambda: False,
     ) -> None:
-        """`draining()`: whether the worker is draining (its answers then close their
-        connections, so no refusal is made before the app's response hooks see it)."""
         self.shedder = shedder
-        self._draining = draining
         self._router = router
         self._light = light
         self._request_id = request_id
@@ -242,30 +223,6 @@ class OverloadGate:
             headers={"Retry-After": str(RETRY_AFTER_SECONDS), "x-request-id": self._request_id()},
         )
 
-    def refusal_at_once(self, data: bytes, delay: Callable[[], float]) -> bytes | None:
-        """The 503, as bytes, for a request refused before it is even parsed, or None.
-
-        Only while shedding, only for a request that queued past the level at which even a
-        light key's is refused (so its key need not be known), and only when `data` is exactly
-        one whole request on a proxied route, in its plain spelling, framed by a
-        `Content-Length` alone. Every other request takes the usual path (`admit`), which
-        decides the same way from the parsed request. Nor while the worker drains.
-        """
-        shedder = self.shedder
-        shedder.tick()
-        if not shedder.shedding or self._draining() or not plain_sheddable_request(data):
-            return None
-        waited = delay()
-        if waited <= shedder.policy.level * LIGHT_LEVELS:
-            return None
-        shedder.observe(waited)
-        shedder.refuses(waited, light=_heavy)
-        return b"%s%s\r\n\r\n%s" % (
-            OVERLOADED_HEAD,
-            self._request_id().encode("ascii"),
-            OVERLOADED_BODY,
-        )
-
     async def sheddable(self, request: web.BaseRequest) -> bool:
         """Whether the app's router matches the request to a proxied endpoint."""
         match = await self._router.resolve(request)  # type: ignore[arg-type]
@@ -274,30 +231,3 @@ class OverloadGate:
         route = match.route
         resource = route.resource
         return resource is not None and (route.method, resource.canonical) in SHEDDABLE_ROUTES
-
-
-def _heavy() -> bool:
-    return False
-
-
-def plain_sheddable_request(data: bytes) -> bool:
-    """Whether `data` is exactly one whole HTTP/1.1 request to a proxied route with a fixed
-    path, spelled as the router's pattern, its body framed by one `Content-Length` alone."""
-    line_end = data.find(b"\r\n")
-    if data[:line_end] not in SHEDDABLE_LINES:
-        return False
-    head_end = data.find(b"\r\n\r\n", line_end)
-    if head_end < 0:
-        return False
-    length: int | None = None
-    for line in data[line_end + 2 : head_end].split(b"\r\n"):
-        name, colon, value = line.partition(b":")
-        name = name.lower()
-        if not colon or name in FRAMING_HEADERS or name != name.strip():
-            return False
-        if name == b"content-length":
-            value = value.strip()
-            if length is not None or not value.isdigit():
-                return False
-            length = int(value)
-    return length is not None and len(data) == head_end + 4 + length
