@@ -92,6 +92,15 @@ async def burst(port: int, count: int) -> list[int]:
         return await asyncio.gather(*(status(reader, writer) for reader, writer in connections))
 
 
+async def workers_listening(log: Path, workers: int, limit_seconds: float = 60.0) -> None:
+    """Wait (bounded) until the gateway's log shows `workers` workers started."""
+    deadline = asyncio.get_running_loop().time() + limit_seconds
+    while log.read_text(encoding="utf-8", errors="replace").count('"worker_started"') < workers:  # noqa: ASYNC240 - a small log, read between sleeps
+        if asyncio.get_running_loop().time() > deadline:
+            raise RuntimeError(f"{workers} workers did not start within {limit_seconds} s")
+        await asyncio.sleep(0.1)
+
+
 def gateway_config(folder: Path, port: int, upstreams: Mapping[str, str]) -> Path:
     """A config for one bench gateway on `port` in front of `upstreams` (default shedding)."""
     return write_config(
@@ -117,6 +126,9 @@ async def bursts(work: Path, repetitions: int) -> list[dict[str, Any]]:
             gateway = start(gateway_command(config, port, workers), folder / "gateway.log")
             try:
                 await wait_ready(f"http://127.0.0.1:{port}/healthz", limit_seconds=120)
+                # /healthz answers once one worker listens; a burst before the others do would
+                # all go to that one (the first burst of 1,000 measured so was 488 refused).
+                await workers_listening(folder / "gateway.log", workers)
                 for repetition in range(repetitions):
                     statuses = await burst(port, count)
                     row = {

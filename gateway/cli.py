@@ -25,6 +25,7 @@ BENCHMARKS = (
     "latency_bands",
     "latency_recovery",
     "operations",
+    "store_outage_burst",
     "throughput",
     "usage_accounting",
     "redaction",

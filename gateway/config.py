@@ -56,8 +56,11 @@ class ServerSettings(Section):
     over `max_header_bytes` or `max_header_count` headers gets 431; connections beyond
     `max_connections_per_worker` get 503 (each proxied request also holds an upstream socket,
     so allow at least twice this many open files). One key's requests in progress on a worker,
-    from their head until their answer ends (bodies still arriving included), may hold at most
-    `max_connection_share_per_key` of that cap; past it they get 429 before their body is read.
+    from their head until their answer ends (bodies still arriving included), may hold more than
+    `max_connection_share_per_key` of that cap only while the worker is not crowded (its requests
+    in progress hold under three quarters of the cap): past its share on a crowded worker a key's
+    requests get 429 before their body is read, so one client may use a quiet worker whole and a
+    flooding key leaves at least a quarter of the cap (or the rest of its share) to the others.
 
     What a worker holds in memory for requests (bodies being read, upload copies kept for a
     failover, non-streamed answers read whole) is at most `memory_budget_bytes`, one key's at

@@ -168,12 +168,13 @@ class KeyLimits:
         self.units: UnitAsker | None = None
         self.on_refused: Callable[[str], None] | None = None  # hears each 429/503's reason
 
-    def acquire(self, key: Key, connection_share: int | None = None) -> None:
+    def acquire(self, key: Key, connection_share: ConnectionShare | None = None) -> None:
         """Admit a request for the key on this worker's shares alone, or raise a 429 with a
         Retry-After (no store call: what `admit` does while the share has room).
 
-        `connection_share` is how many requests one key may have in progress on this worker
-        (see `per_key_limit`): a request whose body is still arriving holds a connection too.
+        `connection_share` bounds one key's requests in progress on this worker once it is
+        crowded (see `ConnectionShare`): a request whose body is still arriving holds a
+        connection too.
         """
         in_flight = self._check_connections(key, connection_share)
         if not self._has_room(key, in_flight):
@@ -181,7 +182,7 @@ class KeyLimits:
             raise self._refusal(key, Unit.AT_LIMIT)
         self._start(key, in_flight)
 
-    async def admit(self, key: Key, connection_share: int | None = None) -> None:
+    async def admit(self, key: Key, connection_share: ConnectionShare | None = None) -> None:
         """As `acquire`, but a key whose share here is spent asks the store for one more unit
         first: 429 only when the key's units are all held across the cluster, 503 when the
         store does not answer in time."""
@@ -201,15 +202,17 @@ class KeyLimits:
             self._maybe_give_back(key)
             raise
 
-    def _check_connections(self, key: Key, connection_share: int | None) -> int:
-        """The key's requests in flight here, or a 429 past its share of the connections."""
+    def _check_connections(self, key: Key, connection_share: ConnectionShare | None) -> int:
+        """The key's requests in flight here, or a 429 past its share of the connections while
+        the worker is crowded."""
         in_flight = self._in_flight.get(key.id, 0)
-        if connection_share is not None and in_flight >= connection_share:
+        if connection_share is not None and connection_share.refuses(in_flight, self._total):
             self._refused("connection_share")
             raise GatewayError(
                 429,
-                f"This key already has {connection_share} requests in progress on this gateway "
-                "worker, its share of the worker's connections; retry shortly.",
+                f"This key already has {in_flight} requests in progress on this gateway worker, "
+                f"more than its share ({connection_share.per_key}) of the worker's connections "
+                "while they run short; retry shortly.",
                 "key_connection_share",
                 retry_after=1,
             )
@@ -316,6 +319,39 @@ class KeyLimits:
             self._in_flight.pop(key.id, None)
         if key.max_concurrency is not None:
             self._maybe_give_back(key)
+
+
+# A worker is crowded once its requests in progress hold this share of its connection cap (the
+# same point past which `gateway.edge.site` stops accepting in batches): only then is a key held
+# to its share, so one client may use an uncrowded worker whole, and the last quarter of the
+# connections stays for the other keys.
+CROWDED_SHARE = 0.75
+
+
+@dataclass(frozen=True)
+class ConnectionShare:
+    """One key's share of a worker's connections, and when it applies.
+
+    A key past `per_key` requests in progress on the worker is refused only while the worker's
+    requests in progress (every key's) are at least `crowded`: an honest batch client on a quiet
+    worker is never refused, and a flooding key holds at most `max(per_key, crowded)`, which
+    leaves the rest of the cap to the other keys (each admitted until it too is past `per_key`).
+    """
+
+    per_key: int
+    crowded: int
+
+    @classmethod
+    def of(cls, max_connections: int, share: float) -> ConnectionShare:
+        """The share for a connection cap: `per_key_limit`, applied from `CROWDED_SHARE` of it."""
+        return cls(
+            per_key=per_key_limit(max_connections, share),
+            crowded=max(1, math.floor(max_connections * CROWDED_SHARE)),
+        )
+
+    def refuses(self, key_in_flight: int, worker_in_flight: int) -> bool:
+        """Whether a key with `key_in_flight` requests here is refused one more."""
+        return key_in_flight >= self.per_key and worker_in_flight >= self.crowded
 
 
 def per_key_limit(max_connections: int, share: float) -> int:

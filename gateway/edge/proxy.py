@@ -19,7 +19,7 @@ from gateway.dispatch.dispatcher import Dispatcher
 from gateway.dispatch.job import DispatchRecord, DispatchRequest, RequestBody
 from gateway.dispatch.memory_budget import MemoryBudget, Reservation
 from gateway.dispatch.model_cards import ModelCards, model_object
-from gateway.dispatch.permits import KeyLimits, concurrency_headers
+from gateway.dispatch.permits import ConnectionShare, KeyLimits, concurrency_headers
 from gateway.dispatch.renamer import Renamer
 from gateway.dispatch.usage import with_usage_requested
 from gateway.dispatch.usage_book import UsageBook
@@ -118,7 +118,7 @@ class Proxy:
         responses: ResponseBindings,
         max_body_bytes: int,
         mode_header: str,
-        connections_per_key: int,
+        connections_per_key: ConnectionShare,
         key_limits: KeyLimits | None = None,
         recent: RecentDecisions | None = None,
         request_compression: bool = False,

@@ -22,7 +22,7 @@ from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.memory_budget import MemoryBudget
 from gateway.dispatch.model_cards import ModelCards
-from gateway.dispatch.permits import KeyLimits, ProviderPermits, per_key_limit
+from gateway.dispatch.permits import ConnectionShare, KeyLimits, ProviderPermits
 from gateway.dispatch.retries import RetryBudget
 from gateway.dispatch.upstream_pool import UpstreamPool
 from gateway.dispatch.usage_book import UsageBook
@@ -150,7 +150,7 @@ def build_runtime(
         responses=ResponseBindings(state.store, catalog, settings.affinity),
         max_body_bytes=settings.server.max_body_bytes,
         mode_header=routing.mode_header,
-        connections_per_key=per_key_limit(
+        connections_per_key=ConnectionShare.of(
             settings.server.max_connections_per_worker, settings.server.max_connection_share_per_key
         ),
         key_limits=state.key_limits,

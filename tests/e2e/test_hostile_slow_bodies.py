@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from gateway.config import hash_key
-from gateway.dispatch.permits import per_key_limit
+from gateway.dispatch.permits import ConnectionShare
 from tests.conftest import SimulatorFactory
 from tests.e2e.test_hostile_clients import (
     assert_openai_error,
@@ -279,25 +279,29 @@ async def test_100_continue_is_not_sent_to_a_key_at_its_concurrency_limit(
     )
 
 
-async def test_one_key_holds_at_most_its_share_of_a_workers_connections(
+# A cap of 8: crowded at 6 requests in progress, past the key's share of 4.
+HELD = 6
+
+
+async def test_one_key_holds_at_most_three_quarters_of_a_workers_connections(
     gateway_factory: GatewayFactory,
 ) -> None:
-    """`max_connections_per_worker: 8` with a share of 0.5: a key's fifth slow body gets 429
-    `key_connection_share` at once, while another key is served; the key is served again once
-    its slow bodies are gone."""
+    """`max_connections_per_worker: 8` with a share of 0.5: a key may use the uncrowded worker up
+    to three quarters of the cap, so its seventh slow body gets 429 `key_connection_share` at
+    once, while another key is served; the key is served again once its slow bodies are gone."""
     gateway = await gateway_factory(max_connections_per_worker=8, max_connection_share_per_key=0.5)
     held: list[SlowBody] = []
     try:
-        for _ in range(4):
+        for _ in range(HELD):
             held.append(await SlowBody.open(gateway.port, slow_head(TEST_KEY)))
 
         # Heads on different connections are not read in a fixed order: a probe may be read
-        # before the last of the four and admitted in its place (that one then gets the 429).
+        # before the last of the six and admitted in its place (that one then gets the 429).
         # So the probe is kept as one of the key's slow bodies when it is admitted, an answered
-        # one is dropped, and the probe is repeated until four are held and a fifth is refused.
-        async def fifth_refused() -> bool:
+        # one is dropped, and the probe is repeated until six are held and a seventh is refused.
+        async def seventh_refused() -> bool:
             held[:] = [request for request in held if not request.answer.done()]
-            while len(held) < 4:
+            while len(held) < HELD:
                 held.append(await SlowBody.open(gateway.port, slow_head(TEST_KEY)))
             probe = await SlowBody.open(gateway.port, slow_head(TEST_KEY))
             try:
@@ -311,7 +315,7 @@ async def test_one_key_holds_at_most_its_share_of_a_workers_connections(
             assert_openai_error(body, "key_connection_share")
             return True
 
-        await wait_until(fifth_refused, timeout=15, interval=0.05, message="a fifth refused")
+        await wait_until(seventh_refused, timeout=15, interval=0.05, message="a seventh refused")
         assert not any(request.answer.done() for request in held)
         assert await chat(gateway.url, OTHER_KEY) == 200
     finally:
@@ -339,8 +343,9 @@ async def test_two_thousand_slow_bodies_from_one_key_leave_another_key_served_th
     start_simulator: SimulatorFactory, database_url: str, tmp_path: Path
 ) -> None:
     """2,000 trickling request bodies from one key, through the shipped nginx, before two
-    replicas capped at 400 connections each: the key holds at most half of each, the rest of its
-    requests get 429 before their body, and another key's requests all get 200."""
+    replicas capped at 400 connections each: the key holds at most three quarters of each (past
+    that the worker is crowded and the key past its share of half), the rest of its requests get
+    429 before their body, and another key's requests all get 200."""
     node = await start_simulator("node-a")
     config = config_for(
         node.url,
@@ -382,8 +387,10 @@ async def test_two_thousand_slow_bodies_from_one_key_leave_another_key_served_th
                 await asyncio.sleep(1.0)  # the attackers' pace, not a wait
 
         trickling = asyncio.create_task(trickle())
-        # The key may hold its share of each replica; everything past it is refused.
-        held = ATTACK_REPLICAS * per_key_limit(ATTACK_CONNECTIONS_PER_WORKER, ATTACK_SHARE)
+        # The key may fill each replica up to the crowding point (above its share); everything
+        # past it is refused.
+        share = ConnectionShare.of(ATTACK_CONNECTIONS_PER_WORKER, ATTACK_SHARE)
+        held = ATTACK_REPLICAS * max(share.per_key, share.crowded)
 
         def answered() -> int:
             return sum(attacker.answer.done() for attacker in attackers)
