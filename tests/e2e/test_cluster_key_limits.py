@@ -16,14 +16,9 @@ import asyncpg
 import orjson
 import pytest
 
+from bench.launcher import GatewayProcess
 from gateway.dispatch.key_shares import BURST_SECONDS
-from tests.support.gateway import (
-    TEST_KEY,
-    GatewayProcess,
-    answers,
-    chat_body,
-    settings_dict,
-)
+from tests.support.gateway import TEST_KEY, answers, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 

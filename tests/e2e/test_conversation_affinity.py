@@ -13,8 +13,9 @@ import aiohttp
 import orjson
 import pytest
 
+from bench.launcher import GatewayProcess
 from gateway.config import hash_key
-from tests.support.gateway import TEST_MODEL, GatewayProcess, answers, settings_dict
+from tests.support.gateway import TEST_MODEL, answers, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 

@@ -33,14 +33,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.support.gateway import (
-    OTHER_KEY,
-    TEST_KEY,
-    TEST_MODEL,
-    GatewayProcess,
-    chat_body,
-    settings_dict,
-)
+from bench.launcher import GatewayProcess
+from tests.support.gateway import OTHER_KEY, TEST_KEY, TEST_MODEL, chat_body, settings_dict
 from tests.support.postgres import PostgresForTests, run_in_fresh_loop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]

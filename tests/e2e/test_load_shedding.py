@@ -17,15 +17,8 @@ import orjson
 import pytest
 from openai.types.chat import ChatCompletionUserMessageParam
 
-from tests.support.gateway import (
-    PROJECT_ROOT,
-    TEST_KEY,
-    TEST_MODEL,
-    GatewayProcess,
-    chat_body,
-    free_port,
-    settings_dict,
-)
+from bench.launcher import PROJECT_ROOT, GatewayProcess, free_port
+from tests.support.gateway import TEST_KEY, TEST_MODEL, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 

@@ -13,9 +13,10 @@ import aiohttp
 import orjson
 import pytest
 
+from bench.launcher import GatewayProcess
 from gateway.config import hash_key
 from gateway.selection.affinity import AGREEMENT_MIN_BINDINGS
-from tests.support.gateway import GatewayProcess, answers, chat_body, settings_dict
+from tests.support.gateway import answers, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 

@@ -18,7 +18,8 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.support.gateway import TEST_KEY, TEST_MODEL, GatewayProcess, answers, settings_dict
+from bench.launcher import GatewayProcess
+from tests.support.gateway import TEST_KEY, TEST_MODEL, answers, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 
