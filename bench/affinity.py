@@ -31,18 +31,8 @@ from affinity_store.embedded import EmbeddedPostgres
 from affinity_store.migrate import apply_migrations
 from affinity_store.postgres import PostgresAffinityStore, create_pool
 from affinity_store.store import Candidate
-from bench.harness import (
-    free_port,
-    gateway_command,
-    processes,
-    providers,
-    start,
-    start_nodes,
-    summary,
-    wait_ready,
-    write_config,
-    write_results,
-)
+from bench import launcher
+from bench.harness import providers, summary, write_results
 from gateway.config import AffinitySettings, hash_key
 from gateway.selection.affinity import SharedAffinity
 from gateway.shared.metrics import Metrics
@@ -136,17 +126,9 @@ async def gateways(
     """WORKERS gateway processes on one database; their URLs while they run."""
     config = gateway_config(database_url, node_urls, keys)
     config["affinity"] = {"local_cache_seconds": cache_seconds}
-    with processes() as started:
-        urls = []
-        for index in range(WORKERS):
-            directory = Path(tempfile.mkdtemp(prefix=f"gateway-{index}-", dir=work))
-            port = free_port()
-            path = write_config(directory / "gateway.yaml", config)
-            started.append(start(gateway_command(path, port), directory / "gateway.log"))
-            urls.append(f"http://127.0.0.1:{port}")
-        for url in urls:
-            await wait_ready(url + "/healthz")
-        yield urls
+    directory = Path(tempfile.mkdtemp(prefix="gateways-", dir=work))
+    async with launcher.gateways(directory, [config] * WORKERS) as started:
+        yield [gateway.url for gateway in started]
 
 
 async def storm(
@@ -229,8 +211,8 @@ async def run(options: argparse.Namespace, work: Path) -> dict[str, Any]:
         finally:
             await connection.close()
         results: dict[str, Any] = {"hit_path": await hit_path(server.url, options.lookups)}
-        with processes() as started:
-            node_urls = await start_nodes(started, work, NODES, "--base-ttft-ms", "1")
+        async with launcher.simulators(work, NODES, "--base-ttft-ms", "1") as nodes:
+            node_urls = {name: node.url for name, node in nodes.items()}
             results["storm"] = await storm(work, server.url, node_urls, options.storm)
             results["steady_state"] = {
                 "local_cache_on": await steady_state(

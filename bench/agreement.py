@@ -34,18 +34,10 @@ import aiohttp
 import asyncpg
 
 from affinity_store.embedded import EmbeddedPostgres
-from bench.harness import (
-    free_port,
-    gateway_command,
-    processes,
-    providers,
-    start,
-    start_nodes,
-    wait_ready,
-    write_config,
-    write_results,
-)
-from bench.locality import NGINX, nginx_conf
+from bench import launcher
+from bench.harness import providers, write_results
+from bench.launcher import wait_ready
+from bench.nginx import NGINX, running_nginx
 from gateway.config import hash_key
 
 MODEL = "agreement-model"
@@ -76,13 +68,10 @@ async def fleet(
 ) -> AsyncIterator[tuple[str, list[str]]]:
     """Simulators, one gateway per database URL (started together) and nginx in front; yields
     nginx's URL and each gateway's own URL once nginx answers."""
-    with processes() as started:
-        nodes = await start_nodes(started, work, NODES, *NODE_FLAGS[options.nodes])
-        ports = []
-        for index, url in enumerate(database_urls):
-            directory = work / f"gateway-{index}"
-            directory.mkdir()
-            config: dict[str, Any] = {
+    async with launcher.simulators(work, NODES, *NODE_FLAGS[options.nodes]) as simulators:
+        nodes = {name: node.url for name, node in simulators.items()}
+        configs: list[dict[str, Any]] = [
+            {
                 "providers": providers(nodes, MODEL),
                 "keys": [
                     {"id": f"key-{key}", "key_sha256": hash_key(f"sk-agreement-{key}")}
@@ -90,15 +79,13 @@ async def fleet(
                 ],
                 "database": {"url": url},
             }
-            port = free_port()
-            path = write_config(directory / "gateway.yaml", config)
-            started.append(start(gateway_command(path, port), directory / "gateway.log"))
-            ports.append(port)
-        front = free_port()
-        conf = nginx_conf(work, front, ports)
-        started.append(start([NGINX, "-c", str(conf), "-p", str(work)], work / "nginx.log"))
-        await wait_ready(f"http://127.0.0.1:{front}/healthz")  # the first gateway is up: go
-        yield f"http://127.0.0.1:{front}", [f"http://127.0.0.1:{port}" for port in ports]
+            for url in database_urls
+        ]
+        async with launcher.gateways(work, configs, ready_path=None) as gateways:
+            ports = [gateway.port for gateway in gateways]
+            with running_nginx(work / "nginx", ports, plain=True) as front:
+                await wait_ready(front + "/healthz")  # the first gateway is up: go
+                yield front, [gateway.url for gateway in gateways]
 
 
 async def send(

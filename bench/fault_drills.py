@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -22,18 +21,8 @@ from typing import Any
 
 import aiohttp
 
-from bench.harness import (
-    free_port,
-    gateway_command,
-    processes,
-    providers,
-    start,
-    start_nodes,
-    summary,
-    wait_ready,
-    write_config,
-    write_results,
-)
+from bench import launcher
+from bench.harness import providers, summary, write_results
 from gateway.config import hash_key
 
 MODEL = "drill-model"
@@ -55,7 +44,7 @@ async def no_fault(url: str, process: Any) -> None:
 
 async def kill(url: str, process: Any) -> None:
     """The node dies at once."""
-    process.send_signal(signal.SIGKILL)
+    await process.kill()
 
 
 async def rate_limit(url: str, process: Any) -> None:
@@ -78,9 +67,8 @@ DRILLS: dict[str, Fault] = {
 
 async def drill(fault: Fault, clients: int, seconds: float, fault_at: float, work: Path) -> Any:
     """Run one drill; the latency of every request, NaN for failures."""
-    with processes() as started:
-        urls = await start_nodes(started, work, NODES, *NODE_FLAGS)
-        gateway_port = free_port()
+    async with launcher.simulators(work, NODES, *NODE_FLAGS) as nodes:
+        urls = {name: node.url for name, node in nodes.items()}
         config = {
             "providers": providers(urls, MODEL),
             "keys": [
@@ -89,37 +77,49 @@ async def drill(fault: Fault, clients: int, seconds: float, fault_at: float, wor
             ],
             "routing": {"connect_timeout_seconds": 1},
         }
-        path = write_config(work / "gateway.yaml", config)
-        started.append(start(gateway_command(path, gateway_port), work / "gateway.log"))
-        gateway = f"http://127.0.0.1:{gateway_port}"
-        await wait_ready(gateway + "/healthz")
+        async with launcher.gateways(work, [config]) as (process,):
+            return await load(
+                fault, process.url, nodes, clients=clients, seconds=seconds, fault_at=fault_at
+            )
 
-        latencies: list[float] = []
-        deadline = time.monotonic() + seconds
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "drill"}], "max_tokens": 8}
 
-        async def client(session: aiohttp.ClientSession, index: int) -> None:
-            headers = {"Authorization": f"Bearer sk-drill-{index}"}
-            while time.monotonic() < deadline:
-                started_at = time.perf_counter()
-                try:
-                    async with session.post(
-                        gateway + "/v1/chat/completions", json=body, headers=headers
-                    ) as response:
-                        await response.read()
-                        ok = response.status == 200
-                except aiohttp.ClientError:
-                    ok = False
-                latencies.append((time.perf_counter() - started_at) * 1000 if ok else float("nan"))
+async def load(
+    fault: Fault,
+    gateway: str,
+    nodes: dict[str, launcher.SimulatorProcess],
+    *,
+    clients: int,
+    seconds: float,
+    fault_at: float,
+) -> list[float]:
+    """`clients` closed-loop clients for `seconds`, the fault injected into the first node after
+    `fault_at` seconds; the latency of every request, NaN for failures."""
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "drill"}], "max_tokens": 8}
 
-        async def inject() -> None:
-            await asyncio.sleep(fault_at)
-            victim = next(iter(urls))
-            await fault(urls[victim], started[0])
+    async def client(session: aiohttp.ClientSession, index: int) -> None:
+        headers = {"Authorization": f"Bearer sk-drill-{index}"}
+        while time.monotonic() < deadline:
+            started_at = time.perf_counter()
+            try:
+                async with session.post(
+                    gateway + "/v1/chat/completions", json=body, headers=headers
+                ) as response:
+                    await response.read()
+                    ok = response.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            latencies.append((time.perf_counter() - started_at) * 1000 if ok else float("nan"))
 
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            await asyncio.gather(inject(), *(client(session, index) for index in range(clients)))
-        return latencies
+    async def inject() -> None:
+        await asyncio.sleep(fault_at)
+        victim = next(iter(nodes.values()))
+        await fault(victim.url, victim)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        await asyncio.gather(inject(), *(client(session, index) for index in range(clients)))
+    return latencies
 
 
 def main() -> int:

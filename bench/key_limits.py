@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,17 +40,8 @@ import asyncpg
 from affinity_store.embedded import EmbeddedPostgres
 from affinity_store.migrate import apply_migrations
 from affinity_store.postgres import PostgresAffinityStore, create_pool
-from bench.harness import (
-    PROJECT_ROOT,
-    free_port,
-    gateway_command,
-    processes,
-    providers,
-    start_nodes,
-    wait_ready,
-    write_config,
-    write_results,
-)
+from bench import launcher
+from bench.harness import providers, write_results
 from gateway.config import hash_key
 from gateway.dispatch.key_shares import CONCURRENCY
 
@@ -86,37 +75,24 @@ async def cluster(
     work: Path, database_url: str, limit: int, hold_ms: int, source: Path | None
 ) -> AsyncIterator[Cluster]:
     """Start the scenario's processes; stop them on exit."""
-    with processes() as started:
-        urls = await start_nodes(started, work, ["node"], "--base-ttft-ms", str(hold_ms))
+    scenario = work / f"{limit}-{hold_ms}"
+    scenario.mkdir(exist_ok=True)
+    flags = ("--base-ttft-ms", str(hold_ms))
+    async with launcher.simulators(scenario, ["node"], *flags) as simulators:
+        urls = {name: node.url for name, node in simulators.items()}
         config = {
             "providers": providers(urls, MODEL),
             "keys": [{"id": "limited", "key_sha256": hash_key(KEY), "max_concurrency": limit}],
             "database": {"url": database_url, "pool_min_size": 1, "pool_max_size": 4},
             "affinity": {"lookup_timeout_ms": 500, "claim_timeout_ms": 2000},
         }
-        path = write_config(work / f"gateway-{limit}-{hold_ms}.yaml", config)
-        gateways = []
-        for index in range(2):
-            port = free_port()
-            log = work / f"gateway-{index}-{limit}-{hold_ms}.log"
-            root = source if source is not None else PROJECT_ROOT
-            started.append(_start_from(root, gateway_command(path, port, workers=2), log))
-            gateways.append(f"http://127.0.0.1:{port}")
-        for gateway in gateways:
-            await wait_ready(gateway + "/readyz")
-        await _settle(database_url)
-        yield Cluster(urls["node"], gateways)
-
-
-def _start_from(root: Path, command: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start a gateway process that imports the gateway from the checkout at `root`."""
-    return subprocess.Popen(
-        command,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        cwd=log.parent,
-        env={**os.environ, "PYTHONPATH": str(root)},
-    )
+        # The gateway imported from the checkout at `source` when given.
+        environment = {"PYTHONPATH": str(source)} if source is not None else None
+        async with launcher.gateways(
+            scenario, [config] * 2, workers=2, environment=environment, ready_path="/readyz"
+        ) as gateways:
+            await _settle(database_url)
+            yield Cluster(urls["node"], [gateway.url for gateway in gateways])
 
 
 async def _settle(database_url: str) -> None:

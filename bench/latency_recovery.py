@@ -26,17 +26,8 @@ from typing import Any
 import aiohttp
 
 from affinity_store.embedded import EmbeddedPostgres
-from bench.harness import (
-    free_port,
-    gateway_command,
-    processes,
-    providers,
-    start,
-    start_nodes,
-    wait_ready,
-    write_config,
-    write_results,
-)
+from bench import launcher
+from bench.harness import providers, write_results
 from gateway.config import hash_key
 
 MODEL = "recovery-model"
@@ -78,8 +69,8 @@ async def run(options: argparse.Namespace, work: Path) -> dict[str, Any]:
     database = EmbeddedPostgres(work / "pgdata")
     database.start()
     try:
-        with processes() as started:
-            nodes = await start_nodes(started, work, NODES, *NODE_FLAGS)
+        async with launcher.simulators(work, NODES, *NODE_FLAGS) as simulators:
+            nodes = {name: node.url for name, node in simulators.items()}
             config = {
                 "providers": providers(nodes, MODEL),
                 "keys": [
@@ -88,15 +79,9 @@ async def run(options: argparse.Namespace, work: Path) -> dict[str, Any]:
                 ],
                 "database": {"url": database.url},
             }
-            urls = []
-            for index in range(options.gateways):
-                port = free_port()
-                path = write_config(work / f"gateway-{index}.yaml", config)
-                started.append(start(gateway_command(path, port), work / f"gateway-{index}.log"))
-                urls.append(f"http://127.0.0.1:{port}")
-            for url in urls:
-                await wait_ready(url + "/healthz")
-            return await measure(options, urls, nodes[SLOWED])
+            async with launcher.gateways(work, [config] * options.gateways) as gateways:
+                urls = [gateway.url for gateway in gateways]
+                return await measure(options, urls, nodes[SLOWED])
     finally:
         database.stop()
 

@@ -31,19 +31,9 @@ from typing import Any
 import aiohttp
 
 from affinity_store.embedded import EmbeddedPostgres
-from bench import locality_vllm
-from bench.harness import (
-    free_port,
-    gateway_command,
-    processes,
-    providers,
-    start,
-    start_nodes,
-    summary,
-    wait_ready,
-    write_config,
-    write_results,
-)
+from bench import launcher, locality_vllm
+from bench.harness import providers, summary, write_results
+from bench.nginx import NGINX, running_nginx
 from gateway.config import hash_key
 
 MODEL = "locality-model"
@@ -55,47 +45,7 @@ NODE_FLAGS = (
     "--base-ttft-ms", "20", "--per-token-ms", "0.2", "--tokens-per-second", "400",
     "--cache-tokens", "20000",
 )  # fmt: skip
-NGINX = "/usr/sbin/nginx"
 SETUPS = ("shared", "per-process", "round robin")
-
-
-def nginx_conf(work: Path, port: int, upstreams: list[int]) -> Path:
-    """A minimal nginx in front of the gateways, with its files in `work`."""
-    servers = "\n".join(f"    server 127.0.0.1:{upstream};" for upstream in upstreams)
-    path = work / "nginx.conf"
-    path.write_text(
-        f"""
-worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {work}/body;
-  proxy_temp_path {work}/proxy;
-  fastcgi_temp_path {work}/fastcgi;
-  uwsgi_temp_path {work}/uwsgi;
-  scgi_temp_path {work}/scgi;
-  upstream gateways {{
-{servers}
-    keepalive 32;
-  }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://gateways;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-      proxy_read_timeout 300s;
-    }}
-  }}
-}}
-""",
-        encoding="utf-8",
-    )
-    return path
 
 
 @asynccontextmanager
@@ -103,8 +53,8 @@ async def fleet(
     work: Path, setup: str, options: argparse.Namespace, database_url: str
 ) -> AsyncIterator[tuple[str, dict[str, str]]]:
     """Simulators, gateways and nginx for one set-up; yields nginx's URL and the node URLs."""
-    with processes() as started:
-        nodes = await start_nodes(started, work, NODES, *NODE_FLAGS)
+    async with launcher.simulators(work, NODES, *NODE_FLAGS) as simulators:
+        nodes = {name: node.url for name, node in simulators.items()}
         config: dict[str, Any] = {
             "providers": providers(nodes, MODEL),
             "keys": [
@@ -118,21 +68,12 @@ async def fleet(
         }
         if setup == "shared":
             config["database"] = {"url": database_url}
-        ports = []
-        for index in range(options.workers):
-            directory = work / f"gateway-{index}"  # per-process: each its own embedded Postgres
-            directory.mkdir()
-            port = free_port()
-            path = write_config(directory / "gateway.yaml", config)
-            started.append(start(gateway_command(path, port), directory / "gateway.log"))
-            ports.append(port)
-        for port in ports:
-            await wait_ready(f"http://127.0.0.1:{port}/healthz")
-        front = free_port()
-        conf = nginx_conf(work, front, ports)
-        started.append(start([NGINX, "-c", str(conf), "-p", str(work)], work / "nginx.log"))
-        await wait_ready(f"http://127.0.0.1:{front}/healthz")
-        yield f"http://127.0.0.1:{front}", nodes
+        # per-process: each gateway in its own folder, so with its own embedded Postgres
+        async with launcher.gateways(work, [config] * options.workers) as gateways:
+            ports = [gateway.port for gateway in gateways]
+            with running_nginx(work / "nginx", ports, plain=True) as front:
+                await launcher.wait_ready(front + "/healthz")
+                yield front, nodes
 
 
 async def conversation(

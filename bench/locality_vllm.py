@@ -37,18 +37,11 @@ import aiohttp
 import orjson
 
 from affinity_store.embedded import EmbeddedPostgres
-from bench.harness import (
-    PROJECT_ROOT,
-    free_port,
-    gateway_command,
-    processes,
-    start,
-    wait_ready,
-    write_config,
-    write_results,
-)
+from bench import launcher
+from bench.harness import write_results
+from bench.launcher import PROJECT_ROOT
+from bench.nginx import running_nginx
 from gateway.config import hash_key
-from tests.support.nginx import running_nginx
 from tests.support.vllm import VLLM_MODEL, VllmNode, prefix_cache_counters, reset_prefix_cache
 
 MODEL = "tiny-llama"
@@ -103,32 +96,21 @@ async def gateways(
     """Cold gateways for one phase; yields the URL the users call."""
     config = gateway_config(nodes, options, phase)
     async with AsyncExitStack() as stack:
-        with processes() as started:
-            if processes_of(phase) == "one":
-                path = write_config(work / "gateway.yaml", config)
-                port = free_port()
-                command = gateway_command(path, port, workers=options.workers)
-                started.append(start(command, work / "gateway.log"))
-                await wait_ready(f"http://127.0.0.1:{port}/healthz", limit_seconds=120)
-                yield f"http://127.0.0.1:{port}"
-                return
-            if processes_of(phase) == "shared":
-                database = EmbeddedPostgres(work / "shared-pgdata")
-                database.start()
-                stack.callback(database.stop)
-                config["database"] = {"url": database.url, "pool_min_size": 1, "pool_max_size": 2}
-            ports = []
-            for index in range(options.processes):
-                directory = work / f"gateway-{index}"  # per-process: each its own Postgres
-                directory.mkdir()
-                port = free_port()
-                path = write_config(directory / "gateway.yaml", config)
-                started.append(start(gateway_command(path, port), directory / "gateway.log"))
-                ports.append(port)
-            for port in ports:
-                await wait_ready(f"http://127.0.0.1:{port}/healthz", limit_seconds=120)
-            with running_nginx(work / "nginx", ports) as front:
-                yield front
+        if processes_of(phase) == "one":
+            one = launcher.gateways(work, [config], workers=options.workers, limit_seconds=120)
+            (gateway,) = await stack.enter_async_context(one)
+            yield gateway.url
+            return
+        if processes_of(phase) == "shared":
+            database = EmbeddedPostgres(work / "shared-pgdata")
+            database.start()
+            stack.callback(database.stop)
+            config["database"] = {"url": database.url, "pool_min_size": 1, "pool_max_size": 2}
+        # per-process: each gateway in its own folder, so with its own Postgres
+        many = launcher.gateways(work, [config] * options.processes, limit_seconds=120)
+        ports = [gateway.port for gateway in await stack.enter_async_context(many)]
+        with running_nginx(work / "nginx", ports) as front:
+            yield front
 
 
 def system_prompt(user: int, words: int) -> str:

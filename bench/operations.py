@@ -27,10 +27,10 @@ import orjson
 
 from affinity_store.embedded import EmbeddedPostgres
 from bench.harness import write_results
+from bench.launcher import GatewayProcess, SimulatorProcess
+from bench.nginx import nginx_binary, running_nginx
 from gateway.config import hash_key
-from tests.support.gateway import GatewayProcess, chat_body, settings_dict
-from tests.support.nginx import nginx_binary, running_nginx
-from tests.support.simulators import SimulatorProcess
+from tests.support.gateway import chat_body, settings_dict
 from tests.support.traffic import Outcome, Traffic, summary
 
 KEYS = [f"sk-operations-bench-key-{index:02d}-5e0d7c" for index in range(6)]

@@ -22,17 +22,8 @@ from typing import Any
 
 import aiohttp
 
-from bench.harness import (
-    free_port,
-    gateway_command,
-    processes,
-    simulator_command,
-    start,
-    summary,
-    wait_ready,
-    write_config,
-    write_results,
-)
+from bench.harness import summary, write_results
+from bench.launcher import GatewayProcess, SimulatorProcess, free_port
 from gateway.config import hash_key
 
 KEY = "sk-bench-overhead"
@@ -71,43 +62,51 @@ async def fixed_rate(url: str, headers: dict[str, str], rate: float, seconds: fl
 
 async def measure(rate: float, seconds: float, rounds: int, work: Path) -> dict[str, Any]:
     """Start the simulator and the gateway, then alternate direct and gateway rounds."""
-    simulator_port, gateway_port = free_port(), free_port()
-    simulator_url = f"http://127.0.0.1:{simulator_port}"
-    config = {
-        "server": {"host": "127.0.0.1", "port": gateway_port, "workers": 1},
-        "providers": [{"name": "sim", "url": simulator_url, "models": {MODEL: MODEL}}],
-        "keys": [{"id": "bench", "key_sha256": hash_key(KEY)}],
-    }
-    config_path = write_config(work / "gateway.yaml", config)
-    with processes() as started:
-        instant = ["--base-ttft-ms", "0", "--per-token-ms", "0", "--tokens-per-second", "0"]
-        simulator = simulator_command("sim", simulator_port, *instant)
-        started.append(start(simulator, work / "simulator.log", core=1))
-        gateway = gateway_command(config_path, gateway_port)
-        started.append(start(gateway, work / "gateway.log", core=0))
-        await wait_ready(simulator_url + "/metrics")
-        await wait_ready(f"http://127.0.0.1:{gateway_port}/healthz")
-        targets = {
-            "direct": (f"{simulator_url}/v1/chat/completions", {}),
-            "gateway": (
-                f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
-                {"Authorization": f"Bearer {KEY}"},
-            ),
+    instant = ["--base-ttft-ms", "0", "--per-token-ms", "0", "--tokens-per-second", "0"]
+    simulator = SimulatorProcess("sim", instant, log=work / "simulator.log", core=1)
+    async with simulator:
+        simulator_url = simulator.url
+        gateway_port = free_port()
+        config = {
+            "server": {"host": "127.0.0.1", "port": gateway_port, "workers": 1},
+            "providers": [{"name": "sim", "url": simulator_url, "models": {MODEL: MODEL}}],
+            "keys": [{"id": "bench", "key_sha256": hash_key(KEY)}],
         }
-        for url, headers in targets.values():  # warm connections and code paths
-            await fixed_rate(url, headers | {"Content-Type": "application/json"}, rate, 1.0)
-        samples: dict[str, list[float]] = {name: [] for name in targets}
-        for _ in range(rounds):
-            for name, (url, headers) in targets.items():
-                samples[name] += await fixed_rate(
-                    url, headers | {"Content-Type": "application/json"}, rate, seconds
-                )
+        gateway = GatewayProcess(config, work, port=gateway_port, core=0)
+        gateway.start()
+        try:
+            await gateway.ready()
+            samples = await alternate(simulator_url, gateway.url, rate, seconds, rounds)
+        finally:
+            gateway.stop()
     results = {name: summary(values) for name, values in samples.items()}
     results["added"] = {
         "median_ms": results["gateway"]["median_ms"] - results["direct"]["median_ms"],
         "p99_ms": results["gateway"]["p99_ms"] - results["direct"]["p99_ms"],
     }
     return results
+
+
+async def alternate(
+    simulator_url: str, gateway_url: str, rate: float, seconds: float, rounds: int
+) -> dict[str, list[float]]:
+    """Warm both targets, then `rounds` rounds of each in turn; their latencies."""
+    targets = {
+        "direct": (f"{simulator_url}/v1/chat/completions", {}),
+        "gateway": (
+            f"{gateway_url}/v1/chat/completions",
+            {"Authorization": f"Bearer {KEY}"},
+        ),
+    }
+    for url, headers in targets.values():  # warm connections and code paths
+        await fixed_rate(url, headers | {"Content-Type": "application/json"}, rate, 1.0)
+    samples: dict[str, list[float]] = {name: [] for name in targets}
+    for _ in range(rounds):
+        for name, (url, headers) in targets.items():
+            samples[name] += await fixed_rate(
+                url, headers | {"Content-Type": "application/json"}, rate, seconds
+            )
+    return samples
 
 
 def main() -> int:

@@ -32,17 +32,17 @@ from typing import Any
 import aiohttp
 import psutil
 
-from bench.harness import (
+from bench import launcher
+from bench.harness import providers, write_results
+from bench.launcher import (
     PROJECT_ROOT,
     free_port,
     gateway_command,
     processes,
-    providers,
-    start,
-    start_nodes,
+    spawn,
+    stop,
     wait_ready,
     write_config,
-    write_results,
 )
 from bench.throughput_targets import (
     GATEWAY_KEY,
@@ -50,7 +50,6 @@ from bench.throughput_targets import (
     MODEL,
     TARGET_CORE,
     cpu_seconds,
-    launch,
     pinned,
     start_upstream,
 )
@@ -116,14 +115,15 @@ def gateway_config(folder: Path, port: int, upstreams: Mapping[str, str]) -> Pat
 async def bursts(work: Path, repetitions: int) -> list[dict[str, Any]]:
     """Each burst size at its worker count, `repetitions` times: statuses counted."""
     rows = []
-    with processes() as started:
-        nodes = await start_nodes(started, work, ["node-a", "node-b"], "--base-ttft-ms", "50")
+    flags = ("--base-ttft-ms", "50")
+    async with launcher.simulators(work, ["node-a", "node-b"], *flags) as simulators:
+        nodes = {name: node.url for name, node in simulators.items()}
         for workers, count in BURSTS:
             port = free_port()
             folder = work / f"burst-{workers}"
             folder.mkdir()
             config = gateway_config(folder, port, nodes)
-            gateway = start(gateway_command(config, port, workers), folder / "gateway.log")
+            gateway = spawn(gateway_command(config, port, workers), folder / "gateway.log")
             try:
                 await wait_ready(f"http://127.0.0.1:{port}/healthz", limit_seconds=120)
                 # /healthz answers once one worker listens; a burst before the others do would
@@ -142,8 +142,7 @@ async def bursts(work: Path, repetitions: int) -> list[dict[str, Any]]:
                     print(json.dumps(row), flush=True)
                     rows.append(row)
             finally:
-                gateway.terminate()
-                gateway.wait(timeout=60)
+                stop(gateway, timeout=60)
     return rows
 
 
@@ -160,7 +159,7 @@ async def start_worker(
             "keys": [{"id": "bench", "key_sha256": hash_key(GATEWAY_KEY)}],
         },
     )
-    process = launch(pinned(TARGET_CORE, gateway_command(config, port)), folder / "gateway.log")
+    process = spawn(pinned(TARGET_CORE, gateway_command(config, port)), folder / "gateway.log")
     started.append(process)
     await wait_ready(f"http://127.0.0.1:{port}/healthz", limit_seconds=120)
     pids = [process.pid]
@@ -243,14 +242,12 @@ async def one_worker(
                 )
                 print(json.dumps(row), flush=True)
                 rows["closed"].append(row)
-                worker = started.pop()
-                worker.terminate()
-                worker.wait(timeout=60)
+                stop(started.pop(), timeout=60)
         if "open" in phases:
             port, pids = await start_worker(started, work / "open", upstream, True)
             if hog:
                 busy = [sys.executable, "-c", "while True: pass"]
-                started.append(launch(pinned(TARGET_CORE, busy), work / "hog.log"))
+                started.append(spawn(pinned(TARGET_CORE, busy), work / "hog.log"))
             capacity = wrk(port, 5)["answers_per_second"]
             for factor in OPEN_FACTORS:
                 shed_before = await shed_count(port)

@@ -26,7 +26,8 @@ from openai.types.chat import ChatCompletionUserMessageParam
 
 from affinity_store.embedded import EmbeddedPostgres
 from bench.harness import write_results
-from tests.support.gateway import TEST_KEY, TEST_MODEL, GatewayProcess, answers, settings_dict
+from bench.launcher import GatewayProcess
+from tests.support.gateway import TEST_KEY, TEST_MODEL, answers, settings_dict
 from tests.support.simulators import SimulatorProcess
 
 BURST_EVERY_SECONDS = 2.0

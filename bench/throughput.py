@@ -35,7 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.harness import PROJECT_ROOT, processes
+from bench.launcher import PROJECT_ROOT, processes
 from bench.throughput_report import plot, print_report, summarise
 from bench.throughput_targets import (
     DEFAULT_CACHE,

@@ -11,14 +11,13 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import yaml
 
-from bench.harness import PROJECT_ROOT, free_port, wait_ready, write_config
+from bench.launcher import free_port, gateway_command, spawn, wait_ready, write_config
 from gateway.config import hash_key
 
 TARGETS = ("direct", "bare", "gateway", "litellm")
@@ -59,19 +58,6 @@ def load_core() -> int:
     return LOAD_CORE if (os.cpu_count() or 1) > LOAD_CORE else TARGET_CORE
 
 
-def launch(
-    command: list[str], log: Path, *, env: Mapping[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    """Start a process in the log's folder with its output in the log."""
-    return subprocess.Popen(
-        command,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        cwd=log.parent,
-        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **(env or {})},
-    )
-
-
 def cpu_seconds(pids: list[int]) -> float:
     """User plus system CPU seconds of the processes (all their threads), from /proc/<pid>/stat."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -94,7 +80,7 @@ def upstream_command(port: int) -> list[str]:
 async def start_upstream(started: list[subprocess.Popen[bytes]], work: Path) -> int:
     """The shared fast upstream on the load core; its port."""
     port = free_port()
-    started.append(launch(pinned(load_core(), upstream_command(port)), work / "upstream.log"))
+    started.append(spawn(pinned(load_core(), upstream_command(port)), work / "upstream.log"))
     await wait_ready(f"http://127.0.0.1:{port}/metrics")
     return port
 
@@ -102,7 +88,7 @@ async def start_upstream(started: list[subprocess.Popen[bytes]], work: Path) -> 
 async def start_direct(started: list[subprocess.Popen[bytes]], work: Path) -> Target:
     """A second fast upstream, alone on the target core: the floor every proxy is compared to."""
     port = free_port()
-    process = launch(pinned(TARGET_CORE, upstream_command(port)), work / "direct.log")
+    process = spawn(pinned(TARGET_CORE, upstream_command(port)), work / "direct.log")
     started.append(process)
     await wait_ready(f"http://127.0.0.1:{port}/metrics")
     return Target("direct", port, pids=[process.pid])
@@ -115,7 +101,7 @@ async def start_bare(started: list[subprocess.Popen[bytes]], work: Path, upstrea
         sys.executable, "-m", "bench.passthrough", "--port", str(port),
         "--upstream", f"http://127.0.0.1:{upstream}",
     ]  # fmt: skip
-    process = launch(pinned(TARGET_CORE, command), work / "bare.log")
+    process = spawn(pinned(TARGET_CORE, command), work / "bare.log")
     started.append(process)
     await wait_ready(f"http://127.0.0.1:{port}/")
     return Target("bare", port, pids=[process.pid])
@@ -142,11 +128,7 @@ async def start_gateway(
             "keys": [{"id": "bench", "key_sha256": hash_key(GATEWAY_KEY)}],
         },
     )
-    command = [
-        sys.executable, "-m", "gateway", "serve", "--config", str(config),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    process = launch(pinned(TARGET_CORE, command), folder / "gateway.log")
+    process = spawn(pinned(TARGET_CORE, gateway_command(config, port)), folder / "gateway.log")
     started.append(process)
     await wait_ready(f"http://127.0.0.1:{port}/healthz", limit_seconds=120)
     if (os.cpu_count() or 1) > LOAD_CORE:
@@ -227,7 +209,7 @@ async def start_litellm(
     ]  # fmt: skip
     # The bundled model cost map instead of fetching it; warnings only.
     quiet = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
-    process = launch(pinned(TARGET_CORE, command), folder / "litellm.log", env=quiet)
+    process = spawn(pinned(TARGET_CORE, command), folder / "litellm.log", environment=quiet)
     started.append(process)
     await wait_ready(f"http://127.0.0.1:{port}/health/liveliness", limit_seconds=180)
     pids = [process.pid] + [

@@ -16,14 +16,10 @@ import asyncpg
 import orjson
 import pytest
 
+from bench import launcher
+from bench.launcher import GatewayProcess
 from gateway.dispatch.key_shares import BURST_SECONDS
-from tests.support.gateway import (
-    TEST_KEY,
-    GatewayProcess,
-    answers,
-    chat_body,
-    settings_dict,
-)
+from tests.support.gateway import TEST_KEY, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 
@@ -45,21 +41,9 @@ async def cluster(
         config["database"] = {"url": database_url, "pool_min_size": 1, "pool_max_size": 4}
         config["affinity"] = {"lookup_timeout_ms": 500, "claim_timeout_ms": 2000}
         config["keys"][0].update(key_limits)
-        gateways = []
-        for index in range(REPLICAS):
-            directory = tmp_path / f"gateway-{index}"
-            directory.mkdir()
-            gateway = GatewayProcess(config, directory, workers=WORKERS)
-            gateway.start()
-            stack.callback(gateway.stop)
-            gateways.append(gateway)
-        async with aiohttp.ClientSession() as session:
-            for gateway in gateways:
-                await wait_until(
-                    lambda gateway=gateway: answers(session, gateway.url),  # type: ignore[misc]
-                    timeout=60,
-                    message=f"gateway on {gateway.port}",
-                )
+        gateways = await stack.enter_async_context(
+            launcher.gateways(tmp_path, [config] * REPLICAS, workers=WORKERS)
+        )
         connection = await asyncpg.connect(database_url)
         stack.push_async_callback(connection.close)
 

@@ -13,8 +13,9 @@ import aiohttp
 import orjson
 import pytest
 
+from bench import launcher
 from gateway.config import hash_key
-from tests.support.gateway import TEST_MODEL, GatewayProcess, answers, settings_dict
+from tests.support.gateway import TEST_MODEL, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 
@@ -68,25 +69,15 @@ async def run(
             "claim_timeout_ms": 2000,
         }
         config["keys"] = [{"id": "app", "key_sha256": hash_key(APP_KEY)}]
-        gateways = []
-        for index in range(GATEWAYS):
-            directory = tmp_path / f"gateway-{index}"
-            directory.mkdir()
-            gateway = GatewayProcess(config, directory, workers=1)
-            gateway.start()
-            stack.callback(gateway.stop)
-            gateways.append(gateway)
+        gateways = await stack.enter_async_context(
+            launcher.gateways(tmp_path, [config] * GATEWAYS, workers=1)
+        )
         nodes_of: dict[int, set[str]] = defaultdict(set)
         requests: Counter[str] = Counter()
         chooser = random.Random(4)
         async with aiohttp.ClientSession() as session:
-            for gateway in gateways:
-                await wait_until(
-                    lambda gateway=gateway: answers(session, gateway.url),  # type: ignore[misc]
-                    timeout=60,
-                    message=f"gateway on {gateway.port}",
-                )
-                if full is not None:
+            if full is not None:
+                for gateway in gateways:
                     await wait_until(
                         lambda gateway=gateway: cache_weighed(  # type: ignore[misc]
                             session, gateway.url, full, 0

@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bench.launcher import free_port
 from gateway.operations.demo import DEMO_KEY, DEMO_MODEL
-from tests.support.gateway import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,8 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.support.gateway import TEST_KEY, TEST_MODEL, GatewayProcess, chat_body, settings_dict
+from bench.launcher import GatewayProcess
+from tests.support.gateway import TEST_KEY, TEST_MODEL, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 

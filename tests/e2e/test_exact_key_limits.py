@@ -14,9 +14,10 @@ import orjson
 import pytest
 
 from affinity_store.embedded import EmbeddedPostgres
+from bench.launcher import GatewayProcess
 from gateway.dispatch.cluster_shares import WORKER_TTL_SECONDS
 from tests.e2e.test_cluster_key_limits import cluster
-from tests.support.gateway import TEST_KEY, GatewayProcess, chat_body
+from tests.support.gateway import TEST_KEY, chat_body
 from tests.support.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]

@@ -15,14 +15,10 @@ import aiohttp
 import orjson
 import pytest
 
+from bench import launcher
+from bench.launcher import GatewayProcess
 from gateway.config import hash_key
-from tests.support.gateway import (
-    TEST_MODEL,
-    GatewayProcess,
-    answers,
-    chat_body,
-    settings_dict,
-)
+from tests.support.gateway import TEST_MODEL, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 
@@ -51,21 +47,9 @@ async def fleet(
             {"id": f"key-{index}", "key_sha256": hash_key(f"sk-latency-{index}")}
             for index in range(keys)
         ]
-        processes = []
-        for index in range(gateways):
-            directory = tmp_path / f"gateway-{index}"
-            directory.mkdir()
-            gateway = GatewayProcess(config, directory, workers=1)
-            gateway.start()
-            stack.callback(gateway.stop)
-            processes.append(gateway)
-        async with aiohttp.ClientSession() as session:
-            for gateway in processes:
-                await wait_until(
-                    lambda gateway=gateway: answers(session, gateway.url),  # type: ignore[misc]
-                    timeout=60,
-                    message=f"gateway on {gateway.port}",
-                )
+        processes = await stack.enter_async_context(
+            launcher.gateways(tmp_path, [config] * gateways, workers=1)
+        )
         yield nodes, processes
 
 

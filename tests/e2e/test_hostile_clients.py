@@ -13,8 +13,9 @@ import aiohttp
 import orjson
 import pytest
 
+from bench.launcher import GatewayProcess
 from tests.conftest import SimulatorFactory
-from tests.support.gateway import TEST_KEY, GatewayProcess, chat_body, settings_dict
+from tests.support.gateway import TEST_KEY, chat_body, settings_dict
 from tests.support.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]

@@ -14,10 +14,11 @@ import aiohttp
 import orjson
 import pytest
 
+from bench.launcher import GatewayProcess
+from bench.nginx import NginxProcess
 from tests.conftest import SimulatorFactory
 from tests.e2e.test_hostile_clients import assert_openai_error, start_gateway_process
-from tests.support.gateway import TEST_KEY, GatewayProcess, chat_body, settings_dict
-from tests.support.nginx import NginxProcess
+from tests.support.gateway import TEST_KEY, chat_body, settings_dict
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

@@ -15,8 +15,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from bench.launcher import GatewayProcess
 from tests.e2e.test_hostile_clients import start_gateway_process
-from tests.support.gateway import TEST_KEY, GatewayProcess, chat_body, settings_dict
+from tests.support.gateway import TEST_KEY, chat_body, settings_dict
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 

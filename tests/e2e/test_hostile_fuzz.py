@@ -9,13 +9,9 @@ simulator behind it, not even 502 to 504 has a legitimate cause.
 from __future__ import annotations
 
 import collections
-import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -33,14 +29,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.support.gateway import (
-    OTHER_KEY,
-    TEST_KEY,
-    TEST_MODEL,
-    GatewayProcess,
-    chat_body,
-    settings_dict,
-)
+from bench.launcher import GatewayProcess, SimulatorProcess
+from tests.support.gateway import OTHER_KEY, TEST_KEY, TEST_MODEL, chat_body, settings_dict
 from tests.support.postgres import PostgresForTests, run_in_fresh_loop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -50,7 +40,6 @@ WARM_UP_REQUESTS = 100
 # What the worker may grow by over the whole run: allocator and cache noise, not the cases.
 RSS_GROWTH_LIMIT = 48 * 1024 * 1024
 START_TIMEOUT_SECONDS = 30.0
-LISTENING = re.compile(r"^simulator \S+ listening on (http://\S+)$")
 AUTHORIZATIONS = st.sampled_from(
     [f"Bearer {TEST_KEY}", f"Bearer {TEST_KEY}", f"Bearer {OTHER_KEY}", "Bearer sk-nope", None]
 )
@@ -77,17 +66,11 @@ def fuzz_target(
     """One simulator process and one single-worker gateway process for the module."""
     directory = tmp_path_factory.mktemp("fuzz")
     database_url = run_in_fresh_loop(postgres_for_tests.create_database())
-    simulator_log = directory / "simulator.log"
-    with simulator_log.open("wb") as log:
-        simulator = subprocess.Popen(
-            [sys.executable, "-m", "gateway.simulator", "--port", "0", "--name", "node-a"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    simulator = SimulatorProcess("node-a", log=directory / "simulator.log")
     gateway: GatewayProcess | None = None
     try:
-        node_url = wait_for_listening_line(simulator_log)
-        config = settings_dict({"node-a": node_url}, extra={"database": {"url": database_url}})
+        run_in_fresh_loop(simulator.start())
+        config = settings_dict({"node-a": simulator.url}, extra={"database": {"url": database_url}})
         gateway = GatewayProcess(config, directory)
         gateway.start()
         wait_for_health(gateway.url)
@@ -96,20 +79,8 @@ def fuzz_target(
     finally:
         if gateway is not None:
             gateway.stop()
-        simulator.terminate()
-        simulator.wait(timeout=10)
+        run_in_fresh_loop(simulator.terminate())
         run_in_fresh_loop(postgres_for_tests.drop_database(database_url))
-
-
-def wait_for_listening_line(log: Path) -> str:
-    """The simulator's URL, once it printed it (bounded poll)."""
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-            if match := LISTENING.match(line.strip()):
-                return match.group(1)
-        time.sleep(0.05)
-    raise AssertionError("the simulator never said it was listening")
 
 
 def wait_for_health(url: str) -> None:

@@ -18,13 +18,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from bench.launcher import GatewayProcess
 from tests.e2e.test_hostile_clients import start_gateway_process
 from tests.support.gateway import (
     OTHER_KEY,
     TEST_KEY,
     TEST_MODEL,
     UPSTREAM_MODEL,
-    GatewayProcess,
     chat_body,
     settings_dict,
 )

@@ -15,9 +15,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from bench.launcher import GatewayProcess
 from tests.conftest import SimulatorFactory
 from tests.e2e.test_hostile_clients import start_gateway_process
-from tests.support.gateway import OTHER_KEY, TEST_KEY, GatewayProcess, settings_dict
+from tests.support.gateway import OTHER_KEY, TEST_KEY, settings_dict
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 

@@ -21,8 +21,9 @@ import orjson
 import pytest
 import yaml
 
+from bench.launcher import PROJECT_ROOT, GatewayProcess
 from gateway.config import hash_key
-from tests.support.gateway import PROJECT_ROOT, TEST_MODEL, GatewayProcess, chat_body, settings_dict
+from tests.support.gateway import TEST_MODEL, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 

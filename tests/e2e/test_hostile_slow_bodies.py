@@ -15,6 +15,8 @@ import aiohttp
 import orjson
 import pytest
 
+from bench.launcher import GatewayProcess
+from bench.nginx import NginxProcess
 from gateway.config import hash_key
 from gateway.dispatch.permits import ConnectionShare
 from tests.conftest import SimulatorFactory
@@ -24,15 +26,7 @@ from tests.e2e.test_hostile_clients import (
     read_until_closed,
     start_gateway_process,
 )
-from tests.support.gateway import (
-    OTHER_KEY,
-    TEST_KEY,
-    GatewayProcess,
-    answers,
-    chat_body,
-    settings_dict,
-)
-from tests.support.nginx import NginxProcess
+from tests.support.gateway import OTHER_KEY, TEST_KEY, answers, chat_body, settings_dict
 from tests.support.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]

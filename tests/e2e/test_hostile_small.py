@@ -10,9 +10,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bench.launcher import GatewayProcess
 from tests.conftest import SimulatorFactory
 from tests.e2e.test_hostile_clients import parse_answer, read_until_closed, start_gateway_process
-from tests.support.gateway import TEST_KEY, GatewayProcess, chat_body, settings_dict
+from tests.support.gateway import TEST_KEY, chat_body, settings_dict
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 

@@ -13,9 +13,10 @@ import orjson
 import psutil
 import pytest
 
+from bench.launcher import GatewayProcess
 from gateway.dispatch.whole_relay import MAX_RESPONSE_BYTES
 from gateway.simulator.options import Mode
-from tests.support.gateway import TEST_KEY, TEST_MODEL, GatewayProcess, chat_body, settings_dict
+from tests.support.gateway import TEST_KEY, TEST_MODEL, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.raw_upstream import Exchange, RawServer, read_request
 from tests.support.simulators import SimulatorProcess

@@ -19,8 +19,9 @@ import orjson
 import psutil
 import pytest
 
-from tests.support.gateway import TEST_KEY, GatewayProcess, chat_body, settings_dict
-from tests.support.nginx import running_nginx
+from bench.launcher import GatewayProcess
+from bench.nginx import running_nginx
+from tests.support.gateway import TEST_KEY, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 from tests.support.traffic import Traffic

@@ -19,15 +19,8 @@ import orjson
 import pytest
 from openai.types.chat import ChatCompletionUserMessageParam
 
-from tests.support.gateway import (
-    PROJECT_ROOT,
-    TEST_KEY,
-    TEST_MODEL,
-    GatewayProcess,
-    chat_body,
-    free_port,
-    settings_dict,
-)
+from bench.launcher import PROJECT_ROOT, GatewayProcess, free_port, spawn, stop, wait_ready
+from tests.support.gateway import TEST_KEY, TEST_MODEL, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 
@@ -58,30 +51,19 @@ LOOP_SECONDS = 3.0
 
 
 @pytest.fixture
-async def fast_node() -> AsyncIterator[str]:
+async def fast_node(tmp_path: Path) -> AsyncIterator[str]:
     """The bench's fast upstream (canned answers, no framework) in its own process: far
     cheaper per request than a gateway worker, so the worker is what a closed loop saturates."""
     port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.fast_upstream", "--port", str(port),
-        cwd=PROJECT_ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    log = tmp_path / "fast_upstream.log"
+    command = [sys.executable, "-m", "bench.fast_upstream", "--port", str(port)]
+    process = spawn(command, log, cwd=PROJECT_ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as session:
-
-            async def listening() -> bool:
-                try:
-                    async with session.get(url + "/metrics") as response:
-                        return response.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await wait_until(listening, timeout=30, message="fast upstream up")
+        await wait_ready(url + "/metrics", 30, process=process, log=log)
         yield url
     finally:
-        process.terminate()
-        await process.wait()
+        stop(process)
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from bench.nginx import NginxProcess
 from tests.e2e.test_hostile_clients import read_until_closed
-from tests.support.nginx import NginxProcess
 
 pytestmark = [
     pytest.mark.e2e,

@@ -14,8 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bench.launcher import PROJECT_ROOT, GatewayProcess
 from gateway.config import hash_key
-from tests.support.gateway import PROJECT_ROOT, TEST_MODEL, GatewayProcess, settings_dict
+from tests.support.gateway import TEST_MODEL, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 from tests.support.traffic import Traffic

@@ -11,7 +11,8 @@ import openai
 import orjson
 import pytest
 
-from tests.support.gateway import TEST_KEY, TEST_MODEL, GatewayProcess, settings_dict
+from bench.launcher import GatewayProcess
+from tests.support.gateway import TEST_KEY, TEST_MODEL, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 

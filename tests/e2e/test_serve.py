@@ -13,7 +13,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.gateway import TEST_KEY, GatewayProcess, chat_body, free_port, settings_dict
+from bench.launcher import GatewayProcess, free_port
+from tests.support.gateway import TEST_KEY, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 

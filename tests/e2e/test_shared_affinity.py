@@ -13,10 +13,10 @@ import aiohttp
 import orjson
 import pytest
 
+from bench import launcher
 from gateway.config import hash_key
 from gateway.selection.affinity import AGREEMENT_MIN_BINDINGS
-from tests.support.gateway import GatewayProcess, answers, chat_body, settings_dict
-from tests.support.polling import wait_until
+from tests.support.gateway import chat_body, settings_dict
 from tests.support.simulators import SimulatorProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -47,21 +47,10 @@ async def test_every_key_stays_on_one_node_across_four_gateways(
             {"id": f"key-{index}", "key_sha256": hash_key(f"sk-affinity-{index}")}
             for index in range(KEYS)
         ]
-        gateways = []
-        for index in range(WORKERS):
-            directory = tmp_path / f"gateway-{index}"
-            directory.mkdir()
-            gateway = GatewayProcess(config, directory, workers=1)
-            gateway.start()
-            stack.callback(gateway.stop)
-            gateways.append(gateway)
+        gateways = await stack.enter_async_context(
+            launcher.gateways(tmp_path, [config] * WORKERS, workers=1)
+        )
         async with aiohttp.ClientSession() as session:
-            for gateway in gateways:
-                await wait_until(
-                    lambda gateway=gateway: answers(session, gateway.url),  # type: ignore[misc]
-                    timeout=60,
-                    message=f"gateway on {gateway.port}",
-                )
             jobs = [index for index in range(KEYS) for _ in range(REQUESTS_PER_KEY)]
             random.Random(7).shuffle(jobs)
             limit = asyncio.Semaphore(16)

@@ -14,8 +14,9 @@ import aiohttp
 import orjson
 import pytest
 
+from bench.launcher import GatewayProcess
 from tests.e2e.test_hostile_clients import start_gateway_process
-from tests.support.gateway import TEST_KEY, GatewayProcess, chat_body, settings_dict
+from tests.support.gateway import TEST_KEY, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 

@@ -16,18 +16,11 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
+from bench.launcher import GatewayProcess
 from gateway.config import Settings
 from gateway.simulator import Faults
 from tests.conftest import GatewayFactory, SimulatorFactory
-from tests.support.gateway import (
-    OTHER_KEY,
-    TEST_KEY,
-    TEST_MODEL,
-    GatewayProcess,
-    answers,
-    chat_body,
-    settings_dict,
-)
+from tests.support.gateway import OTHER_KEY, TEST_KEY, TEST_MODEL, answers, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 

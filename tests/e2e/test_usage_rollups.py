@@ -18,7 +18,9 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.support.gateway import TEST_KEY, TEST_MODEL, GatewayProcess, answers, settings_dict
+from bench import launcher
+from bench.launcher import GatewayProcess
+from tests.support.gateway import TEST_KEY, TEST_MODEL, answers, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess
 
@@ -45,21 +47,9 @@ async def gateways(
         config = settings_dict({"node-a": node.url}, upstream_model=TEST_MODEL)
         config["database"] = {"url": database_url, "pool_min_size": 1, "pool_max_size": 4}
         config["usage"] = usage
-        started = []
-        for index in range(replicas):
-            directory = tmp_path / f"gateway-{index}"
-            directory.mkdir()
-            gateway = GatewayProcess(config, directory, workers=2)
-            gateway.start()
-            stack.callback(gateway.stop)
-            started.append(gateway)
-        async with aiohttp.ClientSession() as session:
-            for gateway in started:
-                await wait_until(
-                    lambda gateway=gateway: answers(session, gateway.url),  # type: ignore[misc]
-                    timeout=60,
-                    message=f"gateway on {gateway.port}",
-                )
+        started = await stack.enter_async_context(
+            launcher.gateways(tmp_path, [config] * replicas, workers=2)
+        )
         connection = await asyncpg.connect(database_url)
         stack.push_async_callback(connection.close)
         yield node, started, connection

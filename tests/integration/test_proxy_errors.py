@@ -10,14 +10,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
+from bench.launcher import free_port
 from tests.conftest import GatewayFactory, SimulatorFactory
-from tests.support.gateway import (
-    OTHER_KEY,
-    TEST_KEY,
-    build_settings,
-    chat_body,
-    free_port,
-)
+from tests.support.gateway import OTHER_KEY, TEST_KEY, build_settings, chat_body
 from tests.support.simulators import InProcessSimulator
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}

@@ -10,6 +10,7 @@ import orjson
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
+from bench.launcher import free_port
 from gateway.config import Settings
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.conformance import post_until_broken
@@ -19,7 +20,6 @@ from tests.support.gateway import (
     UPSTREAM_MODEL,
     build_settings,
     chat_body,
-    free_port,
     settings_dict,
 )
 from tests.support.polling import wait_until

@@ -18,17 +18,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
+from bench.launcher import free_port
 from gateway.app import METRICS
 from gateway.config import Settings
 from tests.conftest import GatewayFactory, SimulatorFactory
-from tests.support.gateway import (
-    TEST_KEY,
-    TEST_MODEL,
-    UPSTREAM_MODEL,
-    chat_body,
-    free_port,
-    settings_dict,
-)
+from tests.support.gateway import TEST_KEY, TEST_MODEL, UPSTREAM_MODEL, chat_body, settings_dict
 from tests.support.polling import wait_until
 
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}

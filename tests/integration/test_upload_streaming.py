@@ -13,8 +13,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from bench.launcher import free_port
 from tests.conftest import GatewayFactory
-from tests.support.gateway import TEST_KEY, TEST_MODEL, UPSTREAM_MODEL, build_settings, free_port
+from tests.support.gateway import TEST_KEY, TEST_MODEL, UPSTREAM_MODEL, build_settings
 from tests.support.polling import wait_until
 
 MIB = 1024 * 1024

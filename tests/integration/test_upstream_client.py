@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from bench.launcher import free_port
 from gateway.dispatch.upstream_errors import (
     ConnectTimeoutError,
     ReadTimeoutError,
@@ -24,7 +25,6 @@ from gateway.dispatch.upstream_errors import (
 )
 from gateway.dispatch.upstream_pool import UpstreamPool
 from gateway.dispatch.upstream_response import UpstreamResponse
-from tests.support.gateway import free_port
 from tests.support.polling import wait_until
 from tests.support.raw_upstream import (
     Exchange,

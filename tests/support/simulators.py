@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
-import re
-import signal
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -16,12 +11,9 @@ from typing import Any, Self
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from bench import launcher
 from gateway.simulator import Faults, SimulatorOptions, SimulatorServer, Timing
 from gateway.simulator.options import refuse_seconds_from
-
-LISTENING_LINE = re.compile(r"^simulator (\S+) listening on (http://\S+)$")
-START_TIMEOUT_SECONDS = 10.0
-STOP_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -185,100 +177,8 @@ class InProcessSimulator:
         self.server.state.stats.reset()
 
 
-class SimulatorProcess:
-    """A node run as `python -m gateway.simulator` in a real process; always cleaned up."""
-
-    def __init__(self, name: str = "sim", arguments: Sequence[str] = (), port: int = 0) -> None:
-        """Describe the process; `arguments` are extra command-line flags."""
-        self.name = name
-        self.arguments = tuple(arguments)
-        self.port = port
-        self.url = ""
-        self._process: asyncio.subprocess.Process | None = None
-
-    @property
-    def pid(self) -> int:
-        """The running process's id."""
-        assert self._process is not None, "the simulator process is not running"
-        return self._process.pid
-
-    @property
-    def returncode(self) -> int | None:
-        """The exit code once the process ended, else None."""
-        return None if self._process is None else self._process.returncode
-
-    async def __aenter__(self) -> Self:
-        """Start the process and wait for it to listen."""
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Stop the process, killing it if it does not stop in time."""
-        await self.terminate()
-
-    async def start(self) -> None:
-        """Spawn the process and wait (bounded) for its listening line; remember its port."""
-        command = [
-            sys.executable,
-            "-m",
-            "gateway.simulator",
-            "--port",
-            str(self.port),
-            "--name",
-            self.name,
-            *self.arguments,
-        ]
-        process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
-        self._process = process
-        try:
-            line = await asyncio.wait_for(self._listening_line(process), START_TIMEOUT_SECONDS)
-        except BaseException:
-            await self.kill()
-            raise
-        self.url = line
-        self.port = int(line.rsplit(":", 1)[1])
-
-    async def _listening_line(self, process: asyncio.subprocess.Process) -> str:
-        assert process.stdout is not None  # stdout=PIPE above
-        while True:
-            raw = await process.stdout.readline()
-            if not raw:
-                code = await process.wait()
-                raise RuntimeError(f"simulator {self.name} exited with {code} before listening")
-            match = LISTENING_LINE.match(raw.decode().strip())
-            if match:
-                return match.group(2)
-
-    async def terminate(self) -> None:
-        """Ask the process to stop (SIGTERM); kill it after a bounded wait."""
-        process = self._process
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_SECONDS)
-        except TimeoutError:
-            await self.kill()
-
-    async def kill(self) -> None:
-        """Kill the process at once (SIGKILL), as a crash would, and reap it."""
-        process = self._process
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
-
-    async def restart(self) -> None:
-        """Stop the process if it runs, then start it again on the same port."""
-        await self.terminate()
-        await self.start()
+class SimulatorProcess(launcher.SimulatorProcess):
+    """A node run as a real process by `bench.launcher`, with its control routes as methods."""
 
     async def stats(self) -> NodeStats:
         """The node's `/sim/stats`."""

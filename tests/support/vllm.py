@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import subprocess
 import time
 import urllib.error
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.support.gateway import PROJECT_ROOT, free_port
+from bench.launcher import PROJECT_ROOT, free_port, log_tail, spawn, stop
 
 VLLM_ENV = PROJECT_ROOT / ".venv-vllm"
 VLLM_COMMAND = VLLM_ENV / "bin" / "vllm"
@@ -98,15 +97,9 @@ class VllmNode:
 
     def launch(self) -> None:
         """Start the process tree (in its own process group, so it stops whole)."""
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=PROJECT_ROOT,
-                env=node_environment(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        # vLLM's own environment: this checkout is not put on its import path.
+        environment = {**node_environment(), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+        self.process = spawn(self.command, self.log_path, cwd=PROJECT_ROOT, environment=environment)
         self._launched = time.monotonic()
 
     def wait_ready(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
@@ -137,19 +130,12 @@ class VllmNode:
         """The last lines of the node's log."""
         if not self.log_path.exists():
             return "(no log: the node was started elsewhere)"
-        text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def stop(self) -> None:
         """Stop the whole process group: SIGTERM, then SIGKILL after 20 s."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+        if self.process is not None:
+            stop(self.process, timeout=20, whole_group=True)
 
 
 async def reset_prefix_cache(session: aiohttp.ClientSession, url: str) -> None:

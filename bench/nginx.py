@@ -1,8 +1,9 @@
-"""The shipped `deploy/nginx.conf` as a real nginx on loopback, in front of gateway processes.
+"""nginx on loopback in front of gateway processes, started and stopped by `bench.launcher`.
 
-Tests and benchmarks run nginx with the config the project ships: only the replicas, the
-listener, the pid, logs and temp paths are pointed at the run's own, and optionally the idle
-time of upstream keep-alive connections.
+By default nginx runs the config the project ships (`deploy/nginx.conf`): only the replicas, the
+listener, the pid, logs and temp paths are pointed at the run's own, and optionally the idle time
+of upstream keep-alive connections. The locality and agreement benchmarks ask for `plain`: a
+minimal round robin with none of the shipped failover settings, as their figures were made.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.support.gateway import PROJECT_ROOT, free_port, wait_for_port
+from bench.launcher import PROJECT_ROOT, free_port, spawn, stop, wait_for_port
 
 NGINX = "/usr/sbin/nginx"
 SHIPPED_CONFIG = PROJECT_ROOT / "deploy" / "nginx.conf"
@@ -23,7 +24,7 @@ INSTALL_HINT = "nginx is required: `apt-get install -y nginx` (scripts/test does
 
 
 def nginx_binary() -> str:
-    """The nginx executable (the test fails, never skips, without it)."""
+    """The nginx executable (an AssertionError with the install command without it)."""
     found = shutil.which("nginx") or (NGINX if Path(NGINX).exists() else None)
     assert found is not None, INSTALL_HINT
     return found
@@ -65,8 +66,39 @@ def render_config(
     return text.replace("http {\n", "http {\n" + temp, 1)
 
 
+def plain_config(gateway_ports: Sequence[int], port: int, directory: Path) -> str:
+    """A minimal round robin in front of the gateways (no failover settings), files in
+    `directory`."""
+    servers = "\n".join(f"    server 127.0.0.1:{upstream};" for upstream in gateway_ports)
+    temp = "".join(f"  {name}_temp_path {directory / name};\n" for name in TEMP_PATHS)
+    return f"""
+worker_processes 1;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+{temp}  upstream gateways {{
+{servers}
+    keepalive 32;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://gateways;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 300s;
+    }}
+  }}
+}}
+"""
+
+
 class NginxProcess:
-    """nginx in the foreground with the rendered shipped config, on a free loopback port."""
+    """nginx in the foreground with the rendered config, on a free loopback port; its config,
+    error log and output in `directory`."""
 
     def __init__(
         self,
@@ -74,6 +106,7 @@ class NginxProcess:
         directory: Path,
         *,
         upstream_idle_seconds: float | None = None,
+        plain: bool = False,
     ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
@@ -81,43 +114,41 @@ class NginxProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = directory / "nginx.conf"
-        self.config_path.write_text(
-            render_config(
+        self.log_path = directory / "nginx.log"
+        if plain:
+            text = plain_config(gateway_ports, self.port, directory)
+        else:
+            text = render_config(
                 gateway_ports, self.port, directory, upstream_idle_seconds=upstream_idle_seconds
-            ),
-            encoding="utf-8",
-        )
+            )
+        self.config_path.write_text(text, encoding="utf-8")
         self._command = [nginx_binary(), "-p", str(directory), "-c", str(self.config_path)]
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         """Start nginx (its config checked first) and wait until it listens."""
         subprocess.run([*self._command, "-t", "-q"], check=True, capture_output=True)
-        self.process = subprocess.Popen(
-            [*self._command, "-g", "daemon off;"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.process = spawn([*self._command, "-g", "daemon off;"], self.log_path)
         wait_for_port(self.port)
 
     def stop(self) -> None:
-        """Stop nginx and its workers."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
+        """Stop nginx and its workers (its whole process group)."""
+        if self.process is not None:
+            stop(self.process, timeout=10)
 
 
 @contextmanager
 def running_nginx(
-    directory: Path, gateway_ports: Sequence[int], *, upstream_idle_seconds: float | None = None
+    directory: Path,
+    gateway_ports: Sequence[int],
+    *,
+    upstream_idle_seconds: float | None = None,
+    plain: bool = False,
 ) -> Iterator[str]:
-    """The shipped nginx in front of `gateway_ports` while the block runs; yields its URL."""
-    nginx = NginxProcess(gateway_ports, directory, upstream_idle_seconds=upstream_idle_seconds)
+    """nginx in front of `gateway_ports` while the block runs; yields its URL."""
+    nginx = NginxProcess(
+        gateway_ports, directory, upstream_idle_seconds=upstream_idle_seconds, plain=plain
+    )
     nginx.start()
     try:
         yield nginx.url
