@@ -33,7 +33,8 @@ from affinity_store.postgres import PostgresAffinityStore, create_pool
 from affinity_store.store import Candidate
 from bench import launcher
 from bench.harness import providers, summary, write_results
-from gateway.config import AffinitySettings, hash_key
+from gateway.config_fleet import hash_key
+from gateway.config_service import AffinitySettings
 from gateway.selection.affinity import SharedAffinity
 from gateway.shared.metrics import Metrics
 

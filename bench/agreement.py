@@ -38,7 +38,7 @@ from bench import launcher
 from bench.harness import providers, write_results
 from bench.launcher import wait_ready
 from bench.nginx import NGINX, running_nginx
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 
 MODEL = "agreement-model"
 NODES = ("node-a", "node-b", "node-c")

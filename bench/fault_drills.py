@@ -23,7 +23,7 @@ import aiohttp
 
 from bench import launcher
 from bench.harness import providers, summary, write_results
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 
 MODEL = "drill-model"
 NODES = ("node-a", "node-b", "node-c")

@@ -42,7 +42,7 @@ from affinity_store.migrate import apply_migrations
 from affinity_store.postgres import PostgresAffinityStore, create_pool
 from bench import launcher
 from bench.harness import providers, write_results
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 from gateway.dispatch.key_shares import CONCURRENCY
 
 MODEL = "limits-model"

@@ -27,7 +27,8 @@ import aiohttp
 from affinity_store.memory import MemoryAffinityStore
 from bench.harness import write_results
 from gateway.catalog import Catalog
-from gateway.config import AffinitySettings, Settings
+from gateway.config import Settings
+from gateway.config_service import AffinitySettings
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.permits import ProviderPermits

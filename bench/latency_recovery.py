@@ -28,7 +28,7 @@ import aiohttp
 from affinity_store.embedded import EmbeddedPostgres
 from bench import launcher
 from bench.harness import providers, write_results
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 
 MODEL = "recovery-model"
 NODES = ("node-a", "node-b", "node-c")

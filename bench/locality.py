@@ -34,7 +34,7 @@ from affinity_store.embedded import EmbeddedPostgres
 from bench import launcher, locality_vllm
 from bench.harness import providers, summary, write_results
 from bench.nginx import NGINX, running_nginx
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 
 MODEL = "locality-model"
 NODES = ("node-a", "node-b", "node-c")

@@ -41,7 +41,7 @@ from bench import launcher
 from bench.harness import write_results
 from bench.launcher import PROJECT_ROOT
 from bench.nginx import running_nginx
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 from tests.support.vllm import VLLM_MODEL, VllmNode, prefix_cache_counters, reset_prefix_cache
 
 MODEL = "tiny-llama"

@@ -29,7 +29,7 @@ from affinity_store.embedded import EmbeddedPostgres
 from bench.harness import write_results
 from bench.launcher import GatewayProcess, SimulatorProcess
 from bench.nginx import nginx_binary, running_nginx
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 from tests.support.gateway import chat_body, settings_dict
 from tests.support.traffic import Outcome, Traffic, summary
 

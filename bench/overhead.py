@@ -24,7 +24,7 @@ import aiohttp
 
 from bench.harness import summary, write_results
 from bench.launcher import GatewayProcess, SimulatorProcess, free_port
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 
 KEY = "sk-bench-overhead"
 MODEL = "bench-model"

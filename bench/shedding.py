@@ -53,7 +53,7 @@ from bench.throughput_targets import (
     pinned,
     start_upstream,
 )
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 
 LUA = Path(__file__).resolve().parent / "throughput_chat.lua"
 BURSTS = ((1, 200), (2, 1000))  # (workers, requests written at once)

@@ -37,7 +37,7 @@ from affinity_store.notifications import BindingChanges
 from affinity_store.postgres import Pool, PostgresAffinityStore, create_pool
 from affinity_store.store import LEAST_BOUND, Binding, Candidate, Renewal, Spread
 from bench.harness import write_results
-from gateway.config import AffinitySettings
+from gateway.config_service import AffinitySettings
 from gateway.selection.affinity import SharedAffinity
 from gateway.shared.metrics import Metrics
 

@@ -18,7 +18,7 @@ import psutil
 import yaml
 
 from bench.launcher import free_port, gateway_command, spawn, wait_ready, write_config
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 
 TARGETS = ("direct", "bare", "gateway", "litellm")
 MODEL = "bench-model"

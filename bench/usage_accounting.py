@@ -37,7 +37,8 @@ from affinity_store.usage import PostgresUsageStore, Tokens, UsageKey, UsageRow
 from bench.fast_upstream import responses
 from bench.harness import write_results
 from gateway.app import create_app
-from gateway.config import Settings, UsageSettings
+from gateway.config import Settings
+from gateway.config_service import UsageSettings
 from gateway.dispatch.usage import StreamUsage, usage_from_body, with_usage_requested
 from gateway.dispatch.usage_book import UsageBook, UsageFlusher
 from gateway.edge.request_log import RequestMetrics, count_tokens

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
-from gateway.config import KeySettings, ProviderSettings, Settings, hash_key
+from gateway.config import Settings
+from gateway.config_fleet import KeySettings, ProviderSettings, hash_key
 from gateway.routing.automodel import AutoModelSpec
 from gateway.routing.conversations import Scope
 from gateway.shared.redaction import Redactor

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 from gateway.config_loading import ConfigError, LoadedConfig, load_config
 
 BENCHMARKS = (

@@ -14,14 +14,9 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from gateway.config import (
-    REPLACED_SHEDDING_SETTINGS,
-    KeySettings,
-    ModelSettings,
-    OrgSettings,
-    ProviderSettings,
-    Settings,
-)
+from gateway.config import Settings
+from gateway.config_fleet import KeySettings, ModelSettings, OrgSettings, ProviderSettings
+from gateway.config_service import REPLACED_SHEDDING_SETTINGS
 from gateway.routing.automodel import validate_spec
 
 ModelT = TypeVar("ModelT", bound=BaseModel)

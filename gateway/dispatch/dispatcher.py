@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from gateway.catalog import Provider
-from gateway.config import RoutingSettings
+from gateway.config_service import RoutingSettings
 from gateway.dispatch.attempt import Attempts
 from gateway.dispatch.blame import RequestBlame
 from gateway.dispatch.health import ProviderHealth

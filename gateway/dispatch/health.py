@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from gateway.config import RoutingSettings
+from gateway.config_service import RoutingSettings
 
 logger = structlog.get_logger("gateway.dispatch.health")
 

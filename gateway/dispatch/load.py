@@ -13,7 +13,7 @@ import aiohttp
 import structlog
 
 from gateway.catalog import Provider
-from gateway.config import SpillSettings
+from gateway.config_service import SpillSettings
 from gateway.routing.node_latency import NodeTtft
 from gateway.shared.background import every, stop_task
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from gateway.config import RoutingSettings
+from gateway.config_service import RoutingSettings
 from gateway.dispatch.outcomes import Attempt
 
 # Why a retry was not made (the `reason` of gateway_retries_refused_total).

@@ -10,7 +10,7 @@ import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.catalog import Provider
-from gateway.config import RoutingSettings
+from gateway.config_service import RoutingSettings
 from gateway.dispatch.outcomes import RetryableAttemptError
 from gateway.dispatch.upstream_errors import UpstreamError
 from gateway.dispatch.upstream_response import UpstreamResponse

@@ -19,7 +19,7 @@ import structlog
 
 from affinity_store.store import StoreError
 from affinity_store.usage import Tokens, UsageKey, UsageRow, UsageStore
-from gateway.config import UsageSettings
+from gateway.config_service import UsageSettings
 from gateway.dispatch.usage import Usage
 from gateway.shared.background import every, stop_task
 

@@ -29,7 +29,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from gateway.config import ServerSettings
+from gateway.config_service import ServerSettings
 from gateway.shared.errors import error_body, error_response
 
 logger = structlog.get_logger("gateway.edge.connections")

@@ -19,7 +19,7 @@ import structlog
 
 from affinity_store.store import AffinityStore, StoreError
 from gateway.catalog import Catalog, Key, Provider
-from gateway.config import AffinitySettings
+from gateway.config_service import AffinitySettings
 from gateway.dispatch.upstream import first_event
 from gateway.shared.errors import GatewayError
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 from gateway.config_loading import load_config
 from gateway.operations.serve import serve
 

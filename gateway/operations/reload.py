@@ -16,8 +16,9 @@ from typing import Literal, TypeVar
 import structlog
 from pydantic import BaseModel
 
-from gateway.config import DatabaseSettings, Settings
+from gateway.config import Settings
 from gateway.config_loading import ConfigError, load_config
+from gateway.config_service import DatabaseSettings
 from gateway.operations.runtime import ProcessState, RuntimeHolder, build_runtime
 from gateway.shared.metrics import Metrics
 

@@ -21,7 +21,7 @@ from affinity_store.store import (
     StoreError,
     StoreTimeout,
 )
-from gateway.config import AffinitySettings
+from gateway.config_service import AffinitySettings
 from gateway.selection.binding_cache import BindingCache
 from gateway.selection.breaker import Breaker, BreakerState
 from gateway.selection.deadlines import AdaptiveDeadline, await_within

@@ -17,7 +17,7 @@ import structlog
 
 from affinity_store.store import Candidate
 from gateway.catalog import Catalog, Key, Provider
-from gateway.config import RoutingSettings, SpillSettings
+from gateway.config_service import RoutingSettings, SpillSettings
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller, should_spill
 from gateway.dispatch.permits import ProviderPermits

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from bench import launcher
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 from tests.support.gateway import TEST_MODEL, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess

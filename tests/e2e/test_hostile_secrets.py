@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from bench.launcher import PROJECT_ROOT, GatewayProcess
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 from tests.support.gateway import TEST_MODEL, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess

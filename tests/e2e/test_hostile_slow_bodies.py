@@ -17,7 +17,7 @@ import pytest
 
 from bench.launcher import GatewayProcess
 from bench.nginx import NginxProcess
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 from gateway.dispatch.permits import ConnectionShare
 from tests.conftest import SimulatorFactory
 from tests.e2e.test_hostile_clients import (

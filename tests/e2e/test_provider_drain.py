@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from bench.launcher import PROJECT_ROOT, GatewayProcess
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 from tests.support.gateway import TEST_MODEL, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.launcher import PROJECT_ROOT, GatewayProcess
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 from tests.support.gateway import TEST_KEY, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess

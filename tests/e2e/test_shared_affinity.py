@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from bench import launcher
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 from gateway.selection.affinity import AGREEMENT_MIN_BINDINGS
 from tests.support.gateway import chat_body, settings_dict
 from tests.support.simulators import SimulatorProcess

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from bench.launcher import GatewayProcess
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 from tests.support.gateway import TEST_KEY, answers, chat_body, settings_dict
 from tests.support.polling import wait_until
 from tests.support.simulators import SimulatorProcess

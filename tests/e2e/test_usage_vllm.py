@@ -30,7 +30,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from affinity_store.postgres import create_pool
 from affinity_store.usage import PostgresUsageStore, Tokens, UsageKey
 from bench.launcher import GatewayProcess
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 from tests.support.gateway import TEST_KEY, TEST_MODEL, answers, settings_dict
 from tests.support.polling import wait_until
 from tests.support.vllm import START_TIMEOUT_SECONDS, VLLM_MODEL, VllmNode, prefix_cache_counters

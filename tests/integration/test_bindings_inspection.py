@@ -10,7 +10,8 @@ import aiohttp
 import orjson
 import yaml
 
-from gateway.config import Settings, hash_key
+from gateway.config import Settings
+from gateway.config_fleet import hash_key
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.gateway import TEST_KEY, TEST_MODEL, chat_body, settings_dict
 

@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from openai.types.chat import ChatCompletionFunctionToolParam
 
-from gateway.config import hash_key
+from gateway.config_fleet import hash_key
 from tests.conftest import GatewayFactory
 from tests.support.conformance import Target, comparable, raw_call, sse_payloads
 from tests.support.gateway import TEST_KEY, build_settings

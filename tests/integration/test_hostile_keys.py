@@ -6,7 +6,8 @@ import pickle
 import uuid
 
 from gateway.catalog import Catalog
-from gateway.config import Settings, hash_key
+from gateway.config import Settings
+from gateway.config_fleet import hash_key
 from gateway.config_loading import parse_config
 
 CONFIG = """

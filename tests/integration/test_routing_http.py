@@ -9,7 +9,8 @@ import orjson
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from gateway.config import Settings, hash_key
+from gateway.config import Settings
+from gateway.config_fleet import hash_key
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.gateway import TEST_KEY, TEST_MODEL, chat_body, settings_dict
 from tests.support.simulators import InProcessSimulator

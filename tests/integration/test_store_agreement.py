@@ -12,7 +12,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from affinity_store.embedded import EmbeddedPostgres
-from gateway.config import Settings, hash_key
+from gateway.config import Settings
+from gateway.config_fleet import hash_key
 from gateway.routing.rendezvous import rendezvous_order
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.gateway import TEST_KEY, TEST_MODEL, chat_body, settings_dict

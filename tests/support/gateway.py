@@ -7,7 +7,8 @@ from typing import Any
 
 import aiohttp
 
-from gateway.config import Settings, hash_key
+from gateway.config import Settings
+from gateway.config_fleet import hash_key
 
 TEST_KEY = "sk-test-key-0123456789"
 OTHER_KEY = "sk-other-key-9876543210"

@@ -22,7 +22,7 @@ from affinity_store.store import (
     StoreTimeout,
     StoreUnavailable,
 )
-from gateway.config import AffinitySettings
+from gateway.config_service import AffinitySettings
 from gateway.selection.affinity import SharedAffinity
 from gateway.selection.breaker import Breaker
 from gateway.shared.metrics import Metrics

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import REPLACED_SHEDDING_SETTINGS, hash_key
+from gateway.config_fleet import hash_key
 from gateway.config_loading import ConfigError, parse_config
+from gateway.config_service import REPLACED_SHEDDING_SETTINGS
 
 EXAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "config.example.yaml"
 DIGEST = hash_key("sk-test")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main as gateway_main
-from gateway.config import Section, Settings
+from gateway.config import Settings
+from gateway.config_base import Section
 from gateway.operations.config_doc import config_doc
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import ServerSettings
+from gateway.config_service import ServerSettings
 from gateway.dispatch.permits import ConnectionShare, KeyLimits, per_key_limit
 from gateway.shared.errors import GatewayError
 from tests.support.keys import plain_key

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.catalog import Catalog
-from gateway.config import Settings, hash_key
+from gateway.config import Settings
+from gateway.config_fleet import hash_key
 
 
 def catalog(keys: list[dict[str, Any]], models: tuple[str, ...] = ()) -> Catalog:

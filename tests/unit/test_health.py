@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.config import RoutingSettings
+from gateway.config_service import RoutingSettings
 from gateway.dispatch.blame import Fault, RequestBlame, fault_of
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.outcomes import RetryableAttemptError

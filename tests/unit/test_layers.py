@@ -10,7 +10,7 @@ other. The order, top to bottom:
 - operations and the composition root (`gateway/operations`, `gateway/app.py`, which builds
   the runtime and owns the aiohttp application);
 - edge, selection, dispatch;
-- catalog and config (`gateway/catalog.py`, `gateway/config.py`, `gateway/config_loading.py`);
+- catalog and config (`gateway/catalog.py`, `gateway/config*.py`);
 - routing, the store (`affinity_store`), and the shared pieces (`gateway/shared`) at the bottom.
 """
 
@@ -31,7 +31,17 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("edge", ("gateway.edge",)),
     ("selection", ("gateway.selection",)),
     ("dispatch", ("gateway.dispatch",)),
-    ("catalog and config", ("gateway.catalog", "gateway.config", "gateway.config_loading")),
+    (
+        "catalog and config",
+        (
+            "gateway.catalog",
+            "gateway.config",
+            "gateway.config_base",
+            "gateway.config_fleet",
+            "gateway.config_loading",
+            "gateway.config_service",
+        ),
+    ),
     ("routing", ("gateway.routing",)),
     ("store", ("affinity_store",)),
     ("shared", ("gateway.shared",)),

@@ -3,7 +3,7 @@ is told not to resend."""
 
 from __future__ import annotations
 
-from gateway.config import RoutingSettings
+from gateway.config_service import RoutingSettings
 from gateway.dispatch.outcomes import Attempt
 from gateway.dispatch.retries import BUDGET, RetryBudget, resend_is_futile
 

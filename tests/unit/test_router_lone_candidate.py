@@ -10,7 +10,8 @@ import pytest
 
 from affinity_store.memory import MemoryAffinityStore
 from gateway.catalog import Catalog, Key, Provider
-from gateway.config import AffinitySettings, Settings
+from gateway.config import Settings
+from gateway.config_service import AffinitySettings
 from gateway.dispatch.health import ProviderHealth
 from gateway.dispatch.load import LoadPoller
 from gateway.dispatch.permits import ProviderPermits

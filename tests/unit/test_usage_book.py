@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from affinity_store.store import StoreUnavailable
 from affinity_store.usage import MemoryUsageStore, Tokens, UsageKey, UsageRow, span_start
-from gateway.config import UsageSettings
+from gateway.config_service import UsageSettings
 from gateway.dispatch.usage import Usage
 from gateway.dispatch.usage_book import UsageBook, UsageFlusher, minute_of
 
