@@ -42,7 +42,8 @@ from gateway.routing.preferences import (
 )
 from gateway.routing.rendezvous import rendezvous_order
 from gateway.routing.sessions import SessionTable
-from gateway.selection.affinity import CachedBinding, SharedAffinity
+from gateway.selection.affinity import SharedAffinity
+from gateway.selection.local_copies import CachedBinding
 from gateway.shared.metrics import Metrics
 
 logger = structlog.get_logger("gateway.selection.router")
