@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from affinity_store.memory import MemoryAffinityStore
+from affinity_store.memory_store import MemoryAffinityStore
 from bench.harness import write_results
 from gateway.catalog import Catalog
 from gateway.config import AffinitySettings, Settings
