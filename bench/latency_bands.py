@@ -117,7 +117,7 @@ async def run(repeats: int) -> dict[str, Any]:
             lambda: router.bands(MODEL, names, NOW), repeats
         )
         results["node figures, store down"] = median_microseconds(
-            lambda: router._bands(MODEL, names, NOW, shared_only=True), repeats
+            lambda: router.bands(MODEL, names, NOW, shared_only=True), repeats
         )
     return results
 
