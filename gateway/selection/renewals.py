@@ -25,6 +25,8 @@ RENEW_LINGER_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class _Renewal:
+    """A binding to extend if it still names `provider`."""
+
     api_key_id: str
     model: str
     provider: str
@@ -32,6 +34,8 @@ class _Renewal:
 
 @dataclass(frozen=True)
 class _Rebind:
+    """A binding to move from `old_provider` to `new` (or create, if it is gone)."""
+
     api_key_id: str
     model: str
     old_provider: str
