@@ -29,7 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from affinity_store.embedded import EmbeddedPostgres
 from affinity_store.migrate import apply_migrations
-from affinity_store.postgres import PostgresAffinityStore, create_pool
+from affinity_store.postgres import create_pool
+from affinity_store.postgres_store import PostgresAffinityStore
 from affinity_store.store import Candidate
 from bench import launcher
 from bench.harness import providers, summary, write_results

@@ -39,7 +39,8 @@ import asyncpg
 
 from affinity_store.embedded import EmbeddedPostgres
 from affinity_store.migrate import apply_migrations
-from affinity_store.postgres import PostgresAffinityStore, create_pool
+from affinity_store.postgres import create_pool
+from affinity_store.postgres_store import PostgresAffinityStore
 from bench import launcher
 from bench.harness import providers, write_results
 from gateway.config_fleet import hash_key

@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from affinity_store.memory import MemoryAffinityStore
+from affinity_store.memory_store import MemoryAffinityStore
 from bench.harness import write_results
 from gateway.catalog import Catalog
 from gateway.config import Settings
@@ -118,7 +118,7 @@ async def run(repeats: int) -> dict[str, Any]:
             lambda: router.bands(MODEL, names, NOW), repeats
         )
         results["node figures, store down"] = median_microseconds(
-            lambda: router._bands(MODEL, names, NOW, shared_only=True), repeats
+            lambda: router.bands(MODEL, names, NOW, shared_only=True), repeats
         )
     return results
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from affinity_store.embedded import EmbeddedPostgres
 from affinity_store.migrate import apply_migrations
-from affinity_store.postgres import PostgresAffinityStore, create_pool
+from affinity_store.postgres import create_pool
+from affinity_store.postgres_store import PostgresAffinityStore
 from affinity_store.store import Candidate
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "store_latency.json"

@@ -24,7 +24,8 @@ import asyncpg
 
 from affinity_store.embedded import EmbeddedPostgres
 from affinity_store.migrate import apply_migrations
-from affinity_store.postgres import PostgresAffinityStore, create_pool
+from affinity_store.postgres import create_pool
+from affinity_store.postgres_store import PostgresAffinityStore
 from affinity_store.store import Candidate, Spread
 from bench.harness import write_results
 

@@ -34,7 +34,8 @@ import asyncpg
 from affinity_store.embedded import EmbeddedPostgres
 from affinity_store.migrate import apply_migrations
 from affinity_store.notifications import BindingChanges
-from affinity_store.postgres import Pool, PostgresAffinityStore, create_pool
+from affinity_store.postgres import Pool, create_pool
+from affinity_store.postgres_store import PostgresAffinityStore
 from affinity_store.store import LEAST_BOUND, Binding, Candidate, Renewal, Spread
 from bench.harness import write_results
 from gateway.config_service import AffinitySettings

@@ -13,9 +13,10 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from affinity_store.memory import MemoryAffinityStore
+from affinity_store.memory_store import MemoryAffinityStore
 from affinity_store.notifications import BindingChanges
-from affinity_store.postgres import Pool, PostgresAffinityStore
+from affinity_store.postgres import Pool
+from affinity_store.postgres_store import PostgresAffinityStore
 from affinity_store.store import AffinityStore
 from affinity_store.usage import MemoryUsageStore, PostgresUsageStore, UsageStore
 from gateway.catalog import Catalog, Key

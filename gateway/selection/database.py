@@ -13,7 +13,8 @@ import structlog
 
 from affinity_store.embedded import EmbeddedPostgres
 from affinity_store.migrate import apply_migrations
-from affinity_store.postgres import Pool, PostgresAffinityStore, create_pool
+from affinity_store.postgres import Pool, create_pool
+from affinity_store.postgres_store import PostgresAffinityStore
 from affinity_store.store import Binding, StoreError
 from affinity_store.usage import PostgresUsageStore, Tokens, UsageKey
 from gateway.config import Settings

@@ -1,15 +1,16 @@
 """The selection seam: (request context, candidates, process state) → an ordered failover list.
 
 It gathers the stickiness signal (the shared binding, or the session binding), the key's
-model-group preference and the per-process latency bands, then lets the pure policy in
-`gateway.routing` order the candidates. The only I/O is the shared binding's look-up or claim.
+model-group preference and the latency bands (`latency_bands`), then lets the pure policy in
+`gateway.routing` order the candidates; a shared binding's claim offers the agreed tier
+(`agreement`). The only I/O is the shared binding's look-up or claim.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,13 +24,12 @@ from gateway.dispatch.load import LoadPoller, should_spill
 from gateway.dispatch.permits import ProviderPermits
 from gateway.routing.conversations import binding_model
 from gateway.routing.latency import LatencyTracker
-from gateway.routing.node_latency import FleetLatency, shared_band
+from gateway.routing.node_latency import FleetLatency
 from gateway.routing.ordering import (
     ONLY_REASON,
     REASONS,
     OrderingRequest,
     ProviderState,
-    Ranked,
     StartTracker,
     order,
     tiebreak_ranks,
@@ -40,20 +40,16 @@ from gateway.routing.preferences import (
     active_providers,
     preferred_set,
 )
-from gateway.routing.rendezvous import rendezvous_order
 from gateway.routing.sessions import SessionTable
-from gateway.selection.affinity import CachedBinding, SharedAffinity
+from gateway.selection.affinity import SharedAffinity
+from gateway.selection.agreement import agreed_tier
+from gateway.selection.latency_bands import LATENCY_SOURCES, LatencyBands, LatencySource
+from gateway.selection.local_copies import CachedBinding
 from gateway.shared.metrics import Metrics
 
 logger = structlog.get_logger("gateway.selection.router")
 
-LatencySource = Literal["node", "own", "none"]
-LATENCY_SOURCES: tuple[LatencySource, ...] = ("node", "own", "none")
 AffinityKind = Literal["hit", "miss", "rebound", "spill", "preferred", "degraded", "none"]
-# Rules below these in the sort key only break ties, so candidates separated by them are
-# equally good: the claim lets cluster-wide spread choose among them.
-TIE_REASONS = frozenset({"least-recent", "tiebreak"})
-_NO_FLEET_BANDS: Mapping[str, int] = {}
 
 
 @dataclass(frozen=True)
@@ -142,6 +138,9 @@ class Router:
         self._routing = routing
         self._metrics = metrics
         self._clock = clock
+        self._latency_bands = LatencyBands(
+            catalog, routing, latency=self.latency, fleet=self.fleet, poller=load
+        )
         self._tiebreak = tiebreak_ranks(catalog.providers, seed)
         self._missing_groups = MissingGroupReports()
 
@@ -198,7 +197,7 @@ class Router:
                         self._states(candidates, key, model, now, shared_only=True),
                         preferred=preferred,
                     )
-                    tier = self._agreed_tier(key.id, bound_model, order(shared), candidates)
+                    tier = agreed_tier(key.id, bound_model, order(shared), candidates)
                     fallback = tier[0].provider
                 request = OrderingRequest(states, preferred=preferred, sticky=fallback)
             elif binding is not None and (preferred is None or binding.provider in preferred):
@@ -206,7 +205,7 @@ class Router:
             else:
                 overridden = binding is not None
                 acceptable = preferred if preferred is not None else names
-                tier = self._agreed_tier(key.id, bound_model, order(request), candidates)
+                tier = agreed_tier(key.id, bound_model, order(request), candidates)
                 lookup = await self.affinity.claim(
                     key.id,
                     bound_model,
@@ -309,71 +308,14 @@ class Router:
     def latency_source(self, provider: str, now: float) -> tuple[LatencySource, float | None]:
         """Where the provider's band comes from, and the age of its newest figure: `node`
         (the node's own metrics), `own` (this process's samples) or `none` (band 0)."""
-        if self._poller.node_ttft(provider) is not None:
-            return "node", self._poller.node_ttft_age(provider)
-        if self._poller.publishes_ttft(provider):
-            return "none", None  # the node's own view, with too little traffic for a figure
-        newest = self.latency.newest_sample_at(provider)
-        if newest is not None and now - newest < self._routing.latency_sample_max_age_seconds:
-            return "own", now - newest
-        return "none", None
+        return self._latency_bands.source(provider, now)
 
-    def bands(self, model: str, providers: Sequence[str], now: float) -> dict[str, int]:
-        """The latency bands this process would use for the model (latency routing on)."""
-        return self._bands(model, providers, now)
-
-    def fleet_bands(self, model: str) -> Mapping[str, int]:
-        """The model's bands made from the nodes' own figures, remade once per poll round."""
-        polls = self._poller.polls
-        if polls != self.fleet.polls:
-            routing = self._routing
-            self.fleet.update(
-                polls,
-                {
-                    model: {
-                        provider.name: seconds
-                        for provider in providers
-                        if (seconds := self._poller.node_ttft(provider.name)) is not None
-                    }
-                    for model, providers in self.catalog.serving.items()
-                },
-                publishing=frozenset(
-                    name for name in self.catalog.providers if self._poller.publishes_ttft(name)
-                ),
-                band_fraction=routing.latency_band_fraction,
-                hysteresis=routing.latency_band_hysteresis,
-            )
-        return self.fleet.bands.get(model, _NO_FLEET_BANDS)
-
-    def _bands(
+    def bands(
         self, model: str, providers: Sequence[str], now: float, *, shared_only: bool = False
     ) -> dict[str, int]:
-        """Each provider's band: where its node publishes a TTFT histogram, from the node's own
-        figure (0 while too little traffic makes none); else from this process's samples. With
-        `shared_only`, only what every process sees alike: a node its own figures show clearly
-        slow is band 1, every other provider band 0."""
-        fleet = self.fleet_bands(model)
-        if shared_only:
-            return {provider: shared_band(fleet.get(provider, 0)) for provider in providers}
-        publishing = self.fleet.publishing
-        if publishing and all(provider in publishing for provider in providers):
-            # Every node speaks for itself: a node without a figure yet (too little traffic
-            # in its window) is band 0, never slow on this process's stale samples.
-            return {provider: fleet.get(provider, 0) for provider in providers}
-        bands = self.latency.bands(
-            model,
-            providers,
-            now,
-            band_fraction=self._routing.latency_band_fraction,
-            min_samples=self._routing.latency_min_samples,
-            enabled=True,
-            hysteresis=self._routing.latency_band_hysteresis,
-        )
-        if publishing:
-            for provider in providers:
-                if provider in publishing:
-                    bands[provider] = fleet.get(provider, 0)
-        return bands
+        """The latency bands this process would use for the model (latency routing on); with
+        `shared_only`, only what every process sees alike (see `LatencyBands.bands`)."""
+        return self._latency_bands.bands(model, providers, now, shared_only=shared_only)
 
     def load(self, provider: str) -> float:
         """The provider's current load as routing sees it."""
@@ -433,7 +375,7 @@ class Router:
     ) -> list[ProviderState]:
         # A lone candidate has no rival to be banded against: its band cannot change the order.
         bands = (
-            self._bands(
+            self._latency_bands.bands(
                 model, [provider.name for provider in candidates], now, shared_only=shared_only
             )
             if len(candidates) > 1 and key.latency_routing
@@ -450,26 +392,4 @@ class Router:
                 tiebreak=self._tiebreak.get(provider.name, 0),
             )
             for provider in candidates
-        ]
-
-    @staticmethod
-    def _agreed_tier(
-        api_key_id: str, model: str, ranked: list[Ranked], candidates: Sequence[Provider]
-    ) -> list[Candidate]:
-        """The leading candidates that differ only by tie-breakers, in rendezvous order.
-
-        Its first entry is the provider every process agrees on for the key: the claim binds
-        it unless that would overload it, and a process that cannot ask the store routes to it.
-        """
-        by_name = {provider.name: provider for provider in candidates}
-        tier: list[str] = []
-        for position, entry in enumerate(ranked):
-            if entry.reason == "cooling" or (position > 0 and entry.reason not in TIE_REASONS):
-                break
-            tier.append(entry.provider)
-        if not tier:  # everyone is cooling: the least bad is still the best there is
-            tier.append(ranked[0].provider)
-        return [
-            Candidate(name, by_name[name].routing_identity)
-            for name in rendezvous_order(api_key_id, model, tier)
         ]

@@ -11,7 +11,8 @@ import asyncio
 import json
 import sys
 
-from affinity_store.postgres import PostgresAffinityStore, create_pool
+from affinity_store.postgres import create_pool
+from affinity_store.postgres_store import PostgresAffinityStore
 from affinity_store.store import Candidate
 
 CLAIM_TIMEOUT = 30.0

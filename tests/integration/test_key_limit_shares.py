@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from affinity_store.memory import MemoryAffinityStore
-from affinity_store.postgres import PostgresAffinityStore, create_pool
+from affinity_store.memory_store import MemoryAffinityStore
+from affinity_store.postgres import create_pool
+from affinity_store.postgres_store import PostgresAffinityStore
 from affinity_store.store import AffinityStore, ShareGrant, StoreError, StoreUnavailable
 from gateway.catalog import Key
 from gateway.dispatch.cluster_shares import ClusterShares

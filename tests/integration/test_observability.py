@@ -10,7 +10,7 @@ import structlog
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from affinity_store.memory import MemoryAffinityStore
+from affinity_store.memory_store import MemoryAffinityStore
 from affinity_store.store import StoreUnavailable
 from gateway.app import LOAD, create_app
 from gateway.config import Settings

@@ -15,8 +15,9 @@ import asyncpg
 import pytest
 
 from affinity_store.locks import NAMESPACE, SPREAD_NAMESPACE, binding_lock_key
-from affinity_store.memory import MemoryAffinityStore
-from affinity_store.postgres import PostgresAffinityStore, create_pool
+from affinity_store.memory_store import MemoryAffinityStore
+from affinity_store.postgres import create_pool
+from affinity_store.postgres_store import PostgresAffinityStore
 from affinity_store.store import (
     AffinityStore,
     Binding,

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from affinity_store.memory import MemoryAffinityStore
-from affinity_store.postgres import PostgresAffinityStore, create_pool
+from affinity_store.memory_store import MemoryAffinityStore
+from affinity_store.postgres import create_pool
+from affinity_store.postgres_store import PostgresAffinityStore
 from affinity_store.store import AffinityStore, Candidate, Spread
 from tests.support.postgres import run_in_fresh_loop
 

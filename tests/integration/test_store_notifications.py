@@ -9,7 +9,8 @@ import asyncpg
 import pytest
 
 from affinity_store.notifications import BindingChanges
-from affinity_store.postgres import Pool, PostgresAffinityStore, create_pool
+from affinity_store.postgres import Pool, create_pool
+from affinity_store.postgres_store import PostgresAffinityStore
 from affinity_store.store import Candidate
 from gateway.config import Settings
 from tests.conftest import GatewayFactory, SimulatorFactory

@@ -19,7 +19,8 @@ from affinity_store.locks import (
     NAMESPACE,
     binding_lock_key,
 )
-from affinity_store.postgres import Pool, PostgresAffinityStore, create_pool
+from affinity_store.postgres import Pool, create_pool
+from affinity_store.postgres_store import PostgresAffinityStore
 from affinity_store.store import Candidate, StoreError, StoreTimeout, StoreUnavailable
 from tests.support.polling import wait_until
 

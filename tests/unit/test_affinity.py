@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from affinity_store.memory import MemoryAffinityStore
+from affinity_store.memory_store import MemoryAffinityStore
 from affinity_store.store import (
     LEAST_BOUND,
     Binding,

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from affinity_store.memory import MemoryAffinityStore
+from affinity_store.memory_store import MemoryAffinityStore
 from affinity_store.store import StoreUnavailable
 from gateway.catalog import Catalog, Key
 from gateway.config import Settings

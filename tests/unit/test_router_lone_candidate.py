@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from affinity_store.memory import MemoryAffinityStore
+from affinity_store.memory_store import MemoryAffinityStore
 from gateway.catalog import Catalog, Key, Provider
 from gateway.config import Settings
 from gateway.config_service import AffinitySettings
