@@ -237,7 +237,10 @@ class GuardedRequestHandler(web.RequestHandler):
             resp.headers["Server"] = SERVER_NAME
         outcome = await super().finish_response(request, resp, start_time)
         if self._close_after:
-            self.force_close()
+            # aiohttp neither lingers over the body itself nor closes at the end of its loop;
+            # the connection drops what still arrives, then closes (see _linger_then_close).
+            self._force_close = True
+            self._linger_then_close()
         elif self._phase is _Phase.REQUEST and request.content.is_eof():
             self._phase = _Phase.IDLE
         return outcome
@@ -265,7 +268,8 @@ class GuardedRequestHandler(web.RequestHandler):
         return response
 
     def close_after_response(self) -> None:
-        """Close the connection once the current response is out, without lingering for a body."""
+        """Close the connection once the current response is out, without waiting for the rest
+        of the body (what still arrives for a moment is dropped unparsed)."""
         self._close_after = True
 
     @property
@@ -339,6 +343,18 @@ class GuardedRequestHandler(web.RequestHandler):
             return
         logger.warning("connection_refused", status=status, code=code)
         transport.write(raw_error_response(status, message, code))
+        self._linger_then_close()
+
+    def _linger_then_close(self) -> None:
+        """Half-close after an answer the client may still be sending a body behind, drop what
+        arrives for `LINGER_SECONDS`, then close. Closing at once with unread bytes makes the
+        kernel send a reset, which can destroy the answer before the peer reads it (nginx then
+        reports 502 instead of relaying the 401 or 413)."""
+        self._phase = _Phase.CLOSING
+        self._stop_deadline()
+        transport = self.transport
+        if transport is None:
+            return
         if transport.can_write_eof():
             transport.write_eof()
         self._deadline = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.force_close)

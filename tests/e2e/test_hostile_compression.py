@@ -3,6 +3,7 @@ through the shipped nginx; refused by default, decoded within limits when enable
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import os
 import zlib
@@ -141,6 +142,29 @@ async def test_identity_bodies_still_pass(gateway: GatewayProcess) -> None:
         {"Content-Encoding": "identity", "Authorization": f"Bearer {TEST_KEY}"},
     )
     assert status == 200
+
+
+async def test_a_refusal_before_the_body_reaches_a_client_still_sending_it(
+    gateway: GatewayProcess,
+) -> None:
+    """A 401 sent before the body was read is not destroyed by a reset: the worker half-closes
+    and drops the rest for a moment, so a client (or nginx) still sending reads the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n" + b" " * 262_144
+        )
+        await writer.drain()
+        # The answer and the close happen now; bytes the worker never read are still queued
+        # on its side. Closing with them there resets the connection, and a reset discards
+        # what the client has not read yet.
+        await asyncio.sleep(0.5)
+        answer = await asyncio.wait_for(reader.read(), timeout=5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:80]
+    assert b"missing_api_key" in answer
 
 
 async def test_a_gzip_bomb_through_the_shipped_nginx_costs_the_worker_nothing(
