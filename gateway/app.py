@@ -259,7 +259,8 @@ async def client_session_context(app: web.Application) -> AsyncIterator[None]:
     app[RUNTIME] = holder
 
     def light(request: web.BaseRequest) -> bool:
-        return holder.current.proxy.is_light(request)  # whatever the latest reload made it
+        # Whatever the latest reload made it.
+        return holder.current.proxy.admission.is_light(request)
 
     app[OVERLOAD_GATE] = OverloadGate(
         shedder, router=app.router, light=light, request_id=app[REQUEST_IDS].new
@@ -409,17 +410,17 @@ def _endpoint(spec: EndpointSpec) -> Handler:
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     """`Expect: 100-continue` on a proxied endpoint: checked before the body is asked for."""
-    return await request.app[RUNTIME].proxy.expect_continue(request)
+    return await request.app[RUNTIME].proxy.admission.expect_continue(request)
 
 
 async def models(request: web.Request) -> web.StreamResponse:
     """List the models the caller's key may use."""
-    return await request.app[RUNTIME].proxy.models(request)
+    return await request.app[RUNTIME].proxy.model_list.models(request)
 
 
 async def model(request: web.Request) -> web.StreamResponse:
     """One model the caller's key may use."""
-    return await request.app[RUNTIME].proxy.model(request)
+    return await request.app[RUNTIME].proxy.model_list.model(request)
 
 
 async def healthz(request: web.Request) -> web.Response:
