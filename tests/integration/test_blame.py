@@ -11,9 +11,9 @@ import pytest
 import structlog
 from aiohttp.test_utils import TestServer
 
-from gateway.app import METRICS, RUNTIME
 from gateway.config import Settings
 from gateway.dispatch.health import ProviderHealth
+from gateway.operations.app_keys import METRICS, RUNTIME
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.gateway import (
     OTHER_KEY,

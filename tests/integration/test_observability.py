@@ -12,8 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from affinity_store.memory import MemoryAffinityStore
 from affinity_store.store import StoreUnavailable
-from gateway.app import LOAD, create_app
+from gateway.app import create_app
 from gateway.config import Settings, hash_key
+from gateway.operations.app_keys import LOAD
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.gateway import (
     TEST_KEY,

@@ -18,8 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from gateway.app import METRICS
 from gateway.config import Settings
+from gateway.operations.app_keys import METRICS
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.gateway import (
     TEST_KEY,
