@@ -1,4 +1,10 @@
-"""Compressed request bodies: refused by default, or decoded piece by piece within limits.
+"""Request bodies: read whole within `max_body_bytes`, a deadline and the memory budget; compressed
+ones refused by default, or decoded piece by piece within limits.
+
+A body over `max_body_bytes` (declared or received) gets 413, one that is not all there within
+the body-read deadline gets 408, and the connection closes after either. Each piece is counted in
+the worker's memory budget before it is kept (a declared identity length at once, before any is
+read); a refusal (503/429) closes the connection.
 
 aiohttp's parser is told never to decode (`GuardedRequestHandler`), so no byte is inflated before
 the handler has authenticated the request. With `server.request_compression: false` a body whose
@@ -9,9 +15,15 @@ received byte, and the upstream receives the decoded bytes without the header.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections.abc import AsyncIterator, Callable
 
+from aiohttp import web
+
+from gateway.dispatch.memory_budget import Reservation
+from gateway.edge.connections import body_read_timeout, close_after_response
+from gateway.edge.uploads import too_large
 from gateway.shared.errors import GatewayError
 
 # Decoders by `Content-Encoding` token: zlib's window bits for each container.
@@ -23,6 +35,86 @@ MAX_RATIO = 100
 RATIO_FLOOR = 64 * 1024
 # Inflate at most this much per step, so one small piece never allocates a large buffer at once.
 STEP_BYTES = 64 * 1024
+
+
+async def read_body(
+    request: web.Request,
+    memory: Reservation | None,
+    *,
+    max_body_bytes: int,
+    request_compression: bool,
+) -> bytes:
+    """The whole body: 413 past `max_body_bytes`, 408 when it is not all there in time;
+    each piece counted in the worker's memory budget before it is kept (a declared length
+    at once, before any is read), 503/429 past it."""
+    encoding = content_encoding(request.headers.get("Content-Encoding"))
+    check_encoding(encoding, allowed=request_compression)
+    length = request.content_length
+    if length is not None and length > max_body_bytes:
+        raise too_large(max_body_bytes)
+    take = _taker(request, memory)
+    if take is not None and encoding in IDENTITY and length is not None:
+        take(length)
+        take = None  # the declared length is held: the pieces are within it
+    timeout = body_read_timeout(request)
+    pieces = _pieces(request, max_body_bytes, take)
+    try:
+        if encoding in IDENTITY and request.content.is_eof():
+            # The whole body came with the head: nothing to wait for, no deadline to arm.
+            return await _gather(pieces)
+        async with asyncio.timeout(timeout):
+            if encoding in IDENTITY:
+                return await _gather(pieces)
+            return await decode_body(pieces, encoding, max_body_bytes, take)
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(max_body_bytes) from None
+    except TimeoutError:
+        # The rest of the body is not worth waiting for: close once the 408 is out.
+        close_after_response(request)
+        raise GatewayError(
+            408,
+            f"The request body did not arrive within {timeout:g} s.",
+            "body_timeout",
+            headers={"Connection": "close"},
+        ) from None
+
+
+async def _pieces(
+    request: web.Request, limit: int, take: Callable[[int], None] | None
+) -> AsyncIterator[bytes]:
+    """The body as it arrives, undecoded: 413 past `limit` bytes received; each piece counted
+    by `take` (the memory budget) before it is passed on."""
+    received = 0
+    async for piece in request.content.iter_any():
+        received += len(piece)
+        if received > limit:
+            close_after_response(request)
+            raise too_large(limit, close=True)
+        if take is not None:
+            take(len(piece))
+        yield piece
+
+
+async def _gather(pieces: AsyncIterator[bytes]) -> bytes:
+    """A body's pieces, joined (one piece: as it came)."""
+    gathered = [piece async for piece in pieces]
+    return gathered[0] if len(gathered) == 1 else b"".join(gathered)
+
+
+def _taker(request: web.Request, memory: Reservation | None) -> Callable[[int], None] | None:
+    """Counts a request body's bytes in the memory budget; a refusal closes the connection (the
+    rest of the body is not read)."""
+    if memory is None:
+        return None
+
+    def take(size: int) -> None:
+        try:
+            memory.take_now("request_body", size)
+        except GatewayError:
+            close_after_response(request)
+            raise
+
+    return take
 
 
 def content_encoding(header: str | None) -> str:

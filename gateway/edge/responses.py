@@ -16,11 +16,13 @@ from typing import Any
 
 import orjson
 import structlog
+from aiohttp import web
 
 from affinity_store.store import AffinityStore, StoreError
 from gateway.catalog import Catalog, Key, Provider
 from gateway.config_service import AffinitySettings
 from gateway.dispatch.upstream import first_event
+from gateway.edge.endpoints import RESPONSE_ID, ClientRequest, EndpointSpec
 from gateway.shared.errors import GatewayError
 
 logger = structlog.get_logger("gateway.edge.responses")
@@ -80,6 +82,16 @@ class ResponseBindings:
             logger.warning("response_id_conflict", provider=provider.name, key_id=key.id)
             raise id_taken(response_id, param=None)
 
+    async def pinned(
+        self, request: web.Request, spec: EndpointSpec, parsed: ClientRequest, key: Key
+    ) -> Provider | None:
+        """For a stored response's follow-up, the node that holds it (None for any other
+        request, and for one that names no stored response)."""
+        if spec.stickiness != "response":
+            return None
+        continued = response_id(request, parsed)
+        return await self.provider_of(key, continued) if continued else None
+
     async def provider_of(self, key: Key, response_id: str) -> Provider:
         """The configured provider holding the key's response; a 404-style error when it is
         unknown (or another key's), expired, or its node is no longer configured (never a
@@ -102,6 +114,11 @@ class ResponseBindings:
         if provider is None:
             raise node_gone(response_id)
         return provider
+
+
+def response_id(request: web.Request, parsed: ClientRequest) -> str:
+    """The stored response a request continues: its path's id, or `previous_response_id`."""
+    return request.match_info.get(RESPONSE_ID) or parsed.previous_response_id or ""
 
 
 def stored(data: Mapping[str, Any]) -> bool:

@@ -23,18 +23,12 @@ import structlog
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from gateway.app import (
-    LIFECYCLE,
-    OVERLOAD_GATE,
-    RELOADER,
-    RUNTIME,
-    create_app,
-    create_metrics_app,
-)
+from gateway.app import create_app, create_metrics_app
 from gateway.config import Settings
 from gateway.config_loading import ConfigError, load_config
 from gateway.edge.connections import ConnectionLimits
 from gateway.edge.site import GuardedSite
+from gateway.operations.app_keys import LIFECYCLE, OVERLOAD_GATE, RELOADER, RUNTIME
 from gateway.operations.reload import keep_restart_only
 from gateway.selection.database import provisioned
 from gateway.shared.background import Backoff, log_retry

@@ -10,8 +10,8 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.app import RUNTIME
 from gateway.config import Settings
+from gateway.operations.app_keys import RUNTIME
 from tests.conftest import GatewayFactory
 from tests.support.gateway import TEST_KEY, UPSTREAM_MODEL, chat_body, settings_dict
 from tests.support.polling import wait_until

@@ -12,9 +12,9 @@ import structlog
 from aiohttp.test_utils import TestServer
 
 from bench.launcher import free_port
-from gateway.app import METRICS, RUNTIME
 from gateway.config import Settings
 from gateway.dispatch.health import ProviderHealth
+from gateway.operations.app_keys import METRICS, RUNTIME
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.gateway import OTHER_KEY, TEST_KEY, TEST_MODEL, chat_body, settings_dict
 from tests.support.simulators import InProcessSimulator

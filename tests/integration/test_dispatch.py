@@ -11,8 +11,8 @@ import orjson
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from gateway.app import AFFINITY, LOAD, METRICS, RUNTIME
 from gateway.config import Settings
+from gateway.operations.app_keys import AFFINITY, LOAD, METRICS, RUNTIME
 from gateway.simulator import Timing
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.conformance import post_until_broken

@@ -17,9 +17,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
-from gateway.app import error_middleware
 from gateway.dispatch.upstream import MAX_SSE_EVENT_BYTES
 from gateway.dispatch.whole_relay import MAX_RESPONSE_BYTES
+from gateway.edge.error_middleware import error_middleware
 from gateway.edge.requestid import REQUEST_IDS, RequestIds
 from gateway.simulator import Faults
 from gateway.simulator.options import Mode

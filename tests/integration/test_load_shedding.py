@@ -17,11 +17,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from gateway.app import OVERLOAD_GATE, SETTINGS, create_app
+from gateway.app import create_app
 from gateway.config import Settings
 from gateway.edge.connections import ConnectionLimits
 from gateway.edge.overload import LoadShedder
 from gateway.edge.site import GuardedSite
+from gateway.operations.app_keys import OVERLOAD_GATE, SETTINGS
 from gateway.simulator.options import Timing
 from tests.conftest import SimulatorFactory
 from tests.support.gateway import TEST_KEY, chat_body, settings_dict

@@ -12,9 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from affinity_store.memory_store import MemoryAffinityStore
 from affinity_store.store import StoreUnavailable
-from gateway.app import LOAD, create_app
+from gateway.app import create_app
 from gateway.config import Settings
 from gateway.config_fleet import hash_key
+from gateway.operations.app_keys import LOAD
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.gateway import (
     TEST_KEY,

@@ -10,8 +10,8 @@ import aiohttp
 import orjson
 import yaml
 
-from gateway.app import RELOADER, RUNTIME
 from gateway.config import Settings
+from gateway.operations.app_keys import RELOADER, RUNTIME
 from gateway.simulator import Timing
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.gateway import OTHER_KEY, TEST_KEY, chat_body, settings_dict

@@ -19,8 +19,8 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from bench.launcher import free_port
-from gateway.app import METRICS
 from gateway.config import Settings
+from gateway.operations.app_keys import METRICS
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.gateway import TEST_KEY, TEST_MODEL, UPSTREAM_MODEL, chat_body, settings_dict
 from tests.support.polling import wait_until

@@ -11,8 +11,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from affinity_store.embedded import EmbeddedPostgres
-from gateway.app import AFFINITY
 from gateway.config import Settings
+from gateway.operations.app_keys import AFFINITY
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.gateway import TEST_KEY, chat_body, settings_dict
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from gateway.catalog import Catalog
 from gateway.edge.endpoints import ENDPOINTS, EndpointSpec
-from gateway.edge.proxy import routing_context
+from gateway.edge.routing_context import routing_context
 from gateway.selection.router import RequestContext
 from tests.support.gateway import TEST_MODEL, build_settings
 
