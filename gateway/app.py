@@ -137,12 +137,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: not draining, and at least one provider not cooling; the store may be down."""
+    """Readiness: not draining, every worker of the gateway listening, and at least one provider
+    not cooling; the store may be down."""
     runtime = request.app[RUNTIME].current
     health = runtime.router.health
     reason = None
     if request.app[LIFECYCLE].draining:
         reason = "this worker is draining before it stops"
+    elif not request.app[LIFECYCLE].every_worker_listening:
+        reason = "not every worker of this gateway listens yet"
     elif all(health.cooling(name) for name in runtime.catalog.providers):
         reason = "every provider is cooling"
     if reason is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from affinity_store.store import AffinityStore
@@ -81,10 +82,20 @@ class Runtime:
 
 
 class Lifecycle:
-    """Where the worker is in its life: serving, or draining after SIGTERM (lame duck)."""
+    """Where the worker is in its life: serving, or draining after SIGTERM (lame duck); and,
+    under a supervisor, whether every worker of the gateway has started listening."""
 
     def __init__(self) -> None:
         self.draining = False
+        # One flag per worker of a supervised gateway, shared between them: set once that
+        # worker listens. None for a lone worker.
+        self.workers_listening: Iterable[int] | None = None
+
+    @property
+    def every_worker_listening(self) -> bool:
+        """Every worker of this gateway listens (always, for a lone worker)."""
+        flags = self.workers_listening
+        return flags is None or all(flags)
 
 
 class RuntimeHolder:

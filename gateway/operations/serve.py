@@ -63,11 +63,14 @@ async def serve_worker(
     metrics_directory: str | None = None,
     config_path: str | None = None,
     parent_pid: int | None = None,
+    listening: WorkerFlags | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain as a lame duck; SIGHUP reloads `config_path`.
 
     Connections are guarded by the `server` section's limits (see `gateway.edge.site`). With
-    `parent_pid`, the worker never outlives that process (see `die_with_parent`).
+    `parent_pid`, the worker never outlives that process (see `die_with_parent`). With
+    `listening`, the worker sets its flag once it listens, and answers /readyz 200 only once
+    every worker's flag is set.
     """
     # Never outlive the supervisor, from the first moment on.
     needs_watchdog = parent_pid is not None and not die_with_parent(parent_pid)
@@ -118,6 +121,9 @@ async def serve_worker(
     watchdog = None
     if needs_watchdog and parent_pid is not None:
         watchdog = asyncio.create_task(_watch_parent(parent_pid), name="parent-watchdog")
+    if listening is not None:
+        listening.flags[listening.slot] = 1
+        app[LIFECYCLE].workers_listening = listening.flags
     logger.info("worker_started", pid=os.getpid(), host=host, port=port)
     await stop.wait()
     await _lame_duck(app, site, hurry)
@@ -169,6 +175,15 @@ async def _watch_parent(parent_pid: int) -> None:
 
 
 @dataclass(frozen=True)
+class WorkerFlags:
+    """The supervisor's shared flags, one per worker (set once that worker listens), and which
+    one is this worker's."""
+
+    flags: ctypes.Array[ctypes.c_byte]  # in memory shared by the workers (RawArray)
+    slot: int
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     """What one worker process serves, and where."""
 
@@ -179,6 +194,7 @@ class WorkerSpec:
     metrics_directory: str | None = None
     config_path: str | None = None
     parent_pid: int | None = None
+    listening: WorkerFlags | None = None
 
 
 def run_worker(spec: WorkerSpec) -> None:
@@ -194,6 +210,7 @@ def run_worker(spec: WorkerSpec) -> None:
             metrics_directory=spec.metrics_directory,
             config_path=spec.config_path,
             parent_pid=spec.parent_pid,
+            listening=spec.listening,
         )
     )
 
@@ -284,8 +301,10 @@ class Supervisor:
         self._reload_requested = False
         self._reloads = 0
         self._restarts = 0
+        # Set by each worker once it listens, never cleared: a restarted worker's slot stays set.
+        self._listening = self._context.RawArray("b", workers)
 
-    def _spawn(self) -> BaseProcess:
+    def _spawn(self, slot: int) -> BaseProcess:
         process = self._context.Process(
             target=run_worker,
             args=(
@@ -297,6 +316,7 @@ class Supervisor:
                     metrics_directory=self._metrics_directory,
                     config_path=self._config_path,
                     parent_pid=os.getpid(),
+                    listening=WorkerFlags(self._listening, slot),
                 ),
             ),
             name="gateway-worker",
@@ -325,7 +345,7 @@ class Supervisor:
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._request_reload)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         try:
-            self._processes = [self._spawn() for _ in range(self._workers)]
+            self._processes = [self._spawn(slot) for slot in range(self._workers)]
             logger.info(
                 "supervisor_started", pid=os.getpid(), workers=self._workers, port=self._port
             )
@@ -388,7 +408,7 @@ class Supervisor:
             self._restarts += 1
             log_retry("worker-restart", self._restarts, delay, "WorkerExited")
             time.sleep(delay)
-            self._processes[index] = self._spawn()
+            self._processes[index] = self._spawn(index)
             logger.info("worker_restarted", pid=self._processes[index].pid)
 
     def _shutdown(self) -> int:

@@ -76,6 +76,34 @@ async def test_two_workers_answer_from_two_pids_on_one_port(
     assert gateway.wait(timeout=20) == 0, gateway.log()
 
 
+async def test_ready_only_once_every_worker_listens(
+    slow_node: SimulatorProcess, database_url: str, tmp_path: Path
+) -> None:
+    """`--workers 2`: /readyz answers 200 only once both workers listen, so the connections a
+    load balancer sends as soon as it is ready reach both."""
+    gateway = GatewayProcess(config_for(slow_node, database_url), tmp_path, workers=2)
+    gateway.start()
+    try:
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def ready() -> bool:
+                try:
+                    async with session.get(gateway.url + "/readyz") as response:
+                        return response.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await wait_until(ready, timeout=30, interval=0.01, message="/readyz 200")
+            pids = {await healthz_pid(session, gateway.url) for _ in range(64)}
+        # 64 fresh connections spread over two listening sockets by the kernel's hash: the
+        # chance that all reach one of them is 2^-63.
+        assert len(pids - {None}) == 2, pids
+    finally:
+        gateway.stop()
+    assert gateway.wait(timeout=20) == 0, gateway.log()
+
+
 async def test_sigterm_drains_in_flight_requests_then_stops_accepting(
     slow_node: SimulatorProcess, database_url: str, tmp_path: Path
 ) -> None:

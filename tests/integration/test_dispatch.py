@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from gateway.config import Settings
-from gateway.operations.app_keys import AFFINITY, LOAD, METRICS, RUNTIME
+from gateway.operations.app_keys import AFFINITY, LIFECYCLE, LOAD, METRICS, RUNTIME
 from gateway.simulator import Timing
 from tests.conftest import GatewayFactory, SimulatorFactory
 from tests.support.conformance import post_until_broken
@@ -292,6 +292,25 @@ async def test_loaded_bound_node_is_skipped_for_one_request_without_rebinding(
         _, headers, _ = await post(session, server)
     assert headers["x-gateway-provider"] == bound
     assert headers["x-gateway-affinity"] == "hit"
+
+
+async def test_readyz_waits_for_every_worker_of_the_gateway(
+    start_simulator: SimulatorFactory, start_gateway: GatewayFactory
+) -> None:
+    """Under a supervisor, /readyz is 503 until every worker's listening flag is set."""
+    node = await start_simulator("node-a")
+    server = await gateway_for(start_gateway, [node])
+    flags = [1, 0]
+    server.app[LIFECYCLE].workers_listening = flags
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.make_url("/readyz")) as response:
+            assert response.status == 503
+            answer = await response.json()
+        assert answer["reason"] == "not every worker of this gateway listens yet"
+        assert answer["error"]["code"] == "not_ready"
+        flags[1] = 1
+        async with session.get(server.make_url("/readyz")) as response:
+            assert response.status == 200
 
 
 async def test_readyz_fails_only_while_every_provider_is_cooling(
