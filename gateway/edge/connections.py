@@ -336,13 +336,10 @@ class GuardedRequestHandler(web.RequestHandler):
 
     def _refuse(self, status: int, message: str, code: str) -> None:
         """Answer at the transport level (aiohttp parsed no request), then linger and close."""
-        self._phase = _Phase.CLOSING
-        self._stop_deadline()
         transport = self.transport
-        if transport is None:
-            return
-        logger.warning("connection_refused", status=status, code=code)
-        transport.write(raw_error_response(status, message, code))
+        if transport is not None:
+            logger.warning("connection_refused", status=status, code=code)
+            transport.write(raw_error_response(status, message, code))
         self._linger_then_close()
 
     def _linger_then_close(self) -> None:
