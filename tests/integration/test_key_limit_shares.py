@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
 from affinity_store.memory_store import MemoryAffinityStore
-from affinity_store.postgres import create_pool
-from affinity_store.postgres_store import PostgresAffinityStore
 from affinity_store.store import AffinityStore, ShareGrant, StoreError, StoreUnavailable
 from gateway.catalog import Key
 from gateway.dispatch.cluster_shares import ClusterShares
@@ -24,27 +21,6 @@ pytestmark = pytest.mark.timeout(60)
 
 TTL = 30.0
 TIMEOUT = 5.0
-
-
-@pytest.fixture
-async def postgres_store(database_url: str) -> AsyncIterator[AffinityStore]:
-    """The Postgres store on a small direct pool."""
-    pool = await create_pool(database_url, min_size=1, max_size=8, statement_cache_size=100)
-    yield PostgresAffinityStore(pool)
-    await pool.close()
-
-
-@pytest.fixture
-def memory_store() -> AffinityStore:
-    """The in-memory twin."""
-    return MemoryAffinityStore()
-
-
-@pytest.fixture(params=["memory", "postgres"])
-def store(request: pytest.FixtureRequest) -> AffinityStore:
-    """Each store implementation in turn."""
-    chosen: AffinityStore = request.getfixturevalue(f"{request.param}_store")
-    return chosen
 
 
 async def test_a_heartbeat_s_snapshot_is_read_back_for_every_live_worker(

@@ -4,7 +4,6 @@ in-memory twin and on Postgres, from the store call up to a worker's admissions.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -12,8 +11,6 @@ import pytest
 
 from affinity_store.locks import SHARES_NAMESPACE, binding_lock_key
 from affinity_store.memory_store import MemoryAffinityStore
-from affinity_store.postgres import create_pool
-from affinity_store.postgres_store import PostgresAffinityStore
 from affinity_store.store import AffinityStore, StoreError, StoreUnavailable, UnitGrant
 from gateway.catalog import Key
 from gateway.dispatch.cluster_shares import WORKER_TTL_SECONDS, ClusterShares
@@ -27,27 +24,6 @@ pytestmark = pytest.mark.timeout(60)
 
 TTL = 30.0
 TIMEOUT = 5.0
-
-
-@pytest.fixture
-async def postgres_store(database_url: str) -> AsyncIterator[AffinityStore]:
-    """The Postgres store on a small direct pool."""
-    pool = await create_pool(database_url, min_size=1, max_size=24, statement_cache_size=100)
-    yield PostgresAffinityStore(pool)
-    await pool.close()
-
-
-@pytest.fixture
-def memory_store() -> AffinityStore:
-    """The in-memory twin."""
-    return MemoryAffinityStore()
-
-
-@pytest.fixture(params=["memory", "postgres"])
-def store(request: pytest.FixtureRequest) -> AffinityStore:
-    """Each store implementation in turn."""
-    chosen: AffinityStore = request.getfixturevalue(f"{request.param}_store")
-    return chosen
 
 
 async def test_a_unit_is_granted_only_while_the_key_has_one_free(store: AffinityStore) -> None:
