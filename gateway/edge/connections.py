@@ -235,6 +235,10 @@ class GuardedRequestHandler(web.RequestHandler):
         """
         if not resp.prepared:
             resp.headers["Server"] = SERVER_NAME
+            if self._close_after:
+                # Said in the answer: a proxy that took the connection for kept alive would send
+                # its next request into the close (nginx answers that request 502).
+                resp.force_close()
         outcome = await super().finish_response(request, resp, start_time)
         if self._close_after:
             # aiohttp neither lingers over the body itself nor closes at the end of its loop;
@@ -354,6 +358,9 @@ class GuardedRequestHandler(web.RequestHandler):
             return
         if transport.can_write_eof():
             transport.write_eof()
+        # Reading may be paused by a full body buffer nobody reads now; resumed, the client's
+        # bytes are drained rather than left to stall its writes and reset the close.
+        transport.resume_reading()
         self._deadline = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.force_close)
 
 

@@ -167,6 +167,32 @@ async def test_a_refusal_before_the_body_reaches_a_client_still_sending_it(
     assert b"missing_api_key" in answer
 
 
+async def test_a_refusal_before_a_large_body_reaches_a_client_that_sends_it_all_first(
+    gateway: GatewayProcess,
+) -> None:
+    """A client (or a proxy streaming the body, as the shipped nginx does) that writes its
+    whole body before it reads: the refused worker keeps draining, so the writes finish and
+    the 401 is still there to read. Were reading left paused, the writes would stall on a full
+    window and the close at the end of the linger would reset the answer away (1 in 2 runs)."""
+    size = 8_000_000
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % size
+        )
+        for _ in range(size // 65_536):
+            writer.write(b" " * 65_536)
+            await asyncio.wait_for(writer.drain(), timeout=5)
+        answer = await asyncio.wait_for(reader.read(), timeout=5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:80]
+    assert b"missing_api_key" in answer
+    # The close is announced: a proxy keeping upstream connections alive must not reuse this one.
+    assert b"\r\nconnection: close\r\n" in answer.lower(), answer[:400]
+
+
 async def test_a_gzip_bomb_through_the_shipped_nginx_costs_the_worker_nothing(
     gateway: GatewayProcess, bomb: bytes, tmp_path: Path
 ) -> None:
