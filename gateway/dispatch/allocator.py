@@ -5,17 +5,19 @@ middle of the heap, or in a thread's arena, stays in the process's RSS. After an
 replay copy (grown piece by piece) and its pieces are freed, the worker's RSS stayed 20-26 MiB
 over its baseline with no object left holding them. `malloc_trim(0)` returns every free page;
 it walks the heap (a few ms for hundreds of MB), so it runs at most once per gauge refresh: when
-`TRIM_AFTER_BYTES` of budgeted memory were given back since the last one, or when the traffic
-that held some is over (nothing held now, at least `TRIM_IDLE_BYTES` given back), so what the
-last requests freed is returned too. What is freed just after (the closing connections' buffers,
-the rest of a body read and dropped) is returned by `FOLLOW_UPS` more trims at the next
-refreshes while nothing is held.
+`TRIM_AFTER_BYTES` of budgeted memory were given back since the last one, or, while nothing is
+held, when `TRIM_IDLE_BYTES` were given back or the resident size grew that much past what the
+last trim left. The last rule returns what is freed after the traffic, at whatever moment (the
+closing connections' buffers, the rest of a body read and dropped, a request that outlived its
+client): a fixed number of follow-up trims missed what a loaded machine freed later. Memory that
+stays in use moves the mark up, so it costs one trim, not one per refresh.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from collections.abc import Callable
 
 TRIM_AFTER_BYTES = 8 * 1024 * 1024
@@ -24,8 +26,7 @@ TRIM_AFTER_BYTES = 8 * 1024 * 1024
 TRIM_IDLE_BYTES = 1024 * 1024
 """Given back since the last trim: with nothing held any more, enough for one more trim."""
 
-FOLLOW_UPS = 3
-"""Refreshes after a trim that trim again while nothing is held."""
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -40,16 +41,30 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
+def resident_bytes() -> int | None:
+    """This process's resident size (None where /proc is not there)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * PAGE_BYTES
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 _TRIM = _malloc_trim()
 
 
 class Trimmer:
     """Counts the bytes given back; trims once enough were, when asked (at each gauge refresh)."""
 
-    def __init__(self, trim: Callable[[int], int] | None = _TRIM) -> None:
+    def __init__(
+        self,
+        trim: Callable[[int], int] | None = _TRIM,
+        resident: Callable[[], int | None] = resident_bytes,
+    ) -> None:
         self._trim = trim
+        self._resident = resident
         self._given_back = 0
-        self._follow_ups = 0
+        self._resident_after_trim: int | None = None
         self.trims = 0
 
     def given_back(self, size: int) -> None:
@@ -58,17 +73,25 @@ class Trimmer:
 
     def settle(self, held: int) -> bool:
         """Trim if enough was given back since the last trim (less will do when nothing is
-        `held` now), or as a follow-up of a recent one; whether it did."""
+        `held` now), or, with nothing held, if the process grew since; whether it did."""
         if self._trim is None:
             return False
         enough = TRIM_AFTER_BYTES if held else TRIM_IDLE_BYTES
-        if self._given_back >= enough:
-            self._follow_ups = FOLLOW_UPS
-        elif held == 0 and self._follow_ups > 0:
-            self._follow_ups -= 1
-        else:
+        if self._given_back < enough and not (held == 0 and self._grown()):
             return False
         self._given_back = 0
         self._trim(0)
+        self._resident_after_trim = self._resident()
         self.trims += 1
         return True
+
+    def _grown(self) -> bool:
+        """Whether the resident size is `TRIM_IDLE_BYTES` past what the last trim left (the first
+        call only takes the mark)."""
+        resident = self._resident()
+        if resident is None:
+            return False
+        if self._resident_after_trim is None:
+            self._resident_after_trim = resident
+            return False
+        return resident - self._resident_after_trim >= TRIM_IDLE_BYTES

@@ -25,7 +25,7 @@ from gateway.dispatch.retries import (
 )
 from gateway.dispatch.upstream_pool import UpstreamPool
 from gateway.dispatch.whole_relay import MAX_RESPONSE_BYTES
-from gateway.shared.errors import GatewayError
+from gateway.shared.errors import GatewayError, let_go
 
 
 class Dispatcher:
@@ -102,7 +102,8 @@ class Dispatcher:
                         return await self._attempts.make(
                             request, job, provider, record, blame, retry=retry
                         )
-                    except RetryableAttemptError:
+                    except RetryableAttemptError as failure:
+                        let_go(failure)  # its frames would keep this request's objects alive
                         continue
                     finally:
                         self._permits.release(provider.name)

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway.edge.connections import SERVER_NAME
 from gateway.edge.requestid import request_id_of
-from gateway.shared.errors import GatewayError, error_response
+from gateway.shared.errors import GatewayError, error_response, let_go
 
 # The log line keeps the composition root's logger name it had before the split.
 logger = structlog.get_logger("gateway.app")
@@ -30,13 +30,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         response = await handler(request)
     except GatewayError as error:
+        let_go(error)
         return _framed_as_begun(request, error.to_response(headers))
     except web.HTTPException as error:
         if error.status < 400:
             raise
         return _framed_as_begun(request, _http_error(error, headers))
-    except Exception:
+    except Exception as error:
         logger.exception("unhandled_error", request_id=request_id, path=request.path)
+        let_go(error)
         failed = error_response(
             500, "The gateway failed to handle this request.", "internal_error", headers=headers
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping
 
 import orjson
@@ -130,3 +131,24 @@ def is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def let_go(error: BaseException) -> None:
+    """Clear the locals of the finished frames in the tracebacks of `error` and of the errors
+    it was raised from or during, where a handled error's life ends.
+
+    A frame that holds the error it raised (`failure = ...; raise failure`, often through a
+    helper) and the error's traceback, which holds the frame, make a cycle: reference counting
+    never frees it, and a garbage collection may come seconds later, under load much later. Every
+    object those frames refer to waits with it (a failed upload's source and its copy, a request
+    and its buffers). Frames still running (the caller's) are left as they are.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += (current.__cause__, current.__context__)

@@ -5,7 +5,8 @@ provider from the kept copy, and size limits and disconnects behave as for any b
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import gc
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 
 import aiohttp
@@ -14,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from bench.launcher import free_port
+from gateway.edge.uploads import live_uploads
 from tests.conftest import GatewayFactory
 from tests.support.gateway import TEST_KEY, TEST_MODEL, UPSTREAM_MODEL, build_settings
 from tests.support.polling import wait_until
@@ -44,13 +46,15 @@ def expected_upstream_body() -> bytes:
 class Upstream:
     """A real aiohttp server standing in for a transcription node; records what it received.
 
-    With `fail_after`, it answers 503 once that many bytes arrived (the rest unread)."""
+    With `fail_after`, it answers 503 once that many bytes arrived (the rest unread); with
+    `drop_after`, it drops the connection instead."""
 
-    def __init__(self, fail_after: int | None = None) -> None:
+    def __init__(self, fail_after: int | None = None, drop_after: int | None = None) -> None:
         self.received = 0
         self.bodies: list[bytes] = []
         self.aborted = False
         self._fail_after = fail_after
+        self._drop_after = drop_after
 
     async def handle(self, request: web.Request) -> web.Response:
         """Read the body as it comes; answer with its size."""
@@ -61,6 +65,10 @@ class Upstream:
                 self.received += len(chunk)
                 if self._fail_after is not None and len(body) >= self._fail_after:
                     return web.json_response({"error": {"message": "busy"}}, status=503)
+                if self._drop_after is not None and len(body) >= self._drop_after:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return web.Response()
         except BaseException:
             self.aborted = True
             raise
@@ -259,3 +267,50 @@ async def test_a_slow_upload_is_not_the_upstream_timing_out(
     status, answer = await post_form(gateway, pieces())
     assert status == 200, answer
     assert upstream.bodies == [form_head(UPSTREAM_MODEL) + AUDIO[: 8 * 1024] + FORM_TAIL]
+
+
+@pytest.fixture
+def no_collection() -> Iterator[None]:
+    """The cyclic garbage collector off (what is left before is collected first): an object
+    that outlives its request only through a reference cycle stays, as it would for seconds
+    in a worker whose collections come late."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.usefixtures("no_collection")
+@pytest.mark.parametrize("failure", ["drop", "busy", "dead", "none"])
+async def test_an_upload_is_let_go_with_its_request_without_a_collection(
+    start_gateway: GatewayFactory, exit_stack: AsyncExitStack, failure: str
+) -> None:
+    """Every provider drops the connection mid-upload, answers 503, or refuses it, or the first
+    answers: once the client has its answer the upload's source (its copy, the request it reads)
+    is gone, freed by reference counting alone. A failed attempt's exception must not keep its
+    frames, and their upload, in a cycle."""
+    upstreams: dict[str, str] = {}
+    for name in ("node-a", "node-b"):
+        if failure == "dead":
+            upstreams[name] = f"http://127.0.0.1:{free_port()}"
+            continue
+        upstream = {
+            "drop": Upstream(drop_after=MIB),
+            "busy": Upstream(fail_after=MIB),
+            "none": Upstream(),
+        }[failure]
+        upstreams[name] = await upstream.start(exit_stack)
+    gateway = await start(start_gateway, upstreams)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield form_head(TEST_MODEL)
+        for index in range(4):
+            yield AUDIO[index * MIB : (index + 1) * MIB]
+        yield FORM_TAIL
+
+    status, _ = await post_form(gateway, pieces())
+    assert status == {"drop": 502, "busy": 503, "dead": 503, "none": 200}[failure]
+    await asyncio.sleep(0)  # the handler's last step (its `finally`) has run
+    assert live_uploads() == 0
