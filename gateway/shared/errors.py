@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import traceback
 from collections.abc import Mapping
 
 import orjson
@@ -134,14 +133,15 @@ def is_utf8(text: str) -> bool:
 
 
 def let_go(error: BaseException) -> None:
-    """Clear the locals of the finished frames in the tracebacks of `error` and of the errors
-    it was raised from or during, where a handled error's life ends.
+    """Drop the tracebacks of `error` and of the errors it was raised from or during, where a
+    handled error's life ends.
 
-    A frame that holds the error it raised (`failure = ...; raise failure`, often through a
-    helper) and the error's traceback, which holds the frame, make a cycle: reference counting
-    never frees it, and a garbage collection may come seconds later, under load much later. Every
-    object those frames refer to waits with it (a failed upload's source and its copy, a request
-    and its buffers). Frames still running (the caller's) are left as they are.
+    A frame that holds the error it raised (`failure = ...; raise failure`) and the error's
+    traceback, which holds the frame, make a cycle: reference counting never frees it, and a
+    garbage collection may come seconds later, under load much later. Every object those frames
+    refer to waits with it (a failed upload's source and its copy, a request and its buffers).
+    Without the traceback the frames go with their last reference. (Clearing the frames instead
+    would also stop a coroutine that caught the same error and is still suspended.)
     """
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
@@ -150,5 +150,5 @@ def let_go(error: BaseException) -> None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)
+        current.__traceback__ = None
         pending += (current.__cause__, current.__context__)
