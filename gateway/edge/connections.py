@@ -65,6 +65,9 @@ class ConnectionLimits:
     max_header_bytes: int
     max_header_count: int
     max_connections: int
+    # A connection that waited longer than this in the kernel's accept queue shows the queue
+    # stands: the worker takes the queue in batches, whatever its connection count (see site).
+    accept_queue_seconds: float = 1.0
 
     @classmethod
     def from_settings(cls, server: ServerSettings) -> ConnectionLimits:
@@ -76,6 +79,7 @@ class ConnectionLimits:
             max_header_bytes=server.max_header_bytes,
             max_header_count=server.max_header_count,
             max_connections=server.max_connections_per_worker,
+            accept_queue_seconds=server.load_shedding_burst_seconds,
         )
 
 
@@ -206,13 +210,7 @@ class GuardedRequestHandler(web.RequestHandler):
         """Seconds since the connection's last data arrived in the kernel (0 when unknown)."""
         if self._admission is None or self._kernel_socket is None:
             return 0.0
-        try:
-            info = self._kernel_socket.getsockopt(socket.IPPROTO_TCP, TCP_INFO, TCP_INFO_BYTES)
-        except OSError:  # not TCP (a Unix socket), or gone
-            return 0.0
-        if len(info) < TCP_INFO_BYTES:
-            return 0.0
-        return int.from_bytes(info[LAST_DATA_RECV], sys.byteorder) / 1000
+        return kernel_wait(self._kernel_socket)
 
     async def _admit(self, request: web.BaseRequest) -> web.StreamResponse:
         """Put the request to the admission, then to the app when admitted."""
@@ -362,6 +360,19 @@ class GuardedRequestHandler(web.RequestHandler):
         # bytes are drained rather than left to stall its writes and reset the close.
         transport.resume_reading()
         self._deadline = asyncio.get_running_loop().call_later(LINGER_SECONDS, self.force_close)
+
+
+def kernel_wait(connection: socket.socket) -> float:
+    """Seconds since the kernel last received data on `connection` (`TCP_INFO`'s
+    `last_data_recv`; for a connection nothing arrived on yet, since it was established); 0 when
+    unknown (not TCP, or closed)."""
+    try:
+        info = connection.getsockopt(socket.IPPROTO_TCP, TCP_INFO, TCP_INFO_BYTES)
+    except OSError:
+        return 0.0
+    if len(info) < TCP_INFO_BYTES:
+        return 0.0
+    return int.from_bytes(info[LAST_DATA_RECV], sys.byteorder) / 1000
 
 
 def body_read_timeout(request: web.BaseRequest) -> float:

@@ -22,6 +22,7 @@ from gateway.edge.connections import (
     Admission,
     ConnectionLimits,
     GuardedRequestHandler,
+    kernel_wait,
     raw_error_response,
 )
 
@@ -36,6 +37,12 @@ ACCEPT_BATCH = 64
 # a burst taken at once would be refused whole at the connection level (503), before the
 # requests it carries could be told apart (a flooding key's share is answered 429 from its
 # head), so the last stretch is accepted at libuv's pace, one per iteration, as refusals close.
+# Unless the queue stands: a busy worker's iteration can take 100 ms, and at that pace the
+# queue of a sustained overload stayed full (1,024 connections, each request waiting 10-20 s
+# unseen). So past the ceiling one more connection is taken per iteration, and when it had
+# waited in the queue longer than `accept_queue_seconds` (the burst allowance), the rest of the
+# batch is taken too: their requests meet the shedder, which sees how long they waited, and
+# those past the cap get 503 at once.
 ACCEPT_BATCH_CEILING = 0.75
 # How often a stopping site looks whether its connections have settled.
 SETTLE_POLL_SECONDS = 0.01
@@ -205,21 +212,13 @@ class GuardedSite(web.BaseSite):
 
     def _drain(self) -> None:
         """Accept up to `ACCEPT_BATCH` more queued connections from each listening socket, while
-        the worker stays under `ACCEPT_BATCH_CEILING` of its connection cap."""
+        the worker stays under `ACCEPT_BATCH_CEILING` of its connection cap, or while the queue
+        stands (see `ACCEPT_BATCH_CEILING`)."""
         self._drain_due = False
         ceiling = int(self._limits.max_connections * ACCEPT_BATCH_CEILING)
+        room = ceiling - len(self._connections) - len(self._connecting)
         for spare in self._spares:
-            for _ in range(
-                min(ACCEPT_BATCH, ceiling - len(self._connections) - len(self._connecting))
-            ):
-                try:
-                    connection, _ = spare.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as error:  # out of descriptors, or the like: the loop retries
-                    logger.warning("accept_failed", error=error.strerror)
-                    break
-                connection.setblocking(False)
+            for connection in queued_connections(spare, room, self._limits.accept_queue_seconds):
                 task = asyncio.create_task(self._connect(connection))
                 self._connecting.add(task)
                 task.add_done_callback(self._connecting.discard)
@@ -229,6 +228,28 @@ class GuardedSite(web.BaseSite):
             await asyncio.get_running_loop().connect_accepted_socket(self._accept, connection)
         except OSError:
             connection.close()
+
+
+def queued_connections(
+    listener: socket.socket, room: int, standing_after: float
+) -> list[socket.socket]:
+    """Accept from `listener`'s queue, at most `ACCEPT_BATCH`: up to `room` connections, then one
+    more, and more for as long as each waited in the queue longer than `standing_after` seconds
+    (the queue stands). Non-blocking sockets, in the queue's order."""
+    accepted: list[socket.socket] = []
+    while len(accepted) < ACCEPT_BATCH:
+        try:
+            connection, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as error:  # out of descriptors, or the like: the loop retries
+            logger.warning("accept_failed", error=error.strerror)
+            break
+        connection.setblocking(False)
+        accepted.append(connection)
+        if len(accepted) > room and kernel_wait(connection) <= standing_after:
+            break
+    return accepted
 
 
 def _duplicate(listener: socket.socket) -> socket.socket:
