@@ -30,8 +30,9 @@ class ServerSettings(Section):
     its body within `body_read_timeout_seconds`; an idle keep-alive connection closes after
     `keepalive_timeout_seconds` (keep it above the load balancer's upstream idle timeout); a head
     over `max_header_bytes` or `max_header_count` headers gets 431; connections beyond
-    `max_connections_per_worker` get 503 (each proxied request also holds an upstream socket,
-    so allow at least twice this many open files). One key's requests in progress on a worker,
+    `max_connections_per_worker` get 503, except a few kept for `/healthz` and `/readyz` probes
+    (each proxied request also holds an upstream socket, so allow at least twice this many open
+    files). One key's requests in progress on a worker,
     from their head until their answer ends (bodies still arriving included), may hold more than
     `max_connection_share_per_key` of that cap only while the worker is not crowded (its requests
     in progress hold under three quarters of the cap): past its share on a crowded worker a key's

@@ -41,6 +41,10 @@ AIOHTTP_LINGERING_SECONDS = 10.0
 # After answering an error at the transport level, keep reading (and dropping) what the client
 # still sends for this long, so the answer is not lost to a reset; then close.
 LINGER_SECONDS = 1.0
+# What a connection over the worker's cap (one of its reserve, see `site`) is served for: the
+# probes a load balancer or Kubernetes sends, which must not fail because the worker is busy.
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+CONNECTION_CAP_MESSAGE = "This gateway worker is at its connection limit; retry shortly."
 # A request head ends at an empty line; aiohttp's parser also accepts a bare LF as line end.
 HEAD_ENDS = (b"\n\n", b"\n\r\n")
 # Linux's `struct tcp_info`: its size up to `tcpi_last_ack_recv`, and where `tcpi_last_data_recv`
@@ -138,6 +142,7 @@ class GuardedRequestHandler(web.RequestHandler):
         "_kernel_socket",
         "_on_lost",
         "_phase",
+        "_probes_only",
         "limits",
     )
 
@@ -149,6 +154,7 @@ class GuardedRequestHandler(web.RequestHandler):
         limits: ConnectionLimits,
         on_lost: Callable[[GuardedRequestHandler], None],
         admission: Admission | None = None,
+        probes_only: bool = False,
     ) -> None:
         line_limit = min(AIOHTTP_LINE_LIMIT, limits.max_header_bytes)
         super().__init__(
@@ -175,7 +181,8 @@ class GuardedRequestHandler(web.RequestHandler):
         self._kernel_socket: socket.socket | None = None
         self._admission = admission
         self._app_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]] | None = None
-        if admission is not None and self._request_handler is not None:
+        self._probes_only = probes_only
+        if (admission is not None or probes_only) and self._request_handler is not None:
             self._app_handler = self._request_handler
             self._request_handler = self._admit
 
@@ -213,9 +220,19 @@ class GuardedRequestHandler(web.RequestHandler):
         return kernel_wait(self._kernel_socket)
 
     async def _admit(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Put the request to the admission, then to the app when admitted."""
-        assert self._admission is not None
+        """Put the request to the admission, then to the app when admitted (on a connection over
+        the cap, only a probe; anything else gets the cap's 503 and the connection closes)."""
         assert self._app_handler is not None
+        if self._probes_only and not (request.method == "GET" and request.path in PROBE_PATHS):
+            self._close_after = True
+            return error_response(
+                503,
+                CONNECTION_CAP_MESSAGE,
+                "too_many_connections",
+                headers={"Retry-After": "1", "x-request-id": _new_request_id()},
+            )
+        if self._admission is None:
+            return await self._app_handler(request)
         refusal = await self._admission.admit(request, time.monotonic() - self._head_read_at)
         if refusal is None:
             return await self._app_handler(request)

@@ -1,9 +1,10 @@
 """The listening side of a worker: a TCP site whose connections get `ConnectionLimits`.
 
 Under the worker's connection cap each accepted connection gets a `GuardedRequestHandler`; over
-it, a `RefusingProtocol` answers 503 and closes. Queued connections are accepted in batches (see
-`ACCEPT_BATCH`), and a stopping site serves the connections the kernel had already queued instead
-of resetting them.
+it, up to `PROBE_RESERVE` more are served for health and readiness probes only (anything else
+gets 503), and past those a `RefusingProtocol` answers 503 and closes. Queued connections are
+accepted in batches (see `ACCEPT_BATCH`), and a stopping site serves the connections the kernel
+had already queued instead of resetting them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from gateway.edge.connections import (
+    CONNECTION_CAP_MESSAGE,
     LINGER_SECONDS,
     Admission,
     ConnectionLimits,
@@ -44,6 +46,10 @@ ACCEPT_BATCH = 64
 # batch is taken too: their requests meet the shedder, which sees how long they waited, and
 # those past the cap get 503 at once.
 ACCEPT_BATCH_CEILING = 0.75
+# Connections over the cap served for `/healthz` and `/readyz` only: a worker at its cap under
+# load answered its liveness probe 503 like any other connection, and Kubernetes restarts a pod
+# after three such failures, cutting every stream it holds.
+PROBE_RESERVE = 8
 # How often a stopping site looks whether its connections have settled.
 SETTLE_POLL_SECONDS = 0.01
 
@@ -60,7 +66,7 @@ class RefusingProtocol(asyncio.Protocol):
         stream.write(
             raw_error_response(
                 503,
-                "This gateway worker is at its connection limit; retry shortly.",
+                CONNECTION_CAP_MESSAGE,
                 "too_many_connections",
                 retry_after=1,
             )
@@ -96,6 +102,7 @@ class GuardedSite(web.BaseSite):
         "_limits",
         "_listeners",
         "_port",
+        "_probe_connections",
         "_reuse_port",
         "_spares",
     )
@@ -120,6 +127,7 @@ class GuardedSite(web.BaseSite):
         self._limits = limits
         # Weak, so a connection asyncio gave up on before it was made frees its slot too.
         self._connections: weakref.WeakSet[GuardedRequestHandler] = weakref.WeakSet()
+        self._probe_connections: weakref.WeakSet[GuardedRequestHandler] = weakref.WeakSet()
         self._full = False
         self._listeners: list[socket.socket] = []
         # Duplicates of the listening sockets, to accept from in batches (see `ACCEPT_BATCH`).
@@ -192,22 +200,27 @@ class GuardedSite(web.BaseSite):
             self._drain_due = True
             asyncio.get_running_loop().call_soon(self._drain)
         manager = self._runner.server
-        if manager is None or len(self._connections) >= self._limits.max_connections:
-            if not self._full:
-                self._full = True
-                logger.warning("connection_limit_reached", limit=self._limits.max_connections)
+        if manager is None:
             return RefusingProtocol()
-        if self._full:
-            self._full = False
-            logger.info("connection_limit_cleared", limit=self._limits.max_connections)
+        over_cap = len(self._connections) >= self._limits.max_connections
+        if over_cap != self._full:
+            self._full = over_cap
+            if over_cap:
+                logger.warning("connection_limit_reached", limit=self._limits.max_connections)
+            else:
+                logger.info("connection_limit_cleared", limit=self._limits.max_connections)
+        if over_cap and len(self._probe_connections) >= PROBE_RESERVE:
+            return RefusingProtocol()
+        pool = self._probe_connections if over_cap else self._connections
         handler = GuardedRequestHandler(
             manager,
             loop=asyncio.get_running_loop(),
             limits=self._limits,
-            on_lost=self._connections.discard,
+            on_lost=pool.discard,
             admission=self._admission,
+            probes_only=over_cap,
         )
-        self._connections.add(handler)
+        pool.add(handler)
         return handler
 
     def _drain(self) -> None:

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from bench.launcher import GatewayProcess
+from gateway.edge.site import PROBE_RESERVE
 from tests.conftest import SimulatorFactory
 from tests.support.gateway import TEST_KEY, chat_body, settings_dict
 from tests.support.polling import wait_until
@@ -271,6 +272,53 @@ async def test_a_request_that_is_not_http_gets_an_openai_shaped_400(
     assert status == 400
     assert_openai_error(body, "bad_http_request")
     assert await chat(limited_gateway.url) == 200
+
+
+async def test_probes_are_answered_over_the_connection_cap(
+    start_simulator: SimulatorFactory, database_url: str, tmp_path: Path
+) -> None:
+    """With the cap held by requests in flight, a liveness or readiness probe on a new connection
+    is still answered 200 (Kubernetes restarts a pod whose probe fails three times, cutting every
+    stream it holds); any other request gets the cap's 503. The reserve for probes is bounded:
+    with it held by idle connections, a probe gets 503 too."""
+    node = await start_simulator("node-a")
+    server = {"max_connections_per_worker": 3, "max_connection_share_per_key": 1.0}
+    config = settings_dict(
+        {"node-a": node.url}, extra={"database": {"url": database_url}, "server": server}
+    )
+    gateway = await start_gateway_process(config, tmp_path)
+    request = f"{CHAT_HEAD}Content-Length: {len(CHAT_BODY)}\r\n\r\n".encode() + CHAT_BODY
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        await node.set_faults(hold=True)
+
+        async def three_in_flight() -> bool:
+            connection = await asyncio.open_connection("127.0.0.1", gateway.port)
+            connection[1].write(request)
+            held.append(connection)
+            return (await node.stats()).in_flight >= 3
+
+        await wait_until(three_in_flight, timeout=10, interval=0.05, message="three held requests")
+        for path in ("/healthz", "/readyz"):
+            probe = f"GET {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n"
+            status, _ = parse_answer(await send_raw(gateway.port, probe.encode()))
+            assert status == 200, path
+        status, body = parse_answer(await send_raw(gateway.port, head_with([])))
+        assert status == 503
+        assert_openai_error(body, "too_many_connections")
+        # Idle connections fill the reserve (each waits for its head): then probes are refused.
+        idle = [
+            await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(PROBE_RESERVE)
+        ]
+        held.extend(idle)
+        probe = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n"
+        status, body = parse_answer(await send_raw(gateway.port, probe))
+        assert status == 503
+        assert_openai_error(body, "too_many_connections")
+    finally:
+        await node.set_faults(hold=False)
+        for _, writer in held:
+            writer.close()
 
 
 async def test_connections_over_the_cap_get_503_until_one_closes(
