@@ -311,8 +311,8 @@ async def test_probes_are_answered_over_the_connection_cap(
             await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(PROBE_RESERVE)
         ]
         held.extend(idle)
-        probe = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n"
-        status, body = parse_answer(await send_raw(gateway.port, probe))
+        healthz = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n"
+        status, body = parse_answer(await send_raw(gateway.port, healthz))
         assert status == 503
         assert_openai_error(body, "too_many_connections")
     finally:
