@@ -191,7 +191,8 @@ class GuardedSite(web.BaseSite):
         """Wait (bounded) until every open connection is idle or has its handler running."""
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
-            if all(connection.settled for connection in list(self._connections)):
+            held = [*self._connections, *self._probe_connections]
+            if all(connection.settled for connection in held):
                 return
             await asyncio.sleep(SETTLE_POLL_SECONDS)
 
