@@ -5,7 +5,9 @@ Run: `python -m bench.load_generator open --port 9001 --rate 2000 --duration 5` 
 request, so the generator costs far less per request than the proxies it drives. Open loop: each
 request has an intended send time on a fixed schedule; it goes out then on an idle connection (a
 new one when none is idle), and its latency runs from that intended time to the last byte of the
-answer, so a stalled server is charged for every request it delayed (no coordinated omission).
+answer, so a stalled server is charged for every request it delayed (no coordinated omission);
+`from_write_*` are the 200s' latencies from the moment each went out (its connect, for a new
+connection), without the wait for a connection once the generator's are all in use.
 Only 200s count as `ok` and make the latency percentiles; every other answer or failure is an
 error, and 503s (a server shedding load) are also counted as `shed` with percentiles of their own,
 timed the same way, so how promptly a refusal arrives is measured too. Prints one JSON line with
@@ -115,6 +117,9 @@ class Connection(asyncio.Protocol):
             self._transport.close()
 
 
+Done = Callable[[int, float], None]
+
+
 class Pool:
     """Idle keep-alive connections to one server, opened on demand up to a ceiling."""
 
@@ -123,13 +128,15 @@ class Pool:
         self._host, self._port = host, port
         self._idle: list[Connection] = []
         self._all: set[Connection] = set()
-        self._waiting: deque[tuple[bytes, Callable[[int], None]]] = deque()
+        self._waiting: deque[tuple[bytes, Done]] = deque()
         self.connect_failures = 0
         self.opened = 0  # connections opened (or tried)
         self.connect_seconds: list[float] = []  # how long each successful connect took
 
-    def submit(self, request: bytes, done: Callable[[int], None]) -> None:
-        """Send on an idle connection, a new one, or queue when at the ceiling."""
+    def submit(self, request: bytes, done: Done) -> None:
+        """Send on an idle connection, a new one, or queue when at the ceiling. `done(status,
+        written)`: the answer's status (0: none) and when the request was written (its connect
+        began, for a new connection)."""
         while self._idle:
             connection = self._idle.pop()
             if connection.open:
@@ -140,7 +147,7 @@ class Pool:
             return
         asyncio.get_running_loop().create_task(self._open_and_send(request, done))
 
-    async def _open_and_send(self, request: bytes, done: Callable[[int], None]) -> None:
+    async def _open_and_send(self, request: bytes, done: Done) -> None:
         loop = asyncio.get_running_loop()
         connection = Connection(self._lost)
         self._all.add(connection)
@@ -152,13 +159,22 @@ class Pool:
         except OSError:
             self._all.discard(connection)
             self.connect_failures += 1
-            done(0)
+            done(0, started)
             return
-        self._send(connection, request, done)
+        self._send(connection, request, done, started)
 
-    def _send(self, connection: Connection, request: bytes, done: Callable[[int], None]) -> None:
+    def _send(
+        self,
+        connection: Connection,
+        request: bytes,
+        done: Done,
+        written: float | None = None,
+    ) -> None:
+        if written is None:
+            written = time.perf_counter()
+
         def finished(status: int) -> None:
-            done(status)
+            done(status, written)
             if connection.open:
                 if self._waiting:
                     self._send(connection, *self._waiting.popleft())
@@ -212,6 +228,7 @@ async def open_loop(options: argparse.Namespace) -> dict[str, Any]:
     """Send at the intended times for the duration; latency from each intended time."""
     pool, request = Pool(options.host, options.port), build_request(options)
     latencies: list[float] = []
+    from_write: list[float] = []  # the served ones', from the moment each went out
     shed_latencies: list[float] = []
     # Per step of intended send time: answers that were 200, 503, or other; slowest 200.
     step = options.timeline_step
@@ -223,16 +240,18 @@ async def open_loop(options: argparse.Namespace) -> dict[str, Any]:
     total = int(options.rate * options.duration)
     start = time.perf_counter() + 0.01
 
-    def finisher(index: int, intended: float) -> Callable[[int], None]:
-        def done(status: int) -> None:
+    def finisher(index: int, intended: float) -> Done:
+        def done(status: int, written: float) -> None:
             outstanding.pop(index, None)
             if not outstanding and counts["sent"] == total:
                 drained.set()
-            latency = time.perf_counter() - intended
+            now = time.perf_counter()
+            latency = now - intended
             second = seconds[min(len(seconds) - 1, int((intended - start) / step))]
             if status == HTTPStatus.OK:
                 counts["ok"] += 1
                 latencies.append(latency)
+                from_write.append(now - written)
                 second[0] += 1
                 second[3] = max(second[3], latency)
                 return
@@ -278,6 +297,7 @@ async def open_loop(options: argparse.Namespace) -> dict[str, Any]:
         **{f"connect_{name}": value for name, value in percentiles(pool.connect_seconds).items()},
         "achieved_rate": round(counts["ok"] / sent_seconds, 1),
         **percentiles(latencies),
+        **{f"from_write_{name}": value for name, value in percentiles(from_write).items()},
         **{f"shed_{name}": value for name, value in percentiles(shed_latencies).items()},
         "send_lag_p99_ms": percentiles(lags)["p99_ms"],
         "generator_cpu_seconds": round(time.process_time(), 3),

@@ -10,7 +10,9 @@ Run: `gateway bench shedding [--phases bursts,open,closed] [--open-seconds 10] [
   generator's reach on core 1. Capacity is wrk's closed-loop answers/s at c = 128; then
   `bench.load_generator` offers 1.5x and 3x that for `--open-seconds`. Reported: served/s against
   capacity, refusals, and the accepted requests' latency from their intended send time (an upper
-  bound of their queueing in the gateway, since the upstream answers at once).
+  bound of their queueing in the gateway, since the upstream answers at once), and from the moment
+  each went out (`accepted_from_write_*`: without the wait in the generator's own queue once its
+  4,096 connections are all in use; with the connect, and so with the kernel's accept queue).
 - Closed loop: wrk at c = 128 with shedding on and off: answers/s, and refusals.
 
 Writes `bench/results/shedding.json`.
@@ -272,6 +274,10 @@ async def one_worker(
                         for name in ("sent", "ok", "shed", "errors", "connections")
                     },
                     **{f"accepted_{name}": result.get(name) for name in ("p50_ms", "p99_ms")},
+                    **{
+                        f"accepted_from_write_{name}": result.get(f"from_write_{name}")
+                        for name in ("p50_ms", "p99_ms")
+                    },
                 }
                 print(json.dumps(row), flush=True)
                 rows["open"].append(row)
