@@ -43,6 +43,7 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._done: Callable[[int], None] | None = None
         self._buffer = bytearray()
+        self._early = b""  # an answer that came before the request went out (a refused connection)
         self._status = 0
         self._length: int | None = None  # body length, or None for chunked
         self._head_seen = False
@@ -72,9 +73,15 @@ class Connection(asyncio.Protocol):
         self._head_seen = False
         self._position = 0
         self._transport.write(request)
+        if self._early:
+            early, self._early = self._early, b""
+            self.data_received(early)
 
     def data_received(self, data: bytes) -> None:
         """Advance the answer's framing; finish when the body is complete."""
+        if self._done is None:
+            self._early += data
+            return
         self._buffer += data
         if not self._head_seen:
             end = self._buffer.find(b"\r\n\r\n")
