@@ -319,6 +319,7 @@ async def test_probes_are_answered_over_the_connection_cap(
         await node.set_faults(hold=False)
         for _, writer in held:
             writer.close()
+        gateway.stop()
 
 
 async def test_connections_over_the_cap_get_503_until_one_closes(
