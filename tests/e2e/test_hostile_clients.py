@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -18,6 +19,7 @@ from gateway.edge.site import PROBE_RESERVE
 from tests.conftest import SimulatorFactory
 from tests.support.gateway import TEST_KEY, chat_body, settings_dict
 from tests.support.polling import wait_until
+from tests.support.simulators import InProcessSimulator
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -274,68 +276,24 @@ async def test_a_request_that_is_not_http_gets_an_openai_shaped_400(
     assert await chat(limited_gateway.url) == 200
 
 
-async def test_probes_are_answered_over_the_connection_cap(
-    start_simulator: SimulatorFactory, database_url: str, tmp_path: Path
-) -> None:
-    """With the cap held by requests in flight, a liveness or readiness probe on a new connection
-    is still answered 200 (Kubernetes restarts a pod whose probe fails three times, cutting every
-    stream it holds); any other request gets the cap's 503. The reserve for probes is bounded:
-    with it held by idle connections, a probe gets 503 too."""
+Held = list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+
+
+@contextlib.asynccontextmanager
+async def three_requests_held(
+    start_simulator: SimulatorFactory, database_url: str, directory: Path
+) -> AsyncIterator[tuple[GatewayProcess, InProcessSimulator, Held]]:
+    """A worker with `max_connections_per_worker: 3` whose cap is held by three chat requests the
+    node keeps in flight (one key holds all three: its share of the cap is set to all of it); the
+    gateway, the node and the held connections (more may be added: all are closed after)."""
     node = await start_simulator("node-a")
     server = {"max_connections_per_worker": 3, "max_connection_share_per_key": 1.0}
     config = settings_dict(
         {"node-a": node.url}, extra={"database": {"url": database_url}, "server": server}
     )
-    gateway = await start_gateway_process(config, tmp_path)
+    gateway = await start_gateway_process(config, directory)
     request = f"{CHAT_HEAD}Content-Length: {len(CHAT_BODY)}\r\n\r\n".encode() + CHAT_BODY
-    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    try:
-        await node.set_faults(hold=True)
-
-        async def three_in_flight() -> bool:
-            connection = await asyncio.open_connection("127.0.0.1", gateway.port)
-            connection[1].write(request)
-            held.append(connection)
-            return (await node.stats()).in_flight >= 3
-
-        await wait_until(three_in_flight, timeout=10, interval=0.05, message="three held requests")
-        for path in ("/healthz", "/readyz"):
-            probe = f"GET {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n"
-            status, _ = parse_answer(await send_raw(gateway.port, probe.encode()))
-            assert status == 200, path
-        status, body = parse_answer(await send_raw(gateway.port, head_with([])))
-        assert status == 503
-        assert_openai_error(body, "too_many_connections")
-        # Idle connections fill the reserve (each waits for its head): then probes are refused.
-        idle = [
-            await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(PROBE_RESERVE)
-        ]
-        held.extend(idle)
-        healthz = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n"
-        status, body = parse_answer(await send_raw(gateway.port, healthz))
-        assert status == 503
-        assert_openai_error(body, "too_many_connections")
-    finally:
-        await node.set_faults(hold=False)
-        for _, writer in held:
-            writer.close()
-        gateway.stop()
-
-
-async def test_connections_over_the_cap_get_503_until_one_closes(
-    start_simulator: SimulatorFactory, database_url: str, tmp_path: Path
-) -> None:
-    """With `max_connections_per_worker: 3` and three requests held in flight, a fourth
-    connection is answered 503 with Retry-After; once one of the three closes, requests are
-    served again. (One key holds all three: its share of the cap is set to all of it.)"""
-    node = await start_simulator("node-a")
-    server = {"max_connections_per_worker": 3, "max_connection_share_per_key": 1.0}
-    config = settings_dict(
-        {"node-a": node.url}, extra={"database": {"url": database_url}, "server": server}
-    )
-    gateway = await start_gateway_process(config, tmp_path)
-    request = f"{CHAT_HEAD}Content-Length: {len(CHAT_BODY)}\r\n\r\n".encode() + CHAT_BODY
-    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    held: Held = []
     try:
         await node.set_faults(hold=True)
 
@@ -348,6 +306,52 @@ async def test_connections_over_the_cap_get_503_until_one_closes(
             return (await node.stats()).in_flight >= 3
 
         await wait_until(three_in_flight, timeout=10, interval=0.05, message="three held requests")
+        yield gateway, node, held
+    finally:
+        await node.set_faults(hold=False)
+        for _, writer in held:
+            writer.close()
+        gateway.stop()
+
+
+def probe(path: str) -> bytes:
+    """A probe's GET of `path` on a connection it closes after."""
+    return f"GET {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n".encode()
+
+
+async def test_probes_are_answered_over_the_connection_cap(
+    start_simulator: SimulatorFactory, database_url: str, tmp_path: Path
+) -> None:
+    """With the cap held by requests in flight, a liveness or readiness probe on a new connection
+    is still answered 200 (Kubernetes restarts a pod whose probe fails three times, cutting every
+    stream it holds); any other request gets the cap's 503. The reserve for probes is bounded:
+    with it held by idle connections, a probe gets 503 too."""
+    async with three_requests_held(start_simulator, database_url, tmp_path) as (gateway, _, held):
+        for path in ("/healthz", "/readyz"):
+            status, _ = parse_answer(await send_raw(gateway.port, probe(path)))
+            assert status == 200, path
+        status, body = parse_answer(await send_raw(gateway.port, head_with([])))
+        assert status == 503
+        assert_openai_error(body, "too_many_connections")
+        # Idle connections fill the reserve (each waits for its head): then probes are refused.
+        for _ in range(PROBE_RESERVE):
+            held.append(await asyncio.open_connection("127.0.0.1", gateway.port))
+        status, body = parse_answer(await send_raw(gateway.port, probe("/healthz")))
+        assert status == 503
+        assert_openai_error(body, "too_many_connections")
+
+
+async def test_connections_over_the_cap_get_503_until_one_closes(
+    start_simulator: SimulatorFactory, database_url: str, tmp_path: Path
+) -> None:
+    """With `max_connections_per_worker: 3` and three requests held in flight, a fourth
+    connection is answered 503 with Retry-After; once one of the three closes, requests are
+    served again."""
+    async with three_requests_held(start_simulator, database_url, tmp_path) as (
+        gateway,
+        node,
+        held,
+    ):
         answer = await send_raw(gateway.port, head_with([]))
         status, body = parse_answer(answer)
         assert status == 503
@@ -364,7 +368,3 @@ async def test_connections_over_the_cap_get_503_until_one_closes(
             return await chat(gateway.url) == 200
 
         await wait_until(served, timeout=10, interval=0.05, message="a freed slot to be reused")
-    finally:
-        for _, writer in held:
-            writer.close()
-        gateway.stop()
