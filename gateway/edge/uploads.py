@@ -19,7 +19,7 @@ from aiohttp import web
 from gateway.dispatch.memory_budget import Reservation
 from gateway.edge.connections import body_read_timeout, close_after_response
 from gateway.edge.endpoints import ClientRequest
-from gateway.shared.errors import GatewayError
+from gateway.shared.errors import GatewayError, let_go
 
 # The most of an upload kept in memory for a replay on failover (and never over max_body_bytes).
 REPLAY_CAP_BYTES = 32 * 1024 * 1024
@@ -154,11 +154,11 @@ class UploadSource:
             self._memory.release_use("upload_copy")
 
     def close(self) -> None:
-        """The request is over: the copy is let go, and the failure's traceback (whose frames
+        """The request is over: the copy is let go, and the failure's tracebacks (whose frames
         refer to this source: a cycle only a garbage collection would free)."""
         self._drop_copy()
         if self.failure is not None:
-            self.failure.__traceback__ = None
+            let_go(self.failure)
 
 
 class Upload:
