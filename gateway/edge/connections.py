@@ -71,7 +71,7 @@ class ConnectionLimits:
     max_connections: int
     # A connection that waited longer than this in the kernel's accept queue shows the queue
     # stands: the worker takes the queue in batches, whatever its connection count (see site).
-    accept_queue_seconds: float = 1.0
+    accept_queue_seconds: float
 
     @classmethod
     def from_settings(cls, server: ServerSettings) -> ConnectionLimits:
